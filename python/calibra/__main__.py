@@ -1,0 +1,3 @@
+from calibra.cli import main
+
+raise SystemExit(main())

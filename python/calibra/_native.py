@@ -1,0 +1,104 @@
+"""Loading of the native backends and the tensor hand-off to them.
+
+The one place that imports ``calibra._cpu`` / ``calibra._cuda``. Each backend is loaded lazily, at most
+once; when one does not load, the reason is kept and reported by :func:`calibra.build_info`, so
+nobody has to guess why an op ran in its reference implementation. A CPU-only user never imports
+anything that needs the CUDA runtime.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+# Must match calibra::DType in csrc/include/calibra/dtype.h.
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.uint8: 4,
+    torch.int8: 5,
+    torch.int16: 6,
+    torch.int32: 7,
+    torch.int64: 8,
+    torch.bool: 9,
+    torch.float8_e4m3fn: 10,
+}
+
+BACKENDS = ("cpu", "cuda", "mps")
+
+_lock = threading.Lock()
+_modules: dict[str, object] = {}
+_reasons: dict[str, str] = {}
+
+
+def tensor_arg(t: torch.Tensor) -> tuple:
+    """The (data_ptr, shape, strides, dtype_code) tuple that native code reads as a TensorArg."""
+    try:
+        code = DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"[native] dtype {t.dtype} cannot be passed to a native kernel") from None
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), code)
+
+
+def _import_backend(name: str):
+    if name == "mps":
+        raise ImportError("the Metal backend is not part of this build (it is built on macOS only)")
+    if name == "cuda" and os.environ.get("CALIBRA_DISABLE_CUDA"):
+        raise ImportError("disabled by CALIBRA_DISABLE_CUDA")
+    try:
+        module = importlib.import_module(f"calibra._{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"calibra._{name}":
+            how = " (build with CALIBRA_CUDA=1 pip install .)" if name == "cuda" else ""
+            raise ImportError(f"calibra._{name} is not built{how}") from None
+        raise
+    if name == "cpu":
+        module.set_num_threads(torch.get_num_threads())
+    return module
+
+
+def load(name: str):
+    """The native module of backend ``name`` ("cpu", "cuda", "mps"), or None if it did not load."""
+    with _lock:
+        if name in _modules:
+            return _modules[name]
+        if name in _reasons:
+            return None
+        try:
+            module = _import_backend(name)
+        except Exception as e:  # record why, never hide it: build_info() reports this
+            _reasons[name] = f"{type(e).__name__}: {e}"
+            return None
+        _modules[name] = module
+        return module
+
+
+def build_info() -> dict:
+    """Which native backends loaded, what they contain, and for the others why not."""
+    from calibra import __version__
+
+    backends = {}
+    for name in BACKENDS:
+        if name == "cuda" and not torch.cuda.is_available() and "cuda" not in _modules:
+            # Do not import the CUDA module on a machine without a GPU; say whether it was built.
+            built = importlib.util.find_spec("calibra._cuda") is not None
+            backends[name] = {"loaded": False, "built": built,
+                              "reason": "torch sees no CUDA device" + ("" if built else "; calibra._cuda is not built")}
+            continue
+        module = load(name)
+        if module is None:
+            backends[name] = {"loaded": False, "reason": _reasons.get(name, "unknown")}
+            continue
+        info = dict(module.BUILD_INFO)
+        entry = {"loaded": True, "path": getattr(module, "__file__", None), **info}
+        if name == "cpu":
+            entry["threads"] = module.num_threads()
+        if name == "cuda" and hasattr(module, "device_count"):
+            entry["devices"] = module.device_count()
+        backends[name] = entry
+    return {"version": __version__, "torch": torch.__version__, "backends": backends}

@@ -1,0 +1,13 @@
+"""calibra.ops: every kernel-level op of calibra, one torch.library op each (``torch.ops.calibra.*``).
+
+Each op has a pure-torch reference (``calibra.ops._ref``), registered as the default
+implementation, and native kernels per device (CPU always; CUDA and Metal when built). Use
+:func:`trace` to see which implementation served a call.
+"""
+from calibra.ops._registry import OPS, native_ops, trace
+from calibra.ops.hadamard import hadamard
+
+# Backend registrations come last: they register natives for the ops defined above.
+from calibra.ops import _cpu, _cuda, _mps  # noqa: E402,F401
+
+__all__ = ["OPS", "native_ops", "trace", "hadamard"]

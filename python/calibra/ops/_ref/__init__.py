@@ -1,0 +1,8 @@
+"""Pure-torch references of every calibra op: clear rather than fast, fp32 (fp64 for Hessian work).
+
+They are registered as the ops' default implementations and are the test oracle. Native kernels must
+equal them: integer outputs exactly, floats within the tolerance each test states.
+"""
+from calibra.ops._ref.hadamard import hadamard
+
+__all__ = ["hadamard"]

@@ -1,0 +1,184 @@
+"""The one op registry: every kernel-level op of calibra is a ``torch.library`` op ``calibra::NAME``.
+
+An op is defined once, by its family module (``calibra/ops/<family>.py``), with :func:`define`:
+
+- ``schema``: the torch schema (no kwarg-only arguments; the public wrapper takes keywords);
+- ``check(*args)``: validation that reads only shapes, dtypes and scalar arguments, so it also runs
+  on fake tensors; it raises ``ValueError``/``TypeError`` whose message starts with ``[op]``;
+- ``alloc(*args)``: the shape function. It returns the op's (empty) output tensors on the inputs'
+  device. It serves as the fake implementation and allocates the outputs a native kernel fills, so
+  output shapes and dtypes are written exactly once;
+- ``ref(*args)``: the pure-torch reference, registered as the default implementation
+  (``CompositeExplicitAutograd``) and used by the tests as the oracle.
+
+Native kernels are registered per backend by :func:`register_backend` (called from ``_cpu.py``,
+``_cuda.py``, ``_mps.py``). The adapter is generic: it validates, allocates the outputs with
+``alloc``, and calls ``module.NAME(*args, *outputs[, stream])`` with every tensor passed as a
+TensorArg tuple (see ``calibra._native.tensor_arg``) in schema order, then the outputs. So a native
+entry point for ``hadamard(Tensor x, int block_size) -> Tensor`` is
+``hadamard(x: TensorArg, block_size: int, out: TensorArg)`` on CPU, plus ``stream: int`` on CUDA.
+
+Every implementation records itself in the active :func:`trace`, so tests can assert that the native
+kernel, not the reference, served a call.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from calibra import _native
+
+NAMESPACE = "calibra"
+LIB = torch.library.Library(NAMESPACE, "DEF")
+_IMPL_LIBS: list[torch.library.Library] = []  # keep registrations alive
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    schema: str
+    check: Callable
+    alloc: Callable
+    ref: Callable
+    # Make tensor inputs contiguous before calling a native kernel (for kernels that need it).
+    native_contiguous: bool = False
+    # example(device) -> args: a small valid call, used by `calibra selftest`.
+    example: Callable | None = None
+
+
+OPS: dict[str, OpDef] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# trace: which implementation served each call
+
+class Trace:
+    """Calls recorded while a :func:`trace` block is active, as ``(op, impl)`` pairs."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def impls(self, op: str) -> set[str]:
+        """The implementations ("ref", "cpu", "cuda", "mps") that served ``op``."""
+        return {impl for name, impl in self.calls if name == op}
+
+    def __repr__(self) -> str:
+        return f"Trace({self.calls!r})"
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def trace():
+    """Record which implementation serves each calibra op called inside the block.
+
+    >>> with calibra.ops.trace() as t:
+    ...     calibra.ops.hadamard(x)
+    >>> t.impls("hadamard")
+    {'cpu'}
+    """
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    t = Trace()
+    stack.append(t)
+    try:
+        yield t
+    finally:
+        stack.remove(t)
+
+
+def _record(op: str, impl: str) -> None:
+    for t in getattr(_local, "stack", ()):
+        t.calls.append((op, impl))
+
+
+# ---------------------------------------------------------------------------------------------
+# definition
+
+def define(name: str, schema: str, *, check: Callable, alloc: Callable, ref: Callable,
+           native_contiguous: bool = False, example: Callable | None = None) -> OpDef:
+    """Define ``calibra::name`` with its schema, checks, shape function and reference."""
+    if name in OPS:
+        raise RuntimeError(f"[registry] op {name} defined twice")
+    op = OpDef(name, schema, check, alloc, ref, native_contiguous, example)
+    LIB.define(name + schema)
+
+    def reference_impl(*args):
+        check(*args)
+        _record(name, "ref")
+        return ref(*args)
+
+    def fake_impl(*args):
+        check(*args)
+        return alloc(*args)
+
+    LIB.impl(name, reference_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=LIB)
+    OPS[name] = op
+    return op
+
+
+def _outputs_as_list(outs) -> list:
+    if outs is None:
+        return []
+    if isinstance(outs, (tuple, list)):
+        return list(outs)
+    return [outs]
+
+
+def _native_impl(op: OpDef, module, backend: str) -> Callable:
+    fn = getattr(module, op.name)
+
+    def native_impl(*args):
+        op.check(*args)
+        if op.native_contiguous:
+            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        outs = op.alloc(*args)
+        native_args = [_native.tensor_arg(a) if isinstance(a, torch.Tensor) else a for a in args]
+        native_args += [_native.tensor_arg(o) for o in _outputs_as_list(outs)]
+        if backend == "cuda":
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            with torch.cuda.device(device):
+                fn(*native_args, torch.cuda.current_stream(device).cuda_stream)
+        elif backend == "mps":
+            fn(*native_args)
+        else:
+            fn(*native_args)
+        _record(op.name, backend)
+        return outs
+
+    native_impl.__name__ = f"{op.name}_{backend}"
+    return native_impl
+
+
+def register_backend(backend: str, dispatch_key: str) -> list[str]:
+    """Register every op that ``calibra._<backend>`` implements for ``dispatch_key``.
+
+    Returns the names of the ops registered (empty when the module did not load; the reason is in
+    :func:`calibra.build_info`).
+    """
+    module = _native.load(backend)
+    if module is None:
+        return []
+    lib = torch.library.Library(NAMESPACE, "IMPL")
+    _IMPL_LIBS.append(lib)
+    registered = []
+    for op in OPS.values():
+        if hasattr(module, op.name):
+            lib.impl(op.name, _native_impl(op, module, backend), dispatch_key)
+            registered.append(op.name)
+    return registered
+
+
+def native_ops(backend: str) -> set[str]:
+    """Names of the ops the ``backend`` module implements (empty if it is not loaded)."""
+    module = _native.load(backend)
+    if module is None:
+        return set()
+    return {name for name in OPS if hasattr(module, name)}
