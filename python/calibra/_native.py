@@ -1,5 +1,8 @@
 """Loading of the native backends and the tensor hand-off to them.
 
+Set ``CALIBRA_DISABLE_NATIVE=cpu`` (or ``cuda``, ``all``, a comma list) to run every op in its
+pure-torch reference instead, e.g. to rule out a kernel when debugging.
+
 The one place that imports ``calibra._cpu`` / ``calibra._cuda``. Each backend is loaded lazily, at most
 once; when one does not load, the reason is kept and reported by :func:`calibra.build_info`, so
 nobody has to guess why an op ran in its reference implementation. A CPU-only user never imports
@@ -48,8 +51,9 @@ def tensor_arg(t: torch.Tensor) -> tuple:
 def _import_backend(name: str):
     if name == "mps":
         raise ImportError("the Metal backend is not part of this build (it is built on macOS only)")
-    if name == "cuda" and os.environ.get("CALIBRA_DISABLE_CUDA"):
-        raise ImportError("disabled by CALIBRA_DISABLE_CUDA")
+    disabled = {b.strip() for b in os.environ.get("CALIBRA_DISABLE_NATIVE", "").split(",")}
+    if name in disabled or "all" in disabled:
+        raise ImportError(f"disabled by CALIBRA_DISABLE_NATIVE={os.environ['CALIBRA_DISABLE_NATIVE']}")
     try:
         module = importlib.import_module(f"calibra._{name}")
     except ModuleNotFoundError as e:
@@ -76,6 +80,11 @@ def load(name: str):
             return None
         _modules[name] = module
         return module
+
+
+def load_failure(name: str) -> str:
+    """Why backend ``name`` did not load ("" if it loaded or was never tried)."""
+    return _reasons.get(name, "")
 
 
 def build_info() -> dict:
