@@ -20,7 +20,7 @@ def code_error_message(codes: torch.Tensor, bits: int, r: int, c: int) -> str:
 
 
 def check_codes(codes: torch.Tensor, bits: int) -> None:
-    bad = codes >= (1 << bits)
+    bad = codes.to(torch.int32) >= (1 << bits)
     if bool(bad.any()):
         r, c = (int(v) for v in bad.nonzero()[0])
         raise ValueError(code_error_message(codes, bits, r, c))
