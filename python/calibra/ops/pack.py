@@ -81,7 +81,7 @@ define("pack", "(Tensor codes, int bits, int dim, ScalarType word) -> Tensor", c
        example=lambda device: (torch.randint(0, 8, (16, 100), dtype=torch.uint8, device=device), 3, 1, torch.int32))
 define("unpack", "(Tensor words, int bits, int dim, int length) -> Tensor", check=_unpack_check,
        alloc=_unpack_alloc, ref=_ref.unpack,
-       example=lambda device: (torch.randint(-2**31, 2**31 - 1, (10, 8), dtype=torch.int32, device=device), 5, 0, 50))
+       example=lambda device: (torch.randint(-2**31, 2**31 - 1, (8, 10), dtype=torch.int32, device=device), 5, 0, 50))
 
 
 def pack(codes: torch.Tensor, bits: int, *, dim: int = -1, word: torch.dtype = torch.int32) -> torch.Tensor:

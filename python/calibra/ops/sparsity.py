@@ -66,7 +66,8 @@ def _d24_alloc(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def _example_24(device):
     w = torch.randn(8, 64, device=device)
     w.view(8, 16, 4)[:, :, 1] = 0
-    w.view(8, 16, 4)[:, ::2, 3] = 0
+    w.view(8, 16, 4)[:, :, 3] = 0
+    w.view(8, 16, 4)[:, ::2, 2] = 0  # some groups keep a single nonzero
     return (w,)
 
 
