@@ -1,11 +1,11 @@
 #include "binding.h"
 #include "calibra/params/pack.h"
 
-// pack reports codes >= 2^bits through `err` (see python/calibra/ops/pack.py, register_cuda_checked),
-// so it is bound as pack_checked; unpack has no data errors and uses the generic adapter.
+// pack reports codes >= 2^bits through `err`, the registry's data-error flag (@cuda_data_error in
+// python/calibra/ops/pack.py); unpack has no data errors and takes no flag.
 CALIBRA_BINDINGS(pack) {
   m.def(
-      "pack_checked",
+      "pack",
       [](calibra::TensorArg codes, int64_t bits, int64_t dim, py::object /*word*/, calibra::TensorArg out,
          calibra::TensorArg err, uintptr_t stream) {
         calibra::PackParams p;

@@ -1,11 +1,11 @@
 #include "binding.h"
 #include "calibra/params/sparsity.h"
 
-// Every op of this family has data errors (NaN, not 2:4, bad metadata), reported through `err`: they
-// are bound as <op>_checked and registered by python/calibra/ops/sparsity.py (register_cuda_checked).
+// Every op of this family has data errors (NaN, not 2:4, bad metadata), reported through `err`, the
+// data-error flag the registry passes to ops declared with @cuda_data_error (python/calibra/ops/_registry.py).
 CALIBRA_BINDINGS(sparsity) {
   m.def(
-      "nm_mask_checked",
+      "nm_mask",
       [](calibra::TensorArg scores, int64_t n, int64_t mm, calibra::TensorArg out, calibra::TensorArg err, uintptr_t stream) {
         calibra::NmMaskParams p;
         p.scores = scores;
@@ -17,7 +17,7 @@ CALIBRA_BINDINGS(sparsity) {
       },
       py::arg("scores"), py::arg("n"), py::arg("m"), py::arg("out"), py::arg("err"), py::arg("stream"));
   m.def(
-      "compress_24_checked",
+      "compress_24",
       [](calibra::TensorArg w, calibra::TensorArg values, calibra::TensorArg meta, calibra::TensorArg err, uintptr_t stream) {
         calibra::Compress24Params p;
         p.w = w;
@@ -28,7 +28,7 @@ CALIBRA_BINDINGS(sparsity) {
       },
       py::arg("w"), py::arg("values"), py::arg("meta"), py::arg("err"), py::arg("stream"));
   m.def(
-      "decompress_24_checked",
+      "decompress_24",
       [](calibra::TensorArg values, calibra::TensorArg meta, calibra::TensorArg out, calibra::TensorArg err, uintptr_t stream) {
         calibra::Decompress24Params p;
         p.values = values;

@@ -52,6 +52,23 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 
+# CUDA kernels cannot raise, and they may not allocate. An op whose CUDA kernel must reject bad
+# *data* (a NaN, a code out of range) declares a handler with @cuda_data_error: the adapter then
+# passes one more tensor, an int64 [1] flag holding NO_DATA_ERROR, right after the outputs; the
+# kernel lowers it (atomicMin) to the row-major index of the first bad item, and after the call the
+# adapter reads it back (one 8-byte copy, which synchronizes the stream) and calls the handler,
+# which raises the same ValueError as the CPU kernel and the reference.
+NO_DATA_ERROR = 2**63 - 1
+_CUDA_DATA_ERRORS: dict[str, Callable] = {}
+
+
+def cuda_data_error(name: str) -> Callable:
+    """Decorator: ``handler(index, *op_args)`` raises the op's error for the flagged item."""
+    def register(handler: Callable) -> Callable:
+        _CUDA_DATA_ERRORS[name] = handler
+        return handler
+    return register
+
 
 # ---------------------------------------------------------------------------------------------
 # trace: which implementation served each call
@@ -132,6 +149,15 @@ def _outputs_as_list(outs) -> list:
     return [outs]
 
 
+def _to_native(a):
+    """Tensors cross as TensorArg tuples, dtypes as their dtype codes, the rest as is."""
+    if isinstance(a, torch.Tensor):
+        return _native.tensor_arg(a)
+    if isinstance(a, torch.dtype):
+        return _native.DTYPE_CODES[a]
+    return a
+
+
 def _native_impl(op: OpDef, module, backend: str) -> Callable:
     fn = getattr(module, op.name)
 
@@ -140,17 +166,26 @@ def _native_impl(op: OpDef, module, backend: str) -> Callable:
         if op.native_contiguous:
             args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         outs = op.alloc(*args)
-        native_args = [_native.tensor_arg(a) if isinstance(a, torch.Tensor) else a for a in args]
+        native_args = [_to_native(a) for a in args]
         native_args += [_native.tensor_arg(o) for o in _outputs_as_list(outs)]
-        if backend == "cuda":
-            device = next(a.device for a in args if isinstance(a, torch.Tensor))
-            with torch.cuda.device(device):
-                fn(*native_args, torch.cuda.current_stream(device).cuda_stream)
-        elif backend == "mps":
+        if backend != "cuda":
             fn(*native_args)
-        else:
-            fn(*native_args)
+            _record(op.name, backend)
+            return outs
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        on_error = _CUDA_DATA_ERRORS.get(op.name)
+        flag = None
+        if on_error is not None:
+            flag = torch.full((1,), NO_DATA_ERROR, dtype=torch.int64, device=device)
+            native_args.append(_native.tensor_arg(flag))
+        with torch.cuda.device(device):
+            fn(*native_args, torch.cuda.current_stream(device).cuda_stream)
         _record(op.name, backend)
+        if flag is not None:
+            bad = int(flag.item())
+            if bad != NO_DATA_ERROR:
+                on_error(bad, *args)
+                raise ValueError(f"[{op.name}] the CUDA kernel flagged bad data at index {bad}")
         return outs
 
     native_impl.__name__ = f"{op.name}_{backend}"

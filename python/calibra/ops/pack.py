@@ -12,21 +12,18 @@ One layout serves every export format (docs: ../shared/FORMATS.md):
 - MLX ``weight`` (uint32 ``[out, in*bits/32]``) is ``pack(codes, bits).view(torch.uint32)``.
 
 Data errors on CUDA: a code >= 2**bits cannot be found by a shape-only check, and native kernels
-never allocate. The CUDA kernel therefore takes one extra int64 output, allocated here by
-:func:`register_cuda_checked`, and writes the row-major index of the first bad element into it with
-an atomic min; the wrapper reads it back (one 8-byte copy, which synchronizes the stream) and raises
-the same ValueError as the CPU kernel and the reference.
+never allocate. The CUDA kernel therefore takes the registry's data-error flag
+(:func:`calibra.ops._registry.cuda_data_error`) and writes the row-major index of the first bad
+element into it with an atomic min; the adapter reads it back and raises the same ValueError as the
+CPU kernel and the reference.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from calibra import _native
 from calibra.ops import _ref
 from calibra.ops._checks import check_dtype, check_range, check_rank
-from calibra.ops._registry import NAMESPACE, OPS, _IMPL_LIBS, _record, define
+from calibra.ops._registry import cuda_data_error, define
 from calibra.ops._ref.pack import code_error_message, word_bits
 
 _WORDS = (torch.int32, torch.uint8)
@@ -110,55 +107,9 @@ def unpack(words: torch.Tensor, bits: int, *, length: int, dim: int = -1) -> tor
     return torch.ops.calibra.unpack(words, int(bits), int(dim), int(length))
 
 
-# ---------------------------------------------------------------------------------------------
-# CUDA: ops whose kernels report data errors through an int64 flag (see the module docstring).
-# The binding is named ``<op>_checked`` so that the generic adapter (which looks for ``<op>``) skips
-# it; the impl below is registered for the CUDA key instead.
-
-NO_ERROR = 2**63 - 1
-
-
-def register_cuda_checked(name: str, on_error: Callable[..., None]) -> bool:
-    """Register ``calibra::name`` for CUDA through ``calibra._cuda.<name>_checked``.
-
-    The kernel is called as ``fn(*args, *outputs, err, stream)``, where ``err`` is an int64 ``[1]``
-    tensor holding ``NO_ERROR``; a kernel that finds bad data atomically lowers it to the row-major
-    index of the first bad item. ``on_error(index, *args)`` then raises the op's ValueError.
-    """
-    if not torch.cuda.is_available():
-        return False
-    module = _native.load("cuda")
-    fn = getattr(module, name + "_checked", None) if module is not None else None
-    if fn is None:
-        return False
-    op = OPS[name]
-
-    def cuda_impl(*args):
-        op.check(*args)
-        outs = op.alloc(*args)
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        err = torch.full((1,), NO_ERROR, dtype=torch.int64, device=device)
-        native = [_native.tensor_arg(a) if isinstance(a, torch.Tensor) else a for a in args]
-        native += [_native.tensor_arg(o) for o in (outs if isinstance(outs, (tuple, list)) else (outs,))]
-        with torch.cuda.device(device):
-            fn(*native, _native.tensor_arg(err), torch.cuda.current_stream(device).cuda_stream)
-        _record(name, "cuda")
-        bad = int(err.item())
-        if bad != NO_ERROR:
-            on_error(bad, *args)
-            raise RuntimeError(f"[{name}] the CUDA kernel flagged bad data at index {bad}")  # on_error raises first
-        return outs
-
-    cuda_impl.__name__ = f"{name}_cuda_checked"
-    lib = torch.library.Library(NAMESPACE, "IMPL")
-    _IMPL_LIBS.append(lib)
-    lib.impl(name, cuda_impl, "CUDA")
-    return True
-
-
+# CUDA reports codes >= 2**bits through the data-error flag (see _registry.cuda_data_error).
+@cuda_data_error("pack")
 def _pack_cuda_error(index: int, codes: torch.Tensor, bits: int, dim: int, word: torch.dtype) -> None:
     r, c = divmod(index, codes.shape[1])
     raise ValueError(code_error_message(codes, bits, r, c))
 
-
-register_cuda_checked("pack", _pack_cuda_error)

@@ -10,8 +10,7 @@ import torch
 from calibra.ops import _ref
 from calibra.ops._checks import check_dtype, check_floating, check_rank, check_same_device
 from calibra.ops._ref.sparsity import bad_meta_message, nan_error_message, not_24_message
-from calibra.ops._registry import define
-from calibra.ops.pack import register_cuda_checked
+from calibra.ops._registry import cuda_data_error, define
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16)
 MAX_M = 32  # groups are ranked by pairwise comparison in registers: m <= 32 keeps that cheap
@@ -132,6 +131,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # CUDA error reporting (index = row-major position of the first bad item)
 
+@cuda_data_error("nm_mask")
 def _nm_cuda_error(index: int, scores: torch.Tensor, n: int, m: int) -> None:
     pos = []
     for size in reversed(scores.shape):
@@ -140,18 +140,17 @@ def _nm_cuda_error(index: int, scores: torch.Tensor, n: int, m: int) -> None:
     raise ValueError(nan_error_message(pos[::-1]))
 
 
+@cuda_data_error("compress_24")
 def _c24_cuda_error(index: int, w: torch.Tensor) -> None:
     r, g = divmod(index, w.shape[1] // 4)
     count = int((w[r, 4 * g: 4 * g + 4] != 0).sum())
     raise ValueError(not_24_message(r, 4 * g, count))
 
 
+@cuda_data_error("decompress_24")
 def _d24_cuda_error(index: int, values: torch.Tensor, meta: torch.Tensor) -> None:
     r, rest = divmod(index, meta.shape[1] * 4)
     j, g = divmod(rest, 4)
     raise ValueError(bad_meta_message(r, j, int(meta[r, j]) & 0xFFFF, g))
 
 
-register_cuda_checked("nm_mask", _nm_cuda_error)
-register_cuda_checked("compress_24", _c24_cuda_error)
-register_cuda_checked("decompress_24", _d24_cuda_error)
