@@ -1,0 +1,167 @@
+// SIMD micro-kernels of calibra::hessian_accumulate (see hessian_kernels.h). Every function in the
+// target regions below is compiled for that ISA only; they are called only after a run-time CPU check,
+// so the library itself still runs on any x86-64. Non-x86 builds get stubs that are never selected.
+#include "hessian_kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CALIBRA_HESSIAN_X86 1
+#endif
+
+namespace calibra {
+namespace hessian_detail {
+
+#ifdef CALIBRA_HESSIAN_X86
+
+namespace {
+
+// The tile: NR rows (broadcast side) x 2 vectors (vector side), all NR*2 accumulators in registers.
+// Ops supplies the vector type and its operations.
+#define CALIBRA_MICRO_KERNEL_BODY(Ops, NR)                                                   \
+  using V = typename Ops::V;                                                                 \
+  constexpr int W = Ops::W;                                                                  \
+  V acc0[NR], acc1[NR];                                                                      \
+  _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {                                    \
+    acc0[r] = Ops::zero();                                                                   \
+    acc1[r] = Ops::zero();                                                                   \
+    Ops::prefetch(c + r * ldc);                                                              \
+    Ops::prefetch(c + r * ldc + 2 * W - 1);                                                  \
+  }                                                                                          \
+  for (int64_t k = 0; k < kc; ++k) {                                                         \
+    const V a0 = Ops::load(a);                                                               \
+    const V a1 = Ops::load(a + W);                                                           \
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {                                  \
+      const V br = Ops::bcast(b + r);                                                        \
+      acc0[r] = Ops::fma(a0, br, acc0[r]);                                                   \
+      acc1[r] = Ops::fma(a1, br, acc1[r]);                                                   \
+    }                                                                                        \
+    a += 2 * W;                                                                              \
+    b += NR;                                                                                 \
+  }                                                                                          \
+  _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {                                    \
+    auto* cr = c + r * ldc;                                                                  \
+    Ops::storeu(cr, Ops::add(Ops::loadu(cr), acc0[r]));                                      \
+    Ops::storeu(cr + W, Ops::add(Ops::loadu(cr + W), acc1[r]));                              \
+  }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,fma")
+
+struct F32x16 {
+  using V = __m512;
+  static constexpr int W = 16;
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V load(const float* p) { return _mm512_load_ps(p); }
+  static inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+struct F64x8 {
+  using V = __m512d;
+  static constexpr int W = 8;
+  static inline V zero() { return _mm512_setzero_pd(); }
+  static inline V load(const double* p) { return _mm512_load_pd(p); }
+  static inline V loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static inline void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static inline V bcast(const double* p) { return _mm512_set1_pd(*p); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static inline V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static inline void prefetch(const double* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+void micro_f32_avx512_impl(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                           int64_t ldc) {
+  CALIBRA_MICRO_KERNEL_BODY(F32x16, kAvx512NR)
+}
+
+void micro_f64_avx512_impl(int64_t kc, const double* __restrict a, const double* __restrict b,
+                           double* __restrict c, int64_t ldc) {
+  CALIBRA_MICRO_KERNEL_BODY(F64x8, kAvx512NR)
+}
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+struct F32x8 {
+  using V = __m256;
+  static constexpr int W = 8;
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V load(const float* p) { return _mm256_load_ps(p); }
+  static inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+struct F64x4 {
+  using V = __m256d;
+  static constexpr int W = 4;
+  static inline V zero() { return _mm256_setzero_pd(); }
+  static inline V load(const double* p) { return _mm256_load_pd(p); }
+  static inline V loadu(const double* p) { return _mm256_loadu_pd(p); }
+  static inline void storeu(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static inline V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static inline V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static inline V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static inline void prefetch(const double* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+void micro_f32_avx2_impl(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                         int64_t ldc) {
+  CALIBRA_MICRO_KERNEL_BODY(F32x8, kAvx2NR)
+}
+
+void micro_f64_avx2_impl(int64_t kc, const double* __restrict a, const double* __restrict b, double* __restrict c,
+                         int64_t ldc) {
+  CALIBRA_MICRO_KERNEL_BODY(F64x4, kAvx2NR)
+}
+
+#pragma GCC pop_options
+
+#undef CALIBRA_MICRO_KERNEL_BODY
+
+}  // namespace
+
+void micro_f32_avx512(int64_t kc, const float* a, const float* b, float* c, int64_t ldc) {
+  micro_f32_avx512_impl(kc, a, b, c, ldc);
+}
+void micro_f64_avx512(int64_t kc, const double* a, const double* b, double* c, int64_t ldc) {
+  micro_f64_avx512_impl(kc, a, b, c, ldc);
+}
+void micro_f32_avx2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc) {
+  micro_f32_avx2_impl(kc, a, b, c, ldc);
+}
+void micro_f64_avx2(int64_t kc, const double* a, const double* b, double* c, int64_t ldc) {
+  micro_f64_avx2_impl(kc, a, b, c, ldc);
+}
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+}
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#else  // not x86-64: the portable kernel in hessian.cpp serves every call
+
+void micro_f32_avx512(int64_t, const float*, const float*, float*, int64_t) {}
+void micro_f64_avx512(int64_t, const double*, const double*, double*, int64_t) {}
+void micro_f32_avx2(int64_t, const float*, const float*, float*, int64_t) {}
+void micro_f64_avx2(int64_t, const double*, const double*, double*, int64_t) {}
+bool cpu_has_avx512() { return false; }
+bool cpu_has_avx2() { return false; }
+
+#endif
+
+}  // namespace hessian_detail
+}  // namespace calibra
