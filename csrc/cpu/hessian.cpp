@@ -138,10 +138,13 @@ void hessian_impl(const HessianParams& p, const KernelInfo<T>& K) {
   const int64_t N = p.x.rows();
   const int64_t cs = p.x.stride(-1);
   const int64_t MR = K.mr, NR = K.nr;
-  const int64_t KC = std::is_same_v<T, float> ? 384 : 192;
+  int64_t KC = std::is_same_v<T, float> ? 384 : 192;
+  if (const char* e = std::getenv("TUNE_KC")) KC = std::atoi(e);
+  int64_t BSM = 192;
+  if (const char* e = std::getenv("TUNE_BS")) BSM = std::atoi(e);
   const int64_t kc_max = std::min(N, KC);
   const int64_t nV = (d + MR - 1) / MR, nS = (d + NR - 1) / NR;
-  const int64_t BS = lcm(MR, NR) * ((192 + lcm(MR, NR) - 1) / lcm(MR, NR));
+  const int64_t BS = lcm(MR, NR) * ((BSM + lcm(MR, NR) - 1) / lcm(MR, NR));
   const int64_t nb = (d + BS - 1) / BS;
   const int64_t units = nb * (nb + 1) / 2;
 
