@@ -68,13 +68,13 @@ KernelInfo<T> pick_kernel() {
   using namespace hessian_detail;
   const Isa isa = best_isa();
   if constexpr (std::is_same_v<T, float>) {
-    if (isa == Isa::kAvx512) return {&micro_f32_avx512, 32, kAvx512NR, "avx512"};
-    if (isa == Isa::kAvx2) return {&micro_f32_avx2, 16, kAvx2NR, "avx2"};
+    if (isa == Isa::kAvx512) return {&micro_f32_avx512, 32, kAvx512NR, "avx512", &mirror_rows_f32_avx512};
+    if (isa == Isa::kAvx2) return {&micro_f32_avx2, 16, kAvx2NR, "avx2", nullptr};
   } else {
-    if (isa == Isa::kAvx512) return {&micro_f64_avx512, 16, kAvx512NR, "avx512"};
-    if (isa == Isa::kAvx2) return {&micro_f64_avx2, 8, kAvx2NR, "avx2"};
+    if (isa == Isa::kAvx512) return {&micro_f64_avx512, 16, kAvx512NR, "avx512", &mirror_rows_f64_avx512};
+    if (isa == Isa::kAvx2) return {&micro_f64_avx2, 8, kAvx2NR, "avx2", nullptr};
   }
-  return {&micro_portable<T, kPortableMR, kPortableNR>, kPortableMR, kPortableNR, "portable"};
+  return {&micro_portable<T, kPortableMR, kPortableNR>, kPortableMR, kPortableNR, "portable", nullptr};
 }
 
 template <class T, class XT>
@@ -119,7 +119,12 @@ int64_t lcm(int64_t a, int64_t b) {
 }
 
 template <class T>
-void mirror_lower(T* H, int64_t d) {
+void mirror_lower(T* H, int64_t d, hessian_detail::MirrorRows<T> rows_fn) {
+  if (rows_fn != nullptr && 16 * d < (int64_t(1) << 31)) {
+    constexpr int64_t R = 16;  // 16-row bands: the gathered lower-triangle lines are shared by the band
+    dynamic_for((d + R - 1) / R, [&](int64_t b) { rows_fn(H, d, b * R, std::min(d, b * R + R)); });
+    return;
+  }
   constexpr int64_t B = 64;
   const int64_t nb = (d + B - 1) / B;
   dynamic_for(nb, [&](int64_t ib) {
@@ -138,13 +143,13 @@ void hessian_impl(const HessianParams& p, const KernelInfo<T>& K) {
   const int64_t N = p.x.rows();
   const int64_t cs = p.x.stride(-1);
   const int64_t MR = K.mr, NR = K.nr;
-  int64_t KC = std::is_same_v<T, float> ? 384 : 192;
-  if (const char* e = std::getenv("TUNE_KC")) KC = std::atoi(e);
-  int64_t BSM = 192;
-  if (const char* e = std::getenv("TUNE_BS")) BSM = std::atoi(e);
+  // kc rows per chunk: the NR x kc broadcast panel (12 KiB fp32, 18 KiB fp64) stays in L1 and a
+  // BS x kc block of vector-side panels (192 KiB, 288 KiB) in L2. BS: about 192, a multiple of MR and NR.
+  const int64_t KC = std::is_same_v<T, float> ? 256 : 192;
+  constexpr int64_t kBlockTarget = 192;
   const int64_t kc_max = std::min(N, KC);
   const int64_t nV = (d + MR - 1) / MR, nS = (d + NR - 1) / NR;
-  const int64_t BS = lcm(MR, NR) * ((BSM + lcm(MR, NR) - 1) / lcm(MR, NR));
+  const int64_t BS = lcm(MR, NR) * ((kBlockTarget + lcm(MR, NR) - 1) / lcm(MR, NR));
   const int64_t nb = (d + BS - 1) / BS;
   const int64_t units = nb * (nb + 1) / 2;
 
@@ -185,14 +190,15 @@ void hessian_impl(const HessianParams& p, const KernelInfo<T>& K) {
     parallel_for(nS, 4, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         T* dst = sbuf + s * kc * NR;
+        const T* src[kMaxNR];
+        int64_t valid = 0;
         for (int64_t r = 0; r < NR; ++r) {
           const int64_t col = s * NR + r;
-          if (col >= d) {
-            for (int64_t k = 0; k < kc; ++k) dst[k * NR + r] = T(0);
-            continue;
-          }
-          const T* src = vbuf + (col / MR) * kc * MR + col % MR;
-          for (int64_t k = 0; k < kc; ++k) dst[k * NR + r] = src[k * MR];
+          if (col < d) { src[r] = vbuf + (col / MR) * kc * MR + col % MR; valid = r + 1; }
+        }
+        for (int64_t k = 0; k < kc; ++k, dst += NR) {
+          for (int64_t r = 0; r < valid; ++r) dst[r] = src[r][k * MR];
+          for (int64_t r = valid; r < NR; ++r) dst[r] = T(0);
         }
       }
     });
@@ -219,7 +225,7 @@ void hessian_impl(const HessianParams& p, const KernelInfo<T>& K) {
       }
     });
   }
-  mirror_lower(H, d);
+  mirror_lower(H, d, K.mirror);
 }
 
 }  // namespace

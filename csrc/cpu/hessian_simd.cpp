@@ -83,6 +83,37 @@ void micro_f64_avx512_impl(int64_t kc, const double* __restrict a, const double*
   CALIBRA_MICRO_KERNEL_BODY(F64x8, kAvx512NR)
 }
 
+// Rows [r0, r1) of the upper triangle from the lower one, in 64-column slabs so that the 16-row
+// band of lower-triangle lines each slab gathers from stays in L1 across the rows.
+template <class T, int W, class Idx, class Gather>
+inline void mirror_rows_impl(T* H, int64_t d, int64_t r0, int64_t r1, Idx idx, Gather gather) {
+  for (int64_t c0 = r0 + 1; c0 < d; c0 += 64) {
+    const int64_t c1 = c0 + 64 < d ? c0 + 64 : d;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t c = c0 > r + 1 ? c0 : r + 1;
+      T* dst = H + r * d;
+      for (; c + W <= c1; c += W) gather(dst + c, H + c * d + r, idx);
+      for (; c < c1; ++c) dst[c] = H[c * d + r];
+    }
+  }
+}
+
+void mirror_rows_f32(float* H, int64_t d, int64_t r0, int64_t r1) {
+  const int s = static_cast<int>(d);  // callers guarantee 15 * d < 2^31
+  const __m512i idx = _mm512_set_epi32(15 * s, 14 * s, 13 * s, 12 * s, 11 * s, 10 * s, 9 * s, 8 * s, 7 * s, 6 * s,
+                                       5 * s, 4 * s, 3 * s, 2 * s, s, 0);
+  mirror_rows_impl<float, 16>(H, d, r0, r1, idx, [](float* dst, const float* src, __m512i ix) {
+    _mm512_storeu_ps(dst, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(0xffff), ix, src, 4));
+  });
+}
+
+void mirror_rows_f64(double* H, int64_t d, int64_t r0, int64_t r1) {
+  const __m512i idx = _mm512_set_epi64(7 * d, 6 * d, 5 * d, 4 * d, 3 * d, 2 * d, d, 0);
+  mirror_rows_impl<double, 8>(H, d, r0, r1, idx, [](double* dst, const double* src, __m512i ix) {
+    _mm512_storeu_pd(dst, _mm512_mask_i64gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(0xff), ix, src, 8));
+  });
+}
+
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -143,6 +174,9 @@ void micro_f64_avx2(int64_t kc, const double* a, const double* b, double* c, int
   micro_f64_avx2_impl(kc, a, b, c, ldc);
 }
 
+void mirror_rows_f32_avx512(float* H, int64_t d, int64_t r0, int64_t r1) { mirror_rows_f32(H, d, r0, r1); }
+void mirror_rows_f64_avx512(double* H, int64_t d, int64_t r0, int64_t r1) { mirror_rows_f64(H, d, r0, r1); }
+
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
@@ -158,6 +192,8 @@ void micro_f32_avx512(int64_t, const float*, const float*, float*, int64_t) {}
 void micro_f64_avx512(int64_t, const double*, const double*, double*, int64_t) {}
 void micro_f32_avx2(int64_t, const float*, const float*, float*, int64_t) {}
 void micro_f64_avx2(int64_t, const double*, const double*, double*, int64_t) {}
+void mirror_rows_f32_avx512(float*, int64_t, int64_t, int64_t) {}
+void mirror_rows_f64_avx512(double*, int64_t, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 bool cpu_has_avx2() { return false; }
 
