@@ -4,10 +4,6 @@
 #include "bench_common.h"
 #include "calibra/params/hessian.h"
 
-namespace calibra {
-const char* hessian_accumulate_cpu_isa();
-}
-
 int main(int argc, char** argv) {
   using namespace calibra;
   const bench::Options o = bench::parse(argc, argv, "[--quick] [--repeat N] [--threads N]");

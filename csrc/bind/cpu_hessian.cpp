@@ -1,10 +1,6 @@
 #include "binding.h"
 #include "calibra/params/hessian.h"
 
-namespace calibra {
-const char* hessian_accumulate_cpu_isa();  // csrc/cpu/hessian.cpp
-}
-
 CALIBRA_BINDINGS(hessian) {
   m.def(
       "hessian_accumulate",

@@ -20,5 +20,8 @@ struct HessianParams {
 
 Status hessian_accumulate_cpu(const HessianParams& p);
 Status hessian_accumulate_cuda(const HessianParams& p, cudaStream_t stream);
+// The micro-kernel ISA the CPU path picks on this machine: "avx512", "avx2" or "portable"
+// (CALIBRA_CPU_ISA=avx2|portable lowers it, for tests and benchmarks).
+const char* hessian_accumulate_cpu_isa();
 
 }  // namespace calibra
