@@ -1,5 +1,5 @@
-// SIMD micro-kernels of calibra::hessian_accumulate (see hessian_kernels.h). Every function in the
-// target regions below is compiled for that ISA only; they are called only after a run-time CPU check,
+// SIMD micro-kernels of calibra::hessian_accumulate (see hessian_kernels.h). Every function marked
+// CALIBRA_AVX512 / CALIBRA_AVX2 below is compiled for that ISA only; they are called only after a run-time CPU check,
 // so the library itself still runs on any x86-64. Non-x86 builds get stubs that are never selected.
 #include "hessian_kernels.h"
 
@@ -14,6 +14,10 @@ namespace hessian_detail {
 #ifdef CALIBRA_HESSIAN_X86
 
 namespace {
+
+// Function-level targets (GCC and clang): only these functions use AVX-512 / AVX2 instructions.
+#define CALIBRA_AVX512 __attribute__((target("avx512f,avx512vl,fma")))
+#define CALIBRA_AVX2 __attribute__((target("avx2,fma")))
 
 // The tile: NR rows (broadcast side) x 2 vectors (vector side), all NR*2 accumulators in registers.
 // Ops supplies the vector type and its operations.
@@ -44,120 +48,123 @@ namespace {
     Ops::storeu(cr + W, Ops::add(Ops::loadu(cr + W), acc1[r]));                              \
   }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,fma")
 
 struct F32x16 {
   using V = __m512;
   static constexpr int W = 16;
-  static inline V zero() { return _mm512_setzero_ps(); }
-  static inline V load(const float* p) { return _mm512_load_ps(p); }
-  static inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  CALIBRA_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
+  CALIBRA_AVX512 static inline V load(const float* p) { return _mm512_load_ps(p); }
+  CALIBRA_AVX512 static inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  CALIBRA_AVX512 static inline void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  CALIBRA_AVX512 static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  CALIBRA_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  CALIBRA_AVX512 static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  CALIBRA_AVX512 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 struct F64x8 {
   using V = __m512d;
   static constexpr int W = 8;
-  static inline V zero() { return _mm512_setzero_pd(); }
-  static inline V load(const double* p) { return _mm512_load_pd(p); }
-  static inline V loadu(const double* p) { return _mm512_loadu_pd(p); }
-  static inline void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
-  static inline V bcast(const double* p) { return _mm512_set1_pd(*p); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  static inline V add(V a, V b) { return _mm512_add_pd(a, b); }
-  static inline void prefetch(const double* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  CALIBRA_AVX512 static inline V zero() { return _mm512_setzero_pd(); }
+  CALIBRA_AVX512 static inline V load(const double* p) { return _mm512_load_pd(p); }
+  CALIBRA_AVX512 static inline V loadu(const double* p) { return _mm512_loadu_pd(p); }
+  CALIBRA_AVX512 static inline void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  CALIBRA_AVX512 static inline V bcast(const double* p) { return _mm512_set1_pd(*p); }
+  CALIBRA_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  CALIBRA_AVX512 static inline V add(V a, V b) { return _mm512_add_pd(a, b); }
+  CALIBRA_AVX512 static inline void prefetch(const double* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
-void micro_f32_avx512_impl(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+CALIBRA_AVX512 void micro_f32_avx512_impl(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                            int64_t ldc) {
   CALIBRA_MICRO_KERNEL_BODY(F32x16, kAvx512NR)
 }
 
-void micro_f64_avx512_impl(int64_t kc, const double* __restrict a, const double* __restrict b,
+CALIBRA_AVX512 void micro_f64_avx512_impl(int64_t kc, const double* __restrict a, const double* __restrict b,
                            double* __restrict c, int64_t ldc) {
   CALIBRA_MICRO_KERNEL_BODY(F64x8, kAvx512NR)
 }
 
 // Rows [r0, r1) of the upper triangle from the lower one, in 64-column slabs so that the 16-row
 // band of lower-triangle lines each slab gathers from stays in L1 across the rows.
-template <class T, int W, class Idx, class Gather>
-inline void mirror_rows_impl(T* H, int64_t d, int64_t r0, int64_t r1, Idx idx, Gather gather) {
+template <class T, int W, class Gather>
+CALIBRA_AVX512 inline void mirror_rows_impl(T* H, int64_t d, int64_t r0, int64_t r1, __m512i idx) {
   for (int64_t c0 = r0 + 1; c0 < d; c0 += 64) {
     const int64_t c1 = c0 + 64 < d ? c0 + 64 : d;
     for (int64_t r = r0; r < r1; ++r) {
       int64_t c = c0 > r + 1 ? c0 : r + 1;
       T* dst = H + r * d;
-      for (; c + W <= c1; c += W) gather(dst + c, H + c * d + r, idx);
+      for (; c + W <= c1; c += W) Gather::copy(dst + c, H + c * d + r, idx);
       for (; c < c1; ++c) dst[c] = H[c * d + r];
     }
   }
 }
 
-void mirror_rows_f32(float* H, int64_t d, int64_t r0, int64_t r1) {
+struct GatherF32 {  // dst[0..16) = src[0], src[d], ..., src[15 d]
+  CALIBRA_AVX512 static inline void copy(float* dst, const float* src, __m512i ix) {
+    _mm512_storeu_ps(dst, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(0xffff), ix, src, 4));
+  }
+};
+struct GatherF64 {
+  CALIBRA_AVX512 static inline void copy(double* dst, const double* src, __m512i ix) {
+    _mm512_storeu_pd(dst, _mm512_mask_i64gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(0xff), ix, src, 8));
+  }
+};
+
+CALIBRA_AVX512 void mirror_rows_f32(float* H, int64_t d, int64_t r0, int64_t r1) {
   const int s = static_cast<int>(d);  // callers guarantee 15 * d < 2^31
   const __m512i idx = _mm512_set_epi32(15 * s, 14 * s, 13 * s, 12 * s, 11 * s, 10 * s, 9 * s, 8 * s, 7 * s, 6 * s,
                                        5 * s, 4 * s, 3 * s, 2 * s, s, 0);
-  mirror_rows_impl<float, 16>(H, d, r0, r1, idx, [](float* dst, const float* src, __m512i ix) {
-    _mm512_storeu_ps(dst, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(0xffff), ix, src, 4));
-  });
+  mirror_rows_impl<float, 16, GatherF32>(H, d, r0, r1, idx);
 }
 
-void mirror_rows_f64(double* H, int64_t d, int64_t r0, int64_t r1) {
+CALIBRA_AVX512 void mirror_rows_f64(double* H, int64_t d, int64_t r0, int64_t r1) {
   const __m512i idx = _mm512_set_epi64(7 * d, 6 * d, 5 * d, 4 * d, 3 * d, 2 * d, d, 0);
-  mirror_rows_impl<double, 8>(H, d, r0, r1, idx, [](double* dst, const double* src, __m512i ix) {
-    _mm512_storeu_pd(dst, _mm512_mask_i64gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(0xff), ix, src, 8));
-  });
+  mirror_rows_impl<double, 8, GatherF64>(H, d, r0, r1, idx);
 }
 
-#pragma GCC pop_options
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
 
 struct F32x8 {
   using V = __m256;
   static constexpr int W = 8;
-  static inline V zero() { return _mm256_setzero_ps(); }
-  static inline V load(const float* p) { return _mm256_load_ps(p); }
-  static inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static inline V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  CALIBRA_AVX2 static inline V zero() { return _mm256_setzero_ps(); }
+  CALIBRA_AVX2 static inline V load(const float* p) { return _mm256_load_ps(p); }
+  CALIBRA_AVX2 static inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  CALIBRA_AVX2 static inline void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  CALIBRA_AVX2 static inline V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  CALIBRA_AVX2 static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  CALIBRA_AVX2 static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  CALIBRA_AVX2 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 struct F64x4 {
   using V = __m256d;
   static constexpr int W = 4;
-  static inline V zero() { return _mm256_setzero_pd(); }
-  static inline V load(const double* p) { return _mm256_load_pd(p); }
-  static inline V loadu(const double* p) { return _mm256_loadu_pd(p); }
-  static inline void storeu(double* p, V v) { _mm256_storeu_pd(p, v); }
-  static inline V bcast(const double* p) { return _mm256_broadcast_sd(p); }
-  static inline V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  static inline V add(V a, V b) { return _mm256_add_pd(a, b); }
-  static inline void prefetch(const double* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  CALIBRA_AVX2 static inline V zero() { return _mm256_setzero_pd(); }
+  CALIBRA_AVX2 static inline V load(const double* p) { return _mm256_load_pd(p); }
+  CALIBRA_AVX2 static inline V loadu(const double* p) { return _mm256_loadu_pd(p); }
+  CALIBRA_AVX2 static inline void storeu(double* p, V v) { _mm256_storeu_pd(p, v); }
+  CALIBRA_AVX2 static inline V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  CALIBRA_AVX2 static inline V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  CALIBRA_AVX2 static inline V add(V a, V b) { return _mm256_add_pd(a, b); }
+  CALIBRA_AVX2 static inline void prefetch(const double* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };
 
-void micro_f32_avx2_impl(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+CALIBRA_AVX2 void micro_f32_avx2_impl(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                          int64_t ldc) {
   CALIBRA_MICRO_KERNEL_BODY(F32x8, kAvx2NR)
 }
 
-void micro_f64_avx2_impl(int64_t kc, const double* __restrict a, const double* __restrict b, double* __restrict c,
+CALIBRA_AVX2 void micro_f64_avx2_impl(int64_t kc, const double* __restrict a, const double* __restrict b, double* __restrict c,
                          int64_t ldc) {
   CALIBRA_MICRO_KERNEL_BODY(F64x4, kAvx2NR)
 }
 
-#pragma GCC pop_options
 
 #undef CALIBRA_MICRO_KERNEL_BODY
+#undef CALIBRA_AVX512
+#undef CALIBRA_AVX2
 
 }  // namespace
 
