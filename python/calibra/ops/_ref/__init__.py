@@ -4,7 +4,8 @@ They are registered as the ops' default implementations and are the test oracle.
 equal them: integer outputs exactly, floats within the tolerance each test states.
 """
 from calibra.ops._ref.hadamard import hadamard
+from calibra.ops._ref.hessian import hessian_accumulate
 from calibra.ops._ref.pack import pack, unpack
 from calibra.ops._ref.sparsity import compress_24, decompress_24, nm_mask
 
-__all__ = ["hadamard", "pack", "unpack", "nm_mask", "compress_24", "decompress_24"]
+__all__ = ["hadamard", "hessian_accumulate", "pack", "unpack", "nm_mask", "compress_24", "decompress_24"]
