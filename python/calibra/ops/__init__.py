@@ -6,8 +6,9 @@ implementation, and native kernels per device (CPU always; CUDA and Metal when b
 """
 from calibra.ops._registry import OPS, native_ops, trace
 from calibra.ops.hadamard import hadamard
+from calibra.ops.quantize import QuantizedTensor, dequantize, quantize
 
 # Backend registrations come last: they register natives for the ops defined above.
 from calibra.ops import _cpu, _cuda, _mps  # noqa: E402,F401
 
-__all__ = ["OPS", "native_ops", "trace", "hadamard"]
+__all__ = ["OPS", "native_ops", "trace", "hadamard", "QuantizedTensor", "quantize", "dequantize"]

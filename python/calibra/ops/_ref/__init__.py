@@ -4,5 +4,6 @@ They are registered as the ops' default implementations and are the test oracle.
 equal them: integer outputs exactly, floats within the tolerance each test states.
 """
 from calibra.ops._ref.hadamard import hadamard
+from calibra.ops._ref.quantize import dequantize_fp4, dequantize_int, quantize_fp4, quantize_int
 
-__all__ = ["hadamard"]
+__all__ = ["hadamard", "quantize_int", "dequantize_int", "quantize_fp4", "dequantize_fp4"]
