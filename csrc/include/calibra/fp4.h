@@ -48,13 +48,15 @@ CALIBRA_HD float e2m1_decode(uint8_t code) {
   return (code & 8) ? -m : m;
 }
 
-// fp32 -> float8_e4m3fn bits: round to nearest even; |x| whose rounding exceeds 448, Inf and NaN
-// become NaN (0x7f | sign), like torch's .to(torch.float8_e4m3fn). Subnormals (steps of 2^-9) exact.
+// fp32 -> float8_e4m3fn bits, like torch's .to(torch.float8_e4m3fn) (checked against torch 2.13 on a
+// dense sweep): round to nearest even; magnitudes that round above 448, and +-Inf, saturate to +-448
+// (0x7e); NaN -> 0x7f | sign. Subnormals (steps of 2^-9) round exactly.
 CALIBRA_HD uint8_t e4m3_from_float(float f) {
   const uint32_t u = f2u(f);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a >= 0x7f800000u) return sign | 0x7fu;
+  if (a > 0x7f800000u) return sign | 0x7fu;
+  if (a == 0x7f800000u) return sign | 0x7eu;
   if (a < 0x3c800000u) {  // below 2^-6: an integer count of 2^-9 steps, rounded to nearest even
     // a * 2^9 is exact; adding and subtracting 2^23 rounds it to an integer (ties to even).
     const float steps = u2f(a) * 512.0f;
@@ -64,7 +66,7 @@ CALIBRA_HD uint8_t e4m3_from_float(float f) {
   // normal: keep 3 mantissa bits, round the 20 dropped bits to nearest even, rebias 127 -> 7
   const uint32_t r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
   const uint32_t code = r - ((127u - 7u) << 3);
-  return sign | static_cast<uint8_t>(code > 0x7eu ? 0x7fu : code);
+  return sign | static_cast<uint8_t>(code > 0x7eu ? 0x7eu : code);
 }
 
 CALIBRA_HD float e4m3_to_float(uint8_t b) {
