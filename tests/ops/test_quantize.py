@@ -335,8 +335,8 @@ def test_opcheck():
         # torch's schema checker cannot compare float8 inputs (allclose is not implemented for
         # Float8_e4m3fn), so the nvfp4 dequantize skips test_schema and runs the other checks
         utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-        torch.library.opcheck(torch.ops.calibra.dequantize_fp4.default, (c, s, g, fmt, torch.bfloat16),
-                              test_utils=utils if fmt == "nvfp4" else None)
+        kw = {"test_utils": utils} if fmt == "nvfp4" else {}
+        torch.library.opcheck(torch.ops.calibra.dequantize_fp4.default, (c, s, g, fmt, torch.bfloat16), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
