@@ -28,10 +28,12 @@ CALIBRA_HD float u2f(uint32_t u) {
 #endif
 }
 
-// E2M1 magnitudes by index.
+// E2M1 magnitudes by index: [0, .5, 1, 1.5, 2, 3, 4, 6] (exponent idx >> 1, mantissa bit idx & 1),
+// built from the fp32 bits (no table, so device code keeps it in registers).
 CALIBRA_HD float e2m1_magnitude(int idx) {
-  const float t[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  return t[idx & 7];
+  const uint32_t e = static_cast<uint32_t>(idx & 7) >> 1, m = static_cast<uint32_t>(idx) & 1u;
+  if (e == 0) return m ? 0.5f : 0.0f;
+  return u2f(((e - 1u + 127u) << 23) | (m << 22));
 }
 
 // Nearest E2M1 code of x, ties to the even code, saturating at +-6. A value that rounds to zero
