@@ -61,24 +61,55 @@ CALIBRA_AI const float* row_f32(const TensorArg& w, int64_t r, float* buf) {
   return buf;
 }
 
+typedef int32_t v16m __attribute__((vector_size(64)));
+constexpr v16m kSwap8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+constexpr v16m kSwap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+constexpr v16m kSwap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+constexpr v16m kSwap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+
+// Horizontal min / max / or: every lane ends up holding the result.
+CALIBRA_AI v16f hmin(v16f v) {
+  v16f t;
+  t = __builtin_shuffle(v, kSwap8); v = t < v ? t : v;
+  t = __builtin_shuffle(v, kSwap4); v = t < v ? t : v;
+  t = __builtin_shuffle(v, kSwap2); v = t < v ? t : v;
+  t = __builtin_shuffle(v, kSwap1); v = t < v ? t : v;
+  return v;
+}
+CALIBRA_AI v16f hmax(v16f v) {
+  v16f t;
+  t = __builtin_shuffle(v, kSwap8); v = t > v ? t : v;
+  t = __builtin_shuffle(v, kSwap4); v = t > v ? t : v;
+  t = __builtin_shuffle(v, kSwap2); v = t > v ? t : v;
+  t = __builtin_shuffle(v, kSwap1); v = t > v ? t : v;
+  return v;
+}
+CALIBRA_AI v16i hor(v16i v) {
+  v |= __builtin_shuffle(v, kSwap8);
+  v |= __builtin_shuffle(v, kSwap4);
+  v |= __builtin_shuffle(v, kSwap2);
+  v |= __builtin_shuffle(v, kSwap1);
+  return v;
+}
+
 // min(x, 0), max(x, 0) over n values; false when one is NaN/Inf.
 CALIBRA_AI bool scan_minmax(const float* x, int64_t n, float* mn_out, float* mx_out) {
   v16f vmin{}, vmax{};
   v16i bad{};
+  const v16f zf{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const v16f v = load16(x + i);
     vmin = v < vmin ? v : vmin;
     vmax = v > vmax ? v : vmax;
-    bad |= ((v - v) != 0.0f);  // Inf - Inf and NaN - NaN are NaN, which compares unequal
+    bad |= ((v - v) != zf);  // Inf - Inf and NaN - NaN are NaN, which compares unequal
   }
-  float mn = 0.0f, mx = 0.0f;
-  int b = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    mn = vmin[k] < mn ? vmin[k] : mn;
-    mx = vmax[k] > mx ? vmax[k] : mx;
-    b |= bad[k];
-  }
+  // tree reductions across the 16 lanes (shuffles, no per-lane extraction)
+  vmin = hmin(vmin);
+  vmax = hmax(vmax);
+  bad = hor(bad);
+  float mn = vmin[0], mx = vmax[0];
+  int b = bad[0];
   for (; i < n; ++i) {
     const float v = x[i];
     mn = v < mn ? v : mn;
@@ -115,14 +146,19 @@ CALIBRA_AI void quant_group(const float* x, int64_t n, float s, float zero, floa
 
 // E2M1 codes of x / d (ties to the even code; zero -> code 0)
 CALIBRA_AI void fp4_group(const float* x, int64_t n, float d, uint8_t* out) {
-  const v16f vd = splat(d);
+  // Compare against vector constants only: GCC scalarizes vector-vs-scalar comparisons in some
+  // contexts (seen with GCC 12), which made this loop 10x slower.
+  const v16f vd = splat(d), t0 = splat(0.25f), t1 = splat(0.75f), t2 = splat(1.25f),
+             t3 = splat(1.75f), t4 = splat(2.5f), t5 = splat(3.5f), t6 = splat(5.0f);
+  const v16i absmask = v16i{} + 0x7fffffff, zi = v16i{}, eight = v16i{} + 8;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const v16f v = load16(x + i) / vd;
-    const v16f a = v < 0.0f ? -v : v;
-    const v16i idx = -((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f));
-    const v16i neg = (v < 0.0f) & (idx != 0);
-    const v16i code = idx | (neg & 8);
+    const v16f a = reinterpret_cast<v16f>(reinterpret_cast<v16i>(v) & absmask);
+    const v16i idx = zi - ((a > t0) + (a >= t1) + (a > t2) + (a >= t3) + (a > t4) + (a >= t5) + (a > t6));
+    // sign from the sign bit (x < 0 for every nonzero value; -0 has idx 0 and stays code 0)
+    const v16i sgn = (reinterpret_cast<v16i>(v) >> 31) & eight;
+    const v16i code = idx | (sgn & (idx != zi));
     const v16b b = __builtin_convertvector(code, v16b);
     std::memcpy(out + i, &b, sizeof(b));
   }
