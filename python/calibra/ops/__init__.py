@@ -8,10 +8,11 @@ from calibra.ops._registry import OPS, native_ops, trace
 from calibra.ops.hadamard import hadamard
 from calibra.ops.hessian import hessian_accumulate
 from calibra.ops.pack import pack, unpack
+from calibra.ops.quantize import QuantizedTensor, dequantize, quantize
 from calibra.ops.sparsity import compress_24, decompress_24, nm_mask
 
 # Backend registrations come last: they register natives for the ops defined above.
 from calibra.ops import _cpu, _cuda, _mps  # noqa: E402,F401
 
-__all__ = ["OPS", "native_ops", "trace", "hadamard", "hessian_accumulate", "pack", "unpack", "nm_mask",
-           "compress_24", "decompress_24"]
+__all__ = ["OPS", "native_ops", "trace", "hadamard", "hessian_accumulate", "pack", "unpack", "quantize",
+           "dequantize", "QuantizedTensor", "nm_mask", "compress_24", "decompress_24"]

@@ -6,6 +6,8 @@ equal them: integer outputs exactly, floats within the tolerance each test state
 from calibra.ops._ref.hadamard import hadamard
 from calibra.ops._ref.hessian import hessian_accumulate
 from calibra.ops._ref.pack import pack, unpack
+from calibra.ops._ref.quantize import dequantize_fp4, dequantize_int, quantize_fp4, quantize_int
 from calibra.ops._ref.sparsity import compress_24, decompress_24, nm_mask
 
-__all__ = ["hadamard", "hessian_accumulate", "pack", "unpack", "nm_mask", "compress_24", "decompress_24"]
+__all__ = ["hadamard", "hessian_accumulate", "pack", "unpack", "quantize_int", "dequantize_int", "quantize_fp4",
+           "dequantize_fp4", "nm_mask", "compress_24", "decompress_24"]

@@ -1,0 +1,46 @@
+#include <string>
+
+#include "binding.h"
+#include "calibra/params/quantize.h"
+
+namespace {
+calibra::Fp4Format fp4_format(const std::string& s) {
+  calibra::Fp4Format f;
+  if (!calibra::parse_fp4_format(s.c_str(), &f)) throw py::value_error("[quantize] format must be 'mxfp4' or 'nvfp4', got '" + s + "'");
+  return f;
+}
+}  // namespace
+
+CALIBRA_BINDINGS(quantize) {
+  using calibra::TensorArg;
+  m.def(
+      "quantize_int",
+      [](TensorArg w, int64_t bits, int64_t group_size, bool symmetric, TensorArg codes, TensorArg scales, TensorArg zeros, uintptr_t stream) {
+        calibra::QuantizeIntParams p{w, codes, scales, zeros, bits, group_size, symmetric};
+        calibra::bind::call_released([&] { return calibra::quantize_int_cuda(p, reinterpret_cast<cudaStream_t>(stream)); });
+      },
+      py::arg("w"), py::arg("bits"), py::arg("group_size"), py::arg("symmetric"), py::arg("codes"), py::arg("scales"),
+      py::arg("zeros"), py::arg("stream"), "Integer RTN quantization (see params/quantize.h).");
+  m.def(
+      "dequantize_int",
+      [](TensorArg codes, TensorArg scales, TensorArg zeros, int64_t group_size, py::object /*dtype*/, TensorArg out, uintptr_t stream) {
+        calibra::DequantizeIntParams p{codes, scales, zeros, out, group_size};
+        calibra::bind::call_released([&] { return calibra::dequantize_int_cuda(p, reinterpret_cast<cudaStream_t>(stream)); });
+      },
+      py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("dtype"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "quantize_fp4",
+      [](TensorArg w, const std::string& format, TensorArg codes, TensorArg scales, TensorArg global_scale, uintptr_t stream) {
+        calibra::QuantizeFp4Params p{w, codes, scales, global_scale, fp4_format(format)};
+        calibra::bind::call_released([&] { return calibra::quantize_fp4_cuda(p, reinterpret_cast<cudaStream_t>(stream)); });
+      },
+      py::arg("w"), py::arg("format"), py::arg("codes"), py::arg("scales"), py::arg("global_scale"), py::arg("stream"));
+  m.def(
+      "dequantize_fp4",
+      [](TensorArg codes, TensorArg scales, TensorArg global_scale, const std::string& format, py::object /*dtype*/,
+         TensorArg out, uintptr_t stream) {
+        calibra::DequantizeFp4Params p{codes, scales, global_scale, out, fp4_format(format)};
+        calibra::bind::call_released([&] { return calibra::dequantize_fp4_cuda(p, reinterpret_cast<cudaStream_t>(stream)); });
+      },
+      py::arg("codes"), py::arg("scales"), py::arg("global_scale"), py::arg("format"), py::arg("dtype"), py::arg("out"), py::arg("stream"));
+}
