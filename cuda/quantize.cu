@@ -7,9 +7,9 @@
 // quantize_fp4: one thread per element; the 16 or 32 lanes of a group reduce their amax with warp
 //   shuffles. NVFP4 first reduces the tensor's amax into global_scale (as fp32 bits, atomicMax), then a
 //   one-thread kernel turns it into 448*6/amax in place; no scratch allocation.
-// Non-finite input: kernels atomicMin the first bad linear index into a __device__ variable, which is
-//   read back after the launch -- so the quantize ops synchronize the stream once per call (not
-//   capturable in a CUDA graph; concurrent calls from several host threads share the variable).
+// Non-finite input: kernels atomicMin the first bad row-major index into p.err, the registry's
+//   data-error flag (int64 [1], pre-set to INT64_MAX by the caller; see @cuda_data_error in
+//   python/calibra/ops/_registry.py), which the Python adapter reads back and raises.
 #include <cstdint>
 #include <type_traits>
 
@@ -22,9 +22,7 @@ namespace {
 
 constexpr int kIntThreads = 128;
 constexpr int kElemThreads = 256;
-constexpr unsigned long long kNoBad = ~0ull;
 
-__device__ unsigned long long g_first_bad;
 
 struct Mat {  // a 2-D strided matrix
   int64_t rows, cols, s0, s1;
@@ -49,7 +47,8 @@ template <> __device__ __forceinline__ float round_scale<__nv_bfloat16>(float s)
 template <class T>
 __global__ void __launch_bounds__(kIntThreads) quantize_int_kernel(const T* __restrict__ w, Mat wm, uint8_t* __restrict__ codes,
                                                                    T* __restrict__ scales, uint8_t* __restrict__ zeros,
-                                                                   int64_t gs, int64_t groups, float maxq, int symmetric) {
+                                                                   int64_t gs, int64_t groups, float maxq, int symmetric,
+                                                                   unsigned long long* bad) {
   __shared__ float smin[kIntThreads / 32], smax[kIntThreads / 32];
   __shared__ float sparams[2];
   const int64_t r = blockIdx.x / groups;
@@ -58,7 +57,7 @@ __global__ void __launch_bounds__(kIntThreads) quantize_int_kernel(const T* __re
   float mn = 0.0f, mx = 0.0f;
   for (int64_t j = threadIdx.x; j < gs; j += blockDim.x) {
     const float v = ld(w, wm, r, c0 + j);
-    if (!finite_f(v)) atomicMin(&g_first_bad, static_cast<unsigned long long>(r * wm.cols + c0 + j));
+    if (!finite_f(v)) atomicMin(bad, static_cast<unsigned long long>(r * wm.cols + c0 + j));
     mn = fminf(mn, v);
     mx = fmaxf(mx, v);
   }
@@ -112,7 +111,7 @@ __global__ void dequantize_int_kernel(const uint8_t* __restrict__ codes, Mat cm,
 
 // NVFP4 pass 1: max |w| over the tensor as fp32 bits into *amax_bits (pre-zeroed).
 template <class T>
-__global__ void amax_kernel(const T* __restrict__ w, Mat wm, unsigned int* amax_bits) {
+__global__ void amax_kernel(const T* __restrict__ w, Mat wm, unsigned int* amax_bits, unsigned long long* bad) {
   __shared__ unsigned int sm[kElemThreads / 32];
   const int64_t total = wm.rows * wm.cols;
   unsigned int m = 0;
@@ -120,7 +119,7 @@ __global__ void amax_kernel(const T* __restrict__ w, Mat wm, unsigned int* amax_
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / wm.cols, c = e % wm.cols;
     const float v = ld(w, wm, r, c);
-    if (!finite_f(v)) atomicMin(&g_first_bad, static_cast<unsigned long long>(e));
+    if (!finite_f(v)) atomicMin(bad, static_cast<unsigned long long>(e));
     else m = max(m, __float_as_uint(fabsf(v)));
   }
   for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -141,13 +140,14 @@ __global__ void fill_kernel(float* p, float v) { *p = v; }
 
 template <class T, int GS>
 __global__ void __launch_bounds__(kElemThreads) quantize_fp4_kernel(const T* __restrict__ w, Mat wm, uint8_t* __restrict__ codes,
-                                                                    uint8_t* __restrict__ scales, const float* gscale_ptr) {
+                                                                    uint8_t* __restrict__ scales, const float* gscale_ptr,
+                                                                    unsigned long long* bad) {
   const int64_t total = wm.rows * wm.cols;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool in = e < total;
   const int64_t r = in ? e / wm.cols : 0, c = in ? e % wm.cols : 0;
   const float v = in ? ld(w, wm, r, c) : 0.0f;
-  if (in && !finite_f(v)) atomicMin(&g_first_bad, static_cast<unsigned long long>(e));
+  if (in && !finite_f(v)) atomicMin(bad, static_cast<unsigned long long>(e));
   float amax = fabsf(v);
   for (int o = GS / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if (!in) return;
@@ -199,24 +199,9 @@ bool dispatch_w(DType t, F&& f) {
 bool is_w_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 bool shaped(const TensorArg& t, int64_t a, int64_t b) { return t.ndim == 2 && t.shape[0] == a && t.shape[1] == b; }
 
-Status reset_bad(cudaStream_t stream) {
-  static const unsigned long long init = kNoBad;
-  if (cudaMemcpyToSymbolAsync(g_first_bad, &init, sizeof(init), 0, cudaMemcpyHostToDevice, stream) != cudaSuccess)
-    return make_status(StatusCode::kDeviceError, "[quantize] CUDA error: %s", cudaGetErrorString(cudaGetLastError()));
-  return Status::Ok();
-}
+unsigned long long* bad_flag(const TensorArg& err) { return static_cast<unsigned long long*>(err.data); }
 
-Status check_bad(cudaStream_t stream, int64_t cols) {
-  CALIBRA_RETURN_IF_ERROR(cuda::launch_status("quantize"));
-  unsigned long long first = kNoBad;
-  cudaError_t err = cudaMemcpyFromSymbolAsync(&first, g_first_bad, sizeof(first), 0, cudaMemcpyDeviceToHost, stream);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess) return make_status(StatusCode::kDeviceError, "[quantize] CUDA error: %s", cudaGetErrorString(err));
-  if (first != kNoBad)
-    return make_status(StatusCode::kNonFinite, "[quantize] w contains NaN/Inf (first at row %lld, col %lld)",
-                       static_cast<long long>(first / cols), static_cast<long long>(first % cols));
-  return Status::Ok();
-}
+bool valid_flag(const TensorArg& err) { return err.data != nullptr && err.ndim == 1 && err.shape[0] == 1 && err.dtype == DType::I64; }
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>(cuda::ceil_div(n, threads)); }
 
@@ -241,16 +226,16 @@ Status quantize_int_cuda(const QuantizeIntParams& p, cudaStream_t stream) {
   if (out == 0) return Status::Ok();
   if (out * groups > 0x7fffffffLL)
     return make_status(StatusCode::kUnsupported, "[quantize] too many groups for one CUDA launch");
-  CALIBRA_RETURN_IF_ERROR(reset_bad(stream));
+  if (!valid_flag(p.err)) return make_status(StatusCode::kInvalidArgument, "[quantize] err must be an int64 [1] flag");
   const Mat wm = Mat::of(p.w);
   const float maxq = static_cast<float>((1 << p.bits) - 1);
   dispatch_w(p.w.dtype, [&](auto tag) {
     using T = decltype(tag);
     quantize_int_kernel<T><<<static_cast<unsigned>(out * groups), kIntThreads, 0, stream>>>(
         p.w.ptr<const T>(), wm, p.codes.ptr<uint8_t>(), p.scales.ptr<T>(), p.zeros.ptr<uint8_t>(), gs, groups, maxq,
-        p.symmetric ? 1 : 0);
+        p.symmetric ? 1 : 0, bad_flag(p.err));
   });
-  return check_bad(stream, n);
+  return cuda::launch_status("quantize");
 }
 
 Status dequantize_int_cuda(const DequantizeIntParams& p, cudaStream_t stream) {
@@ -300,7 +285,7 @@ Status quantize_fp4_cuda(const QuantizeFp4Params& p, cudaStream_t stream) {
   const int64_t total = out * n;
   if (cuda::ceil_div(total, kElemThreads) > 0x7fffffffLL)
     return make_status(StatusCode::kUnsupported, "[quantize] tensor too large for one CUDA launch");
-  CALIBRA_RETURN_IF_ERROR(reset_bad(stream));
+  if (!valid_flag(p.err)) return make_status(StatusCode::kInvalidArgument, "[quantize] err must be an int64 [1] flag");
   float* gsp = p.global_scale.ptr<float>();
   const Mat wm = Mat::of(p.w);
   dispatch_w(p.w.dtype, [&](auto tag) {
@@ -309,20 +294,20 @@ Status quantize_fp4_cuda(const QuantizeFp4Params& p, cudaStream_t stream) {
       fill_kernel<<<1, 1, 0, stream>>>(gsp, 1.0f);
       if (total > 0)
         quantize_fp4_kernel<T, 32><<<blocks_for(total, kElemThreads), kElemThreads, 0, stream>>>(
-            p.w.ptr<const T>(), wm, p.codes.ptr<uint8_t>(), p.scales.ptr<uint8_t>(), gsp);
+            p.w.ptr<const T>(), wm, p.codes.ptr<uint8_t>(), p.scales.ptr<uint8_t>(), gsp, bad_flag(p.err));
     } else {
       cudaMemsetAsync(gsp, 0, sizeof(float), stream);
       if (total > 0) {
         const unsigned grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(total, kElemThreads), 4096));
-        amax_kernel<T><<<grid, kElemThreads, 0, stream>>>(p.w.ptr<const T>(), wm, reinterpret_cast<unsigned int*>(gsp));
+        amax_kernel<T><<<grid, kElemThreads, 0, stream>>>(p.w.ptr<const T>(), wm, reinterpret_cast<unsigned int*>(gsp), bad_flag(p.err));
       }
       finalize_global_scale_kernel<<<1, 1, 0, stream>>>(gsp);
       if (total > 0)
         quantize_fp4_kernel<T, 16><<<blocks_for(total, kElemThreads), kElemThreads, 0, stream>>>(
-            p.w.ptr<const T>(), wm, p.codes.ptr<uint8_t>(), p.scales.ptr<uint8_t>(), gsp);
+            p.w.ptr<const T>(), wm, p.codes.ptr<uint8_t>(), p.scales.ptr<uint8_t>(), gsp, bad_flag(p.err));
     }
   });
-  return check_bad(stream, n > 0 ? n : 1);
+  return cuda::launch_status("quantize");
 }
 
 Status dequantize_fp4_cuda(const DequantizeFp4Params& p, cudaStream_t stream) {

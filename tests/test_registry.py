@@ -72,3 +72,17 @@ def test_selftest_command_passes():
 def test_info_command():
     out = subprocess.run([sys.executable, "-m", "calibra", "info"], capture_output=True, text=True, check=True)
     assert "cpu" in out.stdout and "loaded" in out.stdout
+
+
+def test_cuda_data_error_handlers_raise_the_ops_message():
+    # CUDA kernels report bad data through a flag; the handlers that turn the flagged index into the
+    # op's ValueError are plain Python and must work without a GPU.
+    import torch
+
+    from calibra.ops._registry import _CUDA_DATA_ERRORS
+
+    assert {"pack", "quantize_int", "quantize_fp4", "nm_mask", "compress_24", "decompress_24"} <= set(_CUDA_DATA_ERRORS)
+    for name, handler in _CUDA_DATA_ERRORS.items():
+        args = OPS[name].example("cpu")
+        with pytest.raises(ValueError, match=r"^\[\w+\] "):
+            handler(0, *args)

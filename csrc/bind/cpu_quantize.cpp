@@ -16,7 +16,7 @@ CALIBRA_BINDINGS(quantize) {
   m.def(
       "quantize_int",
       [](TensorArg w, int64_t bits, int64_t group_size, bool symmetric, TensorArg codes, TensorArg scales, TensorArg zeros) {
-        calibra::QuantizeIntParams p{w, codes, scales, zeros, bits, group_size, symmetric};
+        calibra::QuantizeIntParams p{w, codes, scales, zeros, bits, group_size, symmetric, {}};
         calibra::bind::call_released([&] { return calibra::quantize_int_cpu(p); });
       },
       py::arg("w"), py::arg("bits"), py::arg("group_size"), py::arg("symmetric"), py::arg("codes"), py::arg("scales"),
@@ -31,7 +31,7 @@ CALIBRA_BINDINGS(quantize) {
   m.def(
       "quantize_fp4",
       [](TensorArg w, const std::string& format, TensorArg codes, TensorArg scales, TensorArg global_scale) {
-        calibra::QuantizeFp4Params p{w, codes, scales, global_scale, fp4_format(format)};
+        calibra::QuantizeFp4Params p{w, codes, scales, global_scale, fp4_format(format), {}};
         calibra::bind::call_released([&] { return calibra::quantize_fp4_cpu(p); });
       },
       py::arg("w"), py::arg("format"), py::arg("codes"), py::arg("scales"), py::arg("global_scale"));

@@ -21,7 +21,7 @@ import torch
 
 from calibra.ops import _ref
 from calibra.ops._checks import check_dtype, check_floating, check_rank, check_same_device, check_tensor
-from calibra.ops._registry import define
+from calibra.ops._registry import cuda_data_error, define
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16)
 FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}
@@ -243,3 +243,11 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     if q.format == "int":
         return torch.ops.calibra.dequantize_int(q.codes, q.scales, q.zeros, q.group_size, q.dtype)
     return torch.ops.calibra.dequantize_fp4(q.codes, q.scales, q.global_scale, q.format, q.dtype)
+
+
+# CUDA kernels report NaN/Inf in w through the registry's data-error flag (row-major index).
+@cuda_data_error("quantize_int")
+@cuda_data_error("quantize_fp4")
+def _nonfinite_cuda_error(index: int, w: torch.Tensor, *args) -> None:
+    r, c = divmod(index, max(1, w.shape[1]))
+    raise ValueError(f"[quantize] w contains NaN/Inf (first at row {r}, col {c})")

@@ -18,7 +18,8 @@ struct QuantizeIntParams {
   // xmax = max(max w, 0), scale = (xmax - xmin) / maxq, zero = clamp(rne(-xmin / scale), 0, maxq).
   // The scale is rounded to w's dtype first (a stored scale of 0 becomes 1) and zero and codes are
   // computed from the stored scale in fp32 with true divisions (see calibra.ops._ref.quantize).
-  // Non-finite w: returns kNonFinite naming the first bad element in row-major order.
+  // Non-finite w: the CPU kernel returns kNonFinite naming the first bad element in row-major order;
+  // the CUDA kernel atomicMin's that element's index into err (see below).
   TensorArg w;
   TensorArg codes;
   TensorArg scales;
@@ -26,6 +27,7 @@ struct QuantizeIntParams {
   int64_t bits = 4;
   int64_t group_size = -1;
   bool symmetric = true;
+  TensorArg err;  // CUDA only: int64 [1] data-error flag preset to INT64_MAX (registry @cuda_data_error)
 };
 
 struct DequantizeIntParams {
@@ -49,6 +51,7 @@ struct QuantizeFp4Params {
   TensorArg scales;
   TensorArg global_scale;
   Fp4Format format = Fp4Format::kMxfp4;
+  TensorArg err;  // CUDA only: int64 [1] data-error flag, as in QuantizeIntParams
 };
 
 struct DequantizeFp4Params {
