@@ -50,11 +50,16 @@ def main() -> None:
                 codes, scales, zeros = torch.ops.calibra.quantize_int(w, 4, 128, True)
                 return calibra.ops.pack(codes, 4, dim=-1, word=torch.int32), scales, zeros
 
+            def qpack_ref():
+                codes, scales, zeros = _ref.quantize_int(w, 4, 128, True)
+                return _ref.pack(codes, 4, 1, torch.int32), scales, zeros
+
             outs = qpack()
             moved = nbytes(w, *outs)
             t_native = median_seconds(qpack, dev, repeat=args.repeat)
+            t_ref = median_seconds(qpack_ref, dev, warmup=1, repeat=max(3, args.repeat // 2))
             bw = moved / t_native
-            rows.append(["int4 g128 sym + pack", f"{shape[0]}x{shape[1]}", t_native * 1e6, bw / 1e9, float("nan"),
+            rows.append(["int4 g128 sym + pack", f"{shape[0]}x{shape[1]}", t_native * 1e6, bw / 1e9, t_ref / t_native,
                          100 * bw / clone_bw, t_native / t_clone])
     print_table(f"quantize (fp32 weights, {dev})",
                 ["case", "w", "native µs", "GB/s", "× ref", "% clone BW", "time / clone"], rows)
