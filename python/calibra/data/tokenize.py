@@ -256,8 +256,10 @@ def tokenize_calibration(dataset: CalibrationDataset, tokenizer, config: Calibra
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
 
-    return TokenizedCalibration(
+    result = TokenizedCalibration(
         input_ids=input_ids, attention_mask=mask, token_count=token_count, dataset=dataset.name,
         version=dataset.version, seed=config.seed, fingerprint=fingerprint(input_ids, mask),
         pad_id=pad, packing=config.packing, requested_tokens=requested, num_texts=len(rendered),
         num_duplicates=dups, num_empty=empty)
+    log.info("%s", result.summary())
+    return result
