@@ -329,6 +329,7 @@ def test_deduplication_after_whitespace_normalization(tok):
         out = tokenize_calibration(ds, tok, cfg(num_samples=3, sequence_length=4, packing="truncate"))
     assert out.num_duplicates == 2 and out.num_empty == 1 and out.num_texts == 3
     assert out.token_count == 3 + 2 + 4
+    assert "9 real tokens" in out.summary() and "2 duplicate texts removed" in out.summary()
     with pytest.warns(UserWarning):
         kept = tokenize_calibration(ds, tok, cfg(num_samples=5, sequence_length=4, packing="truncate",
                                                  deduplicate=False))
