@@ -29,6 +29,11 @@ import torch
 DEFAULT_TAU = 256.0
 
 
+def _tau(moe: dict) -> float:
+    v = moe.get("tau")
+    return DEFAULT_TAU if v is None else float(v)
+
+
 class MoERecorder:
     """Routing statistics of every MoE block, optionally per calibration sample (for selection)."""
 
@@ -78,7 +83,7 @@ def _split_expert_key(module: str) -> tuple[str, int, str]:
 
 def shrunk_hessian(stats, module: str, tau: float | None = None) -> tuple[torch.Tensor, float]:
     """``(mean Hessian shrunk toward the layer's pooled mean, lambda)`` for an expert projection."""
-    tau = float(stats.metadata.get("moe", {}).get("tau", DEFAULT_TAU) if tau is None else tau)
+    tau = _tau(stats.metadata.get("moe", {})) if tau is None else float(tau)
     block, e, proj = _split_expert_key(module)
     E = int(stats.metadata.get("moe", {}).get("blocks", {}).get(block, {}).get("num_experts", 0))
     if E == 0:
@@ -100,7 +105,7 @@ def shrunk_hessian(stats, module: str, tau: float | None = None) -> tuple[torch.
 def refresh_coverage(stats) -> list[dict]:
     """Recompute the per-expert coverage rows (``metadata["moe"]["coverage"]``) from the counts."""
     moe = stats.metadata.setdefault("moe", {})
-    quota, tau = moe.get("quota"), float(moe.get("tau", DEFAULT_TAU))
+    quota, tau = moe.get("quota"), _tau(moe)
     rows = []
     for block in sorted(moe.get("blocks", {}), key=_natural):
         tokens = stats.tensors[f"moe/tokens/{block}"]
@@ -128,7 +133,7 @@ def coverage_table(stats, max_rows: int = 64) -> str:
     rows = moe.get("coverage") or refresh_coverage(stats)
     quota = moe.get("quota")
     head = (f"MoE coverage ({len(moe['blocks'])} MoE layers; quota "
-            f"{'none' if quota is None else f'{quota} tokens'}; shrinkage tau {moe.get('tau', DEFAULT_TAU):g}; "
+            f"{'none' if quota is None else f'{quota} tokens'}; shrinkage tau {_tau(moe):g}; "
             f"lambda = weight of the layer's pooled Hessian)")
     w = max(len("block"), *(len(r["block"]) for r in rows))
     line = f"{'block':<{w}}  {'expert':>6}  {'tokens':>8}  {'prob mass':>9}  {'quota':>5}  {'lambda':>6}"

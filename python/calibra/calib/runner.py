@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calibra.calib.moe import MoERecorder
+from calibra.calib.moe import DEFAULT_TAU, MoERecorder
 from calibra.calib.observers import Observer, check_finite, make_observers
 from calibra.calib.stats import CalibrationStats, model_identity
 
@@ -246,7 +246,7 @@ class LayerRunner:
         if self.moe is not None:
             tensors.update(self.moe.tensors)
             counts.update(self.moe.counts)
-            meta["moe"] = {"blocks": dict(self.moe.blocks), "quota": None, "tau": None}
+            meta["moe"] = {"blocks": dict(self.moe.blocks), "quota": None, "tau": DEFAULT_TAU}
         meta.update(extra or {})
         return CalibrationStats(tensors=tensors, counts=counts, metadata=meta)
 
