@@ -144,7 +144,10 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         say(selection.summary())
         idx = torch.tensor(selection.indices, dtype=torch.long)
         ids, mask = ids[idx], mask[idx]
+        from calibra.data.tokenize import fingerprint
+
         run_meta = dict(run_meta, samples=int(ids.shape[0]), tokens=int(mask.sum()),
+                        pool_fingerprint=run_meta.get("fingerprint"), fingerprint=fingerprint(ids, mask),
                         selected_from_pool=selection.pool_size, selected_indices=selection.indices)
     t0 = time.perf_counter()
     runner = LayerRunner(model, device=device, observers=obs, hessian_dtype=hd, on_layer=on_layer,

@@ -199,3 +199,32 @@ def test_feed_compressed_uses_the_modified_layer():
     k1 = "hessian/sum/model.layers.1.self_attn.q_proj"
     torch.testing.assert_close(st_first.tensors[k1], ref.tensors[k1])  # outputs from the first pass
     assert not torch.allclose(st_fed.tensors[k1], ref.tensors[k1])  # outputs of the compressed layer 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_kv_covariance_and_channel_norms_equal_direct_sums(arch):
+    model = build(arch)
+    ids, mask = batch(S=2, L=10, lengths=[10, 6])
+    adapter = get_adapter(model)
+    layer = adapter.layers[1]
+    k_src, v_src = adapter.key_value_sources(layer)
+    assert (k_src is layer.self_attn.k_norm) if arch == "qwen3" else (k_src is layer.self_attn.k_proj)
+    got = {}
+    hooks = [k_src.register_forward_hook(lambda m, a, o: got.setdefault("k", o)),
+             v_src.register_forward_hook(lambda m, a, o: got.setdefault("v", o)),
+             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: got.setdefault("down", a[0]))]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask.long())
+    for h in hooks:
+        h.remove()
+    stats = LayerRunner(model, device="cpu", progress=False, observers=("kv", "norms")).run(ids, mask, batch_size=2)
+    Hkv, d = adapter.num_kv_heads, adapter.head_dim
+    for which in ("k", "v"):
+        x = got[which][mask].reshape(-1, Hkv, d).double().transpose(0, 1)  # [Hkv, n, d]
+        torch.testing.assert_close(stats.tensors[f"kv/{which}_outer/model.layers.1"], x.transpose(1, 2) @ x,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.tensors[f"kv/{which}_sum/model.layers.1"], x.sum(1), rtol=1e-5, atol=1e-5)
+        assert stats.counts[f"kv/{which}/model.layers.1"] == 16
+    xd = got["down"][mask].double()
+    torch.testing.assert_close(stats.tensors["norms/sumsq/model.layers.1.mlp.down_proj"], xd.square().sum(0),
+                               rtol=1e-5, atol=1e-7)
