@@ -47,12 +47,15 @@ def _check_grid(cls: str, bits, group_size, sym, format, mse_clip, mse_grid, mse
                    f"got {mse_maxshrink!r}")
 
 
-def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float) -> list[float]:
+def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: str = "int") -> list[float]:
     """Clipping candidates p = 1 - k / grid for k < maxshrink * grid (AutoGPTQ's grid); [1.0] without
-    the search. The candidate with the least squared error per group wins (ties: the widest range)."""
+    the search. The candidate with the least squared error per group wins (ties: the first).
+    MXFP4 also tries p = 2, one E8M0 exponent up: the OCP rule floor(log2 amax) - 2 saturates values
+    in (6, 8) x 2^e, and for such groups the coarser, unclipped scale can be the better one."""
     if not mse_clip:
         return [1.0]
-    return [1.0 - k / mse_grid for k in range(max(1, int(mse_maxshrink * mse_grid)))]
+    grid = [1.0 - k / mse_grid for k in range(max(1, int(mse_maxshrink * mse_grid)))]
+    return grid + [2.0] if format == "mxfp4" else grid
 
 
 def _group_problem(group_size: int, name: str, in_features: int) -> str | None:
@@ -83,7 +86,7 @@ class RTNConfig:
         return self
 
     def shrink(self) -> list[float]:
-        return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink)
+        return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink, self.format)
 
     def layer_problem(self, name: str, in_features: int) -> str | None:
         return _group_problem(self.group_size, name, in_features)
@@ -157,7 +160,7 @@ class GPTQConfig:
         return self.desc_act and not self.static_groups and self.group_size != -1
 
     def shrink(self) -> list[float]:
-        return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink)
+        return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink, self.format)
 
     def layer_problem(self, name: str, in_features: int) -> str | None:
         return _group_problem(self.group_size, name, in_features)
