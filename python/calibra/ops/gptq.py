@@ -19,7 +19,7 @@ import torch
 from calibra.ops import _ref
 from calibra.ops._checks import check_dtype, check_rank, check_same_device, check_tensor
 from calibra.ops._ref.gptq import FORMATS, fit_params, quantize_values
-from calibra.ops._registry import define
+from calibra.ops._registry import cuda_data_error, define
 
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "gptq_block_sweep"
@@ -92,6 +92,12 @@ define(_OP, "(Tensor w, Tensor u, Tensor scales, Tensor zeros, Tensor group, Ten
             "Tensor shrink, int bits, bool symmetric, str format, ScalarType scale_dtype, float global_scale) "
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
        check=_check, alloc=_alloc, ref=_ref.gptq_block_sweep, native_contiguous=True, example=_example)
+
+
+@cuda_data_error(_OP)
+def _cuda_bad_data(index, w, u, scales, zeros, group, fit, *rest):
+    from calibra.ops._ref.gptq import _check_data
+    _check_data(group.cpu(), fit.cpu(), scales.shape[1])
 
 
 class SweepResult(NamedTuple):

@@ -43,6 +43,9 @@ struct GptqSweepParams {
   SweepFormat format = SweepFormat::kInt;
   DType scale_dtype = DType::F32;  // int: scales are rounded to this dtype when fitted
   float global_scale = 1.0f;       // nvfp4: d = scale / global_scale
+  // CUDA only: int64 [1] holding INT64_MAX; the kernel lowers it to the first column whose group or
+  // fit entry is out of range (device data the host cannot check before the launch).
+  TensorArg error_flag;
 };
 
 // "int" / "mxfp4" / "nvfp4" / "none" -> format; false for anything else.
