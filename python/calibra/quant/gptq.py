@@ -32,7 +32,7 @@ class Factorization:
 
 def factor_inverse_hessian(h: torch.Tensor, config: GPTQConfig, name: str, base: float) -> Factorization:
     """The damping ladder (FAULTS row 18): damp_percent, then each damp_ladder value, in float32, then
-    the same in float64; the first attempt whose Cholesky of H + damp I and of its inverse succeed wins.
+    the same in float64; the first attempt whose Cholesky of H + damp I succeeds (and gives a finite U) wins.
     ``h`` is not modified. Past the ladder: ValueError naming the module."""
     percents = (config.damp_percent,) + tuple(config.damp_ladder)
     steps = 0
@@ -41,14 +41,14 @@ def factor_inverse_hessian(h: torch.Tensor, config: GPTQConfig, name: str, base:
         eye = torch.eye(hd.shape[0], dtype=dtype, device=hd.device)
         for pct in percents:
             damp = pct * base
-            lower, info = torch.linalg.cholesky_ex(hd + damp * eye)
+            # U = chol_upper(H^-1) without forming H^-1: with J the index reversal, chol(J H J) = K gives
+            # H = V V^T with V = J K J upper triangular, so H^-1 = (V^-1)^T V^-1 and, by uniqueness of the
+            # factor, U = V^-1. One Cholesky and one triangular solve instead of GPTQ's Cholesky, inverse
+            # and second Cholesky (about 1.3 n^3 flops instead of 3.7 n^3).
+            lower, info = torch.linalg.cholesky_ex((hd + damp * eye).flip(0, 1))
             if int(info) == 0:
-                # H^-1 = L^-T L^-1 from one triangular solve and one GEMM (torch.cholesky_inverse is
-                # several times slower on CPU)
-                linv = torch.linalg.solve_triangular(lower, eye, upper=False)
-                hinv = linv.T @ linv
-                u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-                if int(info) == 0 and bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
+                u = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+                if bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
                     return Factorization(u.float(), float(damp), float(pct), steps, dtype == torch.float64)
             steps += 1
     raise ValueError(f"[gptq] Hessian of {name} is not positive definite even with damp {percents[-1]} x mean diag "
