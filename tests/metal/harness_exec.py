@@ -48,6 +48,8 @@ class HarnessExecutor:
         for b in launch.buffers:
             if b.device.type != "cpu" or not b.is_contiguous():
                 raise ValueError(f"[harness] {launch.kernel}: buffers must be contiguous CPU tensors")
+        record = os.environ.get("CALIBRA_METAL_HARNESS_RECORD")
+        before = [_raw(b) for b in launch.buffers] if record else None
         ptrs = (ctypes.c_void_p * len(launch.buffers))(*[b.data_ptr() for b in launch.buffers])
         err = ctypes.create_string_buffer(512)
         rc = self.lib.mh_launch(launch.kernel.encode(), ptrs, len(launch.buffers), *launch.groups, *launch.threads,
@@ -55,5 +57,24 @@ class HarnessExecutor:
         if rc:
             raise RuntimeError(f"[harness] {launch.kernel}: {err.value.decode()}")
         self.kernels.append(launch.kernel)
+        if record:
+            _record(Path(record), launch, before, [_raw(b) for b in launch.buffers])
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _record(folder: Path, launch, before: list, after: list) -> None:
+    """One launch as a replay file for metal_harness_replay (the TSan lane): a text header
+    ``kernel gx gy gz tx ty tz nbuf``, then per buffer ``size`` and its bytes before and after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob("*.launch")))
+    with open(folder / f"{n:05d}.launch", "wb") as f:
+        f.write(f"{launch.kernel} {' '.join(map(str, (*launch.groups, *launch.threads)))} {len(before)}\n".encode())
+        for b, a in zip(before, after):
+            f.write(f"{len(b)}\n".encode())
+            f.write(b)
+            f.write(a)
 
 

@@ -11,7 +11,9 @@ source, or how fast it runs (see the README section "Metal backend").
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +27,11 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 @pytest.fixture(scope="session")
 def harness_lib():
+    # tools/metal_harness_sanitizers.sh points these at a sanitizer build
+    build_dir = os.environ.get("CALIBRA_METAL_HARNESS_BUILD")
+    sanitize = os.environ.get("CALIBRA_METAL_SANITIZE", "")
     try:
-        return build()
+        return build(Path(build_dir), sanitize) if build_dir else build()
     except RuntimeError as e:
         pytest.skip(f"cannot build the Metal CPU harness: {e}")
 
