@@ -3,7 +3,7 @@
 Set ``CALIBRA_DISABLE_NATIVE=cpu`` (or ``cuda``, ``all``, a comma list) to run every op in its
 pure-torch reference instead, e.g. to rule out a kernel when debugging.
 
-The one place that imports ``calibra._cpu`` / ``calibra._cuda``. Each backend is loaded lazily, at most
+The one place that imports ``calibra._cpu`` / ``calibra._cuda`` / ``calibra._metal``. Each backend is loaded lazily, at most
 once; when one does not load, the reason is kept and reported by :func:`calibra.build_info`, so
 nobody has to guess why an op ran in its reference implementation. A CPU-only user never imports
 anything that needs the CUDA runtime.
@@ -49,11 +49,12 @@ def tensor_arg(t: torch.Tensor) -> tuple:
 
 
 def _import_backend(name: str):
-    if name == "mps":
-        raise ImportError("the Metal backend is not part of this build (it is built on macOS only)")
     disabled = {b.strip() for b in os.environ.get("CALIBRA_DISABLE_NATIVE", "").split(",")}
     if name in disabled or "all" in disabled:
         raise ImportError(f"disabled by CALIBRA_DISABLE_NATIVE={os.environ['CALIBRA_DISABLE_NATIVE']}")
+    if name == "mps":  # Metal kernels are compiled from the shipped source through torch.mps
+        from calibra import _metal
+        return _metal.load_backend()
     try:
         module = importlib.import_module(f"calibra._{name}")
     except ModuleNotFoundError as e:

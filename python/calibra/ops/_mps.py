@@ -1,8 +1,59 @@
-"""Metal (MPS) registrations, for Apple Silicon. The Metal backend is built on macOS only; elsewhere
-this registers nothing and calibra.build_info() says why."""
+"""Metal (MPS) registrations, for Apple Silicon: the kernels of ``metal/*.metal`` launched on PyTorch's
+MPS stream by :mod:`calibra._metal`. Registered only when torch sees an MPS device; elsewhere this
+registers nothing and calibra.build_info() says why.
+
+Metal kernels cannot raise, so the data errors the CPU kernels and the references raise are checked
+here, on the host, before the launch (:data:`DATA_CHECKS`), with the references' own checks and
+messages.
+"""
 import torch
 
-from calibra.ops._registry import register_backend
+from calibra.ops._ref.pack import check_codes
+from calibra.ops._ref.quantize import check_finite
+from calibra.ops._ref.sparsity import bad_meta_message, nan_error_message, not_24_message
+from calibra.ops._registry import MPS_DATA_CHECKS, register_backend
+
+
+def _finite_w(w, *args) -> None:
+    check_finite(w)
+
+
+def _codes_fit(codes, bits, *args) -> None:
+    check_codes(codes, bits)
+
+
+def _no_nan_scores(scores, *args) -> None:
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        raise ValueError(nan_error_message(nan.nonzero()[0].tolist()))
+
+
+def _is_24(w) -> None:
+    r, k = w.shape
+    count = (w.reshape(r, k // 4, 4) != 0).sum(-1)
+    if bool((count > 2).any()):
+        gr, gg = (int(v) for v in (count > 2).nonzero()[0])
+        raise ValueError(not_24_message(gr, 4 * gg, int(count[gr, gg])))
+
+
+def _valid_meta(values, meta) -> None:
+    word = meta.to(torch.int64) & 0xFFFF
+    nib = (word.unsqueeze(-1) >> (4 * torch.arange(4, device=meta.device))) & 0xF
+    bad = (nib & 3) >= (nib >> 2)
+    if bool(bad.any()):
+        br, bj, bg = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(bad_meta_message(br, bj, int(word[br, bj]), bg))
+
+
+DATA_CHECKS = {
+    "quantize_int": _finite_w,
+    "quantize_fp4": _finite_w,
+    "pack": _codes_fit,
+    "nm_mask": _no_nan_scores,
+    "compress_24": _is_24,
+    "decompress_24": _valid_meta,
+}
+MPS_DATA_CHECKS.update(DATA_CHECKS)
 
 _mps = getattr(torch.backends, "mps", None)
 REGISTERED = register_backend("mps", "MPS") if _mps is not None and _mps.is_available() else []

@@ -14,7 +14,8 @@ An op is defined once, by its family module (``calibra/ops/<family>.py``), with 
 Native kernels are registered per backend by :func:`register_backend` (called from ``_cpu.py``,
 ``_cuda.py``, ``_mps.py``). The adapter is generic: it validates, allocates the outputs with
 ``alloc``, and calls ``module.NAME(*args, *outputs[, stream])`` with every tensor passed as a
-TensorArg tuple (see ``calibra._native.tensor_arg``) in schema order, then the outputs. So a native
+TensorArg tuple (see ``calibra._native.tensor_arg``) in schema order, then the outputs (the Metal
+backend alone takes the torch tensors themselves, see :func:`_mps_call`). So a native
 entry point for ``hadamard(Tensor x, int block_size) -> Tensor`` is
 ``hadamard(x: TensorArg, block_size: int, out: TensorArg)`` on CPU, plus ``stream: int`` on CUDA.
 
@@ -173,6 +174,8 @@ def _native_impl(op: OpDef, module, backend: str) -> Callable:
         if op.native_contiguous:
             args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         outs = op.alloc(*args)
+        if backend == "mps":
+            return _mps_call(op, fn, args, outs)
         native_args = [_to_native(a) for a in args]
         native_args += [_native.tensor_arg(o) for o in _outputs_as_list(outs)]
         if backend != "cuda":
@@ -196,6 +199,28 @@ def _native_impl(op: OpDef, module, backend: str) -> Callable:
 
     native_impl.__name__ = f"{op.name}_{backend}"
     return native_impl
+
+
+# Metal kernels cannot raise either; an op whose kernel must reject bad data registers a host-side
+# check (calibra/ops/_mps.py) that runs before the launch.
+MPS_DATA_CHECKS: dict[str, Callable] = {}
+
+
+def _mps_call(op: OpDef, fn: Callable, args: tuple, outs):
+    """The Metal backend takes torch tensors (MPS tensors), not TensorArg tuples: its kernels are
+    launched through torch's own MPS stream (see calibra._metal). A case its kernels do not cover
+    (float64, a Hadamard block > 4096) comes back as UNSUPPORTED and runs in the reference."""
+    from calibra._metal import UNSUPPORTED
+
+    data_check = MPS_DATA_CHECKS.get(op.name)
+    if data_check is not None:
+        data_check(*args)
+    result = fn(*args, *_outputs_as_list(outs))
+    if result is UNSUPPORTED:
+        _record(op.name, "ref")
+        return op.ref(*args)
+    _record(op.name, "mps")
+    return outs
 
 
 def register_backend(backend: str, dispatch_key: str) -> list[str]:
