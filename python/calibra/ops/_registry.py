@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -204,6 +205,7 @@ def _native_impl(op: OpDef, module, backend: str) -> Callable:
 # Metal kernels cannot raise either; an op whose kernel must reject bad data registers a host-side
 # check (calibra/ops/_mps.py) that runs before the launch.
 MPS_DATA_CHECKS: dict[str, Callable] = {}
+_MPS_WARNED: set[str] = set()
 
 
 def _mps_call(op: OpDef, fn: Callable, args: tuple, outs):
@@ -217,6 +219,11 @@ def _mps_call(op: OpDef, fn: Callable, args: tuple, outs):
         data_check(*args)
     result = fn(*args, *_outputs_as_list(outs))
     if result is UNSUPPORTED:
+        # Visible, never silent: the trace says "ref", and the first time per op a warning says why.
+        if op.name not in _MPS_WARNED:
+            _MPS_WARNED.add(op.name)
+            warnings.warn(f"[{op.name}] the Metal kernel does not cover this case (e.g. float64 or a very "
+                          "large block); it ran in the pure-torch reference", RuntimeWarning, stacklevel=3)
         _record(op.name, "ref")
         return op.ref(*args)
     _record(op.name, "mps")
