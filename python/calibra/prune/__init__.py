@@ -11,13 +11,17 @@ weight and its mask out.
   callback for training loops; :mod:`~calibra.prune.gradual`: data-only gradual pruning.
 - :mod:`~calibra.prune.stages`: the PruningStage state machine behind progress display and the report.
 """
+from calibra.prune.callback import MaskCallback
 from calibra.prune.config import JointQuant, PruneMethod, PruningConfig
 from calibra.prune.methods import magnitude_scores, prune_magnitude, prune_wanda, prune_weight, wanda_scores
 from calibra.prune.patterns import NM, Block, Unstructured, parse_pattern
+from calibra.prune.gradual import gradual_sparsities, prune_gradually
 from calibra.prune.result import LayerStats, PrunedLayer, relative_output_error
 from calibra.prune.schedules import Cubic, Gradual, OneShot
 from calibra.prune.sparsegpt import sparsegpt_prune, torch_block_sweep
+from calibra.prune.stages import PruningStage, StageTracker
 
 __all__ = ["PruningConfig", "PruneMethod", "JointQuant", "Unstructured", "NM", "Block", "parse_pattern",
            "OneShot", "Gradual", "Cubic", "LayerStats", "PrunedLayer", "relative_output_error", "magnitude_scores",
-           "wanda_scores", "prune_magnitude", "prune_wanda", "prune_weight", "sparsegpt_prune", "torch_block_sweep"]
+           "wanda_scores", "prune_magnitude", "prune_wanda", "prune_weight", "sparsegpt_prune", "torch_block_sweep",
+           "MaskCallback", "prune_gradually", "gradual_sparsities", "PruningStage", "StageTracker"]

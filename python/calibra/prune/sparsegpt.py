@@ -175,6 +175,9 @@ def check_hessian(h, n_tokens, in_features: int, name: str) -> None:
                          f"check that calibration data reached this module")
     if not bool(torch.isfinite(h).all()):
         raise ValueError(f"[sparsegpt] the Hessian of {name} contains NaN/Inf; check the calibration activations")
+    if bool((h.diagonal() < 0).any()):
+        raise ValueError(f"[sparsegpt] the Hessian of {name} has negative diagonal entries, which a sum X^T X "
+                         f"cannot have; pass the calibration Hessian sum of this module")
 
 
 def _sweep_block_size(config: PruningConfig, pattern) -> int:
