@@ -101,36 +101,40 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
         bits, sym: the integer grid; fmt: ``"int"`` (joint) or ``"none"`` (prune only).
         scale_dtype: fitted scales are rounded to this dtype.
     """
-    x = w.clone()
-    rows, c = x.shape
+    # Work on the transpose [C, R]: each column is then one contiguous row, and pushing a column's error
+    # onto the later columns is one rank-1 update (BLAS ger) over contiguous memory.
+    xt = w.t().contiguous()
+    c, rows = xt.shape
     table_s, table_z = scales.clone(), zeros.clone()
-    q = torch.empty_like(x)
-    codes = torch.zeros((rows, c), dtype=torch.uint8, device=x.device)
-    err = torch.empty_like(x)
-    prune = torch.zeros((rows, c), dtype=torch.bool, device=x.device) if prune is None else prune.clone()
+    qt = torch.empty_like(xt)
+    codes_t = torch.zeros((c, rows), dtype=torch.uint8, device=xt.device)
+    err_t = torch.empty_like(xt)
+    cut_t = (torch.zeros((c, rows), dtype=torch.bool, device=xt.device) if prune is None
+             else prune.t().contiguous())
     d = u.diagonal()
     groups, fits = group.tolist(), fit.tolist()
     for i in range(c):
         if nm is not None and i % nm[1] == 0:
             n, m = nm
-            sal = x[:, i:i + m].square() / d[i:i + m].square()[None, :]
-            prune[:, i:i + m] = ~nm_mask(sal, n, m)
-        col = x[:, i]
-        cut = prune[:, i]
+            sal = xt[i:i + m].square() / d[i:i + m].square()[:, None]
+            cut_t[i:i + m] = ~nm_mask(sal.t(), n, m).t()
+        col = xt[i]
+        cut = cut_t[i]
         if fmt == "int":
             g = groups[i]
             if fits[i] > 0:
-                table_s[:, g], table_z[:, g] = fit_int_params(x[:, i:i + fits[i]], bits, sym, scale_dtype)
+                table_s[:, g], table_z[:, g] = fit_int_params(xt[i:i + fits[i]].t(), bits, sym, scale_dtype)
             code, val = quantize_column(col, table_s[:, g], table_z[:, g], bits)
             val = val.masked_fill(cut, 0.0)
-            codes[:, i] = torch.where(cut, table_z[:, g], code).to(torch.uint8)
+            codes_t[i] = torch.where(cut, table_z[:, g], code).to(torch.uint8)
         else:
             val = col.masked_fill(cut, 0.0)
         e = (col - val) / d[i]
-        q[:, i] = val
-        err[:, i] = e
+        qt[i] = val
+        err_t[i] = e
         if i + 1 < c:
-            x[:, i + 1:] -= e[:, None] * u[i, i + 1:][None, :]
+            xt[i + 1:].addr_(u[i, i + 1:], e, alpha=-1.0)
+    q, codes, err, prune = qt.t(), codes_t.t(), err_t.t(), cut_t.t()
     return SweepOut(q, codes, err, table_s, table_z, prune)
 
 
