@@ -17,6 +17,7 @@
 #include "calibra/half.h"
 #include "calibra/parallel.h"
 #include "calibra/params/quantize.h"
+#include "calibra/quant_math.h"
 
 #define CALIBRA_AI __attribute__((always_inline)) inline
 
@@ -30,8 +31,8 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 constexpr int64_t kLanes = 16;
-constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-constexpr float kClampRound = 4194304.0f;  // 2^22
+constexpr float kMagic = qmath::kMagic;
+constexpr float kClampRound = qmath::kClampRound;
 
 CALIBRA_AI v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof(v)); return v; }
 CALIBRA_AI v16f splat(float f) { return v16f{} + f; }
@@ -40,7 +41,6 @@ CALIBRA_AI void store_codes(uint8_t* dst, v16f q) {
   const v16b b = __builtin_convertvector(qi, v16b);
   std::memcpy(dst, &b, sizeof(b));
 }
-CALIBRA_AI float round_even(float x) { return (x + kMagic) - kMagic; }  // exact for |x| <= 2^22
 
 // ---------------------------------------------------------------------------------------------
 // row access
@@ -135,13 +135,7 @@ CALIBRA_AI void quant_group(const float* x, int64_t n, float s, float zero, floa
     q = q > vq ? vq : q;
     store_codes(out + i, q);
   }
-  for (; i < n; ++i) {
-    float q = x[i] / s;
-    q = q < -kClampRound ? -kClampRound : (q > kClampRound ? kClampRound : q);
-    q = round_even(q) + zero;
-    q = q < 0.0f ? 0.0f : (q > maxq ? maxq : q);
-    out[i] = static_cast<uint8_t>(q);
-  }
+  for (; i < n; ++i) out[i] = static_cast<uint8_t>(qmath::int_code(x[i], s, zero, maxq));
 }
 
 // E2M1 codes of x / d (ties to the even code; zero -> code 0)
@@ -186,25 +180,13 @@ void atomic_max_u32(std::atomic<uint32_t>& a, uint32_t v) {
 
 // Round s to the scale dtype and store it; return the stored value (a stored 0 becomes 1).
 float store_scale(DType dt, void* scales, int64_t idx, float s) {
+  const float r = qmath::round_scale(dt, s);
   switch (dt) {
-    case DType::F16: {
-      uint16_t h = float_to_half(s);
-      if (half_to_float(h) == 0.0f) h = float_to_half(1.0f);
-      static_cast<uint16_t*>(scales)[idx] = h;
-      return half_to_float(h);
-    }
-    case DType::BF16: {
-      uint16_t b = float_to_bf16(s);
-      if (bf16_to_float(b) == 0.0f) b = float_to_bf16(1.0f);
-      static_cast<uint16_t*>(scales)[idx] = b;
-      return bf16_to_float(b);
-    }
-    default: {
-      if (s == 0.0f) s = 1.0f;
-      static_cast<float*>(scales)[idx] = s;
-      return s;
-    }
+    case DType::F16: static_cast<uint16_t*>(scales)[idx] = float_to_half(r); break;
+    case DType::BF16: static_cast<uint16_t*>(scales)[idx] = float_to_bf16(r); break;
+    default: static_cast<float*>(scales)[idx] = r; break;
   }
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -222,7 +204,6 @@ CALIBRA_AI void quant_int_rows_body(const IntJob& j, int64_t r0, int64_t r1, flo
   const QuantizeIntParams& p = *j.p;
   uint8_t* codes = p.codes.ptr<uint8_t>();
   uint8_t* zeros = p.zeros.ptr<uint8_t>();
-  const float mid = (j.maxq + 1.0f) / 2.0f;
   for (int64_t r = r0; r < r1; ++r) {
     const float* x = row_f32<T>(p.w, r, buf);
     for (int64_t g = 0; g < j.groups; ++g) {
@@ -232,16 +213,9 @@ CALIBRA_AI void quant_int_rows_body(const IntJob& j, int64_t r0, int64_t r1, flo
         atomic_min(*j.first_bad, r * j.n + first_bad_col(x, j.n));
         return;  // rows ascend within a chunk: this is the chunk's first bad element
       }
-      float s, zero;
-      if (p.symmetric) {
-        const float amax = -mn > mx ? -mn : mx;
-        s = store_scale(p.scales.dtype, p.scales.data, r * j.groups + g, (2.0f * amax) / j.maxq);
-        zero = mid;
-      } else {
-        s = store_scale(p.scales.dtype, p.scales.data, r * j.groups + g, (mx - mn) / j.maxq);
-        zero = round_even(-mn / s);
-        zero = zero < 0.0f ? 0.0f : (zero > j.maxq ? j.maxq : zero);
-      }
+      const float s = store_scale(p.scales.dtype, p.scales.data, r * j.groups + g,
+                                  qmath::int_raw_scale(mn, mx, j.maxq, p.symmetric));
+      const float zero = qmath::int_zero(mn, s, j.maxq, p.symmetric);
       zeros[r * j.groups + g] = static_cast<uint8_t>(zero);
       quant_group(xg, j.gs, s, zero, j.maxq, codes + r * j.n + g * j.gs);
     }

@@ -30,6 +30,28 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if run_selftest(device=args.device, verbose=True) else 1
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from calibra.api import calibrate
+    from calibra.data import CalibrationConfig
+
+    observers = [o.strip() for o in args.observers.split(",") if o.strip()]
+    config = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, batch_size=args.batch_size,
+                               dataset=args.calibration, seed=args.seed)
+    t0 = time.perf_counter()
+    stats = calibrate(args.input, config, observers=observers, device=args.device, output=args.output,
+                      dtype=args.dtype, hessian_dtype=args.hessian_dtype, moe_quota=args.moe_quota,
+                      moe_tau=args.moe_tau, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    size = os.path.getsize(args.output)
+    n_mod = len(stats.modules(observers[0])) if observers[0] != "kv" else stats.metadata["model"]["num_layers"]
+    print(f"calibrated {args.input}: {stats.token_count} tokens, {n_mod} modules ({', '.join(observers)}), "
+          f"{seconds:.1f} s; wrote {args.output} ({size / 2**20:.2f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -39,6 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("selftest", help="run every op natively and compare it with its reference")
     st.add_argument("--device", default="cpu", help="device to test (default: cpu)")
     st.set_defaults(fn=_cmd_selftest)
+    D = argparse.ArgumentDefaultsHelpFormatter
+    cal = sub.add_parser("calibrate", formatter_class=D,
+                         help="run calibration text through a model and save reusable statistics",
+                         description="Run calibration text through MODEL one decoder layer at a time and save "
+                                     "the statistics (Hessians, norms, ranges, K/V covariances, MoE routing) "
+                                     "as one safetensors file that quantize/prune can reuse.")
+    cal.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
+    cal.add_argument("--output", required=True, help="statistics file to write (.safetensors, atomic)")
+    cal.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl "
+                     "file or folder, or a hub set name")
+    cal.add_argument("--samples", type=int, default=128, help="number of calibration samples")
+    cal.add_argument("--seq-len", type=int, default=512, help="tokens per sample")
+    cal.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
+    cal.add_argument("--seed", type=int, default=0, help="seed that selects and orders the samples")
+    cal.add_argument("--observers", default="hessian", help="comma-separated: hessian,norms,ranges,kv")
+    cal.add_argument("--device", default=None, help="compute device for one layer at a time (cpu, cuda, "
+                     "cuda:1); default: cuda if available, else cpu")
+    cal.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in "
+                     "(float32, bfloat16, float16, auto)")
+    cal.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
+                     help="dtype of the Hessian sums (float64 merges bit-for-bit more often)")
+    cal.add_argument("--moe-quota", type=int, default=None, help="tokens every expert should see: adds "
+                     "samples by router-guided selection from a 4x candidate pool (MoE models)")
+    cal.add_argument("--moe-tau", type=float, default=256.0, help="expert Hessian shrinkage: weight "
+                     "tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.set_defaults(fn=_cmd_calibrate)
     return p
 
 

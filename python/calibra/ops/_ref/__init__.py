@@ -11,3 +11,4 @@ from calibra.ops._ref.sparsity import compress_24, decompress_24, nm_mask
 
 __all__ = ["hadamard", "hessian_accumulate", "pack", "unpack", "quantize_int", "dequantize_int", "quantize_fp4",
            "dequantize_fp4", "nm_mask", "compress_24", "decompress_24"]
+from calibra.ops._ref.gptq import gptq_block_sweep  # noqa: E402

@@ -1,0 +1,203 @@
+// calibra::gptq_block_sweep on CUDA: one thread per output row (rows are independent in GPTQ's sweep;
+// H couples only columns). The thread keeps its row's working values in its row of `q` (column i is
+// overwritten by its quantized value once processed, later columns hold the error-updated weights),
+// and its parameter table in its rows of scales_out / zeros_out. Every U[i, j] read is the same
+// address across the warp, so it is one broadcast load. Same arithmetic as the CPU kernel and
+// calibra.ops._ref.gptq (__fdiv_rn / __fmul_rn / __fsub_rn, no FMA), so the results are meant to be
+// bit-identical. Compile-checked, not yet run on a GPU. A faster layout (a warp per 32 rows with the
+// block's U in shared memory, coalesced row tiles) is the obvious next step once it can be measured.
+#include <cstdint>
+
+#include "calibra/fp4.h"
+#include "calibra/params/gptq.h"
+#include "calibra/quant_math.h"
+#include "common.cuh"
+
+namespace calibra {
+namespace {
+
+constexpr int kThreads = 128;
+
+struct Args {
+  const float* w;
+  const float* u;
+  const float* scales;
+  const float* zeros;
+  const int32_t* group;
+  const int32_t* fit;
+  const uint8_t* mask;  // nullptr: none
+  const float* shrink;
+  float* q;
+  uint8_t* codes;
+  float* err;
+  float* scales_out;
+  float* zeros_out;
+  unsigned long long* flag;
+  int64_t rows, cols, groups, nshrink;
+  float maxq, global_scale;
+  int format, symmetric, scale_dtype;
+};
+
+__device__ __forceinline__ float round_scale_dev(int dt, float s) {
+  float r = s;
+  if (dt == static_cast<int>(DType::F16)) r = __half2float(__float2half_rn(s));
+  else if (dt == static_cast<int>(DType::BF16)) r = __bfloat162float(__float2bfloat16_rn(s));
+  return r == 0.0f ? 1.0f : r;
+}
+
+// Quantize x with (s, z): returns the value, writes the code.
+__device__ __forceinline__ float quant(const Args& a, float x, float s, float z, uint8_t* code) {
+  if (a.format == static_cast<int>(SweepFormat::kNone)) {
+    *code = 0;
+    return x;
+  }
+  if (a.format == static_cast<int>(SweepFormat::kInt)) {
+    float q = __fdiv_rn(x, s);
+    q = q < -qmath::kClampRound ? -qmath::kClampRound : (q > qmath::kClampRound ? qmath::kClampRound : q);
+    q = __fadd_rn(__fsub_rn(__fadd_rn(q, qmath::kMagic), qmath::kMagic), z);
+    q = q < 0.0f ? 0.0f : (q > a.maxq ? a.maxq : q);
+    *code = static_cast<uint8_t>(q);
+    return __fmul_rn(__fsub_rn(q, z), s);
+  }
+  const float d = __fdiv_rn(s, a.global_scale);
+  if (d == 0.0f) {
+    *code = 0;
+    return 0.0f;
+  }
+  const uint8_t c = fp4::e2m1_encode(__fdiv_rn(x, d));
+  *code = c;
+  return __fmul_rn(fp4::e2m1_decode(c), d);
+}
+
+__device__ void fit_row(const Args& a, const float* x, int64_t n, float* s_out, float* z_out) {
+  if (a.format == static_cast<int>(SweepFormat::kNone)) {
+    *s_out = 1.0f;
+    *z_out = 0.0f;
+    return;
+  }
+  float mn = 0.0f, mx = 0.0f;
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = x[c];
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  float best_e = 0.0f;
+  for (int64_t k = 0; k < a.nshrink; ++k) {
+    const float p = a.shrink[k];
+    float s, z;
+    if (a.format == static_cast<int>(SweepFormat::kInt)) {
+      const float mnp = __fmul_rn(mn, p), mxp = __fmul_rn(mx, p);
+      const bool sym = a.symmetric != 0;
+      float raw;
+      if (sym) raw = __fdiv_rn(__fmul_rn(2.0f, -mnp > mxp ? -mnp : mxp), a.maxq);
+      else raw = __fdiv_rn(__fsub_rn(mxp, mnp), a.maxq);
+      s = round_scale_dev(a.scale_dtype, raw);
+      if (sym) {
+        z = __fdiv_rn(__fadd_rn(a.maxq, 1.0f), 2.0f);
+      } else {
+        z = __fsub_rn(__fadd_rn(__fdiv_rn(-mnp, s), qmath::kMagic), qmath::kMagic);
+        z = z < 0.0f ? 0.0f : (z > a.maxq ? a.maxq : z);
+      }
+    } else {
+      const float am = __fmul_rn(-mn > mx ? -mn : mx, p);
+      if (a.format == static_cast<int>(SweepFormat::kNvfp4))
+        s = fp4::e4m3_to_float(fp4::e4m3_from_float(__fmul_rn(__fdiv_rn(am, 6.0f), a.global_scale)));
+      else
+        s = am == 0.0f ? 0.0f : fp4::exp2_int(fp4::mx_exponent(am));
+      z = 0.0f;
+    }
+    if (a.nshrink == 1) {
+      *s_out = s;
+      *z_out = z;
+      return;
+    }
+    float e = 0.0f;
+    uint8_t code;
+    for (int64_t c = 0; c < n; ++c) {
+      const float diff = __fsub_rn(quant(a, x[c], s, z, &code), x[c]);
+      e = __fadd_rn(e, __fmul_rn(diff, diff));
+    }
+    if (k == 0 || e < best_e) {
+      best_e = e;
+      *s_out = s;
+      *z_out = z;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) sweep_kernel(Args a) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.rows) return;
+  const int64_t C = a.cols, G = a.groups;
+  float* x = a.q + r * C;
+  for (int64_t c = 0; c < C; ++c) x[c] = a.w[r * C + c];
+  float* S = a.scales_out + r * G;
+  float* Z = a.zeros_out + r * G;
+  for (int64_t g = 0; g < G; ++g) {
+    S[g] = a.scales[r * G + g];
+    Z[g] = a.zeros[r * G + g];
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    const int32_t g = a.group[i], f = a.fit[i];
+    if (g < 0 || g >= G || f < 0 || i + f > C) {
+      atomicMin(a.flag, static_cast<unsigned long long>(i));
+      return;
+    }
+    if (f > 0) fit_row(a, x + i, f, S + g, Z + g);
+    uint8_t code;
+    const float xi = x[i];
+    float v = quant(a, xi, S[g], Z[g], &code);
+    if (a.mask != nullptr && a.mask[r * C + i]) {
+      v = 0.0f;
+      code = a.format == static_cast<int>(SweepFormat::kInt) ? static_cast<uint8_t>(Z[g]) : 0;
+    }
+    const float e = __fdiv_rn(__fsub_rn(xi, v), a.u[i * C + i]);
+    x[i] = v;
+    a.codes[r * C + i] = code;
+    a.err[r * C + i] = e;
+    const float* ui = a.u + i * C;
+    for (int64_t j = i + 1; j < C; ++j) x[j] = __fsub_rn(x[j], __fmul_rn(e, ui[j]));
+  }
+}
+
+bool shaped(const TensorArg& t, DType dt, int64_t a, int64_t b) {
+  return t.ndim == 2 && t.dtype == dt && t.shape[0] == a && t.shape[1] == b && t.is_contiguous();
+}
+
+}  // namespace
+
+Status gptq_block_sweep_cuda(const GptqSweepParams& p, cudaStream_t stream) {
+  const char* op = "[gptq_block_sweep]";
+  if (p.w.ndim != 2 || p.w.dtype != DType::F32 || !p.w.is_contiguous())
+    return make_status(StatusCode::kInvalidArgument, "%s w must be a contiguous float32 [R, C] tensor", op);
+  const int64_t R = p.w.shape[0], C = p.w.shape[1];
+  const int64_t G = p.scales.ndim == 2 ? p.scales.shape[1] : -1;
+  if (!shaped(p.u, DType::F32, C, C) || !shaped(p.scales, DType::F32, R, G) || !shaped(p.zeros, DType::F32, R, G) ||
+      !shaped(p.scales_out, DType::F32, R, G) || !shaped(p.zeros_out, DType::F32, R, G) ||
+      !shaped(p.q, DType::F32, R, C) || !shaped(p.err, DType::F32, R, C) || !shaped(p.codes, DType::U8, R, C))
+    return make_status(StatusCode::kInvalidArgument, "%s tensors must be contiguous with the shapes of params/gptq.h", op);
+  if (p.group.ndim != 1 || p.group.shape[0] != C || p.group.dtype != DType::I32 || p.fit.ndim != 1 ||
+      p.fit.shape[0] != C || p.fit.dtype != DType::I32)
+    return make_status(StatusCode::kInvalidArgument, "%s group and fit must be int32 [C]", op);
+  if (p.mask.numel() != 0 && !shaped(p.mask, DType::U8, R, C))
+    return make_status(StatusCode::kInvalidArgument, "%s mask must be a contiguous uint8 [R, C] tensor or empty", op);
+  if (p.shrink.ndim != 1 || p.shrink.shape[0] < 1 || p.shrink.dtype != DType::F32)
+    return make_status(StatusCode::kInvalidArgument, "%s shrink must be a non-empty float32 [K]", op);
+  if (p.error_flag.ndim != 1 || p.error_flag.dtype != DType::I64)
+    return make_status(StatusCode::kInvalidArgument, "%s error_flag must be int64 [1]", op);
+  if (p.format == SweepFormat::kInt && (p.bits < 2 || p.bits > 8))
+    return make_status(StatusCode::kInvalidArgument, "%s bits must be in [2, 8], got %lld", op, static_cast<long long>(p.bits));
+  if (R == 0 || C == 0) return Status::Ok();
+  Args a{p.w.ptr<const float>(), p.u.ptr<const float>(), p.scales.ptr<const float>(), p.zeros.ptr<const float>(),
+         p.group.ptr<const int32_t>(), p.fit.ptr<const int32_t>(),
+         p.mask.numel() ? p.mask.ptr<const uint8_t>() : nullptr, p.shrink.ptr<const float>(), p.q.ptr<float>(),
+         p.codes.ptr<uint8_t>(), p.err.ptr<float>(), p.scales_out.ptr<float>(), p.zeros_out.ptr<float>(),
+         p.error_flag.ptr<unsigned long long>(), R, C, G, p.shrink.shape[0],
+         static_cast<float>((1 << p.bits) - 1), p.global_scale, static_cast<int>(p.format), p.symmetric ? 1 : 0,
+         static_cast<int>(p.scale_dtype)};
+  const int64_t blocks = cuda::ceil_div(R, kThreads);
+  sweep_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+  return cuda::launch_status("gptq_block_sweep");
+}
+
+}  // namespace calibra

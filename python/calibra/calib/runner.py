@@ -1,0 +1,334 @@
+"""The layer-sequential runner: calibrate a decoder model one layer at a time on the compute device.
+
+How it works:
+
+1. **Capture.** Every decoder layer is temporarily replaced by a stub, and the base model is run on
+   each batch with only its pre-layer modules (embedding, rotary embedding) on the device. Each stub
+   records the keyword arguments the model passes to its layer (causal/sliding-window mask,
+   ``position_embeddings``, ``position_ids``) -- so per-layer mask types (Qwen2/Qwen3 ``layer_types``)
+   come out right without re-implementing mask creation -- and the first stub records the layer-0
+   hidden states. The last stub raises a private exception, so the final norm and ``lm_head`` never run.
+2. **Per layer.** The layer moves to the device; every batch runs through it with observer hooks
+   attached (observers see only unpadded tokens: rows where the attention mask is True). Then
+   ``on_layer(index, layer, stats)`` runs -- the place where a quantizer or pruner compresses the
+   layer in place from the statistics just collected -- and the layer's outputs for the next layer are
+   produced: from the compressed layer when ``feed_compressed=True`` (true-sequential: later layers
+   calibrate on what the compressed model really computes), else from the first pass. The layer moves
+   back to where it was.
+
+Memory. Peak device memory is one decoder layer, one batch of activations and the layer's statistics
+(moved to host memory after the layer); it does not grow with the depth of the model. Host memory
+holds the inputs and outputs of the current layer for all samples: ``2 x S x L x hidden x bytes(dtype)``
+(128 samples x 512 tokens x 4096 hidden in bf16 = 1 GiB), plus the per-layer attention masks and
+rotary tables recorded at capture (shared between layers of one mask type).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from calibra.calib.moe import DEFAULT_TAU, MoERecorder
+from calibra.calib.observers import Observer, check_finite, make_observers
+from calibra.calib.stats import CalibrationStats, model_identity
+
+
+class _StopCapture(Exception):
+    """Raised by the last layer stub: everything after the decoder layers is not needed."""
+
+
+class CalibrationOOMError(RuntimeError):
+    """Out of memory while calibrating a layer. ``partial_stats`` holds the finished layers."""
+
+    def __init__(self, msg: str, partial_stats: CalibrationStats | None, layers_done: int):
+        super().__init__(msg)
+        self.partial_stats = partial_stats
+        self.layers_done = layers_done
+
+
+class _LayerStub(nn.Module):
+    def __init__(self, index: int, sink: dict, last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("[calibrate] decoder layer called with extra positional arguments; the adapter "
+                            "expects the Hugging Face keyword-argument layer call")
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        self.sink[self.index] = kwargs
+        if self.last:
+            raise _StopCapture
+        return hidden_states
+
+
+def _map_tensors(obj, fn, memo: dict):
+    """Apply ``fn`` to every tensor in nested tuples/lists/dicts, once per distinct tensor object."""
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = (obj, fn(obj))  # keep obj alive so its id is not reused
+        return memo[key][1]
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, memo) for k, v in obj.items()}
+    return obj
+
+
+def _module_device(mod: nn.Module) -> torch.device:
+    for p in mod.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class LayerRunner:
+    """Run calibration text through a model layer by layer and collect statistics.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` of a supported architecture (anywhere: CPU by default).
+        adapter: its ``ModelAdapter`` (default: from the registry).
+        device: the compute device for one layer at a time (default: CUDA if available, else CPU).
+        observers: observer kinds (``"hessian"``, ``"norms"``, ``"ranges"``, ``"kv"``) or instances.
+        hessian_dtype: float32 (default) or float64 Hessian sums.
+        moe: a ``MoERecorder`` (default: a new one when the model has MoE blocks).
+        on_layer: ``on_layer(index, layer, stats)`` called after a layer's statistics are complete,
+            with the layer still on the device; it may modify the layer in place (compression).
+        feed_compressed: produce each layer's outputs from the layer after ``on_layer`` (true-sequential).
+        check_finite: raise on NaN/Inf activations (FAULTS row 17); on by default.
+        progress: show a tqdm bar over layers.
+    """
+
+    def __init__(self, model: nn.Module, adapter=None, *, device=None, observers=("hessian",),
+                 hessian_dtype: torch.dtype = torch.float32, moe: MoERecorder | None = None,
+                 on_layer: Callable | None = None, feed_compressed: bool = False, check_finite: bool = True,
+                 progress: bool = True, desc: str = "calibrating"):
+        if adapter is None:
+            from calibra.models import get_adapter
+
+            adapter = get_adapter(model)
+        self.model, self.adapter = model, adapter
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        obs = list(observers)
+        self.observers: list[Observer] = [o for o in obs if isinstance(o, Observer)] + make_observers(
+            [o for o in obs if not isinstance(o, Observer)], hessian_dtype)
+        self.hessian_dtype = hessian_dtype
+        has_moe = any(adapter.moe_blocks(layer) for layer in adapter.layers)
+        self.moe = moe if moe is not None else (MoERecorder() if has_moe else None)
+        self.on_layer, self.feed_compressed = on_layer, feed_compressed
+        self.check, self.progress, self.desc = check_finite, progress, desc
+        self.seconds = 0.0
+        # per-batch context read by the hooks
+        self._mask: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+        self._samples: list[int] = []
+
+    # -- capture -----------------------------------------------------------------------------------
+    def _capture(self, batches) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        layers = self.adapter.layers
+        n = len(layers)
+        originals = list(layers)
+        pre = self.adapter.pre_layer_modules()
+        pre_dev = [_module_device(m) for m in pre]
+        hidden, kwargs = [], []
+        try:
+            for m in pre:
+                m.to(self.device)
+            for i in range(n):
+                layers[i] = _LayerStub(i, {}, i == n - 1)
+            sink = {}
+            for i in range(n):
+                layers[i].sink = sink
+            for ids, mask in batches:
+                sink.clear()
+                try:
+                    self.adapter.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(),
+                                      use_cache=False)
+                except _StopCapture:
+                    pass
+                else:  # pragma: no cover - the last stub always raises
+                    raise RuntimeError("[calibrate] the model did not call its last decoder layer")
+                memo: dict = {}
+                to_cpu = lambda t: t.detach().to("cpu")  # noqa: E731
+                hidden.append(to_cpu(sink["hidden"]))
+                per_layer = []
+                for i in range(n):
+                    kw = {k: v for k, v in sink[i].items() if k not in ("past_key_values", "use_cache")}
+                    kw["use_cache"] = False
+                    per_layer.append(_map_tensors(kw, to_cpu, memo))
+                kwargs.append(per_layer)
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+            for m, d in zip(pre, pre_dev):
+                m.to(d)
+        return hidden, kwargs
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._mask
+        if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m]
+        return x.reshape(-1, x.shape[-1])
+
+    def _guard(self, x: torch.Tensor, where: str) -> None:
+        if self.check:
+            check_finite(x, self._mask, self._samples, where)
+
+    def _attach(self, index: int, layer: nn.Module) -> list:
+        handles = []
+        lname = self.adapter.layer_name(index)
+        linear_obs = [o for o in self.observers if o.kind != "kv"]
+        if linear_obs:
+            for name, mod in self.adapter.linear_modules(layer).items():
+                key = f"{lname}.{name}"
+
+                def pre_hook(module, args, key=key):
+                    x = args[0]
+                    self._guard(x, f"input of {key}")
+                    xs = self._select(x)
+                    for o in linear_obs:
+                        o.linear(key, xs)
+
+                handles.append(mod.register_forward_pre_hook(pre_hook))
+        if self.moe is not None:
+            for block in self.adapter.moe_blocks(layer):
+                key = f"{lname}.{block.name}"
+
+                def moe_hook(module, args, key=key, block=block):
+                    x = args[0]
+                    self._guard(x, f"input of {key}")
+                    self.moe.observe(key, block, self._select(x), self._rows, self._samples, linear_obs)
+
+                handles.append(block.module.register_forward_pre_hook(moe_hook))
+        kv_obs = [o for o in self.observers if o.kind == "kv"]
+        if kv_obs:
+            k_src, v_src = self.adapter.key_value_sources(layer)
+            heads = self.adapter.num_kv_heads
+            for which, src in (("k", k_src), ("v", v_src)):
+                def kv_hook(module, args, out, which=which):
+                    xs = self._select(out)
+                    xs = xs.reshape(xs.shape[0], -1)
+                    for o in kv_obs:
+                        o.kv(lname, which, xs, heads)
+
+                handles.append(src.register_forward_hook(kv_hook))
+        return handles
+
+    def _set_batch(self, mask: torch.Tensor, samples: list[int]) -> None:
+        self._mask = mask.to(self.device, torch.bool)
+        self._rows = self._mask.nonzero()[:, 0]
+        self._samples = samples
+
+    # -- stats -------------------------------------------------------------------------------------
+    def stats(self, token_count: int = 0, extra: dict | None = None) -> CalibrationStats:
+        """The statistics collected so far as a ``CalibrationStats`` (tensors are not copied)."""
+        import calibra
+
+        tensors, counts = {}, {}
+        for o in self.observers:
+            tensors.update(o.tensors)
+            counts.update(o.counts)
+        meta = {
+            "format": "calibra-stats", "format_version": 1, "calibra_version": calibra.__version__,
+            "model": {"id": self._model_id, "model_type": getattr(self.model.config, "model_type", None),
+                      "num_layers": len(self.adapter.layers)},
+            "observers": sorted(o.kind for o in self.observers),
+            "hessian_dtype": str(self.hessian_dtype).replace("torch.", ""),
+            "token_count": int(token_count),
+        }
+        if self.moe is not None:
+            tensors.update(self.moe.tensors)
+            counts.update(self.moe.counts)
+            meta["moe"] = {"blocks": dict(self.moe.blocks), "quota": None, "tau": DEFAULT_TAU}
+        meta.update(extra or {})
+        return CalibrationStats(tensors=tensors, counts=counts, metadata=meta)
+
+    # -- main loop ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, batch_size: int = 1,
+            sample_ids: list[int] | None = None, extra_metadata: dict | None = None) -> CalibrationStats:
+        """Calibrate on ``input_ids [S, L]`` (int64, right-padded) with ``attention_mask [S, L]`` (bool,
+        False at padding) and return the statistics. ``sample_ids`` name the rows in error messages."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        if input_ids.dim() != 2:
+            raise ValueError(f"[calibrate] input_ids must be [samples, seq_len], got {list(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        S, L = input_ids.shape
+        if batch_size < 1:
+            raise ValueError(f"[calibrate] batch_size must be >= 1, got {batch_size}")
+        sample_ids = list(range(S)) if sample_ids is None else list(sample_ids)
+        self._model_id = model_identity(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        starts = list(range(0, S, batch_size))
+        batches = [(input_ids[s:s + batch_size], attention_mask[s:s + batch_size]) for s in starts]
+        masks = [m for _, m in batches]
+        ids_of = [sample_ids[s:s + batch_size] for s in starts]
+        tokens = int(attention_mask.sum())
+        try:
+            hidden, kwargs = self._capture(batches)
+            layers = self.adapter.layers
+            bar = tqdm(range(len(layers)), desc=self.desc, unit="layer", disable=not self.progress)
+            for i in bar:
+                layer = layers[i]
+                home = _module_device(layer)
+                try:
+                    hidden = self._run_layer(i, layer, hidden, kwargs, masks, ids_of, tokens, extra_metadata)
+                except torch.OutOfMemoryError as e:
+                    layer.to(home)
+                    partial = self.stats(tokens, extra_metadata)
+                    raise CalibrationOOMError(
+                        f"[calibrate] out of memory on {self.device} at layer {i} ({self.adapter.layer_name(i)}) "
+                        f"with seq_len {L}, batch size {batch_size}: lower --batch-size (1 is the minimum) or "
+                        f"--seq-len, use --hessian-dtype float32, or run on --device cpu. Statistics of the "
+                        f"{i} finished layers are kept in the exception's partial_stats.", partial, i) from e
+                layer.to(home)
+        finally:
+            self.model.train(was_training)
+            self._mask = self._rows = None
+        self.seconds = time.perf_counter() - t0
+        return self.stats(tokens, extra_metadata)
+
+    def _run_layer(self, i, layer, hidden, kwargs, masks, ids_of, tokens, extra):
+        dev = self.device
+        layer.to(dev)
+        handles = self._attach(i, layer)
+        keep_first = not (self.feed_compressed and self.on_layer is not None)
+        outs = []
+        try:
+            for b, x in enumerate(hidden):
+                self._set_batch(masks[b], ids_of[b])
+                kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
+                out = layer(x.to(dev), **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                if keep_first:
+                    self._guard(out, f"output of {self.adapter.layer_name(i)}")
+                    outs.append(out.to("cpu"))
+        finally:
+            for h in handles:
+                h.remove()
+        if self.on_layer is not None:
+            self.on_layer(i, layer, self.stats(tokens, extra))
+        lname = self.adapter.layer_name(i) + "."
+        for o in self.observers:
+            o.to_cpu(lname)
+        if not keep_first:
+            for b, x in enumerate(hidden):
+                self._set_batch(masks[b], ids_of[b])
+                kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
+                out = layer(x.to(dev), **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                self._guard(out, f"output of {self.adapter.layer_name(i)} (compressed)")
+                outs.append(out.to("cpu"))
+        return outs

@@ -1,0 +1,185 @@
+"""GPTQ of one Linear: the lazy-batch column sweep over the Cholesky factor of the damped inverse
+Hessian (Frantar et al., 2022), with every AutoGPTQ option (see :class:`GPTQConfig`).
+
+Per block of columns, :func:`calibra.ops.gptq_block_sweep` (native) quantizes column by column and
+returns the scaled errors; the later columns then get one GEMM, ``W[:, end:] -= Err @ U[block, end:]``.
+
+Dead input channels (diag(H) == 0: the channel never fired) get H[i, i] = 1 and W[:, i] = 0, as the
+GPTQ reference does: H^-1 then decouples the channel, so its weights quantize to exactly 0 and no
+other column is touched. The damping base is the mean of diag(H) over live channels, so dead channels
+do not change the damping of the others.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from calibra.ops import gptq_block_sweep
+from calibra.quant._tables import fit_groups, nvfp4_global_scale, stored_scales
+from calibra.quant.config import GPTQConfig
+from calibra.quant.result import ModuleLog, QuantizedLayer
+from calibra.quant.validate import check_hessian, check_weight
+
+
+class Factorization:
+    """U (upper Cholesky factor of the damped H^-1) and how it was obtained."""
+
+    def __init__(self, u: torch.Tensor, damp: float, damp_percent: float, steps: int, float64: bool):
+        self.u, self.damp, self.damp_percent, self.steps, self.float64 = u, damp, damp_percent, steps, float64
+
+
+def factor_inverse_hessian(h: torch.Tensor, config: GPTQConfig, name: str, base: float) -> Factorization:
+    """The damping ladder (FAULTS row 18): damp_percent, then each damp_ladder value, in float32, then
+    the same in float64; the first attempt whose Cholesky of H + damp I succeeds (and gives a finite U) wins.
+    ``h`` is not modified. Past the ladder: ValueError naming the module."""
+    percents = (config.damp_percent,) + tuple(config.damp_ladder)
+    steps = 0
+    for dtype in (torch.float32, torch.float64):
+        hd = h.to(dtype)
+        eye = torch.eye(hd.shape[0], dtype=dtype, device=hd.device)
+        for pct in percents:
+            damp = pct * base
+            # U = chol_upper(H^-1) without forming H^-1: with J the index reversal, chol(J H J) = K gives
+            # H = V V^T with V = J K J upper triangular, so H^-1 = (V^-1)^T V^-1 and, by uniqueness of the
+            # factor, U = V^-1. One Cholesky and one triangular solve instead of GPTQ's Cholesky, inverse
+            # and second Cholesky (about 1.3 n^3 flops instead of 3.7 n^3).
+            lower, info = torch.linalg.cholesky_ex((hd + damp * eye).flip(0, 1))
+            if int(info) == 0:
+                u = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+                if bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
+                    return Factorization(u.float(), float(damp), float(pct), steps, dtype == torch.float64)
+            steps += 1
+    raise ValueError(f"[gptq] Hessian of {name} is not positive definite even with damp {percents[-1]} x mean diag "
+                     f"(= {percents[-1] * base:.4g}) in float64 after {steps} attempts; check the calibration "
+                     f"activations of this module, or raise damp_percent / damp_ladder")
+
+
+SweepFn = Callable[..., tuple]
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig, *, name: str = "weight",
+                  layer: int | None = None, sweep: SweepFn | None = None) -> QuantizedLayer:
+    """Quantize ``w [out, in]`` with GPTQ given the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
+
+    ``w`` and ``h`` are never modified. ``sweep`` replaces the block sweep (the benchmark passes the
+    pure-torch reference); by default :func:`calibra.ops.gptq_block_sweep` runs natively.
+    Returns codes/scales/zeros (and g_idx with act-order) in original column order, the dequantized
+    weight in w's dtype, and the log row (loss, samples, damp used, ladder steps, seconds).
+    """
+    config.validate()
+    check_weight(w, config, name)
+    check_hessian(h, n_tokens, w.shape[1], name)
+    return _solve(w.detach().float().clone(), h, n_tokens, config, name=name, layer=layer, out_dtype=w.dtype,
+                  sweep=sweep, method="gptq")
+
+
+def _solve(wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig, *, name: str, layer, out_dtype,
+           sweep, method: str, rotation: dict | None = None) -> QuantizedLayer:
+    t0 = time.perf_counter()
+    out, n = wf.shape
+    fmt, gs = config.format, config.group_size
+    # GPTQ's normalization H = 2 X^T X / N: the solution does not depend on it, the loss does (this makes
+    # it comparable with AutoGPTQ's).
+    hw = h.detach().to(torch.float64 if h.dtype == torch.float64 else torch.float32) * (2.0 / n_tokens)
+    diag = hw.diagonal()
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    live_mean = float(diag[~dead].mean()) if n_dead < n else 0.0
+    base = live_mean if live_mean > 0 else 1.0
+    if n_dead:
+        hw[dead, dead] = 1.0
+        wf[:, dead] = 0.0
+
+    gscale = nvfp4_global_scale(wf) if fmt == "nvfp4" else 1.0
+    shrink = torch.tensor(config.shrink(), dtype=torch.float32, device=wf.device)
+    sdt = out_dtype
+    kw = dict(fmt=fmt, bits=config.bits, sym=config.sym, scale_dtype=sdt, global_scale=gscale, shrink=shrink)
+    # Parameter tables fitted before the sweep: one per row (group_size -1, AutoGPTQ fits it on the whole
+    # W) or static groups (fitted on the unpermuted W).
+    static = gs == -1 or config.static_groups
+    table_s = table_z = None
+    if static:
+        table_s, table_z = fit_groups(wf, gs, **kw)
+
+    if config.desc_act:
+        perm = torch.sort(hw.diagonal(), descending=True, stable=True).indices
+        wf = wf[:, perm]
+        hw = hw[perm][:, perm]
+    else:
+        perm = None
+    fac = factor_inverse_hessian(hw, config, name, base)
+    u = fac.u
+    # the group (table entry) of each column in sweep order
+    cols = torch.arange(n, device=wf.device)
+    orig = perm if perm is not None else cols
+    if gs == -1:
+        col_group = torch.zeros(n, dtype=torch.int32, device=wf.device)
+    else:
+        col_group = ((orig if static else cols) // gs).to(torch.int32)
+
+    bs = config.block_size if gs == -1 else max(config.block_size // gs, 1) * gs
+    sweep = sweep or _native_sweep
+    q = torch.empty_like(wf)
+    codes = torch.empty((out, n), dtype=torch.uint8, device=wf.device)
+    dyn_s, dyn_z = [], []
+    loss = torch.zeros((), dtype=torch.float64)
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        c = i2 - i1
+        fit = torch.zeros(c, dtype=torch.int32, device=wf.device)
+        if static:
+            s_in, z_in, grp = table_s, table_z, col_group[i1:i2]
+        else:
+            fit[::gs] = gs
+            s_in = torch.zeros((out, c // gs), dtype=torch.float32, device=wf.device)
+            z_in = torch.zeros_like(s_in)
+            grp = col_group[i1:i2] - i1 // gs
+        res = sweep(wf[:, i1:i2].contiguous(), u[i1:i2, i1:i2].contiguous(), s_in, z_in, grp.contiguous(), fit,
+                    torch.empty(0, dtype=torch.uint8, device=wf.device), shrink, config.bits, config.sym, fmt, sdt,
+                    float(gscale))
+        bq, bcodes, berr, bs_out, bz_out = res
+        q[:, i1:i2] = bq
+        codes[:, i1:i2] = bcodes
+        loss += (berr.double() ** 2).sum() / 2
+        if static:
+            table_s, table_z = bs_out, bz_out
+        else:
+            dyn_s.append(bs_out)
+            dyn_z.append(bz_out)
+        if i2 < n:
+            wf[:, i2:].addmm_(berr, u[i1:i2, i2:], alpha=-1.0)
+    if not static:
+        table_s, table_z = torch.cat(dyn_s, 1), torch.cat(dyn_z, 1)
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.empty_like(perm)
+        inv[perm] = cols
+        q, codes = q[:, inv], codes[:, inv]
+        if config.uses_g_idx:
+            g_idx = (inv // gs).to(torch.int32)  # column perm[j] sits at sweep position j, group j // gs
+    weight = q.to(out_dtype)
+    scales = stored_scales(table_s, fmt, out_dtype)
+    zeros = table_z.to(torch.uint8) if fmt == "int" else None
+    gst = torch.tensor([gscale], dtype=torch.float32, device=wf.device) if fmt != "int" else None
+    log = ModuleLog(module=name, layer=layer, method=method, loss=float(loss), samples=n_tokens, damp=fac.damp,
+                    damp_percent=fac.damp_percent, ladder_steps=fac.steps, float64=fac.float64, dead_channels=n_dead,
+                    block_size=bs, seconds=time.perf_counter() - t0)
+    return QuantizedLayer(name=name, method=method, format=fmt, bits=config.bits, group_size=gs, symmetric=config.sym,
+                          codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, global_scale=gst, weight=weight,
+                          rotation=rotation, log=log)
+
+
+def _native_sweep(*args):
+    return torch.ops.calibra.gptq_block_sweep(*args)
+
+
+def reference_sweep(*args):
+    """The pure-torch reference sweep (the oracle; the benchmark's baseline)."""
+    from calibra.ops._ref.gptq import gptq_block_sweep as ref
+    return ref(*args)
+
+
+__all__ = ["gptq_quantize", "factor_inverse_hessian", "reference_sweep", "gptq_block_sweep"]
