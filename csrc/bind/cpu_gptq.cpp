@@ -21,7 +21,7 @@ CALIBRA_BINDINGS(gptq) {
          TensorArg q, TensorArg codes, TensorArg err, TensorArg scales_out, TensorArg zeros_out) {
         calibra::GptqSweepParams p{w, u, scales, zeros, group, fit, mask, shrink, q, codes, err, scales_out, zeros_out,
                                    bits, symmetric, sweep_format(format), static_cast<calibra::DType>(scale_dtype),
-                                   static_cast<float>(global_scale)};
+                                   static_cast<float>(global_scale), {}};
         calibra::bind::call_released([&] { return calibra::gptq_block_sweep_cpu(p); });
       },
       "GPTQ column sweep over one block (see params/gptq.h).");

@@ -62,6 +62,13 @@ NO_DATA_ERROR = 2**63 - 1
 _CUDA_DATA_ERRORS: dict[str, Callable] = {}
 
 
+def raise_data_error(name: str, index: int, args: tuple) -> None:
+    """Raise op ``name``'s error for the item a native kernel flagged at ``index``: the op's handler
+    names it; a handler that finds nothing to name falls through to a generic message."""
+    _CUDA_DATA_ERRORS[name](index, *args)
+    raise ValueError(f"[{name}] the CUDA kernel flagged bad data at index {index}")
+
+
 def cuda_data_error(name: str) -> Callable:
     """Decorator: ``handler(index, *op_args)`` raises the op's error for the flagged item."""
     def register(handler: Callable) -> Callable:
@@ -184,8 +191,7 @@ def _native_impl(op: OpDef, module, backend: str) -> Callable:
         if flag is not None:
             bad = int(flag.item())
             if bad != NO_DATA_ERROR:
-                on_error(bad, *args)
-                raise ValueError(f"[{op.name}] the CUDA kernel flagged bad data at index {bad}")
+                raise_data_error(op.name, bad, args)
         return outs
 
     native_impl.__name__ = f"{op.name}_{backend}"
