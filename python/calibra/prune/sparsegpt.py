@@ -27,9 +27,9 @@ sweep for ``group_size = -1``, otherwise each group's params fitted from the cur
 code, whose value is exactly 0.
 
 The native sweep: the torch sweep's arguments are those of ``calibra::gptq_block_sweep`` plus ``nm``.
-Unstructured and block masks are fixed at the block's start, so the native op (with ``mask``) can
-serve them unchanged; N:M selection inside the block needs the op to take ``(n, m)``. Pass
-``sweep=`` to :func:`sparsegpt_prune` to swap it in.
+Unstructured and block masks are fixed at the block's start, so the native op (with ``mask``) serves
+them (:func:`native_block_sweep`, the default); N:M selection inside the block needs the op to take
+``(n, m)``, so N:M blocks run the torch sweep until it does. ``sweep=`` swaps the sweep per call.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from calibra.ops import QuantizedTensor, nm_mask
+from calibra.ops import QuantizedTensor, gptq_block_sweep, nm_mask
 from calibra.prune.config import PruningConfig
 from calibra.prune.methods import check_layer
 from calibra.prune.patterns import NM, Block, prune_count
@@ -138,6 +138,19 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
     return SweepOut(q, codes, err, table_s, table_z, prune)
 
 
+def native_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fmt, scale_dtype) -> SweepOut:
+    """The sweep through :func:`calibra.ops.gptq_block_sweep` (native): the block's mask is fixed at its
+    start (unstructured, block tiles), which the op takes as its ``mask`` input. N:M selection inside the
+    block is not in the op yet, so N:M blocks run :func:`torch_block_sweep`."""
+    if nm is not None or prune is None:
+        return torch_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fmt, scale_dtype)
+    q, codes, err, s, z = gptq_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
+                                           group=group.to(torch.int32), fit=fit.to(torch.int32),
+                                           mask=prune.to(torch.uint8).contiguous(), bits=bits, symmetric=sym,
+                                           format=fmt, scale_dtype=scale_dtype)
+    return SweepOut(q, codes, err, s, z, prune)
+
+
 class Factorization(NamedTuple):
     u: torch.Tensor
     damp: float
@@ -217,8 +230,10 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: Pru
     """SparseGPT of ``w [out, in]`` with the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
 
     ``w`` and ``h`` are not modified. ``sparsity`` overrides the target (gradual steps; not for N:M);
-    ``prior`` is a keep-mask whose pruned entries stay pruned; ``sweep`` replaces
-    :func:`torch_block_sweep` (same arguments); ``measure=False`` skips the reconstruction error (a GEMM).
+    ``prior`` is a keep-mask whose pruned entries stay pruned; ``sweep`` replaces the block sweep (default
+    :func:`native_block_sweep`: native for unstructured and block masks, :func:`torch_block_sweep` for N:M;
+    pass ``torch_block_sweep`` for the pure-torch reference); ``measure=False`` skips the reconstruction
+    error (a GEMM).
     """
     t0 = time.perf_counter()
     config.validate()
@@ -256,7 +271,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: Pru
         table_s, table_z = fit_int_params(wf, bits, sym, scale_dtype)
         table_s, table_z = table_s[:, None], table_z[:, None]
     bs = _sweep_block_size(config, pattern)
-    sweep = sweep or torch_block_sweep
+    sweep = sweep or native_block_sweep
     q = torch.empty_like(wf)
     codes = torch.zeros((out, n), dtype=torch.uint8, device=wf.device)
     keep = torch.ones((out, n), dtype=torch.bool, device=wf.device)
