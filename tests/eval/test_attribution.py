@@ -64,3 +64,29 @@ def test_architecture_mismatch_is_refused(four_layers, tokenizer, eval_ids):
     three = make_llama(len(tokenizer), layers=3)
     with pytest.raises(ValueError, match="same number of decoder layers"):
         attribute_layers(four_layers, three, eval_ids[:300], **PROTO)
+
+
+def test_moe_model_perplexity_and_attribution(tokenizer, eval_ids):
+    """A Mixtral (fused 3-D expert weights in transformers 5): same protocol, same attribution."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from calibra.eval import perplexity_from_ids
+    from tests.eval.tiny import direct_perplexity
+
+    cfg = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(cfg).eval()
+    ids = eval_ids[:400]
+    r = perplexity_from_ids(moe, ids, **PROTO)
+    want, count = direct_perplexity(moe, ids, **PROTO)
+    assert r.tokens == count and r.ppl == pytest.approx(want, rel=1e-5)
+    hurt = copy.deepcopy(moe)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hurt.model.layers[2].mlp.parameters():   # experts (3-D) and router
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3 * p.std())
+    a = attribute_layers(moe, hurt, ids, include_full=False, **PROTO)
+    assert a.layers[0].layer == 2 and a.layers[0].kl_mean > 0
+    assert all(c.kl_mean == 0.0 for c in a.layers[1:])

@@ -8,30 +8,7 @@ import torch
 
 from calibra import assets
 from calibra.eval import evaluate, perplexity_from_ids, plan_windows
-
-
-def direct_perplexity(model, ids, seq_len, stride):
-    """The Hugging Face perplexity guide's loop, written out: one window at a time through
-    ``model(input_ids, labels=...)`` with the already-scored labels masked to -100; each window's
-    mean loss is weighted by the number of labels that really entered it (after the shift)."""
-    n = ids.numel()
-    nll_sum, count, prev_end = 0.0, 0, 0
-    with torch.no_grad():
-        for begin in range(0, n, stride):
-            end = min(begin + seq_len, n)
-            trg_len = end - prev_end
-            x = ids[None, begin:end]
-            y = x.clone()
-            y[:, :-trg_len] = -100
-            valid = int((y[:, 1:] != -100).sum())
-            if valid:
-                loss = model(input_ids=x, labels=y).loss
-                nll_sum += float(loss) * valid
-                count += valid
-            prev_end = end
-            if end == n:
-                break
-    return math.exp(nll_sum / count), count
+from tests.eval.tiny import direct_perplexity
 
 
 @pytest.mark.parametrize("seq_len,stride", [(128, 64), (128, 128), (100, 37), (64, 63)])

@@ -42,8 +42,6 @@ def topk_buckets(lp, k: int):
     log of the remaining mass (``-inf`` when ``k == V``), computed as a logsumexp over the tokens
     outside the top ``k`` rather than ``log(1 - sum)``, which would lose every digit when the top-k
     mass is close to 1."""
-    import torch
-
     k = min(k, lp.shape[-1])
     top, idx = lp.topk(k, dim=-1)
     return idx, top, rest_logmass(lp, idx)
@@ -51,8 +49,6 @@ def topk_buckets(lp, k: int):
 
 def rest_logmass(lp, idx):
     """log of the probability mass of ``lp [T, V]`` outside the indices ``idx [T, k]``."""
-    import torch
-
     return lp.scatter(-1, idx, float("-inf")).logsumexp(-1)
 
 
