@@ -101,6 +101,14 @@ def test_errors_come_before_loading():
         plan_windows(1, 16, 8)
 
 
+def test_short_stream_warns_with_the_real_count(llama, tokenizer):
+    with pytest.warns(UserWarning, match="only 50 tokens, fewer than seq_len 128"):
+        r = evaluate(llama, tokenizer=tokenizer, max_tokens=50, seq_len=128, stride=64)
+    assert r.tokens == 49 and r.windows == 1
+    with pytest.raises(ValueError, match="holds no text"):
+        evaluate(llama, tokenizer=tokenizer, dataset=[])
+
+
 def test_seq_len_beyond_context_is_refused(llama, tokenizer):
     with pytest.raises(ValueError, match="max_position_embeddings 256"):
         evaluate(llama, tokenizer=tokenizer, max_tokens=600, seq_len=512)
@@ -120,3 +128,16 @@ def test_builtin_tiny_llama_matches_transformers():
     want, count = direct_perplexity(model, ids, 256, 128)
     assert r.tokens == count == 2047
     assert r.ppl == pytest.approx(want, rel=1e-4)
+
+
+def test_local_text_file_dataset(llama, tokenizer, tmp_path):
+    texts = assets.builtin_texts("eval")[:3]
+    path = tmp_path / "eval.jsonl"
+    import json
+
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    from_file = evaluate(llama, tokenizer=tokenizer, dataset=str(path), max_tokens=300, seq_len=64, stride=32)
+    from_list = evaluate(llama, tokenizer=tokenizer, dataset=texts, max_tokens=300, seq_len=64, stride=32)
+    assert from_file.dataset["name"] == str(path) and from_file.dataset["documents"] == 3
+    assert from_file.dataset["version"] == from_list.dataset["version"]
+    assert from_file.ppl == from_list.ppl

@@ -123,6 +123,12 @@ def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=
     if max_tokens is not None:
         ids = ids[:max_tokens]
     seq_len, stride = resolve_protocol(model, seq_len, stride)
+    if 2 <= ids.numel() < seq_len:
+        import warnings
+
+        warnings.warn(f"[eval] the eval stream has only {ids.numel()} tokens, fewer than seq_len {seq_len}: "
+                      f"one window of {ids.numel()} tokens is scored; give more text for a comparable number",
+                      stacklevel=2)
     ref_model = None
     if reference is not None:
         # the reference runs where the model runs: the two are compared batch by batch
