@@ -114,14 +114,16 @@ def test_seq_len_beyond_context_is_refused(llama, tokenizer):
         evaluate(llama, tokenizer=tokenizer, max_tokens=600, seq_len=512)
 
 
-def test_builtin_tiny_llama_matches_transformers():
-    """The issue's done-criterion: on builtin:tiny-llama the protocol reproduces the direct loop."""
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-moe"])
+def test_builtin_model_matches_transformers(name):
+    """The issue's done-criterion: on builtin:tiny-llama (and tiny-moe) the protocol reproduces the
+    direct transformers loop."""
     try:
-        path = assets.resolve_model("builtin:tiny-llama")
+        assets.resolve_model("builtin:" + name)
     except FileNotFoundError:
-        pytest.skip("builtin:tiny-llama is not in this checkout")
-    r = evaluate(str(path), max_tokens=2048, seq_len=256, stride=128, device="cpu")
-    model, tok = assets.load_model("builtin:tiny-llama")
+        pytest.skip(f"builtin:{name} is not in this checkout")
+    r = evaluate("builtin:" + name, max_tokens=2048, seq_len=256, stride=128, device="cpu")
+    model, tok = assets.load_model("builtin:" + name)
     from calibra.eval import token_stream
 
     ids = torch.tensor(token_stream(tok, assets.builtin_texts("eval")), dtype=torch.long)[:2048]
