@@ -122,13 +122,13 @@ def test_builtin_model_matches_transformers(name):
         assets.resolve_model("builtin:" + name)
     except FileNotFoundError:
         pytest.skip(f"builtin:{name} is not in this checkout")
-    r = evaluate("builtin:" + name, max_tokens=2048, seq_len=256, stride=128, device="cpu")
+    r = evaluate("builtin:" + name, max_tokens=1536, seq_len=256, stride=128, device="cpu")
     model, tok = assets.load_model("builtin:" + name)
     from calibra.eval import token_stream
 
-    ids = torch.tensor(token_stream(tok, assets.builtin_texts("eval")), dtype=torch.long)[:2048]
+    ids = torch.tensor(token_stream(tok, assets.builtin_texts("eval")), dtype=torch.long)[:1536]
     want, count = direct_perplexity(model, ids, 256, 128)
-    assert r.tokens == count == 2047
+    assert r.tokens == count == 1535
     assert r.ppl == pytest.approx(want, rel=1e-4)
 
 
