@@ -143,3 +143,15 @@ def test_local_text_file_dataset(llama, tokenizer, tmp_path):
     assert from_file.dataset["name"] == str(path) and from_file.dataset["documents"] == 3
     assert from_file.dataset["version"] == from_list.dataset["version"]
     assert from_file.ppl == from_list.ppl
+
+
+def test_grad_mode_is_restored_even_when_the_caller_stops_early(llama, eval_ids):
+    # A consumer that stops iterating must not leave grad disabled behind it: the window generator
+    # switches grad off per forward, never across a yield.
+    from calibra.eval._forward import iter_scored
+
+    gen = iter_scored(llama, eval_ids[:600], plan_windows(600, 128, 64), batch_size=1, progress=False)
+    next(gen)
+    assert torch.is_grad_enabled()
+    del gen
+    assert torch.is_grad_enabled()
