@@ -1,7 +1,8 @@
 """calibra: calibration-driven compression for large language models.
 
 Public surface (kept small on purpose): :mod:`calibra.ops` (kernel-level ops with native CPU/CUDA
-implementations and pure-torch references), :func:`calibrate` (one calibration pass -> statistics) and
+implementations and pure-torch references), :func:`calibrate` (one calibration pass -> statistics), :func:`export` (a QuantizedModel
+in engine formats) and
 :func:`build_info`.
 """
 __version__ = "0.1.0"
@@ -9,7 +10,7 @@ __version__ = "0.1.0"
 from calibra._native import build_info  # noqa: E402
 from calibra import ops  # noqa: E402
 
-__all__ = ["__version__", "build_info", "ops", "calibrate"]
+__all__ = ["__version__", "build_info", "ops", "calibrate", "export"]
 
 
 def __getattr__(name):
@@ -18,4 +19,8 @@ def __getattr__(name):
         from calibra.api import calibrate
 
         return calibrate
+    if name == "export":  # the subpackage, callable as calibra.export(qmodel, path, format=...)
+        import calibra.export as export
+
+        return export
     raise AttributeError(f"module 'calibra' has no attribute {name!r}")

@@ -44,7 +44,9 @@ def tiny_llama(seed=0, hidden=64, inter=128, layers=2, dtype=torch.float32, tie=
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=tie, initializer_range=init, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0)
-    return tf.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    # dtype= at construction, not .to(dtype): .to would also cast RoPE's inv_freq buffer, which a loaded
+    # checkpoint recomputes in float32, and the logits would differ for that reason alone
+    return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 def builtin_llama():

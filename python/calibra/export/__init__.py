@@ -19,6 +19,8 @@ versions); ``calibra.export.inspect`` reads and verifies it.
 """
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 from calibra.export import compressed_tensors, dense, gguf, gptq, mlx
@@ -83,5 +85,15 @@ def export(qmodel, path, format="compressed-tensors", *, overwrite: bool = False
                            extra_versions=getattr(mod, "versions", lambda: {})())
     return [target] if len(fmts) == 1 else [target / f for f in fmts]
 
+
+class _CallableModule(types.ModuleType):
+    """``calibra.export`` is both this subpackage and the verb: importing any ``calibra.export.*`` module
+    binds the name ``export`` on ``calibra`` to the package, so the package itself forwards calls."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["export", "check", "parse_formats", "FORMATS", "ExportError", "verify_manifest"]
