@@ -162,6 +162,7 @@ def save_shards(folder: Path, tensors: dict[str, torch.Tensor], *, metadata: dic
 def write_config(folder: Path, model, updates: dict | None = None, drop: tuple = ()) -> dict:
     """config.json from the model's config with ``updates`` merged in (e.g. quantization_config)."""
     cfg = model.config.to_dict()
+    cfg["architectures"] = [type(model).__name__]  # as save_pretrained sets it (None on a from_config model)
     for k in drop:
         cfg.pop(k, None)
     cfg.update(updates or {})
