@@ -38,7 +38,7 @@ build_llama() {
   echo "[lane] building llama.cpp tools from the llama-cpp-python 0.3.36 sdist"
   mkdir -p "$LLAMA" && cd "$LLAMA" || return 1
   if [ ! -d src ]; then
-    "$PY" -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d dl >"$LOGS/llama-download.log" 2>&1 || {
+    "$PY" -m pip download -q --no-deps llama-cpp-python==0.3.36 -d dl >"$LOGS/llama-download.log" 2>&1 || {
       echo "[lane] download failed, see $LOGS/llama-download.log"; cd "$ROOT"; return 1; }
     tar xzf dl/llama_cpp_python-0.3.36.tar.gz && mv llama_cpp_python-0.3.36/vendor/llama.cpp src && rm -rf llama_cpp_python-0.3.36
   fi

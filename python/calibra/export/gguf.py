@@ -14,7 +14,8 @@ signed-max/-8). The manifest and model card say so and record the extra error th
 Tensors (FORMATS.md section 5): the layers calibra quantized are stored as Q4_0/Q8_0; embeddings
 and ``output.weight`` as F16 (F32 when the model is float32), norms as F32. Q and K weights are
 permuted from Hugging Face's rotate-half layout to llama.cpp's interleaved RoPE layout. The
-tokenizer (byte-level BPE from ``tokenizer.json``) is written as ``tokenizer.ggml.model = gpt2``.
+tokenizer (byte-level BPE from ``tokenizer.json``) is written as ``tokenizer.ggml.model = gpt2`` with
+``tokenizer.ggml.pre = gpt-2`` (GPT-2's split regex).
 """
 from __future__ import annotations
 
@@ -96,9 +97,11 @@ class _GGUFFormat:
             raise ExportError(f"[export] {name} needs the model's fast (tokenizer.json) tokenizer for the vocabulary; "
                               f"the QuantizedModel has none")
         tok = json.loads(qmodel.tokenizer.backend_tokenizer.to_str())
-        if tok.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
-            raise ExportError(f"[export] {name}: only byte-level BPE tokenizers are written (got "
-                              f"{tok.get('model', {}).get('type')}); export 'dense' and use llama.cpp's converter")
+        pre = tok.get("pre_tokenizer") or {}
+        if tok.get("model", {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+            raise ExportError(f"[export] {name}: only byte-level BPE tokenizers with GPT-2's split (a plain ByteLevel "
+                              f"pre-tokenizer) are written, got model {tok.get('model', {}).get('type')} with "
+                              f"pre-tokenizer {pre.get('type')}; export 'dense' and use llama.cpp's converter")
         bad = [n for n in qmodel.layers if qmodel.layers[n].codes.shape[1] % 32]
         if bad:
             raise ExportError(f"[export] {name}: {self.qtype} blocks need in_features divisible by 32; "
@@ -146,7 +149,9 @@ class _GGUFFormat:
         w.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{self.qtype}")))
         tokens, types, merges = self._vocab(qmodel.tokenizer)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
+        # "gpt-2" selects GPT-2's split regex in llama.cpp, the one a ByteLevel(use_regex=True) pre-tokenizer
+        # uses; llama.cpp's "default" adds punctuation and digit splits and would tokenize differently
+        w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
