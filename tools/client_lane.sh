@@ -33,6 +33,9 @@ venv() {  # venv NAME PIP-ARGS...: create build/client-venvs/NAME once (system t
   touch "$VENVS/$name/.ready"
 }
 
+# GGML_NATIVE is off on purpose: on CPUs with AMX (Sapphire Rapids and later) -march=native enables
+# ggml's AMX matmul, which segfaults on tiny models (ggml_backend_amx_mul_mat, seen with ggml 0.25.3);
+# AVX2 builds run everywhere the lane runs.
 build_llama() {
   if [ -x "$LLAMA/build/bin/llama-simple" ]; then echo "[lane] llama.cpp tools ready"; return 0; fi
   echo "[lane] building llama.cpp tools from the llama-cpp-python 0.3.36 sdist"
@@ -43,7 +46,8 @@ build_llama() {
     tar xzf dl/llama_cpp_python-0.3.36.tar.gz && mv llama_cpp_python-0.3.36/vendor/llama.cpp src && rm -rf llama_cpp_python-0.3.36
   fi
   cmake -S src -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
     >"$LOGS/llama-cmake.log" 2>&1 && ninja -C build llama-simple llama-quantize >"$LOGS/llama-build.log" 2>&1
   local rc=$?
   cd "$ROOT"
