@@ -83,8 +83,9 @@ def test_llama_cpp_greedy(tmp_path, qtype, need):
     want = tok.decode(ref)
     assert got.startswith(PROMPT) or got.startswith(tok.decode(ids[0].tolist())), got[:200]
     gen = got[len(tok.decode(ids[0].tolist())):]
-    got_ids = tok(gen)["input_ids"]
-    match = next((i for i, (a, b) in enumerate(zip(got_ids, ref)) if a != b), min(len(got_ids), len(ref)))
+    # llama-simple prints text, and re-tokenizing text can merge whitespace differently from the generated
+    # ids, so count the reference tokens whose decoded prefix the printed continuation starts with
+    match = max([k for k in range(len(ref) + 1) if gen.startswith(tok.decode(ref[:k]))])
     sim_match = next((i for i, (a, b) in enumerate(zip(ref, sim)) if a != b), len(ref))
     print(f"\nCLIENT llama.cpp-llama-simple     {qtype:28s} greedy tokens equal to HF-on-GGUF-weights: {match}/{N} "
           f"(need {need}) {'PASS' if match >= need else 'FAIL'}; equal to calibra's simulated model: {sim_match}/{N}")
