@@ -2,14 +2,15 @@
 
 Public surface (kept small on purpose): :mod:`calibra.ops` (kernel-level ops with native CPU/CUDA
 implementations and pure-torch references), :func:`calibrate` (one calibration pass -> statistics),
-:func:`evaluate` (perplexity, KL divergence, per-layer attribution) and :func:`build_info`.
+:func:`evaluate` (perplexity, KL divergence, per-layer attribution), :func:`export` (a QuantizedModel in
+engine formats) and :func:`build_info`.
 """
 __version__ = "0.1.0"
 
 from calibra._native import build_info  # noqa: E402
 from calibra import ops  # noqa: E402
 
-__all__ = ["__version__", "build_info", "ops", "calibrate", "evaluate"]
+__all__ = ["__version__", "build_info", "ops", "calibrate", "evaluate", "export"]
 
 # The verbs import transformers; `import calibra` stays free of it and loads them on first use.
 _LAZY = {
@@ -19,9 +20,11 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if name == "export":  # the subpackage, callable as calibra.export(qmodel, path, format=...)
+        return importlib.import_module("calibra.export")
     raise AttributeError(f"module 'calibra' has no attribute {name!r}")

@@ -120,6 +120,14 @@ def _add_eval(sub) -> None:
     ev.set_defaults(fn=_cmd_eval)
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from calibra.export.inspect import format_report, inspect
+
+    info = inspect(args.dir, verify=args.verify)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_report(info))
+    return 1 if args.verify and not info["verified"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(fn=_cmd_calibrate)
 
     _add_eval(sub)
+    ins = sub.add_parser("inspect", help="describe an exported checkpoint (format, bits, group size, sparsity, "
+                         "sizes, producer); --verify checks the manifest's sha256 of every file")
+    ins.add_argument("dir", help="checkpoint folder (or a .gguf file)")
+    ins.add_argument("--verify", action="store_true", help="re-hash every file listed in calibra_manifest.json; "
+                     "exit 1 on any mismatch")
+    ins.add_argument("--json", action="store_true", help="print the full description as JSON")
+    ins.set_defaults(fn=_cmd_inspect)
     return p
 
 
