@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -52,6 +53,73 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_eval(result, args: argparse.Namespace) -> None:
+    ds = result.dataset
+    what = "perplexity" if args.metric == "perplexity" else "KL divergence"
+    print(f"calibra eval: {what} of {args.model}" + (f" against {args.reference}" if args.reference else ""))
+    if ds.get("version"):
+        print(f"  dataset     {ds['name']} (version {ds['version']}, {ds['documents']} documents)")
+    print(f"  protocol    strided windows: seq_len {result.seq_len}, stride {result.stride}, "
+          f"{result.windows} windows, {result.tokens} of {result.stream_tokens} tokens scored")
+    if args.metric == "perplexity":
+        print(f"  perplexity  {result.ppl:.4f}  (nll {result.nll:.6f} nats/token)")
+        if result.reference is not None:
+            ref = result.reference
+            print(f"  reference   {ref.ppl:.4f}  ({(result.ppl / ref.ppl - 1) * 100:+.2f}%)")
+    else:
+        how = ("exact, full vocabulary" if result.mode == "exact"
+               else f"top-{result.top_k} + rest bucket: a lower bound of the exact KL")
+        print(f"  KL in nats per token ({how})")
+        for label, st in (("KL(ref||model)", result.kl_ref_cmp), ("KL(model||ref)", result.kl_cmp_ref)):
+            print(f"  {label}  mean {st['mean']:.6f}  median {st['median']:.6f}  max {st['max']:.6f}")
+        print(f"  perplexity  reference {result.ppl_reference:.4f}  model {result.ppl_compressed:.4f}  "
+              f"({(result.ppl_compressed / result.ppl_reference - 1) * 100:+.2f}%)")
+    if result.attribution is not None:
+        a = result.attribution
+        print(f"per-layer attribution (reference with one compressed layer; {a.tokens} tokens, "
+              f"ranked by {'KL(ref||hybrid)' if a.rank_by == 'kl' else 'perplexity increase'}):")
+        print(a.table())
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import calibra
+
+    result = calibra.evaluate(args.model, metric=args.metric, dataset=args.dataset, reference=args.reference,
+                         seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens, device=args.device,
+                         top_k=args.top_k, exact=args.exact, attribution=args.attribution, rank_by=args.rank_by,
+                         dtype=args.dtype, batch_size=args.batch_size)
+    _print_eval(result, args)
+    if args.json:
+        out = {"model": args.model, "reference": args.reference, **result.to_dict()}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)  # never a half-written report at the final path
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="perplexity, or KL divergence against a reference, with per-layer attribution",
+                        description="Evaluate a model with the strided sliding-window protocol. seq_len defaults "
+                                    "to the model's max_position_embeddings capped at 2048, stride to seq_len/2.")
+    ev.add_argument("--model", required=True, help="model folder or builtin:NAME")
+    ev.add_argument("--metric", default="perplexity", choices=["perplexity", "kl-divergence"])
+    ev.add_argument("--dataset", default="builtin", help="builtin (held-out eval text), a .jsonl/.txt file or a folder")
+    ev.add_argument("--reference", default=None, help="reference model folder or builtin:NAME (KL, attribution)")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: context, at most 2048)")
+    ev.add_argument("--stride", type=int, default=None, help="window step (default: seq_len/2)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    ev.add_argument("--top-k", type=int, default=64, help="reference tokens kept per position for the KL (default 64)")
+    ev.add_argument("--exact", action="store_true", help="full-vocabulary KL instead of top-k")
+    ev.add_argument("--attribution", action="store_true", help="rank the decoder layers by the KL each one causes")
+    ev.add_argument("--rank-by", default="kl", choices=["kl", "ppl"], help="attribution ranking (default kl)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    ev.add_argument("--dtype", default="float32", help="weights dtype: float32 (default), bfloat16, float16, auto")
+    ev.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: auto)")
+    ev.add_argument("--json", default=None, help="also write the full result to this JSON file")
+    ev.set_defaults(fn=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(fn=_cmd_calibrate)
+    _add_eval(sub)
     return p
 
 
