@@ -2,6 +2,7 @@
 
 Public surface (kept small on purpose): :mod:`calibra.ops` (kernel-level ops with native CPU/CUDA
 implementations and pure-torch references), :func:`calibrate` (one calibration pass -> statistics),
+:func:`quantize` (RTNConfig / GPTQConfig / MRGPTQConfig -> quantized model + report),
 :func:`evaluate` and :func:`build_info`.
 """
 __version__ = "0.1.0"
@@ -9,7 +10,8 @@ __version__ = "0.1.0"
 from calibra._native import build_info  # noqa: E402
 from calibra import ops  # noqa: E402
 
-__all__ = ["__version__", "build_info", "ops", "calibrate", "evaluate"]
+__all__ = ["__version__", "build_info", "ops", "calibrate", "quantize", "evaluate", "RTNConfig", "GPTQConfig",
+           "MRGPTQConfig"]
 
 
 def __getattr__(name):
@@ -18,6 +20,14 @@ def __getattr__(name):
         from calibra.api import calibrate
 
         return calibrate
+    if name == "quantize":
+        from calibra.api import quantize
+
+        return quantize
+    if name in ("RTNConfig", "GPTQConfig", "MRGPTQConfig"):
+        from calibra.quant import config as _qc
+
+        return getattr(_qc, name)
     if name == "evaluate":
         from calibra.eval import evaluate
 
