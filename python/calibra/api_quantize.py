@@ -151,7 +151,8 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
             norms before rounding, write ``activation_ranges.json`` into ``output``.
         mixed_precision: a bits-per-weight budget: the most sensitive modules are promoted (8-bit int, or
             dense for FP4) while the average stays within it (see ``calibra.quant.mixed``).
-        export: an engine format for ``output`` (exporters); ``None`` writes calibra's own folder.
+        export: engine format(s) for ``output`` (``calibra.export.FORMATS``: compressed-tensors, gptq, mlx,
+            gguf-q4_0, gguf-q8_0, dense; comma-separated for several); ``None`` writes calibra's own folder.
     """
     from calibra.api import _model_config
     from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -193,8 +194,11 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
                          "Hessians inside every layer; set true_sequential=False (--no-true-sequential) to use "
                          "--stats, or drop --stats")
     if export is not None:
-        raise NotImplementedError(f"[quantize] export format {export!r}: the exporters are not part of this build "
-                                  f"yet; omit export to write calibra's own folder")
+        from calibra.export import parse_formats
+
+        export = parse_formats(export)  # unknown names fail here, before anything loads
+        if output is None:
+            raise ValueError("[quantize] export needs an output folder (output=DIR / --output DIR)")
     if output is not None:
         qsave.check_output(output, overwrite)
     if isinstance(calibration, CalibrationConfig):
@@ -338,13 +342,32 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     qm = QuantizedModel(model=model, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source,
                         report=report)
     if output is not None:
-        t0 = time.perf_counter()
-        report["timings"]["write"] = 0.0
         report["timings"]["total"] = time.perf_counter() - t_start
-        qsave.write(qm, output, overwrite=overwrite, report=report, extra_files=files)
-        report["timings"]["write"] = time.perf_counter() - t0
         report["output"] = str(output)
+        if export is None:
+            qsave.write(qm, output, overwrite=overwrite, report=report, extra_files=files)
+        else:
+            _export(qm, output, export, overwrite, report, files)
     return qm, report
+
+
+def _export(qm, output, formats, overwrite, report, files) -> None:
+    """Engine formats through ``calibra.export`` (checked first: a format that cannot express the model
+    raises before anything is written). report.json (and activation_ranges.json) go beside the exported
+    files in the same folder; they are not in calibra_manifest.json's hash list, because report.json
+    holds timings and the manifest must hash identically for identical weights."""
+    from calibra.export import check, export
+
+    check(qm, formats)
+    report["export"] = {"formats": formats}
+    folders = export(qm, output, formats, overwrite=overwrite)
+    from calibra.quant.save import _write_json
+
+    for name, obj in dict(files, **{"report.json": report}).items():
+        tmp = Path(output) / f".{name}.tmp"
+        _write_json(tmp, obj)
+        tmp.replace(Path(output) / name)
+    report["export"]["folders"] = [str(f) for f in folders]
 
 
 __all__ = ["quantize"]

@@ -243,7 +243,9 @@ def _add_quantize(sub) -> None:
     q.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens "
                    "(default: all)")
     q.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
-    q.add_argument("--export", default=None, help="engine format to export to (when the exporters are built)")
+    q.add_argument("--export", default=None, help="engine format(s) written into DIR instead of calibra's own folder: compressed-tensors, gptq, mlx, "
+                   "gguf-q4_0, gguf-q8_0, dense (comma-separated: one subfolder each); checked against the "
+                   "quantized model before anything is written")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")

@@ -134,3 +134,21 @@ def test_overwrite(llama_folder, tmp_path):
     calibra.quantize(str(llama_folder), cfg, output=out, overwrite=True, evaluate=False, progress=False, echo=None)
     assert not (out / "old.txt").exists() and (out / "report.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp folders left beside it
+
+
+def test_export_formats_and_refusal(llama_folder, tmp_path):
+    from calibra.export import ExportError, verify_manifest
+
+    out = tmp_path / "ct"
+    _, rep = calibra.quantize(str(llama_folder), GPTQConfig(bits=4, group_size=32), CalibrationConfig(**CAL_KW),
+                              output=out, export="compressed-tensors", evaluate=False, progress=False, echo=None)
+    assert verify_manifest(out) == [] and (out / "report.json").exists()
+    assert json.loads((out / "report.json").read_text())["export"]["formats"] == ["compressed-tensors"]
+    with pytest.raises(ValueError, match="unknown format"):
+        calibra.quantize(str(llama_folder), RTNConfig(group_size=32), output=tmp_path / "x", export="onnx",
+                         evaluate=False, progress=False, echo=None)
+    # a format that cannot express the model is refused before anything is written
+    with pytest.raises(ExportError):
+        calibra.quantize(str(llama_folder), MRGPTQConfig(format="nvfp4"), CalibrationConfig(**CAL_KW),
+                         output=tmp_path / "mr", export="gptq", evaluate=False, progress=False, echo=None)
+    assert not (tmp_path / "mr").exists() and not (tmp_path / "x").exists()
