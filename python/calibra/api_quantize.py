@@ -68,7 +68,7 @@ def _versions() -> dict:
 def _calibration_tokens(calibration, tokenizer, model, echo):
     """``(input_ids, attention_mask, run metadata, batch_size)``."""
     from calibra.api import _run_meta, _tokens
-    from calibra.data import CalibrationDataset, resolve_config, tokenize_calibration
+    from calibra.data import CalibrationDataset, tokenize_calibration
     from calibra.data.config import model_max_positions
 
     ids, mask, meta, config = _tokens(calibration, tokenizer, model.config, echo, None, ("hessian",))
@@ -162,7 +162,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     from calibra.quant import act_ranges as ar
     from calibra.quant import mixed as mp
     from calibra.quant import save as qsave
-    from calibra.quant.apply import LayerQuantizer, layer_targets
+    from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
 
     t_start = time.perf_counter()

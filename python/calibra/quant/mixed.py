@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from calibra.quant.config import GPTQConfig, MRGPTQConfig, RTNConfig
+from calibra.quant.config import MRGPTQConfig, RTNConfig
 
 
 def bits_per_weight(config) -> float:
