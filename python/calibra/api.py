@@ -1,4 +1,5 @@
-"""calibra's public verbs. ``calibrate``: one calibration pass -> ``CalibrationStats`` (and a file)."""
+"""calibra's public verbs. ``calibrate``: one calibration pass -> ``CalibrationStats`` (and a file);
+``quantize`` (in ``api_quantize``): model -> ``(QuantizedModel, report)`` (and a folder)."""
 from __future__ import annotations
 
 import dataclasses
@@ -162,3 +163,10 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
     if output is not None:
         stats.save(output)
     return stats
+
+
+def quantize(model, config, calibration=None, **kwargs):
+    """See :func:`calibra.api_quantize.quantize`."""
+    from calibra.api_quantize import quantize as _quantize
+
+    return _quantize(model, config, calibration, **kwargs)

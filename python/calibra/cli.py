@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -52,6 +53,204 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_eval(result, args: argparse.Namespace) -> None:
+    ds = result.dataset
+    what = "perplexity" if args.metric == "perplexity" else "KL divergence"
+    print(f"calibra eval: {what} of {args.model}" + (f" against {args.reference}" if args.reference else ""))
+    if ds.get("version"):
+        print(f"  dataset     {ds['name']} (version {ds['version']}, {ds['documents']} documents)")
+    print(f"  protocol    strided windows: seq_len {result.seq_len}, stride {result.stride}, "
+          f"{result.windows} windows, {result.tokens} of {result.stream_tokens} tokens scored")
+    if args.metric == "perplexity":
+        print(f"  perplexity  {result.ppl:.4f}  (nll {result.nll:.6f} nats/token)")
+        if result.reference is not None:
+            ref = result.reference
+            print(f"  reference   {ref.ppl:.4f}  ({(result.ppl / ref.ppl - 1) * 100:+.2f}%)")
+    else:
+        how = ("exact, full vocabulary" if result.mode == "exact"
+               else f"top-{result.top_k} + rest bucket: a lower bound of the exact KL")
+        print(f"  KL in nats per token ({how})")
+        for label, st in (("KL(ref||model)", result.kl_ref_cmp), ("KL(model||ref)", result.kl_cmp_ref)):
+            print(f"  {label}  mean {st['mean']:.6f}  median {st['median']:.6f}  max {st['max']:.6f}")
+        print(f"  perplexity  reference {result.ppl_reference:.4f}  model {result.ppl_compressed:.4f}  "
+              f"({(result.ppl_compressed / result.ppl_reference - 1) * 100:+.2f}%)")
+    if result.attribution is not None:
+        a = result.attribution
+        print(f"per-layer attribution (reference with one compressed layer; {a.tokens} tokens, "
+              f"ranked by {'KL(ref||hybrid)' if a.rank_by == 'kl' else 'perplexity increase'}):")
+        print(a.table())
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import calibra
+
+    result = calibra.evaluate(args.model, metric=args.metric, dataset=args.dataset, reference=args.reference,
+                         seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens, device=args.device,
+                         top_k=args.top_k, exact=args.exact, attribution=args.attribution, rank_by=args.rank_by,
+                         dtype=args.dtype, batch_size=args.batch_size)
+    _print_eval(result, args)
+    if args.json:
+        out = {"model": args.model, "reference": args.reference, **result.to_dict()}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)  # never a half-written report at the final path
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="perplexity, or KL divergence against a reference, with per-layer attribution",
+                        description="Evaluate a model with the strided sliding-window protocol. seq_len defaults "
+                                    "to the model's max_position_embeddings capped at 2048, stride to seq_len/2.")
+    ev.add_argument("--model", required=True, help="model folder or builtin:NAME")
+    ev.add_argument("--metric", default="perplexity", choices=["perplexity", "kl-divergence"])
+    ev.add_argument("--dataset", default="builtin", help="builtin (held-out eval text), a .jsonl/.txt file or a folder")
+    ev.add_argument("--reference", default=None, help="reference model folder or builtin:NAME (KL, attribution)")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: context, at most 2048)")
+    ev.add_argument("--stride", type=int, default=None, help="window step (default: seq_len/2)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    ev.add_argument("--top-k", type=int, default=64, help="reference tokens kept per position for the KL (default 64)")
+    ev.add_argument("--exact", action="store_true", help="full-vocabulary KL instead of top-k")
+    ev.add_argument("--attribution", action="store_true", help="rank the decoder layers by the KL each one causes")
+    ev.add_argument("--rank-by", default="kl", choices=["kl", "ppl"], help="attribution ranking (default kl)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    ev.add_argument("--dtype", default="float32", help="weights dtype: float32 (default), bfloat16, float16, auto")
+    ev.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: auto)")
+    ev.add_argument("--json", default=None, help="also write the full result to this JSON file")
+    ev.set_defaults(fn=_cmd_eval)
+
+
+def _quant_config(args: argparse.Namespace):
+    """The config dataclass from the flags; validated by calibra.quantize before anything loads."""
+    from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig
+
+    fmt = args.format
+    if args.method == "mr-gptq":
+        if fmt == "int":
+            raise ValueError("[quantize] --method mr-gptq needs --format mxfp4 or nvfp4 (it rotates onto an FP4 grid)")
+        return MRGPTQConfig(format=fmt, desc_act=args.desc_act, static_groups=args.static_groups,
+                            damp_percent=args.damp, block_size=args.block_size,
+                            true_sequential=not args.no_true_sequential)
+    group = args.group_size
+    if fmt != "int" and group is None:
+        group = {"mxfp4": 32, "nvfp4": 16}[fmt]
+    group = 128 if group is None else group
+    bits = 4 if fmt != "int" else args.bits
+    if args.method == "rtn":
+        return RTNConfig(bits=bits, group_size=group, sym=not args.asym, format=fmt, mse_clip=args.mse_clip)
+    return GPTQConfig(bits=bits, group_size=group, sym=not args.asym, desc_act=args.desc_act,
+                      static_groups=args.static_groups, damp_percent=args.damp, block_size=args.block_size,
+                      true_sequential=not args.no_true_sequential, format=fmt, mse_clip=args.mse_clip)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _print_quant_summary(report: dict) -> None:
+    s, t = report["summary"], report["timings"]
+    q = s["quantized_weights"]
+    print(f"calibra quantize: {report['model']['source']} with {report['settings']['method']} "
+          f"({report['settings']['config'].get('format', 'int')})")
+    rows = [("modules quantized", f"{s['quantized_modules']}" + (f" ({len(s['dense_modules'])} kept dense)"
+                                                                   if s["dense_modules"] else "")),
+            ("bits per weight", f"{s['avg_bits_per_weight']:.3f}" if s["avg_bits_per_weight"] else "-"),
+            ("quantized weights", f"{_fmt_bytes(q * 2)} as fp16 -> {_fmt_bytes(q * (s['avg_bits_per_weight'] or 16) / 8)}")]
+    ev = report.get("eval")
+    if ev:
+        p, kl = ev["perplexity"], ev["kl_divergence"]
+        rows += [("perplexity", f"{p['baseline']:.4f} -> {p['compressed']:.4f} "
+                                f"({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)"),
+                 ("KL(ref||quant)", f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} nats/token"
+                                    f" ({kl['mode']}{'-' + str(kl['top_k']) if kl['top_k'] else ''})"),
+                 ("eval protocol", f"seq_len {ev['protocol']['seq_len']}, stride {ev['protocol']['stride']}, "
+                                   f"{ev['protocol']['tokens_scored']} tokens of {ev['protocol']['dataset']['name']}")]
+    rows.append(("time", f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
+                         f"eval {t['eval']:.1f})"))
+    if report.get("output"):
+        rows.append(("output", report["output"]))
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from calibra.api import quantize
+    from calibra.data import CalibrationConfig
+
+    config = _quant_config(args)
+    calibration = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len,
+                                    batch_size=args.batch_size, dataset=args.calibration, seed=args.seed)
+    from calibra.quant.act_ranges import is_ranges_file
+
+    if is_ranges_file(args.calibration):
+        calibration = args.calibration
+    evaluate = True if args.eval else (False if args.no_eval else None)
+    _, report = quantize(args.input, config, calibration, stats=args.stats, output=args.output,
+                         overwrite=args.overwrite, evaluate=evaluate, act_ranges=args.act_ranges,
+                         mixed_precision=args.mixed_precision, device=args.device, dtype=args.dtype,
+                         eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
+                         export=args.export, progress=not args.no_progress)
+    _print_quant_summary(report)
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    D = argparse.ArgumentDefaultsHelpFormatter
+    q = sub.add_parser("quantize", formatter_class=D, help="quantize a model (RTN, GPTQ, MR-GPTQ) and write it "
+                       "with report.json",
+                       description="Quantize MODEL's decoder Linears and experts (lm_head, embeddings and routers "
+                                   "stay dense) and write the result into DIR atomically: quantized.safetensors "
+                                   "(codes, scales, zeros, g_idx, global scales + every dense tensor), "
+                                   "quantization.json, config.json, the tokenizer and report.json (settings, "
+                                   "versions, timings, per-module log, evaluation). Every setting is checked "
+                                   "before the model loads; nothing is written on error.")
+    q.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
+    q.add_argument("--output", required=True, help="output folder DIR (refused if it exists, see --overwrite)")
+    q.add_argument("--method", required=True, choices=["rtn", "gptq", "mr-gptq"],
+                   help="rtn: round-to-nearest (data-free); gptq: GPTQ on calibration Hessians; mr-gptq: "
+                        "block-Hadamard-rotated GPTQ onto an FP4 grid")
+    q.add_argument("--bits", type=int, default=4, help="integer bits 2..8 (--format int; FP4 formats are 4-bit)")
+    q.add_argument("--group-size", type=int, default=None, help="columns per scale group, -1 = one per row "
+                   "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format)")
+    q.add_argument("--format", default="int", choices=["int", "mxfp4", "nvfp4"], help="number format")
+    q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero points); default symmetric")
+    q.add_argument("--mse-clip", action="store_true", help="search each group's clipping range by squared error")
+    q.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl file "
+                   "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)")
+    q.add_argument("--samples", type=int, default=128, help="calibration samples")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
+    q.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
+    q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by descending Hessian "
+                   "diagonal (records g_idx unless --static-groups)")
+    q.add_argument("--static-groups", action="store_true", help="with --desc-act: fit groups before the sweep "
+                   "so groups stay contiguous (no g_idx)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H); a failed "
+                   "Cholesky climbs the ladder 0.1, 1, 10, then float64")
+    q.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch columns")
+    q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: solve all modules of a layer from "
+                   "one set of Hessians instead of re-collecting them after q/k/v, o, gate/up")
+    q.add_argument("--stats", default=None, help="statistics file from `calibra calibrate` (GPTQ with "
+                   "--no-true-sequential: no forward pass)")
+    q.add_argument("--act-ranges", action="store_true", help="RTN: collect activation ranges, fold SmoothQuant "
+                   "factors (alpha 0.5) into the norms, write DIR/activation_ranges.json")
+    q.add_argument("--mixed-precision", type=float, default=None, metavar="BUDGET_BITS",
+                   help="bits-per-weight budget (e.g. 4.5): promote the most sensitive modules to 8-bit "
+                        "(dense for FP4) while the average stays within it")
+    q.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
+    q.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    q.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens "
+                   "(default: all)")
+    q.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
+    q.add_argument("--export", default=None, help="engine format to export to (when the exporters are built)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
+    q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
+    q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.set_defaults(fn=_cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(fn=_cmd_calibrate)
+    _add_eval(sub)
+    _add_quantize(sub)
     return p
 
 

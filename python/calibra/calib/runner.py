@@ -128,6 +128,7 @@ class LayerRunner:
         self._mask: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._samples: list[int] = []
+        self._ctx = None  # the current layer's inputs while on_layer runs (for recollect)
 
     # -- capture -----------------------------------------------------------------------------------
     def _capture(self, batches) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -300,11 +301,29 @@ class LayerRunner:
         self.seconds = time.perf_counter() - t0
         return self.stats(tokens, extra_metadata)
 
-    def _run_layer(self, i, layer, hidden, kwargs, masks, ids_of, tokens, extra):
+    def recollect(self, index: int, layer: nn.Module) -> CalibrationStats:
+        """Collect the statistics of layer ``index`` again, from the same inputs, with the layer as it is
+        now -- for ``on_layer`` callbacks that compress a layer in steps (AutoGPTQ's true-sequential:
+        quantize q/k/v, then re-collect o_proj's Hessian from the quantized attention, and so on).
+        The layer's earlier statistics are replaced; other layers' are untouched. Only valid inside
+        ``on_layer`` (the layer's inputs are kept for the duration of the callback)."""
+        ctx = self._ctx
+        if ctx is None or ctx[0] != index:
+            raise RuntimeError(f"[calibrate] recollect({index}) called outside on_layer of that layer")
+        _, hidden, kwargs, masks, ids_of, tokens, extra = ctx
+        prefix = self.adapter.layer_name(index) + "."
+        for o in list(self.observers) + ([self.moe] if self.moe is not None else []):
+            for k in [k for k in o.tensors if prefix in k]:
+                del o.tensors[k]
+            for k in [k for k in o.counts if prefix in k]:
+                del o.counts[k]
+        self._forward_layer(index, layer, hidden, kwargs, masks, ids_of, keep=False)
+        return self.stats(tokens, extra)
+
+    def _forward_layer(self, i, layer, hidden, kwargs, masks, ids_of, keep: bool) -> list:
+        """One pass of every batch through ``layer`` with the observer hooks attached."""
         dev = self.device
-        layer.to(dev)
         handles = self._attach(i, layer)
-        keep_first = not (self.feed_compressed and self.on_layer is not None)
         outs = []
         try:
             for b, x in enumerate(hidden):
@@ -312,14 +331,25 @@ class LayerRunner:
                 kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
                 out = layer(x.to(dev), **kw)
                 out = out[0] if isinstance(out, tuple) else out
-                if keep_first:
+                if keep:
                     self._guard(out, f"output of {self.adapter.layer_name(i)}")
                     outs.append(out.to("cpu"))
         finally:
             for h in handles:
                 h.remove()
+        return outs
+
+    def _run_layer(self, i, layer, hidden, kwargs, masks, ids_of, tokens, extra):
+        dev = self.device
+        layer.to(dev)
+        keep_first = not (self.feed_compressed and self.on_layer is not None)
+        outs = self._forward_layer(i, layer, hidden, kwargs, masks, ids_of, keep=keep_first)
         if self.on_layer is not None:
-            self.on_layer(i, layer, self.stats(tokens, extra))
+            self._ctx = (i, hidden, kwargs, masks, ids_of, tokens, extra)
+            try:
+                self.on_layer(i, layer, self.stats(tokens, extra))
+            finally:
+                self._ctx = None
         lname = self.adapter.layer_name(i) + "."
         for o in self.observers:
             o.to_cpu(lname)

@@ -1,0 +1,148 @@
+"""Evaluation: perplexity, KL divergence against a reference, per-layer attribution.
+
+:func:`evaluate` is the one entry point (``calibra.evaluate``); the modules hold the parts:
+
+* :mod:`~calibra.eval.windows` -- the strided sliding-window protocol (Hugging Face perplexity guide)
+* :mod:`~calibra.eval.perplexity` -- ``exp`` of the mean next-token NLL over the scored tokens
+* :mod:`~calibra.eval.kl` -- KL(ref||cmp) and KL(cmp||ref), top-k streamed or exact
+* :mod:`~calibra.eval.attribution` -- which decoder layer's compression costs the most
+
+Defaults: ``seq_len`` = the model's ``max_position_embeddings`` capped at 2048, ``stride`` =
+``seq_len // 2``, the built-in held-out eval text, float32 weights and logits, top-k ``k = 64``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from calibra.eval._forward import model_device
+from calibra.eval.attribution import AttributionResult, attribute_layers
+from calibra.eval.kl import DEFAULT_TOP_K, KLResult, ReferenceTopK, collect_reference, compare, kl_divergence_from_ids
+from calibra.eval.perplexity import PerplexityResult, perplexity_from_ids
+from calibra.eval.windows import DEFAULT_SEQ_LEN_CAP, dataset_version, plan_windows, resolve_protocol, token_stream
+
+__all__ = [
+    "evaluate", "METRICS", "PerplexityResult", "KLResult", "AttributionResult", "ReferenceTopK",
+    "perplexity_from_ids", "kl_divergence_from_ids", "collect_reference", "compare", "attribute_layers",
+    "plan_windows", "token_stream", "resolve_protocol", "DEFAULT_TOP_K", "DEFAULT_SEQ_LEN_CAP",
+]
+
+METRICS = ("perplexity", "kl-divergence")
+#: attribution runs one pass per decoder layer, so by default it uses a slice of the eval stream
+ATTRIBUTION_WINDOWS = 4
+
+
+def _validate(metric, reference, seq_len, stride, max_tokens, top_k, exact, attribution, rank_by):
+    """Every argument check that needs no weights, so a bad call fails before anything loads."""
+    if metric not in METRICS:
+        raise ValueError(f"[eval] metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if metric == "kl-divergence" and reference is None:
+        raise ValueError("[eval] metric 'kl-divergence' needs a reference model (reference=... / --reference DIR)")
+    if attribution and reference is None:
+        raise ValueError("[eval] per-layer attribution needs a reference model (reference=... / --reference DIR)")
+    if seq_len is not None and seq_len < 2:
+        raise ValueError(f"[eval] seq_len must be >= 2, got {seq_len}")
+    if stride is not None and (stride < 1 or (seq_len is not None and stride > seq_len)):
+        raise ValueError(f"[eval] stride must be in 1..seq_len, got stride {stride} with seq_len {seq_len}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"[eval] max_tokens must be >= 2, got {max_tokens}")
+    if not exact and top_k < 1:
+        raise ValueError(f"[eval] top_k must be >= 1, got {top_k}")
+    if rank_by not in ("kl", "ppl"):
+        raise ValueError(f"[eval] rank_by must be 'kl' or 'ppl', got {rank_by!r}")
+
+
+def _auto_device(device):
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(model, tokenizer, dtype, device):
+    """``(model, tokenizer)`` from a spec (``builtin:NAME`` / folder) or an already built model."""
+    if isinstance(model, (str, Path)):
+        from calibra.assets import load_model
+
+        m, tok = load_model(str(model), dtype)
+        return m.to(_auto_device(device)), (tokenizer or tok)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _texts(dataset):
+    """``(texts, name)`` for ``"builtin"``, a file or folder path, or a list of strings."""
+    from calibra.assets import resolve_texts
+
+    if isinstance(dataset, (list, tuple)):
+        if not all(isinstance(t, str) for t in dataset):
+            raise TypeError("[eval] a dataset given as a list must hold strings")
+        return list(dataset), "texts"
+    texts = resolve_texts(str(dataset), "eval")
+    return texts, ("builtin:eval" if dataset == "builtin" else str(dataset))
+
+
+def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=None, seq_len: int | None = None,
+             stride: int | None = None, max_tokens: int | None = None, device=None, top_k: int = DEFAULT_TOP_K,
+             exact: bool = False, attribution: bool = False, rank_by: str = "kl", attribution_tokens: int | None = None,
+             tokenizer=None, dtype="float32", batch_size: int | None = None, progress: bool | None = None):
+    """Evaluate ``model`` (a ``builtin:NAME`` spec, a Hugging Face folder, or a loaded causal LM).
+
+    * ``metric="perplexity"`` -> :class:`PerplexityResult` (with ``.reference``, the reference's
+      perplexity on the same tokens, when ``reference`` is given).
+    * ``metric="kl-divergence"`` -> :class:`KLResult`, KL(reference||model) and KL(model||reference)
+      per token (mean/median/max), top-k (``top_k``) or ``exact``, plus both perplexities.
+    * ``attribution=True`` (needs ``reference``) adds ``.attribution``: an
+      :class:`AttributionResult` ranking the decoder layers of ``model`` by the KL (or, with
+      ``rank_by="ppl"``, the perplexity increase) each causes alone, on the first
+      ``attribution_tokens`` tokens (default: 4 windows).
+
+    ``dataset``: ``"builtin"`` (held-out eval text), a ``.jsonl``/``.txt`` file or folder, or a list
+    of strings. ``seq_len`` defaults to the model's context capped at 2048, ``stride`` to half of it;
+    ``max_tokens`` cuts the token stream. ``device`` moves the models (default for specs: CUDA
+    when available, else CPU; a loaded model stays where it is). Logits are always float32.
+    A loaded model needs ``tokenizer`` unless ``dataset`` is already a 1-D tensor of token ids.
+    """
+    import torch
+
+    _validate(metric, reference, seq_len, stride, max_tokens, top_k, exact, attribution, rank_by)
+    model, tokenizer = _load(model, tokenizer, dtype, device)
+    if isinstance(dataset, torch.Tensor):
+        ids, ds = dataset.reshape(-1).long(), {"name": "token-ids", "version": None, "documents": None}
+    else:
+        if tokenizer is None:
+            raise ValueError("[eval] a loaded model needs tokenizer=... to encode the eval text "
+                             "(or pass a folder / builtin:NAME, whose tokenizer is used)")
+        texts, name = _texts(dataset)
+        if not texts:
+            raise ValueError(f"[eval] dataset {name!r} holds no text")
+        ids = torch.tensor(token_stream(tokenizer, texts), dtype=torch.long)
+        ds = {"name": name, "version": dataset_version(texts), "documents": len(texts)}
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    seq_len, stride = resolve_protocol(model, seq_len, stride)
+    ref_model = None
+    if reference is not None:
+        # the reference runs where the model runs: the two are compared batch by batch
+        ref_model, _ = _load(reference, None, dtype, model_device(model))
+        _check_vocab(ref_model, model)
+    kw = dict(seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress, dataset=ds)
+    if metric == "perplexity":
+        result = perplexity_from_ids(model, ids, **kw)
+        result.reference = perplexity_from_ids(ref_model, ids, **kw) if ref_model is not None else None
+    else:
+        result = kl_divergence_from_ids(ref_model, model, ids, top_k=top_k, exact=exact, **kw)
+    if attribution:
+        n = attribution_tokens or min(ids.numel(), seq_len + (ATTRIBUTION_WINDOWS - 1) * stride)
+        result.attribution = attribute_layers(ref_model, model, ids[:n], top_k=top_k, rank_by=rank_by, **kw)
+    return result
+
+
+def _check_vocab(reference, model):
+    rv = getattr(getattr(reference, "config", None), "vocab_size", None)
+    mv = getattr(getattr(model, "config", None), "vocab_size", None)
+    if rv is not None and mv is not None and rv != mv:
+        raise ValueError(f"[eval] the reference has vocab_size {rv}, the model {mv}; comparing them needs "
+                         "the same tokenizer")

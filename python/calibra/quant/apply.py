@@ -1,0 +1,182 @@
+"""Model-level quantization: which weights of a decoder layer are quantized, in what order, from which
+statistics, and how the result is written back into the model.
+
+The calibration runner (``calibra.calib.LayerRunner``) calls :class:`LayerQuantizer` as its ``on_layer``
+callback with the layer on the compute device and that layer's statistics just collected. The quantizer
+
+* finds the layer's targets (:func:`layer_targets`): every ``nn.Linear`` the adapter lists (q/k/v/o,
+  gate/up/down, shared experts) and every expert projection of an MoE block -- for transformers-5
+  fused experts the 2-D slice ``experts.gate_up_proj[e]`` ``[2I, H]`` / ``experts.down_proj[e]``
+  ``[H, I]`` of the 3-D parameter. Routers, embeddings and lm_head are never targets;
+* quantizes them group by group in execution order -- (q, k, v) -> o -> (gate, up) -> down -- and,
+  with ``true_sequential`` (AutoGPTQ's option, on by default), asks the runner to re-collect the layer's
+  Hessians before each later group, so o_proj is solved on the outputs of the *quantized* q/k/v, and
+  so on;
+* writes each result's effective dense weight (``QuantizedLayer.dense()``, rotation undone) back into
+  the parameter in place, so the runner feeds the next layer what the quantized model computes.
+
+Experts use their own Hessian shrunk toward the layer's pooled one (``CalibrationStats.hessian``), so an
+expert that saw few or no tokens still gets a finite, well-conditioned Hessian.
+
+This module imports no calibration code: statistics arrive as a duck-typed ``CalibrationStats``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from calibra.quant.config import GPTQConfig, MRGPTQConfig, RTNConfig
+from calibra.quant.gptq import gptq_quantize
+from calibra.quant.mr_gptq import mr_gptq_quantize
+from calibra.quant.result import QuantizedLayer
+from calibra.quant.rtn import rtn_quantize
+
+# execution order of the roles inside a decoder layer (true-sequential groups)
+GROUPS = (("q", "k", "v"), ("o",), ("gate", "up", "gate_up"), ("down",), ("other",))
+_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+          "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+@dataclass
+class Target:
+    """One weight to quantize: ``weight()`` gives the 2-D ``[out, in]`` view, ``store(w)`` writes back."""
+
+    name: str
+    """QuantizedModel key (module path; ``<block>.experts.<e>.gate_up_proj``/``down_proj`` for fused)."""
+    stats_key: str
+    """Hessian key in the statistics."""
+    role: str
+    in_features: int
+    out_features: int
+    expert: bool
+    weight: Callable[[], torch.Tensor]
+    store: Callable[[torch.Tensor], None]
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+def _linear_target(name: str, stats_key: str, mod: nn.Linear, expert: bool) -> Target:
+    def store(w, mod=mod):
+        mod.weight.data.copy_(w)
+
+    return Target(name=name, stats_key=stats_key, role=_ROLES.get(name.rsplit(".", 1)[-1], "other"),
+                  in_features=mod.in_features, out_features=mod.out_features, expert=expert,
+                  weight=lambda mod=mod: mod.weight.data, store=store)
+
+
+def _slice_target(name: str, param: nn.Parameter, e: int, role: str) -> Target:
+    def store(w, param=param, e=e):
+        param.data[e].copy_(w)
+
+    return Target(name=name, stats_key=name, role=role, in_features=param.shape[2], out_features=param.shape[1],
+                  expert=True, weight=lambda param=param, e=e: param.data[e], store=store)
+
+
+def layer_targets(adapter, index: int, layer: nn.Module) -> list[Target]:
+    """Every quantizable weight of decoder layer ``index``, in module order (see the module docstring)."""
+    lname = adapter.layer_name(index)
+    out = [_linear_target(f"{lname}.{n}", f"{lname}.{n}", m, False) for n, m in adapter.linear_modules(layer).items()]
+    for block in adapter.moe_blocks(layer):
+        pre = f"{lname}.{block.name}.experts"
+        for e in range(block.num_experts):
+            if block.fused:
+                ex = block.experts
+                out.append(_slice_target(f"{pre}.{e}.gate_up_proj", ex.gate_up_proj, e, "gate_up"))
+                out.append(_slice_target(f"{pre}.{e}.down_proj", ex.down_proj, e, "down"))
+                continue
+            for n, m in block.experts[e].named_children():
+                if isinstance(m, nn.Linear):
+                    role = _ROLES.get(n, "other")
+                    key = f"{pre}.{e}.{'down_proj' if role == 'down' else 'gate_up_proj'}"
+                    out.append(_linear_target(f"{pre}.{e}.{n}", key, m, True))
+    return out
+
+
+def hessian_for(stats, target: Target) -> tuple[torch.Tensor, int, int]:
+    """``(H, n, tokens)`` for the solvers (which use ``2 H / n``): the raw sum and its count for a Linear;
+    for an expert the shrunk mean Hessian with n = 1 (``tokens`` is the expert's real count, logged)."""
+    if target.expert:
+        tokens = stats.count("hessian", target.stats_key)
+        return stats.hessian(target.stats_key), 1, tokens
+    key = f"hessian/sum/{target.stats_key}"
+    if key not in stats.tensors:
+        raise ValueError(f"[quantize] no Hessian for {target.name} in the calibration statistics; calibrate "
+                         f"with the 'hessian' observer on this model")
+    n = stats.count("hessian", target.stats_key)
+    return stats.tensors[key], n, n
+
+
+def solve(target: Target, config, stats, layer: int | None) -> QuantizedLayer:
+    """Quantize one target with ``config`` (RTN needs no statistics)."""
+    w = target.weight()
+    if isinstance(config, RTNConfig):
+        return rtn_quantize(w, config, name=target.name, layer=layer)
+    h, n, tokens = hessian_for(stats, target)
+    h = h.to(w.device)
+    if isinstance(config, MRGPTQConfig):
+        ql = mr_gptq_quantize(w, h, n, config, name=target.name, layer=layer)
+    elif isinstance(config, GPTQConfig):
+        ql = gptq_quantize(w, h, n, config, name=target.name, layer=layer)
+    else:
+        raise TypeError(f"[quantize] config must be RTNConfig, GPTQConfig or MRGPTQConfig, got {type(config).__name__}")
+    ql.log.samples = tokens
+    return ql
+
+
+class LayerQuantizer:
+    """The ``on_layer`` callback that quantizes a decoder layer in place.
+
+    Args:
+        config: the validated RTNConfig / GPTQConfig / MRGPTQConfig.
+        adapter: the model's ``ModelAdapter``.
+        overrides: module name -> config to use instead (mixed precision), or ``None`` to keep it dense.
+        recollect: ``recollect(index, layer) -> stats`` (``LayerRunner.recollect``) for true-sequential;
+            ``None`` quantizes every group from the first statistics.
+        on_module: called with each finished ``QuantizedLayer`` (progress, logging).
+    """
+
+    def __init__(self, config, adapter, *, overrides: dict | None = None, recollect: Callable | None = None,
+                 on_module: Callable | None = None):
+        self.config, self.adapter = config, adapter
+        self.overrides = dict(overrides or {})
+        self.recollect = recollect
+        self.on_module = on_module
+        self.layers: dict[str, QuantizedLayer] = {}
+        self.dense: list[str] = []
+        self.layer_seconds: list[float] = []
+
+    @property
+    def true_sequential(self) -> bool:
+        return bool(getattr(self.config, "true_sequential", False)) and self.recollect is not None
+
+    def __call__(self, index: int, layer: nn.Module, stats) -> None:
+        t0 = time.perf_counter()
+        targets = layer_targets(self.adapter, index, layer)
+        done_any = False
+        for roles in GROUPS:
+            group = [t for t in targets if t.role in roles]
+            if not group:
+                continue
+            if done_any and self.true_sequential:
+                stats = self.recollect(index, layer)
+            for t in group:
+                cfg = self.overrides.get(t.name, self.config)
+                if cfg is None:
+                    self.dense.append(t.name)
+                    continue
+                ql = solve(t, cfg, stats, index)
+                t.store(ql.dense())
+                self.layers[t.name] = ql
+                done_any = True
+                if self.on_module is not None:
+                    self.on_module(ql)
+        self.layer_seconds.append(time.perf_counter() - t0)
+
+
+__all__ = ["GROUPS", "Target", "layer_targets", "hessian_for", "solve", "LayerQuantizer"]

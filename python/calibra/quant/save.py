@@ -1,0 +1,184 @@
+"""calibra's own quantized-model folder (until an engine format is asked for through the exporters).
+
+Layout of DIR:
+
+* ``quantized.safetensors`` -- for every quantized weight ``<name>``: ``<name>.codes`` (uint8, one code
+  per weight), ``<name>.scales``, ``<name>.zeros`` (int formats), ``<name>.g_idx`` (act-order with
+  dynamic groups), ``<name>.global_scale`` (FP4); plus every tensor of the model that was not quantized
+  (embeddings, norms, lm_head, routers, dense modules) under its state-dict name. A fused-expert 3-D
+  parameter is stored whole only when some of its experts stayed dense; quantized slices override it.
+* ``quantization.json`` -- format/version, the config, and per module: method, format, bits, group
+  size, symmetric, rotation, shape;
+* ``config.json`` and the tokenizer files; ``report.json`` (written by the API).
+
+Everything is written into a temporary folder beside DIR and renamed into place at the end, so DIR
+either holds a complete result or nothing (an existing DIR is refused without ``overwrite`` and, with
+it, replaced whole). Tensors and JSON are written in sorted order, so the same inputs give the same bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "calibra-quantized"
+FORMAT_VERSION = 1
+WEIGHTS = "quantized.safetensors"
+MANIFEST = "quantization.json"
+
+
+def check_output(path, overwrite: bool) -> Path:
+    """Refuse an existing output folder without ``overwrite`` (checked before any work starts)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"[quantize] output {path} already exists; pass overwrite=True (--overwrite) to "
+                              f"replace it, or choose another folder")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"[quantize] output {path} exists and is not a folder")
+    return path
+
+
+def config_dict(config) -> dict:
+    d = dataclasses.asdict(config)
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {"method": config.method, **d}
+
+
+def _quantized_params(qm) -> tuple[set, dict]:
+    """(state-dict names of 2-D weights fully replaced by codes, {3-D param name: set of expert indices})."""
+    full, slices = set(), {}
+    for name in qm.layers:
+        if ".experts." in name and (name.endswith(".gate_up_proj") or name.endswith(".down_proj")):
+            block, rest = name.rsplit(".experts.", 1)
+            e, proj = rest.split(".", 1)
+            slices.setdefault(f"{block}.experts.{proj}", set()).add(int(e))
+        else:
+            full.add(f"{name}.weight")
+    return full, slices
+
+
+def tensors_of(qm) -> dict[str, torch.Tensor]:
+    """Every tensor of ``quantized.safetensors`` (see the module docstring)."""
+    out = {}
+    for name, ql in qm.layers.items():
+        for field in ("codes", "scales", "zeros", "g_idx", "global_scale"):
+            t = getattr(ql, field)
+            if t is not None:
+                out[f"{name}.{field}"] = t
+    full, slices = _quantized_params(qm)
+    seen = set()
+    for k, v in qm.model.state_dict().items():
+        if k in full:
+            continue
+        if k in slices and len(slices[k]) == v.shape[0]:
+            continue
+        key = (v.data_ptr(), tuple(v.shape))
+        if key in seen:  # tied weights: stored once (config.json says they are tied)
+            continue
+        seen.add(key)
+        out[k] = v
+    return {k: out[k].detach().cpu().contiguous() for k in sorted(out)}
+
+
+def manifest(qm) -> dict:
+    mods = {}
+    for name in sorted(qm.layers):
+        ql = qm.layers[name]
+        mods[name] = {"method": ql.method, "format": ql.format, "bits": ql.bits, "group_size": ql.group_size,
+                      "symmetric": ql.symmetric, "shape": list(ql.codes.shape), "g_idx": ql.g_idx is not None,
+                      "rotation": ql.rotation, "dtype": str(ql.weight.dtype).replace("torch.", "")}
+    extra = qm.report.get("quantization", {})
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_dict(qm.config),
+            "modules": mods, "dense_modules": sorted(extra.get("dense_modules", [])),
+            "smoothed_modules": sorted(extra.get("smoothed_modules", []))}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def write(qm, path, *, overwrite: bool = False, report: dict | None = None, extra_files: dict | None = None) -> Path:
+    """Write the folder atomically (see the module docstring). ``extra_files``: name -> JSON object."""
+    from safetensors.torch import save_file
+
+    path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save_file(tensors_of(qm), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        _write_json(tmp / MANIFEST, manifest(qm))
+        qm.model.config.to_json_file(str(tmp / "config.json"), use_diff=False)
+        if qm.tokenizer is not None:
+            qm.tokenizer.save_pretrained(str(tmp))
+        for name, obj in (extra_files or {}).items():
+            _write_json(tmp / name, obj)
+        if report is not None:
+            _write_json(tmp / "report.json", report)
+        if path.exists():  # --overwrite: replace the folder whole, never merge into it
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load(path, dtype=torch.float32):
+    """Rebuild the simulated quantized model from a folder written by :func:`write`: the model from
+    config.json, non-quantized tensors as stored, every quantized weight dequantized from its codes.
+    Returns ``(model, manifest)``."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from calibra.ops import hadamard
+
+    path = Path(path)
+    man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    if man.get("format") != FORMAT:
+        raise ValueError(f"[quantize] {path} is not a calibra quantized folder ({MANIFEST} format "
+                         f"{man.get('format')!r})")
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    tensors = load_file(str(path / WEIGHTS))
+    quant_keys = {f"{m}.{f}" for m in man["modules"] for f in ("codes", "scales", "zeros", "g_idx", "global_scale")}
+    sd = {k: v for k, v in tensors.items() if k not in quant_keys}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    params = dict(model.named_parameters())
+    for name, info in man["modules"].items():
+        w = _dequantize(tensors, name, info)
+        if info["rotation"] is not None:
+            w = hadamard(w.float(), info["rotation"]["block_size"])
+        if f"{name}.weight" in params:
+            params[f"{name}.weight"].data.copy_(w.to(dtype))
+            continue
+        block, rest = name.rsplit(".experts.", 1)
+        e, proj = rest.split(".", 1)
+        params[f"{block}.experts.{proj}"].data[int(e)].copy_(w.to(dtype))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model, man
+
+
+def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:
+    from calibra.quant.result import QuantizedLayer
+
+    get = tensors.get
+    codes = tensors[f"{name}.codes"]
+    ql = QuantizedLayer(name=name, method=info["method"], format=info["format"], bits=info["bits"],
+                        group_size=info["group_size"], symmetric=info["symmetric"], codes=codes,
+                        scales=tensors[f"{name}.scales"], zeros=get(f"{name}.zeros"), g_idx=get(f"{name}.g_idx"),
+                        global_scale=get(f"{name}.global_scale"),
+                        weight=torch.empty(0, dtype=getattr(torch, info["dtype"])), rotation=None, log=None)
+    return ql.dequantize()
+
+
+__all__ = ["write", "load", "check_output", "tensors_of", "manifest", "FORMAT", "WEIGHTS", "MANIFEST"]
