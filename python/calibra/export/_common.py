@@ -1,0 +1,115 @@
+"""What every format needs from a QuantizedModel: which weights are quantized, the dense remainder
+of the state dict under the names transformers' loader expects, and the checks that refuse what
+no format here can express (never write a file that loads but computes something else)."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from calibra.export.writer import ExportError
+
+_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def is_expert(name: str) -> bool:
+    return _EXPERT.match(name) is not None
+
+
+def refuse_rotation(qmodel, fmt: str) -> None:
+    rotated = [n for n, l in qmodel.layers.items() if l.rotation is not None]
+    if rotated:
+        raise ExportError(
+            f"[export] {fmt} cannot express MR-GPTQ's Hadamard rotation of the inputs ({len(rotated)} rotated "
+            f"layer(s), e.g. {rotated[0]}): an engine would run the rotated weight on unrotated activations. "
+            f"Export 'dense' (the effective weights), or quantize without MR-GPTQ")
+
+
+def refuse_experts(qmodel, fmt: str) -> None:
+    experts = [n for n in qmodel.layers if is_expert(n)]
+    if experts:
+        raise ExportError(
+            f"[export] {fmt}: quantized fused MoE expert weights ({len(experts)}, e.g. {experts[0]}) are not "
+            f"written by this exporter yet (no loader of transformers 5.23 was verified to load them quantized); "
+            f"export 'dense', or quantize the attention/dense layers only")
+
+
+def quantized_weight_keys(qmodel) -> set[str]:
+    return {f"{n}.weight" for n in qmodel.layers if not is_expert(n)}
+
+
+def tied(model) -> bool:
+    cfg = model.config
+    tie = getattr(cfg, "tie_word_embeddings", False)
+    if not tie:
+        return False
+    try:
+        return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    except AttributeError:
+        return bool(tie)
+
+
+def dense_state(qmodel, *, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The model's tensors that stay dense, named as on disk (transformers' save-time renaming, e.g.
+    fused experts back to per-expert weights), minus ``skip`` and a tied lm_head (FAULTS row 9: the
+    loader re-ties it from the embeddings, as transformers' own save_pretrained does)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = qmodel.model
+    sd = {k: v for k, v in model.state_dict().items() if k not in skip}
+    if tied(model):
+        out_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
+        if out_name in qmodel.layers:
+            raise ExportError(f"[export] {out_name} is quantized but tied to the input embeddings "
+                              f"(tie_word_embeddings=true); untie it or leave it dense")
+        sd.pop(f"{out_name}.weight", None)
+    return dict(revert_weight_conversion(model, sd))
+
+
+def linear_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def uniform(qmodel, fmt: str):
+    """The one (format, bits, group_size, symmetric) all quantized layers share (formats here write one
+    scheme per checkpoint)."""
+    schemes = {(l.format, l.bits, l.group_size, l.symmetric) for l in qmodel.layers.values()}
+    if not schemes:
+        raise ExportError(f"[export] {fmt}: the model has no quantized layers; export 'dense' instead")
+    if len(schemes) > 1:
+        raise ExportError(f"[export] {fmt}: layers use {len(schemes)} different schemes "
+                          f"{sorted(schemes)}; this exporter writes one scheme per checkpoint")
+    return next(iter(schemes))
+
+
+def trivial_g_idx(layer) -> bool:
+    """True when g_idx is absent or equals col // group_size (plain contiguous groups)."""
+    if layer.g_idx is None:
+        return True
+    n = layer.codes.shape[1]
+    gs = n if layer.group_size == -1 else layer.group_size
+    return bool(torch.equal(layer.g_idx.long().cpu(), torch.arange(n) // gs))
+
+
+def base_card_settings(qmodel, fmt: str) -> dict:
+    from calibra.export.writer import seed_of, settings_of
+
+    s = {f"quant_{k}": v for k, v in settings_of(qmodel).items()}
+    s["export_format"] = fmt
+    s["seed"] = seed_of(qmodel)
+    s["quantized_layers"] = len(qmodel.layers)
+    return s
+
+
+def write_hf_folder(folder, qmodel, tensors: dict, *, config_updates: dict, card: dict, metadata=None,
+                    max_shard_bytes: int | None = None, config_drop: tuple = ()) -> None:
+    """A Hugging Face-shaped folder: shards + index, config.json (with ``config_updates``),
+    generation_config.json, tokenizer files and README.md. The manifest is written by the caller last."""
+    from calibra.export import writer
+
+    kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    writer.save_shards(folder, tensors, metadata=metadata, **kw)
+    writer.write_config(folder, qmodel.model, config_updates, drop=config_drop)
+    writer.write_generation_config(folder, qmodel.model)
+    writer.write_tokenizer(folder, qmodel.tokenizer)
+    writer.write_card(folder, base_model=qmodel.source, **card)
