@@ -3,7 +3,7 @@
 Public surface (kept small on purpose): :mod:`calibra.ops` (kernel-level ops with native CPU/CUDA
 implementations and pure-torch references), :func:`calibrate` (one calibration pass -> statistics),
 :func:`quantize` (RTNConfig / GPTQConfig / MRGPTQConfig -> quantized model + report),
-:func:`evaluate` and :func:`build_info`.
+:func:`prune` (PruningConfig -> pruned model + report), :func:`evaluate` and :func:`build_info`.
 """
 __version__ = "0.1.0"
 
@@ -11,7 +11,7 @@ from calibra._native import build_info  # noqa: E402
 from calibra import ops  # noqa: E402
 
 __all__ = ["__version__", "build_info", "ops", "calibrate", "quantize", "evaluate", "RTNConfig", "GPTQConfig",
-           "MRGPTQConfig"]
+           "MRGPTQConfig", "prune", "PruningConfig", "JointQuant"]
 
 
 def __getattr__(name):
@@ -24,6 +24,16 @@ def __getattr__(name):
         from calibra.api import quantize
 
         return quantize
+    if name == "prune":
+        # the package calibra.prune is itself callable (calibra.prune(model, config) runs the verb), so the
+        # name means the same thing whether or not the subpackage was imported first
+        import calibra.prune as _prune_pkg
+
+        return _prune_pkg
+    if name in ("PruningConfig", "JointQuant"):
+        from calibra.prune import config as _pc
+
+        return getattr(_pc, name)
     if name in ("RTNConfig", "GPTQConfig", "MRGPTQConfig"):
         from calibra.quant import config as _qc
 
