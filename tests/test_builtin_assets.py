@@ -166,22 +166,24 @@ def test_greedy_generation_looks_like_code(loaded):
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=40, do_sample=False)
     text = tok.decode(out[0, x.shape[1]:])
-    assert text.startswith(("    ", "\t")), text  # an indented body
+    assert any(line.startswith("    ") and line.strip() for line in text.split("\n")), text  # indented code
     assert sum(text.count(c) for c in "()=:.") >= 3, text
 
 
 def test_every_expert_used_on_calibration_text():
+    # All of the calibration text: some experts are rare (see training.json), a slice can miss them.
     model, tok = assets.load_model("builtin:tiny-moe")
     facts = assets.training_facts("tiny-moe")["expert_usage_calibration"]
-    counts = expert_usage(model, tok, assets.builtin_texts("calibration"), max_windows=48)
+    counts = expert_usage(model, tok, assets.builtin_texts("calibration"), batch_size=16)
     assert len(counts) == model.config.num_hidden_layers and all(len(r) == 8 for r in counts)
-    n_tokens = 48 * 256
-    for layer, row in enumerate(counts):
-        assert sum(row) == 2 * n_tokens
-        assert all(c > 0 for c in row) or facts["unused_experts"][layer], (layer, row)
-    # the full-calibration histogram recorded at build time is uneven
+    for layer, (row, ref) in enumerate(zip(counts, facts["counts"])):
+        assert sum(row) == sum(ref)
+        assert all(c > 0 for c in row), (layer, row)
+        assert all(abs(c - r) <= 0.02 * r + 20 for c, r in zip(row, ref)), (layer, row, ref)
+        assert not facts["unused_experts"][layer]
+    # the recorded histogram is uneven
     for row in facts["fractions"]:
-        assert max(row) > 1.25 * min(row), row
+        assert max(row) > 2 * min(row), row
 
 
 def test_token_stream_protocol():
