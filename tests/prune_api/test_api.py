@@ -50,7 +50,7 @@ def test_method_pattern_writes_consistent_folder(llama_dir, calib, tmp_path, met
         zeros = int((w == 0).sum())
         # the report's achieved sparsity is the mask's, and the mask's zeros are the weight's (random
         # float weights have no kept exact zeros)
-        assert row["achieved_sparsity"] == pytest.approx(zeros / w.numel(), abs=0)
+        assert row["achieved_sparsity"] == pytest.approx(zeros / w.numel(), abs=0) == row["zero_fraction"]
         assert block["layers"][row["module"]] == row["achieved_sparsity"]
         if pattern == "unstructured":
             assert abs(row["achieved_sparsity"] - 0.5) <= 1.0 / w.shape[1]

@@ -159,7 +159,10 @@ class LayerPruner:
             t.store(res.weight)
             # keep the mask and the log only: the pruned weight lives in the model (no second copy of every
             # weight in memory), and joint-quantization codes are summarized in the log
+            # zero_fraction >= achieved_sparsity: a kept weight can also be 0 (dead channel, or joint
+            # quantization rounding it to the zero point)
             res.extra = {**res.extra, "samples": tokens, "weight_error": weight_error(w, res.weight),
+                         "zero_fraction": float((res.weight == 0).sum()) / res.weight.numel(),
                          "shape": [t.out_features, t.in_features], "expert": t.expert}
             if res.quantized is not None:
                 q = res.quantized
