@@ -390,13 +390,14 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
         "greedy_sample": {"prompt": CODE_PROMPT, "max_new_tokens": 64, "text": sample},
     }
     if is_moe:
-        counts = expert_usage(reloaded, tokenizer, calib_texts)
+        counts, first = expert_usage(reloaded, tokenizer, calib_texts, first_windows=True)
         facts["expert_usage_calibration"] = {
             "what": "per layer, how many times each expert is among the router's top-2, over all builtin "
                     f"calibration texts in non-overlapping windows of {SEQ_LEN} tokens",
             "counts": counts,
             "fractions": [[round(c / sum(row), 4) for c in row] for row in counts],
             "unused_experts": [[e for e, c in enumerate(row) if c == 0] for row in counts],
+            "first_window": first,
         }
         for li, row in enumerate(counts):
             log(f"layer {li} expert usage: " + " ".join(f"{c / sum(row):.3f}" for c in row))

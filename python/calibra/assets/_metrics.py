@@ -63,25 +63,39 @@ def perplexity(model, tokenizer, texts, seq_len: int = 256, max_windows: int | N
 
 
 def expert_usage(model, tokenizer, texts, seq_len: int = 256, max_windows: int | None = None,
-                 batch_size: int = 8) -> list[list[int]]:
-    """``counts[layer][expert]``: how often each expert is among the router's top-k, per layer."""
+                 batch_size: int = 8, only_windows=None, first_windows: bool = False):
+    """``counts[layer][expert]``: how often each expert is among the router's top-k, per layer.
+
+    ``only_windows``: measure only these window indices. With ``first_windows=True`` also return
+    ``first[layer][expert]``, the first window index in which the expert is chosen (None if never).
+    """
     import torch
 
     cfg = model.config
     n_exp = cfg.num_local_experts if hasattr(cfg, "num_local_experts") else cfg.num_experts
     top_k = cfg.num_experts_per_tok
     x = windows(token_stream(tokenizer, texts), seq_len, max_windows)
+    index = torch.arange(x.shape[0]) if only_windows is None else torch.tensor(sorted(set(only_windows)))
     counts = None
+    first = None
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            out = model(input_ids=x[i:i + batch_size], output_router_logits=True)
+        for i in range(0, index.numel(), batch_size):
+            win = index[i:i + batch_size]
+            out = model(input_ids=x[win], output_router_logits=True)
             per_layer = []
-            for logits in out.router_logits:
+            for li, logits in enumerate(out.router_logits):
                 idx = torch.topk(logits.float().reshape(-1, n_exp), top_k, dim=-1).indices
                 per_layer.append(torch.bincount(idx.reshape(-1), minlength=n_exp))
+                if first_windows:
+                    first = first or [[None] * n_exp for _ in out.router_logits]
+                    hit = torch.nn.functional.one_hot(idx, n_exp).sum(1).view(win.numel(), seq_len, n_exp).sum(1)
+                    for e in range(n_exp):
+                        rows = (hit[:, e] > 0).nonzero()
+                        if first[li][e] is None and rows.numel():
+                            first[li][e] = int(win[rows[0, 0]])
             layer_counts = torch.stack(per_layer)
             counts = layer_counts if counts is None else counts + layer_counts
     model.train(was_training)
-    return counts.tolist()
+    return (counts.tolist(), first) if first_windows else counts.tolist()
