@@ -35,16 +35,16 @@ def _label(pattern, sparsity):
 def run_model(spec: str, args) -> list[dict]:
     import calibra
     from calibra.assets import load_model
-    from calibra.data import CalibrationConfig, CalibrationDataset, tokenize_calibration
-    from calibra.data.config import model_max_positions
+    from calibra.data import CalibrationConfig
     from calibra.eval.session import EvalSession
     from calibra.prune import JointQuant, PruningConfig
 
     torch.manual_seed(0)
     model, tok = load_model(spec, dtype="float32")
-    cal_cfg = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=args.seed)
-    calib = tokenize_calibration(CalibrationDataset.from_source("builtin"), tok, cal_cfg,
-                                 max_positions=model_max_positions(model.config))
+    # a CalibrationConfig (tokenized inside each run, identically): batches of --batch-size samples keep the
+    # per-batch Python work of the MoE observers small
+    calib = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=args.seed,
+                              batch_size=args.batch_size)
     t0 = time.perf_counter()
     ev = EvalSession(model, tok, max_tokens=args.eval_tokens, seq_len=args.eval_seq_len, progress=False,
                      label="pruned")
@@ -70,6 +70,9 @@ def run_model(spec: str, args) -> list[dict]:
                "kl_median": block["kl_divergence"]["median"], "eval_tokens": block["protocol"]["tokens_scored"],
                "seconds": time.perf_counter() - t0}
         out.append(row)
+        if args.json:  # keep partial results of long runs
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"args": vars(args), "rows": out}, f, indent=2)
         print(f"  {method:9s} {str(row['pattern']):17s} W{bits or 16:<2} ppl {row['ppl']:9.3f}  KL {row['kl_mean']:.4f}"
               f"  ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return out
@@ -108,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=32, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     p.add_argument("--eval-tokens", type=int, default=32768, help="first N tokens of the held-out stream")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window (stride = half)")
     p.add_argument("--group-size", type=int, default=128, help="W4 joint quantization group size")
