@@ -83,8 +83,11 @@ def iter_scored(model, ids, plan: list[Window], *, batch_size: int | None = None
         except ImportError:  # tqdm is a dependency, but a progress bar is never worth failing for
             bar = None
     ids = ids.to(device)
-    with torch.inference_mode():
-        for group in _group(plan, batch_size, vocab):
+    # inference mode around each step, never around the yield: a generator suspended inside the context
+    # leaks the mode into its caller, and two interleaved generators (zip of reference and compressed)
+    # restore each other's saved state, leaving inference mode switched on for the whole process
+    for group in _group(plan, batch_size, vocab):
+        with torch.inference_mode():
             x = torch.stack([ids[w.begin:w.end] for w in group])
             keep = max(w.scored for w in group) + 1
             kwargs = {"use_cache": False}
@@ -101,8 +104,8 @@ def iter_scored(model, ids, plan: list[Window], *, batch_size: int | None = None
                 raise FloatingPointError(
                     f"[eval] non-finite logits in tokens {group[0].begin}..{group[-1].end} of the eval "
                     "stream; the model overflows in its dtype (load it in float32) or its weights hold NaN/Inf")
-            yield lp, targets
-            if bar is not None:
-                bar.update(len(group))
+        yield lp, targets
+        if bar is not None:
+            bar.update(len(group))
     if bar is not None:
         bar.close()
