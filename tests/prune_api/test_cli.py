@@ -85,7 +85,10 @@ def test_builtin_model(name, tmp_path):
     if not (assets.ASSETS_DIR / "models" / name / "config.json").is_file():
         pytest.skip(f"builtin:{name} is not in this checkout")
     out = tmp_path / name
-    main(["prune", "--input", f"builtin:{name}", "--output", str(out), "--method", "sparsegpt", "--pattern", "2:4",
+    # SparseGPT on the dense model; the MoE runs data-free magnitude (its calibration pass is the slow part on a
+    # loaded CI machine, and the API tests cover calibrated experts on a small local Mixtral)
+    method = "sparsegpt" if name == "tiny-llama" else "magnitude"
+    main(["prune", "--input", f"builtin:{name}", "--output", str(out), "--method", method, "--pattern", "2:4",
           "--save-24", "--samples", "4", "--seq-len", "64", "--eval-max-tokens", "600", "--eval-seq-len", "128",
           "--no-progress"])
     rep = read_report(out)
