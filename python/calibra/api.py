@@ -1,5 +1,6 @@
 """calibra's public verbs. ``calibrate``: one calibration pass -> ``CalibrationStats`` (and a file);
-``quantize`` (in ``api_quantize``): model -> ``(QuantizedModel, report)`` (and a folder)."""
+``quantize`` (in ``api_quantize``): model -> ``(QuantizedModel, report)`` (and a folder);
+``prune`` (in ``api_prune``): model -> ``(model, report)`` (and a folder)."""
 from __future__ import annotations
 
 import dataclasses
@@ -170,3 +171,10 @@ def quantize(model, config, calibration=None, **kwargs):
     from calibra.api_quantize import quantize as _quantize
 
     return _quantize(model, config, calibration, **kwargs)
+
+
+def prune(model, config, calibration=None, **kwargs):
+    """See :func:`calibra.api_prune.prune`."""
+    from calibra.api_prune import prune as _prune
+
+    return _prune(model, config, calibration, **kwargs)

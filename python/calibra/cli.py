@@ -261,6 +261,125 @@ def _add_quantize(sub) -> None:
     q.set_defaults(fn=_cmd_quantize)
 
 
+def _prune_config(args: argparse.Namespace):
+    """The PruningConfig from the flags; validated by calibra.prune before anything loads."""
+    from calibra.prune import JointQuant, PruningConfig
+
+    pattern = args.pattern
+    nm = ":" in pattern
+    if nm and args.sparsity is not None:
+        raise ValueError(f"[prune] pattern {pattern} fixes the sparsity; drop --sparsity (or use --pattern "
+                         f"unstructured with --sparsity)")
+    sparsity = None if nm else (0.5 if args.sparsity is None else args.sparsity)
+    jq = None
+    if args.bits is not None:
+        jq = JointQuant(bits=args.bits, group_size=args.group_size, sym=not args.asym)
+    return PruningConfig(method=args.method, target_sparsity=sparsity, pattern=pattern, scope=args.scope,
+                         gradual_steps=args.gradual_steps, skip_indivisible=args.skip_indivisible,
+                         block_size=args.block_size, damp_percent=args.damp, quantize=jq)
+
+
+def _print_prune_summary(report: dict) -> None:
+    s, t, st = report["summary"], report["timings"], report["settings"]
+    jq = st["joint_quantization"]
+    print(f"calibra prune: {report['model']['source']} with {st['method']} ({st['pattern']}"
+          + (f", W{jq['bits']} g{jq['group_size']}" if jq else "") + ")")
+    rows = [("modules pruned", f"{s['pruned_modules']}" + (f" ({len(s['dense_modules'])} kept dense)"
+                                                             if s["dense_modules"] else "")),
+            ("sparsity", f"target {s['target_sparsity']:.4f}, achieved {s['achieved_sparsity']:.4f} "
+                         f"({s['zeroed_weights']} of {s['pruned_weights_total']} weights zeroed)")]
+    errs = [m["reconstruction_error"] for m in report["modules"] if m.get("reconstruction_error") is not None]
+    if errs:
+        rows.append(("reconstruction err", f"mean {sum(errs) / len(errs):.5f}, max {max(errs):.5f} "
+                                           f"(relative output error on the calibration inputs)"))
+    ev = report.get("eval")
+    if ev:
+        p, kl = ev["perplexity"], ev["kl_divergence"]
+        rows += [("perplexity", f"{p['baseline']:.4f} -> {p['compressed']:.4f} "
+                                f"({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)"),
+                 ("KL(dense||pruned)", f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} "
+                                       f"nats/token ({kl['mode']}{'-' + str(kl['top_k']) if kl['top_k'] else ''})"),
+                 ("eval protocol", f"seq_len {ev['protocol']['seq_len']}, stride {ev['protocol']['stride']}, "
+                                   f"{ev['protocol']['tokens_scored']} tokens of {ev['protocol']['dataset']['name']}")]
+    rows.append(("time", f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
+                         f"eval {t['eval']:.1f}, write {t['write']:.1f})"))
+    if report.get("output"):
+        rows.append(("output", report["output"]))
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from calibra.api import prune
+    from calibra.data import CalibrationConfig
+
+    config = _prune_config(args)
+    calibration = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len,
+                                    batch_size=args.batch_size, dataset=args.calibration, seed=args.seed)
+    evaluate = True if args.eval else (False if args.no_eval else None)
+    _, report = prune(args.input, config, calibration, output=args.output, overwrite=args.overwrite,
+                      save_24=args.save_24, evaluate=evaluate, device=args.device, dtype=args.dtype,
+                      eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
+                      progress=not args.no_progress)
+    _print_prune_summary(report)
+    return 0
+
+
+def _add_prune(sub) -> None:
+    D = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("prune", formatter_class=D, help="prune a model (magnitude, Wanda, SparseGPT) and write it "
+                       "with report.json",
+                       description="Prune MODEL's decoder Linears and experts (lm_head, embeddings and routers stay "
+                                   "dense) and write the result into DIR atomically: dense safetensors (zeros "
+                                   "included) with config.json's calibra_sparsity block, the tokenizer, "
+                                   "sparsity.json, report.json (settings, versions, timings, per-module achieved "
+                                   "sparsity and reconstruction error, stages, evaluation) and, with --save-24, "
+                                   "sparse24.safetensors. Every setting is checked before the model loads; nothing "
+                                   "is written on error.")
+    p.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
+    p.add_argument("--output", required=True, help="output folder DIR (refused if it exists, see --overwrite)")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"],
+                   help="magnitude: |w| (data-free); wanda: |w| * ||X_j|| per output row; sparsegpt: OBS sweep with "
+                        "the calibration Hessian and error compensation")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in (0, 1), for "
+                   "unstructured and block patterns (default 0.5); N:M patterns fix it at 1 - n/m")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, n:m (2:4, 4:8: n kept of every m "
+                   "input channels) or block:RxC")
+    p.add_argument("--scope", default=None, choices=["row", "layer"], help="where scores compete (default: "
+                   "layer for magnitude, row for wanda; sparsegpt selects per column block)")
+    p.add_argument("--bits", type=int, default=None, help="sparsegpt: also quantize the kept weights to this many "
+                   "integer bits (2..8) in the same sweep (joint mode); stored dequantized, recorded in the report")
+    p.add_argument("--group-size", type=int, default=128, help="joint quantization: columns per scale group "
+                   "(-1 = one group per row)")
+    p.add_argument("--asym", action="store_true", help="joint quantization: asymmetric grid (zero points)")
+    p.add_argument("--block-size", type=int, default=128, help="sparsegpt: columns per lazy batch")
+    p.add_argument("--damp", type=float, default=0.01, help="sparsegpt: damping, fraction of mean(diag H); a "
+                   "failed Cholesky climbs the ladder 0.1, 1, 10, then float64")
+    p.add_argument("--gradual-steps", type=int, default=1, help="reach the sparsity in this many pruning steps, "
+                   "re-collecting the layer's statistics in between (1 = one-shot)")
+    p.add_argument("--skip-indivisible", action="store_true", help="leave layers whose width the pattern does not "
+                   "divide dense (recorded in the report) instead of failing")
+    p.add_argument("--save-24", action="store_true", help="also write sparse24.safetensors: calibra's compressed "
+                   "2:4 form (values + metadata per module; pattern 2:4)")
+    p.add_argument("--calibration", default="builtin", help="calibration text (wanda, sparsegpt): builtin, a "
+                   ".txt/.json/.jsonl file or folder, or a hub set name")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
+    p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens "
+                   "(default: all)")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
+    p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
+    p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -307,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the full description as JSON")
     ins.set_defaults(fn=_cmd_inspect)
     _add_quantize(sub)
+    _add_prune(sub)
     return p
 
 

@@ -10,7 +10,16 @@ weight and its mask out.
 - :mod:`~calibra.prune.schedules`: OneShot, Gradual, Cubic; :mod:`~calibra.prune.callback`: the mask
   callback for training loops; :mod:`~calibra.prune.gradual`: data-only gradual pruning.
 - :mod:`~calibra.prune.stages`: the PruningStage state machine behind progress display and the report.
+
+The package is callable: ``calibra.prune(model, config, calibration=...)`` is the model-level verb
+(:func:`calibra.api_prune.prune`). A Python package and a function cannot share the name
+``calibra.prune`` (importing the subpackage rebinds the attribute), so the package's module object
+forwards calls to the verb. That forward is the one import from here up to the API floor, done
+lazily at call time; nothing in this package depends on it.
 """
+import sys as _sys
+import types as _types
+
 from calibra.prune.callback import MaskCallback
 from calibra.prune.config import JointQuant, PruneMethod, PruningConfig
 from calibra.prune.methods import magnitude_scores, prune_magnitude, prune_wanda, prune_weight, wanda_scores
@@ -25,3 +34,14 @@ __all__ = ["PruningConfig", "PruneMethod", "JointQuant", "Unstructured", "NM", "
            "OneShot", "Gradual", "Cubic", "LayerStats", "PrunedLayer", "relative_output_error", "magnitude_scores",
            "wanda_scores", "prune_magnitude", "prune_wanda", "prune_weight", "sparsegpt_prune", "torch_block_sweep",
            "MaskCallback", "prune_gradually", "gradual_sparsities", "PruningStage", "StageTracker"]
+
+
+class _CallablePackage(_types.ModuleType):
+    def __call__(self, model, config, calibration=None, **kwargs):
+        """``calibra.prune(model, config, calibration=None, **kwargs)``: see :func:`calibra.api_prune.prune`."""
+        from calibra.api_prune import prune
+
+        return prune(model, config, calibration, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage
