@@ -67,7 +67,7 @@ MODELS = {
         arch="llama",
         config=dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_act="silu",
-                    max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
                     initializer_range=0.02),
         steps=800, batch=16, lr=3e-3, warmup=60, weight_decay=0.1,
@@ -76,7 +76,7 @@ MODELS = {
         arch="mixtral",
         config=dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_act="silu",
-                    max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                     tie_word_embeddings=False, num_local_experts=8, num_experts_per_tok=2,
                     router_aux_loss_coef=0.01, router_jitter_noise=0.0, output_router_logits=False,
                     initializer_range=0.02, sliding_window=None),
@@ -231,7 +231,7 @@ def train_tokenizer(train_texts: list[str]):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(train_texts, trainer=trainer, length=len(train_texts))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                   model_max_length=1024, clean_up_tokenization_spaces=False)
+                                   model_max_length=256, clean_up_tokenization_spaces=False)
 
 
 def portable_tokenizer_config(folder: Path) -> None:

@@ -227,7 +227,8 @@ def _add_quantize(sub) -> None:
     q.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl file "
                    "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)")
     q.add_argument("--samples", type=int, default=128, help="calibration samples")
-    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    q.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration sample (default: the model's context, at most 2048)")
     q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
     q.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
     q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by descending Hessian "
@@ -365,7 +366,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--calibration", default="builtin", help="calibration text (wanda, sparsegpt): builtin, a "
                    ".txt/.json/.jsonl file or folder, or a hub set name")
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration sample (default: the model's context, at most 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
     p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
@@ -400,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl "
                      "file or folder, or a hub set name")
     cal.add_argument("--samples", type=int, default=128, help="number of calibration samples")
-    cal.add_argument("--seq-len", type=int, default=512, help="tokens per sample")
+    cal.add_argument("--seq-len", type=int, default=None,
+                     help="tokens per calibration sample (default: the model's context, at most 2048)")
     cal.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
     cal.add_argument("--seed", type=int, default=0, help="seed that selects and orders the samples")
     cal.add_argument("--observers", default="hessian", help="comma-separated: hessian,norms,ranges,kv")
