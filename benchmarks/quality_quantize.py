@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=["builtin:tiny-llama", "builtin:tiny-moe"])
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sample")
+    ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample (default: the model's context)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="eval window (default: the model's context)")
     ap.add_argument("--eval-max-tokens", type=int, default=None, help="cut the eval stream (default: all of it)")
     ap.add_argument("--top-k", type=int, default=64)

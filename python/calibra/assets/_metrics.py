@@ -18,14 +18,11 @@ import math
 
 
 def token_stream(tokenizer, texts) -> list[int]:
-    """All ``texts`` encoded without special tokens, each followed by the end-of-text token."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-        if eos is not None:
-            ids.append(eos)
-    return ids
+    """All ``texts`` encoded without special tokens, each followed by the end-of-text token (the
+    evaluation protocol's own stream, so the two can never drift apart)."""
+    from calibra.eval.windows import token_stream as eval_token_stream
+
+    return eval_token_stream(tokenizer, texts)
 
 
 def windows(ids: list[int], seq_len: int = 256, max_windows: int | None = None):

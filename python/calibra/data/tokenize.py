@@ -115,9 +115,11 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+def encode_text(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids of ``text``. Works with transformers tokenizers and raw ``tokenizers.Tokenizer``;
-    never touches the network (the tokenizer is already loaded)."""
+    never touches the network (the tokenizer is already loaded). ``verbose=False`` because documents
+    are longer than the model's context on purpose: they are chunked afterwards, and transformers'
+    "longer than the specified maximum sequence length" warning would only mislead."""
     try:
         out = tokenizer.encode(text, add_special_tokens=add_special_tokens, verbose=False)
     except TypeError:  # tokenizers.Tokenizer.encode has no `verbose`
@@ -130,8 +132,8 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 def _special_prefix(tokenizer) -> list[int]:
     """Special tokens the tokenizer puts in front of every text by default (usually [BOS] or [])."""
     probe = "calibration"
-    plain = _encode(tokenizer, probe, False)
-    full = _encode(tokenizer, probe, True)
+    plain = encode_text(tokenizer, probe, False)
+    full = encode_text(tokenizer, probe, True)
     if plain and len(full) > len(plain):
         for i in range(len(full) - len(plain) + 1):
             if full[i:i + len(plain)] == plain:
@@ -167,7 +169,7 @@ def _pack_concat(order, tokenizer, S: int, L: int):
     for text, is_chat in order:
         if len(stream) >= need:
             break  # enough data: the remaining texts are never tokenized
-        ids = _encode(tokenizer, text, False)
+        ids = encode_text(tokenizer, text, False)
         if not ids:
             continue
         if stream and eos is not None:
@@ -185,7 +187,7 @@ def _pack_truncate(order, tokenizer, S: int, L: int):
         if len(rows) >= S:
             break
         # A rendered chat already carries the template's special tokens; add none on top.
-        ids = _encode(tokenizer, text, not is_chat)[:L]
+        ids = encode_text(tokenizer, text, not is_chat)[:L]
         if ids:
             rows.append(ids)
     return rows

@@ -21,6 +21,8 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 
+from calibra.data.tokenize import encode_text
+
 #: seq_len used when a model does not say how long its context is, and the cap on what it says
 #: (a 128k-context model would otherwise get 128k-token windows: memory-hungry, and far beyond
 #: what a comparable perplexity needs).
@@ -76,7 +78,7 @@ def token_stream(tokenizer, texts) -> list[int]:
                       stacklevel=2)
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        ids.extend(encode_text(tokenizer, text))
         if eos is not None:
             ids.append(int(eos))
     return ids
