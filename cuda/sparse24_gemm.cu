@@ -37,7 +37,7 @@ constexpr int stage_bytes() { return kVBytes + kMBytes + 8 * MB8 * kBlockK * 2; 
 __device__ __forceinline__ int swz64(int row, int chunk) { return row * 4 + (chunk ^ ((row >> 1) & 3)); }
 
 template <class T, int MB8>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 sparse24_gemm_kernel(const T* __restrict__ x, const T* __restrict__ values, const uint32_t* __restrict__ meta,
                      T* __restrict__ out, float* __restrict__ ws, int M, int N, int K, int tiles_per_split) {
   extern __shared__ __align__(16) unsigned char smem[];

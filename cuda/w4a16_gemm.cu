@@ -43,7 +43,7 @@ template <>
 __device__ __forceinline__ __nv_bfloat162 pair<__nv_bfloat16>(float v) { return __float2bfloat162_rn(v); }
 
 template <class T, int MB>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 w4a16_gemm_kernel(const T* __restrict__ x, const uint4* __restrict__ tiled, const T* __restrict__ scales,
                   const T* __restrict__ zeros, T* __restrict__ out, float* __restrict__ ws, int M, int N, int K,
                   int group, int tiles_per_split) {

@@ -141,7 +141,7 @@ void sparse24_cpu_typed(const Sparse24GemmParams& p, int64_t M, int64_t K, int64
 }
 
 Status check_out(const char* op, const TensorArg& x, const TensorArg& out, int64_t M, int64_t N) {
-  if (out.dtype != x.dtype || out.ndim != 2 || out.shape[0] != M || out.shape[1] != N || !out.is_contiguous())
+  if (out.dtype != x.dtype || out.ndim < 1 || out.numel() != M * N || out.size(-1) != N || !out.is_contiguous())
     return make_status(StatusCode::kInvalidArgument, "[%s] out must be contiguous [M, N] in x's dtype", op);
   return Status::Ok();
 }

@@ -66,7 +66,7 @@ def _check_x(op: str, x: torch.Tensor) -> int:
     check_rank(op, "x", x, min_rank=1)
     check_floating(op, "x", x, _ACT)
     k = x.shape[-1]
-    if k % K_TILE:
+    if k % K_TILE or k == 0:
         raise ValueError(f"[{op}] in_features ({k}) must be a multiple of {K_TILE}")
     return k
 
