@@ -101,3 +101,21 @@ def test_cuda_modules_use_the_native_gemms(device, m):
     y = run_native("sparse24_gemm", lambda: smod(x.cuda()), "cuda").cpu()
     exact = x.double() @ lin.weight.double().T + lin.bias.double()
     assert_close_2x(y, exact, (x.float() @ lin.weight.float().T + lin.bias.float()).half(), atol=1e-2, what="Sparse24Linear")
+
+
+def test_w4a16_from_quantized_model_keeps_the_logits():
+    # calibra.quantize's model holds the dequantized weights; swapping in W4A16Linear (CPU path) must not
+    # change a single logit.
+    from calibra.nn import w4a16_from_quantized_model
+    from calibra.quant import RTNConfig
+
+    qm, _ = calibra.quantize("builtin:tiny-llama", RTNConfig(bits=4, group_size=64, sym=False), evaluate=False,
+                             progress=False, echo=lambda *a, **k: None, dtype="bfloat16")
+    ids = torch.randint(0, 4000, (1, 16), generator=gen(0))
+    with torch.no_grad():
+        ref = qm.model(ids).logits
+    report = w4a16_from_quantized_model(qm)
+    assert sum(v == "replaced" for v in report.values()) == 28 and report["lm_head"] == "kept"
+    assert isinstance(qm.model.model.layers[0].mlp.down_proj, W4A16Linear)
+    with torch.no_grad():
+        assert torch.equal(qm.model(ids).logits, ref)
