@@ -50,6 +50,9 @@ class OpDef:
     native_contiguous: bool = False
     # example(device) -> args: a small valid call, used by `calibra selftest`.
     example: Callable | None = None
+    # workspace(backend, *args) -> list of scratch tensors a native kernel needs (e.g. split-K partial
+    # sums), allocated here so native code never allocates; passed right after the outputs.
+    workspace: Callable | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -128,11 +131,12 @@ def _record(op: str, impl: str) -> None:
 # definition
 
 def define(name: str, schema: str, *, check: Callable, alloc: Callable, ref: Callable,
-           native_contiguous: bool = False, example: Callable | None = None) -> OpDef:
+           native_contiguous: bool = False, example: Callable | None = None,
+           workspace: Callable | None = None) -> OpDef:
     """Define ``calibra::name`` with its schema, checks, shape function and reference."""
     if name in OPS:
         raise RuntimeError(f"[registry] op {name} defined twice")
-    op = OpDef(name, schema, check, alloc, ref, native_contiguous, example)
+    op = OpDef(name, schema, check, alloc, ref, native_contiguous, example, workspace)
     LIB.define(name + schema)
 
     def reference_impl(*args):
@@ -159,7 +163,8 @@ def _outputs_as_list(outs) -> list:
 
 
 def _to_native(a):
-    """Tensors cross as TensorArg tuples, dtypes as their dtype codes, the rest as is."""
+    """Tensors cross as TensorArg tuples, dtypes as their dtype codes, the rest (None for an absent
+    optional tensor included) as is."""
     if isinstance(a, torch.Tensor):
         return _native.tensor_arg(a)
     if isinstance(a, torch.dtype):
@@ -179,6 +184,8 @@ def _native_impl(op: OpDef, module, backend: str) -> Callable:
             return _mps_call(op, fn, args, outs)
         native_args = [_to_native(a) for a in args]
         native_args += [_native.tensor_arg(o) for o in _outputs_as_list(outs)]
+        if op.workspace is not None:
+            native_args += [None if w is None else _native.tensor_arg(w) for w in op.workspace(backend, *args)]
         if backend != "cuda":
             fn(*native_args)
             _record(op.name, backend)
