@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from calibra.eval.session import REPORT_EVAL_TOKENS
+
 REPORT_FORMAT = "calibra-prune-report"
 
 
@@ -76,7 +78,7 @@ class _Progress:
 def prune(model, config, calibration=None, *, output=None, overwrite: bool = False, save_24: bool = False,
           evaluate: bool | None = None, measure_error: bool = True, device=None, dtype="float32", tokenizer=None,
           eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
-          eval_max_tokens: int | None = None, eval_top_k: int = 64, max_shard_bytes: int | None = None,
+          eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, max_shard_bytes: int | None = None,
           progress: bool = True, echo=print):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 

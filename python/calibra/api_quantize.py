@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from calibra.eval.session import REPORT_EVAL_TOKENS
+
 REPORT_FORMAT = "calibra-quantize-report"
 
 
@@ -82,56 +84,12 @@ def _calibration_tokens(calibration, tokenizer, model, echo):
     return tok.input_ids, tok.attention_mask, _run_meta(tok), config.batch_size
 
 
-class _Eval:
-    """The evaluation block: reference top-k collected before quantization, compared after."""
-
-    def __init__(self, model, tokenizer, *, dataset, seq_len, stride, max_tokens, top_k, progress):
-        from calibra.eval import collect_reference, resolve_protocol
-        from calibra.eval import _texts
-        from calibra.eval.windows import dataset_version, token_stream
-
-        if tokenizer is None:
-            raise ValueError("[quantize] evaluation needs the model's tokenizer (tokenizer=...)")
-        t0 = time.perf_counter()
-        texts, name = _texts(dataset)
-        ids = torch.tensor(token_stream(tokenizer, texts), dtype=torch.long)
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        self.ids = ids
-        self.dataset = {"name": name, "version": dataset_version(texts), "documents": len(texts)}
-        self.seq_len, self.stride = resolve_protocol(model, seq_len, stride)
-        self.progress = progress
-        self.ref = collect_reference(model, ids, seq_len=self.seq_len, stride=self.stride, top_k=top_k,
-                                     progress=progress)
-        self.seconds = time.perf_counter() - t0
-
-    def finish(self, model) -> dict:
-        from calibra.eval import compare
-
-        t0 = time.perf_counter()
-        r = compare(model, self.ref, self.ids, progress=self.progress, dataset=self.dataset)
-        self.seconds += time.perf_counter() - t0
-        return {
-            "protocol": {"dataset": self.dataset, "seq_len": r.seq_len, "stride": r.stride, "windows": r.windows,
-                         "tokens_scored": r.tokens, "stream_tokens": r.stream_tokens,
-                         "description": "strided sliding windows (stride = seq_len/2 by default), each token "
-                                        "scored once with up to seq_len - stride tokens of context; float32 "
-                                        "logits; KL per scored token between the unquantized model (P) and the "
-                                        "quantized model (Q), top-k buckets (a lower bound of the exact KL)"},
-            "perplexity": {"baseline": r.ppl_reference, "compressed": r.ppl_compressed,
-                           "increase": r.ppl_compressed - r.ppl_reference},
-            "kl_divergence": {"mean": r.kl_ref_cmp["mean"], "median": r.kl_ref_cmp["median"],
-                              "max": r.kl_ref_cmp["max"], "direction": "KL(unquantized || quantized), nats/token",
-                              "reverse": r.kl_cmp_ref, "mode": r.mode, "top_k": r.top_k},
-        }
-
-
 # ---------------------------------------------------------------------------------------- the verb
 def quantize(model, config, calibration=None, *, stats=None, output=None, overwrite: bool = False,
              evaluate: bool | None = None, act_ranges: bool = False, act_percentile: float = 99.9,
              smooth_alpha: float = 0.5, mixed_precision: float | None = None, device=None, dtype="float32",
              tokenizer=None, eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
-             eval_max_tokens: int | None = None, eval_top_k: int = 64, export: str | None = None,
+             eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, export: str | None = None,
              progress: bool = True, echo=print):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
@@ -230,8 +188,11 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     ev = None
     if do_eval:
         say("evaluation: collecting the unquantized model's reference")
-        ev = _Eval(model, tokenizer, dataset=eval_dataset, seq_len=eval_seq_len, stride=eval_stride,
-                   max_tokens=eval_max_tokens, top_k=eval_top_k, progress=progress)
+        from calibra.eval.session import EvalSession
+
+        ev = EvalSession(model, tokenizer, dataset=eval_dataset, seq_len=eval_seq_len, stride=eval_stride,
+                         max_tokens=eval_max_tokens, top_k=eval_top_k, progress=progress, label="quantized",
+                         component="quantize")
 
     tokens_cache = {}
 

@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+# a constant only (calibra.eval.session imports torch, never transformers)
+from calibra.eval.session import REPORT_EVAL_TOKENS
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import calibra
@@ -197,7 +200,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _, report = quantize(args.input, config, calibration, stats=args.stats, output=args.output,
                          overwrite=args.overwrite, evaluate=evaluate, act_ranges=args.act_ranges,
                          mixed_precision=args.mixed_precision, device=args.device, dtype=args.dtype,
-                         eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
+                         eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
                          export=args.export, progress=not args.no_progress)
     _print_quant_summary(report)
     return 0
@@ -249,8 +252,8 @@ def _add_quantize(sub) -> None:
                         "(dense for FP4) while the average stays within it")
     q.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
     q.add_argument("--no-eval", action="store_true", help="skip evaluation")
-    q.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens "
-                   "(default: all)")
+    q.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
+                   help="evaluate on the first N held-out tokens (default: %(default)s; 0: the whole stream)")
     q.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
     q.add_argument("--export", default=None, help="engine format(s) written into DIR instead of calibra's own folder: compressed-tensors, gptq, mlx, "
                    "gguf-q4_0, gguf-q8_0, dense (comma-separated: one subfolder each); checked against the "
@@ -321,7 +324,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     evaluate = True if args.eval else (False if args.no_eval else None)
     _, report = prune(args.input, config, calibration, output=args.output, overwrite=args.overwrite,
                       save_24=args.save_24, evaluate=evaluate, device=args.device, dtype=args.dtype,
-                      eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
+                      eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
                       progress=not args.no_progress)
     _print_prune_summary(report)
     return 0
@@ -372,8 +375,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
     p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
-    p.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens "
-                   "(default: all)")
+    p.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
+                   help="evaluate on the first N held-out tokens (default: %(default)s; 0: the whole stream)")
     p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")

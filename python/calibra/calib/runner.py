@@ -126,6 +126,7 @@ class LayerRunner:
         self.seconds = 0.0
         # per-batch context read by the hooks
         self._mask: torch.Tensor | None = None
+        self._all_real = True
         self._rows: torch.Tensor | None = None
         self._samples: list[int] = []
         self._ctx = None  # the current layer's inputs while on_layer runs (for recollect)
@@ -174,9 +175,9 @@ class LayerRunner:
     # -- hooks -------------------------------------------------------------------------------------
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         m = self._mask
-        if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+        if m is not None and not self._all_real and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
             return x[m]
-        return x.reshape(-1, x.shape[-1])
+        return x.reshape(-1, x.shape[-1])  # no padding in this batch: every row is a real token
 
     def _guard(self, x: torch.Tensor, where: str) -> None:
         if self.check:
@@ -224,6 +225,7 @@ class LayerRunner:
 
     def _set_batch(self, mask: torch.Tensor, samples: list[int]) -> None:
         self._mask = mask.to(self.device, torch.bool)
+        self._all_real = bool(self._mask.all())  # concat packing never pads: skip the boolean gathers
         self._rows = self._mask.nonzero()[:, 0]
         self._samples = samples
 

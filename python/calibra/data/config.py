@@ -91,7 +91,7 @@ class CalibrationConfig:
         deduplicate: drop exact duplicate texts (after whitespace normalization) first.
     """
     num_samples: int = 128
-    sequence_length: int | None = 512
+    sequence_length: int | None = None
     batch_size: int = 1
     dataset: str = "builtin"
     seed: int = 0
