@@ -230,9 +230,11 @@ class PCACache(Cache):
         out = model.generate(ids, past_key_values=PCACache(model, preset), max_new_tokens=32)
 
     Checks the plan against the model (layers, KV heads, head_dim, attention kind) before anything runs.
+    A tensor whose rank equals ``head_dim`` is stored as is (it would save nothing); pass
+    ``project_full_rank=True`` to send it through the projection anyway.
     """
 
-    def __init__(self, model, plan):
+    def __init__(self, model, plan, *, project_full_rank: bool = False):
         from calibra.models import get_adapter
 
         plan = plan.plan if hasattr(plan, "plan") and not isinstance(plan, KVPlan) else plan
@@ -244,14 +246,19 @@ class PCACache(Cache):
             if rotary is None:
                 raise KVArchitectureError("[kv] key compression re-applies RoPE with the model's rotary module "
                                           "(model.model.rotary_emb), which this model lacks; use targets='v'")
-        layers = []
-        for i in range(plan.num_layers):
-            k = _Projector(plan.bases["k"][i], plan.ranks["k"][i]) if "k" in plan.bases else None
-            v = _Projector(plan.bases["v"][i], plan.ranks["v"][i])
-            layers.append(PCACacheLayer(k, v, rotary, index=i))
+        def projector(which, i):
+            # at rank == head_dim nothing is saved: store the plain tensor (exact, no position ids) unless
+            # the full-rank projection itself is wanted (the tests check it reproduces the model)
+            if which not in plan.bases:
+                return None
+            b, r = plan.bases[which][i], plan.ranks[which][i]
+            return _Projector(b, r) if (r < b.head_dim or project_full_rank) else None
+
+        layers = [PCACacheLayer(projector("k", i), projector("v", i), rotary, index=i)
+                  for i in range(plan.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
-        if rotary is not None:
+        if any(layer.k is not None for layer in layers):
             _install_rope_capture(model, adapter)
 
     def stored_bytes(self) -> dict[str, int]:

@@ -14,9 +14,10 @@ from calibra.kv.cache import PCACache
 
 
 class KVCompressedLM(nn.Module):
-    def __init__(self, model: nn.Module, plan):
+    def __init__(self, model: nn.Module, plan, *, project_full_rank: bool = False):
         super().__init__()
         self.model = model
+        self.project_full_rank = project_full_rank
         self.plan = plan.plan if hasattr(plan, "plan") and not hasattr(plan, "bases") else plan
         self.new_cache()  # check the plan against the model now, not at the first forward
 
@@ -25,7 +26,7 @@ class KVCompressedLM(nn.Module):
         return self.model.config
 
     def new_cache(self) -> PCACache:
-        return PCACache(self.model, self.plan)
+        return PCACache(self.model, self.plan, project_full_rank=self.project_full_rank)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
