@@ -6,17 +6,27 @@ pass as the weights, served by a transformers ``Cache`` that stores rank-r coeff
 * :class:`PCACache` -- ``model.generate(..., past_key_values=PCACache(model, preset))``.
 * :class:`KVCompressedLM` -- the model with every forward pass routed through a fresh ``PCACache``
   (what perplexity/KL are measured on).
-"""
-from calibra.kv.api import DEFAULT_TUNE_TOKENS, calibrate, default_eval_seq_len, evaluate
-from calibra.kv.autotune import NoCompressionFits, sensitivity_table
-from calibra.kv.basis import TARGETS, HeadBases, bases_from_stats, rank_grid
-from calibra.kv.cache import PCACache, PCACacheLayer, remove_rope_capture
-from calibra.kv.measure import QualityProbe, measure_bytes
-from calibra.kv.model import KVCompressedLM
-from calibra.kv.plan import KVArchitectureError, KVPlan, PresetMismatchError
-from calibra.kv.preset import KVPreset, PresetError, load_preset
 
-__all__ = ["calibrate", "evaluate", "default_eval_seq_len", "PCACache", "PCACacheLayer", "KVCompressedLM",
-           "KVPlan", "KVPreset", "load_preset", "HeadBases", "bases_from_stats", "rank_grid", "measure_bytes",
-           "QualityProbe", "sensitivity_table", "remove_rope_capture", "NoCompressionFits", "KVArchitectureError",
-           "PresetMismatchError", "PresetError", "TARGETS", "DEFAULT_TUNE_TOKENS"]
+Names load on first use, so ``calibra kv --help`` does not import transformers.
+"""
+_LAZY = {
+    "calibrate": "calibra.kv.api", "evaluate": "calibra.kv.api", "default_eval_seq_len": "calibra.kv.api",
+    "DEFAULT_TUNE_TOKENS": "calibra.kv.api",
+    "NoCompressionFits": "calibra.kv.autotune", "sensitivity_table": "calibra.kv.autotune",
+    "TARGETS": "calibra.kv.basis", "HeadBases": "calibra.kv.basis", "bases_from_stats": "calibra.kv.basis",
+    "rank_grid": "calibra.kv.basis",
+    "PCACache": "calibra.kv.cache", "PCACacheLayer": "calibra.kv.cache", "remove_rope_capture": "calibra.kv.cache",
+    "QualityProbe": "calibra.kv.measure", "measure_bytes": "calibra.kv.measure",
+    "KVCompressedLM": "calibra.kv.model",
+    "KVArchitectureError": "calibra.kv.plan", "KVPlan": "calibra.kv.plan", "PresetMismatchError": "calibra.kv.plan",
+    "KVPreset": "calibra.kv.preset", "PresetError": "calibra.kv.preset", "load_preset": "calibra.kv.preset",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'calibra.kv' has no attribute {name!r}")
