@@ -9,8 +9,10 @@ text, which only verifies the result afterwards):
 1. **Sensitivity.** For every slot (a layer's V, or K) and every rank of the grid ``d, 3d/4, d/2, 3d/8,
    d/4, d/8, d/16`` below full, the metric with only that slot compressed, all others at full rank.
 2. **Greedy allocation.** Starting from full ranks, repeatedly lower the one slot whose next grid step
-   costs the least metric per byte saved (a step that *improves* the metric goes first), predicting the
-   combined metric as the sum of the slots' measured changes, while the prediction stays within budget.
+   costs the least metric per byte saved, predicting the combined metric as the sum of the slots'
+   measured changes (each clamped at >= 0: an "improvement" is not credit), while the prediction stays
+   within budget. Every rank unit of every slot costs the same bytes (same heads, same dtype), so the
+   most rank units removed is the largest saving.
 3. **Verification and back-off.** The combined ranks are measured; while the measurement exceeds the
    budget, the last greedy step is undone and the result measured again.
 
@@ -91,7 +93,9 @@ def autotune(probe, full_plan, *, metric: str, budget: float, progress: bool = T
     predicted, steps = 0.0, []
 
     def cost(s, j):
-        return 0.0 if j == 0 else sens[s[0]][str(s[1])][str(grid[j])]
+        # a step measured *below* the baseline counts as free, never as credit for other steps: on a few
+        # thousand tuning tokens such improvements are mostly noise, and banking them overshoots the budget
+        return 0.0 if j == 0 else max(0.0, sens[s[0]][str(s[1])][str(grid[j])])
 
     while True:
         best = None
