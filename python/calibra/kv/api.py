@@ -35,32 +35,27 @@ def default_eval_seq_len(model) -> int | None:
 
 
 def _check_config(model, *, rank=None) -> object:
-    """Architecture checks from the config alone, before any weight loads."""
+    """Architecture checks from the config alone, before any weight loads. MLA is refused by name (its
+    model types have no calibra adapter, which would otherwise say only "unsupported architecture")."""
+    import json
+
     from calibra.api import _model_config
+    from calibra.kv.plan import check_architecture
     from calibra.models.adapter import attention_kind
 
-    if not isinstance(model, (str, Path)):
-        cfg = model.config
-    else:
-        import json
-
+    if isinstance(model, (str, Path)):
         from calibra.assets import resolve_model
 
-        folder = resolve_model(str(model))
         try:
-            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raw = {}
-        if raw.get("kv_lora_rank"):  # MLA models are refused by name, before "unsupported architecture"
-            attention_kind(type("C", (), raw))
-            from calibra.kv.plan import check_architecture
-
-            check_architecture(type("A", (), {"attention_kind": "mla"}))
+            raw = json.loads((resolve_model(str(model)) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, ValueError):
+            raw = {}  # _model_config below names the problem
+        if isinstance(raw, dict) and raw.get("kv_lora_rank"):
+            check_architecture(type("MLA", (), {"attention_kind": "mla"}))
         cfg = _model_config(model)
-    if attention_kind(cfg) == "mla":
-        from calibra.kv.plan import check_architecture
-
-        check_architecture(type("A", (), {"attention_kind": "mla"}))
+    else:
+        cfg = model.config
+    check_architecture(type("Cfg", (), {"attention_kind": attention_kind(cfg)}))
     if rank is not None:
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if not 1 <= rank <= d:
@@ -140,7 +135,7 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
         plan = plan.uniform(rank)
     else:
         metric, budget = ("ppl", target_ppl_delta) if target_ppl_delta is not None else ("kl", target_kl)
-        texts = _tune_texts(calibration, tokenizer)
+        texts = _tune_texts(calibration, tokenizer, tune_max_tokens)
         t1 = time.perf_counter()
         probe = QualityProbe(model, tokenizer, dataset=texts, seq_len=eval_seq_len, max_tokens=tune_max_tokens,
                              progress=False)
@@ -182,12 +177,19 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
     return preset
 
 
-def _tune_texts(calibration, tokenizer) -> list[str]:
-    """The calibration source's texts, in document order (the tuning stream of the auto-tuner)."""
+def _tune_texts(calibration, tokenizer, max_tokens: int) -> list[str]:
+    """The calibration source's texts in document order, as many as ``max_tokens`` tokens need (the
+    auto-tuner's stream; the rest is never tokenized). A token is far less than 16 characters."""
     from calibra.data import CalibrationConfig, CalibrationDataset
 
     spec = calibration.dataset if isinstance(calibration, CalibrationConfig) else "builtin"
-    return CalibrationDataset.from_source(spec).texts(tokenizer)
+    out, chars = [], 0
+    for t in CalibrationDataset.from_source(spec).texts(tokenizer):
+        out.append(t)
+        chars += len(t)
+        if chars >= 16 * max_tokens:
+            break
+    return out
 
 
 def evaluate(model, preset, *, tokenizer=None, device=None, dtype="float32", dataset="builtin",

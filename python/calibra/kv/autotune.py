@@ -16,8 +16,8 @@ text, which only verifies the result afterwards):
 3. **Verification and back-off.** The combined ranks are measured; while the measurement exceeds the
    budget, the last greedy step is undone and the result measured again.
 
-When not even the single cheapest step fits (step 1), :class:`NoCompressionFits` is raised with the
-sensitivity table -- no preset pretending to compress is written.
+When not even one slot's first step below full rank fits (measured first, for every slot),
+:class:`NoCompressionFits` is raised with what was measured -- no preset pretending to compress is written.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def sensitivity_table(report: dict) -> str:
     lines = [f"{'slot':<10}" + "".join(f"{'r=' + str(r):>11}" for r in grid[1:])]
     for w in ("v", "k"):
         for layer, row in sorted((report["sensitivity"].get(w) or {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"{w.upper() + ' layer ' + str(layer):<10}" + "".join(f"{row[str(r)]:>+11.4f}" for r in grid[1:]))
+            lines.append(f"{w.upper() + ' layer ' + str(layer):<10}"
+                         + "".join(f"{row[str(r)]:>+11.4f}" if str(r) in row else f"{'-':>11}" for r in grid[1:]))
     return "\n".join(lines)
 
 
@@ -69,24 +70,27 @@ def autotune(probe, full_plan, *, metric: str, budget: float, progress: bool = T
         return metric_value(probe.measure(full_plan.with_ranks(ranks)), metric)
 
     sens: dict[str, dict[str, dict[str, float]]] = {w: {str(i): {} for i in range(n)} for w in whiches}
-    bar = tqdm(total=len(slots) * (len(grid) - 1), desc="kv sensitivity", unit="eval", disable=not progress)
-    for w, i in slots:
-        for r in grid[1:]:
-            ranks = copy.deepcopy(full)
-            ranks[w][i] = r
-            sens[w][str(i)][str(r)] = measure(ranks)
-            bar.update(1)
-    bar.close()
     report = {"metric": metric, "metric_description": _fmt_metric(metric), "budget": budget, "grid": grid,
               "sensitivity": sens, "tuning": {"dataset": probe.session.dataset, "tokens": int(probe.ids.numel()),
                                               "seq_len": probe.session.seq_len, "stride": probe.session.stride}}
-    cheapest = min(sens[w][str(i)][str(grid[1])] for w, i in slots)
-    if cheapest > budget:
-        raise NoCompressionFits(
-            f"[kv] no compression fits the budget: the cheapest single step (one layer's "
-            f"{'/'.join(w.upper() for w in whiches)} at rank {grid[1]} of {d}) already costs a {_fmt_metric(metric)} "
-            f"of {cheapest:+.4f} > {budget} on the tuning text. Loosen the budget or use a fixed --rank; measured "
-            f"table (rows: slot, columns: rank):\n{sensitivity_table(report)}", report)
+    bar = tqdm(total=len(slots) * (len(grid) - 1), desc="kv sensitivity", unit="eval", disable=not progress)
+    # the first grid step of every slot first: when none of them fits, nothing lower will be tried
+    for column in ([grid[1]], grid[2:]):
+        for w, i in slots:
+            for r in column:
+                ranks = copy.deepcopy(full)
+                ranks[w][i] = r
+                sens[w][str(i)][str(r)] = measure(ranks)
+                bar.update(1)
+        cheapest = min(sens[w][str(i)][str(grid[1])] for w, i in slots)
+        if cheapest > budget:
+            bar.close()
+            raise NoCompressionFits(
+                f"[kv] no compression fits the budget: the cheapest single step (one layer's "
+                f"{'/'.join(w.upper() for w in whiches)} at rank {grid[1]} of {d}) already costs a "
+                f"{_fmt_metric(metric)} of {cheapest:+.4f} > {budget} on the tuning text. Loosen the budget or use "
+                f"a fixed --rank; measured (rows: slot, columns: rank):\n{sensitivity_table(report)}", report)
+    bar.close()
 
     # greedy allocation on the additive prediction
     idx = {s: 0 for s in slots}
