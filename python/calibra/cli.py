@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(fn=_cmd_inspect)
     _add_quantize(sub)
     _add_prune(sub)
+    from calibra.kv.cli import add_parser as _add_kv  # the `calibra kv ...` group lives with calibra.kv
+
+    _add_kv(sub)
     return p
 
 

@@ -296,3 +296,19 @@ def verify_manifest(folder) -> list[str]:
         elif sha256_file(p) != entry.get("sha256"):
             problems.append(f"{rel}: sha256 differs from the manifest (file changed or corrupt)")
     return problems
+
+
+@contextlib.contextmanager
+def atomic_file(target) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` (same folder, so the final step is one ``os.replace``);
+    on success it replaces ``target``, on any exception it is deleted and an earlier ``target`` is intact."""
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}{_TMP}{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

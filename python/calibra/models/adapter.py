@@ -83,6 +83,21 @@ class MoEBlock:
         return self.act_fn(F.linear(x, w_gate)) * F.linear(x, w_up)
 
 
+def attention_kind(config) -> str:
+    """How a model caches keys and values, from its config alone (no weights needed).
+
+    * ``"mla"`` -- multi-head latent attention (DeepSeek-V2/V3 style): the cache holds one shared
+      compressed latent per token (``kv_lora_rank``), not per-head keys and values;
+    * ``"gqa"`` -- standard attention with fewer key/value heads than query heads (Llama 3, Qwen, Mistral);
+    * ``"mha"`` -- standard attention, one key/value head per query head.
+    """
+    if getattr(config, "kv_lora_rank", None):
+        return "mla"
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return "gqa" if heads and kv and kv < heads else "mha"
+
+
 class ModelAdapter:
     """Generic adapter for Hugging Face decoder-only models laid out as ``model.model.layers``."""
 
@@ -127,6 +142,11 @@ class ModelAdapter:
     def head_dim(self) -> int:
         c = self.config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def attention_kind(self) -> str:
+        """``"mha"``, ``"gqa"`` or ``"mla"`` (see :func:`attention_kind`)."""
+        return attention_kind(self.config)
 
     # -- inside a layer ----------------------------------------------------------------------------
     def moe_blocks(self, layer: nn.Module) -> list[MoEBlock]:
