@@ -175,9 +175,10 @@ class LayerRunner:
     # -- hooks -------------------------------------------------------------------------------------
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         m = self._mask
-        if m is not None and not self._all_real and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
-            return x[m]
-        return x.reshape(-1, x.shape[-1])  # no padding in this batch: every row is a real token
+        if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            # x[m] keeps the trailing dims; without padding the same rows come from a free reshape
+            return x.reshape(-1, *x.shape[2:]) if self._all_real else x[m]
+        return x.reshape(-1, x.shape[-1])
 
     def _guard(self, x: torch.Tensor, where: str) -> None:
         if self.check:
