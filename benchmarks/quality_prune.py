@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     p.add_argument("--eval-tokens", type=int, default=32768, help="first N tokens of the held-out stream")
-    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window (stride = half)")
+    p.add_argument("--eval-seq-len", type=int, default=256, help="evaluation window (stride = half; the builtin models were trained on 256)")
     p.add_argument("--group-size", type=int, default=128, help="W4 joint quantization group size")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write every row to this JSON file")
