@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="*", default=["builtin:tiny-llama", "builtin:tiny-moe"])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample (default: the model's context)")
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="eval window (default: the model's context)")
     ap.add_argument("--eval-max-tokens", type=int, default=None, help="cut the eval stream (default: all of it)")
     ap.add_argument("--top-k", type=int, default=64)
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
             if args.only and group not in args.only.split(","):
                 continue
             t0 = time.perf_counter()
-            cal = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=0)
+            cal = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=0,
+                                    batch_size=min(args.batch_size, args.samples))
             qm, rep = calibra.quantize(spec, cfg, cal, evaluate=False, progress=False, echo=None)
             r = compare(qm.model, ref, ids, progress=False)
             row = {"model": spec, "group": group, "method": method, "ppl": r.ppl_compressed,
