@@ -77,7 +77,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
           evaluate: bool | None = None, measure_error: bool = True, device=None, dtype="float32", tokenizer=None,
           eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
           eval_max_tokens: int | None = None, eval_top_k: int = 64, max_shard_bytes: int | None = None,
-          progress: bool = True, echo=print):
+          progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 
     Args:
@@ -96,11 +96,12 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
             (SparseGPT always has it; magnitude without data reports only the weight-space error).
         device: compute device for one layer at a time (default: CUDA if available, else CPU).
         dtype: dtype to load a model given by name/folder in (default float32).
+        allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
 
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
     """
-    from calibra.api import _model_config, _tokens
+    from calibra.api import _model_config, _read_model, _tokens
     from calibra.data import CalibrationConfig
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -127,7 +128,8 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
-    model_config = _model_config(model)
+    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    model_config = _model_config(model, component="prune", **read)
     _refuse_quantized(model_config, source)
     shapes = _shapes(model_config, None if isinstance(model, (str, Path)) else model)
     prune_names, dense = config.plan_layers(shapes)
@@ -148,9 +150,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     try:
         # -- 2. load ---------------------------------------------------------------------------------
         if isinstance(model, (str, Path)):
-            from calibra.assets import load_model
-
-            model, loaded_tok = load_model(str(model), dtype=dtype)
+            model, loaded_tok = _read_model(model, dtype, **read)
             tokenizer = tokenizer or loaded_tok
         model.eval()
         adapter = get_adapter(model)

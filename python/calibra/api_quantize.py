@@ -132,7 +132,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
              smooth_alpha: float = 0.5, mixed_precision: float | None = None, device=None, dtype="float32",
              tokenizer=None, eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
              eval_max_tokens: int | None = None, eval_top_k: int = 64, export: str | None = None,
-             progress: bool = True, echo=print):
+             progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
     Args:
@@ -153,8 +153,9 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
             dense for FP4) while the average stays within it (see ``calibra.quant.mixed``).
         export: engine format(s) for ``output`` (``calibra.export.FORMATS``: compressed-tensors, gptq, mlx,
             gguf-q4_0, gguf-q8_0, dense; comma-separated for several); ``None`` writes calibra's own folder.
+        allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
     """
-    from calibra.api import _model_config
+    from calibra.api import _model_config, _read_model
     from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
     from calibra.models import get_adapter
@@ -204,7 +205,8 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
-    model_config = _model_config(model)
+    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    model_config = _model_config(model, component="quantize", **read)
     _refuse_quantized(model_config, source)
     shape_model = model if not isinstance(model, (str, Path)) else _meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
@@ -221,9 +223,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
 
     # -- 2. load -------------------------------------------------------------------------------------
     if isinstance(model, (str, Path)):
-        from calibra.assets import load_model
-
-        model, loaded_tok = load_model(str(model), dtype=dtype)
+        model, loaded_tok = _read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
     model.eval()
     adapter = get_adapter(model)
