@@ -213,7 +213,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, evaluate=evaluate, act_ranges=args.act_ranges,
                          mixed_precision=args.mixed_precision, device=args.device, dtype=args.dtype,
                          eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
-                         export=args.export, progress=not args.no_progress, **_read_opts(args))
+                         export=args.export, progress=not args.no_progress, resume=args.resume,
+                         checkpoint=not args.no_checkpoint, **_read_opts(args))
     _print_quant_summary(report)
     return 0
 
@@ -273,6 +274,12 @@ def _add_quantize(sub) -> None:
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--resume", action="store_true", help="continue a killed or failed run of the same command from "
+                   "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
+                   "data or versions differ. The result is byte-identical to an uninterrupted run")
+    q.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint finished layers (saves the disk "
+                   "writes of one layer's codes and the next layer's inputs per layer; a killed run then restarts "
+                   "from the first layer)")
     _add_read_flags(q)
     q.set_defaults(fn=_cmd_quantize)
 
