@@ -88,7 +88,8 @@ def _run_meta(tok) -> dict:
 def calibrate(model, calibration=None, *, observers=("hessian",), device=None, output=None,
               tokenizer=None, dtype="float32", hessian_dtype="float32", moe_quota: int | None = None,
               moe_tau: float = 256.0, moe_pool: float = 4.0, on_layer=None, feed_compressed: bool = False,
-              progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False):
+              progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
+              dry_run: bool = False):
     """Run calibration text through ``model`` layer by layer and return its ``CalibrationStats``.
 
     Args:
@@ -108,6 +109,8 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         on_layer, feed_compressed: see ``calibra.calib.LayerRunner`` (compression hooks).
         echo: where the memory estimate, coverage table and notes are printed (``None``: silent).
         allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
+        dry_run: check everything, print the memory plan (``calibra.plan``) and return None without loading
+            a weight.
     """
     from calibra.calib import LayerRunner, coverage_table, refresh_coverage, select_samples_for_coverage
     from calibra.data import CalibrationConfig, CalibrationDataset, resolve_config, tokenize_calibration
@@ -126,6 +129,14 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
             dtype if isinstance(dtype, torch.dtype) else torch.float32)
         config, _ = resolve_config(config, model_config, dtype=load_dtype, observers=est_obs, echo=say,
                                    hessian_dtype=hd)
+    from calibra.plan import plan_job, weight_files_bytes
+
+    plan = plan_job(model_config, job="calibrate", calibration=config, observers=obs, dtype=dtype, device=device,
+                    hessian_dtype=hd, weight_files_bytes=weight_files_bytes(model), output=output,
+                    needs_data=config is not None)
+    say(str(plan))
+    if dry_run:
+        return None
     if isinstance(model, (str, Path)):
         model, loaded_tok = _read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok

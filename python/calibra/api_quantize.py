@@ -133,7 +133,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
              tokenizer=None, eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
              eval_max_tokens: int | None = None, eval_top_k: int = 64, export: str | None = None,
              progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
-             resume: bool = False, checkpoint: bool | None = None):
+             resume: bool = False, checkpoint: bool | None = None, dry_run: bool = False):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
     Args:
@@ -159,6 +159,8 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
             (``calibra.io.checkpoint``; default: on when ``output`` is given); removed once the output is written.
         resume: continue a killed or failed run from those checkpoints; refused when the model, the
             settings, the calibration data or the versions differ. The output equals an uninterrupted run's.
+        dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
+            without loading a weight.
     """
     from calibra.api import _model_config, _read_model
     from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -228,6 +230,18 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     checkpoint = output is not None if checkpoint is None else bool(checkpoint)
     if resume and (output is None or not checkpoint):
         raise ValueError("[quantize] resume needs an output folder and checkpoints (output=DIR, checkpoint on)")
+    from calibra.plan import plan_job, weight_files_bytes
+
+    data_pass = needs_data and stats is None
+    plan = plan_job(model_config, job="quantize",
+                    calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None, dtype=dtype,
+                    device=device, group_size=getattr(config, "group_size", None), needs_data=data_pass,
+                    solver="rtn" if is_rtn else "gptq",
+                    weight_files_bytes=weight_files_bytes(model), checkpoint=checkpoint and output is not None,
+                    output=output)
+    say(str(plan))
+    if dry_run:
+        return None, {"plan": plan.to_dict()}
     ck = None
     if checkpoint and output is not None:
         from calibra.quant import resume as qresume
@@ -262,7 +276,7 @@ def _on_failure(ck, e) -> None:
 def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_ranges, act_percentile, smooth_alpha,
          mixed_precision, device, dtype, tokenizer, eval_dataset, eval_seq_len, eval_stride, eval_max_tokens,
          eval_top_k, export, progress, echo, ck, read, say, t_start, is_rtn, ranges_file, true_seq, source,
-         model_config, needs_data, do_eval, **_):
+         model_config, needs_data, do_eval, plan, **_):
     from calibra.api import _read_model
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
@@ -278,6 +292,8 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
         model, loaded_tok = _read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
     model.eval()
+    if plan.placement.startswith("whole model"):  # it fits: no per-layer transfers (calibra.plan)
+        model.to(plan.device)
     adapter = get_adapter(model)
     ev = None
     if do_eval:
@@ -361,7 +377,8 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
     else:
         ids, mask, run_meta, bs = tokens()
         runner = LayerRunner(model, adapter, device=device, observers=("hessian",), on_layer=quantizer,
-                             feed_compressed=True, progress=progress, desc=f"{config.method}")
+                             feed_compressed=True, progress=progress, desc=f"{config.method}",
+                             keep_layer_stats=False)  # each layer's Hessians are consumed by on_layer
         if true_seq:
             quantizer.recollect = runner.recollect
         resume_kw = {}
@@ -397,6 +414,7 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
                     "quantized_weights": n_q, "avg_bits_per_weight": bits / n_q if n_q else None},
         "modules": rows,
         "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},
+        "plan": plan.to_dict(),
         **report_extra,
     }
     if final_stats is not None and "moe" in final_stats.metadata:

@@ -16,6 +16,11 @@ def _add_read_flags(p) -> None:
                    "auto_map: transformers then imports and runs the Python files shipped with the model. Read "
                    "them first; without this flag such models are refused")
 
+def _add_dry_run(p) -> None:
+    p.add_argument("--dry-run", action="store_true", help="check every setting and the model folder, print the "
+                   "memory and disk plan (peak device memory, peak host memory, disk, placement) and exit without "
+                   "loading a weight")
+
 
 def _read_opts(args) -> dict:
     return {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
@@ -58,7 +63,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stats = calibrate(args.input, config, observers=observers, device=args.device, output=args.output,
                       dtype=args.dtype, hessian_dtype=args.hessian_dtype, moe_quota=args.moe_quota,
-                      moe_tau=args.moe_tau, progress=not args.no_progress, **_read_opts(args))
+                      moe_tau=args.moe_tau, progress=not args.no_progress, dry_run=args.dry_run, **_read_opts(args))
+    if args.dry_run:
+        return 0
     seconds = time.perf_counter() - t0
     size = os.path.getsize(args.output)
     n_mod = len(stats.modules(observers[0])) if observers[0] != "kv" else stats.metadata["model"]["num_layers"]
@@ -214,7 +221,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                          mixed_precision=args.mixed_precision, device=args.device, dtype=args.dtype,
                          eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
                          export=args.export, progress=not args.no_progress, resume=args.resume,
-                         checkpoint=not args.no_checkpoint, **_read_opts(args))
+                         checkpoint=not args.no_checkpoint, dry_run=args.dry_run, **_read_opts(args))
+    if args.dry_run:
+        return 0
     _print_quant_summary(report)
     return 0
 
@@ -274,6 +283,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_dry_run(q)
     q.add_argument("--resume", action="store_true", help="continue a killed or failed run of the same command from "
                    "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
                    "data or versions differ. The result is byte-identical to an uninterrupted run")
@@ -344,7 +354,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _, report = prune(args.input, config, calibration, output=args.output, overwrite=args.overwrite,
                       save_24=args.save_24, evaluate=evaluate, device=args.device, dtype=args.dtype,
                       eval_max_tokens=args.eval_max_tokens, eval_seq_len=args.eval_seq_len,
-                      progress=not args.no_progress, **_read_opts(args))
+                      progress=not args.no_progress, dry_run=args.dry_run, **_read_opts(args))
+    if args.dry_run:
+        return 0
     _print_prune_summary(report)
     return 0
 
@@ -400,6 +412,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_dry_run(p)
     _add_read_flags(p)
     p.set_defaults(fn=_cmd_prune)
 
@@ -439,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--moe-tau", type=float, default=256.0, help="expert Hessian shrinkage: weight "
                      "tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_dry_run(cal)
     _add_read_flags(cal)
     cal.set_defaults(fn=_cmd_calibrate)
 

@@ -102,12 +102,15 @@ class LayerRunner:
         feed_compressed: produce each layer's outputs from the layer after ``on_layer`` (true-sequential).
         check_finite: raise on NaN/Inf activations (FAULTS row 17); on by default.
         progress: show a tqdm bar over layers.
+        keep_layer_stats: keep every layer's observer tensors (Hessians...) for the returned statistics. A
+            quantizer that consumes them in ``on_layer`` passes False: host memory then holds one layer's
+            Hessians instead of the whole model's (token counts and MoE routing are always kept).
     """
 
     def __init__(self, model: nn.Module, adapter=None, *, device=None, observers=("hessian",),
                  hessian_dtype: torch.dtype = torch.float32, moe: MoERecorder | None = None,
                  on_layer: Callable | None = None, feed_compressed: bool = False, check_finite: bool = True,
-                 progress: bool = True, desc: str = "calibrating"):
+                 progress: bool = True, desc: str = "calibrating", keep_layer_stats: bool = True):
         if adapter is None:
             from calibra.models import get_adapter
 
@@ -123,6 +126,7 @@ class LayerRunner:
         self.moe = moe if moe is not None else (MoERecorder() if has_moe else None)
         self.on_layer, self.feed_compressed = on_layer, feed_compressed
         self.check, self.progress, self.desc = check_finite, progress, desc
+        self.keep_layer_stats = keep_layer_stats
         self.seconds = 0.0
         # per-batch context read by the hooks
         self._mask: torch.Tensor | None = None
@@ -366,6 +370,9 @@ class LayerRunner:
         lname = self.adapter.layer_name(i) + "."
         for o in self.observers:
             o.to_cpu(lname)
+            if not self.keep_layer_stats:
+                for k in [k for k in o.tensors if lname in k]:
+                    del o.tensors[k]
         if not keep_first:
             for b, x in enumerate(hidden):
                 self._set_batch(masks[b], ids_of[b])
