@@ -34,26 +34,32 @@ def _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool):
     return obs, hd
 
 
-def _model_config(model):
-    """The model's config, read without loading weights when ``model`` is a name or folder."""
+def _model_config(model, *, component: str = "calibrate", allow_pickle: bool = False,
+                  trust_remote_code: bool = False, allow_quantized: bool = False):
+    """The model's config, read without loading weights when ``model`` is a name or folder; the whole
+    folder is checked first (``calibra.io.inspect_model``: config, architecture, index, headers, paths)."""
     from calibra.models import check_supported
 
     if not isinstance(model, (str, Path)):
         check_supported(getattr(model.config, "model_type", None))
         return model.config
-    from calibra.assets import resolve_model
     from transformers import AutoConfig
 
-    folder = resolve_model(str(model))
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"[calibrate] {folder} has no config.json; give a Hugging Face model folder")
-    try:
-        model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"[calibrate] {cfg_path} is not valid JSON: {e}") from e
-    check_supported(model_type)
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    from calibra.io import inspect_model
+
+    folder = inspect_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           allow_quantized=allow_quantized, component=component)
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    return AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
+
+
+def _read_model(model, dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                allow_quantized: bool = False):
+    """``(model, tokenizer)`` of a name/folder through the checking reader (NaN/Inf named at load)."""
+    from calibra.io import load_model
+
+    return load_model(str(model), dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                      allow_quantized=allow_quantized)
 
 
 def _tokens(calibration, tokenizer, model_config, echo, config_dtype, observers):
@@ -82,7 +88,8 @@ def _run_meta(tok) -> dict:
 def calibrate(model, calibration=None, *, observers=("hessian",), device=None, output=None,
               tokenizer=None, dtype="float32", hessian_dtype="float32", moe_quota: int | None = None,
               moe_tau: float = 256.0, moe_pool: float = 4.0, on_layer=None, feed_compressed: bool = False,
-              progress: bool = True, echo=print):
+              progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
+              dry_run: bool = False):
     """Run calibration text through ``model`` layer by layer and return its ``CalibrationStats``.
 
     Args:
@@ -101,6 +108,9 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
             its layer's pooled Hessian.
         on_layer, feed_compressed: see ``calibra.calib.LayerRunner`` (compression hooks).
         echo: where the memory estimate, coverage table and notes are printed (``None``: silent).
+        allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
+        dry_run: check everything, print the memory plan (``calibra.plan``) and return None without loading
+            a weight.
     """
     from calibra.calib import LayerRunner, coverage_table, refresh_coverage, select_samples_for_coverage
     from calibra.data import CalibrationConfig, CalibrationDataset, resolve_config, tokenize_calibration
@@ -109,7 +119,8 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
     say = echo or (lambda *a, **k: None)
     obs, hd = _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool)
     calibration = CalibrationConfig() if calibration is None else calibration
-    model_config = _model_config(model)
+    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    model_config = _model_config(model, **read)
     ids, mask, run_meta, config = _tokens(calibration, tokenizer, model_config, say, dtype, obs)
     is_moe = getattr(model_config, "model_type", None) in ("mixtral", "qwen2_moe", "qwen3_moe")
     if config is not None:  # validate + memory estimate before any weight is loaded
@@ -118,10 +129,16 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
             dtype if isinstance(dtype, torch.dtype) else torch.float32)
         config, _ = resolve_config(config, model_config, dtype=load_dtype, observers=est_obs, echo=say,
                                    hessian_dtype=hd)
-    if isinstance(model, (str, Path)):
-        from calibra.assets import load_model
+    from calibra.plan import plan_job, weight_files_bytes
 
-        model, loaded_tok = load_model(str(model), dtype=dtype)
+    plan = plan_job(model_config, job="calibrate", calibration=config, observers=obs, dtype=dtype, device=device,
+                    hessian_dtype=hd, weight_files_bytes=weight_files_bytes(model), output=output,
+                    needs_data=config is not None)
+    say(str(plan))
+    if dry_run:
+        return None
+    if isinstance(model, (str, Path)):
+        model, loaded_tok = _read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
     if config is not None:
         if tokenizer is None:

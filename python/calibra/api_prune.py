@@ -79,7 +79,8 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
           evaluate: bool | None = None, measure_error: bool = True, device=None, dtype="float32", tokenizer=None,
           eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
           eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, max_shard_bytes: int | None = None,
-          progress: bool = True, echo=print):
+          progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
+          dry_run: bool = False):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 
     Args:
@@ -98,11 +99,14 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
             (SparseGPT always has it; magnitude without data reports only the weight-space error).
         device: compute device for one layer at a time (default: CUDA if available, else CPU).
         dtype: dtype to load a model given by name/folder in (default float32).
+        allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
+        dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
+            without loading a weight.
 
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
     """
-    from calibra.api import _model_config, _tokens
+    from calibra.api import _model_config, _read_model, _tokens
     from calibra.data import CalibrationConfig
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -129,7 +133,8 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
-    model_config = _model_config(model)
+    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    model_config = _model_config(model, component="prune", **read)
     _refuse_quantized(model_config, source)
     shapes = _shapes(model_config, None if isinstance(model, (str, Path)) else model)
     prune_names, dense = config.plan_layers(shapes)
@@ -144,15 +149,22 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         calibration, _ = resolve_config(calibration or CalibrationConfig(), model_config, echo=say,
                                         observers=list(_observers(config, measure_error)))
     do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
+    from calibra.plan import plan_job, weight_files_bytes
+
+    plan = plan_job(model_config, job="prune", observers=_observers(config, measure_error), dtype=dtype, device=device,
+                    calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
+                    needs_data=needs_data, weight_files_bytes=weight_files_bytes(model), output=output,
+                    solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn")
+    say(str(plan))
+    if dry_run:
+        return None, {"plan": plan.to_dict()}
 
     prog = _Progress(say, progress)
     tracker = StageTracker(on_change=prog)
     try:
         # -- 2. load ---------------------------------------------------------------------------------
         if isinstance(model, (str, Path)):
-            from calibra.assets import load_model
-
-            model, loaded_tok = load_model(str(model), dtype=dtype)
+            model, loaded_tok = _read_model(model, dtype, **read)
             tokenizer = tokenizer or loaded_tok
         model.eval()
         adapter = get_adapter(model)

@@ -90,7 +90,8 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
              smooth_alpha: float = 0.5, mixed_precision: float | None = None, device=None, dtype="float32",
              tokenizer=None, eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
              eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, export: str | None = None,
-             progress: bool = True, echo=print):
+             progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
+             resume: bool = False, checkpoint: bool | None = None, dry_run: bool = False):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
     Args:
@@ -111,8 +112,15 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
             dense for FP4) while the average stays within it (see ``calibra.quant.mixed``).
         export: engine format(s) for ``output`` (``calibra.export.FORMATS``: compressed-tensors, gptq, mlx,
             gguf-q4_0, gguf-q8_0, dense; comma-separated for several); ``None`` writes calibra's own folder.
+        allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
+        checkpoint: commit every finished layer into a work folder beside ``output``
+            (``calibra.io.checkpoint``; default: on when ``output`` is given); removed once the output is written.
+        resume: continue a killed or failed run from those checkpoints; refused when the model, the
+            settings, the calibration data or the versions differ. The output equals an uninterrupted run's.
+        dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
+            without loading a weight.
     """
-    from calibra.api import _model_config
+    from calibra.api import _model_config, _read_model
     from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
     from calibra.models import get_adapter
@@ -162,7 +170,8 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
-    model_config = _model_config(model)
+    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    model_config = _model_config(model, component="quantize", **read)
     _refuse_quantized(model_config, source)
     shape_model = model if not isinstance(model, (str, Path)) else _meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
@@ -176,14 +185,73 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         calibration, _ = resolve_config(calibration or CalibrationConfig(), model_config, echo=say,
                                         observers=["hessian"])
     do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
+    checkpoint = output is not None if checkpoint is None else bool(checkpoint)
+    if resume and (output is None or not checkpoint):
+        raise ValueError("[quantize] resume needs an output folder and checkpoints (output=DIR, checkpoint on)")
+    from calibra.plan import plan_job, weight_files_bytes
+
+    data_pass = needs_data and stats is None
+    plan = plan_job(model_config, job="quantize",
+                    calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None, dtype=dtype,
+                    device=device, group_size=getattr(config, "group_size", None), needs_data=data_pass,
+                    solver="rtn" if is_rtn else "gptq",
+                    weight_files_bytes=weight_files_bytes(model), checkpoint=checkpoint and output is not None,
+                    output=output)
+    say(str(plan))
+    if dry_run:
+        return None, {"plan": plan.to_dict()}
+    ck = None
+    if checkpoint and output is not None:
+        from calibra.quant import resume as qresume
+
+        ck = qresume.open_checkpoints(model, output, config, calibration, stats, resume=resume, overwrite=overwrite,
+                                      options={"dtype": dtype, "act_ranges": act_ranges, "ranges_file": ranges_file,
+                                               "mixed_precision": mixed_precision, "export": export,
+                                               "smooth_alpha": smooth_alpha, "act_percentile": act_percentile},
+                                      echo=say)
+    try:  # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
+        return _run(**locals())
+    except BaseException as e:
+        if ck is not None:
+            _on_failure(ck, e)
+        raise
+
+
+def _on_failure(ck, e) -> None:
+    """Out of memory or an interrupt keeps the finished layers for --resume; other errors (bad data, a
+    solver failure) would recur on resume, so their checkpoints are removed."""
+    from calibra.calib.runner import CalibrationOOMError
+
+    oom = isinstance(e, (CalibrationOOMError, MemoryError, KeyboardInterrupt)) or type(e).__name__ == "OutOfMemoryError"
+    if oom and any(ck.folder.glob("layer-*.json")):
+        ck.release()
+        e.args = ((e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "
+                  f"fix the cause and rerun the same command with --resume to continue from there.",) + e.args[1:]
+    else:
+        ck.finish()
+
+
+def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_ranges, act_percentile, smooth_alpha,
+         mixed_precision, device, dtype, tokenizer, eval_dataset, eval_seq_len, eval_stride, eval_max_tokens,
+         eval_top_k, export, progress, echo, ck, read, say, t_start, is_rtn, ranges_file, true_seq, source,
+         model_config, needs_data, do_eval, plan, **_):
+    from calibra.api import _read_model
+    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
+    from calibra.data import CalibrationConfig
+    from calibra.models import get_adapter
+    from calibra.quant import act_ranges as ar
+    from calibra.quant import mixed as mp
+    from calibra.quant import save as qsave
+    from calibra.quant.apply import LayerQuantizer
+    from calibra.quant.model import QuantizedModel
 
     # -- 2. load -------------------------------------------------------------------------------------
     if isinstance(model, (str, Path)):
-        from calibra.assets import load_model
-
-        model, loaded_tok = load_model(str(model), dtype=dtype)
+        model, loaded_tok = _read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
     model.eval()
+    if plan.placement.startswith("whole model"):  # it fits: no per-layer transfers (calibra.plan)
+        model.to(plan.device)
     adapter = get_adapter(model)
     ev = None
     if do_eval:
@@ -199,6 +267,8 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     def tokens():
         if "v" not in tokens_cache:
             tokens_cache["v"] = _calibration_tokens(calibration or CalibrationConfig(), tokenizer, model, say)
+            if ck is not None:  # a resume on other data is refused here, before any layer runs
+                ck.check_data(tokens_cache["v"][2].get("fingerprint") or _ids_fingerprint(*tokens_cache["v"][:2]))
         return tokens_cache["v"]
 
     t_cal = 0.0
@@ -249,20 +319,35 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     t0 = time.perf_counter()
     final_stats = stats
     run_meta = None
+    if ck is not None:
+        from calibra.quant.resume import LayerSaver, restore
     if is_rtn or stats is not None:
         from tqdm.auto import tqdm
 
+        if ck is not None:
+            ck.check_data(None if stats is None else "stats")
+        done = restore(ck, quantizer, adapter) if ck is not None else 0
+        saver = LayerSaver(ck, quantizer, adapter) if ck is not None else None
         with torch.no_grad():
-            for i in tqdm(range(len(adapter.layers)), desc="quantizing", unit="layer", disable=not progress):
+            for i in tqdm(range(done, len(adapter.layers)), desc="quantizing", unit="layer", disable=not progress,
+                          initial=done, total=len(adapter.layers)):
                 layer = adapter.layers[i]
                 quantizer(i, layer, stats)
+                if saver is not None:
+                    saver(i)
     else:
         ids, mask, run_meta, bs = tokens()
         runner = LayerRunner(model, adapter, device=device, observers=("hessian",), on_layer=quantizer,
-                             feed_compressed=True, progress=progress, desc=f"{config.method}")
+                             feed_compressed=True, progress=progress, desc=f"{config.method}",
+                             keep_layer_stats=False)  # each layer's Hessians are consumed by on_layer
         if true_seq:
             quantizer.recollect = runner.recollect
-        final_stats = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]})
+        resume_kw = {}
+        if ck is not None:
+            done = restore(ck, quantizer, adapter, runner)
+            resume_kw = {"start_layer": done, "start_hidden": ck.load_hidden(done - 1) if done else None,
+                         "after_layer": LayerSaver(ck, quantizer, adapter, runner)}
+        final_stats = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
     t_cal += max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0
@@ -290,6 +375,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
                     "quantized_weights": n_q, "avg_bits_per_weight": bits / n_q if n_q else None},
         "modules": rows,
         "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},
+        "plan": plan.to_dict(),
         **report_extra,
     }
     if final_stats is not None and "moe" in final_stats.metadata:
@@ -305,11 +391,21 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     if output is not None:
         report["timings"]["total"] = time.perf_counter() - t_start
         report["output"] = str(output)
+        if ck is not None and ck.resumed_from:
+            report["resumed_from_layer"] = ck.resumed_from
         if export is None:
             qsave.write(qm, output, overwrite=overwrite, report=report, extra_files=files)
         else:
             _export(qm, output, export, overwrite, report, files)
+        if ck is not None:
+            ck.finish()
     return qm, report
+
+
+def _ids_fingerprint(ids, mask) -> str:
+    from calibra.data.tokenize import fingerprint
+
+    return fingerprint(ids, mask)
 
 
 def _export(qm, output, formats, overwrite, report, files) -> None:

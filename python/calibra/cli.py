@@ -10,6 +10,26 @@ import sys
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
 
+def _add_read_flags(p) -> None:
+    """Opt-ins for model folders calibra refuses by default (calibra.io.model_reader)."""
+    p.add_argument("--allow-pickle", action="store_true", help="accept a checkpoint that has only pickle weights "
+                   "(.bin/.pt): unpickling can run code, so it is refused by default; with this flag the files "
+                   "load with torch.load(weights_only=True), which admits tensors and plain containers only")
+    p.add_argument("--trust-remote-code", action="store_true", help="accept a model whose config.json has an "
+                   "auto_map: transformers then imports and runs the Python files shipped with the model. Read "
+                   "them first; without this flag such models are refused")
+
+
+def _add_dry_run(p) -> None:
+    p.add_argument("--dry-run", action="store_true", help="check every setting and the model folder, print the "
+                   "memory and disk plan (peak device memory, peak host memory, disk, placement) and exit without "
+                   "loading a weight")
+
+
+def _read_opts(args) -> dict:
+    return {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import calibra
 
@@ -47,7 +67,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stats = calibrate(args.input, config, observers=observers, device=args.device, output=args.output,
                       dtype=args.dtype, hessian_dtype=args.hessian_dtype, moe_quota=args.moe_quota,
-                      moe_tau=args.moe_tau, progress=not args.no_progress)
+                      moe_tau=args.moe_tau, progress=not args.no_progress, dry_run=args.dry_run, **_read_opts(args))
+    if args.dry_run:
+        return 0
     seconds = time.perf_counter() - t0
     size = os.path.getsize(args.output)
     n_mod = len(stats.modules(observers[0])) if observers[0] != "kv" else stats.metadata["model"]["num_layers"]
@@ -90,7 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = calibra.evaluate(args.model, metric=args.metric, dataset=args.dataset, reference=args.reference,
                          seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens, device=args.device,
                          top_k=args.top_k, exact=args.exact, attribution=args.attribution, rank_by=args.rank_by,
-                         dtype=args.dtype, batch_size=args.batch_size)
+                         dtype=args.dtype, batch_size=args.batch_size, **_read_opts(args))
     _print_eval(result, args)
     if args.json:
         out = {"model": args.model, "reference": args.reference, **result.to_dict()}
@@ -120,6 +142,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--dtype", default="float32", help="weights dtype: float32 (default), bfloat16, float16, auto")
     ev.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: auto)")
     ev.add_argument("--json", default=None, help="also write the full result to this JSON file")
+    _add_read_flags(ev)
     ev.set_defaults(fn=_cmd_eval)
 
 
@@ -201,7 +224,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, evaluate=evaluate, act_ranges=args.act_ranges,
                          mixed_precision=args.mixed_precision, device=args.device, dtype=args.dtype,
                          eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
-                         export=args.export, progress=not args.no_progress)
+                         export=args.export, progress=not args.no_progress, resume=args.resume,
+                         checkpoint=not args.no_checkpoint, dry_run=args.dry_run, **_read_opts(args))
+    if args.dry_run:
+        return 0
     _print_quant_summary(report)
     return 0
 
@@ -262,6 +288,14 @@ def _add_quantize(sub) -> None:
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_dry_run(q)
+    q.add_argument("--resume", action="store_true", help="continue a killed or failed run of the same command from "
+                   "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
+                   "data or versions differ. The result is byte-identical to an uninterrupted run")
+    q.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint finished layers (saves the disk "
+                   "writes of one layer's codes and the next layer's inputs per layer; a killed run then restarts "
+                   "from the first layer)")
+    _add_read_flags(q)
     q.set_defaults(fn=_cmd_quantize)
 
 
@@ -325,7 +359,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _, report = prune(args.input, config, calibration, output=args.output, overwrite=args.overwrite,
                       save_24=args.save_24, evaluate=evaluate, device=args.device, dtype=args.dtype,
                       eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, dry_run=args.dry_run, **_read_opts(args))
+    if args.dry_run:
+        return 0
     _print_prune_summary(report)
     return 0
 
@@ -382,6 +418,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_dry_run(p)
+    _add_read_flags(p)
     p.set_defaults(fn=_cmd_prune)
 
 
@@ -421,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--moe-tau", type=float, default=256.0, help="expert Hessian shrinkage: weight "
                      "tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_dry_run(cal)
+    _add_read_flags(cal)
     cal.set_defaults(fn=_cmd_calibrate)
 
     _add_eval(sub)

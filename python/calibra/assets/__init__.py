@@ -136,12 +136,13 @@ def resolve_texts(source, split: str) -> list[str]:
     return [path.read_text(encoding="utf-8")]
 
 
-def load_model(spec, dtype="float32"):
+def load_model(spec, dtype="float32", *, trust_remote_code: bool = False):
     """``(model, tokenizer)`` for ``builtin:NAME`` or a local folder, in eval mode, offline.
 
     ``dtype`` is a torch dtype or its name (``"float32"`` by default: the built-in models are
     stored in bfloat16 and computed in float32 unless asked otherwise; ``"auto"`` keeps the
-    stored dtype). Imports torch and transformers on first use.
+    stored dtype). Imports torch and transformers on first use. No checks here: the verbs read models
+    through ``calibra.io.load_model``, which validates the folder first and calls this.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,6 +150,7 @@ def load_model(spec, dtype="float32"):
     path = resolve_model(spec)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **remote)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **remote)
     return model.eval(), tokenizer

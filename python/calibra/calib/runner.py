@@ -102,12 +102,15 @@ class LayerRunner:
         feed_compressed: produce each layer's outputs from the layer after ``on_layer`` (true-sequential).
         check_finite: raise on NaN/Inf activations (FAULTS row 17); on by default.
         progress: show a tqdm bar over layers.
+        keep_layer_stats: keep every layer's observer tensors (Hessians...) for the returned statistics. A
+            quantizer that consumes them in ``on_layer`` passes False: host memory then holds one layer's
+            Hessians instead of the whole model's (token counts and MoE routing are always kept).
     """
 
     def __init__(self, model: nn.Module, adapter=None, *, device=None, observers=("hessian",),
                  hessian_dtype: torch.dtype = torch.float32, moe: MoERecorder | None = None,
                  on_layer: Callable | None = None, feed_compressed: bool = False, check_finite: bool = True,
-                 progress: bool = True, desc: str = "calibrating"):
+                 progress: bool = True, desc: str = "calibrating", keep_layer_stats: bool = True):
         if adapter is None:
             from calibra.models import get_adapter
 
@@ -123,6 +126,7 @@ class LayerRunner:
         self.moe = moe if moe is not None else (MoERecorder() if has_moe else None)
         self.on_layer, self.feed_compressed = on_layer, feed_compressed
         self.check, self.progress, self.desc = check_finite, progress, desc
+        self.keep_layer_stats = keep_layer_stats
         self.seconds = 0.0
         # per-batch context read by the hooks
         self._mask: torch.Tensor | None = None
@@ -257,9 +261,14 @@ class LayerRunner:
     # -- main loop ---------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, batch_size: int = 1,
-            sample_ids: list[int] | None = None, extra_metadata: dict | None = None) -> CalibrationStats:
+            sample_ids: list[int] | None = None, extra_metadata: dict | None = None, start_layer: int = 0,
+            start_hidden: list[torch.Tensor] | None = None, after_layer: Callable | None = None) -> CalibrationStats:
         """Calibrate on ``input_ids [S, L]`` (int64, right-padded) with ``attention_mask [S, L]`` (bool,
-        False at padding) and return the statistics. ``sample_ids`` name the rows in error messages."""
+        False at padding) and return the statistics. ``sample_ids`` name the rows in error messages.
+
+        Resuming (``calibra.io.checkpoint``): ``start_layer`` skips the finished layers, whose outputs
+        ``start_hidden`` (one tensor per batch) become the inputs of ``start_layer``; ``after_layer(i, outs)``
+        is called after each layer with the next layer's inputs, to checkpoint them."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
@@ -282,8 +291,13 @@ class LayerRunner:
         tokens = int(attention_mask.sum())
         try:
             hidden, kwargs = self._capture(batches)
+            if start_hidden is not None:
+                if len(start_hidden) != len(hidden) or any(a.shape != b.shape for a, b in zip(start_hidden, hidden)):
+                    raise ValueError("[calibrate] resumed hidden states do not match the calibration batches")
+                hidden = list(start_hidden)
             layers = self.adapter.layers
-            bar = tqdm(range(len(layers)), desc=self.desc, unit="layer", disable=not self.progress)
+            bar = tqdm(range(start_layer, len(layers)), desc=self.desc, unit="layer", disable=not self.progress,
+                       initial=start_layer, total=len(layers))
             for i in bar:
                 layer = layers[i]
                 home = _module_device(layer)
@@ -295,9 +309,12 @@ class LayerRunner:
                     raise CalibrationOOMError(
                         f"[calibrate] out of memory on {self.device} at layer {i} ({self.adapter.layer_name(i)}) "
                         f"with seq_len {L}, batch size {batch_size}: lower --batch-size (1 is the minimum) or "
-                        f"--seq-len, use --hessian-dtype float32, or run on --device cpu. Statistics of the "
-                        f"{i} finished layers are kept in the exception's partial_stats.", partial, i) from e
+                        f"--seq-len, use --hessian-dtype float32, or run on --device cpu (layers wait in host "
+                        f"memory; only one is on the device). Statistics of the {i} finished layers are kept in "
+                        f"the exception's partial_stats.", partial, i) from e
                 layer.to(home)
+                if after_layer is not None:
+                    after_layer(i, hidden)
         finally:
             self.model.train(was_training)
             self._mask = self._rows = None
@@ -356,6 +373,9 @@ class LayerRunner:
         lname = self.adapter.layer_name(i) + "."
         for o in self.observers:
             o.to_cpu(lname)
+            if not self.keep_layer_stats:
+                for k in [k for k in o.tensors if lname in k]:
+                    del o.tensors[k]
         if not keep_first:
             for b, x in enumerate(hidden):
                 self._set_batch(masks[b], ids_of[b])

@@ -59,12 +59,13 @@ def _auto_device(device):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load(model, tokenizer, dtype, device):
-    """``(model, tokenizer)`` from a spec (``builtin:NAME`` / folder) or an already built model."""
+def _load(model, tokenizer, dtype, device, read=None):
+    """``(model, tokenizer)`` from a spec (``builtin:NAME`` / folder) or an already built model. Folders go
+    through the checking reader; quantized checkpoints are allowed (evaluating them is the point)."""
     if isinstance(model, (str, Path)):
-        from calibra.assets import load_model
+        from calibra.io import load_model
 
-        m, tok = load_model(str(model), dtype)
+        m, tok = load_model(str(model), dtype, allow_quantized=True, **(read or {}))
         return m.to(_auto_device(device)), (tokenizer or tok)
     if device is not None:
         model.to(device)
@@ -87,7 +88,8 @@ def _texts(dataset):
 def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=None, seq_len: int | None = None,
              stride: int | None = None, max_tokens: int | None = None, device=None, top_k: int = DEFAULT_TOP_K,
              exact: bool = False, attribution: bool = False, rank_by: str = "kl", attribution_tokens: int | None = None,
-             tokenizer=None, dtype="float32", batch_size: int | None = None, progress: bool | None = None):
+             tokenizer=None, dtype="float32", batch_size: int | None = None, progress: bool | None = None,
+             allow_pickle: bool = False, trust_remote_code: bool = False):
     """Evaluate ``model`` (a ``builtin:NAME`` spec, a Hugging Face folder, or a loaded causal LM).
 
     * ``metric="perplexity"`` -> :class:`PerplexityResult` (with ``.reference``, the reference's
@@ -108,7 +110,8 @@ def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=
     import torch
 
     _validate(metric, reference, seq_len, stride, max_tokens, top_k, exact, attribution, rank_by)
-    model, tokenizer = _load(model, tokenizer, dtype, device)
+    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    model, tokenizer = _load(model, tokenizer, dtype, device, read)
     if isinstance(dataset, torch.Tensor):
         ids, ds = dataset.reshape(-1).long(), {"name": "token-ids", "version": None, "documents": None}
     else:
@@ -132,7 +135,7 @@ def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=
     ref_model = None
     if reference is not None:
         # the reference runs where the model runs: the two are compared batch by batch
-        ref_model, _ = _load(reference, None, dtype, model_device(model))
+        ref_model, _ = _load(reference, None, dtype, model_device(model), read)
         _check_vocab(ref_model, model)
     kw = dict(seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress, dataset=ds)
     if metric == "perplexity":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -92,8 +93,10 @@ def atomic_folder(target, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, FileExistsError):
-            raise OSError(e.errno, f"[export] writing {target} failed ({e.strerror or e}); the temporary output "
-                                   f"was removed and any earlier {target.name} is intact") from e
+            hint = (": the disk is full; free space or choose an output on another disk"
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+            raise OSError(e.errno, f"[export] writing {target} failed ({e.strerror or e}){hint}; the temporary "
+                                   f"output was removed and any earlier {target.name} is intact") from e
         raise
 
 

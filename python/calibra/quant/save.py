@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,13 +31,12 @@ MANIFEST = "quantization.json"
 
 def check_output(path, overwrite: bool) -> Path:
     """Refuse an existing output folder without ``overwrite`` (checked before any work starts)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"[quantize] output {path} already exists; pass overwrite=True (--overwrite) to "
-                              f"replace it, or choose another folder")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"[quantize] output {path} exists and is not a folder")
-    return path
+    from calibra.export.writer import check_target
+
+    try:
+        return check_target(path, overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(str(e).replace("[export]", "[quantize]", 1)) from None
 
 
 def config_dict(config) -> dict:
@@ -103,13 +99,19 @@ def _write_json(path: Path, obj) -> None:
 
 
 def write(qm, path, *, overwrite: bool = False, report: dict | None = None, extra_files: dict | None = None) -> Path:
-    """Write the folder atomically (see the module docstring). ``extra_files``: name -> JSON object."""
+    """Write the folder atomically (see the module docstring). ``extra_files``: name -> JSON object.
+
+    Through ``calibra.export.writer.atomic_folder`` like every export: a temporary folder beside DIR,
+    renamed at the end; disk full or any error removes it and leaves an earlier DIR intact; stale
+    temporary folders of killed runs are removed. ``calibra_manifest.json`` hashes every file except
+    report.json (its timings differ from run to run; everything else is byte-identical for the same
+    inputs and seed)."""
     from safetensors.torch import save_file
 
+    from calibra.export import writer
+
     path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with writer.atomic_folder(path, overwrite=overwrite) as tmp:
         save_file(tensors_of(qm), str(tmp / WEIGHTS), metadata={"format": FORMAT})
         _write_json(tmp / MANIFEST, manifest(qm))
         qm.model.config.to_json_file(str(tmp / "config.json"), use_diff=False)
@@ -117,18 +119,9 @@ def write(qm, path, *, overwrite: bool = False, report: dict | None = None, extr
             qm.tokenizer.save_pretrained(str(tmp))
         for name, obj in (extra_files or {}).items():
             _write_json(tmp / name, obj)
+        writer.write_manifest(tmp, format=FORMAT, qmodel=qm)
         if report is not None:
             _write_json(tmp / "report.json", report)
-        if path.exists():  # --overwrite: replace the folder whole, never merge into it
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

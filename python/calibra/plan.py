@@ -1,0 +1,261 @@
+"""The memory planner: before a job loads a weight, predict its peak device memory, peak host memory
+(RSS) and disk, print the plan, and choose where the model lives.
+
+Inputs are the model config (sizes come from a weightless meta-device copy of the model, so every
+architecture's parameter count is exact), the weight files on disk, the calibration settings and the
+job. The per-layer device working set (one layer, one batch of activations, that layer's Hessians, the
+solver's workspace) comes from :func:`calibra.data.memory.estimate_memory`.
+
+Host memory is the largest of the job's phases, each a sum of what is resident at once:
+
+* **load** -- the process as it is now (measured RSS: Python, torch, transformers), the model in the
+  compute dtype, and the weight files, which transformers memory-maps and reads (resident while loading);
+* **layers** -- the model; all samples' hidden states (inputs and outputs of the current layer) and the
+  per-batch attention arguments; the quantized results of the finished layers (codes, scales and the
+  dequantized weight each ``QuantizedLayer`` keeps); when the compute device is the CPU also the layer's
+  working set; when checkpointing, a serialized copy of one layer's outputs (safetensors serializes to
+  bytes before writing);
+* **save** -- the model, the quantized results, and a serialized copy of the output file.
+
+Placement: when the whole model plus one layer's working set fits in the device's free memory (90%), the
+model moves to the device once (no per-layer transfers); otherwise layers move one at a time and the rest
+stays in host memory ("CPU offload"). On the CPU both are the same.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from calibra.data.memory import format_bytes
+
+JOBS = ("calibrate", "quantize", "prune")
+_DEVICE_HEADROOM = 0.9  # the caching allocator and fragmentation need some room
+
+
+def current_rss() -> int:
+    """Resident set size of this process now (bytes); 0 when the platform does not say."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if os.uname().sysname == "Darwin" else 1024)
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_free(device: torch.device) -> int | None:
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "recommended_max_memory"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+    return None
+
+
+@dataclass
+class MemoryPlan:
+    job: str
+    device: str
+    placement: str
+    """``"whole model on <device>"``, ``"layer by layer, rest offloaded to host memory"`` or ``"host memory
+    (CPU)"``."""
+    model_bytes: int
+    quantized_weights: int
+    peak_device: int
+    peak_host: int
+    host_phase: str
+    host: dict
+    """component -> bytes at the host peak."""
+    phases: dict
+    """phase -> host bytes."""
+    disk_output: int
+    disk_checkpoints: int
+    device_free: int | None = None
+    host_available: int | None = None
+    disk_free: int | None = None
+    warnings: list = field(default_factory=list)
+
+    @property
+    def offload(self) -> bool:
+        return self.placement.startswith("layer by layer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        f = format_bytes
+        rows = [("placement", self.placement),
+                (f"peak device memory ({self.device}{', inside host memory' if self.device == 'cpu' else ''})",
+                 f(self.peak_device)
+                 + (f" of {f(self.device_free)} free" if self.device_free else "")),
+                (f"peak host memory ({self.host_phase})", f(self.peak_host)
+                 + (f" of {f(self.host_available)} available" if self.host_available else "")),
+                ("  " + ", ".join(f"{k} {f(v)}" for k, v in self.host.items() if v), ""),
+                ("disk: output", f(self.disk_output)),
+                ("disk: layer checkpoints (peak)", f(self.disk_checkpoints)),
+                ("disk free at the output", f(self.disk_free) if self.disk_free is not None else "?")]
+        w = max(len(k) for k, v in rows if v)
+        lines = [f"[plan] {self.job}: memory and disk plan (model {f(self.model_bytes)} in host memory)"]
+        lines += [f"  {k:<{w}}  {v}" if v else f"  {k}" for k, v in rows]
+        lines += [f"  warning: {m}" for m in self.warnings]
+        return "\n".join(lines)
+
+
+def _meta_sizes(model_config) -> tuple[int, list[tuple[int, int]], int]:
+    """``(parameters + buffers, [(out, in)] of every compressible weight, decoder layers)``, exact, from a
+    weightless meta-device copy of the model."""
+    from calibra.api_quantize import _all_targets, _meta_model
+    from calibra.models import get_adapter
+
+    meta = _meta_model(model_config)
+    n = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
+    adapter = get_adapter(meta)
+    return n, [(t.out_features, t.in_features) for t in _all_targets(meta, adapter)], len(adapter.layers)
+
+
+def solver_workspace(shapes, solver: str | None, hessian_bytes: int = 4) -> int:
+    """Bytes a solver allocates for its largest module, beyond the module's Hessian itself.
+
+    GPTQ / SparseGPT (``calibra.quant.gptq``): the scaled Hessian copy, the identity, the Cholesky factor,
+    its flipped copy and the inverse factor U (5 x in^2, float32), the float32 working copy of W and the
+    quantized W (2 x out x in x 4) and the uint8 codes. RTN/magnitude/Wanda: W's working copy and result."""
+    if not shapes or solver is None:
+        return 0
+    if solver == "gptq":
+        return max(5 * i * i * hessian_bytes + 2 * o * i * 4 + o * i for o, i in shapes)
+    return max(2 * o * i * 4 + o * i for o, i in shapes)
+
+
+def weight_files_bytes(model) -> int:
+    """Bytes of the weight files of a model given by name/folder (0 for a loaded model)."""
+    if not isinstance(model, (str, Path)):
+        return 0
+    from calibra.io import inspect_model
+
+    return inspect_model(model, check_tensors=False, allow_quantized=True, allow_pickle=True,
+                         trust_remote_code=True).weight_bytes
+
+
+def torch_dtype(dtype, model_config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        d = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+        return getattr(torch, d) if isinstance(d, str) else d
+    return getattr(torch, str(dtype).replace("torch.", ""))
+
+
+def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, device=None, observers=("hessian",),
+             hessian_dtype=torch.float32, group_size: int | None = None, bits: int | None = None,
+             weight_files_bytes: int | None = None, checkpoint: bool = False, output=None, needs_data: bool = True,
+             solver: str | None = None, baseline_rss: int | None = None) -> MemoryPlan:
+    """Predict a job's memory and disk (see the module docstring). ``calibration`` is a resolved
+    ``CalibrationConfig`` (concrete sequence length) or None for data-free jobs. ``solver``: ``"gptq"``
+    (GPTQ, MR-GPTQ, SparseGPT), ``"rtn"`` (RTN, magnitude, Wanda) or None (calibration only)."""
+    from calibra.data.memory import _dtype_bytes, estimate_memory
+
+    if job not in JOBS:
+        raise ValueError(f"[plan] job must be one of {', '.join(JOBS)}, got {job!r}")
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch_dtype(dtype, model_config)
+    db = _dtype_bytes(dtype)
+    weight_files_bytes = weight_files_bytes or 0
+    params, shapes, n_layers = _meta_sizes(model_config)
+    n_q = sum(o * i for o, i in shapes)
+    ws = solver_workspace(shapes, solver, _dtype_bytes(hessian_dtype) if solver == "gptq" else 4)
+    model_bytes = params * db
+    H = model_config.get_text_config().hidden_size
+    base = current_rss() if baseline_rss is None else baseline_rss
+
+    est = None
+    hidden = kwargs = work = 0
+    if needs_data and calibration is not None:
+        obs = list(observers) + (["routing"] if getattr(model_config, "model_type", "") in
+                                 ("mixtral", "qwen2_moe", "qwen3_moe") else [])
+        est = estimate_memory(model_config, calibration, dtype=dtype, observers=obs, hessian_dtype=hessian_dtype)
+        S, L, b = est.num_samples, est.sequence_length, est.batch_size
+        n_batches = -(-S // b)
+        head_dim = getattr(model_config, "head_dim", None) or H // model_config.num_attention_heads
+        hidden = est.host_activations
+        kwargs = n_batches * (2 * b * L * head_dim * db + b * L * L) + 2 * S * L * 8
+        # forward (activations) and solve (workspace) do not overlap; the layer's statistics live through both
+        work = max(est.activations, ws) + est.hessians + est.observer_state
+    else:
+        work = ws
+    # what the job keeps per compressed weight, on the host, until the save
+    if job == "quantize":
+        g = n_q // max(1, group_size) if group_size and group_size > 0 else 0
+        results = n_q * (db + 1) + 8 * max(g, 1)
+        out_bytes = n_q * 1 + 8 * max(g, 1) + (params - n_q) * db  # calibra's folder: one uint8 code per weight
+    elif job == "prune":
+        results = n_q  # one bool mask byte per pruned weight
+        out_bytes = params * db
+    else:
+        results = 0
+        out_bytes = (est.hessians * n_layers if est is not None else 0)
+    kept_stats = out_bytes if job == "calibrate" else 0  # calibrate returns every layer's statistics
+    on_cpu = device.type == "cpu"
+    layer_work_host = work if on_cpu else (est.hessians if est is not None else 0)
+    ckpt_transient = (hidden // 2 + n_q // max(1, n_layers)) if checkpoint else 0
+    phases = {
+        "load": {"process before loading": base, "model": model_bytes, "weight files (mapped)": weight_files_bytes},
+        "layers": {"process before loading": base, "model": model_bytes, "hidden states": hidden,
+                   "attention arguments": kwargs, "compressed results": results, "statistics": kept_stats,
+                   "layer working set": layer_work_host, "checkpoint write": ckpt_transient},
+        "save": {"process before loading": base, "model": model_bytes, "compressed results": results,
+                 "serialized output": out_bytes},
+    }
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    layer_dev = (est.layer_weights if est is not None else model_bytes // max(1, n_layers)) + work
+    free = device_free(device)
+    if on_cpu:
+        placement, peak_dev = "host memory (the device is the CPU)", layer_dev
+    elif free is not None and model_bytes + layer_dev <= _DEVICE_HEADROOM * free:
+        placement, peak_dev = f"whole model on {device}", model_bytes + layer_dev
+    else:
+        placement, peak_dev = "layer by layer, rest offloaded to host memory", layer_dev
+    out_dir = Path(output).expanduser().absolute().parent if output is not None else Path.cwd()
+    while not out_dir.exists() and out_dir != out_dir.parent:
+        out_dir = out_dir.parent
+    disk_free = shutil.disk_usage(out_dir).free if out_dir.exists() else None
+    ckpt_disk = (n_q + hidden // 2 * 2) if checkpoint else 0  # all codes + two generations of layer outputs
+    plan = MemoryPlan(job=job, device=str(device), placement=placement, model_bytes=model_bytes,
+                      quantized_weights=n_q, peak_device=peak_dev, peak_host=totals[peak_phase],
+                      host_phase=peak_phase, host=phases[peak_phase], phases=totals, disk_output=out_bytes,
+                      disk_checkpoints=ckpt_disk, device_free=free, host_available=host_available(),
+                      disk_free=disk_free)
+    if free is not None and peak_dev > free:
+        plan.warnings.append(f"one layer's working set ({format_bytes(layer_dev)}) exceeds the free device memory: "
+                             f"lower --batch-size or --seq-len, or use --device cpu")
+    avail = plan.host_available
+    if avail is not None and plan.peak_host - base > avail:
+        plan.warnings.append(f"the host peak exceeds the available memory ({format_bytes(avail)}): lower "
+                             f"--samples or --seq-len, or use a machine with more memory")
+    if disk_free is not None and out_bytes + ckpt_disk > disk_free:
+        plan.warnings.append(f"output + checkpoints ({format_bytes(out_bytes + ckpt_disk)}) exceed the free disk "
+                             f"space at {out_dir} ({format_bytes(disk_free)})")
+    return plan
+
+
+__all__ = ["MemoryPlan", "plan_job", "current_rss", "JOBS"]
