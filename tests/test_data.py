@@ -417,6 +417,30 @@ def test_unset_sequence_length_capped_and_estimate_printed(capsys):
     assert data.sequence_length == 16 and "using 16 tokens per sample" in capsys.readouterr().out
 
 
+def test_unset_batch_size_packs_about_4096_tokens_per_pass(capsys):
+    from transformers import LlamaConfig
+
+    from calibra.data.config import AUTO_BATCH_TOKENS
+
+    mcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=256)
+    resolved, est = resolve_config(CalibrationConfig(num_samples=32, batch_size=None), mcfg)
+    assert resolved.sequence_length == 256 and resolved.batch_size == AUTO_BATCH_TOKENS // 256 == 16
+    assert est.batch_size == 16
+    assert "batch_size unset: 16 samples per forward pass (about 4096 tokens)" in capsys.readouterr().out
+    # never more than the samples, never less than one
+    assert resolve_config(CalibrationConfig(num_samples=3, batch_size=None), mcfg,
+                          echo=lambda s: None)[0].batch_size == 3
+    mcfg.max_position_embeddings = 8192
+    assert resolve_config(CalibrationConfig(num_samples=8, sequence_length=8192, batch_size=None), mcfg,
+                          echo=lambda s: None)[0].batch_size == 1
+    # an explicit batch size is kept, and a bad one is still an error
+    assert resolve_config(CalibrationConfig(num_samples=8, batch_size=2), mcfg, echo=lambda s: None)[0] \
+        .batch_size == 2
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1 or None"):
+        CalibrationConfig(batch_size=0).validate()
+
+
 # ============================================================================ memory estimate
 def test_memory_estimate_exact_for_small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,6 +10,15 @@ import sys
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already explains its default (an
+    automatic default such as "the model's context" reads better than "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def _add_read_flags(p) -> None:
     """Opt-ins for model folders calibra refuses by default (calibra.io.model_reader)."""
     p.add_argument("--allow-pickle", action="store_true", help="accept a checkpoint that has only pickle weights "
@@ -181,6 +190,29 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _eval_rows(ev: dict | None, kl_label: str) -> list[tuple[str, str]]:
+    """Summary rows for a report's ``eval`` block (quantize and prune share its shape: EvalSession)."""
+    if not ev:
+        return []
+    p, kl, proto = ev["perplexity"], ev["kl_divergence"], ev["protocol"]
+    top_k = f"-{kl['top_k']}" if kl["top_k"] else ""
+    return [("perplexity", f"{p['baseline']:.4f} -> {p['compressed']:.4f} "
+                           f"({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)"),
+            (kl_label, f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} nats/token "
+                       f"({kl['mode']}{top_k})"),
+            ("eval protocol", f"seq_len {proto['seq_len']}, stride {proto['stride']}, "
+                              f"{proto['tokens_scored']} tokens of {proto['dataset']['name']}")]
+
+
+def _print_rows(rows: list[tuple[str, str]], output: str | None) -> None:
+    """The end-of-run summary table: one aligned ``name  value`` line per row."""
+    if output:
+        rows = rows + [("output", output)]
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
 def _print_quant_summary(report: dict) -> None:
     s, t = report["summary"], report["timings"]
     q = s["quantized_weights"]
@@ -190,22 +222,10 @@ def _print_quant_summary(report: dict) -> None:
                                                                    if s["dense_modules"] else "")),
             ("bits per weight", f"{s['avg_bits_per_weight']:.3f}" if s["avg_bits_per_weight"] else "-"),
             ("quantized weights", f"{_fmt_bytes(q * 2)} as fp16 -> {_fmt_bytes(q * (s['avg_bits_per_weight'] or 16) / 8)}")]
-    ev = report.get("eval")
-    if ev:
-        p, kl = ev["perplexity"], ev["kl_divergence"]
-        rows += [("perplexity", f"{p['baseline']:.4f} -> {p['compressed']:.4f} "
-                                f"({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)"),
-                 ("KL(ref||quant)", f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} nats/token"
-                                    f" ({kl['mode']}{'-' + str(kl['top_k']) if kl['top_k'] else ''})"),
-                 ("eval protocol", f"seq_len {ev['protocol']['seq_len']}, stride {ev['protocol']['stride']}, "
-                                   f"{ev['protocol']['tokens_scored']} tokens of {ev['protocol']['dataset']['name']}")]
+    rows += _eval_rows(report.get("eval"), "KL(ref||quant)")
     rows.append(("time", f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
                          f"eval {t['eval']:.1f})"))
-    if report.get("output"):
-        rows.append(("output", report["output"]))
-    w = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"  {k:<{w}}  {v}")
+    _print_rows(rows, report.get("output"))
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -233,7 +253,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_quantize(sub) -> None:
-    D = argparse.ArgumentDefaultsHelpFormatter
+    D = _HelpFormatter
     q = sub.add_parser("quantize", formatter_class=D, help="quantize a model (RTN, GPTQ, MR-GPTQ) and write it "
                        "with report.json",
                        description="Quantize MODEL's decoder Linears and experts (lm_head, embeddings and routers "
@@ -258,7 +278,8 @@ def _add_quantize(sub) -> None:
     q.add_argument("--samples", type=int, default=128, help="calibration samples")
     q.add_argument("--seq-len", type=int, default=None,
                    help="tokens per calibration sample (default: the model's context, at most 2048)")
-    q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
+    q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
+                   "about 4096 tokens per pass; 1 if memory is tight)")
     q.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
     q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by descending Hessian "
                    "diagonal (records g_idx unless --static-groups)")
@@ -330,22 +351,10 @@ def _print_prune_summary(report: dict) -> None:
     if errs:
         rows.append(("reconstruction err", f"mean {sum(errs) / len(errs):.5f}, max {max(errs):.5f} "
                                            f"(relative output error on the calibration inputs)"))
-    ev = report.get("eval")
-    if ev:
-        p, kl = ev["perplexity"], ev["kl_divergence"]
-        rows += [("perplexity", f"{p['baseline']:.4f} -> {p['compressed']:.4f} "
-                                f"({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)"),
-                 ("KL(dense||pruned)", f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} "
-                                       f"nats/token ({kl['mode']}{'-' + str(kl['top_k']) if kl['top_k'] else ''})"),
-                 ("eval protocol", f"seq_len {ev['protocol']['seq_len']}, stride {ev['protocol']['stride']}, "
-                                   f"{ev['protocol']['tokens_scored']} tokens of {ev['protocol']['dataset']['name']}")]
+    rows += _eval_rows(report.get("eval"), "KL(dense||pruned)")
     rows.append(("time", f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
                          f"eval {t['eval']:.1f}, write {t['write']:.1f})"))
-    if report.get("output"):
-        rows.append(("output", report["output"]))
-    w = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"  {k:<{w}}  {v}")
+    _print_rows(rows, report.get("output"))
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -367,7 +376,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _add_prune(sub) -> None:
-    D = argparse.ArgumentDefaultsHelpFormatter
+    D = _HelpFormatter
     p = sub.add_parser("prune", formatter_class=D, help="prune a model (magnitude, Wanda, SparseGPT) and write it "
                        "with report.json",
                        description="Prune MODEL's decoder Linears and experts (lm_head, embeddings and routers stay "
@@ -407,7 +416,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per calibration sample (default: the model's context, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
+                   "about 4096 tokens per pass; 1 if memory is tight)")
     p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
     p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
@@ -432,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("selftest", help="run every op natively and compare it with its reference")
     st.add_argument("--device", default="cpu", help="device to test (default: cpu)")
     st.set_defaults(fn=_cmd_selftest)
-    D = argparse.ArgumentDefaultsHelpFormatter
+    D = _HelpFormatter
     cal = sub.add_parser("calibrate", formatter_class=D,
                          help="run calibration text through a model and save reusable statistics",
                          description="Run calibration text through MODEL one decoder layer at a time and save "
@@ -445,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--samples", type=int, default=128, help="number of calibration samples")
     cal.add_argument("--seq-len", type=int, default=None,
                      help="tokens per calibration sample (default: the model's context, at most 2048)")
-    cal.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
+    cal.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (default: about 4096 "
+                     "tokens per pass; 1 if memory is tight)")
     cal.add_argument("--seed", type=int, default=0, help="seed that selects and orders the samples")
     cal.add_argument("--observers", default="hessian", help="comma-separated: hessian,norms,ranges,kv")
     cal.add_argument("--device", default=None, help="compute device for one layer at a time (cpu, cuda, "

@@ -34,6 +34,10 @@ def resolve_config(config: CalibrationConfig, model_config, *, dtype=torch.float
         echo(note)
         log.info(note)
         config = dataclasses.replace(config, sequence_length=L)
+    if config.batch_size is None:
+        b = config.resolved_batch_size(config.sequence_length)
+        echo(f"[data] batch_size unset: {b} samples per forward pass (about {b * config.sequence_length} tokens)")
+        config = dataclasses.replace(config, batch_size=b)
     estimate = estimate_memory(model_config, config, dtype=dtype, observers=observers, **estimate_kwargs)
     echo(str(estimate))
     log.info("%s", estimate)
