@@ -261,3 +261,8 @@ def test_nm_bad_input():
         mod.sparsegpt_block_sweep(ta(w), ta(u), ta(base["scales"]), ta(base["zeros"]), ta(base["group"]),
                                   ta(base["fit"]), ta(torch.ones(1)), 1, 3, 4, True, "none", 0, 1.0,
                                   *(ta(o) for o in outs))
+
+
+def test_nm_opcheck():
+    # schema, fake (alloc) and the native impl agree (fake tensors, aliasing, outputs)
+    torch.library.opcheck(torch.ops.calibra.sparsegpt_block_sweep.default, _nm_example("cpu"))
