@@ -5,15 +5,15 @@
   reference (``calibra.ops._ref.nm_mask`` for N:M; ``torch.topk`` for unstructured -- there is no
   native op for per-row top-k, so that row compares two torch selections), with ``torch.clone`` of the
   weight as the memory-bound roofline.
-- The SparseGPT solver (unstructured 50% and 2:4): native block sweep (``calibra::gptq_block_sweep``
-  with the block's mask) vs the pure-torch sweep. 2:4 selects inside the sweep, which the native op
-  does not do yet: its native column stays empty until it does, and the script says so.
+- The SparseGPT solver (unstructured 50% and 2:4): native block sweep vs the pure-torch sweep
+  (``torch_block_sweep``). Unstructured runs ``calibra::gptq_block_sweep`` with the block's mask; 2:4
+  runs ``calibra::sparsegpt_block_sweep``, which chooses the N:M mask inside the sweep.
 
     python benchmarks/bench_prune.py [--device cuda] [--quick] [--repeat N] [--sparsegpt-repeat N] [--threads N]
 """
 import torch
 
-from calibra.ops import _ref
+from calibra.ops import _ref, trace
 from calibra.prune import NM, PruningConfig, Unstructured, sparsegpt_prune, torch_block_sweep, wanda_scores
 from calibra.prune.patterns import prune_count
 from _common import clone_seconds, machine_line, median_seconds, parser, print_table
@@ -67,20 +67,19 @@ def main() -> None:
         cfg = PruningConfig(method="sparsegpt", pattern=pattern, target_sparsity=ts)
         t_torch = median_seconds(lambda: sparsegpt_prune(w, h, 2 * n, cfg, measure=False, sweep=torch_block_sweep),
                                  dev, warmup=0, repeat=args.sparsegpt_repeat)
-        if pattern == "2:4":
-            rows.append([label, f"{out}x{n}", "n/a: N:M not in the native sweep yet", t_torch * 1e3, "-",
-                         t_torch / t_clone])
-            continue
-        t_nat = median_seconds(lambda: sparsegpt_prune(w, h, 2 * n, cfg, measure=False), dev, warmup=0,
-                               repeat=args.sparsegpt_repeat)
+        with trace() as t:
+            t_nat = median_seconds(lambda: sparsegpt_prune(w, h, 2 * n, cfg, measure=False), dev, warmup=0,
+                                   repeat=args.sparsegpt_repeat)
+        op = "sparsegpt_block_sweep" if pattern == "2:4" else "gptq_block_sweep"
+        if t.impls(op) != {dev.split(":")[0]}:
+            print(f"note: {label}: {op} was served by {t.impls(op)}, not the native {dev} kernel")
         rows.append([label, f"{out}x{n}", t_nat * 1e3, t_torch * 1e3, f"{t_torch / t_nat:.2f}x", t_nat / t_clone])
 
     print_table("Pruning solvers (ms, median)", ["case", "shape", "library / native ms", "reference ms",
                                                 "reference / library", "x clone"], rows)
-    print("\nSparseGPT: whole solver (factorization + sweep + lazy updates). Unstructured runs the native block "
-          "sweep (calibra::gptq_block_sweep with the block's mask) vs the pure-torch sweep; 2:4 selects its mask "
-          "inside the sweep, which the native op does not do yet, so only the torch solver is timed -- its "
-          "native column appears once the op takes (n, m).")
+    print("\nSparseGPT: whole solver (factorization + sweep + lazy updates), native block sweep vs the pure-torch "
+          "sweep. Unstructured: calibra::gptq_block_sweep with the block's mask; 2:4: calibra::sparsegpt_block_sweep "
+          "(the N:M mask chosen inside the sweep).")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@
 // calibra.ops._ref.gptq (__fdiv_rn / __fmul_rn / __fsub_rn, no FMA), so the results are meant to be
 // bit-identical. Compile-checked, not yet run on a GPU. A faster layout (a warp per 32 rows with the
 // block's U in shared memory, coalesced row tiles) is the obvious next step once it can be measured.
+//
+// calibra::sparsegpt_block_sweep is the same kernel with N:M selection on (Args::nm_m > 0): at each
+// group's first column the thread ranks the group's m saliencies of its row (pairwise rule of
+// params/gptq.h; staged in the row's not-yet-written err entries, which keeps the kernel free of
+// register spills) into a 32-bit prune mask held in a register, and writes the chosen mask to `prune`.
 #include <cstdint>
 
 #include "calibra/fp4.h"
@@ -33,7 +38,8 @@ struct Args {
   float* scales_out;
   float* zeros_out;
   unsigned long long* flag;
-  int64_t rows, cols, groups, nshrink;
+  uint8_t* prune;  // sparsegpt_block_sweep: [R, C] bool output; nullptr for gptq_block_sweep
+  int64_t rows, cols, groups, nshrink, nm_n, nm_m;
   float maxq, global_scale;
   int format, symmetric, scale_dtype;
 };
@@ -125,6 +131,27 @@ __device__ void fit_row(const Args& a, const float* x, int64_t n, float* s_out, 
   }
 }
 
+// The prune mask (bit c = prune column i + c) of the group of m columns at i:
+// rank(c) = #{k: s_k > s_c} + #{k < c: s_k == s_c}; prune where rank >= n. The group's saliencies
+// x_j^2 / (u_jj * u_jj) are staged in the row's err[i, i + m), which the sweep writes only later.
+__device__ __forceinline__ uint32_t select_nm(const Args& a, const float* x, float* sal, int64_t i) {
+  const int m = static_cast<int>(a.nm_m), n = static_cast<int>(a.nm_n);
+  const float* ud = a.u + i * (a.cols + 1);
+  for (int c = 0; c < m; ++c) {
+    const float d = ud[c * (a.cols + 1)];
+    sal[c] = __fdiv_rn(__fmul_rn(x[c], x[c]), __fmul_rn(d, d));
+  }
+  uint32_t bits = 0;
+  for (int c = 0; c < m; ++c) {
+    const float sc = sal[c];
+    int rank = 0;
+    for (int k = 0; k < c; ++k) rank += sal[k] >= sc;
+    for (int k = c + 1; k < m; ++k) rank += sal[k] > sc;
+    bits |= static_cast<uint32_t>(rank >= n) << c;
+  }
+  return bits;
+}
+
 __global__ void __launch_bounds__(kThreads) sweep_kernel(Args a) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= a.rows) return;
@@ -137,17 +164,28 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(Args a) {
     S[g] = a.scales[r * G + g];
     Z[g] = a.zeros[r * G + g];
   }
+  uint32_t group_prune = 0;
+  int gpos = 0;  // i % nm_m, kept as a counter (a 64-bit modulo would be a call)
   for (int64_t i = 0; i < C; ++i) {
     const int32_t g = a.group[i], f = a.fit[i];
     if (g < 0 || g >= G || f < 0 || i + f > C) {
       atomicMin(a.flag, static_cast<unsigned long long>(i));
       return;
     }
+    bool pruned;
+    if (a.prune != nullptr) {
+      if (gpos == 0) group_prune = select_nm(a, x + i, a.err + r * C + i, i);
+      pruned = (group_prune >> gpos) & 1u;
+      a.prune[r * C + i] = pruned ? 1 : 0;
+      gpos = gpos + 1 == a.nm_m ? 0 : gpos + 1;
+    } else {
+      pruned = a.mask != nullptr && a.mask[r * C + i];
+    }
     if (f > 0) fit_row(a, x + i, f, S + g, Z + g);
     uint8_t code;
     const float xi = x[i];
     float v = quant(a, xi, S[g], Z[g], &code);
-    if (a.mask != nullptr && a.mask[r * C + i]) {
+    if (pruned) {
       v = 0.0f;
       code = a.format == static_cast<int>(SweepFormat::kInt) ? static_cast<uint8_t>(Z[g]) : 0;
     }
@@ -164,10 +202,9 @@ bool shaped(const TensorArg& t, DType dt, int64_t a, int64_t b) {
   return t.ndim == 2 && t.dtype == dt && t.shape[0] == a && t.shape[1] == b && t.is_contiguous();
 }
 
-}  // namespace
-
-Status gptq_block_sweep_cuda(const GptqSweepParams& p, cudaStream_t stream) {
-  const char* op = "[gptq_block_sweep]";
+// The shared entry: nm_m == 0 is gptq_block_sweep, nm_m > 0 sparsegpt_block_sweep (prune: its output).
+Status run_sweep(const GptqSweepParams& p, const char* op, int64_t nm_n, int64_t nm_m, const TensorArg* prune,
+                 cudaStream_t stream) {
   if (p.w.ndim != 2 || p.w.dtype != DType::F32 || !p.w.is_contiguous())
     return make_status(StatusCode::kInvalidArgument, "%s w must be a contiguous float32 [R, C] tensor", op);
   const int64_t R = p.w.shape[0], C = p.w.shape[1];
@@ -181,6 +218,19 @@ Status gptq_block_sweep_cuda(const GptqSweepParams& p, cudaStream_t stream) {
     return make_status(StatusCode::kInvalidArgument, "%s group and fit must be int32 [C]", op);
   if (p.mask.numel() != 0 && !shaped(p.mask, DType::U8, R, C))
     return make_status(StatusCode::kInvalidArgument, "%s mask must be a contiguous uint8 [R, C] tensor or empty", op);
+  if (prune != nullptr) {
+    if (p.mask.numel() != 0)
+      return make_status(StatusCode::kInvalidArgument, "%s takes no mask input: the sweep chooses the N:M mask", op);
+    if (!(0 < nm_n && nm_n < nm_m && nm_m <= kMaxNmM))
+      return make_status(StatusCode::kInvalidArgument, "%s need 0 < n < m <= %lld, got n=%lld m=%lld", op,
+                         static_cast<long long>(kMaxNmM), static_cast<long long>(nm_n), static_cast<long long>(nm_m));
+    if (C % nm_m != 0)
+      return make_status(StatusCode::kInvalidArgument,
+                         "%s the block's column count (%lld) must be a multiple of m = %lld: an N:M group must not "
+                         "straddle two blocks", op, static_cast<long long>(C), static_cast<long long>(nm_m));
+    if (!shaped(*prune, DType::Bool, R, C))
+      return make_status(StatusCode::kInvalidArgument, "%s output prune must be a contiguous bool [R, C] tensor", op);
+  }
   if (p.shrink.ndim != 1 || p.shrink.shape[0] < 1 || p.shrink.dtype != DType::F32)
     return make_status(StatusCode::kInvalidArgument, "%s shrink must be a non-empty float32 [K]", op);
   if (p.error_flag.ndim != 1 || p.error_flag.dtype != DType::I64)
@@ -192,12 +242,23 @@ Status gptq_block_sweep_cuda(const GptqSweepParams& p, cudaStream_t stream) {
          p.group.ptr<const int32_t>(), p.fit.ptr<const int32_t>(),
          p.mask.numel() ? p.mask.ptr<const uint8_t>() : nullptr, p.shrink.ptr<const float>(), p.q.ptr<float>(),
          p.codes.ptr<uint8_t>(), p.err.ptr<float>(), p.scales_out.ptr<float>(), p.zeros_out.ptr<float>(),
-         p.error_flag.ptr<unsigned long long>(), R, C, G, p.shrink.shape[0],
+         p.error_flag.ptr<unsigned long long>(), prune ? prune->ptr<uint8_t>() : nullptr, R, C, G, p.shrink.shape[0],
+         prune ? nm_n : 0, prune ? nm_m : 0,
          static_cast<float>((1 << p.bits) - 1), p.global_scale, static_cast<int>(p.format), p.symmetric ? 1 : 0,
          static_cast<int>(p.scale_dtype)};
   const int64_t blocks = cuda::ceil_div(R, kThreads);
   sweep_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-  return cuda::launch_status("gptq_block_sweep");
+  return cuda::launch_status(prune ? "sparsegpt_block_sweep" : "gptq_block_sweep");
+}
+
+}  // namespace
+
+Status gptq_block_sweep_cuda(const GptqSweepParams& p, cudaStream_t stream) {
+  return run_sweep(p, "[gptq_block_sweep]", 0, 0, nullptr, stream);
+}
+
+Status sparsegpt_block_sweep_cuda(const SparsegptSweepParams& p, cudaStream_t stream) {
+  return run_sweep(p.sweep, "[sparsegpt_block_sweep]", p.n, p.m, &p.prune, stream);
 }
 
 }  // namespace calibra

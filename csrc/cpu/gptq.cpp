@@ -5,6 +5,11 @@
 // thread pool. Each element goes through exactly the operations of calibra.ops._ref.gptq in the same
 // order (true divisions, mul-then-sub with no FMA contraction), so the results are bit-identical.
 // Compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, like quantize.cpp.
+//
+// calibra::sparsegpt_block_sweep runs the same tile body with N:M selection switched on (Job::nm_m > 0):
+// at each group's first column the tile ranks the group's m saliencies lane-wise (O(m^2) vector
+// compares, the pairwise rule of params/gptq.h) and keeps the prune lanes of the group's columns; the
+// chosen mask is transposed out with the other outputs.
 #include <cstring>
 #include <vector>
 
@@ -39,7 +44,29 @@ struct Job {
   const int32_t* group;
   const int32_t* fit;
   const float* shrink;
+  int64_t nm_n, nm_m;  // sparsegpt_block_sweep: keep n of every m (nm_m == 0: the mask input, if any)
+  uint8_t* prune;      // sparsegpt_block_sweep: [R, C] bool output
 };
+
+// N:M selection for one group of m columns starting at column i of the tile: prune lanes (all-ones =
+// prune) of the group's columns into gm[0..m). sal = x^2 / (u_jj * u_jj); rank(j) = #{k: s_k > s_j} +
+// #{k < j: s_k == s_j} (for k < j the two terms are s_k >= s_j); prune where rank >= n.
+CALIBRA_AI void select_nm(const Job& j, const float* xg, int64_t i, vi* gm) {
+  const int64_t m = j.nm_m, C = j.cols;
+  vf sal[kMaxNmM];
+  for (int64_t c = 0; c < m; ++c) {
+    const float d = j.u[(i + c) * C + (i + c)];
+    const vf x = ld(xg + c * L);
+    sal[c] = (x * x) / splat(d * d);
+  }
+  const vi nv = vi{} + static_cast<int32_t>(j.nm_n);
+  for (int64_t c = 0; c < m; ++c) {
+    vi rank{};
+    for (int64_t k = 0; k < c; ++k) rank -= sal[k] >= sal[c];  // a true compare is -1
+    for (int64_t k = c + 1; k < m; ++k) rank -= sal[k] > sal[c];
+    gm[c] = rank >= nv;
+  }
+}
 
 // Quantize 16 values with one lane's params each; returns the values, writes the codes.
 CALIBRA_AI vf quant(const Job& j, vf x, vf s, vf z, vi* code) {
@@ -137,7 +164,7 @@ CALIBRA_AI void fit_lanes(const Job& j, const float* xt, int64_t n, float* s_out
 }
 
 CALIBRA_AI void sweep_tile_body(const Job& j, int64_t r0, float* xt, float* qt, float* et, uint8_t* ct,
-                                float* ts, float* tz) {
+                                uint8_t* pt, float* ts, float* tz) {
   const GptqSweepParams& p = *j.p;
   const int64_t C = j.cols, G = j.groups, R = j.rows;
   const int64_t nl = R - r0 < L ? R - r0 : L;
@@ -155,15 +182,24 @@ CALIBRA_AI void sweep_tile_body(const Job& j, int64_t r0, float* xt, float* qt, 
       tz[g * L + l] = l < nl ? zin[(r0 + l) * G + g] : 0.0f;
     }
   alignas(64) float mrow[L];
+  const int64_t nm = j.nm_m;
+  vi gm[kMaxNmM];  // N:M: the prune lanes of the current group's columns
   for (int64_t i = 0; i < C; ++i) {
     const int64_t g = j.group[i];
+    if (nm && i % nm == 0) select_nm(j, xt + i * L, i, gm);
     if (j.fit[i] > 0) fit_lanes(j, xt + i * L, j.fit[i], ts + g * L, tz + g * L);
     const vf x = ld(xt + i * L);
     vi code;
     vf v = quant(j, x, ld(ts + g * L), ld(tz + g * L), &code);
-    if (mask) {
-      for (int l = 0; l < L; ++l) mrow[l] = (l < nl && mask[(r0 + l) * C + i]) ? 1.0f : 0.0f;
-      const vi m = ld(mrow) != splat(0.0f);
+    if (mask || nm) {
+      vi m;
+      if (nm) {
+        m = gm[i % nm];
+        for (int l = 0; l < L; ++l) pt[i * L + l] = m[l] ? 1 : 0;
+      } else {
+        for (int l = 0; l < L; ++l) mrow[l] = (l < nl && mask[(r0 + l) * C + i]) ? 1.0f : 0.0f;
+        m = ld(mrow) != splat(0.0f);
+      }
       v = sel(m, splat(0.0f), v);
       const vi zcode = p.format == SweepFormat::kInt ? __builtin_convertvector(ld(tz + g * L), vi) : vi{};
       code = sel(m, zcode, code);
@@ -189,6 +225,8 @@ CALIBRA_AI void sweep_tile_body(const Job& j, int64_t r0, float* xt, float* qt, 
       err[r * C + c] = et[c * L + l];
       codes[r * C + c] = ct[c * L + l];
     }
+    if (nm)
+      for (int64_t c = 0; c < C; ++c) j.prune[r * C + c] = pt[c * L + l];
     for (int64_t g = 0; g < G; ++g) {
       so[r * G + g] = ts[g * L + l];
       zo[r * G + g] = tz[g * L + l];
@@ -198,8 +236,8 @@ CALIBRA_AI void sweep_tile_body(const Job& j, int64_t r0, float* xt, float* qt, 
 
 #define CALIBRA_SWEEP_ISA(suffix, attr)                                                              \
   attr void sweep_tile_##suffix(const Job& j, int64_t r0, float* xt, float* qt, float* et, uint8_t* ct, \
-                                float* ts, float* tz) {                                              \
-    sweep_tile_body(j, r0, xt, qt, et, ct, ts, tz);                                                  \
+                                uint8_t* pt, float* ts, float* tz) {                                 \
+    sweep_tile_body(j, r0, xt, qt, et, ct, pt, ts, tz);                                              \
   }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -208,7 +246,7 @@ CALIBRA_SWEEP_ISA(avx2, __attribute__((target("avx2"))))
 #endif
 CALIBRA_SWEEP_ISA(base, )
 
-using TileFn = void (*)(const Job&, int64_t, float*, float*, float*, uint8_t*, float*, float*);
+using TileFn = void (*)(const Job&, int64_t, float*, float*, float*, uint8_t*, uint8_t*, float*, float*);
 
 TileFn pick_tile_fn() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -228,10 +266,9 @@ bool shaped1(const TensorArg& t, DType dt, int64_t a) {
   return t.ndim == 1 && t.dtype == dt && t.shape[0] == a && t.is_contiguous();
 }
 
-}  // namespace
-
-Status gptq_block_sweep_cpu(const GptqSweepParams& p) {
-  const char* op = "[gptq_block_sweep]";
+// The shared entry: validates, then runs the tiles. nm_m == 0: gptq_block_sweep (mask input optional);
+// nm_m > 0: sparsegpt_block_sweep (no mask input; prune is the [R, C] bool output).
+Status run_sweep(const GptqSweepParams& p, const char* op, int64_t nm_n, int64_t nm_m, const TensorArg* prune) {
   if (p.w.ndim != 2 || p.w.dtype != DType::F32 || !p.w.is_contiguous())
     return make_status(StatusCode::kInvalidArgument, "%s w must be a contiguous float32 [R, C] tensor", op);
   const int64_t R = p.w.shape[0], C = p.w.shape[1];
@@ -246,6 +283,19 @@ Status gptq_block_sweep_cpu(const GptqSweepParams& p) {
     return make_status(StatusCode::kInvalidArgument, "%s group and fit must be contiguous int32 [C]", op);
   if (p.mask.numel() != 0 && !shaped(p.mask, DType::U8, R, C))
     return make_status(StatusCode::kInvalidArgument, "%s mask must be a contiguous uint8 [R, C] tensor or empty", op);
+  if (prune != nullptr) {
+    if (p.mask.numel() != 0)
+      return make_status(StatusCode::kInvalidArgument, "%s takes no mask input: the sweep chooses the N:M mask", op);
+    if (!(0 < nm_n && nm_n < nm_m && nm_m <= kMaxNmM))
+      return make_status(StatusCode::kInvalidArgument, "%s need 0 < n < m <= %lld, got n=%lld m=%lld", op,
+                         static_cast<long long>(kMaxNmM), static_cast<long long>(nm_n), static_cast<long long>(nm_m));
+    if (C % nm_m != 0)
+      return make_status(StatusCode::kInvalidArgument,
+                         "%s the block's column count (%lld) must be a multiple of m = %lld: an N:M group must not "
+                         "straddle two blocks", op, static_cast<long long>(C), static_cast<long long>(nm_m));
+    if (!shaped(*prune, DType::Bool, R, C))
+      return make_status(StatusCode::kInvalidArgument, "%s output prune must be a contiguous bool [R, C] tensor", op);
+  }
   if (p.shrink.ndim != 1 || p.shrink.dtype != DType::F32 || p.shrink.shape[0] < 1 || !p.shrink.is_contiguous())
     return make_status(StatusCode::kInvalidArgument, "%s shrink must be a non-empty contiguous float32 [K]", op);
   if (!shaped(p.q, DType::F32, R, C) || !shaped(p.err, DType::F32, R, C) || !shaped(p.codes, DType::U8, R, C))
@@ -269,13 +319,14 @@ Status gptq_block_sweep_cpu(const GptqSweepParams& p) {
     return Status::Ok();
   }
   Job job{&p, R, C, G, p.shrink.shape[0], static_cast<float>((1 << p.bits) - 1), p.u.ptr<const float>(), group, fit,
-          p.shrink.ptr<const float>()};
+          p.shrink.ptr<const float>(), prune ? nm_n : 0, prune ? nm_m : 0,
+          prune ? prune->ptr<uint8_t>() : nullptr};
   static const TileFn tile = pick_tile_fn();
   const int64_t tiles = (R + L - 1) / L;
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
     // per-chunk scratch: the transposed tile, its outputs and the tile's parameter table
     std::vector<float> buf(static_cast<size_t>((3 * C + 2 * G) * L) + 16);
-    std::vector<uint8_t> cbuf(static_cast<size_t>(C * L));
+    std::vector<uint8_t> cbuf(static_cast<size_t>(C * L) * (prune ? 2 : 1));
     float* base = buf.data();
     while (reinterpret_cast<uintptr_t>(base) % 64) ++base;
     float* xt = base;
@@ -283,9 +334,18 @@ Status gptq_block_sweep_cpu(const GptqSweepParams& p) {
     float* et = qt + C * L;
     float* ts = et + C * L;
     float* tz = ts + G * L;
-    for (int64_t t = t0; t < t1; ++t) tile(job, t * L, xt, qt, et, cbuf.data(), ts, tz);
+    uint8_t* pt = prune ? cbuf.data() + C * L : nullptr;
+    for (int64_t t = t0; t < t1; ++t) tile(job, t * L, xt, qt, et, cbuf.data(), pt, ts, tz);
   });
   return Status::Ok();
+}
+
+}  // namespace
+
+Status gptq_block_sweep_cpu(const GptqSweepParams& p) { return run_sweep(p, "[gptq_block_sweep]", 0, 0, nullptr); }
+
+Status sparsegpt_block_sweep_cpu(const SparsegptSweepParams& p) {
+  return run_sweep(p.sweep, "[sparsegpt_block_sweep]", p.n, p.m, &p.prune);
 }
 
 }  // namespace calibra

@@ -163,22 +163,64 @@ def test_bad_hessian_named():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(quantize=JointQuant(4, 64, True)), dict(quantize=JointQuant(4, -1, False)),
-                                dict(pattern="block:4x8")])
+                                dict(pattern="block:4x8"), dict(pattern="2:4"), dict(pattern="4:8"),
+                                dict(pattern="2:4", quantize=JointQuant(4, 64, True)),
+                                dict(pattern="4:8", quantize=JointQuant(4, -1, False))])
 def test_native_sweep_matches_torch_sweep(kw):
-    """Unstructured and block masks go through calibra.ops.gptq_block_sweep (native when built); the
-    result equals the pure-torch sweep up to float rounding (fused vs separate multiply-adds)."""
+    """Every pattern goes through the native ops (unstructured and block masks: calibra.ops.gptq_block_sweep
+    with the mask; N:M: calibra.ops.sparsegpt_block_sweep choosing it); the result equals the pure-torch
+    sweep up to float rounding (fused vs separate multiply-adds)."""
     from calibra.ops import native_ops, trace
 
+    nm = kw.get("pattern") in ("2:4", "4:8")
+    op = "sparsegpt_block_sweep" if nm else "gptq_block_sweep"
     w, x = layer(48, 192, 14)
     h = LayerStats.from_inputs(x).hessian
-    cfg = PruningConfig(method="sparsegpt", target_sparsity=0.5, **kw)
+    cfg = PruningConfig(method="sparsegpt", target_sparsity=None if nm else 0.5, **kw)
     with trace() as t:
         a = sparsegpt_prune(w, h, 1024, cfg)
     b = sparsegpt_prune(w, h, 1024, cfg, sweep=torch_block_sweep)
-    assert t.impls("gptq_block_sweep") == ({"cpu"} if "gptq_block_sweep" in native_ops("cpu") else {"ref"})
+    assert t.impls(op) == ({"cpu"} if op in native_ops("cpu") else {"ref"})
+    assert t.impls("sparsegpt_block_sweep" if not nm else "gptq_block_sweep") == set()
     assert int((a.mask != b.mask).sum()) <= a.mask.numel() // 1000
     same = a.mask == b.mask
     assert torch.allclose(a.weight[same], b.weight[same], rtol=1e-4, atol=1e-5)
     assert a.reconstruction_error == pytest.approx(b.reconstruction_error, rel=1e-3)
     if a.quantized is not None:
         assert torch.equal(dequantize(a.quantized), a.weight)
+    if nm:
+        n, m = (int(v) for v in kw["pattern"].split(":"))
+        assert bool((a.mask.reshape(48, -1, m).sum(-1) == n).all())
+
+
+@pytest.mark.parametrize("pattern,jq", [("2:4", None), ("2:4", JointQuant(4, 32, True)), ("4:8", JointQuant(4, -1, False)),
+                                        ("unstructured", JointQuant(4, 32, False))])
+def test_native_sweep_equals_op_reference_bit_for_bit(pattern, jq):
+    """The whole solver with the native sweep equals it with the ops' pure-torch references (the sweep
+    the kernels are defined by) bit for bit: mask, weights, codes, tables, loss -- joint W4 included,
+    on an odd row count (tiles with absent rows)."""
+    from calibra.ops import _ref, trace
+    from calibra.prune.sparsegpt import SweepOut
+
+    def ref_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fmt, scale_dtype):
+        common = (scales.float().contiguous(), zeros.float().contiguous(), group.to(torch.int32), fit.to(torch.int32))
+        if nm is not None:
+            return SweepOut(*_ref.sparsegpt_block_sweep(w, u, *common, torch.ones(1), nm[0], nm[1], bits, sym, fmt,
+                                                        scale_dtype, 1.0))
+        out = _ref.gptq_block_sweep(w, u, *common, prune.to(torch.uint8), torch.ones(1), bits, sym, fmt, scale_dtype,
+                                    1.0)
+        return SweepOut(*out, prune)
+
+    w, x = layer(37, 128, 15)
+    h = LayerStats.from_inputs(x).hessian
+    cfg = PruningConfig(method="sparsegpt", pattern=pattern, target_sparsity=None if ":" in pattern else 0.5,
+                        quantize=jq, block_size=64)
+    with trace() as t:
+        a = sparsegpt_prune(w, h, 1024, cfg)
+    b = sparsegpt_prune(w, h, 1024, cfg, sweep=ref_sweep)
+    assert t.impls("sparsegpt_block_sweep" if ":" in pattern else "gptq_block_sweep") == {"cpu"}
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    assert a.extra["loss"] == b.extra["loss"]
+    if jq is not None:
+        for f in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(a.quantized, f), getattr(b.quantized, f)), f

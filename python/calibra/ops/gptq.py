@@ -7,6 +7,14 @@ its error by ``1 / U[i, i]`` and push it onto the block's remaining columns -- i
 vectorized over the output rows (rows are independent). A ``mask`` input prunes weights to 0 instead
 of (or before) quantizing them, so SparseGPT can reuse the same sweep.
 
+calibra::sparsegpt_block_sweep is its sibling for SparseGPT's N:M patterns: the same sweep (same kernel
+core on every backend), but the prune mask is chosen *inside* the sweep -- at the first column of every
+group of ``m`` columns, per row, the ``n`` most salient of the group's current (error-updated) weights
+are kept, by OBS's saliency ``w^2 / U_jj^2`` -- and returned as a sixth output. A sibling op rather than
+``(n, m)`` scalars on gptq_block_sweep: the mask it chooses is an output, so the N:M sweep has one more
+output than GPTQ's; one schema per op keeps every layer (schema, binding, C++ entry point, kernel
+params) one name with one signature, and GPTQ's callers and their 5-output results stay untouched.
+
 Exact arithmetic: :mod:`calibra.ops._ref.gptq` (same operations in the same order per element as the
 kernels, so codes match bit for bit).
 """
@@ -100,6 +108,51 @@ def _cuda_bad_data(index, w, u, scales, zeros, group, fit, *rest):
     _check_data(group.cpu(), fit.cpu(), scales.shape[1])
 
 
+_NM_OP = "sparsegpt_block_sweep"
+_NM_MAX_M = 32  # as calibra::nm_mask
+
+
+def _nm_check(w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format, scale_dtype, global_scale):
+    mask = torch.empty(0, dtype=torch.uint8, device=w.device)
+    try:
+        _check(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype, global_scale)
+    except (ValueError, TypeError) as e:  # the same checks, named for this op
+        raise type(e)(str(e).replace(f"[{_OP}]", f"[{_NM_OP}]", 1)) from None
+    if isinstance(n, bool) or isinstance(m, bool) or not (0 < n < m <= _NM_MAX_M):
+        raise ValueError(f"[{_NM_OP}] need 0 < n < m <= {_NM_MAX_M}, got n={n!r} m={m!r}")
+    c = w.shape[1]
+    if c % m:
+        raise ValueError(f"[{_NM_OP}] the block's column count ({c}) must be a multiple of m = {m}: an N:M group "
+                         f"must not straddle two blocks")
+
+
+def _nm_alloc(w, u, scales, zeros, *args):
+    rows, c = w.shape
+    return _alloc(w, u, scales, zeros) + (torch.empty((rows, c), dtype=torch.bool, device=w.device),)
+
+
+def _nm_example(device):
+    w, u, scales, zeros, group, fit, _mask, shrink, bits, sym, fmt, sdt, gscale = _example(device)
+    w = w.clone()
+    w[0, 4:8] = w[0, 4]  # a tie inside a group
+    return (w, u, scales, zeros, group, fit, shrink, 2, 4, bits, sym, fmt, sdt, gscale)
+
+
+define(_NM_OP, "(Tensor w, Tensor u, Tensor scales, Tensor zeros, Tensor group, Tensor fit, Tensor shrink, int n, "
+               "int m, int bits, bool symmetric, str format, ScalarType scale_dtype, float global_scale) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+       check=_nm_check, alloc=_nm_alloc, ref=_ref.sparsegpt_block_sweep, native_contiguous=True, example=_nm_example)
+
+
+@cuda_data_error(_NM_OP)
+def _cuda_nm_bad_data(index, w, u, scales, zeros, group, fit, *rest):
+    from calibra.ops._ref.gptq import _check_data
+    try:
+        _check_data(group.cpu(), fit.cpu(), scales.shape[1])
+    except ValueError as e:
+        raise ValueError(str(e).replace(f"[{_OP}]", f"[{_NM_OP}]", 1)) from None
+
+
 class SweepResult(NamedTuple):
     q: torch.Tensor
     """float32 [R, C]: the quantized values of the block (0 where masked)."""
@@ -158,3 +211,45 @@ def quantize_with_params(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                          global_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, values fp32) of fp32 ``x`` with broadcast params, the sweep's quantizer in torch."""
     return quantize_values(x.float(), scale.float(), zero.float(), format, bits, global_scale)
+
+
+class NMSweepResult(NamedTuple):
+    q: torch.Tensor
+    """float32 [R, C]: the block's final weights (0 where pruned)."""
+    codes: torch.Tensor
+    """uint8 [R, C]: codes as gptq_block_sweep's (the zero point's code where pruned in format "int")."""
+    err: torch.Tensor
+    """float32 [R, C]: (x - q) / U[i, i] per column, for the lazy update of the later columns."""
+    scales: torch.Tensor
+    """float32 [R, G]: the parameter table after the fits."""
+    zeros: torch.Tensor
+    """float32 [R, G]: zero points."""
+    prune: torch.Tensor
+    """bool [R, C]: the mask the sweep chose, True where the weight was pruned (exactly m - n per group)."""
+
+
+def sparsegpt_block_sweep(w: torch.Tensor, u: torch.Tensor, *, scales: torch.Tensor, zeros: torch.Tensor,
+                          group: torch.Tensor, fit: torch.Tensor, n: int, m: int, shrink: torch.Tensor | None = None,
+                          bits: int = 4, symmetric: bool = True, format: str = "none",
+                          scale_dtype: torch.dtype = torch.float32, global_scale: float = 1.0) -> NMSweepResult:
+    """SparseGPT's N:M column sweep over one block: :func:`gptq_block_sweep`'s sweep (same arguments but
+    ``mask``), choosing the prune mask inside it.
+
+    At every column ``i`` with ``i % m == 0``, for each row, the saliencies ``x^2 / (U_jj * U_jj)`` of the
+    current (error-updated) weights ``x[:, i:i + m]`` are ranked -- rank of j = #{k: s_k > s_j} +
+    #{k < j: s_k == s_j}, i.e. among equal saliencies the lower index is kept (calibra::nm_mask's rule) --
+    and the ``m - n`` of rank >= n are pruned as the sweep reaches them. Then as gptq_block_sweep: fit
+    where ``fit[i] > 0``, quantize (format ``"int"`` etc.; ``"none"`` prunes only), prune, push the error.
+
+    Args:
+        n, m: ``0 < n < m <= 32``; the block's column count must be a multiple of ``m``.
+        the others: see :func:`gptq_block_sweep`.
+
+    Returns:
+        :class:`NMSweepResult`: gptq_block_sweep's five outputs plus the chosen mask ``prune``.
+    """
+    if shrink is None:
+        shrink = torch.ones(1, dtype=torch.float32, device=w.device)
+    return NMSweepResult(*torch.ops.calibra.sparsegpt_block_sweep(w, u, scales, zeros, group, fit, shrink, int(n),
+                                                                  int(m), bits, symmetric, format, scale_dtype,
+                                                                  float(global_scale)))

@@ -26,10 +26,13 @@ sweep for ``group_size = -1``, otherwise each group's params fitted from the cur
 1); ``code = clamp(round(w / scale) + zero, 0, 2^bits - 1)``; a pruned weight gets the zero point's
 code, whose value is exactly 0.
 
-The native sweep: the torch sweep's arguments are those of ``calibra::gptq_block_sweep`` plus ``nm``.
-Unstructured and block masks are fixed at the block's start, so the native op (with ``mask``) serves
-them (:func:`native_block_sweep`, the default); N:M selection inside the block needs the op to take
-``(n, m)``, so N:M blocks run the torch sweep until it does. ``sweep=`` swaps the sweep per call.
+The native sweep (:func:`native_block_sweep`, the default): the torch sweep's arguments are those of
+``calibra::gptq_block_sweep`` plus ``nm``. Unstructured and block masks are fixed at the block's start,
+so ``calibra::gptq_block_sweep`` serves them with its ``mask`` input; N:M masks are chosen inside the
+sweep, by its sibling ``calibra::sparsegpt_block_sweep``, which returns the mask it chose. Both equal
+their pure-torch references (:mod:`calibra.ops._ref.gptq`) bit for bit. N:M ties: among equal
+saliencies the lower column is kept (calibra::nm_mask's rule, in the torch sweep too). ``sweep=``
+swaps the sweep per call.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from calibra.ops import QuantizedTensor, gptq_block_sweep, nm_mask
+from calibra.ops import QuantizedTensor, gptq_block_sweep, sparsegpt_block_sweep
+from calibra.ops._ref.gptq import nm_keep
 from calibra.prune.config import PruningConfig
 from calibra.prune.methods import check_layer
 from calibra.prune.patterns import NM, Block, prune_count
@@ -88,7 +92,7 @@ def quantize_column(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int
 def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group: torch.Tensor, fit: torch.Tensor, prune: torch.Tensor | None, nm: tuple[int, int] | None,
                       bits: int, sym: bool, fmt: str, scale_dtype: torch.dtype) -> SweepOut:
-    """SparseGPT's sweep over one block, in torch (the reference, and the solver until the native sweep).
+    """SparseGPT's sweep over one block in pure torch (the reference of the native sweep).
 
     Args:
         w: float32 ``[R, C]``, the block after the earlier blocks' lazy updates (not modified).
@@ -97,7 +101,8 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
         group: int ``[C]``, the table entry of each column; fit: int ``[C]``, ``fit[i] = L > 0`` fits entry
             ``group[i]`` at column ``i`` from the current columns ``[i, i + L)``.
         prune: bool ``[R, C]`` (True = set to 0) chosen at the block's start, or None with ``nm``.
-        nm: ``(n, m)``: choose the mask in the sweep, per group of m columns, from ``w^2 / U_ii^2``.
+        nm: ``(n, m)``: choose the mask in the sweep, per group of m columns, from ``w^2 / U_ii^2``
+            (per row keep the n most salient; among equal saliencies the lower column is kept).
         bits, sym: the integer grid; fmt: ``"int"`` (joint) or ``"none"`` (prune only).
         scale_dtype: fitted scales are rounded to this dtype.
     """
@@ -117,7 +122,7 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
         if nm is not None and i % nm[1] == 0:
             n, m = nm
             sal = xt[i:i + m].square() / d[i:i + m].square()[:, None]
-            cut_t[i:i + m] = ~nm_mask(sal.t(), n, m).t()
+            cut_t[i:i + m] = ~nm_keep(sal, n)
         col = xt[i]
         cut = cut_t[i]
         if fmt == "int":
@@ -139,11 +144,16 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
 
 
 def native_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fmt, scale_dtype) -> SweepOut:
-    """The sweep through :func:`calibra.ops.gptq_block_sweep` (native): the block's mask is fixed at its
-    start (unstructured, block tiles), which the op takes as its ``mask`` input. N:M selection inside the
-    block is not in the op yet, so N:M blocks run :func:`torch_block_sweep`."""
-    if nm is not None or prune is None:
-        return torch_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fmt, scale_dtype)
+    """The sweep through the native ops: a mask fixed at the block's start (unstructured, block tiles) is
+    :func:`calibra.ops.gptq_block_sweep`'s ``mask`` input; N:M (``nm``) runs
+    :func:`calibra.ops.sparsegpt_block_sweep`, which chooses the mask inside the sweep and returns it."""
+    if nm is not None:
+        r = sparsegpt_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
+                                  group=group.to(torch.int32), fit=fit.to(torch.int32), n=nm[0], m=nm[1], bits=bits,
+                                  symmetric=sym, format=fmt, scale_dtype=scale_dtype)
+        return SweepOut(r.q, r.codes, r.err, r.scales, r.zeros, r.prune)
+    if prune is None:
+        raise ValueError("[sparsegpt] the block sweep needs a prune mask or an N:M pattern")
     q, codes, err, s, z = gptq_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
                                            group=group.to(torch.int32), fit=fit.to(torch.int32),
                                            mask=prune.to(torch.uint8).contiguous(), bits=bits, symmetric=sym,
@@ -231,8 +241,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: Pru
 
     ``w`` and ``h`` are not modified. ``sparsity`` overrides the target (gradual steps; not for N:M);
     ``prior`` is a keep-mask whose pruned entries stay pruned; ``sweep`` replaces the block sweep (default
-    :func:`native_block_sweep`: native for unstructured and block masks, :func:`torch_block_sweep` for N:M;
-    pass ``torch_block_sweep`` for the pure-torch reference); ``measure=False`` skips the reconstruction
+    :func:`native_block_sweep`, native for every pattern; pass ``torch_block_sweep`` for the pure-torch
+    reference); ``measure=False`` skips the reconstruction
     error (a GEMM).
     """
     t0 = time.perf_counter()

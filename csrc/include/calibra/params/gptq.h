@@ -8,8 +8,19 @@
 //     err[:, i] = (x[:, i] - q[:, i]) / u[i, i]
 //     x[:, j]  -= err[:, i] * u[i, j]                  for j > i   (mul then sub, no FMA)
 //
-// Reference: calibra.ops._ref.gptq.gptq_block_sweep (same operations in the same order per element, so
-// codes and floats match bit for bit).
+// calibra::sparsegpt_block_sweep is the same sweep (same kernel core) for SparseGPT's N:M patterns: the
+// prune mask is not an input but chosen inside the sweep and returned (SparsegptSweepParams below):
+//
+//     if i % m == 0: for each row, rank sal[j] = x[:, j]^2 / (u[j, j] * u[j, j]) over j in [i, i + m):
+//                    rank(j) = #{k: sal[k] > sal[j]} + #{k < j: sal[k] == sal[j]}; prune[:, j] = rank(j) >= n
+//     (then as above, with prune as the mask)
+//
+// so exactly m - n weights per group and row are pruned; among equal saliencies the lower index is kept
+// (calibra::nm_mask's rule). It is a sibling op rather than (n, m) on gptq_block_sweep because the chosen
+// mask is an extra output: each op keeps one signature through every layer.
+//
+// Reference: calibra.ops._ref.gptq (gptq_block_sweep, sparsegpt_block_sweep; same operations in the
+// same order per element, so codes, masks and floats match bit for bit).
 #pragma once
 #include <cstdint>
 
@@ -61,7 +72,18 @@ inline bool parse_sweep_format(const char* s, SweepFormat* f) {
   return false;
 }
 
+struct SparsegptSweepParams {
+  GptqSweepParams sweep;  // the sweep's inputs and outputs; sweep.mask must be empty (the sweep chooses it)
+  int64_t n = 2;          // keep n of every m columns per row: 0 < n < m <= kMaxNmM, C % m == 0
+  int64_t m = 4;
+  TensorArg prune;        // [R, C] bool output: 1 where the sweep pruned the weight
+};
+
+constexpr int64_t kMaxNmM = 32;  // as calibra::nm_mask
+
 Status gptq_block_sweep_cpu(const GptqSweepParams& p);
 Status gptq_block_sweep_cuda(const GptqSweepParams& p, cudaStream_t stream);
+Status sparsegpt_block_sweep_cpu(const SparsegptSweepParams& p);
+Status sparsegpt_block_sweep_cuda(const SparsegptSweepParams& p, cudaStream_t stream);
 
 }  // namespace calibra

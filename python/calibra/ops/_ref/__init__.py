@@ -11,5 +11,5 @@ from calibra.ops._ref.sparsity import compress_24, decompress_24, nm_mask
 
 __all__ = ["hadamard", "hessian_accumulate", "pack", "unpack", "quantize_int", "dequantize_int", "quantize_fp4",
            "dequantize_fp4", "nm_mask", "compress_24", "decompress_24"]
-from calibra.ops._ref.gptq import gptq_block_sweep  # noqa: E402
+from calibra.ops._ref.gptq import gptq_block_sweep, sparsegpt_block_sweep  # noqa: E402
 from calibra.ops._ref.gemm import sparse24_gemm, sparse24_reorder_meta, w4a16_gemm, w4a16_repack  # noqa: E402

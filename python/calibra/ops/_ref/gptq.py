@@ -1,5 +1,7 @@
 """Reference for calibra::gptq_block_sweep: GPTQ's sequential column sweep over one block (the
-oracle of the native kernels, and the "pure-torch reference sweep" of the benchmark).
+oracle of the native kernels, and the "pure-torch reference sweep" of the benchmark), and for its
+sibling calibra::sparsegpt_block_sweep (the same sweep choosing SparseGPT's N:M mask inside it, see
+:func:`nm_keep`).
 
 Parameter fitting (``fit_params``), per row over a run of L columns ``x [R, L]``, for each clipping
 candidate ``p`` in ``shrink`` (the first strictly lower squared error wins; ``shrink = [1]`` is plain
@@ -96,8 +98,23 @@ def _check_data(group: torch.Tensor, fit: torch.Tensor, g: int) -> None:
         raise ValueError(f"[gptq_block_sweep] fit[i] must be >= 0 with i + fit[i] <= {c} (fits stay in the block)")
 
 
-def gptq_block_sweep(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype,
-                     global_scale):
+def nm_keep(sal: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep-mask of ``sal [m, R]`` (one N:M group of m columns, rows along dim 1): per row the ``n`` most
+    salient. Rank of element j = #{k: s_k > s_j} + #{k < j: s_k == s_j} (a stable descending order:
+    among equal saliencies the lower index is kept, the higher pruned -- calibra::nm_mask's rule); keep
+    rank < n. Plain float comparisons: a NaN is beaten by nothing (rank 0, kept) and beats nothing."""
+    si = sal.unsqueeze(1)  # [k, 1, R]: the other element
+    sj = sal.unsqueeze(0)  # [1, j, R]: the element being ranked
+    m = sal.shape[0]
+    idx = torch.arange(m, device=sal.device)
+    lower = (idx[:, None] < idx[None, :])[:, :, None]  # [k, j, 1]: k comes before j
+    rank = ((si > sj) | ((si == sj) & lower)).sum(0)  # [j, R]
+    return rank < n
+
+
+def _sweep(w, u, scales, zeros, group, fit, mask, nm, shrink, bits, symmetric, format, scale_dtype, global_scale):
+    """The column sweep shared by both ops: ``mask`` uint8 [R, C] (may be empty) fixed up front, or ``nm``
+    = (n, m) chosen at each group's first column from the current weights' ``x^2 / u_ii^2``."""
     _check_data(group, fit, scales.shape[1])
     x = w.float().clone()
     rows, c = x.shape
@@ -106,24 +123,46 @@ def gptq_block_sweep(w, u, scales, zeros, group, fit, mask, shrink, bits, symmet
     q = torch.empty_like(x)
     codes = torch.empty((rows, c), dtype=torch.uint8, device=x.device)
     err = torch.empty_like(x)
+    prune = mask != 0 if mask.numel() else None
+    if nm is not None:
+        prune = torch.zeros((rows, c), dtype=torch.bool, device=x.device)
+    d = u.diagonal()
     groups, fits = group.tolist(), fit.tolist()
-    masked = mask.numel() > 0
     for i in range(c):
+        if nm is not None and i % nm[1] == 0:
+            n, m = nm
+            # saliency x^2 / (u_ii * u_ii), per element: square, square, divide (as the kernels)
+            sal = (x[:, i:i + m] * x[:, i:i + m]) / (d[i:i + m] * d[i:i + m])[None, :]
+            prune[:, i:i + m] = ~nm_keep(sal.t(), n).t()
         g = groups[i]
         if fits[i] > 0:
             s, z = fit_params(x[:, i:i + fits[i]], format, bits, symmetric, scale_dtype, global_scale, shrink)
             table_s[:, g] = s
             table_z[:, g] = z
         col_codes, col = quantize_values(x[:, i], table_s[:, g], table_z[:, g], format, bits, global_scale)
-        if masked:
-            m = mask[:, i] != 0
-            col = torch.where(m, torch.zeros_like(col), col)
+        if prune is not None:
+            pm = prune[:, i]
+            col = torch.where(pm, torch.zeros_like(col), col)
             zero_code = table_z[:, g].to(torch.uint8) if format == "int" else torch.zeros_like(col_codes)
-            col_codes = torch.where(m, zero_code, col_codes)
+            col_codes = torch.where(pm, zero_code, col_codes)
         e = (x[:, i] - col) / u[i, i]
         q[:, i] = col
         codes[:, i] = col_codes
         err[:, i] = e
         if i + 1 < c:
             x[:, i + 1:] -= e[:, None] * u[i, i + 1:][None, :]
-    return q, codes, err, table_s, table_z
+    return q, codes, err, table_s, table_z, prune
+
+
+def gptq_block_sweep(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype,
+                     global_scale):
+    return _sweep(w, u, scales, zeros, group, fit, mask, None, shrink, bits, symmetric, format, scale_dtype,
+                  global_scale)[:5]
+
+
+def sparsegpt_block_sweep(w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format, scale_dtype,
+                          global_scale):
+    """calibra::sparsegpt_block_sweep: the same sweep with SparseGPT's N:M selection inside it; the
+    sixth output is the chosen prune mask (bool [R, C], True = pruned)."""
+    return _sweep(w, u, scales, zeros, group, fit, torch.empty(0, dtype=torch.uint8, device=w.device), (n, m),
+                  shrink, bits, symmetric, format, scale_dtype, global_scale)
