@@ -300,7 +300,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
     q.add_argument("--no-eval", action="store_true", help="skip evaluation")
     q.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
-                   help="evaluate on the first N held-out tokens (default: %(default)s; 0: the whole stream)")
+                   help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)")
     q.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
     q.add_argument("--export", default=None, help="engine format(s) written into DIR instead of calibra's own folder: compressed-tensors, gptq, mlx, "
                    "gguf-q4_0, gguf-q8_0, dense (comma-separated: one subfolder each); checked against the "
@@ -422,7 +422,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
-                   help="evaluate on the first N held-out tokens (default: %(default)s; 0: the whole stream)")
+                   help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)")
     p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
