@@ -22,6 +22,8 @@ calibra in this one. Both get the same model files and exactly the same calibrat
    * **calibra (matched)**: ``static_groups=True`` (group scales fitted on the original weights, which
      is what llmcompressor's observer does before its GPTQ sweep) and ``true_sequential=False`` (one
      Hessian pass per decoder layer, as llmcompressor's sequential pipeline);
+   * **calibra (dynamic groups, 1 pass/layer)**: as matched, but group scales fitted on the updated
+     weights as the sweep reaches each group (AutoGPTQ's default, ``static_groups=False``);
    * **calibra (defaults)**: calibra's own defaults, AutoGPTQ's: scales fitted on the updated weights
      as the sweep reaches each group, and true-sequential (Hessians re-collected after q/k/v, o and
      gate/up are quantized: five passes over the calibration data per decoder layer instead of two).
@@ -64,6 +66,7 @@ DEFAULT_LLMC_PYTHON = ROOT / "build" / "client-venvs" / "llmc" / "bin" / "python
 #: (row label, extra driver flags)
 CALIBRA_VARIANTS = {
     "matched": ("calibra (matched: static groups, 1 pass/layer)", ["--static-groups", "--no-true-sequential"]),
+    "fast": ("calibra (dynamic groups, 1 pass/layer)", ["--no-true-sequential"]),
     "defaults": ("calibra (defaults: dynamic groups, true-sequential)", []),
 }
 
@@ -182,7 +185,7 @@ def table(rows: list[dict], base_ppl: float) -> str:
              f"| unquantized (float32) | – | – | {base_ppl:.3f} | – | – |"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['quantize_s']:.1f} | {r['end_to_end_s']:.1f} | {r['ppl']:.3f} | "
-                     f"{r['ppl'] - base_ppl:+.3f} | {r['kl']:.4f} |")
+                     f"{r['ppl'] - base_ppl:+.3f} | {r['kl']:.5f} |")
     return "\n".join(lines)
 
 
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--llmc-python", type=Path, default=DEFAULT_LLMC_PYTHON,
                     help=f"python of llmcompressor's venv (default {DEFAULT_LLMC_PYTHON.relative_to(ROOT)})")
-    ap.add_argument("--variants", default="matched,defaults",
+    ap.add_argument("--variants", default="matched,fast,defaults",
                     help=f"calibra rows, comma-separated from {', '.join(CALIBRA_VARIANTS)}")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the tools N times; medians are reported")
     ap.add_argument("--eval-seq-len", type=int, default=256)
