@@ -131,6 +131,7 @@ class LayerRunner:
         # per-batch context read by the hooks
         self._mask: torch.Tensor | None = None
         self._all_real = True
+        self._last_checked: torch.Tensor | None = None  # the tensor _guard saw last (shared inputs)
         self._rows: torch.Tensor | None = None
         self._samples: list[int] = []
         self._ctx = None  # the current layer's inputs while on_layer runs (for recollect)
@@ -185,8 +186,10 @@ class LayerRunner:
         return x.reshape(-1, x.shape[-1])
 
     def _guard(self, x: torch.Tensor, where: str) -> None:
-        if self.check:
+        # q/k/v (and gate/up) receive the very same input tensor: check it once, not once per Linear
+        if self.check and x is not self._last_checked:
             check_finite(x, self._mask, self._samples, where)
+            self._last_checked = x
 
     def _attach(self, index: int, layer: nn.Module) -> list:
         handles = []
@@ -230,6 +233,7 @@ class LayerRunner:
 
     def _set_batch(self, mask: torch.Tensor, samples: list[int]) -> None:
         self._mask = mask.to(self.device, torch.bool)
+        self._last_checked = None
         self._all_real = bool(self._mask.all())  # concat packing never pads: skip the boolean gathers
         self._rows = self._mask.nonzero()[:, 0]
         self._samples = samples
@@ -317,7 +321,7 @@ class LayerRunner:
                     after_layer(i, hidden)
         finally:
             self.model.train(was_training)
-            self._mask = self._rows = None
+            self._mask = self._rows = self._last_checked = None
         self.seconds = time.perf_counter() - t0
         return self.stats(tokens, extra_metadata)
 
