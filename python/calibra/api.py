@@ -155,7 +155,9 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         ids, mask, run_meta = tok.input_ids, tok.attention_mask, _run_meta(tok)
         batch_size = config.batch_size
     else:
-        base, batch_size = int(ids.shape[0]), 1
+        from calibra.data.config import auto_batch_size
+
+        base, batch_size = int(ids.shape[0]), auto_batch_size(ids.shape[0], ids.shape[1])
     selection = None
     if moe_quota is not None and is_moe:
         selection = select_samples_for_coverage(model, ids, mask, quota=moe_quota, base=min(base, ids.shape[0]),

@@ -75,7 +75,9 @@ def _calibration_tokens(calibration, tokenizer, model, echo):
 
     ids, mask, meta, config = _tokens(calibration, tokenizer, model.config, echo, None, ("hessian",))
     if config is None:
-        return ids, mask, meta, 1
+        from calibra.data.config import auto_batch_size
+
+        return ids, mask, meta, auto_batch_size(ids.shape[0], ids.shape[1])  # pre-tokenized input
     if tokenizer is None:
         raise ValueError("[quantize] a loaded model with a CalibrationConfig needs tokenizer=...; or pass "
                          "pre-tokenized calibration")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["CalibrationConfig", "recommended_samples", "model_max_positions",
-           "DEFAULT_SEQUENCE_CAP", "AUTO_BATCH_TOKENS", "PACKINGS", "MAX_NUM_SAMPLES"]
+           "DEFAULT_SEQUENCE_CAP", "AUTO_BATCH_TOKENS", "auto_batch_size", "PACKINGS", "MAX_NUM_SAMPLES"]
 
 # When sequence_length is left unset, a 128k-context model would otherwise calibrate on 128k-token
 # samples: attention scores alone would be heads x 128k^2 per sample. 2048 is the length the GPTQ
@@ -21,6 +21,11 @@ MAX_NUM_SAMPLES = 1 << 20
 
 # (parameters below, samples) -- see recommended_samples()
 _RECOMMENDED = ((100e6, 32), (1e9, 64), (15e9, 128), (float("inf"), 256))
+
+
+def auto_batch_size(num_samples: int, sequence_length: int) -> int:
+    """Samples per forward pass carrying about AUTO_BATCH_TOKENS tokens (at least 1, at most all)."""
+    return max(1, min(int(num_samples), AUTO_BATCH_TOKENS // max(1, int(sequence_length))))
 
 
 def _is_int(v) -> bool:
@@ -162,7 +167,7 @@ class CalibrationConfig:
         """batch_size, or about AUTO_BATCH_TOKENS tokens per pass when it is None."""
         if self.batch_size is not None:
             return self.batch_size
-        return max(1, min(self.num_samples, AUTO_BATCH_TOKENS // max(1, sequence_length)))
+        return auto_batch_size(self.num_samples, sequence_length)
 
     def token_floor(self, sequence_length: int | None = None) -> int:
         """Fewest real tokens accepted: min_tokens, else a quarter of the request (at least 1)."""
