@@ -150,10 +150,11 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         want = config
         if moe_quota is not None and is_moe:
             want = dataclasses.replace(config, num_samples=int(base * moe_pool), min_tokens=config.min_tokens)
-            want = dataclasses.replace(want, batch_size=min(want.batch_size, want.num_samples))
+            want = dataclasses.replace(want, batch_size=min(config.resolved_batch_size(config.sequence_length or 1),
+                                                             want.num_samples))
         tok = tokenize_calibration(dataset, tokenizer, want, max_positions=max_pos)
         ids, mask, run_meta = tok.input_ids, tok.attention_mask, _run_meta(tok)
-        batch_size = config.batch_size
+        batch_size = config.resolved_batch_size(tok.sequence_length)
     else:
         from calibra.data.config import auto_batch_size
 

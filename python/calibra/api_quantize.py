@@ -83,7 +83,7 @@ def _calibration_tokens(calibration, tokenizer, model, echo):
                          "pre-tokenized calibration")
     tok = tokenize_calibration(CalibrationDataset.from_source(config.dataset), tokenizer, config,
                                max_positions=model_max_positions(model.config))
-    return tok.input_ids, tok.attention_mask, _run_meta(tok), config.batch_size
+    return tok.input_ids, tok.attention_mask, _run_meta(tok), config.resolved_batch_size(tok.sequence_length)
 
 
 # ---------------------------------------------------------------------------------------- the verb

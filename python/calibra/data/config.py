@@ -103,7 +103,7 @@ class CalibrationConfig:
     """
     num_samples: int = 128
     sequence_length: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None
     dataset: str = "builtin"
     seed: int = 0
     packing: str = "concat"

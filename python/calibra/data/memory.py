@@ -125,8 +125,9 @@ def estimate_memory(model_config, config: CalibrationConfig, *, dtype=torch.floa
         shared_inter = cfg.n_shared_experts * moe_inter
 
     config.validate(model_max_positions(model_config))
-    S, b = config.num_samples, config.batch_size
+    S = config.num_samples
     L = config.resolved_sequence_length(model_max_positions(model_config))
+    b = config.resolved_batch_size(L)
     db = _dtype_bytes(dtype)
     hb = _dtype_bytes(hessian_dtype)
     attn = attn_implementation or getattr(model_config, "_attn_implementation", None) or "sdpa"
