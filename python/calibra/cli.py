@@ -12,11 +12,14 @@ from calibra.eval.session import REPORT_EVAL_TOKENS
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help unless the help already explains its default (an
-    automatic default such as "the model's context" reads better than "(default: None)")."""
+    automatic default such as "the model's context" reads better than "(default: None)"), the option
+    is required, or it has no default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
+        if "default" in text or action.default is None or action.required:
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_read_flags(p) -> None:
