@@ -22,6 +22,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_sample_flags(p) -> None:
+    """The calibration-data flags every calibrating verb shares (quantize, prune)."""
+    p.add_argument("--samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration sample (default: the model's context, at most 2048)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
+                   "about 4096 tokens per pass; 1 if memory is tight)")
+    p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
+
+
+def _add_eval_flags(p) -> None:
+    """The report-evaluation flags of the compressing verbs (quantize, prune)."""
+    p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
+                   help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
+
+
 def _add_read_flags(p) -> None:
     """Opt-ins for model folders calibra refuses by default (calibra.io.model_reader)."""
     p.add_argument("--allow-pickle", action="store_true", help="accept a checkpoint that has only pickle weights "
@@ -278,12 +297,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--mse-clip", action="store_true", help="search each group's clipping range by squared error")
     q.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl file "
                    "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)")
-    q.add_argument("--samples", type=int, default=128, help="calibration samples")
-    q.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per calibration sample (default: the model's context, at most 2048)")
-    q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
-                   "about 4096 tokens per pass; 1 if memory is tight)")
-    q.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
+    _add_sample_flags(q)
     q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by descending Hessian "
                    "diagonal (records g_idx unless --static-groups)")
     q.add_argument("--static-groups", action="store_true", help="with --desc-act: fit groups before the sweep "
@@ -300,11 +314,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--mixed-precision", type=float, default=None, metavar="BUDGET_BITS",
                    help="bits-per-weight budget (e.g. 4.5): promote the most sensitive modules to 8-bit "
                         "(dense for FP4) while the average stays within it")
-    q.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
-    q.add_argument("--no-eval", action="store_true", help="skip evaluation")
-    q.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
-                   help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)")
-    q.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
+    _add_eval_flags(q)
     q.add_argument("--export", default=None, help="engine format(s) written into DIR instead of calibra's own folder: compressed-tensors, gptq, mlx, "
                    "gguf-q4_0, gguf-q8_0, dense (comma-separated: one subfolder each); checked against the "
                    "quantized model before anything is written")
@@ -416,17 +426,8 @@ def _add_prune(sub) -> None:
                    "2:4 form (values + metadata per module; pattern 2:4)")
     p.add_argument("--calibration", default="builtin", help="calibration text (wanda, sparsegpt): builtin, a "
                    ".txt/.json/.jsonl file or folder, or a hub set name")
-    p.add_argument("--samples", type=int, default=128, help="calibration samples")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per calibration sample (default: the model's context, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
-                   "about 4096 tokens per pass; 1 if memory is tight)")
-    p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
-    p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
-    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
-    p.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
-                   help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)")
-    p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
+    _add_sample_flags(p)
+    _add_eval_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
