@@ -95,7 +95,7 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
     Args:
         model: ``"builtin:NAME"``, a local Hugging Face folder, or a loaded ``PreTrainedModel`` (then
             pass ``tokenizer`` unless ``calibration`` is already tokenized).
-        calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x 512 tokens of builtin text),
+        calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x min(context, 2048) tokens of builtin text),
             a ``TokenizedCalibration``, or ``(input_ids [S, L], attention_mask [S, L])``.
         observers: any of ``"hessian"``, ``"norms"``, ``"ranges"``, ``"kv"``.
         device: compute device for one layer at a time (default: cuda if available, else cpu).

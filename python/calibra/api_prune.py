@@ -88,7 +88,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         config: a :class:`calibra.prune.PruningConfig` -- validated, with every layer's shape against the
             pattern, before any weight loads.
         calibration: Wanda/SparseGPT data: a ``calibra.data.CalibrationConfig`` (default: ``config.calibration``,
-            else 128 x 512 tokens of builtin text), a ``TokenizedCalibration``, ``(input_ids, attention_mask)``,
+            else 128 x min(context, 2048) tokens of builtin text), a ``TokenizedCalibration``, ``(input_ids, attention_mask)``,
             or a dataset name/path. Magnitude pruning reads no data.
         output: write the pruned folder there (see :mod:`calibra.prune.save`; atomic; an existing folder
             needs ``overwrite``).

@@ -100,7 +100,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         model: ``"builtin:NAME"``, a local Hugging Face folder, or a loaded ``*ForCausalLM`` (modified in place).
         config: ``RTNConfig``, ``GPTQConfig`` or ``MRGPTQConfig`` -- validated, with every layer's shape,
             before any weight loads.
-        calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x 512 tokens of builtin text), a
+        calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x min(context, 2048) tokens of builtin text), a
             ``TokenizedCalibration``, ``(input_ids, attention_mask)``, or the path of an
             ``activation_ranges.json`` (RTN: reuse its smoothing factors). RTN alone needs no data.
         stats: a ``CalibrationStats`` or its file: GPTQ/MR-GPTQ solve from these Hessians without a forward

@@ -91,7 +91,7 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
     Exactly one of ``rank`` (every targeted tensor of every layer at that rank), ``target_ppl_delta``
     (auto-tune: the largest saving whose perplexity increase stays within it) or ``target_kl`` (the same
     with a mean-KL budget, nats/token) is required. ``calibration``: as for :func:`calibra.calibrate`
-    (default: 128 x 512 tokens of builtin text). ``eval_*``: the held-out text the preset's quality is
+    (default: 128 x min(context, 2048) tokens of builtin text). ``eval_*``: the held-out text the preset's quality is
     measured on (default: builtin eval text, for built-in models at their trained length 256, non-
     overlapping windows). Raises :class:`NoCompressionFits` when auto-tuning finds nothing within budget.
     """
