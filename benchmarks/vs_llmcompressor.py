@@ -80,8 +80,8 @@ def check_llmc_python(path: Path) -> Path:
         raise SetupError(
             f"llmcompressor's virtual environment is missing: {path} does not exist.\n"
             f"Create it with `tools/client_lane.sh setup` (it builds build/client-venvs/llmc with "
-            f"llmcompressor==0.14.0.1, see /work/shared/FORMATS.md), or pass --llmc-python PATH of a python "
-            f"that can `import llmcompressor`.")
+            f"llmcompressor==0.14.0.1), or pass --llmc-python PATH of a python that can "
+            f"`import llmcompressor`.")
     probe = subprocess.run([str(path), "-c", "import llmcompressor, datasets, safetensors"],
                            capture_output=True, text=True, env=_child_env(), timeout=300)
     if probe.returncode != 0:

@@ -53,6 +53,17 @@ def _model_config(model, *, component: str = "calibrate", allow_pickle: bool = F
     return AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
 
 
+def _refuse_quantized(model_config, source: str, component: str, hint: str = "") -> None:
+    """Refuse a model whose config carries a quantization_config (FAULTS row 10). Folders are already
+    refused by ``calibra.io.inspect_model``; this covers models passed in already loaded."""
+    qc = getattr(model_config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise ValueError(f"[{component}] {source} is already quantized (its config has a quantization_config, "
+                         f"quant_method {method!r}); calibra {component}s full-precision models only: start from "
+                         f"the original bf16/fp16/fp32 checkpoint{hint}")
+
+
 def _read_model(model, dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False,
                 allow_quantized: bool = False):
     """``(model, tokenizer)`` of a name/folder through the checking reader (NaN/Inf named at load)."""

@@ -22,6 +22,8 @@ import torch
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
 REPORT_FORMAT = "calibra-prune-report"
+_QUANTIZED_HINT = (" (joint pruning + quantization: method 'sparsegpt' with quantize=JointQuant(...) "
+                   "/ --bits)")
 
 
 def _check_config(config):
@@ -30,16 +32,6 @@ def _check_config(config):
     if not isinstance(config, PruningConfig):
         raise TypeError(f"[prune] config must be a calibra.prune.PruningConfig, got {type(config).__name__}")
     return config.validate()
-
-
-def _refuse_quantized(model_config, source) -> None:
-    qc = getattr(model_config, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise ValueError(f"[prune] {source} is quantized (its config has a quantization_config, quant_method "
-                         f"{method!r}); calibra prunes full-precision models only: start from the original "
-                         f"bf16/fp16/fp32 checkpoint (joint pruning + quantization: method 'sparsegpt' with "
-                         f"quantize=JointQuant(...) / --bits)")
 
 
 def _shapes(model_config, model=None) -> dict[str, tuple[int, int]]:
@@ -106,7 +98,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
     """
-    from calibra.api import _model_config, _read_model, _tokens
+    from calibra.api import _model_config, _read_model, _refuse_quantized, _tokens
     from calibra.data import CalibrationConfig
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -135,7 +127,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     model_config = _model_config(model, component="prune", **read)
-    _refuse_quantized(model_config, source)
+    _refuse_quantized(model_config, source, "prune", _QUANTIZED_HINT)
     shapes = _shapes(model_config, None if isinstance(model, (str, Path)) else model)
     prune_names, dense = config.plan_layers(shapes)
     if save_24:

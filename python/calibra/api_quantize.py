@@ -31,15 +31,6 @@ def _check_config(config):
     return config
 
 
-def _refuse_quantized(model_config, source) -> None:
-    qc = getattr(model_config, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise ValueError(f"[quantize] {source} is already quantized (its config has a quantization_config, "
-                         f"quant_method {method!r}); calibra quantizes full-precision models only: start from the "
-                         f"original bf16/fp16/fp32 checkpoint")
-
-
 def _meta_model(model_config):
     """A weightless copy of the architecture (meta device) for the shape checks."""
     from transformers import AutoModelForCausalLM
@@ -122,7 +113,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
     """
-    from calibra.api import _model_config, _read_model
+    from calibra.api import _model_config, _read_model, _refuse_quantized
     from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
     from calibra.models import get_adapter
@@ -174,7 +165,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     model_config = _model_config(model, component="quantize", **read)
-    _refuse_quantized(model_config, source)
+    _refuse_quantized(model_config, source, "quantize")
     shape_model = model if not isinstance(model, (str, Path)) else _meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
     check_layers(config, {t.name: t.in_features for t in _all_targets(shape_model, shape_adapter)})
