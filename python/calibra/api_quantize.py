@@ -187,7 +187,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     plan = plan_job(model_config, job="quantize",
                     calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None, dtype=dtype,
                     device=device, group_size=getattr(config, "group_size", None), needs_data=data_pass,
-                    solver="rtn" if is_rtn else "gptq",
+                    solver="rtn" if is_rtn else "gptq", replay=true_seq and not is_rtn and stats is None,
                     weight_files_bytes=weight_files_bytes(model), checkpoint=checkpoint and output is not None,
                     output=output)
     say(str(plan))
@@ -332,9 +332,10 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
         ids, mask, run_meta, bs = tokens()
         runner = LayerRunner(model, adapter, device=device, observers=("hessian",), on_layer=quantizer,
                              feed_compressed=True, progress=progress, desc=f"{config.method}",
-                             keep_layer_stats=False)  # each layer's Hessians are consumed by on_layer
+                             keep_layer_stats=False,  # each layer's Hessians are consumed by on_layer
+                             collect_on_demand=true_seq)  # true-sequential: each group's when it is solved
         if true_seq:
-            quantizer.recollect = runner.recollect
+            quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
         resume_kw = {}
         if ck is not None:
             done = restore(ck, quantizer, adapter, runner)

@@ -12,8 +12,10 @@ Host memory is the largest of the job's phases, each a sum of what is resident a
   compute dtype, and the weight files, which transformers memory-maps and reads (resident while loading);
 * **layers** -- the model; all samples' hidden states (inputs and outputs of the current layer) and the
   per-batch attention arguments; the quantized results of the finished layers (codes, scales and the
-  dequantized weight each ``QuantizedLayer`` keeps); when the compute device is the CPU also the layer's
-  working set; when checkpointing, a serialized copy of one layer's outputs (safetensors serializes to
+  dequantized weight each ``QuantizedLayer`` keeps); true-sequential quantization also keeps the
+  attention block's outputs of the current layer (replayed instead of recomputed: ``LayerRunner.freeze``),
+  as large as the layer's inputs; when the compute device is the CPU also the layer's working set; when
+  checkpointing, a serialized copy of one layer's outputs (safetensors serializes to
   bytes before writing);
 * **save** -- the model, the quantized results, and a serialized copy of the output file.
 
@@ -167,10 +169,11 @@ def torch_dtype(dtype, model_config) -> torch.dtype:
 def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, device=None, observers=("hessian",),
              hessian_dtype=torch.float32, group_size: int | None = None, bits: int | None = None,
              weight_files_bytes: int | None = None, checkpoint: bool = False, output=None, needs_data: bool = True,
-             solver: str | None = None, baseline_rss: int | None = None) -> MemoryPlan:
+             solver: str | None = None, baseline_rss: int | None = None, replay: bool = False) -> MemoryPlan:
     """Predict a job's memory and disk (see the module docstring). ``calibration`` is a resolved
     ``CalibrationConfig`` (concrete sequence length) or None for data-free jobs. ``solver``: ``"gptq"``
-    (GPTQ, MR-GPTQ, SparseGPT), ``"rtn"`` (RTN, magnitude, Wanda) or None (calibration only)."""
+    (GPTQ, MR-GPTQ, SparseGPT), ``"rtn"`` (RTN, magnitude, Wanda) or None (calibration only). ``replay``:
+    true-sequential quantization (one more copy of a layer's activations, the replayed attention outputs)."""
     from calibra.data.memory import _dtype_bytes, estimate_memory
 
     if job not in JOBS:
@@ -220,7 +223,8 @@ def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, d
     phases = {
         "load": {"process before loading": base, "model": model_bytes, "weight files (mapped)": weight_files_bytes},
         "layers": {"process before loading": base, "model": model_bytes, "hidden states": hidden,
-                   "attention arguments": kwargs, "compressed results": results, "statistics": kept_stats,
+                   "attention arguments": kwargs, "replayed attention outputs": hidden // 2 if replay else 0,
+                   "compressed results": results, "statistics": kept_stats,
                    "layer working set": layer_work_host, "checkpoint write": ckpt_transient},
         "save": {"process before loading": base, "model": model_bytes, "compressed results": results,
                  "serialized output": out_bytes},

@@ -87,6 +87,11 @@ class Observer:
     def linear(self, key: str, x: torch.Tensor) -> None:  # pragma: no cover - overridden
         pass
 
+    def linear_shared(self, key: str, src_key: str, x: torch.Tensor) -> None:
+        """``x`` is the very input ``src_key`` just received (q/k/v, gate/up). Default: observe it again;
+        an observer whose statistic depends on the input alone may share ``src_key``'s instead."""
+        self.linear(key, x)
+
     def kv(self, layer_key: str, which: str, x: torch.Tensor, num_heads: int) -> None:
         pass
 
@@ -116,6 +121,18 @@ class HessianObserver(Observer):
             H = self.tensors[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
         if x.shape[0]:
             ops.hessian_accumulate(H, x)
+        self._count(key, x.shape[0])
+
+    def linear_shared(self, key: str, src_key: str, x: torch.Tensor) -> None:
+        # Modules reading one input have one Hessian: alias src_key's sum (one accumulation instead of three
+        # for q/k/v). Aliasing starts only on src_key's first batch -- every later batch then shares too, as
+        # hooks fire in the same order -- otherwise (e.g. statistics restored from disk) accumulate as usual.
+        name, src = f"hessian/sum/{key}", f"hessian/sum/{src_key}"
+        H = self.tensors.get(name)
+        if H is None and self.counts.get(f"{self.kind}/{src_key}") == x.shape[0]:
+            self.tensors[name] = self.tensors[src]
+        elif H is None or H is not self.tensors[src]:
+            return self.linear(key, x)
         self._count(key, x.shape[0])
 
 

@@ -39,6 +39,11 @@ class _StopCapture(Exception):
     """Raised by the last layer stub: everything after the decoder layers is not needed."""
 
 
+class _StopLayer(Exception):
+    """Raised by a hook of a restricted collection (``LayerRunner.collect``) once every module it asked
+    for has seen its input: the rest of the layer's forward would be wasted work."""
+
+
 class CalibrationOOMError(RuntimeError):
     """Out of memory while calibrating a layer. ``partial_stats`` holds the finished layers."""
 
@@ -63,6 +68,16 @@ class _LayerStub(nn.Module):
         if self.last:
             raise _StopCapture
         return hidden_states
+
+
+class _Replay:
+    """A module declared final for the rest of a layer (``LayerRunner.freeze``): its output for each
+    batch is recorded on the next pass that runs it and replayed, not recomputed, on later passes."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.outputs: dict[int, object] = {}
+        self.handle = None
 
 
 def _map_tensors(obj, fn, memo: dict):
@@ -100,6 +115,10 @@ class LayerRunner:
         on_layer: ``on_layer(index, layer, stats)`` called after a layer's statistics are complete,
             with the layer still on the device; it may modify the layer in place (compression).
         feed_compressed: produce each layer's outputs from the layer after ``on_layer`` (true-sequential).
+        collect_on_demand: skip the pass that collects a layer's statistics before ``on_layer``; the
+            callback asks for what it needs with :meth:`collect` (a true-sequential quantizer collects
+            q/k/v, then o, then gate/up, then down, each from the layer as compressed so far). Needs
+            ``feed_compressed``.
         check_finite: raise on NaN/Inf activations (FAULTS row 17); on by default.
         progress: show a tqdm bar over layers.
         keep_layer_stats: keep every layer's observer tensors (Hessians...) for the returned statistics. A
@@ -110,7 +129,8 @@ class LayerRunner:
     def __init__(self, model: nn.Module, adapter=None, *, device=None, observers=("hessian",),
                  hessian_dtype: torch.dtype = torch.float32, moe: MoERecorder | None = None,
                  on_layer: Callable | None = None, feed_compressed: bool = False, check_finite: bool = True,
-                 progress: bool = True, desc: str = "calibrating", keep_layer_stats: bool = True):
+                 progress: bool = True, desc: str = "calibrating", keep_layer_stats: bool = True,
+                 collect_on_demand: bool = False):
         if adapter is None:
             from calibra.models import get_adapter
 
@@ -125,6 +145,9 @@ class LayerRunner:
         has_moe = any(adapter.moe_blocks(layer) for layer in adapter.layers)
         self.moe = moe if moe is not None else (MoERecorder() if has_moe else None)
         self.on_layer, self.feed_compressed = on_layer, feed_compressed
+        if collect_on_demand and not (feed_compressed and on_layer is not None):
+            raise ValueError("[calibrate] collect_on_demand needs an on_layer callback and feed_compressed=True")
+        self.collect_on_demand = collect_on_demand
         self.check, self.progress, self.desc = check_finite, progress, desc
         self.keep_layer_stats = keep_layer_stats
         self.seconds = 0.0
@@ -132,9 +155,13 @@ class LayerRunner:
         self._mask: torch.Tensor | None = None
         self._all_real = True
         self._last_checked: torch.Tensor | None = None  # the tensor _guard saw last (shared inputs)
+        self._last_input = None  # (input tensor, stats key, selected rows) of the last Linear hook
+        self._pending: set[str] | None = None  # keys a restricted collection still waits for (early stop)
         self._rows: torch.Tensor | None = None
         self._samples: list[int] = []
         self._ctx = None  # the current layer's inputs while on_layer runs (for recollect)
+        self._frozen: list[_Replay] = []  # modules replayed until the layer's outputs are produced
+        self._batch = 0  # index of the batch being run (for the replays)
 
     # -- capture -----------------------------------------------------------------------------------
     def _capture(self, batches) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -191,34 +218,59 @@ class LayerRunner:
             check_finite(x, self._mask, self._samples, where)
             self._last_checked = x
 
-    def _attach(self, index: int, layer: nn.Module) -> list:
+    def _seen(self, key: str) -> None:
+        """A hooked module saw its input; stop the layer's forward once a restricted collection has all."""
+        if self._pending is not None:
+            self._pending.discard(key)
+            if not self._pending:
+                raise _StopLayer
+
+    def _hooked_keys(self, index: int, layer: nn.Module, only: set[str] | None) -> tuple[list, list]:
+        """The (key, Linear) pairs and (key, MoE block) pairs to hook, restricted to ``only`` (statistics
+        keys such as ``model.layers.3.mlp.down_proj``; an expert key selects its whole MoE block)."""
+        lname = self.adapter.layer_name(index)
+        linears = [(f"{lname}.{n}", m) for n, m in self.adapter.linear_modules(layer).items()]
+        blocks = [(f"{lname}.{b.name}", b) for b in self.adapter.moe_blocks(layer)] if self.moe is not None else []
+        if only is not None:
+            linears = [(k, m) for k, m in linears if k in only]
+            blocks = [(k, b) for k, b in blocks if k in only or any(o.startswith(k + ".experts.") for o in only)]
+        return linears, blocks
+
+    def _attach(self, index: int, layer: nn.Module, only: set[str] | None = None) -> tuple[list, set[str]]:
+        """Attach the observer hooks to layer ``index`` (to the modules in ``only``, when given); returns
+        the hook handles and the keys the hooks report to :meth:`_seen`."""
         handles = []
+        linears, blocks = self._hooked_keys(index, layer, only)
         lname = self.adapter.layer_name(index)
         linear_obs = [o for o in self.observers if o.kind != "kv"]
         if linear_obs:
-            for name, mod in self.adapter.linear_modules(layer).items():
-                key = f"{lname}.{name}"
-
+            for key, mod in linears:
                 def pre_hook(module, args, key=key):
                     x = args[0]
-                    self._guard(x, f"input of {key}")
-                    xs = self._select(x)
-                    for o in linear_obs:
-                        o.linear(key, xs)
+                    last = self._last_input
+                    if last is not None and x is last[0]:
+                        # q/k/v (gate/up) read the very same tensor: the observers may share one statistic
+                        for o in linear_obs:
+                            o.linear_shared(key, last[1], last[2])
+                    else:
+                        self._guard(x, f"input of {key}")
+                        xs = self._select(x)
+                        for o in linear_obs:
+                            o.linear(key, xs)
+                        self._last_input = (x, key, xs)
+                    self._seen(key)
 
                 handles.append(mod.register_forward_pre_hook(pre_hook))
-        if self.moe is not None:
-            for block in self.adapter.moe_blocks(layer):
-                key = f"{lname}.{block.name}"
+        for key, block in blocks:
+            def moe_hook(module, args, key=key, block=block):
+                x = args[0]
+                self._guard(x, f"input of {key}")
+                self.moe.observe(key, block, self._select(x), self._rows, self._samples, linear_obs)
+                self._seen(key)
 
-                def moe_hook(module, args, key=key, block=block):
-                    x = args[0]
-                    self._guard(x, f"input of {key}")
-                    self.moe.observe(key, block, self._select(x), self._rows, self._samples, linear_obs)
-
-                handles.append(block.module.register_forward_pre_hook(moe_hook))
+            handles.append(block.module.register_forward_pre_hook(moe_hook))
         kv_obs = [o for o in self.observers if o.kind == "kv"]
-        if kv_obs:
+        if kv_obs and only is None:
             k_src, v_src = self.adapter.key_value_sources(layer)
             heads = self.adapter.num_kv_heads
             for which, src in (("k", k_src), ("v", v_src)):
@@ -229,11 +281,15 @@ class LayerRunner:
                         o.kv(lname, which, xs, heads)
 
                 handles.append(src.register_forward_hook(kv_hook))
-        return handles
+        keys = {k for k, _ in blocks}
+        if linear_obs:
+            keys |= {k for k, _ in linears}
+        return handles, keys
 
     def _set_batch(self, mask: torch.Tensor, samples: list[int]) -> None:
         self._mask = mask.to(self.device, torch.bool)
         self._last_checked = None
+        self._last_input = None
         self._all_real = bool(self._mask.all())  # concat packing never pads: skip the boolean gathers
         self._rows = self._mask.nonzero()[:, 0]
         self._samples = samples
@@ -321,53 +377,126 @@ class LayerRunner:
                     after_layer(i, hidden)
         finally:
             self.model.train(was_training)
-            self._mask = self._rows = self._last_checked = None
+            self._mask = self._rows = self._last_checked = self._last_input = None
         self.seconds = time.perf_counter() - t0
         return self.stats(tokens, extra_metadata)
 
     def recollect(self, index: int, layer: nn.Module) -> CalibrationStats:
-        """Collect the statistics of layer ``index`` again, from the same inputs, with the layer as it is
-        now -- for ``on_layer`` callbacks that compress a layer in steps (AutoGPTQ's true-sequential:
-        quantize q/k/v, then re-collect o_proj's Hessian from the quantized attention, and so on).
-        The layer's earlier statistics are replaced; other layers' are untouched. Only valid inside
+        """Collect all statistics of layer ``index`` again, from the same inputs, with the layer as it is
+        now (``collect(index, layer)``). Only valid inside ``on_layer``."""
+        return self.collect(index, layer)
+
+    def collect(self, index: int, layer: nn.Module, modules=None) -> CalibrationStats:
+        """Collect statistics of layer ``index`` from the layer's inputs, with the layer as it is now --
+        for ``on_layer`` callbacks that compress a layer in steps (AutoGPTQ's true-sequential: quantize
+        q/k/v, then collect o_proj's Hessian from the quantized attention, and so on).
+
+        ``modules``: the statistics keys to collect (``model.layers.3.self_attn.o_proj``; an MoE expert
+        key collects its whole block), default all of the layer's. Their earlier statistics are replaced;
+        the others are untouched. With ``modules`` given, each batch's forward stops as soon as the last of
+        them has seen its input, so collecting q/k/v costs an input norm, not a layer. Only valid inside
         ``on_layer`` (the layer's inputs are kept for the duration of the callback)."""
         ctx = self._ctx
         if ctx is None or ctx[0] != index:
-            raise RuntimeError(f"[calibrate] recollect({index}) called outside on_layer of that layer")
+            raise RuntimeError(f"[calibrate] collect({index}) / recollect({index}) called outside on_layer of "
+                               f"that layer")
         _, hidden, kwargs, masks, ids_of, tokens, extra = ctx
-        prefix = self.adapter.layer_name(index) + "."
+        only = None if modules is None else set(modules)
+        if only is None:
+            prefix = self.adapter.layer_name(index) + "."
+            stale = lambda k: prefix in k  # noqa: E731
+        else:
+            _, blocks = self._hooked_keys(index, layer, only)
+            block_keys = [k for k, _ in blocks]
+            stale = lambda k: (k.split("/")[-1] in only  # noqa: E731
+                               or any(k.split("/")[-1] == b or b + ".experts." in k for b in block_keys))
         for o in list(self.observers) + ([self.moe] if self.moe is not None else []):
-            for k in [k for k in o.tensors if prefix in k]:
+            for k in [k for k in o.tensors if stale(k)]:
                 del o.tensors[k]
-            for k in [k for k in o.counts if prefix in k]:
+            for k in [k for k in o.counts if stale(k)]:
                 del o.counts[k]
-        self._forward_layer(index, layer, hidden, kwargs, masks, ids_of, keep=False)
+        if self.moe is not None:  # per-sample routing of a block observed again is counted again
+            for k in [k for k in self.moe.sample_counts if stale("moe/" + k)]:
+                del self.moe.sample_counts[k]
+        self._forward_layer(index, layer, hidden, kwargs, masks, ids_of, keep=False, only=only)
         return self.stats(tokens, extra)
 
-    def _forward_layer(self, i, layer, hidden, kwargs, masks, ids_of, keep: bool) -> list:
-        """One pass of every batch through ``layer`` with the observer hooks attached."""
+    def freeze(self, index: int, module: nn.Module) -> None:
+        """Declare, inside ``on_layer`` of layer ``index``, that ``module`` (the attention block once o_proj
+        is quantized) and everything before it in the layer are final: the module's input and weights do
+        not change again. Its output for each batch is then recorded on the next pass and replayed on the
+        later ones (the remaining collections and the pass that produces the layer's outputs) instead of
+        recomputed. Costs host memory for one more activation per token (as large as a layer's inputs)."""
+        if self._ctx is None or self._ctx[0] != index:
+            raise RuntimeError(f"[calibrate] freeze({index}) called outside on_layer of that layer")
+        if any(r.module is module for r in self._frozen):
+            return
+        rep = _Replay(module)
+
+        def record(mod, args, out, rep=rep):
+            if self._batch not in rep.outputs:
+                rep.outputs[self._batch] = _map_tensors(out, lambda t: t.detach().to("cpu"), {})
+
+        rep.handle = module.register_forward_hook(record)
+        self._frozen.append(rep)
+
+    def _replay(self, b: int) -> None:
+        """Before batch ``b``: frozen modules with a recorded output return it instead of computing."""
+        self._batch = b
+        for rep in self._frozen:
+            if b in rep.outputs:
+                out = _map_tensors(rep.outputs[b], lambda t: t.to(self.device), {})
+                rep.module.forward = lambda *args, _out=out, **kw: _out  # instance attribute: nn.Module calls it
+            else:
+                rep.module.__dict__.pop("forward", None)
+
+    def _unfreeze(self) -> None:
+        for rep in self._frozen:
+            rep.handle.remove()
+            rep.module.__dict__.pop("forward", None)
+        self._frozen = []
+
+    def _forward_layer(self, i, layer, hidden, kwargs, masks, ids_of, keep: bool, only: set[str] | None = None) -> list:
+        """One pass of every batch through ``layer`` with the observer hooks attached (to ``only``'s
+        modules, stopping early, when given)."""
         dev = self.device
-        handles = self._attach(i, layer)
+        handles, keys = self._attach(i, layer, only)
+        stop_early = only is not None and not keep and bool(keys)
         outs = []
         try:
             for b, x in enumerate(hidden):
                 self._set_batch(masks[b], ids_of[b])
+                self._replay(b)
+                self._pending = set(keys) if stop_early else None
                 kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
-                out = layer(x.to(dev), **kw)
+                try:
+                    out = layer(x.to(dev), **kw)
+                except _StopLayer:
+                    continue
                 out = out[0] if isinstance(out, tuple) else out
                 if keep:
                     self._guard(out, f"output of {self.adapter.layer_name(i)}")
                     outs.append(out.to("cpu"))
         finally:
+            self._pending = None
+            self._last_input = None
             for h in handles:
                 h.remove()
         return outs
 
     def _run_layer(self, i, layer, hidden, kwargs, masks, ids_of, tokens, extra):
+        layer.to(self.device)
+        try:
+            return self._compress_layer(i, layer, hidden, kwargs, masks, ids_of, tokens, extra)
+        finally:
+            self._unfreeze()
+
+    def _compress_layer(self, i, layer, hidden, kwargs, masks, ids_of, tokens, extra):
         dev = self.device
-        layer.to(dev)
         keep_first = not (self.feed_compressed and self.on_layer is not None)
-        outs = self._forward_layer(i, layer, hidden, kwargs, masks, ids_of, keep=keep_first)
+        # on demand, on_layer collects what it needs itself (collect()): no pass before it
+        outs = [] if self.collect_on_demand else self._forward_layer(i, layer, hidden, kwargs, masks, ids_of,
+                                                                       keep=keep_first)
         if self.on_layer is not None:
             self._ctx = (i, hidden, kwargs, masks, ids_of, tokens, extra)
             try:
@@ -383,6 +512,7 @@ class LayerRunner:
         if not keep_first:
             for b, x in enumerate(hidden):
                 self._set_batch(masks[b], ids_of[b])
+                self._replay(b)
                 kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
                 out = layer(x.to(dev), **kw)
                 out = out[0] if isinstance(out, tuple) else out

@@ -9,9 +9,11 @@ callback with the layer on the compute device and that layer's statistics just c
   fused experts the 2-D slice ``experts.gate_up_proj[e]`` ``[2I, H]`` / ``experts.down_proj[e]``
   ``[H, I]`` of the 3-D parameter. Routers, embeddings and lm_head are never targets;
 * quantizes them group by group in execution order -- (q, k, v) -> o -> (gate, up) -> down -- and,
-  with ``true_sequential`` (AutoGPTQ's option, on by default), asks the runner to re-collect the layer's
-  Hessians before each later group, so o_proj is solved on the outputs of the *quantized* q/k/v, and
-  so on;
+  with ``true_sequential`` (AutoGPTQ's option, on by default), asks the runner for each group's
+  Hessians just before solving it (``LayerRunner.collect``), so o_proj is solved on the outputs of the
+  *quantized* q/k/v, and so on. Each collection hooks only that group's modules and stops the layer's
+  forward at the last of them, and q/k/v (gate/up) share one Hessian: the four collections cost about
+  one and a half forward passes of the layer, not four;
 * writes each result's effective dense weight (``QuantizedLayer.dense()``, rotation undone) back into
   the parameter in place, so the runner feeds the next layer what the quantized model computes.
 
@@ -136,16 +138,19 @@ class LayerQuantizer:
         config: the validated RTNConfig / GPTQConfig / MRGPTQConfig.
         adapter: the model's ``ModelAdapter``.
         overrides: module name -> config to use instead (mixed precision), or ``None`` to keep it dense.
-        recollect: ``recollect(index, layer) -> stats`` (``LayerRunner.recollect``) for true-sequential;
-            ``None`` quantizes every group from the first statistics.
+        collect: ``collect(index, layer, keys) -> stats`` (``LayerRunner.collect`` of a runner made with
+            ``collect_on_demand=True``) for true-sequential: each group's Hessians are collected just
+            before it is solved. ``None`` quantizes every group from the statistics ``__call__`` receives.
+        freeze: ``freeze(index, module)`` (``LayerRunner.freeze``): called with the attention block once
+            its last target is quantized, so later passes of the layer replay its output.
         on_module: called with each finished ``QuantizedLayer`` (progress, logging).
     """
 
-    def __init__(self, config, adapter, *, overrides: dict | None = None, recollect: Callable | None = None,
-                 on_module: Callable | None = None):
+    def __init__(self, config, adapter, *, overrides: dict | None = None, collect: Callable | None = None,
+                 freeze: Callable | None = None, on_module: Callable | None = None):
         self.config, self.adapter = config, adapter
         self.overrides = dict(overrides or {})
-        self.recollect = recollect
+        self.collect, self.freeze = collect, freeze
         self.on_module = on_module
         self.layers: dict[str, QuantizedLayer] = {}
         self.dense: list[str] = []
@@ -153,30 +158,44 @@ class LayerQuantizer:
 
     @property
     def true_sequential(self) -> bool:
-        return bool(getattr(self.config, "true_sequential", False)) and self.recollect is not None
+        return bool(getattr(self.config, "true_sequential", False)) and self.collect is not None
 
     def __call__(self, index: int, layer: nn.Module, stats) -> None:
         t0 = time.perf_counter()
         targets = layer_targets(self.adapter, index, layer)
-        done_any = False
+        attn_left = self._attention_targets(index, layer, targets) if self.freeze is not None else None
         for roles in GROUPS:
-            group = [t for t in targets if t.role in roles]
-            if not group:
-                continue
-            if done_any and self.true_sequential:
-                stats = self.recollect(index, layer)
-            for t in group:
-                cfg = self.overrides.get(t.name, self.config)
+            group = [(t, self.overrides.get(t.name, self.config)) for t in targets if t.role in roles]
+            needs = [t.stats_key for t, cfg in group if cfg is not None and not isinstance(cfg, RTNConfig)]
+            if needs and self.true_sequential:
+                stats = self.collect(index, layer, needs)
+            for t, cfg in group:
                 if cfg is None:
                     self.dense.append(t.name)
                     continue
                 ql = solve(t, cfg, stats, index)
                 t.store(ql.dense())
                 self.layers[t.name] = ql
-                done_any = True
                 if self.on_module is not None:
                     self.on_module(ql)
+            if attn_left:
+                attn_left.difference_update(t.name for t, _ in group)
+                if not attn_left:  # attention is final: later passes replay its output
+                    self.freeze(index, self.adapter.attention(layer))
         self.layer_seconds.append(time.perf_counter() - t0)
+
+    def _attention_targets(self, index: int, layer: nn.Module, targets: list[Target]) -> set[str] | None:
+        """Names of the targets inside the attention block (None when the layer has no such block)."""
+        attn = getattr(self.adapter, "attention", None)
+        try:
+            attn = attn(layer) if attn is not None else None
+        except AttributeError:
+            return None
+        path = next((n for n, m in layer.named_modules() if m is attn and n), None)
+        if path is None:
+            return None
+        prefix = f"{self.adapter.layer_name(index)}.{path}."
+        return {t.name for t in targets if t.name.startswith(prefix)} or None
 
 
 __all__ = ["GROUPS", "Target", "layer_targets", "hessian_for", "solve", "LayerQuantizer"]
