@@ -11,7 +11,7 @@ interpreter start and the imports), in the main environment with ``PYTHONPATH=py
 float32 (``calibra.assets.load_model``); GPTQ solves and accumulates Hessians in float32. Output: the
 compressed-tensors export (``calibra.export``), the format llmcompressor writes.
 
-``--static-groups`` / ``--no-true-sequential`` choose the variant (see the benchmark's docstring). The
+``--desc-act`` / ``--static-groups`` / ``--no-true-sequential`` choose the variant (see the benchmark's docstring). The
 JSON holds the timings ``import``, ``load``, ``quantize`` (the ``calibra.quantize`` call: calibration
 forward passes + GPTQ solves), ``export``, and the report's own split (calibration vs solve).
 """
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--static-groups", action="store_true", help="group scales fitted on the original weights")
+    ap.add_argument("--desc-act", action="store_true", help="act-order: columns by descending Hessian diagonal")
     ap.add_argument("--no-true-sequential", action="store_true",
                     help="one Hessian pass per decoder layer (as llmcompressor), not one per sub-layer")
     args = ap.parse_args(argv)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
 
     calib = load_file(args.calib)
     ids, mask = calib["input_ids"].to(torch.int64), calib["attention_mask"].bool()
-    cfg = GPTQConfig(bits=4, group_size=args.group_size, sym=True, desc_act=False, static_groups=args.static_groups,
+    cfg = GPTQConfig(bits=4, group_size=args.group_size, sym=True, desc_act=args.desc_act, static_groups=args.static_groups,
                      damp_percent=args.damp, block_size=args.block_size,
                      true_sequential=not args.no_true_sequential)
     t0 = time.perf_counter()

@@ -10,9 +10,9 @@ Runs inside llmcompressor's own virtual environment (``tools/client_lane.sh setu
 the exact token ids calibra quantizes with. They go to ``oneshot`` as a pre-tokenized ``datasets.Dataset``
 (llmcompressor 0.14 uses a dataset that has an ``input_ids`` column as is, without tokenizing again).
 
-GPTQ settings, all set explicitly (the defaults differ: ``actorder`` is ``"static"`` unless set to None):
-int4 symmetric, group 128 (the W4A16 preset), ``block_size=128``, ``dampening_frac=0.01``,
-``actorder=None``, ``ignore=["lm_head"]``; the model is loaded in float32 (llmcompressor's GPTQ solves
+GPTQ settings, all set explicitly: int4 symmetric, group 128 (the W4A16 preset), ``block_size=128``,
+``dampening_frac=0.01``, ``actorder`` from ``--actorder`` (``none``, or ``static``: llmcompressor's
+default), ``ignore=["lm_head"]``; the model is loaded in float32 (llmcompressor's GPTQ solves
 in float32 whatever the model dtype); the default sequential pipeline (one decoder layer at a time,
 quantized outputs propagated to the next layer). Output: ``save_pretrained(OUT, save_compressed=True)``
 (compressed-tensors ``pack-quantized``) plus the tokenizer.
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--actorder", choices=("none", "static"), default="none",
+                    help="GPTQModifier actorder: none, or static (llmcompressor's default: act-order with group "
+                         "scales fitted before the sweep)")
     args = ap.parse_args(argv)
 
     import torch
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
     t["dataset"] = time.perf_counter() - t0
 
-    common = dict(ignore=["lm_head"], block_size=args.block_size, dampening_frac=args.damp, actorder=None)
+    actorder = None if args.actorder == "none" else args.actorder
+    common = dict(ignore=["lm_head"], block_size=args.block_size, dampening_frac=args.damp, actorder=actorder)
     if args.group_size == 128:  # the preset: int4, symmetric, group 128, memoryless min-max scales
         recipe = GPTQModifier(targets="Linear", scheme="W4A16", **common)
     else:  # the same scheme with another group size
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     out = {"timings": t, "samples": int(n), "seq_len": int(seq_len), "tokens": int(mask.sum()),
            "threads": torch.get_num_threads(), "model_dtype": str(next(model.parameters()).dtype),
            "recipe": {"scheme": f"W4A16 (int4 sym, group {args.group_size})", "block_size": args.block_size,
-                      "dampening_frac": args.damp, "actorder": None, "ignore": ["lm_head"]},
+                      "dampening_frac": args.damp, "actorder": actorder, "ignore": ["lm_head"]},
            "versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                         "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__,
                         "python": sys.version.split()[0]},

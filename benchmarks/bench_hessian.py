@@ -54,6 +54,22 @@ def main() -> None:
     print_table("hessian_accumulate (fp32 x)",
                 ["x", "H", "native ms", "GFLOP/s (2·N·d²)", "torch x.T@x ms", "× torch x.T@x", "× ref (fp64)"], rows)
 
+    # bf16 activations into a float32 H: the tensor-core kernel on CUDA. Baseline: torch's fp32 product of
+    # the upcast x (the same exact products; a bf16 matmul would round H to bf16) and, on CUDA, torch's
+    # bf16 matmul as the tensor-core roofline (same flops, 16-bit output).
+    rows = []
+    for n, d in cases:
+        xb = torch.randn(n, d, device=dev).to(torch.bfloat16)
+        flops = 2.0 * n * d * d
+        H32 = torch.zeros(d, d, device=dev)
+        fns = [lambda: calibra.ops.hessian_accumulate(H32, xb), lambda: xb.float().T @ xb.float(),
+               lambda: xb.T @ xb]
+        t_nat, t_up, t_bf = paired_medians(fns, dev, args.repeat)
+        rows.append([f"{n}x{d}", t_nat * 1e3, flops / t_nat / 1e9, t_up * 1e3, t_up / t_nat, t_bf * 1e3, t_bf / t_nat])
+    print_table("hessian_accumulate (bf16 x, float32 H)",
+                ["x", "native ms", "GFLOP/s (2·N·d²)", "torch fp32 (upcast) ms", "× upcast", "torch bf16 x.T@x ms",
+                 "× bf16 matmul"], rows)
+
 
 if __name__ == "__main__":
     main()

@@ -10,26 +10,33 @@ llmcompressor runs in its own virtual environment (``--llmc-python``, default
 calibra in this one. Both get the same model files and exactly the same calibration token ids:
 
 1. The model (``--model builtin:NAME`` or a local folder) is copied to a temporary folder.
-2. The builtin calibration text is tokenized once with calibra's pipeline (``tokenize_calibration``:
-   ``--samples`` x ``--seq-len`` tokens, concat packing, seed 0) and saved as ``calib.safetensors``.
+2. The builtin calibration text is tokenized once per calibration seed with calibra's pipeline
+   (``tokenize_calibration``: ``--samples`` x ``--seq-len`` tokens, concat packing, ``--seeds``, default
+   0,1,2) and saved as ``calib-<seed>.safetensors``. Every tool quantizes once per seed: at W4 g128 a
+   small model's perplexity changes by a few hundredths, about as much as it varies between calibration
+   draws, so one draw cannot rank the tools; the table reports the mean over the seeds and each seed's.
 3. ``_llmc_driver.py`` (llmc venv): ``oneshot(model, dataset=Dataset{input_ids, attention_mask},
    recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], block_size=128,
-   dampening_frac=0.01, actorder=None))``, then ``save_pretrained(save_compressed=True)``.
+   dampening_frac=0.01, actorder=...))``, then ``save_pretrained(save_compressed=True)``. Two rows
+   (``--llmc-variants``): ``actorder=None`` (no act-order), and ``actorder="static"``, llmcompressor's
+   default (columns in act-order, group scales fitted on the original weights before the sweep).
 4. ``_calibra_driver.py`` (this env): ``calibra.quantize(model, GPTQConfig(bits=4, group_size=128,
-   sym=True, desc_act=False, damp_percent=0.01, block_size=128, ...), (input_ids, attention_mask))``,
-   then ``calibra.export(..., "compressed-tensors")``. Two rows:
+   sym=True, damp_percent=0.01, block_size=128, ...), (input_ids, attention_mask))``, then
+   ``calibra.export(..., "compressed-tensors")``. Rows (``--variants``):
 
-   * **calibra (matched)**: ``static_groups=True`` (group scales fitted on the original weights, which
-     is what llmcompressor's observer does before its GPTQ sweep) and ``true_sequential=False`` (one
-     Hessian pass per decoder layer, as llmcompressor's sequential pipeline);
-   * **calibra (dynamic groups, 1 pass/layer)**: as matched, but group scales fitted on the updated
-     weights as the sweep reaches each group (AutoGPTQ's default, ``static_groups=False``);
-   * **calibra (defaults)**: calibra's own defaults, AutoGPTQ's: scales fitted on the updated weights
-     as the sweep reaches each group, and true-sequential (Hessians re-collected after q/k/v, o and
-     gate/up are quantized: five passes over the calibration data per decoder layer instead of two).
+   * **defaults**: calibra's defaults, AutoGPTQ's: no act-order, group scales fitted on the updated
+     weights as the sweep reaches each group, true-sequential (each group's Hessians collected after
+     the groups before it are quantized). Compare with llmcompressor ``actorder=None``.
+   * **act-order**: ``desc_act=True, static_groups=True`` (``--desc-act --static-groups``), otherwise the
+     defaults: the same act-order rule as llmcompressor's default, contiguous groups (no g_idx).
+     Compare with llmcompressor ``actorder="static"``.
+   * **matched**: ``static_groups=True`` and ``true_sequential=False`` (one Hessian pass per decoder
+     layer, as llmcompressor's sequential pipeline): llmcompressor ``actorder=None``'s algorithm.
+   * **fast**: as matched, with dynamic groups.
 
    Both tools propagate the quantized layer's outputs to the next layer, compute in float32 (model
-   loaded in float32; Hessians and the GPTQ sweep in float32), use batch size 1 and the same threads.
+   loaded in float32; Hessians and the GPTQ sweep in float32) and use the same threads. llmcompressor
+   runs one sample per forward pass (its default), calibra about 4096 tokens per pass (its default).
 5. Timing: "quantize s" is the quantization call alone (``oneshot`` / ``calibra.quantize``: calibration
    forward passes + GPTQ solves; no model load, no save); "end-to-end s" is the wall time of the whole
    subprocess (interpreter start, imports, load, quantize, save). The tools run one after the other in
@@ -40,8 +47,9 @@ calibra in this one. Both get the same model files and exactly the same calibrat
    logits. KL = mean over scored tokens of KL(P_unquantized || P_quantized), top-64 buckets (a lower
    bound of the exact KL; ``calibra.eval.kl``).
 
-Prints a Markdown table (tool, quantize s, end-to-end s, ppl, delta ppl, KL) and, with ``--json``, writes
-everything (timings split by phase, versions, settings, protocol, load averages).
+Prints a Markdown table (tool, quantize s and end-to-end s as medians over seeds and repeats, mean ppl,
+mean delta ppl, each seed's delta ppl, mean KL) and, with ``--json``, writes everything (timings split by
+phase, per-seed results, versions, settings, protocol, load averages).
 """
 from __future__ import annotations
 
@@ -65,9 +73,15 @@ DEFAULT_LLMC_PYTHON = ROOT / "build" / "client-venvs" / "llmc" / "bin" / "python
 
 #: (row label, extra driver flags)
 CALIBRA_VARIANTS = {
-    "matched": ("calibra (matched: static groups, 1 pass/layer)", ["--static-groups", "--no-true-sequential"]),
-    "fast": ("calibra (dynamic groups, 1 pass/layer)", ["--no-true-sequential"]),
-    "defaults": ("calibra (defaults: dynamic groups, true-sequential)", []),
+    "defaults": ("calibra defaults (no act-order, true-sequential)", []),
+    "act-order": ("calibra --desc-act --static-groups (true-sequential)", ["--desc-act", "--static-groups"]),
+    "matched": ("calibra matched (no act-order, static groups, 1 pass/layer)",
+                ["--static-groups", "--no-true-sequential"]),
+    "fast": ("calibra (no act-order, dynamic groups, 1 pass/layer)", ["--no-true-sequential"]),
+}
+LLMC_VARIANTS = {
+    "none": ("llmcompressor 0.14 GPTQModifier W4A16, actorder=None", ["--actorder", "none"]),
+    "static": ("llmcompressor 0.14 GPTQModifier W4A16, actorder=static (its default)", ["--actorder", "static"]),
 }
 
 
@@ -102,30 +116,33 @@ def _child_env(extra_pythonpath: str | None = None) -> dict:
     return env
 
 
-def prepare(args, work: Path) -> dict:
-    """Copy the model, tokenize the calibration text once, save the ids."""
+def prepare(args, work: Path) -> Path:
+    """Copy the model into the work folder."""
+    from calibra.assets import resolve_model
+
+    model_dir = work / "model"
+    shutil.copytree(resolve_model(args.model), model_dir)
+    return model_dir
+
+
+def calibration_ids(args, model_dir: Path, seed: int, work: Path) -> tuple[Path, dict]:
+    """Tokenize the calibration text once for ``seed`` and save the ids both tools read."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from calibra.assets import resolve_model
     from calibra.data import CalibrationConfig, CalibrationDataset, model_max_positions, tokenize_calibration
-    from transformers import AutoConfig
 
-    src = resolve_model(args.model)
-    model_dir = work / "model"
-    shutil.copytree(src, model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    cfg = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=args.seed)
+    cfg = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=seed)
     data = tokenize_calibration(CalibrationDataset.from_source(args.dataset), tok, cfg,
                                 max_positions=model_max_positions(AutoConfig.from_pretrained(model_dir)))
-    calib = work / "calib.safetensors"
+    calib = work / f"calib-{seed}.safetensors"
     save_file({"input_ids": data.input_ids.contiguous(), "attention_mask": data.attention_mask.to(torch.int8)},
               str(calib))
-    return {"model_dir": model_dir, "calib": calib, "calibration": {
-        "dataset": data.dataset, "version": data.version, "samples": data.num_samples,
-        "sequence_length": data.sequence_length, "tokens": data.token_count, "seed": data.seed,
-        "packing": data.packing, "fingerprint": data.fingerprint}}
+    return calib, {"dataset": data.dataset, "version": data.version, "samples": data.num_samples,
+                   "sequence_length": data.sequence_length, "tokens": data.token_count, "seed": data.seed,
+                   "packing": data.packing, "fingerprint": data.fingerprint}
 
 
 def run_tool(name: str, cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
@@ -174,18 +191,21 @@ def evaluate_outputs(args, model_dir: Path, outputs: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
         r = compare(model, ref, ids, progress=False)
         out["rows"][key] = {"ppl": r.ppl_compressed, "kl": r.kl_ref_cmp["mean"], "kl_max": r.kl_ref_cmp["max"]}
-        print(f"  {key}: ppl {r.ppl_compressed:.4f}, KL {r.kl_ref_cmp['mean']:.5f} "
+        print(f"  {key[0]} (seed {key[1]}): ppl {r.ppl_compressed:.4f}, KL {r.kl_ref_cmp['mean']:.5f} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         del model
     return out
 
 
-def table(rows: list[dict], base_ppl: float) -> str:
-    lines = ["| tool | quantize s | end-to-end s | ppl | Δppl | KL |", "|---|---:|---:|---:|---:|---:|",
-             f"| unquantized (float32) | – | – | {base_ppl:.3f} | – | – |"]
+def table(rows: list[dict], base_ppl: float, seeds: list[int]) -> str:
+    per_seed = " / ".join(str(sd) for sd in seeds)
+    lines = [f"| tool | quantize s | end-to-end s | ppl | Δppl | Δppl, seed {per_seed} | KL |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| unquantized (float32) | – | – | {base_ppl:.3f} | – | – | – |"]
     for r in rows:
+        each = " / ".join(f"{p - base_ppl:+.3f}" for p in r["ppl_per_seed"])
         lines.append(f"| {r['label']} | {r['quantize_s']:.1f} | {r['end_to_end_s']:.1f} | {r['ppl']:.3f} | "
-                     f"{r['ppl'] - base_ppl:+.3f} | {r['kl']:.5f} |")
+                     f"{r['ppl'] - base_ppl:+.3f} | {each} | {r['kl']:.5f} |")
     return "\n".join(lines)
 
 
@@ -195,13 +215,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="builtin:tiny-llama", help="builtin:NAME or a local model folder")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated: every tool quantizes "
+                    "once per seed; ppl and KL are averaged (default 0,1,2)")
     ap.add_argument("--dataset", default="builtin", help="calibration text source (default: builtin)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--llmc-python", type=Path, default=DEFAULT_LLMC_PYTHON,
                     help=f"python of llmcompressor's venv (default {DEFAULT_LLMC_PYTHON.relative_to(ROOT)})")
-    ap.add_argument("--variants", default="matched,fast,defaults",
-                    help=f"calibra rows, comma-separated from {', '.join(CALIBRA_VARIANTS)}")
+    ap.add_argument("--variants", default="defaults,act-order",
+                    help=f"calibra rows, comma-separated from {', '.join(CALIBRA_VARIANTS)} (default defaults,act-order)")
+    ap.add_argument("--llmc-variants", default="none,static",
+                    help=f"llmcompressor rows, comma-separated from {', '.join(LLMC_VARIANTS)} (default none,static)")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the tools N times; medians are reported")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-stride", type=int, default=128)
@@ -212,9 +235,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in CALIBRA_VARIANTS]
+    llmc_variants = [v.strip() for v in args.llmc_variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in CALIBRA_VARIANTS] + [v for v in llmc_variants if v not in LLMC_VARIANTS]
     if bad or args.repeat < 1:
-        ap.error(f"--variants must be from {', '.join(CALIBRA_VARIANTS)} (got {bad}); --repeat >= 1")
+        ap.error(f"--variants must be from {', '.join(CALIBRA_VARIANTS)}, --llmc-variants from "
+                 f"{', '.join(LLMC_VARIANTS)} (got {bad}); --repeat >= 1")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds must be distinct integers, comma-separated (got {args.seeds!r})")
     try:
         llmc_python = check_llmc_python(args.llmc_python)
     except SetupError as e:
@@ -226,28 +257,31 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     loads = [os.getloadavg()]
     try:
-        prep = prepare(args, work)
-        c = prep["calibration"]
-        print(f"calibration: {c['samples']} x {c['sequence_length']} tokens ({c['tokens']} real), "
-              f"fingerprint {c['fingerprint'][:16]}; work folder {work}", file=sys.stderr)
-        common = ["--model", str(prep["model_dir"]), "--calib", str(prep["calib"]),
-                  "--group-size", str(args.group_size)]
-        tools = {"llmcompressor": ([str(llmc_python), str(HERE / "_llmc_driver.py")], _child_env())}
+        model_dir = prepare(args, work)
+        tools = {f"llmc-{v}": ([str(llmc_python), str(HERE / "_llmc_driver.py"), *LLMC_VARIANTS[v][1]], _child_env())
+                 for v in llmc_variants}
         for v in variants:
             tools[f"calibra-{v}"] = ([sys.executable, str(HERE / "_calibra_driver.py"), *CALIBRA_VARIANTS[v][1]],
                                      _child_env(str(ROOT / "python")))
         runs: dict[str, list] = {k: [] for k in tools}
-        outputs = {}
-        for rep in range(args.repeat):
-            for key, (cmd, env) in tools.items():
-                out_dir, js = work / f"{key}-{rep}", work / f"{key}-{rep}.json"
-                res = run_tool(key, [*cmd, *common, "--output", str(out_dir), "--json", str(js)], env,
-                               work / f"{key}-{rep}.log", args.timeout)
-                res["driver"] = json.loads(js.read_text(encoding="utf-8"))
-                runs[key].append(res)
-                loads.append(os.getloadavg())
-                outputs[key] = out_dir  # the last repetition's output is evaluated
-        ev = evaluate_outputs(args, prep["model_dir"], outputs)
+        outputs, calibrations = {}, {}
+        for seed in seeds:
+            calib, c = calibration_ids(args, model_dir, seed, work)
+            calibrations[seed] = c
+            print(f"seed {seed}: {c['samples']} x {c['sequence_length']} tokens ({c['tokens']} real), "
+                  f"fingerprint {c['fingerprint'][:16]}; work folder {work}", file=sys.stderr)
+            common = ["--model", str(model_dir), "--calib", str(calib), "--group-size", str(args.group_size)]
+            for rep in range(args.repeat):
+                for key, (cmd, env) in tools.items():
+                    tag = f"{key}-s{seed}-{rep}"
+                    out_dir, js = work / tag, work / f"{tag}.json"
+                    res = run_tool(f"{key} (seed {seed})", [*cmd, *common, "--output", str(out_dir), "--json", str(js)],
+                                   env, work / f"{tag}.log", args.timeout)
+                    res["driver"] = json.loads(js.read_text(encoding="utf-8"))
+                    runs[key].append(res)
+                    loads.append(os.getloadavg())
+                    outputs[(key, seed)] = out_dir  # the last repetition's output is evaluated
+        ev = evaluate_outputs(args, model_dir, outputs)
         loads.append(os.getloadavg())
     finally:
         if args.keep is None:
@@ -255,21 +289,23 @@ def main(argv=None) -> int:
 
     rows = []
     for key, rs in runs.items():
-        t_q = statistics.median(r["driver"]["timings"]["oneshot" if key == "llmcompressor" else "quantize"]
-                                for r in rs)
-        label = "llmcompressor 0.14 oneshot GPTQModifier W4A16" if key == "llmcompressor" else \
-            CALIBRA_VARIANTS[key.split("-", 1)[1]][0]
+        llmc = key.startswith("llmc-")
+        t_q = statistics.median(r["driver"]["timings"]["oneshot" if llmc else "quantize"] for r in rs)
+        label = (LLMC_VARIANTS if llmc else CALIBRA_VARIANTS)[key.split("-", 1)[1]][0]
         d = rs[-1]["driver"]
+        per = [ev["rows"][(key, sd)] for sd in seeds]
         rows.append({"key": key, "label": label, "quantize_s": t_q,
                      "end_to_end_s": statistics.median(r["end_to_end"] for r in rs),
-                     "ppl": ev["rows"][key]["ppl"], "kl": ev["rows"][key]["kl"],
+                     "ppl": statistics.fmean(p["ppl"] for p in per), "kl": statistics.fmean(p["kl"] for p in per),
+                     "ppl_per_seed": [p["ppl"] for p in per], "kl_per_seed": [p["kl"] for p in per],
                      "timings": [r["driver"]["timings"] for r in rs], "end_to_end": [r["end_to_end"] for r in rs],
                      "threads": d["threads"], "model_dtype": d["model_dtype"], "versions": d["versions"],
                      "settings": d.get("recipe") or d.get("config"),
                      "report_timings": [r["driver"].get("report_timings") for r in rs]})
     one_min = [la[0] for la in loads] + [la for r in runs.values() for x in r for la in
                                          (x["loadavg_before"][0], x["loadavg_after"][0])]
-    result = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "model": args.model, "calibration": prep["calibration"],
+    result = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "model": args.model, "seeds": seeds,
+              "calibration": {str(sd): c for sd, c in calibrations.items()},
               "group_size": args.group_size, "repeat": args.repeat, "eval": ev["protocol"],
               "baseline_ppl": ev["baseline"], "rows": rows,
               "loadavg_1min": {"min": min(one_min), "max": max(one_min), "all": loads},
@@ -277,9 +313,10 @@ def main(argv=None) -> int:
                           "python": platform.python_version()},
               "command": "PYTHONPATH=python python benchmarks/vs_llmcompressor.py " + " ".join(argv or sys.argv[1:])}
     print()
-    print(table(rows, ev["baseline"]))
+    print(table(rows, ev["baseline"], seeds))
     print()
-    print(f"{args.model}, {c['samples']} x {c['sequence_length']} calibration tokens (same ids for both), "
+    print(f"{args.model}, {c['samples']} x {c['sequence_length']} calibration tokens (same ids for both; seeds "
+          f"{','.join(map(str, seeds))}; ppl and KL are means over the seeds), "
           f"W4 g{args.group_size} sym; eval: builtin held-out text, {ev['protocol']['tokens_scored']} tokens, "
           f"seq_len {args.eval_seq_len} / stride {args.eval_stride}; {os.cpu_count()} CPUs, 1-min load average "
           f"{min(one_min):.1f}-{max(one_min):.1f}; {result['date']}")

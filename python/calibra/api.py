@@ -139,7 +139,7 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         load_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (
             dtype if isinstance(dtype, torch.dtype) else torch.float32)
         config, _ = resolve_config(config, model_config, dtype=load_dtype, observers=est_obs, echo=say,
-                                   hessian_dtype=hd)
+                                   print_estimate=False, hessian_dtype=hd)
     from calibra.plan import plan_job, weight_files_bytes
 
     plan = plan_job(model_config, job="calibrate", calibration=config, observers=obs, dtype=dtype, device=device,

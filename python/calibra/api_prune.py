@@ -139,7 +139,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         from calibra.data import resolve_config
 
         calibration, _ = resolve_config(calibration or CalibrationConfig(), model_config, echo=say,
-                                        observers=list(_observers(config, measure_error)))
+                                        print_estimate=False, observers=list(_observers(config, measure_error)))
     do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
     from calibra.plan import plan_job, weight_files_bytes
 

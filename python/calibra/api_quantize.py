@@ -176,7 +176,7 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         from calibra.data import resolve_config
 
         calibration, _ = resolve_config(calibration or CalibrationConfig(), model_config, echo=say,
-                                        observers=["hessian"])
+                                        print_estimate=False, observers=["hessian"])
     do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
     checkpoint = output is not None if checkpoint is None else bool(checkpoint)
     if resume and (output is None or not checkpoint):

@@ -86,6 +86,20 @@ def test_input_dtypes(device, xdtype, hdtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,d", [(1, 1), (31, 17), (33, 64), (100, 130), (1000, 257), (4097, 192)])
+def test_half_inputs_odd_shapes(device, xdtype, N, d):
+    """fp16/bf16 x into a float32 H: on CUDA the tensor-core kernel (partial token steps of 32, partial
+    64-channel tiles, several tiles per row of H)."""
+    torch.manual_seed(N + d)
+    x = (torch.randn(N, d) * 2).to(xdtype).to(device)
+    H0 = sym(d, torch.float32, device)
+    H = H0.clone()
+    run_native(OP, lambda: calibra.ops.hessian_accumulate(H, x), device)
+    check_float(H, H0, x, f"N={N} d={d} x {xdtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_3d_and_noncontiguous(device):
     torch.manual_seed(4)
     base = torch.randn(3, 40, 72, device=device)

@@ -15,12 +15,21 @@ How it works:
    produced: from the compressed layer when ``feed_compressed=True`` (true-sequential: later layers
    calibrate on what the compressed model really computes), else from the first pass. The layer moves
    back to where it was.
+3. **On demand** (``collect_on_demand=True``, true-sequential quantization): step 2's first pass is
+   skipped and ``on_layer`` asks for statistics with :meth:`LayerRunner.collect` -- one group of modules
+   at a time, hooks on that group only, the forward stopped as soon as the last of them has seen its
+   input -- and may :meth:`LayerRunner.freeze` a finished block (the attention) so later passes replay
+   its recorded output instead of recomputing it.
+
+Modules that read the very same input tensor (q/k/v, gate/up) share one Hessian
+(``HessianObserver.linear_shared``): it is accumulated once and aliased.
 
 Memory. Peak device memory is one decoder layer, one batch of activations and the layer's statistics
 (moved to host memory after the layer); it does not grow with the depth of the model. Host memory
 holds the inputs and outputs of the current layer for all samples: ``2 x S x L x hidden x bytes(dtype)``
 (128 samples x 512 tokens x 4096 hidden in bf16 = 1 GiB), plus the per-layer attention masks and
-rotary tables recorded at capture (shared between layers of one mask type).
+rotary tables recorded at capture (shared between layers of one mask type), and, while a frozen
+module is replayed, its recorded outputs (one more ``S x L x hidden`` for the attention block).
 """
 from __future__ import annotations
 

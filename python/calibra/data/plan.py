@@ -16,9 +16,11 @@ log = logging.getLogger("calibra.data")
 
 
 def resolve_config(config: CalibrationConfig, model_config, *, dtype=torch.float32,
-                   observers=("hessian",), echo=print, **estimate_kwargs
+                   observers=("hessian",), echo=print, print_estimate: bool = True, **estimate_kwargs
                    ) -> tuple[CalibrationConfig, MemoryEstimate]:
-    """``(config with a concrete sequence_length, memory estimate)``; prints both via ``echo``.
+    """``(config with a concrete sequence_length, memory estimate)``; prints both via ``echo``
+    (the estimate only with ``print_estimate``: the verbs print the job's memory plan, which includes it,
+    and log the estimate's details at INFO level).
 
     Raises ValueError (from ``config.validate``) when a setting is out of range for this model.
     With ``sequence_length=None`` the length becomes ``min(model positions, 2048)`` and a note says
@@ -39,6 +41,7 @@ def resolve_config(config: CalibrationConfig, model_config, *, dtype=torch.float
         echo(f"[data] batch_size unset: {b} samples per forward pass (about {b * config.sequence_length} tokens)")
         config = dataclasses.replace(config, batch_size=b)
     estimate = estimate_memory(model_config, config, dtype=dtype, observers=observers, **estimate_kwargs)
-    echo(str(estimate))
+    if print_estimate:
+        echo(str(estimate))
     log.info("%s", estimate)
     return config, estimate
