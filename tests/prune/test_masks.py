@@ -108,6 +108,24 @@ def test_ties_are_deterministic():
     assert torch.equal(r.mask, torch.tensor([[False] * 4 + [True] * 4] * 4))
 
 
+@pytest.mark.parametrize("scope", ["row", "layer"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.97, 1.0])
+def test_unstructured_selection_equals_the_stable_sort(scope, sparsity):
+    """The selection (kthvalue + ties by index) prunes exactly what a stable ascending sort's first k
+    are, with many ties and -inf scores (a prior mask's pruned entries)."""
+    from calibra.prune.patterns import Unstructured
+
+    g = torch.Generator().manual_seed(int(sparsity * 100))
+    scores = torch.randint(0, 6, (12, 40), generator=g).float()
+    scores[torch.rand(12, 40, generator=g) < 0.1] = float("-inf")
+    flat = scores.reshape(1, -1) if scope == "layer" else scores
+    k = prune_count(flat.shape[1], sparsity)
+    want = torch.ones_like(flat, dtype=torch.bool)
+    want.scatter_(-1, torch.sort(flat, dim=-1, stable=True).indices[..., :k], False)
+    got = Unstructured().mask(scores, sparsity, scope)
+    assert torch.equal(got, want.reshape(scores.shape))
+
+
 def test_wanda_scores_channels():
     """An outlier channel's small weights survive Wanda but not magnitude."""
     w = torch.full((8, 16), 1.0)

@@ -39,13 +39,22 @@ def prune_count(total: int, sparsity: float) -> int:
 def _keep_all_but_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask over the last dim of ``scores [R, K]`` pruning exactly the ``k`` lowest per row.
 
-    A stable ascending sort ranks equal scores by index, so the result does not depend on the
-    backend's tie handling (torch.topk's order among ties is unspecified)."""
+    Ties are ranked by index (what a stable ascending sort gives), so the result does not depend on the
+    backend's tie handling (torch.topk's order among ties is unspecified). It is computed without a
+    sort: the k-th smallest value t (``kthvalue``, a selection) prunes every score below t and then the
+    first ``k - #below`` scores equal to t -- the same set as the stable sort's first k, at topk's cost
+    (half the time of the sort at 4096 x 4096)."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-        keep.scatter_(-1, order, False)
-    return keep
+    if k <= 0:
+        return keep
+    if scores.device.type == "mps":  # kthvalue is not served by every MPS build: the sort is
+        keep.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :k], False)
+        return keep
+    t = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < t
+    at = scores == t
+    need = k - below.sum(-1, keepdim=True)
+    return ~(below | (at & (at.cumsum(-1) <= need)))
 
 
 def _with_prior(scores: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
