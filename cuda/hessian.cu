@@ -35,6 +35,29 @@ __device__ __forceinline__ C load_as(const T* p) {
 }
 
 __device__ __forceinline__ float fma_c(float a, float b, float c) { return fmaf(a, b, c); }
+
+// Origin (i0, j0) of this block's 64x64 lower tile (ti, tj), ti >= tj, from the linear block index
+// t = ti (ti + 1) / 2 + tj.
+__device__ __forceinline__ void lower_tile_origin(int64_t& i0, int64_t& j0) {
+  const int64_t t = blockIdx.x;
+  int64_t ti = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) * 0.5);
+  while (ti * (ti + 1) / 2 > t) --ti;
+  while ((ti + 1) * (ti + 2) / 2 <= t) ++ti;
+  const int64_t tj = t - ti * (ti + 1) / 2;
+  i0 = ti * kTile;
+  j0 = tj * kTile;
+}
+
+// Mirror the tile's new lower values (staged [li][lj] with pitch kTile + 1, after a __syncthreads) onto
+// the upper triangle: H[j][i] = H[i][j] for i > j, written row by row of the upper tile (coalesced in i).
+template <int kBlockThreads, class C>
+__device__ __forceinline__ void mirror_tile(C* __restrict__ H, const C* stage, int64_t i0, int64_t j0, int64_t d) {
+  for (int e = threadIdx.x; e < kTile * kTile; e += kBlockThreads) {
+    const int lj = e / kTile, li = e % kTile;
+    const int64_t i = i0 + li, j = j0 + lj;
+    if (i < d && j < d && i > j) H[j * d + i] = stage[li * (kTile + 1) + lj];
+  }
+}
 __device__ __forceinline__ double fma_c(double a, double b, double c) { return fma(a, b, c); }
 
 template <class T, class C>
@@ -49,13 +72,8 @@ __global__ void __launch_bounds__(kThreads) hessian_tile_kernel(C* __restrict__ 
   C* As = smem;                   // [kKStep][kTile]: X[k, i0 + c]
   C* Bs = smem + kKStep * kTile;  // [kKStep][kTile]: X[k, j0 + c]
 
-  // Tile (ti, tj), ti >= tj, from the linear block index t = ti (ti + 1) / 2 + tj.
-  const int64_t t = blockIdx.x;
-  int64_t ti = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) * 0.5);
-  while (ti * (ti + 1) / 2 > t) --ti;
-  while ((ti + 1) * (ti + 2) / 2 <= t) ++ti;
-  const int64_t tj = t - ti * (ti + 1) / 2;
-  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  int64_t i0, j0;
+  lower_tile_origin(i0, j0);
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t cs = xl.strides[xl.ndim - 1];
@@ -112,12 +130,7 @@ __global__ void __launch_bounds__(kThreads) hessian_tile_kernel(C* __restrict__ 
     }
   }
   __syncthreads();
-  // Mirror: H[j][i] = new H[i][j] for i > j, written row by row of the upper tile (coalesced in i).
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int lj = e / kTile, li = e % kTile;
-    const int64_t i = i0 + li, j = j0 + lj;
-    if (i < d && j < d && i > j) H[j * d + i] = stage[li * (kTile + 1) + lj];
-  }
+  mirror_tile<kThreads>(H, stage, i0, j0, d);
 }
 
 // ---- tensor cores: fp16/bf16 x, fp32 H -------------------------------------------------------------
@@ -142,12 +155,8 @@ __global__ void __launch_bounds__(kMmaThreads) hessian_mma_kernel(float* __restr
   uint16_t* As = reinterpret_cast<uint16_t*>(smem_raw);  // As[c * kMmaPitch + k] = X[k0 + k, i0 + c]
   uint16_t* Bs = As + kTile * kMmaPitch;                  // Bs[c * kMmaPitch + k] = X[k0 + k, j0 + c]
 
-  const int64_t t = blockIdx.x;
-  int64_t ti = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) * 0.5);
-  while (ti * (ti + 1) / 2 > t) --ti;
-  while ((ti + 1) * (ti + 2) / 2 <= t) ++ti;
-  const int64_t tj = t - ti * (ti + 1) / 2;
-  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  int64_t i0, j0;
+  lower_tile_origin(i0, j0);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, q = lane % 4;  // mma groupID and thread-in-group
@@ -222,11 +231,7 @@ __global__ void __launch_bounds__(kMmaThreads) hessian_mma_kernel(float* __restr
         }
       }
   __syncthreads();
-  for (int e = threadIdx.x; e < kTile * kTile; e += kMmaThreads) {
-    const int lj = e / kTile, li = e % kTile;
-    const int64_t i = i0 + li, j = j0 + lj;
-    if (i < d && j < d && i > j) H[j * d + i] = stage[li * (kTile + 1) + lj];
-  }
+  mirror_tile<kMmaThreads>(H, stage, i0, j0, d);
 }
 
 }  // namespace

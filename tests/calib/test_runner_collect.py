@@ -9,7 +9,7 @@ from calibra.calib import LayerRunner
 from calibra.models import get_adapter
 from calibra.quant import GPTQConfig
 from calibra.quant.apply import LayerQuantizer
-from tests.calib._tiny import MOE_ARCHS, batch, build
+from tests.calib._tiny import ARCHS, batch, build
 
 pytest.importorskip("transformers")
 
@@ -147,12 +147,12 @@ def test_frozen_attention_is_replayed_and_the_layer_outputs_are_unchanged():
     assert calls_p == {0: 8, 1: 8} and calls_f == {0: 4, 1: 4}
 
 
-@pytest.mark.parametrize("arch", ["llama", MOE_ARCHS[0]])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_on_demand_true_sequential_gptq_equals_full_recollection(arch):
     """The staged collections (restricted, early-stopped, shared, replayed) give bit-identical codes to
     re-collecting every statistic with full passes before each group."""
     ids, mask = batch(S=4, L=12, lengths=[12, 8, 12, 12])
-    cfg = GPTQConfig(bits=4, group_size=32, true_sequential=True)
+    cfg = GPTQConfig(bits=4, group_size=16, true_sequential=True)
 
     def quantize(on_demand: bool):
         model = build(arch)
