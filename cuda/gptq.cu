@@ -15,6 +15,7 @@
 
 #include "calibra/fp4.h"
 #include "calibra/params/gptq.h"
+#include "calibra/params/gptq_checks.h"
 #include "calibra/quant_math.h"
 #include "common.cuh"
 
@@ -198,41 +199,11 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(Args a) {
   }
 }
 
-bool shaped(const TensorArg& t, DType dt, int64_t a, int64_t b) {
-  return t.ndim == 2 && t.dtype == dt && t.shape[0] == a && t.shape[1] == b && t.is_contiguous();
-}
-
 // The shared entry: nm_m == 0 is gptq_block_sweep, nm_m > 0 sparsegpt_block_sweep (prune: its output).
 Status run_sweep(const GptqSweepParams& p, const char* op, int64_t nm_n, int64_t nm_m, const TensorArg* prune,
                  cudaStream_t stream) {
-  if (p.w.ndim != 2 || p.w.dtype != DType::F32 || !p.w.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "%s w must be a contiguous float32 [R, C] tensor", op);
-  const int64_t R = p.w.shape[0], C = p.w.shape[1];
-  const int64_t G = p.scales.ndim == 2 ? p.scales.shape[1] : -1;
-  if (!shaped(p.u, DType::F32, C, C) || !shaped(p.scales, DType::F32, R, G) || !shaped(p.zeros, DType::F32, R, G) ||
-      !shaped(p.scales_out, DType::F32, R, G) || !shaped(p.zeros_out, DType::F32, R, G) ||
-      !shaped(p.q, DType::F32, R, C) || !shaped(p.err, DType::F32, R, C) || !shaped(p.codes, DType::U8, R, C))
-    return make_status(StatusCode::kInvalidArgument, "%s tensors must be contiguous with the shapes of params/gptq.h", op);
-  if (p.group.ndim != 1 || p.group.shape[0] != C || p.group.dtype != DType::I32 || p.fit.ndim != 1 ||
-      p.fit.shape[0] != C || p.fit.dtype != DType::I32)
-    return make_status(StatusCode::kInvalidArgument, "%s group and fit must be int32 [C]", op);
-  if (p.mask.numel() != 0 && !shaped(p.mask, DType::U8, R, C))
-    return make_status(StatusCode::kInvalidArgument, "%s mask must be a contiguous uint8 [R, C] tensor or empty", op);
-  if (prune != nullptr) {
-    if (p.mask.numel() != 0)
-      return make_status(StatusCode::kInvalidArgument, "%s takes no mask input: the sweep chooses the N:M mask", op);
-    if (!(0 < nm_n && nm_n < nm_m && nm_m <= kMaxNmM))
-      return make_status(StatusCode::kInvalidArgument, "%s need 0 < n < m <= %lld, got n=%lld m=%lld", op,
-                         static_cast<long long>(kMaxNmM), static_cast<long long>(nm_n), static_cast<long long>(nm_m));
-    if (C % nm_m != 0)
-      return make_status(StatusCode::kInvalidArgument,
-                         "%s the block's column count (%lld) must be a multiple of m = %lld: an N:M group must not "
-                         "straddle two blocks", op, static_cast<long long>(C), static_cast<long long>(nm_m));
-    if (!shaped(*prune, DType::Bool, R, C))
-      return make_status(StatusCode::kInvalidArgument, "%s output prune must be a contiguous bool [R, C] tensor", op);
-  }
-  if (p.shrink.ndim != 1 || p.shrink.shape[0] < 1 || p.shrink.dtype != DType::F32)
-    return make_status(StatusCode::kInvalidArgument, "%s shrink must be a non-empty float32 [K]", op);
+  CALIBRA_RETURN_IF_ERROR(gptq_checks::check_sweep(p, op, nm_n, nm_m, prune));
+  const int64_t R = p.w.shape[0], C = p.w.shape[1], G = p.scales.shape[1];
   if (p.error_flag.ndim != 1 || p.error_flag.dtype != DType::I64)
     return make_status(StatusCode::kInvalidArgument, "%s error_flag must be int64 [1]", op);
   if (p.format == SweepFormat::kInt && (p.bits < 2 || p.bits > 8))

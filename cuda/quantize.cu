@@ -15,6 +15,7 @@
 
 #include "calibra/fp4.h"
 #include "calibra/params/quantize.h"
+#include "calibra/params/quantize_checks.h"
 #include "common.cuh"
 
 namespace calibra {
@@ -196,8 +197,6 @@ bool dispatch_w(DType t, F&& f) {
   }
 }
 
-bool is_w_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
-bool shaped(const TensorArg& t, int64_t a, int64_t b) { return t.ndim == 2 && t.shape[0] == a && t.shape[1] == b; }
 
 unsigned long long* bad_flag(const TensorArg& err) { return static_cast<unsigned long long*>(err.data); }
 
@@ -208,21 +207,9 @@ unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>(cuda:
 }  // namespace
 
 Status quantize_int_cuda(const QuantizeIntParams& p, cudaStream_t stream) {
-  if (p.w.ndim != 2 || !is_w_dtype(p.w.dtype))
-    return make_status(StatusCode::kInvalidArgument, "[quantize] w must be a 2-D float32/float16/bfloat16 tensor");
-  if (p.bits < 2 || p.bits > 8)
-    return make_status(StatusCode::kInvalidArgument, "[quantize] bits must be in [2, 8], got %lld", static_cast<long long>(p.bits));
-  const int64_t out = p.w.shape[0], n = p.w.shape[1];
-  if (p.group_size != -1 && (p.group_size < 1 || n % p.group_size != 0))
-    return make_status(StatusCode::kInvalidArgument, "[quantize] group_size %lld does not divide in_features %lld",
-                       static_cast<long long>(p.group_size), static_cast<long long>(n));
-  const int64_t groups = p.group_size == -1 ? 1 : n / p.group_size;
-  const int64_t gs = p.group_size == -1 ? n : p.group_size;
-  if (!shaped(p.codes, out, n) || p.codes.dtype != DType::U8 || !p.codes.is_contiguous() ||
-      !shaped(p.scales, out, groups) || p.scales.dtype != p.w.dtype || !p.scales.is_contiguous() ||
-      !shaped(p.zeros, out, groups) || p.zeros.dtype != DType::U8 || !p.zeros.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument,
-                       "[quantize] outputs must be contiguous codes uint8 [out, in], scales [out, G] in w's dtype, zeros uint8 [out, G]");
+  quantize_checks::IntShape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_quantize_int(p, sh));
+  const int64_t out = sh.out, groups = sh.groups, gs = sh.gs;
   if (out == 0) return Status::Ok();
   if (out * groups > 0x7fffffffLL)
     return make_status(StatusCode::kUnsupported, "[quantize] too many groups for one CUDA launch");
@@ -239,19 +226,9 @@ Status quantize_int_cuda(const QuantizeIntParams& p, cudaStream_t stream) {
 }
 
 Status dequantize_int_cuda(const DequantizeIntParams& p, cudaStream_t stream) {
-  if (p.codes.ndim != 2 || p.codes.dtype != DType::U8)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] codes must be a 2-D uint8 tensor");
-  const int64_t out = p.codes.shape[0], n = p.codes.shape[1];
-  if (p.group_size != -1 && (p.group_size < 1 || n % p.group_size != 0))
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] group_size %lld does not divide in_features %lld",
-                       static_cast<long long>(p.group_size), static_cast<long long>(n));
-  const int64_t groups = p.group_size == -1 ? 1 : n / p.group_size;
-  const int64_t gs = p.group_size == -1 ? n : p.group_size;
-  if (!shaped(p.scales, out, groups) || !is_w_dtype(p.scales.dtype) || !shaped(p.zeros, out, groups) ||
-      p.zeros.dtype != DType::U8)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] scales and zeros must be [out, G] float / uint8");
-  if (!shaped(p.out, out, n) || !is_w_dtype(p.out.dtype) || !p.out.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] out must be a contiguous float [out, in] tensor");
+  quantize_checks::IntShape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_dequantize_int(p, sh));
+  const int64_t out = sh.out, n = sh.n, gs = sh.gs;
   if (out == 0 || n == 0) return Status::Ok();
   dispatch_w(p.out.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -266,22 +243,10 @@ Status dequantize_int_cuda(const DequantizeIntParams& p, cudaStream_t stream) {
 }
 
 Status quantize_fp4_cuda(const QuantizeFp4Params& p, cudaStream_t stream) {
-  if (p.w.ndim != 2 || !is_w_dtype(p.w.dtype))
-    return make_status(StatusCode::kInvalidArgument, "[quantize] w must be a 2-D float32/float16/bfloat16 tensor");
-  const bool mx = p.format == Fp4Format::kMxfp4;
-  if (!mx && p.format != Fp4Format::kNvfp4) return make_status(StatusCode::kInvalidArgument, "[quantize] unknown fp4 format");
-  const int64_t gsz = mx ? 32 : 16;
-  const int64_t out = p.w.shape[0], n = p.w.shape[1];
-  if (n % gsz != 0)
-    return make_status(StatusCode::kInvalidArgument, "[quantize] in_features %lld is not a multiple of %lld",
-                       static_cast<long long>(n), static_cast<long long>(gsz));
-  const DType sdt = mx ? DType::U8 : DType::F8E4M3;
-  if (!shaped(p.codes, out, n) || p.codes.dtype != DType::U8 || !p.codes.is_contiguous() ||
-      !shaped(p.scales, out, n / gsz) || p.scales.dtype != sdt || !p.scales.is_contiguous() ||
-      p.global_scale.ndim != 1 || p.global_scale.shape[0] != 1 || p.global_scale.dtype != DType::F32)
-    return make_status(StatusCode::kInvalidArgument,
-                       "[quantize] outputs must be contiguous codes uint8 [out, in], scales [out, in/%lld], global_scale float32 [1]",
-                       static_cast<long long>(gsz));
+  quantize_checks::Fp4Shape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_quantize_fp4(p, sh));
+  const bool mx = sh.mx;
+  const int64_t out = sh.out, n = sh.n;
   const int64_t total = out * n;
   if (cuda::ceil_div(total, kElemThreads) > 0x7fffffffLL)
     return make_status(StatusCode::kUnsupported, "[quantize] tensor too large for one CUDA launch");
@@ -311,24 +276,16 @@ Status quantize_fp4_cuda(const QuantizeFp4Params& p, cudaStream_t stream) {
 }
 
 Status dequantize_fp4_cuda(const DequantizeFp4Params& p, cudaStream_t stream) {
-  const bool mx = p.format == Fp4Format::kMxfp4;
-  if (!mx && p.format != Fp4Format::kNvfp4) return make_status(StatusCode::kInvalidArgument, "[dequantize] unknown fp4 format");
-  if (p.codes.ndim != 2 || p.codes.dtype != DType::U8)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] codes must be a 2-D uint8 tensor");
-  const int64_t gsz = mx ? 32 : 16;
-  const int64_t out = p.codes.shape[0], n = p.codes.shape[1];
-  if (n % gsz != 0 || !shaped(p.scales, out, n / gsz) || p.scales.dtype != (mx ? DType::U8 : DType::F8E4M3) ||
-      p.global_scale.ndim != 1 || p.global_scale.shape[0] != 1 || p.global_scale.dtype != DType::F32)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] scales must be [out, in/%lld] and global_scale float32 [1]",
-                       static_cast<long long>(gsz));
-  if (!shaped(p.out, out, n) || !is_w_dtype(p.out.dtype) || !p.out.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] out must be a contiguous float [out, in] tensor");
+  quantize_checks::Fp4Shape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_dequantize_fp4(p, sh));
+  const bool mx = sh.mx;
+  const int64_t out = sh.out, n = sh.n;
   if (out == 0 || n == 0) return Status::Ok();
   dispatch_w(p.out.dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_fp4_kernel<T><<<blocks_for(out * n, kElemThreads), kElemThreads, 0, stream>>>(
         p.codes.ptr<const uint8_t>(), Mat::of(p.codes), p.scales.ptr<const uint8_t>(), Mat::of(p.scales),
-        p.global_scale.ptr<const float>(), p.out.ptr<T>(), static_cast<int>(gsz), mx ? 1 : 0);
+        p.global_scale.ptr<const float>(), p.out.ptr<T>(), static_cast<int>(sh.gs), mx ? 1 : 0);
   });
   return cuda::launch_status("dequantize");
 }

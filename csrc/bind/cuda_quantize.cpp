@@ -1,15 +1,8 @@
 #include <string>
 
-#include "binding.h"
-#include "calibra/params/quantize.h"
+#include "quantize_binding.h"
 
-namespace {
-calibra::Fp4Format fp4_format(const std::string& s) {
-  calibra::Fp4Format f;
-  if (!calibra::parse_fp4_format(s.c_str(), &f)) throw py::value_error("[quantize] format must be 'mxfp4' or 'nvfp4', got '" + s + "'");
-  return f;
-}
-}  // namespace
+using calibra_bind::fp4_format;
 
 CALIBRA_BINDINGS(quantize) {
   using calibra::TensorArg;

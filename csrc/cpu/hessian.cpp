@@ -231,19 +231,8 @@ void hessian_impl(const HessianParams& p, const KernelInfo<T>& K) {
 }  // namespace
 
 Status hessian_accumulate_cpu(const HessianParams& p) {
-  const char* op = "[hessian_accumulate]";
-  if (p.x.ndim < 1)
-    return make_status(StatusCode::kInvalidArgument, "%s x must have at least 1 dims", op);
+  CALIBRA_RETURN_IF_ERROR(check_hessian_accumulate(p));
   const int64_t d = p.x.size(-1);
-  if (p.H.ndim != 2 || p.H.shape[0] != d || p.H.shape[1] != d)
-    return make_status(StatusCode::kInvalidArgument, "%s H must be [d, d] with d = x.shape[-1] = %lld", op,
-                       static_cast<long long>(d));
-  if (!p.H.is_contiguous()) return make_status(StatusCode::kInvalidArgument, "%s H must be contiguous", op);
-  if (p.H.dtype != DType::F32 && p.H.dtype != DType::F64)
-    return make_status(StatusCode::kInvalidArgument, "%s H must be float32 or float64, got %s", op,
-                       dtype_name(p.H.dtype));
-  if (!is_floating(p.x.dtype))
-    return make_status(StatusCode::kInvalidArgument, "%s x must be floating point, got %s", op, dtype_name(p.x.dtype));
   if (p.x.rows() == 0 || d == 0) return Status::Ok();
   if (p.H.dtype == DType::F32) {
     const KernelInfo<float> k = pick_kernel<float>();

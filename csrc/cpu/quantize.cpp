@@ -17,6 +17,7 @@
 #include "calibra/half.h"
 #include "calibra/parallel.h"
 #include "calibra/params/quantize.h"
+#include "calibra/params/quantize_checks.h"
 #include "calibra/quant_math.h"
 
 #define CALIBRA_AI __attribute__((always_inline)) inline
@@ -365,12 +366,6 @@ bool dispatch_w(DType t, F&& f) {
   }
 }
 
-bool is_w_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
-
-bool shaped(const TensorArg& t, int64_t a, int64_t b) {
-  return t.ndim == 2 && t.shape[0] == a && t.shape[1] == b;
-}
-
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n)); }
 
 Status non_finite(const char* op, int64_t first, int64_t n) {
@@ -404,21 +399,9 @@ void store_out(const TensorArg& out, int64_t idx, float v) {
 // =============================================================================================
 
 Status quantize_int_cpu(const QuantizeIntParams& p) {
-  if (p.w.ndim != 2 || !is_w_dtype(p.w.dtype))
-    return make_status(StatusCode::kInvalidArgument, "[quantize] w must be a 2-D float32/float16/bfloat16 tensor");
-  if (p.bits < 2 || p.bits > 8)
-    return make_status(StatusCode::kInvalidArgument, "[quantize] bits must be in [2, 8], got %lld", static_cast<long long>(p.bits));
-  const int64_t out = p.w.shape[0], n = p.w.shape[1];
-  if (p.group_size != -1 && (p.group_size < 1 || n % p.group_size != 0))
-    return make_status(StatusCode::kInvalidArgument, "[quantize] group_size %lld does not divide in_features %lld",
-                       static_cast<long long>(p.group_size), static_cast<long long>(n));
-  const int64_t groups = p.group_size == -1 ? 1 : n / p.group_size;
-  const int64_t gs = p.group_size == -1 ? n : p.group_size;
-  if (!shaped(p.codes, out, n) || p.codes.dtype != DType::U8 || !p.codes.is_contiguous() ||
-      !shaped(p.scales, out, groups) || p.scales.dtype != p.w.dtype || !p.scales.is_contiguous() ||
-      !shaped(p.zeros, out, groups) || p.zeros.dtype != DType::U8 || !p.zeros.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument,
-                       "[quantize] outputs must be contiguous codes uint8 [out, in], scales [out, G] in w's dtype, zeros uint8 [out, G]");
+  quantize_checks::IntShape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_quantize_int(p, sh));
+  const int64_t out = sh.out, n = sh.n, groups = sh.groups, gs = sh.gs;
   if (out == 0) return Status::Ok();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   IntJob job{&p, n, gs, groups, static_cast<float>((1 << p.bits) - 1), &first_bad};
@@ -434,19 +417,9 @@ Status quantize_int_cpu(const QuantizeIntParams& p) {
 }
 
 Status dequantize_int_cpu(const DequantizeIntParams& p) {
-  if (p.codes.ndim != 2 || p.codes.dtype != DType::U8)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] codes must be a 2-D uint8 tensor");
-  const int64_t out = p.codes.shape[0], n = p.codes.shape[1];
-  if (p.group_size != -1 && (p.group_size < 1 || n % p.group_size != 0))
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] group_size %lld does not divide in_features %lld",
-                       static_cast<long long>(p.group_size), static_cast<long long>(n));
-  const int64_t groups = p.group_size == -1 ? 1 : n / p.group_size;
-  const int64_t gs = p.group_size == -1 ? n : p.group_size;
-  if (!shaped(p.scales, out, groups) || !is_w_dtype(p.scales.dtype) || !shaped(p.zeros, out, groups) ||
-      p.zeros.dtype != DType::U8)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] scales and zeros must be [out, G] float / uint8");
-  if (!shaped(p.out, out, n) || !is_w_dtype(p.out.dtype) || !p.out.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] out must be a contiguous float [out, in] tensor");
+  quantize_checks::IntShape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_dequantize_int(p, sh));
+  const int64_t out = sh.out, n = sh.n, groups = sh.groups, gs = sh.gs;
   if (out == 0 || n == 0) return Status::Ok();
   const uint8_t* codes = p.codes.ptr<const uint8_t>();
   const uint8_t* zeros = p.zeros.ptr<const uint8_t>();
@@ -469,23 +442,10 @@ Status dequantize_int_cpu(const DequantizeIntParams& p) {
 }
 
 Status quantize_fp4_cpu(const QuantizeFp4Params& p) {
-  if (p.w.ndim != 2 || !is_w_dtype(p.w.dtype))
-    return make_status(StatusCode::kInvalidArgument, "[quantize] w must be a 2-D float32/float16/bfloat16 tensor");
-  const bool mx = p.format == Fp4Format::kMxfp4;
-  if (!mx && p.format != Fp4Format::kNvfp4) return make_status(StatusCode::kInvalidArgument, "[quantize] unknown fp4 format");
-  const int64_t gs = mx ? 32 : 16;
-  const int64_t out = p.w.shape[0], n = p.w.shape[1];
-  if (n % gs != 0)
-    return make_status(StatusCode::kInvalidArgument, "[quantize] %s needs in_features divisible by %lld, got %lld",
-                       mx ? "mxfp4" : "nvfp4", static_cast<long long>(gs), static_cast<long long>(n));
-  const int64_t groups = n / gs;
-  const DType sdt = mx ? DType::U8 : DType::F8E4M3;
-  if (!shaped(p.codes, out, n) || p.codes.dtype != DType::U8 || !p.codes.is_contiguous() ||
-      !shaped(p.scales, out, groups) || p.scales.dtype != sdt || !p.scales.is_contiguous() ||
-      p.global_scale.ndim != 1 || p.global_scale.shape[0] != 1 || p.global_scale.dtype != DType::F32)
-    return make_status(StatusCode::kInvalidArgument,
-                       "[quantize] outputs must be contiguous codes uint8 [out, in], scales [out, in/%lld], global_scale float32 [1]",
-                       static_cast<long long>(gs));
+  quantize_checks::Fp4Shape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_quantize_fp4(p, sh));
+  const bool mx = sh.mx;
+  const int64_t out = sh.out, n = sh.n, gs = sh.gs, groups = n / gs;
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   std::atomic<uint32_t> amax_bits{0};
   Fp4Job job{&p, n, gs, groups, 1.0f, &first_bad, &amax_bits};
@@ -515,18 +475,10 @@ Status quantize_fp4_cpu(const QuantizeFp4Params& p) {
 }
 
 Status dequantize_fp4_cpu(const DequantizeFp4Params& p) {
-  const bool mx = p.format == Fp4Format::kMxfp4;
-  if (!mx && p.format != Fp4Format::kNvfp4) return make_status(StatusCode::kInvalidArgument, "[dequantize] unknown fp4 format");
-  if (p.codes.ndim != 2 || p.codes.dtype != DType::U8)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] codes must be a 2-D uint8 tensor");
-  const int64_t gs = mx ? 32 : 16;
-  const int64_t out = p.codes.shape[0], n = p.codes.shape[1];
-  if (n % gs != 0 || !shaped(p.scales, out, n / gs) || p.scales.dtype != (mx ? DType::U8 : DType::F8E4M3) ||
-      p.global_scale.ndim != 1 || p.global_scale.shape[0] != 1 || p.global_scale.dtype != DType::F32)
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] scales must be [out, in/%lld] and global_scale float32 [1]",
-                       static_cast<long long>(gs));
-  if (!shaped(p.out, out, n) || !is_w_dtype(p.out.dtype) || !p.out.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "[dequantize] out must be a contiguous float [out, in] tensor");
+  quantize_checks::Fp4Shape sh;
+  CALIBRA_RETURN_IF_ERROR(quantize_checks::check_dequantize_fp4(p, sh));
+  const bool mx = sh.mx;
+  const int64_t out = sh.out, n = sh.n, gs = sh.gs;
   if (out == 0 || n == 0) return Status::Ok();
   const float gscale = *p.global_scale.ptr<const float>();
   const uint8_t* codes = p.codes.ptr<const uint8_t>();

@@ -18,6 +18,23 @@ struct HessianParams {
   TensorArg x;
 };
 
+// The checks both backends make before running (shapes, contiguity, dtypes).
+inline Status check_hessian_accumulate(const HessianParams& p) {
+  const char* op = "[hessian_accumulate]";
+  if (p.x.ndim < 1) return make_status(StatusCode::kInvalidArgument, "%s x must have at least 1 dims", op);
+  const int64_t d = p.x.size(-1);
+  if (p.H.ndim != 2 || p.H.shape[0] != d || p.H.shape[1] != d)
+    return make_status(StatusCode::kInvalidArgument, "%s H must be [d, d] with d = x.shape[-1] = %lld", op,
+                       static_cast<long long>(d));
+  if (!p.H.is_contiguous()) return make_status(StatusCode::kInvalidArgument, "%s H must be contiguous", op);
+  if (p.H.dtype != DType::F32 && p.H.dtype != DType::F64)
+    return make_status(StatusCode::kInvalidArgument, "%s H must be float32 or float64, got %s", op,
+                       dtype_name(p.H.dtype));
+  if (!is_floating(p.x.dtype))
+    return make_status(StatusCode::kInvalidArgument, "%s x must be floating point, got %s", op, dtype_name(p.x.dtype));
+  return Status::Ok();
+}
+
 Status hessian_accumulate_cpu(const HessianParams& p);
 Status hessian_accumulate_cuda(const HessianParams& p, cudaStream_t stream);
 // The micro-kernel ISA the CPU path picks on this machine: "avx512", "avx2" or "portable"
