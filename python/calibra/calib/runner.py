@@ -444,7 +444,8 @@ class LayerRunner:
 
         def record(mod, args, out, rep=rep):
             if self._batch not in rep.outputs:
-                rep.outputs[self._batch] = _map_tensors(out, lambda t: t.detach().to("cpu"), {})
+                # a copy, also on the CPU: the layer may update the returned tensor in place
+                rep.outputs[self._batch] = _map_tensors(out, lambda t: t.detach().to("cpu", copy=True), {})
 
         rep.handle = module.register_forward_hook(record)
         self._frozen.append(rep)
@@ -454,7 +455,7 @@ class LayerRunner:
         self._batch = b
         for rep in self._frozen:
             if b in rep.outputs:
-                out = _map_tensors(rep.outputs[b], lambda t: t.to(self.device), {})
+                out = _map_tensors(rep.outputs[b], lambda t: t.to(self.device, copy=True), {})
                 rep.module.forward = lambda *args, _out=out, **kw: _out  # instance attribute: nn.Module calls it
             else:
                 rep.module.__dict__.pop("forward", None)
