@@ -1,5 +1,6 @@
 // calibra::sparse24_gemm on CUDA: y[M, N] = x[M, K] * W[N, K]^T for a 2:4-sparse W on sparse tensor
-// cores (mma.sp.sync m16n8k32, fp16/bf16 in, fp32 accumulation; Ampere PTX that Hopper also runs).
+// cores (mma.sp::ordered_metadata m16n8k32, fp16/bf16 in, fp32 accumulation; Ampere PTX that Hopper
+// also runs).
 //
 // mma.sp only sparsifies its A operand, so the kernel computes y^T = W x^T: W's rows (outputs) are the
 // mma M dimension, the batch is the mma N dimension (8 per instruction, so batch 1 wastes 7/8 of an
