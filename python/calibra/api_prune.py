@@ -72,7 +72,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
           eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
           eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, max_shard_bytes: int | None = None,
           progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
-          dry_run: bool = False):
+          dry_run: bool = False, resume: bool = False, checkpoint: bool | None = None):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 
     Args:
@@ -94,6 +94,10 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
         dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
+        checkpoint: commit every finished layer into a work folder beside ``output``
+            (``calibra.prune.resume``; default: on when ``output`` is given); removed once the output is written.
+        resume: continue a killed or failed run from those checkpoints; refused when the model, the
+            settings, the calibration data or the versions differ (FAULTS rows 22-24).
 
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
@@ -122,6 +126,9 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
                          f"the pattern is {pattern}")
     if output is not None:
         psave.check_output(output, overwrite)
+    checkpoint = output is not None if checkpoint is None else bool(checkpoint)
+    if resume and (output is None or not checkpoint):
+        raise ValueError("[prune] resume needs an output folder and checkpoints (output=DIR, checkpoint on)")
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
@@ -146,10 +153,18 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     plan = plan_job(model_config, job="prune", observers=_observers(config, measure_error), dtype=dtype, device=device,
                     calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
                     needs_data=needs_data, weight_files_bytes=weight_files_bytes(model), output=output,
+                    checkpoint=checkpoint and output is not None,
                     solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn")
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
+    ck = None
+    if checkpoint and output is not None:
+        from calibra.prune import resume as presume
+
+        ck = presume.open_checkpoints(model, output, config, calibration, resume=resume, overwrite=overwrite,
+                                      options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24},
+                                      echo=say)
 
     prog = _Progress(say, progress)
     tracker = StageTracker(on_change=prog)
@@ -175,17 +190,26 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
                              calibrating=needs_data)
         t0 = time.perf_counter()
         run_meta = None
+        if ck is not None:
+            from calibra.prune.resume import LayerSaver, restore
         with torch.no_grad():
             if not needs_data:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(range(n_layers), desc=f"{config.method_enum.value}", unit="layer", disable=not progress)
+                if ck is not None:
+                    ck.check_data(None)
+                done = _restored(restore(ck, pruner, adapter) if ck is not None else 0, tracker, adapter, False)
+                saver = LayerSaver(ck, pruner, adapter) if ck is not None else None
+                bar = tqdm(range(done, n_layers), desc=f"{config.method_enum.value}", unit="layer",
+                           disable=not progress, initial=done, total=n_layers)
                 prog.bar = bar
                 for i in bar:
                     pruner(i, adapter.layers[i], None)
+                    if saver is not None:
+                        saver(i)
                 bar.close()
             else:
-                from calibra.api_quantize import _calibration_tokens
+                from calibra.api_quantize import _calibration_tokens, _ids_fingerprint
                 from calibra.calib import LayerRunner
 
                 tracker.advance(S.CALIBRATING, adapter.layer_name(0))
@@ -195,7 +219,13 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
                                      desc=config.method_enum.value)
                 if config.gradual_steps > 1:
                     pruner.recollect = runner.recollect
-                runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]})
+                resume_kw = {}
+                if ck is not None:  # a resume on other data is refused here, before any layer runs
+                    ck.check_data(run_meta.get("fingerprint") or _ids_fingerprint(ids, mask))
+                    done = _restored(restore(ck, pruner, adapter, runner), tracker, adapter, True)
+                    resume_kw = {"start_layer": done, "start_hidden": ck.load_hidden(done - 1) if done else None,
+                                 "after_layer": LayerSaver(ck, pruner, adapter, runner)}
+                runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         t_cal = max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0
@@ -245,10 +275,14 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
             tracker.advance(S.COMPLETE)
             report["stages"] = tracker.to_dict()
             report["output"] = str(output)
+            if ck is not None and ck.resumed_from:
+                report["resumed_from_layer"] = ck.resumed_from
             report["timings"]["total"] = time.perf_counter() - t_start
             psave.write(pm, output, overwrite=overwrite, save_24=save_24, report=report,
                         max_shard_bytes=max_shard_bytes)
             report["timings"]["write"] = time.perf_counter() - t0
+            if ck is not None:
+                ck.finish()
         else:
             tracker.advance(S.COMPLETE)
             report["stages"] = tracker.to_dict()
@@ -256,8 +290,25 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     except BaseException as e:
         if not tracker.done:
             tracker.fail(f"{type(e).__name__}: {e}")
+        if ck is not None:
+            from calibra.api_quantize import _on_failure
+
+            _on_failure(ck, e)
         raise
     return model, report
+
+
+def _restored(done: int, tracker, adapter, calibrating: bool) -> int:
+    """Record the layers a resume put back in the stage history; returns ``done``."""
+    from calibra.prune.stages import PruningStage as S
+
+    if done:
+        detail = f"{done} layer(s) restored from checkpoints"
+        tracker.advance(S.COMPUTING_IMPORTANCE, detail)
+        tracker.advance(S.PRUNING, detail)
+        if calibrating and done < len(adapter.layers):
+            tracker.advance(S.CALIBRATING, adapter.layer_name(done))
+    return done
 
 
 def _config_dict(config) -> dict:

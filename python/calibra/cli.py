@@ -51,6 +51,15 @@ def _add_read_flags(p) -> None:
                    "them first; without this flag such models are refused")
 
 
+def _add_resume_flags(p: argparse.ArgumentParser, results: str) -> None:
+    p.add_argument("--resume", action="store_true", help="continue a killed or failed run of the same command from "
+                   "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
+                   "data or versions differ. The result is byte-identical to an uninterrupted run")
+    p.add_argument("--no-checkpoint", action="store_true", help=f"do not checkpoint finished layers (saves the disk "
+                   f"writes of one layer's {results} and the next layer's inputs per layer; a killed run then restarts "
+                   f"from the first layer)")
+
+
 def _add_dry_run(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="check every setting and the model folder, print the "
                    "memory and disk plan (peak device memory, peak host memory, disk, placement) and exit without "
@@ -324,12 +333,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(q)
-    q.add_argument("--resume", action="store_true", help="continue a killed or failed run of the same command from "
-                   "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
-                   "data or versions differ. The result is byte-identical to an uninterrupted run")
-    q.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint finished layers (saves the disk "
-                   "writes of one layer's codes and the next layer's inputs per layer; a killed run then restarts "
-                   "from the first layer)")
+    _add_resume_flags(q, "codes")
     _add_read_flags(q)
     q.set_defaults(fn=_cmd_quantize)
 
@@ -382,7 +386,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _, report = prune(args.input, config, calibration, output=args.output, overwrite=args.overwrite,
                       save_24=args.save_24, evaluate=evaluate, device=args.device, dtype=args.dtype,
                       eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
-                      progress=not args.no_progress, dry_run=args.dry_run, **_read_opts(args))
+                      progress=not args.no_progress, dry_run=args.dry_run, resume=args.resume,
+                      checkpoint=not args.no_checkpoint, **_read_opts(args))
     if args.dry_run:
         return 0
     _print_prune_summary(report)
@@ -434,6 +439,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(p)
+    _add_resume_flags(p, "pruned weights")
     _add_read_flags(p)
     p.set_defaults(fn=_cmd_prune)
 

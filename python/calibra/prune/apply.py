@@ -118,7 +118,6 @@ class LayerPruner:
         self.calibrating = calibrating
         self.on_module = on_module
         self.layers: dict[str, PrunedLayer] = {}
-        self.originals: dict[str, float] = {}
         self.dense: list[str] = []
         self.layer_seconds: list[float] = []
 

@@ -43,13 +43,23 @@ def open_checkpoints(model, output, config, calibration, stats, *, resume: bool,
     return ck
 
 
-def _moe_state(runner, prefix: str) -> dict:
+def moe_state(runner, prefix: str) -> dict:
+    """The MoE routing statistics of one layer (keys containing ``prefix``), for a checkpoint's extras."""
     moe = getattr(runner, "moe", None) if runner is not None else None
     if moe is None:
         return {}
     return {"moe_counts": {k: v for k, v in moe.counts.items() if prefix in k},
             "moe_blocks": {k: v for k, v in moe.blocks.items() if k.startswith(prefix)},
             "tensors": {k: v for k, v in moe.tensors.items() if prefix in k}}
+
+
+def restore_moe(runner, extra: dict) -> None:
+    """Put a checkpointed layer's MoE routing statistics (:func:`moe_state`) back into the runner."""
+    moe = getattr(runner, "moe", None) if runner is not None else None
+    if moe is not None:
+        moe.counts.update(extra.get("moe_counts", {}))
+        moe.blocks.update(extra.get("moe_blocks", {}))
+        moe.tensors.update(extra.get("tensors", {}))
 
 
 def restore(ck: LayerCheckpoints, quantizer, adapter, runner=None) -> int:
@@ -64,11 +74,7 @@ def restore(ck: LayerCheckpoints, quantizer, adapter, runner=None) -> int:
         quantizer.layers.update(layers)
         quantizer.dense.extend(dense)
         quantizer.layer_seconds.append(extra.get("seconds", 0.0))
-        moe = getattr(runner, "moe", None) if runner is not None else None
-        if moe is not None:
-            moe.counts.update(extra.get("moe_counts", {}))
-            moe.blocks.update(extra.get("moe_blocks", {}))
-            moe.tensors.update(extra.get("tensors", {}))
+        restore_moe(runner, extra)
     return ck.resumed_from
 
 
@@ -86,9 +92,9 @@ class LayerSaver:
         dense = self.q.dense[self.n_dense:]
         self.seen.update(new)
         self.n_dense = len(self.q.dense)
-        extra = dict(_moe_state(self.runner, self.adapter.layer_name(i) + "."),
+        extra = dict(moe_state(self.runner, self.adapter.layer_name(i) + "."),
                      seconds=self.q.layer_seconds[-1] if self.q.layer_seconds else 0.0)
         self.ck.save_layer(i, new, dense, hidden=hidden, extra=extra)
 
 
-__all__ = ["open_checkpoints", "restore", "LayerSaver"]
+__all__ = ["open_checkpoints", "restore", "LayerSaver", "moe_state", "restore_moe"]

@@ -1,0 +1,105 @@
+"""``calibra prune --resume``: the layer checkpoints (``calibra.io.checkpoint``) tied to the pruner, as
+``calibra.quant.resume`` ties them to the quantizer (FAULTS rows 22-24).
+
+Per finished layer the checkpoint holds, for every pruned module, its pruned weight (exactly what the
+model holds, in the model's dtype) and its keep-mask, plus the :class:`~calibra.prune.result.PrunedLayer`
+log fields; the modules left dense, the layer's MoE routing statistics and the next layer's inputs
+(data-driven methods) come with it. A resumed run puts the finished layers' weights back into the model
+and continues with the next layer from the stored inputs, so it writes the same bytes as an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from calibra.io.checkpoint import LayerCheckpoints, model_fingerprint, versions
+from calibra.quant.resume import moe_state, restore_moe
+
+# PrunedLayer fields kept as JSON (the tensors -- weight, mask -- go to the safetensors file; the joint
+# quantization's tensors are not kept after a layer: its log records the settings)
+_LOG_FIELDS = ("name", "method", "pattern", "target_sparsity", "achieved_sparsity", "reconstruction_error",
+               "seconds", "damp", "dead_channels", "extra")
+
+
+def open_checkpoints(model, output, config, calibration, *, resume: bool, overwrite: bool, options: dict,
+                     echo) -> LayerCheckpoints:
+    """The run's checkpoint folder, checked against its fingerprint (model files, settings, versions)."""
+    from calibra.data import CalibrationConfig
+
+    if isinstance(calibration, CalibrationConfig):
+        cal = dataclasses.asdict(calibration)
+    elif calibration is None or isinstance(calibration, (str, Path)):
+        cal = calibration if calibration is None else str(calibration)
+    else:
+        cal = type(calibration).__name__  # tensors / tokenized: identified by the data fingerprint
+    settings = {"pruning": _config_doc(config), "calibration": cal,
+                **{k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v))
+                   for k, v in sorted(options.items())}}
+    fp = {"model": model_fingerprint(model), "config": settings, "versions": versions()}
+    ck = LayerCheckpoints(output, fp, resume=resume, overwrite=overwrite, echo=echo, component="prune")
+    if ck.resumed_from:
+        (echo or (lambda *a: None))(f"[prune] resuming: {ck.resumed_from} finished layer(s) in {ck.folder}")
+    return ck
+
+
+def _config_doc(config) -> dict:
+    doc = dataclasses.asdict(config)
+    doc.pop("calibration", None)  # fingerprinted separately (and by the data)
+    return {k: (v if v is None or isinstance(v, (bool, int, float, str, list, dict)) else str(v))
+            for k, v in doc.items()}
+
+
+def _targets(adapter, i: int) -> dict:
+    from calibra.quant.apply import layer_targets
+
+    return {t.name: t for t in layer_targets(adapter, i, adapter.layers[i])}
+
+
+def restore(ck: LayerCheckpoints, pruner, adapter, runner=None) -> int:
+    """Put layers ``0 .. ck.resumed_from - 1`` back into the model and the pruner; returns that count."""
+    import torch
+
+    from calibra.prune.result import PrunedLayer
+
+    for i in range(ck.resumed_from):
+        _, dense, extra = ck.load_layer(i)
+        tensors = extra.pop("tensors", {})
+        targets = _targets(adapter, i)
+        for name, log in extra.pop("pruned", {}).items():
+            w = tensors[f"pruned/{name}/weight"]
+            targets[name].store(w.to(targets[name].weight().dtype))
+            pl = PrunedLayer(weight=None, mask=tensors[f"pruned/{name}/mask"].to(torch.bool), **log)
+            pruner.layers[name] = pl
+        pruner.dense.extend(dense)
+        pruner.layer_seconds.append(extra.get("seconds", 0.0))
+        restore_moe(runner, dict(extra, tensors={k: v for k, v in tensors.items() if not k.startswith("pruned/")}))
+    return ck.resumed_from
+
+
+class LayerSaver:
+    """``after_layer(i, hidden=None)``: commit layer ``i``'s pruned modules (their weights as the model now
+    holds them, and masks), the modules left dense and, when calibrating, the next layer's inputs."""
+
+    def __init__(self, ck: LayerCheckpoints, pruner, adapter, runner=None):
+        self.ck, self.p, self.adapter, self.runner = ck, pruner, adapter, runner
+        self.seen = set(pruner.layers)
+        self.n_dense = len(pruner.dense)
+
+    def __call__(self, i: int, hidden=None) -> None:
+        new = {n: pl for n, pl in self.p.layers.items() if n not in self.seen}
+        dense = self.p.dense[self.n_dense:]
+        self.seen.update(new)
+        self.n_dense = len(self.p.dense)
+        targets = _targets(self.adapter, i)
+        extra = moe_state(self.runner, self.adapter.layer_name(i) + ".")
+        tensors = dict(extra.pop("tensors", {}))
+        for name, pl in new.items():
+            tensors[f"pruned/{name}/weight"] = targets[name].weight().detach().cpu().clone()  # an expert slice is a view
+            tensors[f"pruned/{name}/mask"] = pl.mask.cpu().clone()
+        extra.update(tensors=tensors, seconds=self.p.layer_seconds[-1] if self.p.layer_seconds else 0.0,
+                     pruned={n: {f: getattr(pl, f) for f in _LOG_FIELDS} for n, pl in new.items()})
+        self.ck.save_layer(i, {}, dense, hidden=hidden, extra=extra)
+
+
+__all__ = ["open_checkpoints", "restore", "LayerSaver"]
