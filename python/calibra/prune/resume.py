@@ -11,10 +11,8 @@ uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 from calibra.io.checkpoint import LayerCheckpoints, model_fingerprint, versions
-from calibra.quant.resume import moe_state, restore_moe
+from calibra.quant.resume import LayerSaverBase, calibration_doc, restore_moe
 
 # PrunedLayer fields kept as JSON (the tensors -- weight, mask -- go to the safetensors file; the joint
 # quantization's tensors are not kept after a layer: its log records the settings)
@@ -25,15 +23,7 @@ _LOG_FIELDS = ("name", "method", "pattern", "target_sparsity", "achieved_sparsit
 def open_checkpoints(model, output, config, calibration, *, resume: bool, overwrite: bool, options: dict,
                      echo) -> LayerCheckpoints:
     """The run's checkpoint folder, checked against its fingerprint (model files, settings, versions)."""
-    from calibra.data import CalibrationConfig
-
-    if isinstance(calibration, CalibrationConfig):
-        cal = dataclasses.asdict(calibration)
-    elif calibration is None or isinstance(calibration, (str, Path)):
-        cal = calibration if calibration is None else str(calibration)
-    else:
-        cal = type(calibration).__name__  # tensors / tokenized: identified by the data fingerprint
-    settings = {"pruning": _config_doc(config), "calibration": cal,
+    settings = {"pruning": _config_doc(config), "calibration": calibration_doc(calibration),
                 **{k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v))
                    for k, v in sorted(options.items())}}
     fp = {"model": model_fingerprint(model), "config": settings, "versions": versions()}
@@ -77,28 +67,17 @@ def restore(ck: LayerCheckpoints, pruner, adapter, runner=None) -> int:
     return ck.resumed_from
 
 
-class LayerSaver:
-    """``after_layer(i, hidden=None)``: commit layer ``i``'s pruned modules (their weights as the model now
-    holds them, and masks), the modules left dense and, when calibrating, the next layer's inputs."""
+class LayerSaver(LayerSaverBase):
+    """Commit layer ``i``'s pruned modules (their weights as the model now holds them, and masks), the
+    modules left dense and, when calibrating, the next layer's inputs."""
 
-    def __init__(self, ck: LayerCheckpoints, pruner, adapter, runner=None):
-        self.ck, self.p, self.adapter, self.runner = ck, pruner, adapter, runner
-        self.seen = set(pruner.layers)
-        self.n_dense = len(pruner.dense)
-
-    def __call__(self, i: int, hidden=None) -> None:
-        new = {n: pl for n, pl in self.p.layers.items() if n not in self.seen}
-        dense = self.p.dense[self.n_dense:]
-        self.seen.update(new)
-        self.n_dense = len(self.p.dense)
+    def commit(self, i: int, new: dict, dense: list, hidden, extra: dict) -> None:
         targets = _targets(self.adapter, i)
-        extra = moe_state(self.runner, self.adapter.layer_name(i) + ".")
         tensors = dict(extra.pop("tensors", {}))
         for name, pl in new.items():
             tensors[f"pruned/{name}/weight"] = targets[name].weight().detach().cpu().clone()  # an expert slice is a view
             tensors[f"pruned/{name}/mask"] = pl.mask.cpu().clone()
-        extra.update(tensors=tensors, seconds=self.p.layer_seconds[-1] if self.p.layer_seconds else 0.0,
-                     pruned={n: {f: getattr(pl, f) for f in _LOG_FIELDS} for n, pl in new.items()})
+        extra.update(tensors=tensors, pruned={n: {f: getattr(pl, f) for f in _LOG_FIELDS} for n, pl in new.items()})
         self.ck.save_layer(i, {}, dense, hidden=hidden, extra=extra)
 
 

@@ -14,16 +14,22 @@ from pathlib import Path
 from calibra.io.checkpoint import LayerCheckpoints, model_fingerprint, versions
 
 
-def _settings(config, calibration, stats, options: dict) -> dict:
+def calibration_doc(calibration):
+    """The calibration settings as a fingerprint entry (pre-tokenized data is named by its type: the data
+    fingerprint, checked once tokens exist, identifies it)."""
     from calibra.data import CalibrationConfig
-    from calibra.quant.save import config_dict
 
     if isinstance(calibration, CalibrationConfig):
-        cal = dataclasses.asdict(calibration)
-    elif calibration is None or isinstance(calibration, (str, Path)):
-        cal = calibration if calibration is None else str(calibration)
-    else:
-        cal = type(calibration).__name__  # tensors / tokenized: identified by the data fingerprint
+        return dataclasses.asdict(calibration)
+    if calibration is None or isinstance(calibration, (str, Path)):
+        return calibration if calibration is None else str(calibration)
+    return type(calibration).__name__
+
+
+def _settings(config, calibration, stats, options: dict) -> dict:
+    from calibra.quant.save import config_dict
+
+    cal = calibration_doc(calibration)
     st = None
     if stats is not None:
         meta = getattr(stats, "metadata", None)
@@ -78,23 +84,34 @@ def restore(ck: LayerCheckpoints, quantizer, adapter, runner=None) -> int:
     return ck.resumed_from
 
 
-class LayerSaver:
-    """``after_layer(i, hidden)``: commit layer ``i``'s new QuantizedLayers (and ``hidden``, the next
-    layer's inputs, when calibrating)."""
+class LayerSaverBase:
+    """``after_layer(i, hidden)`` for a compressor with ``layers`` (name -> result), ``dense`` (names kept
+    dense) and ``layer_seconds``: finds what layer ``i`` added and hands it to :meth:`commit`."""
 
-    def __init__(self, ck: LayerCheckpoints, quantizer, adapter, runner=None):
-        self.ck, self.q, self.adapter, self.runner = ck, quantizer, adapter, runner
-        self.seen = set(quantizer.layers)
-        self.n_dense = len(quantizer.dense)
+    def __init__(self, ck: LayerCheckpoints, compressor, adapter, runner=None):
+        self.ck, self.c, self.adapter, self.runner = ck, compressor, adapter, runner
+        self.seen = set(compressor.layers)
+        self.n_dense = len(compressor.dense)
 
     def __call__(self, i: int, hidden=None) -> None:
-        new = {n: ql for n, ql in self.q.layers.items() if n not in self.seen}
-        dense = self.q.dense[self.n_dense:]
+        new = {n: r for n, r in self.c.layers.items() if n not in self.seen}
+        dense = self.c.dense[self.n_dense:]
         self.seen.update(new)
-        self.n_dense = len(self.q.dense)
+        self.n_dense = len(self.c.dense)
         extra = dict(moe_state(self.runner, self.adapter.layer_name(i) + "."),
-                     seconds=self.q.layer_seconds[-1] if self.q.layer_seconds else 0.0)
+                     seconds=self.c.layer_seconds[-1] if self.c.layer_seconds else 0.0)
+        self.commit(i, new, dense, hidden, extra)
+
+    def commit(self, i: int, new: dict, dense: list, hidden, extra: dict) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class LayerSaver(LayerSaverBase):
+    """Commit layer ``i``'s new QuantizedLayers (and ``hidden``, the next layer's inputs, when calibrating)."""
+
+    def commit(self, i: int, new: dict, dense: list, hidden, extra: dict) -> None:
         self.ck.save_layer(i, new, dense, hidden=hidden, extra=extra)
 
 
-__all__ = ["open_checkpoints", "restore", "LayerSaver", "moe_state", "restore_moe"]
+__all__ = ["open_checkpoints", "restore", "LayerSaver", "LayerSaverBase", "moe_state", "restore_moe",
+           "calibration_doc"]
