@@ -107,6 +107,34 @@ def test_restricted_collection_stops_at_the_last_requested_module():
         runner.collect(0, layer0, [f"{L0}.mlp.down_proj"])
 
 
+def test_a_collection_pass_whose_outputs_are_dropped_stops_at_the_last_hooked_module():
+    """feed_compressed without on-demand collection (GPTQ --no-true-sequential, pruning): the first pass
+    only feeds statistics, so down_proj's matmul never runs in it -- only in the pass producing outputs."""
+    model = build("llama")
+    ids, mask = batch(S=4, L=10)
+    layer0 = model.model.layers[0]
+    calls = {"down": 0}  # a forward hook: counts only the matmuls that completed
+    hooks = [layer0.mlp.down_proj.register_forward_hook(lambda m, a, o: calls.__setitem__("down", calls["down"] + 1))]
+    seen = {}
+
+    def on_layer(i, layer, stats):
+        if i == 0:
+            seen["down_calls"] = calls["down"]
+            seen["down_hessian"] = f"hessian/sum/{L0}.mlp.down_proj" in stats.tensors
+
+    full = LayerRunner(model, device="cpu", progress=False).run(ids, mask, batch_size=2)
+    calls["down"] = 0
+    st = LayerRunner(model, device="cpu", progress=False, on_layer=on_layer, feed_compressed=True).run(
+        ids, mask, batch_size=2)
+    for h in hooks:
+        h.remove()
+    # down_proj's input was observed (its Hessian is there), then the pass stopped before its matmul ran
+    assert seen == {"down_calls": 0, "down_hessian": True}
+    assert calls["down"] == 2  # the output pass's 2 batches
+    for k in full.tensors:
+        torch.testing.assert_close(st.tensors[k], full.tensors[k])
+
+
 def test_frozen_attention_is_replayed_and_the_layer_outputs_are_unchanged():
     ids, mask = batch(S=3, L=9, lengths=[9, 5, 9])
 

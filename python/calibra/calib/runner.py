@@ -468,10 +468,12 @@ class LayerRunner:
 
     def _forward_layer(self, i, layer, hidden, kwargs, masks, ids_of, keep: bool, only: set[str] | None = None) -> list:
         """One pass of every batch through ``layer`` with the observer hooks attached (to ``only``'s
-        modules, stopping early, when given)."""
+        modules, when given). A pass whose outputs are not kept stops as soon as every hooked module has
+        seen its input (the K/V observers' output hooks need the attention to finish: no stop with them)."""
         dev = self.device
         handles, keys = self._attach(i, layer, only)
-        stop_early = only is not None and not keep and bool(keys)
+        kv_hooked = only is None and any(o.kind == "kv" for o in self.observers)
+        stop_early = not keep and bool(keys) and not kv_hooked
         outs = []
         try:
             for b, x in enumerate(hidden):
