@@ -1,3 +1,3 @@
-from calibra.cli import main
+from calibra.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

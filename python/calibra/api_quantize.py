@@ -168,7 +168,13 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     _refuse_quantized(model_config, source, "quantize")
     shape_model = model if not isinstance(model, (str, Path)) else _meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
-    check_layers(config, {t.name: t.in_features for t in _all_targets(shape_model, shape_adapter)})
+    targets = _all_targets(shape_model, shape_adapter)
+    check_layers(config, {t.name: t.in_features for t in targets})
+    if export is not None:  # what an engine format refuses whatever the weights: before loading them
+        from calibra.export import precheck
+        from calibra.quant import MRGPTQConfig
+
+        precheck(export, [t.name for t in targets], rotated=isinstance(config, MRGPTQConfig))
     needs_data = (not is_rtn) or act_ranges or mixed_precision is not None
     if stats is not None and not isinstance(stats, CalibrationStats):
         stats = CalibrationStats.load(stats)

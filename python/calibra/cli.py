@@ -502,9 +502,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors propagate as exceptions (for tests and for embedding). The ``calibra``
+    executable runs :func:`run`, which prints them."""
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
 
+# What a user can cause and fix: bad settings or inputs (ValueError and its subclasses ModelReadError,
+# ResumeError, ExportError...), files (OSError), unsupported cases, non-finite activations, out of memory.
+# Anything else is a bug in calibra and keeps its traceback.
+def _user_errors() -> tuple:
+    import torch
+
+    from calibra.calib.runner import CalibrationOOMError
+    from calibra.data.hub import HubUnavailableError
+
+    return (ValueError, OSError, NotImplementedError, FloatingPointError, CalibrationOOMError, HubUnavailableError,
+            torch.OutOfMemoryError)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``calibra`` executable: :func:`main`, with a user error printed as one ``calibra: error:`` line
+    (exit 2) instead of a traceback, and Ctrl-C as exit 130. ``CALIBRA_TRACEBACK=1`` shows tracebacks."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:
+        print(f"calibra: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("CALIBRA_TRACEBACK") or not isinstance(e, _user_errors()):
+            raise
+        print(f"calibra: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

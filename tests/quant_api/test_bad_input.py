@@ -93,3 +93,57 @@ def test_act_ranges_refused_for_gptq_before_load(llama_folder, tmp_path, no_load
 def test_mixed_precision_budget_checked(llama_folder, tmp_path, no_load):
     with pytest.raises(ValueError, match="budget"):
         _q(llama_folder, GPTQConfig(group_size=32), tmp_path / "o", mixed_precision=40)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "mlx"])
+def test_export_refusals_that_need_no_weights_come_before_load(moe_folder, llama_folder, tmp_path, no_load, fmt):
+    """Fused MoE experts and MR-GPTQ's rotation are refused by the engine formats whatever the weights:
+    before the model loads, not after its calibration."""
+    from calibra.export import ExportError
+
+    with pytest.raises(ExportError, match=rf"\[export\] {fmt}: quantized fused MoE expert weights"):
+        _q(moe_folder, GPTQConfig(group_size=32), tmp_path / "o", export=fmt)
+    with pytest.raises(ExportError, match="Hadamard rotation"):
+        _q(llama_folder, MRGPTQConfig(), tmp_path / "o", export=fmt)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_executable_prints_user_errors_and_keeps_tracebacks_for_bugs(llama_folder, tmp_path, capsys, monkeypatch):
+    from calibra import cli
+
+    out = tmp_path / "o"
+    out.mkdir()
+    args = ["quantize", "--input", str(llama_folder), "--output", str(out), "--method", "rtn"]
+    assert cli.run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"calibra: error: [quantize] output {out} already exists; pass overwrite=True (--overwrite) to "
+                   f"replace it whole, or choose another path"]
+    with pytest.raises(FileExistsError, match="already exists"):  # main() raises: for tests and embedding
+        cli.main(args)
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_fn(parser(), bug))
+    with pytest.raises(KeyError, match="a bug"):
+        cli.run(args)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_fn(parser(), interrupted))
+    assert cli.run(args) == 130
+
+
+def _with_fn(parser, fn):
+    """``parser`` whose every command runs ``fn``."""
+    parse = parser.parse_args
+
+    def parse_args(argv=None):
+        ns = parse(argv)
+        ns.fn = fn
+        return ns
+
+    parser.parse_args = parse_args
+    return parser

@@ -49,6 +49,23 @@ def parse_formats(format) -> list[str]:
     return out
 
 
+def precheck(format, names, *, rotated: bool) -> list[str]:
+    """Before any weight loads: the refusals that need no quantized tensor -- MR-GPTQ's rotation
+    (``rotated``) and fused MoE expert weights among ``names`` (the modules that will be quantized) -- so
+    a run is not refused only after its calibration. :func:`check` still checks everything at the end."""
+    from types import SimpleNamespace
+
+    from calibra.export import _common
+
+    stub = SimpleNamespace(layers={n: SimpleNamespace(rotation="hadamard" if rotated else None) for n in names})
+    fmts = parse_formats(format)
+    for f in fmts:
+        if f != "dense":
+            _common.refuse_rotation(stub, f)
+            _common.refuse_experts(stub, f)
+    return fmts
+
+
 def check(qmodel, format) -> list[str]:
     """Raise ExportError if any of the formats cannot express ``qmodel``; returns the parsed formats."""
     fmts = parse_formats(format)
