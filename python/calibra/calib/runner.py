@@ -165,7 +165,7 @@ class LayerRunner:
         self._all_real = True
         self._last_checked: torch.Tensor | None = None  # the tensor _guard saw last (shared inputs)
         self._last_input = None  # (input tensor, stats key, selected rows) of the last Linear hook
-        self._pending: set[str] | None = None  # keys a restricted collection still waits for (early stop)
+        self._pending: set[str] | None = None  # hooked keys a pass still waits for before it stops early
         self._rows: torch.Tensor | None = None
         self._samples: list[int] = []
         self._ctx = None  # the current layer's inputs while on_layer runs (for recollect)
@@ -228,7 +228,8 @@ class LayerRunner:
             self._last_checked = x
 
     def _seen(self, key: str) -> None:
-        """A hooked module saw its input; stop the layer's forward once a restricted collection has all."""
+        """A hooked module saw its input; once every hooked module has, a pass whose outputs are not kept
+        stops the layer's forward here (``_pending`` is None in passes that run to the end)."""
         if self._pending is not None:
             self._pending.discard(key)
             if not self._pending:
