@@ -26,6 +26,7 @@ constexpr int kThreads = 128;
 constexpr int kWarpRows = 32;
 constexpr int kBlockN = 4 * kWarpRows;
 constexpr int kBlockK = 64;
+static_assert(kBlockN == kSparse24BlockN, "params/gemm.h states this kernel's block width (the split-K rule uses it)");
 constexpr int kStages = 4;
 constexpr int kVBytes = kBlockN * (kBlockK / 2) * 2;        // kept values: 128 rows x 32 halves
 constexpr int kMBytes = (kBlockN / 16) * 2 * 16 * 4;        // metadata: 8 row tiles x 2 k32 steps x 16 words

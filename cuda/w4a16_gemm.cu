@@ -28,6 +28,7 @@ constexpr int kThreads = 128;
 constexpr int kWarpN = 64;
 constexpr int kBlockN = 4 * kWarpN;
 constexpr int kBlockK = 64;
+static_assert(kBlockN == kW4A16BlockN, "params/gemm.h states this kernel's block width (the split-K rule uses it)");
 constexpr int kStages = 4;
 constexpr int kBBytes = (kBlockK / 16) * 2 * kBlockN * 4;  // 4 rows of the tile layout, 512 words each
 constexpr int kSBytes = 4 * kBlockN * 2;                   // up to 4 scale rows (group 16) of 256 halves

@@ -12,6 +12,7 @@
 
 #include "calibra/parallel.h"
 #include "calibra/tensor_arg.h"
+#include "tensor_args.h"
 
 namespace calibra {
 namespace bench {
@@ -51,21 +52,6 @@ double median_us(const Options& o, F&& fn) {
   }
   std::sort(t.begin(), t.end());
   return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
-}
-
-// A contiguous TensorArg over `data` with the given shape.
-inline TensorArg contiguous(void* data, DType dtype, std::vector<int64_t> shape) {
-  TensorArg t;
-  t.data = data;
-  t.dtype = dtype;
-  t.ndim = static_cast<int32_t>(shape.size());
-  int64_t stride = 1;
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i] = shape[i];
-    t.strides[i] = stride;
-    stride *= shape[i];
-  }
-  return t;
 }
 
 template <class T>

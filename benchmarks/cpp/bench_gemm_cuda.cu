@@ -16,6 +16,7 @@
 
 #include "calibra/params/gemm.h"
 #include "calibra/tensor_arg.h"
+#include "tensor_args.h"
 
 namespace {
 
@@ -28,36 +29,11 @@ namespace {
     }                                                                                       \
   } while (0)
 
-calibra::TensorArg arg(void* data, calibra::DType dtype, std::vector<int64_t> shape) {
-  calibra::TensorArg t;
-  t.data = data;
-  t.dtype = dtype;
-  t.ndim = static_cast<int32_t>(shape.size());
-  int64_t stride = 1;
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i] = shape[i];
-    t.strides[i] = stride;
-    stride *= shape[i];
-  }
-  return t;
-}
-
 void* device_fill(size_t bytes, unsigned char byte) {
   void* p = nullptr;
   CHECK_CUDA(cudaMalloc(&p, bytes));
   CHECK_CUDA(cudaMemset(p, byte, bytes));
   return p;
-}
-
-// The same rule as calibra/ops/gemm.py split_k (kept in sync by hand; it only affects speed).
-int64_t split_k(int64_t m, int64_t n, int64_t k, int sms, int64_t n_tile, int64_t m_tile_min) {
-  int64_t m_tile = m_tile_min;
-  while (m_tile < 64 && m_tile < m) m_tile *= 2;
-  const int64_t tiles = ((m + m_tile - 1) / m_tile) * ((n + n_tile - 1) / n_tile), k_tiles = k / 64;
-  if (tiles >= sms) return 1;
-  const int64_t s = std::max<int64_t>(1, std::min<int64_t>({(2 * sms + tiles - 1) / tiles, k_tiles / 4, 16}));
-  const int64_t per = (k_tiles + s - 1) / s;
-  return (k_tiles + per - 1) / per;
 }
 
 template <class F>
@@ -135,21 +111,23 @@ int main(int argc, char** argv) {
     void* ws = device_fill(static_cast<size_t>(16 * max_m * N * 4), 0);
     for (int64_t m : batches) {
       calibra::W4A16GemmParams p;
-      p.x = arg(x, calibra::DType::F16, {m, K});
-      p.tiled = arg(tiled, calibra::DType::I32, {K / 16, 2 * N});
-      p.scales = arg(scales, calibra::DType::F16, {G, N});
+      p.x = calibra::bench::contiguous(x, calibra::DType::F16, {m, K});
+      p.tiled = calibra::bench::contiguous(tiled, calibra::DType::I32, {K / 16, 2 * N});
+      p.scales = calibra::bench::contiguous(scales, calibra::DType::F16, {G, N});
       p.group = 128;
-      p.out = arg(y, calibra::DType::F16, {m, N});
-      const int64_t s4 = split_k(m, N, K, prop.multiProcessorCount, 256, 16);
-      if (s4 > 1) p.workspace = arg(ws, calibra::DType::F32, {s4, m, N});
+      p.out = calibra::bench::contiguous(y, calibra::DType::F16, {m, N});
+      const int64_t s4 = calibra::gemm_split_k(m, N, K, prop.multiProcessorCount, calibra::kW4A16BlockN,
+                                                 calibra::kW4A16MinRows);
+      if (s4 > 1) p.workspace = calibra::bench::contiguous(ws, calibra::DType::F32, {s4, m, N});
       const double t4 = median_us(repeat, [&] { check(calibra::w4a16_gemm_cuda(p, nullptr)); });
       calibra::Sparse24GemmParams q;
       q.x = p.x;
-      q.values = arg(values, calibra::DType::F16, {N, K / 2});
-      q.meta = arg(meta, calibra::DType::I32, {N / 16, K / 2});
+      q.values = calibra::bench::contiguous(values, calibra::DType::F16, {N, K / 2});
+      q.meta = calibra::bench::contiguous(meta, calibra::DType::I32, {N / 16, K / 2});
       q.out = p.out;
-      const int64_t s24 = split_k(m, N, K, prop.multiProcessorCount, 128, 8);
-      if (s24 > 1) q.workspace = arg(ws, calibra::DType::F32, {s24, m, N});
+      const int64_t s24 = calibra::gemm_split_k(m, N, K, prop.multiProcessorCount, calibra::kSparse24BlockN,
+                                                  calibra::kSparse24MinRows);
+      if (s24 > 1) q.workspace = calibra::bench::contiguous(ws, calibra::DType::F32, {s24, m, N});
       const double t24 = median_us(repeat, [&] { check(calibra::sparse24_gemm_cuda(q, nullptr)); });
       const double flop = 2.0 * m * N * K, io = 2.0 * m * (K + N);
       std::printf("| %s | %lldx%lld | %lld | %.1f | %.1f | %.0f | %.1f | %.1f | %.0f |\n", s.name, static_cast<long long>(K),

@@ -4,6 +4,12 @@
 #include <optional>
 
 CALIBRA_BINDINGS(gemm) {
+  m.def("gemm_split_k", &calibra::gemm_split_k, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sms"),
+        py::arg("n_tile"), py::arg("m_tile_min"), "K slices of a CUDA GEMM (see params/gemm.h gemm_split_k).");
+  m.attr("W4A16_N_TILE") = calibra::kW4A16BlockN;
+  m.attr("W4A16_M_TILE_MIN") = calibra::kW4A16MinRows;
+  m.attr("SPARSE24_N_TILE") = calibra::kSparse24BlockN;
+  m.attr("SPARSE24_M_TILE_MIN") = calibra::kSparse24MinRows;
   m.def(
       "w4a16_repack",
       [](calibra::TensorArg qweight, calibra::TensorArg out) {

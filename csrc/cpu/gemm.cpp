@@ -1,77 +1,43 @@
 // calibra::w4a16_repack, calibra::sparse24_reorder_meta (load-time layout helpers) and plain CPU versions
 // of calibra::w4a16_gemm / calibra::sparse24_gemm. The layouts are specified in params/gemm.h; the
-// index maps below are those formulas, written per output word.
+// index maps, per output word, are in params/gemm_layout.h (shared with the CUDA kernels).
 #include <cstring>
 #include <vector>
 
 #include "calibra/elementwise.h"
 #include "calibra/parallel.h"
 #include "calibra/params/gemm.h"
+#include "calibra/params/gemm_layout.h"
 
 namespace calibra {
 namespace {
 
 bool is_act(DType t) { return t == DType::F16 || t == DType::BF16; }
 
-// ---- layout helpers --------------------------------------------------------------------------
-
-inline uint32_t code_at(const TensorArg& q, int64_t n, int64_t k) {
-  const auto* base = q.ptr<const uint32_t>();
-  const uint32_t word = base[n * q.strides[0] + (k / 8) * q.strides[1]];
-  return (word >> (4 * (k % 8))) & 0xFu;
-}
-
 }  // namespace
 
 Status w4a16_repack_cpu(const W4A16RepackParams& p) {
-  const TensorArg& q = p.qweight;
-  if (q.ndim != 2 || q.dtype != DType::I32)
-    return make_status(StatusCode::kInvalidArgument, "[w4a16_repack] qweight must be a 2-D int32 tensor");
-  const int64_t N = q.shape[0], K = q.shape[1] * 8;
-  if (N % 64 != 0 || K % 16 != 0)
-    return make_status(StatusCode::kInvalidArgument, "[w4a16_repack] need out_features %% 64 == 0 and in_features %% 16 == 0");
-  if (p.out.dtype != DType::I32 || p.out.ndim != 2 || p.out.shape[0] != K / 16 || p.out.shape[1] != 2 * N ||
-      !p.out.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "[w4a16_repack] out must be contiguous int32 [K/16, 2N]");
+  int64_t N = 0, K = 0;
+  CALIBRA_RETURN_IF_ERROR(gemm_layout::check_w4a16_repack(p, N, K));
+  const auto* q = p.qweight.ptr<const uint32_t>();
+  const int64_t qs0 = p.qweight.strides[0], qs1 = p.qweight.strides[1];
   auto* out = p.out.ptr<uint32_t>();
   parallel_for(K / 16, 1, [&](int64_t kt0, int64_t kt1) {
-    for (int64_t kt = kt0; kt < kt1; ++kt) {
-      for (int64_t w = 0; w < 2 * N; ++w) {
-        const int64_t b = w / 128, lane = (w % 128) / 4, j = w % 4;
-        const int64_t g = lane / 4, t = lane % 4;
-        uint32_t word = 0;
-        for (int i = 0; i < 8; ++i) {
-          const int a = i % 4, c = i / 4;
-          const int64_t n = 64 * b + 16 * j + g + 8 * (a >> 1);
-          const int64_t k = 16 * kt + 2 * t + c + 8 * (a & 1);
-          word |= code_at(q, n, k) << (4 * i);
-        }
-        out[kt * 2 * N + w] = word;
-      }
-    }
+    for (int64_t kt = kt0; kt < kt1; ++kt)
+      for (int64_t w = 0; w < 2 * N; ++w) out[kt * 2 * N + w] = gemm_layout::w4a16_repacked_word(q, qs0, qs1, kt, w);
   });
   return Status::Ok();
 }
 
 Status sparse24_reorder_meta_cpu(const Sparse24ReorderMetaParams& p) {
-  const TensorArg& m = p.meta;
-  if (m.ndim != 2 || m.dtype != DType::I16)
-    return make_status(StatusCode::kInvalidArgument, "[sparse24_reorder_meta] meta must be a 2-D int16 tensor");
-  const int64_t N = m.shape[0], KW = m.shape[1];
-  if (N % 16 != 0 || KW % 2 != 0)
-    return make_status(StatusCode::kInvalidArgument, "[sparse24_reorder_meta] need rows %% 16 == 0 and columns %% 32 == 0");
-  if (p.out.dtype != DType::I32 || p.out.ndim != 2 || p.out.shape[0] != N / 16 || p.out.shape[1] != 8 * KW ||
-      !p.out.is_contiguous())
-    return make_status(StatusCode::kInvalidArgument, "[sparse24_reorder_meta] out must be contiguous int32 [N/16, K/2]");
-  const auto* src = m.ptr<const uint16_t>();
-  auto at = [&](int64_t r, int64_t c) -> uint32_t { return src[r * m.strides[0] + c * m.strides[1]]; };
+  int64_t N = 0, KW = 0;
+  CALIBRA_RETURN_IF_ERROR(gemm_layout::check_sparse24_reorder_meta(p, N, KW));
+  const auto* m = p.meta.ptr<const uint16_t>();
+  const int64_t ms0 = p.meta.strides[0], ms1 = p.meta.strides[1];
   auto* out = p.out.ptr<uint32_t>();
   parallel_for(N / 16, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t rt = r0; rt < r1; ++rt)
-      for (int64_t kq = 0; kq < KW / 2; ++kq)
-        for (int64_t g = 0; g < 8; ++g)
-          for (int64_t h = 0; h < 2; ++h)
-            out[rt * 8 * KW + 16 * kq + 2 * g + h] = at(16 * rt + g, 2 * kq + h) | (at(16 * rt + g + 8, 2 * kq + h) << 16);
+      for (int64_t col = 0; col < 8 * KW; ++col) out[rt * 8 * KW + col] = gemm_layout::sparse24_reordered_word(m, ms0, ms1, rt, col);
   });
   return Status::Ok();
 }

@@ -173,6 +173,15 @@ def test_w4a16_gemm_split_k_matches_unsplit(device):
     gemm_budget(x, calibra.ops.dequantize(q), y.cpu(), "split-K")
 
 
+def test_tile_constants_mirror_the_kernels():
+    """The Python mirror of params/gemm.h's block widths, which the CUDA kernels static_assert."""
+    from calibra import _native
+
+    cpu = _native.load("cpu")
+    assert (G.W4A16_N_TILE, G.W4A16_M_TILE_MIN) == (cpu.W4A16_N_TILE, cpu.W4A16_M_TILE_MIN)
+    assert (G.SPARSE24_N_TILE, G.SPARSE24_M_TILE_MIN) == (cpu.SPARSE24_N_TILE, cpu.SPARSE24_M_TILE_MIN)
+
+
 def test_split_k_heuristic():
     assert G.split_k(128, 57344, 8192, 132, G.W4A16_N_TILE, 16) == 1  # enough tiles already
     s = G.split_k(1, 4096, 4096, 132, G.W4A16_N_TILE, 16)

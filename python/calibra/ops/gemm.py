@@ -29,8 +29,9 @@ from calibra.ops._registry import define
 
 _ACT = (torch.float16, torch.bfloat16)
 K_TILE = 64          # both CUDA GEMMs step K by 64: K % 64 == 0
-W4A16_N_TILE = 256   # outputs per W4A16 thread block (4 warps x 64)
-SPARSE24_N_TILE = 128  # outputs per 2:4 thread block (4 warps x 32)
+# the CUDA kernels' block widths and smallest M tiles (params/gemm.h; tests/ops/test_gemm.py checks them)
+W4A16_N_TILE, W4A16_M_TILE_MIN = 256, 16      # outputs per W4A16 thread block (4 warps x 64)
+SPARSE24_N_TILE, SPARSE24_M_TILE_MIN = 128, 8  # outputs per 2:4 thread block (4 warps x 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,18 +104,15 @@ def _sm_count(index: int) -> int:
 
 def split_k(m: int, n: int, k: int, sms: int, n_tile: int, m_tile_min: int) -> int:
     """How many K slices a CUDA GEMM uses: 1 when the (M, N) tiles already fill the GPU, otherwise
-    enough slices for about two thread blocks per SM, each slice at least 4 K tiles long (so the
-    asynchronous copy pipeline fills), at most 16. Normalized so that no slice is empty."""
-    m_tile = m_tile_min
-    while m_tile < 64 and m_tile < m:
-        m_tile *= 2
-    tiles = -(-m // m_tile) * -(-n // n_tile)
-    k_tiles = k // K_TILE
-    if m == 0 or tiles >= sms:
-        return 1
-    s = max(1, min(-(-2 * sms // tiles), k_tiles // 4, 16))
-    per = -(-k_tiles // s)
-    return -(-k_tiles // per)
+    enough slices for about two thread blocks per SM, each slice at least 4 K tiles long, at most 16.
+    The rule is ``gemm_split_k`` of params/gemm.h (one copy, shared with the C++ benchmark)."""
+    from calibra import _native
+
+    cpu = _native.load("cpu")
+    if cpu is None:
+        raise RuntimeError(f"[gemm] the split-K rule lives in calibra._cpu, which did not load: "
+                           f"{_native.load_failure('cpu')}")
+    return int(cpu.gemm_split_k(m, n, k, sms, n_tile, m_tile_min))
 
 
 def _workspace(backend: str, x: torch.Tensor, n: int, n_tile: int, m_tile_min: int) -> list:
@@ -127,7 +125,7 @@ def _workspace(backend: str, x: torch.Tensor, n: int, n_tile: int, m_tile_min: i
 
 
 def _gemm_workspace(backend, x, tiled, *rest) -> list:
-    return _workspace(backend, x, tiled.shape[1] // 2, W4A16_N_TILE, 16)
+    return _workspace(backend, x, tiled.shape[1] // 2, W4A16_N_TILE, W4A16_M_TILE_MIN)
 
 
 def _example_gemm(device):
@@ -180,7 +178,7 @@ def _sp_alloc(x, values, meta_r) -> torch.Tensor:
 
 
 def _sp_workspace(backend, x, values, meta_r) -> list:
-    return _workspace(backend, x, values.shape[0], SPARSE24_N_TILE, 8)
+    return _workspace(backend, x, values.shape[0], SPARSE24_N_TILE, SPARSE24_M_TILE_MIN)
 
 
 def _example_meta(device):

@@ -93,6 +93,29 @@ struct Sparse24GemmParams {
   TensorArg workspace;
 };
 
+// Output columns per CUDA thread block and the smallest M tile of each GEMM (the kernels static_assert
+// them; calibra/ops/gemm.py mirrors them and tests/ops/test_gemm.py checks the mirror).
+constexpr int64_t kW4A16BlockN = 256, kW4A16MinRows = 16;
+constexpr int64_t kSparse24BlockN = 128, kSparse24MinRows = 8;
+
+// How many K slices a CUDA GEMM uses (the workspace's S): 1 when the (M, N) tiles already fill the GPU
+// (sms multiprocessors), otherwise enough slices for about two thread blocks per SM, each slice at least
+// 4 K tiles of 64 long (so the asynchronous copy pipeline fills), at most 16; normalized so that no slice
+// is empty. The one copy of the rule: Python (calibra/ops/gemm.py, through calibra._cpu) sizes the
+// workspace with it, the C++ benchmark calls it directly.
+inline int64_t gemm_split_k(int64_t m, int64_t n, int64_t k, int64_t sms, int64_t n_tile, int64_t m_tile_min) {
+  int64_t m_tile = m_tile_min;
+  while (m_tile < 64 && m_tile < m) m_tile *= 2;
+  const int64_t tiles = ((m + m_tile - 1) / m_tile) * ((n + n_tile - 1) / n_tile), k_tiles = k / 64;
+  if (m == 0 || tiles >= sms) return 1;
+  int64_t s = (2 * sms + tiles - 1) / tiles;
+  if (k_tiles / 4 < s) s = k_tiles / 4;
+  if (s > 16) s = 16;
+  if (s < 1) s = 1;
+  const int64_t per = (k_tiles + s - 1) / s;
+  return (k_tiles + per - 1) / per;
+}
+
 Status w4a16_repack_cpu(const W4A16RepackParams& p);
 Status sparse24_reorder_meta_cpu(const Sparse24ReorderMetaParams& p);
 // Plain CPU GEMMs (workspace unused) so the ops run natively everywhere: each output row n dequantizes /
