@@ -108,7 +108,8 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
-    from calibra.prune.config import PruneMethod
+    from calibra.export.writer import versions
+    from calibra.prune.config import PruneMethod, config_dict
     from calibra.prune.patterns import NM
     from calibra.prune.stages import PruningStage as S
 
@@ -247,14 +248,14 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
             "format": REPORT_FORMAT, "format_version": 1,
             "model": {"source": source, "model_type": getattr(model.config, "model_type", None),
                       "num_layers": n_layers},
-            "settings": {"config": _config_dict(config), "method": config.method_enum.value, "pattern": str(pattern),
+            "settings": {"config": config_dict(config), "method": config.method_enum.value, "pattern": str(pattern),
                          "target_sparsity": config.sparsity,
                          "joint_quantization": None if config.quantize is None else dataclasses.asdict(config.quantize),
                          "calibration": (run_meta if needs_data else "none (data-free)"),
                          "device": str(device or "auto"), "dtype": str(dtype), "save_24": bool(save_24),
                          "measure_error": bool(measure_error), "lm_head": "excluded", "embeddings": "excluded",
                          "router": "excluded"},
-            "versions": _versions(),
+            "versions": versions(),
             "seed": seed,
             "summary": {"pruned_modules": len(pruner.layers), "dense_modules": sorted(dense),
                         "pruned_weights_total": n_w, "zeroed_weights": n_w - sum(int(pl.mask.sum())
@@ -309,21 +310,6 @@ def _restored(done: int, tracker, adapter, calibrating: bool) -> int:
         if calibrating and done < len(adapter.layers):
             tracker.advance(S.CALIBRATING, adapter.layer_name(done))
     return done
-
-
-def _config_dict(config) -> dict:
-    d = dataclasses.asdict(config)
-    d["method"] = config.method_enum.value
-    d["pattern"] = str(config.pattern_obj)
-    d["schedule"] = {"type": type(config.schedule).__name__, **dataclasses.asdict(config.schedule)}
-    d["calibration"] = None if config.calibration is None else repr(config.calibration)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _versions() -> dict:
-    from calibra.export.writer import versions
-
-    return versions()
 
 
 __all__ = ["prune"]

@@ -9,7 +9,6 @@ solvers run layer by layer, the quantized model is evaluated, and only then is a
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from pathlib import Path
 
@@ -46,18 +45,6 @@ def _all_targets(model, adapter):
 
 
 # ---------------------------------------------------------------------------------------- pieces
-def _versions() -> dict:
-    import calibra
-
-    try:
-        import transformers
-        tf = transformers.__version__
-    except Exception:  # pragma: no cover - transformers is a dependency
-        tf = None
-    return {"calibra": calibra.__version__, "torch": torch.__version__, "transformers": tf,
-            "python": platform.python_version()}
-
-
 def _calibration_tokens(calibration, tokenizer, model, echo):
     """``(input_ids, attention_mask, run metadata, batch_size)``."""
     from calibra.api import _run_meta, _tokens
@@ -357,6 +344,8 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
     rows = [ql.log.to_dict() for ql in quantizer.layers.values()]
     n_q = sum(ql.codes.numel() for ql in quantizer.layers.values())
     bits = sum(mp.bits_per_weight(overrides.get(n, config)) * ql.codes.numel() for n, ql in quantizer.layers.items())
+    from calibra.export.writer import versions
+
     report = {
         "format": REPORT_FORMAT, "format_version": 1,
         "model": {"source": source, "model_type": getattr(model.config, "model_type", None),
@@ -369,7 +358,7 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
                      "dtype": str(dtype), "act_ranges": bool(act_ranges or ranges_file),
                      "mixed_precision": mixed_precision, "lm_head": "excluded", "embeddings": "excluded",
                      "router": "excluded"},
-        "versions": _versions(),
+        "versions": versions(),
         "seed": calibration.seed if isinstance(calibration, CalibrationConfig) else None,
         "summary": {"quantized_modules": len(quantizer.layers), "dense_modules": sorted(quantizer.dense),
                     "quantized_weights": n_q, "avg_bits_per_weight": bits / n_q if n_q else None},

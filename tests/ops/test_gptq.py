@@ -125,10 +125,15 @@ def test_example_runs_natively():
     run_native("gptq_block_sweep", lambda: torch.ops.calibra.gptq_block_sweep(*_example("cpu")), "cpu")
 
 
+def _one_group_args() -> dict:
+    """Parameter tables of a 4 x 16 block with one group and no fits (for the argument checks)."""
+    return dict(scales=torch.zeros(4, 1), zeros=torch.zeros(4, 1), group=torch.zeros(16, dtype=torch.int32),
+                fit=torch.zeros(16, dtype=torch.int32))
+
+
 def test_bad_input():
     w, u = _block(4, 16)
-    base = dict(scales=torch.zeros(4, 1), zeros=torch.zeros(4, 1), group=torch.zeros(16, dtype=torch.int32),
-                fit=torch.zeros(16, dtype=torch.int32))
+    base = _one_group_args()
     with pytest.raises(ValueError, match=r"\[gptq_block_sweep\] u must be"):
         gptq_block_sweep(w, u[:8, :8], **base)
     with pytest.raises(ValueError, match=r"bits must be in \[2, 8\]"):
@@ -235,8 +240,7 @@ def test_nm_example_runs_natively():
 
 def test_nm_bad_input():
     w, u = _block(4, 16)
-    base = dict(scales=torch.zeros(4, 1), zeros=torch.zeros(4, 1), group=torch.zeros(16, dtype=torch.int32),
-                fit=torch.zeros(16, dtype=torch.int32))
+    base = _one_group_args()
     with pytest.raises(ValueError, match=r"\[sparsegpt_block_sweep\] need 0 < n < m <= 32, got n=4 m=4"):
         sparsegpt_block_sweep(w, u, n=4, m=4, **base)
     with pytest.raises(ValueError, match=r"need 0 < n < m <= 32, got n=0 m=4"):

@@ -79,6 +79,8 @@ def model_fingerprint(model) -> str:
 
 
 def versions() -> dict:
+    """The versions a resume must match: the ones that change computed values. The full torch build string
+    (``2.13.0+cpu`` vs ``+cu130``: other kernels), unlike the artifacts' ``calibra.export.writer.versions``."""
     import transformers
 
     import calibra

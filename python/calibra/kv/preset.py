@@ -10,13 +10,13 @@ any work -- a preset for another model is a :class:`~calibra.kv.plan.PresetMisma
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from calibra.export.writer import sha256_file
 from calibra.kv.basis import HeadBases
 from calibra.kv.plan import KVPlan
 
@@ -31,14 +31,6 @@ class PresetError(ValueError):
 
 def tensors_path(path) -> Path:
     return Path(path).with_suffix(".safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_output(path, overwrite: bool) -> Path:
@@ -125,7 +117,7 @@ class KVPreset:
         with atomic_file(tpath) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
         with atomic_file(path) as tmp:
-            write_json(tmp, self.to_json(tpath.name, _sha256(tpath)))
+            write_json(tmp, self.to_json(tpath.name, sha256_file(tpath)))
         self.path = path
         return path
 
@@ -154,7 +146,7 @@ class KVPreset:
             raise PresetError(f"[kv] {path} names tensors {meta['tensors']!r} outside its folder; refused")
         if not tpath.is_file():
             raise PresetError(f"[kv] the preset's bases file {tpath} is missing (it belongs beside {path.name})")
-        if _sha256(tpath) != meta["tensors_sha256"]:
+        if sha256_file(tpath) != meta["tensors_sha256"]:
             raise PresetError(f"[kv] {tpath} does not match {path.name} (sha256 differs): the two files come from "
                               f"different runs; recalibrate or restore the matching pair")
         which = ("k", "v") if meta["targets"] == "kv" else ("v",)

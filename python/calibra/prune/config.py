@@ -18,6 +18,7 @@ it None or give exactly that value.
 from __future__ import annotations
 
 import enum
+import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
@@ -225,5 +226,15 @@ class PruningConfig:
         return replace(self, **changes)
 
 
-__all__ = ["PruningConfig", "PruneMethod", "JointQuant", "METHODS", "Unstructured", "NM", "Block", "OneShot",
+def config_dict(config: PruningConfig) -> dict:
+    """The settings as plain JSON values: ``report.json``'s ``settings.config`` and the resume fingerprint."""
+    d = dataclasses.asdict(config)
+    d["method"] = config.method_enum.value
+    d["pattern"] = str(config.pattern_obj)
+    d["schedule"] = {"type": type(config.schedule).__name__, **dataclasses.asdict(config.schedule)}
+    d["calibration"] = None if config.calibration is None else repr(config.calibration)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+__all__ = ["PruningConfig", "config_dict", "PruneMethod", "JointQuant", "METHODS", "Unstructured", "NM", "Block", "OneShot",
            "Gradual", "Cubic", "parse_pattern"]

@@ -10,7 +10,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 from calibra.io.checkpoint import LayerCheckpoints, model_fingerprint, versions
 from calibra.quant.resume import LayerSaverBase, calibration_doc, restore_moe
 
@@ -23,7 +22,10 @@ _LOG_FIELDS = ("name", "method", "pattern", "target_sparsity", "achieved_sparsit
 def open_checkpoints(model, output, config, calibration, *, resume: bool, overwrite: bool, options: dict,
                      echo) -> LayerCheckpoints:
     """The run's checkpoint folder, checked against its fingerprint (model files, settings, versions)."""
-    settings = {"pruning": _config_doc(config), "calibration": calibration_doc(calibration),
+    from calibra.prune.config import config_dict
+
+    doc = dict(config_dict(config), calibration=None)  # the calibration is fingerprinted by itself (and the data)
+    settings = {"pruning": doc, "calibration": calibration_doc(calibration),
                 **{k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v))
                    for k, v in sorted(options.items())}}
     fp = {"model": model_fingerprint(model), "config": settings, "versions": versions()}
@@ -31,13 +33,6 @@ def open_checkpoints(model, output, config, calibration, *, resume: bool, overwr
     if ck.resumed_from:
         (echo or (lambda *a: None))(f"[prune] resuming: {ck.resumed_from} finished layer(s) in {ck.folder}")
     return ck
-
-
-def _config_doc(config) -> dict:
-    doc = dataclasses.asdict(config)
-    doc.pop("calibration", None)  # fingerprinted separately (and by the data)
-    return {k: (v if v is None or isinstance(v, (bool, int, float, str, list, dict)) else str(v))
-            for k, v in doc.items()}
 
 
 def _targets(adapter, i: int) -> dict:

@@ -44,6 +44,7 @@ import torch
 
 from calibra.ops import QuantizedTensor, gptq_block_sweep, sparsegpt_block_sweep
 from calibra.ops._ref.gptq import nm_keep
+from calibra.ops.gptq import NMSweepResult
 from calibra.prune.config import PruningConfig
 from calibra.prune.methods import check_layer
 from calibra.prune.patterns import NM, Block, prune_count
@@ -52,21 +53,9 @@ from calibra.prune.result import PrunedLayer, relative_output_error
 _CODE_CLAMP = 4194304.0  # 2^22: keeps w / scale finite-and-exact before rounding (as the GPTQ sweep does)
 
 
-class SweepOut(NamedTuple):
-    q: torch.Tensor
-    """float32 [R, C]: the block's final weights (0 where pruned; on the grid in joint mode)."""
-    codes: torch.Tensor
-    """uint8 [R, C]: integer codes in joint mode (zero point where pruned), else 0."""
-    err: torch.Tensor
-    """float32 [R, C]: (w - q) / U_ii per column, for the lazy update of the later columns."""
-    scales: torch.Tensor
-    """float32 [R, G]: the parameter table after the fits."""
-    zeros: torch.Tensor
-    """float32 [R, G]: zero points (integer-valued)."""
-    prune: torch.Tensor
-    """bool [R, C]: True where the weight was pruned."""
-
-
+# A block sweep's outputs (q, codes, err, scales, zeros, prune), whichever sweep ran: the native N:M
+# sweep's own result type. In the unstructured and torch sweeps, codes are 0 unless quantizing jointly.
+SweepOut = NMSweepResult
 BlockSweep = Callable[..., SweepOut]
 
 
@@ -148,10 +137,9 @@ def native_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fm
     :func:`calibra.ops.gptq_block_sweep`'s ``mask`` input; N:M (``nm``) runs
     :func:`calibra.ops.sparsegpt_block_sweep`, which chooses the mask inside the sweep and returns it."""
     if nm is not None:
-        r = sparsegpt_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
-                                  group=group.to(torch.int32), fit=fit.to(torch.int32), n=nm[0], m=nm[1], bits=bits,
-                                  symmetric=sym, format=fmt, scale_dtype=scale_dtype)
-        return SweepOut(r.q, r.codes, r.err, r.scales, r.zeros, r.prune)
+        return sparsegpt_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
+                                     group=group.to(torch.int32), fit=fit.to(torch.int32), n=nm[0], m=nm[1], bits=bits,
+                                     symmetric=sym, format=fmt, scale_dtype=scale_dtype)
     if prune is None:
         raise ValueError("[sparsegpt] the block sweep needs a prune mask or an N:M pattern")
     q, codes, err, s, z = gptq_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
