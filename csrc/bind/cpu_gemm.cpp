@@ -13,9 +13,7 @@ CALIBRA_BINDINGS(gemm) {
   m.def(
       "w4a16_repack",
       [](calibra::TensorArg qweight, calibra::TensorArg out) {
-        calibra::W4A16RepackParams p;
-        p.qweight = qweight;
-        p.out = out;
+        calibra::W4A16RepackParams p{qweight, out};
         calibra::bind::call_released([&] { return calibra::w4a16_repack_cpu(p); });
       },
       py::arg("qweight"), py::arg("out"), "out = the W4A16 tile layout of qweight (see params/gemm.h).");
@@ -23,13 +21,7 @@ CALIBRA_BINDINGS(gemm) {
       "w4a16_gemm",
       [](calibra::TensorArg x, calibra::TensorArg tiled, calibra::TensorArg scales, std::optional<calibra::TensorArg> zeros,
          int64_t group, calibra::TensorArg out) {
-        calibra::W4A16GemmParams p;
-        p.x = x;
-        p.tiled = tiled;
-        p.scales = scales;
-        if (zeros) p.zeros = *zeros;
-        p.group = group;
-        p.out = out;
+        calibra::W4A16GemmParams p{x, tiled, scales, zeros.value_or(calibra::TensorArg{}), group, out, {}};
         calibra::bind::call_released([&] { return calibra::w4a16_gemm_cpu(p); });
       },
       py::arg("x"), py::arg("tiled"), py::arg("scales"), py::arg("zeros").none(true), py::arg("group"), py::arg("out"),
@@ -37,20 +29,14 @@ CALIBRA_BINDINGS(gemm) {
   m.def(
       "sparse24_reorder_meta",
       [](calibra::TensorArg meta, calibra::TensorArg out) {
-        calibra::Sparse24ReorderMetaParams p;
-        p.meta = meta;
-        p.out = out;
+        calibra::Sparse24ReorderMetaParams p{meta, out};
         calibra::bind::call_released([&] { return calibra::sparse24_reorder_meta_cpu(p); });
       },
       py::arg("meta"), py::arg("out"), "out = compress_24 metadata in mma.sp register order (see params/gemm.h).");
   m.def(
       "sparse24_gemm",
       [](calibra::TensorArg x, calibra::TensorArg values, calibra::TensorArg meta, calibra::TensorArg out) {
-        calibra::Sparse24GemmParams p;
-        p.x = x;
-        p.values = values;
-        p.meta = meta;
-        p.out = out;
+        calibra::Sparse24GemmParams p{x, values, meta, out, {}};
         calibra::bind::call_released([&] { return calibra::sparse24_gemm_cpu(p); });
       },
       py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("out"), "out = x @ W^T for 2:4-sparse W (see params/gemm.h).");
