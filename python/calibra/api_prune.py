@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
 REPORT_FORMAT = "calibra-prune-report"
@@ -104,11 +105,11 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     """
     from calibra.api import _model_config, _read_model, _refuse_quantized, _tokens
     from calibra.data import CalibrationConfig
+    from calibra.export.writer import check_target, versions
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
-    from calibra.export.writer import versions
     from calibra.prune.config import PruneMethod, config_dict
     from calibra.prune.patterns import NM
     from calibra.prune.stages import PruningStage as S
@@ -126,7 +127,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         raise ValueError(f"[prune] save_24 (--save-24) writes calibra's compressed 2:4 form, which needs pattern 2:4; "
                          f"the pattern is {pattern}")
     if output is not None:
-        psave.check_output(output, overwrite)
+        check_target(output, overwrite, tag="prune")
     checkpoint = output is not None if checkpoint is None else bool(checkpoint)
     if resume and (output is None or not checkpoint):
         raise ValueError("[prune] resume needs an output folder and checkpoints (output=DIR, checkpoint on)")
@@ -135,6 +136,7 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     model_config = _model_config(model, component="prune", **read)
+    check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
     _refuse_quantized(model_config, source, "prune", _QUANTIZED_HINT)
     shapes = _shapes(model_config, None if isinstance(model, (str, Path)) else model)
     prune_names, dense = config.plan_layers(shapes)

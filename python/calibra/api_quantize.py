@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
 REPORT_FORMAT = "calibra-quantize-report"
@@ -103,11 +104,11 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     from calibra.api import _model_config, _read_model, _refuse_quantized
     from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
+    from calibra.export.writer import check_target
     from calibra.models import get_adapter
     from calibra.quant import RTNConfig, check_layers
     from calibra.quant import act_ranges as ar
     from calibra.quant import mixed as mp
-    from calibra.quant import save as qsave
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
 
@@ -146,12 +147,13 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         if output is None:
             raise ValueError("[quantize] export needs an output folder (output=DIR / --output DIR)")
     if output is not None:
-        qsave.check_output(output, overwrite)
+        check_target(output, overwrite, tag="quantize")
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     model_config = _model_config(model, component="quantize", **read)
+    check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
     _refuse_quantized(model_config, source, "quantize")
     shape_model = model if not isinstance(model, (str, Path)) else _meta_model(model_config)
     shape_adapter = get_adapter(shape_model)

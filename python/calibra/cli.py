@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from calibra.cli_flags import add_sample_flags
+
 # a constant only (calibra.eval.session imports torch, never transformers)
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
@@ -20,16 +22,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default is None or action.required:
             return text
         return super()._get_help_string(action)
-
-
-def _add_sample_flags(p) -> None:
-    """The calibration-data flags every calibrating verb shares (quantize, prune)."""
-    p.add_argument("--samples", type=int, default=128, help="calibration samples")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per calibration sample (default: the model's context, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
-                   "about 4096 tokens per pass; 1 if memory is tight)")
-    p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
 
 
 def _add_eval_flags(p) -> None:
@@ -306,7 +298,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--mse-clip", action="store_true", help="search each group's clipping range by squared error")
     q.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl file "
                    "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)")
-    _add_sample_flags(q)
+    add_sample_flags(q)
     q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by descending Hessian "
                    "diagonal (records g_idx unless --static-groups). --desc-act --static-groups is the best-quality "
                    "setting that every kernel loads (25%% lower KL on builtin:tiny-llama W4 g128)")
@@ -432,7 +424,7 @@ def _add_prune(sub) -> None:
                    "2:4 form (values + metadata per module; pattern 2:4)")
     p.add_argument("--calibration", default="builtin", help="calibration text (wanda, sparsegpt): builtin, a "
                    ".txt/.json/.jsonl file or folder, or a hub set name")
-    _add_sample_flags(p)
+    add_sample_flags(p)
     _add_eval_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
@@ -445,7 +437,11 @@ def _add_prune(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from calibra import __version__
+
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
+    p.add_argument("--version", action="version", version=f"calibra {__version__}",
+                   help="print the version and exit (`calibra info` adds torch and the native backends)")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="which native backends loaded, and why not for the others")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
@@ -463,12 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", required=True, help="statistics file to write (.safetensors, atomic)")
     cal.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl "
                      "file or folder, or a hub set name")
-    cal.add_argument("--samples", type=int, default=128, help="number of calibration samples")
-    cal.add_argument("--seq-len", type=int, default=None,
-                     help="tokens per calibration sample (default: the model's context, at most 2048)")
-    cal.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (default: about 4096 "
-                     "tokens per pass; 1 if memory is tight)")
-    cal.add_argument("--seed", type=int, default=0, help="seed that selects and orders the samples")
+    add_sample_flags(cal)
     cal.add_argument("--observers", default="hessian", help="comma-separated: hessian,norms,ranges,kv")
     cal.add_argument("--device", default=None, help="compute device for one layer at a time (cpu, cuda, "
                      "cuda:1); default: cuda if available, else cpu")

@@ -155,3 +155,14 @@ def test_grad_mode_is_restored_even_when_the_caller_stops_early(llama, eval_ids)
     assert torch.is_grad_enabled()
     del gen
     assert torch.is_grad_enabled()
+
+
+def test_window_longer_than_context_refused_before_weights_are_read(monkeypatch):
+    import calibra.eval as ev
+
+    def refuse(*a, **k):
+        raise AssertionError("the model's weights were read before the settings were checked")
+
+    monkeypatch.setattr(ev, "_load", refuse)
+    with pytest.raises(ValueError, match=r"seq_len 1024 exceeds the model's max_position_embeddings 256"):
+        ev.evaluate("builtin:tiny-llama", seq_len=1024)

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from calibra.compat.transformers import with_cache
+
 from calibra.kv import KVPlan, KVPreset, PCACache, PresetError, PresetMismatchError, load_preset
 from calibra.kv.basis import pca, rank_grid
 from calibra.kv.plan import KVArchitectureError, check_architecture
@@ -82,8 +84,8 @@ def test_preset_round_trip(tmp_path, llama, llama_plan):
     back.check_model(llama)
     x = torch.randint(1, 96, (1, 9))
     with torch.no_grad():
-        a = llama(x, past_key_values=PCACache(llama, plan), use_cache=True).logits
-        b = llama(x, past_key_values=PCACache(llama, back), use_cache=True).logits
+        a = llama(x, **with_cache(llama, PCACache(llama, plan)), use_cache=True).logits
+        b = llama(x, **with_cache(llama, PCACache(llama, back)), use_cache=True).logits
     assert torch.equal(a, b)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calibra.compat.transformers import with_cache
+
 from calibra.kv import KVCompressedLM, PCACache, measure_bytes
 from tests.calib._tiny import build
 from tests.kv.conftest import plan_for
@@ -37,8 +39,8 @@ def test_rank_r_stores_r_over_head_dim_of_the_bytes(llama, llama_plan, rank):
     x = _ids(llama, B=3, T=17)
     dense, comp = DynamicCache(config=llama.config), PCACache(llama, llama_plan.uniform(rank))
     with torch.no_grad():
-        llama(x, past_key_values=dense, use_cache=True)
-        llama(x, past_key_values=comp, use_cache=True)
+        llama(x, **with_cache(llama, dense), use_cache=True)
+        llama(x, **with_cache(llama, comp), use_cache=True)
     d = llama_plan.head_dim
     for dl, cl in zip(dense.layers, comp.layers):
         # bytes measured from the tensors each cache holds
@@ -68,9 +70,9 @@ def test_prefill_equals_step_by_step_decoding(llama, llama_plan):
     with torch.no_grad():
         full = KVCompressedLM(llama, plan)(x).logits
         cache = PCACache(llama, plan)
-        steps = [llama(x[:, :5], past_key_values=cache, use_cache=True).logits]
+        steps = [llama(x[:, :5], **with_cache(llama, cache), use_cache=True).logits]
         for t in range(5, 12):
-            steps.append(llama(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(llama(x[:, t:t + 1], **with_cache(llama, cache), use_cache=True).logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
@@ -78,7 +80,7 @@ def test_generate_full_rank_matches_plain_model(llama, llama_plan):
     x = _ids(llama, B=2, T=10)
     plain = llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0)
     comp = llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                          past_key_values=PCACache(llama, llama_plan, project_full_rank=True))
+                          **with_cache(llama, PCACache(llama, llama_plan, project_full_rank=True)))
     assert torch.equal(plain, comp)
 
 
@@ -90,7 +92,7 @@ def test_generate_left_padded_batch_full_rank_matches(llama, llama_plan):
     x[1, :4] = 0
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     plain = llama.generate(x, **kw)
-    comp = llama.generate(x, past_key_values=PCACache(llama, llama_plan, project_full_rank=True), **kw)
+    comp = llama.generate(x, **with_cache(llama, PCACache(llama, llama_plan, project_full_rank=True)), **kw)
     assert torch.equal(plain, comp)
 
 
@@ -99,7 +101,7 @@ def test_generate_low_rank_runs_and_uses_the_cache(llama, llama_plan):
     cache = PCACache(llama, llama_plan.uniform(3))
     out = KVCompressedLM(llama, llama_plan.uniform(3)).generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 14)
-    out2 = llama.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache)
+    out2 = llama.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0, **with_cache(llama, cache))
     assert torch.equal(out, out2)
     assert cache.layers[0].values.shape[-1] == 3 and cache.get_seq_length() == 13
 
@@ -115,7 +117,7 @@ def test_crop_and_batch_select_keep_positions_aligned(llama, llama_plan):
     cache = PCACache(llama, llama_plan.uniform(4))
     x = _ids(llama, B=3, T=9)
     with torch.no_grad():
-        llama(x, past_key_values=cache, use_cache=True)
+        llama(x, **with_cache(llama, cache), use_cache=True)
     cache.crop(-2)
     layer = cache.layers[0]
     assert layer.keys.shape[-2] == layer.positions.shape[-1] == 7

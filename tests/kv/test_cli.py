@@ -55,3 +55,50 @@ def test_errors_before_any_work(tmp_path):
               "--output", str(tmp_path / "p.json")])
     with pytest.raises(FileNotFoundError, match="no preset at"):
         main(["kv", "eval", "--input", "builtin:tiny-llama", "--preset", str(tmp_path / "none.json")])
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if a model's weights are read: every setting must be checked before."""
+    import calibra.kv.api as kv_api
+
+    def refuse(*a, **k):
+        raise AssertionError("the model's weights were read before the settings were checked")
+
+    monkeypatch.setattr(kv_api, "_load", refuse)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seq-len", "512"], r"sequence_length 512 exceeds the model's 256 positions"),
+    (["--eval-seq-len", "1024"], r"eval_seq_len 1024 exceeds the model's 256 positions"),
+    (["--samples", "0"], r"num_samples must be an int >= 1"),
+    (["--batch-size", "4", "--samples", "2"], r"batch_size 4 is larger than num_samples 2"),
+])
+def test_length_settings_checked_before_weights_are_read(tmp_path, no_weights, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(["kv", "calibrate", "--input", "builtin:tiny-llama", "--rank", "8", "--output",
+              str(tmp_path / "p.json"), *flags])
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_eval_seq_len_checked_before_weights_are_read(tmp_path, no_weights):
+    from calibra.kv import evaluate
+    from calibra.kv.plan import KVPlan
+    from calibra.kv.preset import KVPreset
+
+    preset = KVPreset.__new__(KVPreset)  # never read: the length check comes first
+    preset.plan = KVPlan.__new__(KVPlan)
+    with pytest.raises(ValueError, match=r"eval_seq_len 300 exceeds the model's 256 positions"):
+        evaluate("builtin:tiny-llama", preset, seq_len=300)
+
+
+def test_calibration_defaults_follow_the_model():
+    """kv calibrate's calibration defaults are the other verbs' (capped by the model, auto batch)."""
+    import argparse
+
+    from calibra.kv.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["kv", "calibrate", "--input", "builtin:tiny-llama", "--rank", "8", "--output", "p.json"])
+    assert args.seq_len is None and args.batch_size is None

@@ -27,8 +27,8 @@ Keys in ``CalibrationStats.tensors`` are ``<kind>/<field>/<module path>``; token
   ``[Hkv, d, d]`` = ``sum k k^T``, ``kv/k_sum/<layer>`` ``[Hkv, d]`` (and the same for v), float64;
   the covariance is ``outer/n - mean mean^T``. Keys are taken before RoPE (see
   ``ModelAdapter.key_value_sources``).
-* ``check_finite`` -- the NaN/Inf guard (FAULTS row 17): raises naming the layer, module and the
-  calibration sample before the value reaches any statistic.
+* ``check_activations_finite`` -- the NaN/Inf guard (FAULTS row 17): raises naming the layer, module
+  and the calibration sample before the value reaches any statistic.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class NonFiniteActivationError(FloatingPointError):
     """An activation that would feed a statistic is NaN or Inf."""
 
 
-def check_finite(x: torch.Tensor, mask: torch.Tensor | None, sample_ids: list[int], where: str) -> None:
+def check_activations_finite(x: torch.Tensor, mask: torch.Tensor | None, sample_ids: list[int], where: str) -> None:
     """Raise ``NonFiniteActivationError`` if any unpadded token of ``x [B, L, D]`` is NaN/Inf.
 
     ``sample_ids[b]`` is the calibration sample index of batch row ``b``; the message names the first

@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from calibra.calib.moe import DEFAULT_TAU, MoERecorder
-from calibra.calib.observers import Observer, check_finite, make_observers
+from calibra.calib.observers import Observer, check_activations_finite, make_observers
 from calibra.calib.stats import CalibrationStats, model_identity
+from calibra.compat.transformers import drop_cache_kwargs
 
 
 class _StopCapture(Exception):
@@ -202,7 +203,7 @@ class LayerRunner:
                 hidden.append(to_cpu(sink["hidden"]))
                 per_layer = []
                 for i in range(n):
-                    kw = {k: v for k, v in sink[i].items() if k not in ("past_key_values", "use_cache")}
+                    kw = {k: v for k, v in drop_cache_kwargs(sink[i]).items() if k != "use_cache"}
                     kw["use_cache"] = False
                     per_layer.append(_map_tensors(kw, to_cpu, memo))
                 kwargs.append(per_layer)
@@ -224,7 +225,7 @@ class LayerRunner:
     def _guard(self, x: torch.Tensor, where: str) -> None:
         # q/k/v (and gate/up) receive the very same input tensor: check it once, not once per Linear
         if self.check and x is not self._last_checked:
-            check_finite(x, self._mask, self._samples, where)
+            check_activations_finite(x, self._mask, self._samples, where)
             self._last_checked = x
 
     def _seen(self, key: str) -> None:

@@ -23,7 +23,7 @@ from calibra.eval.windows import DEFAULT_SEQ_LEN_CAP, dataset_version, plan_wind
 __all__ = [
     "evaluate", "METRICS", "PerplexityResult", "KLResult", "AttributionResult", "ReferenceTopK",
     "perplexity_from_ids", "kl_divergence_from_ids", "collect_reference", "compare", "attribute_layers",
-    "plan_windows", "token_stream", "resolve_protocol", "DEFAULT_TOP_K", "DEFAULT_SEQ_LEN_CAP",
+    "plan_windows", "token_stream", "resolve_protocol", "check_protocol", "DEFAULT_TOP_K", "DEFAULT_SEQ_LEN_CAP",
 ]
 
 METRICS = ("perplexity", "kl-divergence")
@@ -49,6 +49,31 @@ def _validate(metric, reference, seq_len, stride, max_tokens, top_k, exact, attr
         raise ValueError(f"[eval] top_k must be >= 1, got {top_k}")
     if rank_by not in ("kl", "ppl"):
         raise ValueError(f"[eval] rank_by must be 'kl' or 'ppl', got {rank_by!r}")
+
+
+def _check_protocol_before_loading(model, seq_len, stride, read) -> None:
+    """A window longer than a named model's context is refused from its config, before its weights are
+    read (the same check :func:`resolve_protocol` makes on a loaded model)."""
+    if seq_len is None or not isinstance(model, (str, Path)):
+        return
+    from transformers import AutoConfig
+
+    from calibra.io import inspect_model
+
+    folder = inspect_model(str(model), allow_quantized=True, check_tensors=False, component="eval", **read)
+    remote = {"trust_remote_code": True} if read.get("trust_remote_code") else {}
+    check_protocol(AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote), seq_len, stride)
+
+
+def check_protocol(model_config, seq_len: int | None, stride: int | None = None, *, flag: str = "--seq-len") -> None:
+    """Check an evaluation window against a model's config alone (no weights): what the compressing
+    verbs call before loading a model whose report they will evaluate. ``flag``: the option the error
+    message tells the user to change."""
+    from types import SimpleNamespace
+
+    if seq_len is not None and seq_len < 2:
+        raise ValueError(f"[eval] seq_len must be >= 2, got {seq_len}")
+    resolve_protocol(SimpleNamespace(config=model_config), seq_len, stride, flag=flag)
 
 
 def _auto_device(device):
@@ -111,6 +136,7 @@ def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=
 
     _validate(metric, reference, seq_len, stride, max_tokens, top_k, exact, attribution, rank_by)
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    _check_protocol_before_loading(model, seq_len, stride, read)
     model, tokenizer = _load(model, tokenizer, dtype, device, read)
     if isinstance(dataset, torch.Tensor):
         ids, ds = dataset.reshape(-1).long(), {"name": "token-ids", "version": None, "documents": None}

@@ -105,7 +105,7 @@ def default_seq_len(model) -> int:
     return min(n, DEFAULT_SEQ_LEN_CAP) if n else DEFAULT_SEQ_LEN_CAP
 
 
-def resolve_protocol(model, seq_len: int | None, stride: int | None) -> tuple[int, int]:
+def resolve_protocol(model, seq_len: int | None, stride: int | None, *, flag: str = "--seq-len") -> tuple[int, int]:
     """``(seq_len, stride)`` with the defaults filled in: the model's context capped at 2048, half of it.
 
     An explicit ``seq_len`` longer than the model's context is refused: positions past it were
@@ -117,7 +117,7 @@ def resolve_protocol(model, seq_len: int | None, stride: int | None) -> tuple[in
         seq_len = ctx
     elif isinstance(cfg_max, int) and seq_len > cfg_max:
         raise ValueError(f"[eval] seq_len {seq_len} exceeds the model's max_position_embeddings "
-                         f"{cfg_max}; pass --seq-len {cfg_max} or less")
+                         f"{cfg_max}; pass {flag} {cfg_max} or less")
     if stride is None:
         stride = max(1, seq_len // 2)
     return int(seq_len), int(stride)

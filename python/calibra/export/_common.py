@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from calibra.compat.transformers import saved_state
 from calibra.export.writer import ExportError
 
 _EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
@@ -53,8 +54,6 @@ def dense_state(qmodel, *, skip: set[str] = frozenset()) -> dict[str, torch.Tens
     """The model's tensors that stay dense, named as on disk (transformers' save-time renaming, e.g.
     fused experts back to per-expert weights), minus ``skip`` and a tied lm_head (FAULTS row 9: the
     loader re-ties it from the embeddings, as transformers' own save_pretrained does)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     model = qmodel.model
     sd = {k: v for k, v in model.state_dict().items() if k not in skip}
     if tied(model):
@@ -63,7 +62,7 @@ def dense_state(qmodel, *, skip: set[str] = frozenset()) -> dict[str, torch.Tens
             raise ExportError(f"[export] {out_name} is quantized but tied to the input embeddings "
                               f"(tie_word_embeddings=true); untie it or leave it dense")
         sd.pop(f"{out_name}.weight", None)
-    return dict(revert_weight_conversion(model, sd))
+    return saved_state(model, sd)
 
 
 def linear_names(model) -> list[str]:

@@ -103,8 +103,12 @@ def write(qmodel, folder, *, max_shard_bytes=None) -> dict:
             f"AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"<this folder>\")\n```\n\n"
             f"Left dense: {', '.join(qc['ignore']) or 'nothing'}.")
     if not sym and fmt == "int":
-        body += ("\n\nNote: transformers 5.23 fails to load asymmetric pack-quantized checkpoints "
-                 "(a weight_zero_point shape regression); transformers 5.17 + compressed-tensors 0.19 load them.")
+        body += ("\n\nNote: with transformers >= 5.18 and compressed-tensors 0.20, the default load of an "
+                 "asymmetric pack-quantized checkpoint fails on the shape of `weight_zero_point` (compressed-tensors "
+                 "does not pack the zero point of the empty model it builds first). Load it dequantized instead:\n\n"
+                 "```python\nfrom transformers import AutoModelForCausalLM, CompressedTensorsConfig\n"
+                 "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\", "
+                 "quantization_config=CompressedTensorsConfig(dequantize=True))\n```")
     tags = ["compressed-tensors", "calibra", f"{bits}-bit" if fmt == "int" else "nvfp4"]
     _common.write_hf_folder(folder, qmodel, tensors(qmodel), config_updates={"quantization_config": qc},
                             card={"title": f"{qmodel.source} ({label}, compressed-tensors)", "library_name":

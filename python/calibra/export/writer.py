@@ -66,15 +66,17 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
-def check_target(target, overwrite: bool) -> Path:
-    """Refuse an existing target without ``overwrite`` (FAULTS row 26); call before any work."""
+def check_target(target, overwrite: bool, *, tag: str = "export", folder: bool = True) -> Path:
+    """Refuse an existing target without ``overwrite`` (FAULTS row 26); call before any work. Every verb
+    that writes (export, quantize, prune, kv) checks its output here; ``tag`` names the verb in the
+    message, ``folder=False`` is for an output that is one file."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not overwrite:
-        raise FileExistsError(f"[export] output {target} already exists; pass overwrite=True (--overwrite) to "
-                              f"replace it whole, or choose another path")
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"[export] output {target} exists and is not a folder; remove it or choose another "
-                              f"path")
+        raise FileExistsError(f"[{tag}] output {target} already exists; pass overwrite=True (--overwrite) to "
+                              f"replace it{' whole' if folder else ''}, or choose another path")
+    if target.exists() and target.is_dir() != folder:
+        raise FileExistsError(f"[{tag}] output {target} exists and is not a {'folder' if folder else 'file'}; "
+                              f"remove it or choose another path")
     return target
 
 

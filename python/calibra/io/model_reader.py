@@ -246,13 +246,14 @@ def expected_tensors(folder: Path, trust_remote_code: bool = False) -> tuple[dic
     Optional: a tied lm_head (saved only once)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.core_model_loading import revert_weight_conversion
+
+    from calibra.compat.transformers import saved_state
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     sd = model.state_dict()
-    forms = {k: set(revert_weight_conversion(model, {k: v})) for k, v in sd.items()}
+    forms = {k: set(saved_state(model, {k: v})) for k, v in sd.items()}
     optional = set()
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         out = model.get_output_embeddings()
@@ -339,7 +340,7 @@ def _inspect(spec, allow_pickle, trust_remote_code, allow_quantized, check_tenso
     return mf
 
 
-def check_finite(model, source: str = "model") -> None:
+def check_model_finite(model, source: str = "model") -> None:
     """Row 5: name every parameter/buffer holding NaN or Inf (at load, before any work)."""
     import torch
 
@@ -402,9 +403,9 @@ def load_model(spec, dtype="float32", *, allow_pickle: bool = False, trust_remot
     else:
         kw = {"trust_remote_code": True} if trust_remote_code else {}
         model, tokenizer = assets.load_model(spec, dtype=dtype, **kw)
-    check_finite(model, str(spec))
+    check_model_finite(model, str(spec))
     return model, tokenizer
 
 
-__all__ = ["ModelReadError", "ModelFolder", "inspect_model", "load_model", "check_finite", "safe_member",
+__all__ = ["ModelReadError", "ModelFolder", "inspect_model", "load_model", "check_model_finite", "safe_member",
            "read_config", "quantized_tensors", "expected_tensors"]

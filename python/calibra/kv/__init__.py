@@ -3,7 +3,8 @@ pass as the weights, served by a transformers ``Cache`` that stores rank-r coeff
 
 * :func:`calibrate` -- model + calibration text -> :class:`KVPreset` (fixed rank, or auto-tuned ranks
   per layer within a perplexity/KL budget); :func:`evaluate` -- measured quality and cache bytes.
-* :class:`PCACache` -- ``model.generate(..., past_key_values=PCACache(model, preset))``.
+* :class:`PCACache` -- ``KVCompressedLM(model, preset).generate(...)`` builds one per call (or pass
+  ``PCACache(model, preset)`` as the cache of ``model.generate`` yourself).
 * :class:`KVCompressedLM` -- the model with every forward pass routed through a fresh ``PCACache``
   (what perplexity/KL are measured on).
 

@@ -63,6 +63,24 @@ def _check_config(model, *, rank=None) -> object:
     return cfg
 
 
+def _check_lengths(cfg, calibration, eval_seq_len: int | None) -> None:
+    """Every length setting against the model's positions, from its config alone: a setting out of range
+    is an error before any weight is read (a ``CalibrationConfig`` with ``sequence_length=None`` is capped
+    at the model's context by the calibration pass, as for the other verbs)."""
+    from calibra.data import CalibrationConfig
+    from calibra.data.config import model_max_positions
+
+    max_positions = model_max_positions(cfg)
+    if isinstance(calibration, CalibrationConfig):
+        calibration.validate(max_positions)
+    if eval_seq_len is not None:
+        if isinstance(eval_seq_len, bool) or not isinstance(eval_seq_len, int) or eval_seq_len < 2:
+            raise ValueError(f"[kv] eval_seq_len must be an int >= 2, got {eval_seq_len!r}")
+        if max_positions is not None and eval_seq_len > max_positions:
+            raise ValueError(f"[kv] eval_seq_len {eval_seq_len} exceeds the model's {max_positions} positions; "
+                             f"set it <= {max_positions} (or leave it unset)")
+
+
 def _load(model, tokenizer, dtype, device):
     if isinstance(model, (str, Path)):
         from calibra.assets import load_model
@@ -111,10 +129,11 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
         raise ValueError(f"[kv] tune_max_tokens must be >= 2, got {tune_max_tokens}")
     if output is not None:
         check_output(output, overwrite)
-    _check_config(model, rank=rank)
+    cfg = _check_config(model, rank=rank)
     source = _spec_name(model)
     eval_seq_len = eval_seq_len or default_eval_seq_len(model)
     calibration = CalibrationConfig() if calibration is None else calibration
+    _check_lengths(cfg, calibration, eval_seq_len)
     model, tokenizer = _load(model, tokenizer, dtype, device)
     from calibra.calib.stats import model_identity
     from calibra.models import get_adapter
@@ -203,8 +222,9 @@ def evaluate(model, preset, *, tokenizer=None, device=None, dtype="float32", dat
     if not isinstance(preset, KVPreset):
         preset = KVPreset.load(preset)
     plan = preset.plan if ranks is None else preset.plan.with_ranks(ranks)
-    _check_config(model)
+    cfg = _check_config(model)
     seq_len = seq_len or default_eval_seq_len(model)
+    _check_lengths(cfg, None, seq_len)
     model, tokenizer = _load(model, tokenizer, dtype, device)
     preset.check_model(model)
     probe = QualityProbe(model, tokenizer, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens,

@@ -1,8 +1,9 @@
 """The compressed KV cache: a transformers ``Cache`` whose layers store K/V projected to rank r.
 
-Transformers API relied on (checked against transformers 5.x): ``transformers.cache_utils.Cache`` built
-from a list of per-layer objects (``Cache(layers=[...])``), and ``DynamicLayer`` -- the growing per-layer
-cache whose ``keys``/``values`` tensors are ``[batch, kv_heads, seq, last]`` with the sequence in dim -2.
+Transformers API relied on (through :mod:`calibra.compat.transformers`, assumptions 1-3, each tested
+there): ``transformers.cache_utils.Cache`` built from a list of per-layer objects
+(``Cache(layers=[...])``), and ``DynamicLayer`` -- the growing per-layer cache whose ``keys``/``values``
+tensors are ``[batch, kv_heads, seq, last]`` with the sequence in dim -2.
 Our layer subclasses it and keeps **the stored form** in ``keys``/``values`` (``last`` = the rank for a
 compressed tensor), so the base class's ``get_seq_length``, ``crop``, beam ``reorder_cache`` and batch
 selection work on the compressed tensors unchanged. ``update()`` is the one place the attention reads
@@ -19,7 +20,8 @@ low-rank subspace. The attention hands the cache post-RoPE keys, so the cache un
 one per token and batch row), and on read reconstructs the pre-RoPE keys and rotates them again with the
 model's rotary module at the stored positions. The ``cos``/``sin``/``position_ids`` of the current call
 reach the cache through a forward pre-hook on every attention module (installed once per model by
-:class:`PCACache`; it does nothing unless the call's ``past_key_values`` is a :class:`PCACache`).
+:class:`PCACache`; it does nothing unless the call's cache -- ``cache=`` or ``past_key_values=``,
+whichever the installed transformers passes -- is a :class:`PCACache`).
 
 Everything the attention sees went through the cache, also the tokens of the current step (the prompt
 in a prefill): perplexity measured with this cache and generation with it use the very same path.
@@ -29,10 +31,11 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
-
+from calibra.compat.transformers import cache_classes, cache_from_call, rope_from_call, rotary_module
 from calibra.kv.basis import HeadBases
 from calibra.kv.plan import KVArchitectureError, KVPlan
+
+Cache, DynamicLayer, _ = cache_classes()
 
 # model -> hook handles (one pre-hook per attention module); weak, so the model is not kept alive by us
 _ROPE_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -195,7 +198,7 @@ class PCACacheLayer(DynamicLayer):
 
 def _install_rope_capture(model, adapter) -> None:
     """One forward pre-hook per attention module that hands the call's ``position_ids`` and
-    ``position_embeddings`` (cos, sin) to a :class:`PCACache` passed as ``past_key_values``."""
+    ``position_embeddings`` (cos, sin) to a :class:`PCACache` passed as the call's cache."""
     if model in _ROPE_HOOKS:
         return
     handles = []
@@ -203,12 +206,10 @@ def _install_rope_capture(model, adapter) -> None:
         attn = adapter.attention(layer)
 
         def pre_hook(module, args, kwargs, i=i):
-            cache = kwargs.get("past_key_values")
+            cache = cache_from_call(kwargs)
             if isinstance(cache, PCACache):
                 idx = getattr(module, "layer_idx", i)
-                pe = kwargs.get("position_embeddings")
-                cos, sin = pe if pe is not None else (None, None)
-                cache.layers[idx]._rope = (kwargs.get("position_ids"), cos, sin)
+                cache.layers[idx]._rope = rope_from_call(kwargs)
             return None
 
         handles.append(attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -227,7 +228,9 @@ class PCACache(Cache):
     ``PCACache(model, plan)``: ``plan`` is a :class:`~calibra.kv.plan.KVPlan` or a
     :class:`~calibra.kv.preset.KVPreset`. Use one cache per generation, like a ``DynamicCache``::
 
-        out = model.generate(ids, past_key_values=PCACache(model, preset), max_new_tokens=32)
+        out = KVCompressedLM(model, preset).generate(ids, max_new_tokens=32)
+
+    (``KVCompressedLM.generate`` passes the cache under the keyword the installed transformers takes.)
 
     Checks the plan against the model (layers, KV heads, head_dim, attention kind) before anything runs.
     A tensor whose rank equals ``head_dim`` is stored as is (it would save nothing); pass
@@ -242,7 +245,7 @@ class PCACache(Cache):
         plan.check_model(adapter)
         rotary = None
         if "k" in plan.bases:
-            rotary = getattr(adapter.base, "rotary_emb", None)
+            rotary = rotary_module(adapter.base)
             if rotary is None:
                 raise KVArchitectureError("[kv] key compression re-applies RoPE with the model's rotary module "
                                           "(model.model.rotary_emb), which this model lacks; use targets='v'")

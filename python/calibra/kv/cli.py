@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from calibra.cli_flags import add_sample_flags
+
 #: exit status when auto-tuning finds no compression within the budget (no preset is written)
 EXIT_NO_FIT = 3
 
@@ -101,10 +103,7 @@ def add_parser(sub) -> None:
                    "default); kv: keys (pre-RoPE) and values")
     c.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl file or "
                    "folder, or a hub set name")
-    c.add_argument("--samples", type=int, default=128, help="calibration samples")
-    c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
-    c.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
-    c.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
+    add_sample_flags(c)
     c.add_argument("--tune-max-tokens", type=int, default=8192, help="auto-tune: tokens of calibration text every "
                    "candidate is measured on")
     c.add_argument("--no-eval", action="store_true", help="do not measure the preset on the eval text")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from calibra.compat.transformers import dynamic_cache, with_cache
 from calibra.kv.cache import PCACache
 from calibra.kv.model import KVCompressedLM
 
@@ -26,15 +27,13 @@ def _dense_bytes(cache) -> dict[str, int]:
 def measure_bytes(model, plan, input_ids: torch.Tensor) -> dict:
     """Cache bytes after a forward pass over ``input_ids [B, T]`` with a ``DynamicCache`` and with the
     compressed cache of ``plan``; ``ratio`` = compressed / dense, ``saving`` = 1 - ratio."""
-    from transformers import DynamicCache
-
     ids = input_ids.to(next(model.parameters()).device)
     if ids.dim() == 1:
         ids = ids[None]
-    dense = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=dense, use_cache=True, logits_to_keep=1)
+    dense = dynamic_cache(model)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, dense))
     comp = PCACache(model, plan)
-    model(input_ids=ids, past_key_values=comp, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, comp))
     d = _dense_bytes(dense)
     c = comp.stored_bytes()
     c["total"] = c["k"] + c["v"] + c["positions"]

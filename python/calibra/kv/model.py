@@ -2,14 +2,16 @@
 
 ``KVCompressedLM(model, plan)`` is what the evaluation code (``calibra.eval``: perplexity, KL, the
 EvalSession) runs to measure a preset's quality: each forward builds a fresh :class:`PCACache` and passes
-it as ``past_key_values`` with ``use_cache=True``, so the attention reads K/V back from the compressed
-cache in the prefill exactly as it does during generation. The wrapped model's weights are shared, not
-copied.
+it as the model's cache (``cache=`` or ``past_key_values=``, whichever the installed transformers takes:
+:func:`calibra.compat.transformers.with_cache`) with ``use_cache=True``, so the attention reads K/V back
+from the compressed cache in the prefill exactly as it does during generation. The wrapped model's
+weights are shared, not copied. A cache given by the caller under either keyword is used instead.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from calibra.compat.transformers import given_cache, with_cache
 from calibra.kv.cache import PCACache
 
 
@@ -28,15 +30,15 @@ class KVCompressedLM(nn.Module):
     def new_cache(self) -> PCACache:
         return PCACache(self.model, self.plan, project_full_rank=self.project_full_rank)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
-        if past_key_values is None:
-            past_key_values = self.new_cache()
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                          use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, logits_to_keep=0, **kwargs):
+        cache = given_cache(kwargs)
+        kwargs = with_cache(self.model, cache if cache is not None else self.new_cache(), kwargs)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                          logits_to_keep=logits_to_keep, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """``model.generate`` with a fresh compressed cache (unless ``past_key_values`` is given)."""
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self.new_cache()
+        """``model.generate`` with a fresh compressed cache (unless one is given as ``cache`` or
+        ``past_key_values``)."""
+        cache = given_cache(kwargs)
+        kwargs = with_cache(self.model, cache if cache is not None else self.new_cache(), kwargs)
         return self.model.generate(*args, **kwargs)

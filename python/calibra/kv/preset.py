@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from calibra.export.writer import sha256_file
+from calibra.export.writer import check_target, sha256_file
 from calibra.kv.basis import HeadBases
 from calibra.kv.plan import KVPlan
 
@@ -39,10 +39,8 @@ def check_output(path, overwrite: bool) -> Path:
     if path.suffix != ".json":
         raise ValueError(f"[kv] the preset path must end in .json (the bases go beside it as .safetensors), got "
                          f"{str(path)!r}; e.g. kv_preset_tiny-llama.json")
-    if not overwrite:
-        for p in (path, tensors_path(path)):
-            if p.exists():
-                raise FileExistsError(f"[kv] {p} already exists; pass overwrite=True (--overwrite) to replace it")
+    for p in (path, tensors_path(path)):
+        check_target(p, overwrite, tag="kv", folder=False)
     return path
 
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from calibra.compat.transformers import fused_expert_weights, is_fused_experts, router_probs_and_topk
+
 # role of a Linear by its attribute name (the last component of its module path)
 _ROLES = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -59,18 +61,12 @@ class MoEBlock:
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [n, E] float32, top_k index [n, k] int64)`` for tokens ``x [n, H]`` under the
         model's normal routing (the router module itself, no noise: eval mode)."""
-        out = self.router(x)
-        if isinstance(out, tuple):  # transformers 5 TopKRouter: (logits, scores, index)
-            logits, _, index = out
-            return torch.softmax(logits.float(), dim=-1), index
-        probs = torch.softmax(out.float(), dim=-1)  # transformers 4.x nn.Linear gate
-        return probs, torch.topk(probs, self.top_k, dim=-1).indices
+        return router_probs_and_topk(self.router(x), self.top_k)
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(W_gate [I, H], W_up [I, H], W_down [H, I])`` of expert ``e`` (views, no copies)."""
         if self.fused:
-            gate, up = self.experts.gate_up_proj[e].chunk(2, dim=0)
-            return gate, up, self.experts.down_proj[e]
+            return fused_expert_weights(self.experts, e)
         mlp = self.experts[e]
         for g, u, d in _UNFUSED_EXPERT_NAMES:
             if hasattr(mlp, g):
@@ -156,7 +152,7 @@ class ModelAdapter:
             router = getattr(mod, "gate", None)
             if experts is None or router is None or name.endswith("experts"):
                 continue
-            fused = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+            fused = is_fused_experts(experts)
             if fused:
                 num_experts = experts.gate_up_proj.shape[0]
                 act = experts.act_fn

@@ -9,13 +9,13 @@ messages.
 import torch
 
 from calibra.ops._ref.pack import check_codes
-from calibra.ops._ref.quantize import check_finite
+from calibra.ops._ref.quantize import check_weight_finite
 from calibra.ops._ref.sparsity import bad_meta_message, nan_error_message, not_24_message
 from calibra.ops._registry import MPS_DATA_CHECKS, register_backend
 
 
 def _finite_w(w, *args) -> None:
-    check_finite(w)
+    check_weight_finite(w)
 
 
 def _codes_fit(codes, bits, *args) -> None:

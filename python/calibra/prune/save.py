@@ -52,16 +52,6 @@ class PrunedModel:
     """module name -> why it was left dense."""
 
 
-def check_output(path, overwrite: bool) -> Path:
-    """Refuse an existing DIR without ``overwrite`` (before any work starts)."""
-    from calibra.export.writer import check_target
-
-    try:
-        return check_target(path, overwrite)
-    except FileExistsError as e:
-        raise FileExistsError(str(e).replace("[export]", "[prune]", 1)) from None
-
-
 def module_weight(model, name: str) -> torch.Tensor:
     """The current 2-D weight of a pruned module: ``<path>.weight`` of a Linear, or the expert's slice
     ``experts.gate_up_proj[e]`` / ``experts.down_proj[e]`` of a fused 3-D parameter."""
@@ -131,7 +121,7 @@ def write(pm: PrunedModel, path, *, overwrite: bool = False, save_24: bool = Fal
 
     from calibra.export import _common, writer
 
-    target = check_output(path, overwrite)
+    target = writer.check_target(path, overwrite, tag="prune")
     block = sparsity_block(pm)
     body = (f"Pruned with calibra: {block['method']}, pattern {block['pattern']}, achieved sparsity "
             f"{block['achieved']:.4f} over {len(pm.layers)} modules. The weights are stored dense (zeros included); "
@@ -162,5 +152,5 @@ def load_24(path) -> dict[str, torch.Tensor]:
     return {n: decompress_24(t[f"{n}.values"], t[f"{n}.meta"]) for n in names}
 
 
-__all__ = ["PrunedModel", "write", "check_output", "module_weight", "sparsity_block", "sparsity_doc", "tensors_24",
+__all__ = ["PrunedModel", "write", "module_weight", "sparsity_block", "sparsity_doc", "tensors_24",
            "load_24", "FORMAT", "SPARSITY", "SPARSE24", "CONFIG_KEY"]

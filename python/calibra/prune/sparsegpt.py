@@ -3,11 +3,11 @@ adaptive mask selection per block, lazy batch updates, and optional joint quanti
 
 Given ``W [out, in]`` and ``H = X^T X``:
 
-1. Damp and factor: ``U`` = upper Cholesky factor of ``(H + damp I)^-1`` (damping ladder as GPTQ's:
-   ``damp_percent``, then each ``damp_ladder`` value, in float32 and then float64; past it, fail
-   naming the module -- FAULTS 18). Dead channels (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``:
-   they never fire, so their weights do not affect the output and the channel is decoupled from the
-   others (FAULTS 19).
+1. Normalize, damp and factor, by GPTQ's own code (:mod:`calibra.quant.gptq`): ``U`` = upper Cholesky
+   factor of ``(H + damp I)^-1`` with the damping ladder (``damp_percent``, then each ``damp_ladder``
+   value, in float32 and then float64; past it, fail naming the module -- FAULTS 18). Dead channels
+   (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``: they never fire, so their weights do not affect
+   the output and the channel is decoupled from the others (FAULTS 19).
 2. For each block of ``block_size`` columns (the lazy batch):
    - mask selection, scored by OBS's saliency ``w^2 / U_jj^2`` of the block's current (error-updated)
      weights: unstructured -- the lowest ``k_b`` of the whole block, where ``k_b`` distributes the
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
@@ -49,6 +49,7 @@ from calibra.prune.config import PruningConfig
 from calibra.prune.methods import check_layer
 from calibra.prune.patterns import NM, Block, prune_count
 from calibra.prune.result import PrunedLayer, relative_output_error
+from calibra.quant.gptq import factor_inverse_hessian, normalized_hessian
 
 _CODE_CLAMP = 4194304.0  # 2^22: keeps w / scale finite-and-exact before rounding (as the GPTQ sweep does)
 
@@ -149,35 +150,6 @@ def native_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fm
     return SweepOut(q, codes, err, s, z, prune)
 
 
-class Factorization(NamedTuple):
-    u: torch.Tensor
-    damp: float
-    damp_percent: float
-    steps: int
-    float64: bool
-
-
-def factor_inverse_hessian(h: torch.Tensor, config: PruningConfig, name: str, base: float) -> Factorization:
-    """Upper Cholesky factor of the damped ``H^-1`` with the damping ladder (``h`` is not modified)."""
-    percents = (config.damp_percent,) + tuple(config.damp_ladder)
-    steps = 0
-    for dtype in (torch.float32, torch.float64):
-        hd = h.to(dtype)
-        eye = torch.eye(hd.shape[0], dtype=dtype, device=hd.device)
-        for pct in percents:
-            damp = pct * base
-            lower, info = torch.linalg.cholesky_ex(hd + damp * eye)
-            if int(info) == 0:
-                linv = torch.linalg.solve_triangular(lower, eye, upper=False)
-                u, info = torch.linalg.cholesky_ex(linv.T @ linv, upper=True)
-                if int(info) == 0 and bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
-                    return Factorization(u.float(), float(damp), float(pct), steps, dtype == torch.float64)
-            steps += 1
-    raise ValueError(f"[sparsegpt] the Hessian of {name} is not positive definite even with damp {percents[-1]} x "
-                     f"mean diag (= {percents[-1] * base:.4g}) in float64 after {steps} attempts; check the "
-                     f"calibration activations of this module, or raise damp_percent / damp_ladder")
-
-
 def check_hessian(h, n_tokens, in_features: int, name: str) -> None:
     if not isinstance(h, torch.Tensor) or tuple(h.shape) != (in_features, in_features):
         got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
@@ -244,20 +216,9 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: Pru
     s = config.sparsity if sparsity is None else float(sparsity)
     out, n = w.shape
     wf = w.detach().float().clone()
-    # GPTQ's normalization H = 2 X^T X / N: it does not change the solution, and keeps damping and the
-    # saliencies on a scale independent of the token count
-    hw = h.detach().to(torch.float64 if h.dtype == torch.float64 else torch.float32).to(wf.device) * (2.0 / n_tokens)
-    diag = hw.diagonal()
-    dead = diag == 0
-    n_dead = int(dead.sum())
-    base = float(diag[~dead].mean()) if n_dead < n else 0.0
-    base = base if base > 0 else 1.0
-    if n_dead:
-        hw = hw.clone()
-        hw[dead, dead] = 1.0
-        wf[:, dead] = 0.0
-    fac = factor_inverse_hessian(hw, config, name, base)
-    u = fac.u.to(wf.device)
+    hw, base, n_dead = normalized_hessian(h, n_tokens, wf)
+    fac = factor_inverse_hessian(hw, config, base, subject=f"[sparsegpt] the Hessian of {name}")
+    u = fac.u
 
     jq = config.quantize
     fmt = "int" if jq is not None else "none"

@@ -39,8 +39,6 @@ from calibra.quant.rtn import rtn_quantize
 
 # execution order of the roles inside a decoder layer (true-sequential groups)
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up", "gate_up"), ("down",), ("other",))
-_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-          "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 
 @dataclass
@@ -63,11 +61,11 @@ class Target:
         return self.in_features * self.out_features
 
 
-def _linear_target(name: str, stats_key: str, mod: nn.Linear, expert: bool) -> Target:
+def _linear_target(name: str, stats_key: str, mod: nn.Linear, expert: bool, role: str) -> Target:
     def store(w, mod=mod):
         mod.weight.data.copy_(w)
 
-    return Target(name=name, stats_key=stats_key, role=_ROLES.get(name.rsplit(".", 1)[-1], "other"),
+    return Target(name=name, stats_key=stats_key, role=role,
                   in_features=mod.in_features, out_features=mod.out_features, expert=expert,
                   weight=lambda mod=mod: mod.weight.data, store=store)
 
@@ -83,7 +81,9 @@ def _slice_target(name: str, param: nn.Parameter, e: int, role: str) -> Target:
 def layer_targets(adapter, index: int, layer: nn.Module) -> list[Target]:
     """Every quantizable weight of decoder layer ``index``, in module order (see the module docstring)."""
     lname = adapter.layer_name(index)
-    out = [_linear_target(f"{lname}.{n}", f"{lname}.{n}", m, False) for n, m in adapter.linear_modules(layer).items()]
+    # roles come from the adapter's one table (ModelAdapter.role: q/k/v/o/gate/up/down by attribute name)
+    out = [_linear_target(f"{lname}.{n}", f"{lname}.{n}", m, False, adapter.role(n))
+           for n, m in adapter.linear_modules(layer).items()]
     for block in adapter.moe_blocks(layer):
         pre = f"{lname}.{block.name}.experts"
         for e in range(block.num_experts):
@@ -94,9 +94,9 @@ def layer_targets(adapter, index: int, layer: nn.Module) -> list[Target]:
                 continue
             for n, m in block.experts[e].named_children():
                 if isinstance(m, nn.Linear):
-                    role = _ROLES.get(n, "other")
+                    role = adapter.role(n)
                     key = f"{pre}.{e}.{'down_proj' if role == 'down' else 'gate_up_proj'}"
-                    out.append(_linear_target(f"{pre}.{e}.{n}", key, m, True))
+                    out.append(_linear_target(f"{pre}.{e}.{n}", key, m, True, role))
     return out
 
 

@@ -12,7 +12,7 @@ do not change the damping of the others.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -23,17 +23,39 @@ from calibra.quant.result import ModuleLog, QuantizedLayer
 from calibra.quant.validate import check_hessian, check_weight
 
 
-class Factorization:
+class Factorization(NamedTuple):
     """U (upper Cholesky factor of the damped H^-1) and how it was obtained."""
 
-    def __init__(self, u: torch.Tensor, damp: float, damp_percent: float, steps: int, float64: bool):
-        self.u, self.damp, self.damp_percent, self.steps, self.float64 = u, damp, damp_percent, steps, float64
+    u: torch.Tensor
+    damp: float
+    damp_percent: float
+    steps: int
+    float64: bool
 
 
-def factor_inverse_hessian(h: torch.Tensor, config: GPTQConfig, name: str, base: float) -> Factorization:
-    """The damping ladder (FAULTS row 18): damp_percent, then each damp_ladder value, in float32, then
-    the same in float64; the first attempt whose Cholesky of H + damp I succeeds (and gives a finite U) wins.
-    ``h`` is not modified. Past the ladder: ValueError naming the module."""
+def normalized_hessian(h: torch.Tensor, n_tokens: int, wf: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """``(H, damping base, dead channel count)`` of the Hessian sum ``h = X^T X`` for the float32 weight
+    ``wf [out, in]``, on wf's device; ``h`` is not modified, ``wf``'s dead columns are zeroed in place.
+
+    H is GPTQ's normalization ``2 X^T X / N``: the solution does not depend on it, the loss and the
+    saliencies do (it keeps them comparable with AutoGPTQ's and independent of the token count). Dead
+    channels get ``H[i, i] = 1`` and ``W[:, i] = 0``; the base is the mean diag over live channels."""
+    hw = h.detach().to(torch.float64 if h.dtype == torch.float64 else torch.float32).to(wf.device) * (2.0 / n_tokens)
+    diag = hw.diagonal()
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    live_mean = float(diag[~dead].mean()) if n_dead < hw.shape[0] else 0.0
+    if n_dead:
+        hw[dead, dead] = 1.0
+        wf[:, dead] = 0.0
+    return hw, live_mean if live_mean > 0 else 1.0, n_dead
+
+
+def factor_inverse_hessian(h: torch.Tensor, config, base: float, *, subject: str) -> Factorization:
+    """The damping ladder (FAULTS row 18): ``config.damp_percent``, then each ``config.damp_ladder`` value
+    (a GPTQConfig or a PruningConfig), in float32, then the same in float64; the first attempt whose
+    Cholesky of H + damp I succeeds (and gives a finite U) wins. ``h`` is not modified. Past the ladder:
+    ValueError starting with ``subject`` (the solver's tag and the module, e.g. "[gptq] Hessian of q")."""
     percents = (config.damp_percent,) + tuple(config.damp_ladder)
     steps = 0
     for dtype in (torch.float32, torch.float64):
@@ -51,7 +73,7 @@ def factor_inverse_hessian(h: torch.Tensor, config: GPTQConfig, name: str, base:
                 if bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
                     return Factorization(u.float(), float(damp), float(pct), steps, dtype == torch.float64)
             steps += 1
-    raise ValueError(f"[gptq] Hessian of {name} is not positive definite even with damp {percents[-1]} x mean diag "
+    raise ValueError(f"{subject} is not positive definite even with damp {percents[-1]} x mean diag "
                      f"(= {percents[-1] * base:.4g}) in float64 after {steps} attempts; check the calibration "
                      f"activations of this module, or raise damp_percent / damp_ladder")
 
@@ -80,17 +102,7 @@ def _solve(wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig,
     t0 = time.perf_counter()
     out, n = wf.shape
     fmt, gs = config.format, config.group_size
-    # GPTQ's normalization H = 2 X^T X / N: the solution does not depend on it, the loss does (this makes
-    # it comparable with AutoGPTQ's).
-    hw = h.detach().to(torch.float64 if h.dtype == torch.float64 else torch.float32) * (2.0 / n_tokens)
-    diag = hw.diagonal()
-    dead = diag == 0
-    n_dead = int(dead.sum())
-    live_mean = float(diag[~dead].mean()) if n_dead < n else 0.0
-    base = live_mean if live_mean > 0 else 1.0
-    if n_dead:
-        hw[dead, dead] = 1.0
-        wf[:, dead] = 0.0
+    hw, base, n_dead = normalized_hessian(h, n_tokens, wf)
 
     gscale = nvfp4_global_scale(wf) if fmt == "nvfp4" else 1.0
     shrink = torch.tensor(config.shrink(), dtype=torch.float32, device=wf.device)
@@ -109,7 +121,7 @@ def _solve(wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig,
         hw = hw[perm][:, perm]
     else:
         perm = None
-    fac = factor_inverse_hessian(hw, config, name, base)
+    fac = factor_inverse_hessian(hw, config, base, subject=f"[gptq] Hessian of {name}")
     u = fac.u
     # the group (table entry) of each column in sweep order
     cols = torch.arange(n, device=wf.device)
@@ -182,4 +194,5 @@ def reference_sweep(*args):
     return ref(*args)
 
 
-__all__ = ["gptq_quantize", "factor_inverse_hessian", "reference_sweep", "gptq_block_sweep"]
+__all__ = ["gptq_quantize", "normalized_hessian", "factor_inverse_hessian", "Factorization", "reference_sweep",
+           "gptq_block_sweep"]

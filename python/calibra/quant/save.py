@@ -29,16 +29,6 @@ WEIGHTS = "quantized.safetensors"
 MANIFEST = "quantization.json"
 
 
-def check_output(path, overwrite: bool) -> Path:
-    """Refuse an existing output folder without ``overwrite`` (checked before any work starts)."""
-    from calibra.export.writer import check_target
-
-    try:
-        return check_target(path, overwrite)
-    except FileExistsError as e:
-        raise FileExistsError(str(e).replace("[export]", "[quantize]", 1)) from None
-
-
 def config_dict(config) -> dict:
     d = dataclasses.asdict(config)
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -110,7 +100,7 @@ def write(qm, path, *, overwrite: bool = False, report: dict | None = None, extr
 
     from calibra.export import writer
 
-    path = check_output(path, overwrite)
+    path = writer.check_target(path, overwrite, tag="quantize")
     with writer.atomic_folder(path, overwrite=overwrite) as tmp:
         save_file(tensors_of(qm), str(tmp / WEIGHTS), metadata={"format": FORMAT})
         _write_json(tmp / MANIFEST, manifest(qm))
@@ -174,4 +164,4 @@ def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:
     return ql.dequantize()
 
 
-__all__ = ["write", "load", "check_output", "tensors_of", "manifest", "FORMAT", "WEIGHTS", "MANIFEST"]
+__all__ = ["write", "load", "tensors_of", "manifest", "FORMAT", "WEIGHTS", "MANIFEST"]

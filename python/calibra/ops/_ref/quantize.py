@@ -26,7 +26,8 @@ import torch
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-def check_finite(w: torch.Tensor, op: str = "quantize") -> None:
+def check_weight_finite(w: torch.Tensor, op: str = "quantize") -> None:
+    """The op's data check on its weight argument ``w``: NaN/Inf raises naming the first bad element."""
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         r, c = (int(v) for v in bad.nonzero()[0])
@@ -64,7 +65,7 @@ def _int_scale_zero(wg: torch.Tensor, bits: int, symmetric: bool, dtype: torch.d
 
 
 def quantize_int(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    check_finite(w)
+    check_weight_finite(w)
     out, n = w.shape
     maxq = float(2 ** bits - 1)
     wg, g = _groups(w, group_size)
@@ -116,7 +117,7 @@ def mx_exponent(amax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp4(w: torch.Tensor, format: str):
-    check_finite(w)
+    check_weight_finite(w)
     out, n = w.shape
     gs = 32 if format == "mxfp4" else 16
     wg = w.float().reshape(out, n // gs, gs)

@@ -1,0 +1,145 @@
+"""Every place calibra relies on a transformers internal, in one module.
+
+calibra is written against transformers 5 (``>=5.0,<6``, see pyproject.toml). The public API
+(``AutoModelForCausalLM``, ``AutoConfig``, ``from_pretrained``) is used directly by the verbs; what is
+*not* a stable, documented API goes through here, so that a change between minor releases is fixed in
+one place. Each assumption has a test in ``tests/compat/test_transformers_compat.py`` that builds tiny
+random models from transformers' own config classes and checks the assumption itself, so a new
+transformers release that breaks one fails that test by name rather than a KV or export test far away.
+
+The assumptions:
+
+1. **The cache keyword.** Models, decoder layers and attention modules take the KV cache as ``cache=``
+   from 5.25 on (``past_key_values`` is a deprecated alias there, removed in 5.40) and as
+   ``past_key_values=`` before. :func:`cache_kwarg` names the one the installed model's ``forward``
+   declares; :func:`cache_from_call` finds the cache in a module call's keyword arguments under either
+   name (a forward pre-hook sees the keywords as the caller passed them, before any renaming).
+2. **The cache classes.** ``transformers.cache_utils.Cache`` is built from a list of per-layer objects
+   (``Cache(layers=[...])``) and ``DynamicLayer`` keeps ``keys``/``values`` as ``[batch, kv_heads, seq,
+   head_dim]`` with the sequence in dim -2; ``Cache.update(k, v, layer_idx, ...)`` is the one call
+   through which attention writes and reads.
+3. **RoPE reaches the attention as ``position_embeddings=(cos, sin)``**, computed once per forward by
+   ``model.model.rotary_emb(x, position_ids)`` with ``cos``/``sin`` of shape ``[batch, seq, head_dim]``.
+4. **Save-time renaming** (``transformers.core_model_loading.revert_weight_conversion``): transformers 5
+   fuses some tensors in memory (MoE experts) and saves them under their on-disk names.
+5. **MoE routers** return either ``(logits, scores, top_k_index)`` (the 5.x ``TopKRouter`` modules) or
+   plain logits (an ``nn.Linear`` gate, soft-maxed and top-k'd by the caller).
+6. **Fused experts** hold ``gate_up_proj [E, 2*I, H]`` (gate rows first, then up) and
+   ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+# The keyword names a module call may carry the KV cache under: the current one first.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+# -- 1. the cache keyword -------------------------------------------------------------------------------
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` takes the KV cache under: ``"cache"`` (transformers >= 5.25) or
+    ``"past_key_values"`` (older 5.x). ``inspect.signature`` follows the ``deprecate_kwarg`` wrapper to
+    the real signature."""
+    params = inspect.signature(model.forward).parameters
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise TypeError(f"[compat] {type(model).__name__}.forward takes none of the KV-cache keywords "
+                    f"{CACHE_KWARGS}; this transformers version is not supported")
+
+
+def with_cache(model, cache, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``kwargs`` with ``cache`` passed under the keyword ``model.forward`` declares (any cache passed
+    under the other name is replaced)."""
+    out = {k: v for k, v in (kwargs or {}).items() if k not in CACHE_KWARGS}
+    out[cache_kwarg(model)] = cache
+    return out
+
+
+def cache_from_call(kwargs: dict[str, Any]):
+    """The KV cache of a module call (a forward pre-hook's ``kwargs``), under whichever name the caller
+    used; ``None`` when the call carries none."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def given_cache(kwargs: dict[str, Any]):
+    """Pop the cache a user passed to one of calibra's wrappers under either name (``None`` if none)."""
+    found = None
+    for name in CACHE_KWARGS:
+        cache = kwargs.pop(name, None)
+        if cache is not None:
+            found = cache
+    return found
+
+
+def drop_cache_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A decoder layer's captured call keywords without the cache (replayed calls never cache)."""
+    return {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+
+
+# -- 2. the cache classes ---------------------------------------------------------------------------------
+def cache_classes():
+    """``(Cache, DynamicLayer, DynamicCache)`` from ``transformers.cache_utils``."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    return Cache, DynamicLayer, DynamicCache
+
+
+def dynamic_cache(model):
+    """An empty ``DynamicCache`` for ``model`` (the dense cache KV measurements compare against)."""
+    _, _, DynamicCache = cache_classes()
+    return DynamicCache(config=model.config)
+
+
+# -- 3. RoPE -----------------------------------------------------------------------------------------------
+def rotary_module(base_model):
+    """The rotary-embedding module of a decoder stack (``model.model``), or ``None`` when the model has
+    none there (no RoPE, or per-layer rotary modules)."""
+    return getattr(base_model, "rotary_emb", None)
+
+
+def rope_from_call(kwargs: dict[str, Any]):
+    """``(position_ids, cos, sin)`` an attention call received (``None`` for what is missing)."""
+    pe = kwargs.get("position_embeddings")
+    cos, sin = pe if pe is not None else (None, None)
+    return kwargs.get("position_ids"), cos, sin
+
+
+# -- 4. save-time renaming ----------------------------------------------------------------------------------
+def saved_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (in-memory names) renamed and split as ``save_pretrained`` would write it to disk."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, state))
+
+
+# -- 5. routers ---------------------------------------------------------------------------------------------
+def router_probs_and_topk(out, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs [n, E] float32, top_k index [n, k] int64)`` from a router module's output: a 5.x
+    ``TopKRouter`` returns ``(logits, scores, index)`` and has chosen the experts itself; a plain
+    ``nn.Linear`` gate returns logits, soft-maxed and top-k'd here as those models do."""
+    if isinstance(out, tuple):
+        logits, _, index = out
+        return torch.softmax(logits.float(), dim=-1), index
+    probs = torch.softmax(out.float(), dim=-1)
+    return probs, torch.topk(probs, top_k, dim=-1).indices
+
+
+# -- 6. fused experts ---------------------------------------------------------------------------------------
+def is_fused_experts(experts) -> bool:
+    """Whether an ``experts`` module holds all experts as 3-D ``gate_up_proj``/``down_proj`` tensors."""
+    return isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+
+
+def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_gate [I, H], W_up [I, H], W_down [H, I])`` of expert ``e`` of a fused experts module
+    (views, no copies)."""
+    gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+    return gate, up, experts.down_proj[e]

@@ -1,0 +1,181 @@
+"""One test per transformers assumption of ``calibra.compat.transformers`` (numbered as in its docstring).
+
+Each builds tiny random models from transformers' own config classes and checks the assumption itself
+against the installed release, so a release that breaks one fails here by name."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibra.compat import transformers as compat
+from tests.calib._tiny import ARCHS, MOE_ARCHS, build
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build("llama")
+
+
+def _attention(model, i=0):
+    return model.model.layers[i].self_attn
+
+
+# -- 1. the cache keyword -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_kwarg_is_declared_by_forward(arch):
+    model = build(arch)
+    name = compat.cache_kwarg(model)
+    assert name in compat.CACHE_KWARGS
+    assert name in inspect.signature(model.forward).parameters
+
+
+def test_cache_passed_by_its_keyword_is_used_without_deprecation(llama, recwarn):
+    cache = compat.dynamic_cache(llama)
+    ids = torch.randint(1, 96, (1, 7))
+    with torch.no_grad():
+        llama(ids, use_cache=True, **compat.with_cache(llama, cache))
+    assert cache.get_seq_length() == 7  # the model wrote into the cache we passed
+    deprecations = [w for w in recwarn if issubclass(w.category, FutureWarning) and "deprecated" in str(w.message)]
+    assert not deprecations, [str(w.message) for w in deprecations]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_pre_hook_finds_the_cache(arch):
+    """What the KV pre-hook relies on: the attention call's keywords hold the cache under a known name."""
+    model = build(arch)
+    cache = compat.dynamic_cache(model)
+    seen = []
+    handle = _attention(model).register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(compat.cache_from_call(kwargs)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(torch.randint(1, 96, (1, 5)), use_cache=True, **compat.with_cache(model, cache))
+    finally:
+        handle.remove()
+    assert seen == [cache]
+
+
+def test_given_cache_and_with_cache_rename():
+    a, b = object(), object()
+    kw = {"past_key_values": a, "x": 1}
+    assert compat.given_cache(kw) is a and kw == {"x": 1}
+    kw = {"cache": b}
+    assert compat.given_cache(kw) is b and kw == {}
+    assert compat.drop_cache_kwargs({"cache": a, "past_key_values": b, "y": 2}) == {"y": 2}
+
+
+# -- 2. the cache classes ---------------------------------------------------------------------------------
+def test_cache_from_layers_and_dynamic_layer_layout(llama):
+    Cache, DynamicLayer, _ = compat.cache_classes()
+    cfg = llama.config
+    cache = Cache(layers=[DynamicLayer() for _ in range(cfg.num_hidden_layers)])
+    ids = torch.randint(1, 96, (2, 6))
+    with torch.no_grad():
+        llama(ids, use_cache=True, **compat.with_cache(llama, cache))
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer)
+        assert tuple(layer.keys.shape) == (2, cfg.num_key_value_heads, 6, head_dim)  # sequence in dim -2
+        assert tuple(layer.values.shape) == (2, cfg.num_key_value_heads, 6, head_dim)
+    assert cache.get_seq_length() == 6
+
+
+def test_cache_update_is_the_one_read_path(llama):
+    """Attention reads K/V only through ``Cache.update``: a layer that returns zeros changes the logits."""
+    Cache, DynamicLayer, _ = compat.cache_classes()
+
+    class Zeros(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            super().update(key_states, value_states, *args, **kwargs)
+            return torch.zeros_like(self.keys), torch.zeros_like(self.values)
+
+    ids = torch.randint(1, 96, (1, 6))
+    with torch.no_grad():
+        plain = llama(ids).logits
+        same = llama(ids, use_cache=True, **compat.with_cache(llama, Cache(layers=[DynamicLayer(), DynamicLayer()])))
+        zero = llama(ids, use_cache=True, **compat.with_cache(llama, Cache(layers=[Zeros(), Zeros()])))
+    torch.testing.assert_close(same.logits, plain)
+    assert (zero.logits - plain).abs().max() > 1e-3
+
+
+# -- 3. RoPE ------------------------------------------------------------------------------------------------
+def test_rope_reaches_attention_as_position_embeddings(llama):
+    rotary = compat.rotary_module(llama.model)
+    assert rotary is not None
+    calls = []
+    handle = _attention(llama).register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(compat.rope_from_call(kwargs)), with_kwargs=True)
+    ids = torch.randint(1, 96, (2, 5))
+    try:
+        with torch.no_grad():
+            llama(ids)
+    finally:
+        handle.remove()
+    (_, cos, sin), = calls
+    head_dim = llama.config.hidden_size // llama.config.num_attention_heads
+    assert cos.shape == sin.shape == (2, 5, head_dim) or cos.shape == sin.shape == (1, 5, head_dim)
+    x = torch.zeros(2, 5, llama.config.hidden_size)
+    ref_cos, ref_sin = rotary(x, torch.arange(5)[None].expand(2, 5))
+    torch.testing.assert_close(cos.expand_as(ref_cos), ref_cos)
+    torch.testing.assert_close(sin.expand_as(ref_sin), ref_sin)
+
+
+# -- 4. save-time renaming ----------------------------------------------------------------------------------
+def test_saved_state_splits_fused_experts_to_disk_names():
+    model = build("mixtral")
+    sd = {k: v for k, v in model.state_dict().items() if ".layers.0." in k}
+    disk = compat.saved_state(model, sd)
+    experts = model.config.num_local_experts
+    # per-expert Linears on disk (Mixtral's w1/w2/w3), none of the fused in-memory names
+    assert not any("gate_up_proj" in k for k in disk)
+    for e in range(experts):
+        for w in ("w1", "w2", "w3"):
+            assert any(f"experts.{e}.{w}.weight" in k for k in disk), (e, w, sorted(disk)[:8])
+    # dense tensors keep their names
+    assert "model.layers.0.self_attn.q_proj.weight" in disk
+
+
+def test_saved_state_keeps_dense_models_unchanged(llama):
+    sd = llama.state_dict()
+    assert set(compat.saved_state(llama, sd)) == set(sd)
+
+
+# -- 5 and 6. routers and fused experts ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_router_and_fused_experts_reproduce_the_moe_block(arch):
+    """The routed sum over experts rebuilt from the router output and the fused weights equals the
+    block's own output (plus the shared expert where the family has one)."""
+    model = build(arch)
+    layer = model.model.layers[0]
+    block = getattr(layer, "mlp", None) or layer.block_sparse_moe
+    experts, router = block.experts, block.gate
+    assert compat.is_fused_experts(experts)
+    top_k = model.config.num_experts_per_tok
+    x = torch.randn(9, model.config.hidden_size)
+    with torch.no_grad():
+        probs, index = compat.router_probs_and_topk(router(x), top_k)
+        assert probs.shape == (9, experts.gate_up_proj.shape[0]) and index.shape == (9, top_k)
+        weights = probs.gather(1, index)
+        if getattr(model.config, "norm_topk_prob", arch == "mixtral"):
+            weights = weights / weights.sum(-1, keepdim=True)
+        want = torch.zeros_like(x)
+        for t in range(9):
+            for j in range(top_k):
+                g, u, d = compat.fused_expert_weights(experts, int(index[t, j]))
+                want[t] += weights[t, j] * F.linear(experts.act_fn(F.linear(x[t], g)) * F.linear(x[t], u), d)
+        shared = getattr(block, "shared_expert", None)
+        if shared is not None:
+            want += torch.sigmoid(block.shared_expert_gate(x)) * shared(x)
+        got = block(x[None])
+        got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got.reshape(9, -1), want, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_linear_router_is_softmaxed_and_topked():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    probs, index = compat.router_probs_and_topk(logits, 2)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+    assert index.tolist() == [[1, 2]]
