@@ -15,6 +15,7 @@ compressed-tensors export (``calibra.export``), the format llmcompressor writes.
 JSON holds the timings ``import``, ``load``, ``quantize`` (the ``calibra.quantize`` call: calibration
 forward passes + GPTQ solves), ``export``, and the report's own split (calibration vs solve).
 """
+
 from __future__ import annotations
 
 import time
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--static-groups", action="store_true", help="group scales fitted on the original weights")
     ap.add_argument("--desc-act", action="store_true", help="act-order: columns by descending Hessian diagonal")
-    ap.add_argument("--no-true-sequential", action="store_true",
-                    help="one Hessian pass per decoder layer (as llmcompressor), not one per sub-layer")
+    ap.add_argument(
+        "--no-true-sequential",
+        action="store_true",
+        help="one Hessian pass per decoder layer (as llmcompressor), not one per sub-layer",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -56,12 +60,20 @@ def main(argv=None) -> int:
 
     calib = load_file(args.calib)
     ids, mask = calib["input_ids"].to(torch.int64), calib["attention_mask"].bool()
-    cfg = GPTQConfig(bits=4, group_size=args.group_size, sym=True, desc_act=args.desc_act, static_groups=args.static_groups,
-                     damp_percent=args.damp, block_size=args.block_size,
-                     true_sequential=not args.no_true_sequential)
+    cfg = GPTQConfig(
+        bits=4,
+        group_size=args.group_size,
+        sym=True,
+        desc_act=args.desc_act,
+        static_groups=args.static_groups,
+        damp_percent=args.damp,
+        block_size=args.block_size,
+        true_sequential=not args.no_true_sequential,
+    )
     t0 = time.perf_counter()
-    qm, report = calibra.quantize(model, cfg, (ids, mask), tokenizer=tokenizer, evaluate=False, device="cpu",
-                                  progress=False, echo=None)
+    qm, report = calibra.quantize(
+        model, cfg, (ids, mask), tokenizer=tokenizer, evaluate=False, device="cpu", progress=False, echo=None
+    )
     t["quantize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -69,11 +81,19 @@ def main(argv=None) -> int:
     t["export"] = time.perf_counter() - t0
     t["total_in_process"] = time.perf_counter() - T_START
 
-    out = {"timings": t, "report_timings": {k: report["timings"][k] for k in ("calibration", "solve")},
-           "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "tokens": int(mask.sum()),
-           "threads": torch.get_num_threads(), "model_dtype": str(next(model.parameters()).dtype),
-           "config": report["settings"]["config"], "versions": report["versions"],
-           "executable": sys.executable, "pid": os.getpid()}
+    out = {
+        "timings": t,
+        "report_timings": {k: report["timings"][k] for k in ("calibration", "solve")},
+        "samples": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "tokens": int(mask.sum()),
+        "threads": torch.get_num_threads(),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "config": report["settings"]["config"],
+        "versions": report["versions"],
+        "executable": sys.executable,
+        "pid": os.getpid(),
+    }
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     return 0

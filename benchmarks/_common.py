@@ -4,12 +4,13 @@ Rules (../shared/TARGETS.md, "How to measure"): warm up, synchronize the device,
 repeated runs, and print ratios against the pure-torch reference and against a roofline baseline
 measured in the same process, so a noisy shared machine cannot fake a win.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -62,7 +63,9 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--repeat", type=int, default=7, help="timed runs per measurement; the median is reported (default: 7)")
+    p.add_argument(
+        "--repeat", type=int, default=7, help="timed runs per measurement; the median is reported (default: 7)"
+    )
     p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     return p
 
@@ -72,4 +75,5 @@ def machine_line(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}"
-    return f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads | torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"device: {cpu}, {torch.get_num_threads()} threads | torch {torch.__version__}"

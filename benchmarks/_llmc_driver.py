@@ -20,6 +20,7 @@ quantized outputs propagated to the next layer). Output: ``save_pretrained(OUT, 
 The JSON holds the timings: ``import`` (python start to llmcompressor imported), ``load`` (model +
 tokenizer), ``dataset``, ``oneshot`` (the quantization itself), ``save``, and versions.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,21 +42,25 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--actorder", choices=("none", "static"), default="none",
-                    help="GPTQModifier actorder: none, or static (llmcompressor's default: act-order with group "
-                         "scales fitted before the sweep)")
+    ap.add_argument(
+        "--actorder",
+        choices=("none", "static"),
+        default="none",
+        help="GPTQModifier actorder: none, or static (llmcompressor's default: act-order with group "
+        "scales fitted before the sweep)",
+    )
     args = ap.parse_args(argv)
 
-    import torch
-    from safetensors.torch import load_file
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import compressed_tensors
     import llmcompressor
+    import torch
     import transformers
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t = {"import": time.perf_counter() - T_START}
     t0 = time.perf_counter()
@@ -75,13 +80,19 @@ def main(argv=None) -> int:
     if args.group_size == 128:  # the preset: int4, symmetric, group 128, memoryless min-max scales
         recipe = GPTQModifier(targets="Linear", scheme="W4A16", **common)
     else:  # the same scheme with another group size
-        weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group",
-                                   group_size=args.group_size)
-        recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                              **common)
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=args.group_size)
+        recipe = GPTQModifier(
+            config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, **common
+        )
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=seq_len,
-            shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=recipe,
+        num_calibration_samples=n,
+        max_seq_length=seq_len,
+        shuffle_calibration_samples=False,
+    )
     t["oneshot"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -90,14 +101,30 @@ def main(argv=None) -> int:
     t["save"] = time.perf_counter() - t0
     t["total_in_process"] = time.perf_counter() - T_START
 
-    out = {"timings": t, "samples": int(n), "seq_len": int(seq_len), "tokens": int(mask.sum()),
-           "threads": torch.get_num_threads(), "model_dtype": str(next(model.parameters()).dtype),
-           "recipe": {"scheme": f"W4A16 (int4 sym, group {args.group_size})", "block_size": args.block_size,
-                      "dampening_frac": args.damp, "actorder": actorder, "ignore": ["lm_head"]},
-           "versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
-                        "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__,
-                        "python": sys.version.split()[0]},
-           "executable": sys.executable, "pid": os.getpid()}
+    out = {
+        "timings": t,
+        "samples": int(n),
+        "seq_len": int(seq_len),
+        "tokens": int(mask.sum()),
+        "threads": torch.get_num_threads(),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "recipe": {
+            "scheme": f"W4A16 (int4 sym, group {args.group_size})",
+            "block_size": args.block_size,
+            "dampening_frac": args.damp,
+            "actorder": actorder,
+            "ignore": ["lm_head"],
+        },
+        "versions": {
+            "llmcompressor": llmcompressor.__version__,
+            "transformers": transformers.__version__,
+            "compressed_tensors": compressed_tensors.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
+        "executable": sys.executable,
+        "pid": os.getpid(),
+    }
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     return 0

@@ -15,6 +15,7 @@ depth; only the returned statistics grow with the number of layers.
 
     PYTHONPATH=python python benchmarks/bench_calibration_memory.py [--device cuda] [--layers 4,8,16,32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,15 @@ def measure(layers: int, device: str, samples: int, seq_len: int, batch: int) ->
     from calibra.calib import LayerRunner
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=seq_len)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=seq_len,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, VOCAB, (samples, seq_len))
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -72,9 +80,12 @@ def measure(layers: int, device: str, samples: int, seq_len: int, batch: int) ->
         th.join()
         stats_bytes = sum(t.numel() * t.element_size() for t in st.tensors.values())
         hidden_bytes = 2 * samples * seq_len * HIDDEN * 4
-        out.update(peak_above_start_MiB=(peak[0] - before) / 2**20, stats_MiB=stats_bytes / 2**20,
-                   hidden_states_MiB=hidden_bytes / 2**20,
-                   working_MiB=(peak[0] - before - stats_bytes - hidden_bytes) / 2**20)
+        out.update(
+            peak_above_start_MiB=(peak[0] - before) / 2**20,
+            stats_MiB=stats_bytes / 2**20,
+            hidden_states_MiB=hidden_bytes / 2**20,
+            working_MiB=(peak[0] - before - stats_bytes - hidden_bytes) / 2**20,
+        )
     out["seconds"] = round(runner.seconds, 2)
     return out
 
@@ -93,13 +104,27 @@ def main() -> int:
         return 0
     rows = []
     for n in [int(x) for x in a.layers.split(",")]:
-        cmd = [sys.executable, __file__, "--one", str(n), "--device", a.device, "--samples", str(a.samples),
-               "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(n),
+            "--device",
+            a.device,
+            "--samples",
+            str(a.samples),
+            "--seq-len",
+            str(a.seq_len),
+            "--batch-size",
+            str(a.batch_size),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     keys = [k for k in rows[0] if k != "layers"]
-    print(f"runner peak memory, Llama hidden {HIDDEN}, {a.samples} samples x {a.seq_len} tokens, batch "
-          f"{a.batch_size}, device {a.device}")
+    print(
+        f"runner peak memory, Llama hidden {HIDDEN}, {a.samples} samples x {a.seq_len} tokens, batch "
+        f"{a.batch_size}, device {a.device}"
+    )
     print("| layers | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for r in rows:

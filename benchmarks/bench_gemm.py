@@ -14,6 +14,7 @@ fast time.
 
     python benchmarks/bench_gemm.py [--quick] [--repeat N] [--models llama3-8b,llama2-70b] [--batches 1,16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,9 @@ def main() -> int:
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB | torch {torch.__version__}")
+    print(
+        f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB | torch {torch.__version__}"
+    )
     try:
         from torch.sparse import to_sparse_semi_structured
     except ImportError:  # pragma: no cover
@@ -82,8 +85,25 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
         cases, batches = [("llama3-8b", "o", 4096, 4096)], [1, 16]
-    header = ["model", "layer", "K x N", "batch", "cuBLAS µs", "W4A16 µs", "W4A16 TFLOP/s", "W4A16 GB/s", "W4A16 / cuBLAS",
-              "2:4 µs", "2:4 TFLOP/s", "2:4 GB/s", "2:4 / cuBLAS", "torch 2:4 µs", "torch 2:4 / cuBLAS", "err W4A16", "err 2:4"]
+    header = [
+        "model",
+        "layer",
+        "K x N",
+        "batch",
+        "cuBLAS µs",
+        "W4A16 µs",
+        "W4A16 TFLOP/s",
+        "W4A16 GB/s",
+        "W4A16 / cuBLAS",
+        "2:4 µs",
+        "2:4 TFLOP/s",
+        "2:4 GB/s",
+        "2:4 / cuBLAS",
+        "torch 2:4 µs",
+        "torch 2:4 / cuBLAS",
+        "err W4A16",
+        "err 2:4",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -119,11 +139,25 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001
                     t_tss = f"n/a ({type(e).__name__})"
             flop = 2 * m * n * k
-            row = [model, layer, f"{k}x{n}", m, f"{t_dense:.1f}", f"{t4:.1f}", f"{flop / t4 / 1e6:.1f}",
-                   f"{(w4_bytes + y_bytes) / t4 / 1e3:.0f}", f"{t_dense / t4:.2f}", f"{t24:.1f}", f"{flop / t24 / 1e6:.1f}",
-                   f"{(sp_bytes + y_bytes) / t24 / 1e3:.0f}", f"{t_dense / t24:.2f}",
-                   f"{t_tss:.1f}" if isinstance(t_tss, float) else t_tss,
-                   f"{t_dense / t_tss:.2f}" if isinstance(t_tss, float) else "n/a", f"{err4:.1e}", f"{err24:.1e}"]
+            row = [
+                model,
+                layer,
+                f"{k}x{n}",
+                m,
+                f"{t_dense:.1f}",
+                f"{t4:.1f}",
+                f"{flop / t4 / 1e6:.1f}",
+                f"{(w4_bytes + y_bytes) / t4 / 1e3:.0f}",
+                f"{t_dense / t4:.2f}",
+                f"{t24:.1f}",
+                f"{flop / t24 / 1e6:.1f}",
+                f"{(sp_bytes + y_bytes) / t24 / 1e3:.0f}",
+                f"{t_dense / t24:.2f}",
+                f"{t_tss:.1f}" if isinstance(t_tss, float) else t_tss,
+                f"{t_dense / t_tss:.2f}" if isinstance(t_tss, float) else "n/a",
+                f"{err4:.1e}",
+                f"{err24:.1e}",
+            ]
             print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
         del w, qs, w4, ws, sp, tss
         torch.cuda.empty_cache()

@@ -6,13 +6,14 @@ printed as the floor the sweep sits on.
 
     python benchmarks/bench_gptq.py [--quick] [--repeat N]
 """
+
 import time
 
 import torch
+from _common import machine_line, parser, print_table
 
 from calibra.quant import GPTQConfig, gptq_quantize
 from calibra.quant.gptq import _native_sweep, reference_sweep
-from _common import machine_line, parser, print_table
 
 
 def realistic_hessian(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -66,14 +67,17 @@ def main() -> None:
         t0 = time.perf_counter()
         for i1 in range(0, n, 128):
             if i1 + 128 < n:
-                w[:, i1 + 128:].clone().addmm_(err, u[i1:i1 + 128, i1 + 128:], alpha=-1.0)
+                w[:, i1 + 128 :].clone().addmm_(err, u[i1 : i1 + 128, i1 + 128 :], alpha=-1.0)
         gemm = time.perf_counter() - t0
         tn, sn, _ = res["native"]
         tr, sr, _ = res["reference"]
         rows.append([f"{out}x{n}", "native", tn, sn, gemm, tr / tn, sr / sn])
         rows.append([f"{out}x{n}", "reference", tr, sr, gemm, 1.0, 1.0])
-    print_table("GPTQ solve, W4 g128 sym, block 128 (seconds, median)",
-                ["shape", "sweep impl", "total s", "sweep s", "lazy GEMMs s", "total speedup", "sweep speedup"], rows)
+    print_table(
+        "GPTQ solve, W4 g128 sym, block 128 (seconds, median)",
+        ["shape", "sweep impl", "total s", "sweep s", "lazy GEMMs s", "total speedup", "sweep speedup"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ with torch.clone as the memory-bound roofline, all measured in one run.
 
     python benchmarks/bench_hadamard.py [--device cuda] [--quick]
 """
+
 import math
 
 import torch
+from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 import calibra
 from calibra.ops import _ref
-from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 
 def sylvester(n: int, dtype, device) -> torch.Tensor:

@@ -7,6 +7,7 @@ Cases: builtin:tiny-llama, builtin:tiny-moe, and a locally built random-weight L
 shapes (hidden 2048, intermediate 5632, 16 query / 4 KV heads, 2 layers, bf16 on disk). tests/io/test_plan.py
 runs the same measurement and asserts |predicted / measured - 1| <= 25%.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,16 @@ def build_h2048(folder: Path, layers: int = 2) -> Path:
     from calibra.assets import ASSETS_DIR
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=2048, intermediate_size=5632,
-                                   num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
-                                   max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -70,7 +78,7 @@ def measure(spec: str, samples: int, seq_len: int, out: Path) -> dict:
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode or not line:
         raise RuntimeError(f"{spec}: the job failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    res = json.loads(line[0][len("RESULT "):])
+    res = json.loads(line[0][len("RESULT ") :])
     res["ratio"] = res["predicted"] / res["measured"]
     return res
 
@@ -87,8 +95,11 @@ def main() -> None:
             spec = name if name.startswith("builtin:") else str(build_h2048(Path(tmp) / name))
             c = CASES[name]
             r = measure(spec, c["samples"], c["seq_len"], Path(tmp) / f"out-{name.replace(':', '-')}")
-            print(f"| {name} | {c['samples']} x {c['seq_len']} | {r['predicted'] / mib:.0f} | {r['measured'] / mib:.0f} "
-                  f"| {r['ratio']:.3f} |", flush=True)
+            print(
+                f"| {name} | {c['samples']} x {c['seq_len']} | {r['predicted'] / mib:.0f} | {r['measured'] / mib:.0f} "
+                f"| {r['ratio']:.3f} |",
+                flush=True,
+            )
             print("    " + json.dumps({k: round(v / mib, 1) for k, v in r["host"].items()}), file=sys.stderr)
             print("    phases " + json.dumps({k: round(v / mib, 1) for k, v in r["phases"].items()}), file=sys.stderr)
 

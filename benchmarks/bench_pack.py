@@ -3,11 +3,12 @@ the memory-bound roofline, all measured in one run.
 
     python benchmarks/bench_pack.py [--device cuda] [--quick]
 """
+
 import torch
+from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 import calibra
 from calibra.ops import _ref
-from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 
 def main() -> None:

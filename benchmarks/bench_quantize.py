@@ -4,11 +4,12 @@ memory-bound roofline, all measured in one run. Bytes moved = bytes(w) + bytes(c
 
     python benchmarks/bench_quantize.py [--device cuda] [--quick] [--repeat N]
 """
+
 import torch
+from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 import calibra
 from calibra.ops import _ref
-from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 CASES = [  # (label, kind, args)
     ("int4 g128 sym", "int", (4, 128, True)),
@@ -43,9 +44,19 @@ def main() -> None:
             t_native = median_seconds(native, dev, repeat=args.repeat)
             t_ref = median_seconds(ref, dev, warmup=1, repeat=max(3, args.repeat // 2))
             bw = moved / t_native
-            rows.append([label, f"{shape[0]}x{shape[1]}", t_native * 1e6, bw / 1e9, t_ref / t_native,
-                         100 * bw / clone_bw, t_native / t_clone])
+            rows.append(
+                [
+                    label,
+                    f"{shape[0]}x{shape[1]}",
+                    t_native * 1e6,
+                    bw / 1e9,
+                    t_ref / t_native,
+                    100 * bw / clone_bw,
+                    t_native / t_clone,
+                ]
+            )
         if has_pack:
+
             def qpack():
                 codes, scales, zeros = torch.ops.calibra.quantize_int(w, 4, 128, True)
                 return calibra.ops.pack(codes, 4, dim=-1, word=torch.int32), scales, zeros
@@ -59,10 +70,22 @@ def main() -> None:
             t_native = median_seconds(qpack, dev, repeat=args.repeat)
             t_ref = median_seconds(qpack_ref, dev, warmup=1, repeat=max(3, args.repeat // 2))
             bw = moved / t_native
-            rows.append(["int4 g128 sym + pack", f"{shape[0]}x{shape[1]}", t_native * 1e6, bw / 1e9, t_ref / t_native,
-                         100 * bw / clone_bw, t_native / t_clone])
-    print_table(f"quantize (fp32 weights, {dev})",
-                ["case", "w", "native µs", "GB/s", "× ref", "% clone BW", "time / clone"], rows)
+            rows.append(
+                [
+                    "int4 g128 sym + pack",
+                    f"{shape[0]}x{shape[1]}",
+                    t_native * 1e6,
+                    bw / 1e9,
+                    t_ref / t_native,
+                    100 * bw / clone_bw,
+                    t_native / t_clone,
+                ]
+            )
+    print_table(
+        f"quantize (fp32 weights, {dev})",
+        ["case", "w", "native µs", "GB/s", "× ref", "% clone BW", "time / clone"],
+        rows,
+    )
     if not has_pack:
         print("\n(calibra.ops.pack not available: the quantize+pack row is skipped)")
 

@@ -3,11 +3,12 @@ with torch.clone of the input as the memory-bound roofline, all measured in one 
 
     python benchmarks/bench_sparsity.py [--device cuda] [--quick]
 """
+
 import torch
+from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 import calibra
 from calibra.ops import _ref
-from _common import clone_seconds, machine_line, median_seconds, nbytes, parser, print_table
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ KL(P_unquantized || P_quantized) in nats, top-k buckets with k = 64 (a lower bou
 calibra.eval.kl). The reference is collected once per model and every row is compared to it.
 Prints a Markdown table and writes JSON with --json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,22 +28,26 @@ import time
 import torch
 
 import calibra
+from calibra.assets import builtin_texts, load_model
 from calibra.data import CalibrationConfig
 from calibra.eval import collect_reference, compare, resolve_protocol
 from calibra.eval.windows import token_stream
-from calibra.assets import builtin_texts, load_model
 from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig
 
 
 def rows():
     out = []
     for label, bits, g in (("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W8 per-channel", 8, -1)):
-        out += [(label, "RTN", RTNConfig(bits=bits, group_size=g)),
-                (label, "GPTQ", GPTQConfig(bits=bits, group_size=g)),
-                (label, "GPTQ act-order", GPTQConfig(bits=bits, group_size=g, desc_act=True))]
+        out += [
+            (label, "RTN", RTNConfig(bits=bits, group_size=g)),
+            (label, "GPTQ", GPTQConfig(bits=bits, group_size=g)),
+            (label, "GPTQ act-order", GPTQConfig(bits=bits, group_size=g, desc_act=True)),
+        ]
     for fmt in ("mxfp4", "nvfp4"):
-        out += [(fmt.upper(), "RTN", RTNConfig(bits=4, group_size={"mxfp4": 32, "nvfp4": 16}[fmt], format=fmt)),
-                (fmt.upper(), "MR-GPTQ", MRGPTQConfig(format=fmt))]
+        out += [
+            (fmt.upper(), "RTN", RTNConfig(bits=4, group_size={"mxfp4": 32, "nvfp4": 16}[fmt], format=fmt)),
+            (fmt.upper(), "MR-GPTQ", MRGPTQConfig(format=fmt)),
+        ]
     return out
 
 
@@ -50,7 +55,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=["builtin:tiny-llama", "builtin:tiny-moe"])
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample (default: the model's context)")
+    ap.add_argument(
+        "--seq-len", type=int, default=None, help="calibration tokens per sample (default: the model's context)"
+    )
     ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="eval window (default: the model's context)")
     ap.add_argument("--eval-max-tokens", type=int, default=None, help="cut the eval stream (default: all of it)")
@@ -64,31 +71,53 @@ def main(argv=None) -> int:
         model, tok = load_model(spec)
         ids = torch.tensor(token_stream(tok, builtin_texts("eval")), dtype=torch.long)
         if args.eval_max_tokens:
-            ids = ids[:args.eval_max_tokens]
+            ids = ids[: args.eval_max_tokens]
         seq_len, stride = resolve_protocol(model, args.eval_seq_len, None)
         t0 = time.perf_counter()
         ref = collect_reference(model, ids, seq_len=seq_len, stride=stride, top_k=args.top_k, progress=False)
         base = math.exp(ref.nll())
-        print(f"{spec}: {ids.numel()} eval tokens, seq_len {seq_len}, stride {stride}, {ref.tokens} scored; "
-              f"FP ppl {base:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        results.append({"model": spec, "group": "-", "method": "FP16 (unquantized)", "ppl": base, "kl": 0.0,
-                        "seconds": 0.0})
+        print(
+            f"{spec}: {ids.numel()} eval tokens, seq_len {seq_len}, stride {stride}, {ref.tokens} scored; "
+            f"FP ppl {base:.4f} ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+        )
+        results.append(
+            {"model": spec, "group": "-", "method": "FP16 (unquantized)", "ppl": base, "kl": 0.0, "seconds": 0.0}
+        )
         for group, method, cfg in rows():
             if args.only and group not in args.only.split(","):
                 continue
             t0 = time.perf_counter()
-            cal = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=0,
-                                    batch_size=min(args.batch_size, args.samples))
+            cal = CalibrationConfig(
+                num_samples=args.samples,
+                sequence_length=args.seq_len,
+                seed=0,
+                batch_size=min(args.batch_size, args.samples),
+            )
             qm, rep = calibra.quantize(spec, cfg, cal, evaluate=False, progress=False, echo=None)
             r = compare(qm.model, ref, ids, progress=False)
-            row = {"model": spec, "group": group, "method": method, "ppl": r.ppl_compressed,
-                   "kl": r.kl_ref_cmp["mean"], "seconds": time.perf_counter() - t0,
-                   "quant_seconds": rep["timings"]["total"]}
+            row = {
+                "model": spec,
+                "group": group,
+                "method": method,
+                "ppl": r.ppl_compressed,
+                "kl": r.kl_ref_cmp["mean"],
+                "seconds": time.perf_counter() - t0,
+                "quant_seconds": rep["timings"]["total"],
+            }
             results.append(row)
-            print(f"  {group:15s} {method:15s} ppl {row['ppl']:.4f} (+{row['ppl'] - base:.4f})  KL {row['kl']:.5f}  "
-                  f"{row['seconds']:.0f} s", file=sys.stderr)
-        results[-1]["protocol"] = {"eval_tokens": int(ids.numel()), "scored": ref.tokens, "seq_len": seq_len,
-                                   "stride": stride, "top_k": ref.top_k}
+            print(
+                f"  {group:15s} {method:15s} ppl {row['ppl']:.4f} (+{row['ppl'] - base:.4f})  KL {row['kl']:.5f}  "
+                f"{row['seconds']:.0f} s",
+                file=sys.stderr,
+            )
+        results[-1]["protocol"] = {
+            "eval_tokens": int(ids.numel()),
+            "scored": ref.tokens,
+            "seq_len": seq_len,
+            "stride": stride,
+            "top_k": ref.top_k,
+        }
     print(table(results, args))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

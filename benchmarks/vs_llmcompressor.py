@@ -51,6 +51,7 @@ Prints a Markdown table (tool, quantize s and end-to-end s as medians over seeds
 mean delta ppl, each seed's delta ppl, mean KL) and, with ``--json``, writes everything (timings split by
 phase, per-seed results, versions, settings, protocol, load averages).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,10 @@ DEFAULT_LLMC_PYTHON = ROOT / "build" / "client-venvs" / "llmc" / "bin" / "python
 CALIBRA_VARIANTS = {
     "defaults": ("calibra defaults (no act-order, true-sequential)", []),
     "act-order": ("calibra --desc-act --static-groups (true-sequential)", ["--desc-act", "--static-groups"]),
-    "matched": ("calibra matched (no act-order, static groups, 1 pass/layer)",
-                ["--static-groups", "--no-true-sequential"]),
+    "matched": (
+        "calibra matched (no act-order, static groups, 1 pass/layer)",
+        ["--static-groups", "--no-true-sequential"],
+    ),
     "fast": ("calibra (no act-order, dynamic groups, 1 pass/layer)", ["--no-true-sequential"]),
 }
 LLMC_VARIANTS = {
@@ -95,12 +98,20 @@ def check_llmc_python(path: Path) -> Path:
             f"llmcompressor's virtual environment is missing: {path} does not exist.\n"
             f"Create it with `tools/client_lane.sh setup` (it builds build/client-venvs/llmc with "
             f"llmcompressor==0.14.0.1), or pass --llmc-python PATH of a python that can "
-            f"`import llmcompressor`.")
-    probe = subprocess.run([str(path), "-c", "import llmcompressor, datasets, safetensors"],
-                           capture_output=True, text=True, env=_child_env(), timeout=300)
+            f"`import llmcompressor`."
+        )
+    probe = subprocess.run(
+        [str(path), "-c", "import llmcompressor, datasets, safetensors"],
+        capture_output=True,
+        text=True,
+        env=_child_env(),
+        timeout=300,
+    )
     if probe.returncode != 0:
-        raise SetupError(f"{path} cannot import llmcompressor/datasets/safetensors:\n{probe.stderr[-2000:]}\n"
-                         f"Recreate the environment with `tools/client_lane.sh setup`.")
+        raise SetupError(
+            f"{path} cannot import llmcompressor/datasets/safetensors:\n{probe.stderr[-2000:]}\n"
+            f"Recreate the environment with `tools/client_lane.sh setup`."
+        )
     return path
 
 
@@ -135,14 +146,26 @@ def calibration_ids(args, model_dir: Path, seed: int, work: Path) -> tuple[Path,
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     cfg = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=seed)
-    data = tokenize_calibration(CalibrationDataset.from_source(args.dataset), tok, cfg,
-                                max_positions=model_max_positions(AutoConfig.from_pretrained(model_dir)))
+    data = tokenize_calibration(
+        CalibrationDataset.from_source(args.dataset),
+        tok,
+        cfg,
+        max_positions=model_max_positions(AutoConfig.from_pretrained(model_dir)),
+    )
     calib = work / f"calib-{seed}.safetensors"
-    save_file({"input_ids": data.input_ids.contiguous(), "attention_mask": data.attention_mask.to(torch.int8)},
-              str(calib))
-    return calib, {"dataset": data.dataset, "version": data.version, "samples": data.num_samples,
-                   "sequence_length": data.sequence_length, "tokens": data.token_count, "seed": data.seed,
-                   "packing": data.packing, "fingerprint": data.fingerprint}
+    save_file(
+        {"input_ids": data.input_ids.contiguous(), "attention_mask": data.attention_mask.to(torch.int8)}, str(calib)
+    )
+    return calib, {
+        "dataset": data.dataset,
+        "version": data.version,
+        "samples": data.num_samples,
+        "sequence_length": data.sequence_length,
+        "tokens": data.token_count,
+        "seed": data.seed,
+        "packing": data.packing,
+        "fingerprint": data.fingerprint,
+    }
 
 
 def run_tool(name: str, cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
@@ -155,8 +178,9 @@ def run_tool(name: str, cmd: list[str], env: dict, log: Path, timeout: float) ->
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    print(f"  {name}: {wall:.1f} s end-to-end (load average {load_before[0]:.1f} -> {load_after[0]:.1f})",
-          file=sys.stderr)
+    print(
+        f"  {name}: {wall:.1f} s end-to-end (load average {load_before[0]:.1f} -> {load_after[0]:.1f})", file=sys.stderr
+    )
     return {"end_to_end": wall, "loadavg_before": load_before, "loadavg_after": load_after}
 
 
@@ -173,58 +197,91 @@ def evaluate_outputs(args, model_dir: Path, outputs: dict) -> dict:
     texts = builtin_texts("eval")
     ids = torch.tensor(token_stream(tok, texts), dtype=torch.long)
     if args.eval_max_tokens:
-        ids = ids[:args.eval_max_tokens]
+        ids = ids[: args.eval_max_tokens]
     t0 = time.perf_counter()
     ref = collect_reference(base, ids, seq_len=args.eval_seq_len, stride=args.eval_stride, top_k=64, progress=False)
     base_ppl = math.exp(ref.nll())
-    print(f"  unquantized: ppl {base_ppl:.4f} ({ref.tokens} tokens scored, {time.perf_counter() - t0:.0f} s)",
-          file=sys.stderr)
+    print(
+        f"  unquantized: ppl {base_ppl:.4f} ({ref.tokens} tokens scored, {time.perf_counter() - t0:.0f} s)",
+        file=sys.stderr,
+    )
     del base
-    out = {"protocol": {"dataset": "builtin:eval", "version": dataset_version(texts), "documents": len(texts),
-                        "stream_tokens": int(ids.numel()), "tokens_scored": ref.tokens,
-                        "seq_len": args.eval_seq_len, "stride": args.eval_stride, "top_k": ref.top_k,
-                        "loader": "transformers AutoModelForCausalLM.from_pretrained(dtype=float32) + "
-                                  "compressed-tensors"},
-           "baseline": base_ppl, "rows": {}}
+    out = {
+        "protocol": {
+            "dataset": "builtin:eval",
+            "version": dataset_version(texts),
+            "documents": len(texts),
+            "stream_tokens": int(ids.numel()),
+            "tokens_scored": ref.tokens,
+            "seq_len": args.eval_seq_len,
+            "stride": args.eval_stride,
+            "top_k": ref.top_k,
+            "loader": "transformers AutoModelForCausalLM.from_pretrained(dtype=float32) + compressed-tensors",
+        },
+        "baseline": base_ppl,
+        "rows": {},
+    }
     for key, folder in outputs.items():
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
         r = compare(model, ref, ids, progress=False)
         out["rows"][key] = {"ppl": r.ppl_compressed, "kl": r.kl_ref_cmp["mean"], "kl_max": r.kl_ref_cmp["max"]}
-        print(f"  {key[0]} (seed {key[1]}): ppl {r.ppl_compressed:.4f}, KL {r.kl_ref_cmp['mean']:.5f} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        print(
+            f"  {key[0]} (seed {key[1]}): ppl {r.ppl_compressed:.4f}, KL {r.kl_ref_cmp['mean']:.5f} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+        )
         del model
     return out
 
 
 def table(rows: list[dict], base_ppl: float, seeds: list[int]) -> str:
     per_seed = " / ".join(str(sd) for sd in seeds)
-    lines = [f"| tool | quantize s | end-to-end s | ppl | Δppl | Δppl, seed {per_seed} | KL |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| unquantized (float32) | – | – | {base_ppl:.3f} | – | – | – |"]
+    lines = [
+        f"| tool | quantize s | end-to-end s | ppl | Δppl | Δppl, seed {per_seed} | KL |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| unquantized (float32) | – | – | {base_ppl:.3f} | – | – | – |",
+    ]
     for r in rows:
         each = " / ".join(f"{p - base_ppl:+.3f}" for p in r["ppl_per_seed"])
-        lines.append(f"| {r['label']} | {r['quantize_s']:.1f} | {r['end_to_end_s']:.1f} | {r['ppl']:.3f} | "
-                     f"{r['ppl'] - base_ppl:+.3f} | {each} | {r['kl']:.5f} |")
+        lines.append(
+            f"| {r['label']} | {r['quantize_s']:.1f} | {r['end_to_end_s']:.1f} | {r['ppl']:.3f} | "
+            f"{r['ppl'] - base_ppl:+.3f} | {each} | {r['kl']:.5f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="builtin:tiny-llama", help="builtin:NAME or a local model folder")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
-    ap.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated: every tool quantizes "
-                    "once per seed; ppl and KL are averaged (default 0,1,2)")
+    ap.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="calibration seeds, comma-separated: every tool quantizes "
+        "once per seed; ppl and KL are averaged (default 0,1,2)",
+    )
     ap.add_argument("--dataset", default="builtin", help="calibration text source (default: builtin)")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--llmc-python", type=Path, default=DEFAULT_LLMC_PYTHON,
-                    help=f"python of llmcompressor's venv (default {DEFAULT_LLMC_PYTHON.relative_to(ROOT)})")
-    ap.add_argument("--variants", default="defaults,act-order",
-                    help=f"calibra rows, comma-separated from {', '.join(CALIBRA_VARIANTS)} (default defaults,act-order)")
-    ap.add_argument("--llmc-variants", default="none,static",
-                    help=f"llmcompressor rows, comma-separated from {', '.join(LLMC_VARIANTS)} (default none,static)")
+    ap.add_argument(
+        "--llmc-python",
+        type=Path,
+        default=DEFAULT_LLMC_PYTHON,
+        help=f"python of llmcompressor's venv (default {DEFAULT_LLMC_PYTHON.relative_to(ROOT)})",
+    )
+    ap.add_argument(
+        "--variants",
+        default="defaults,act-order",
+        help=f"calibra rows, comma-separated from {', '.join(CALIBRA_VARIANTS)} (default defaults,act-order)",
+    )
+    ap.add_argument(
+        "--llmc-variants",
+        default="none,static",
+        help=f"llmcompressor rows, comma-separated from {', '.join(LLMC_VARIANTS)} (default none,static)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="alternate the tools N times; medians are reported")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-stride", type=int, default=128)
@@ -238,8 +295,10 @@ def main(argv=None) -> int:
     llmc_variants = [v.strip() for v in args.llmc_variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in CALIBRA_VARIANTS] + [v for v in llmc_variants if v not in LLMC_VARIANTS]
     if bad or args.repeat < 1:
-        ap.error(f"--variants must be from {', '.join(CALIBRA_VARIANTS)}, --llmc-variants from "
-                 f"{', '.join(LLMC_VARIANTS)} (got {bad}); --repeat >= 1")
+        ap.error(
+            f"--variants must be from {', '.join(CALIBRA_VARIANTS)}, --llmc-variants from "
+            f"{', '.join(LLMC_VARIANTS)} (got {bad}); --repeat >= 1"
+        )
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
@@ -258,25 +317,37 @@ def main(argv=None) -> int:
     loads = [os.getloadavg()]
     try:
         model_dir = prepare(args, work)
-        tools = {f"llmc-{v}": ([str(llmc_python), str(HERE / "_llmc_driver.py"), *LLMC_VARIANTS[v][1]], _child_env())
-                 for v in llmc_variants}
+        tools = {
+            f"llmc-{v}": ([str(llmc_python), str(HERE / "_llmc_driver.py"), *LLMC_VARIANTS[v][1]], _child_env())
+            for v in llmc_variants
+        }
         for v in variants:
-            tools[f"calibra-{v}"] = ([sys.executable, str(HERE / "_calibra_driver.py"), *CALIBRA_VARIANTS[v][1]],
-                                     _child_env(str(ROOT / "python")))
+            tools[f"calibra-{v}"] = (
+                [sys.executable, str(HERE / "_calibra_driver.py"), *CALIBRA_VARIANTS[v][1]],
+                _child_env(str(ROOT / "python")),
+            )
         runs: dict[str, list] = {k: [] for k in tools}
         outputs, calibrations = {}, {}
         for seed in seeds:
             calib, c = calibration_ids(args, model_dir, seed, work)
             calibrations[seed] = c
-            print(f"seed {seed}: {c['samples']} x {c['sequence_length']} tokens ({c['tokens']} real), "
-                  f"fingerprint {c['fingerprint'][:16]}; work folder {work}", file=sys.stderr)
+            print(
+                f"seed {seed}: {c['samples']} x {c['sequence_length']} tokens ({c['tokens']} real), "
+                f"fingerprint {c['fingerprint'][:16]}; work folder {work}",
+                file=sys.stderr,
+            )
             common = ["--model", str(model_dir), "--calib", str(calib), "--group-size", str(args.group_size)]
             for rep in range(args.repeat):
                 for key, (cmd, env) in tools.items():
                     tag = f"{key}-s{seed}-{rep}"
                     out_dir, js = work / tag, work / f"{tag}.json"
-                    res = run_tool(f"{key} (seed {seed})", [*cmd, *common, "--output", str(out_dir), "--json", str(js)],
-                                   env, work / f"{tag}.log", args.timeout)
+                    res = run_tool(
+                        f"{key} (seed {seed})",
+                        [*cmd, *common, "--output", str(out_dir), "--json", str(js)],
+                        env,
+                        work / f"{tag}.log",
+                        args.timeout,
+                    )
                     res["driver"] = json.loads(js.read_text(encoding="utf-8"))
                     runs[key].append(res)
                     loads.append(os.getloadavg())
@@ -294,32 +365,56 @@ def main(argv=None) -> int:
         label = (LLMC_VARIANTS if llmc else CALIBRA_VARIANTS)[key.split("-", 1)[1]][0]
         d = rs[-1]["driver"]
         per = [ev["rows"][(key, sd)] for sd in seeds]
-        rows.append({"key": key, "label": label, "quantize_s": t_q,
-                     "end_to_end_s": statistics.median(r["end_to_end"] for r in rs),
-                     "ppl": statistics.fmean(p["ppl"] for p in per), "kl": statistics.fmean(p["kl"] for p in per),
-                     "ppl_per_seed": [p["ppl"] for p in per], "kl_per_seed": [p["kl"] for p in per],
-                     "timings": [r["driver"]["timings"] for r in rs], "end_to_end": [r["end_to_end"] for r in rs],
-                     "threads": d["threads"], "model_dtype": d["model_dtype"], "versions": d["versions"],
-                     "settings": d.get("recipe") or d.get("config"),
-                     "report_timings": [r["driver"].get("report_timings") for r in rs]})
-    one_min = [la[0] for la in loads] + [la for r in runs.values() for x in r for la in
-                                         (x["loadavg_before"][0], x["loadavg_after"][0])]
-    result = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "model": args.model, "seeds": seeds,
-              "calibration": {str(sd): c for sd, c in calibrations.items()},
-              "group_size": args.group_size, "repeat": args.repeat, "eval": ev["protocol"],
-              "baseline_ppl": ev["baseline"], "rows": rows,
-              "loadavg_1min": {"min": min(one_min), "max": max(one_min), "all": loads},
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version()},
-              "command": "PYTHONPATH=python python benchmarks/vs_llmcompressor.py " + " ".join(argv or sys.argv[1:])}
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "quantize_s": t_q,
+                "end_to_end_s": statistics.median(r["end_to_end"] for r in rs),
+                "ppl": statistics.fmean(p["ppl"] for p in per),
+                "kl": statistics.fmean(p["kl"] for p in per),
+                "ppl_per_seed": [p["ppl"] for p in per],
+                "kl_per_seed": [p["kl"] for p in per],
+                "timings": [r["driver"]["timings"] for r in rs],
+                "end_to_end": [r["end_to_end"] for r in rs],
+                "threads": d["threads"],
+                "model_dtype": d["model_dtype"],
+                "versions": d["versions"],
+                "settings": d.get("recipe") or d.get("config"),
+                "report_timings": [r["driver"].get("report_timings") for r in rs],
+            }
+        )
+    one_min = [la[0] for la in loads] + [
+        la for r in runs.values() for x in r for la in (x["loadavg_before"][0], x["loadavg_after"][0])
+    ]
+    result = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "model": args.model,
+        "seeds": seeds,
+        "calibration": {str(sd): c for sd, c in calibrations.items()},
+        "group_size": args.group_size,
+        "repeat": args.repeat,
+        "eval": ev["protocol"],
+        "baseline_ppl": ev["baseline"],
+        "rows": rows,
+        "loadavg_1min": {"min": min(one_min), "max": max(one_min), "all": loads},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "command": "PYTHONPATH=python python benchmarks/vs_llmcompressor.py " + " ".join(argv or sys.argv[1:]),
+    }
     print()
     print(table(rows, ev["baseline"], seeds))
     print()
-    print(f"{args.model}, {c['samples']} x {c['sequence_length']} calibration tokens (same ids for both; seeds "
-          f"{','.join(map(str, seeds))}; ppl and KL are means over the seeds), "
-          f"W4 g{args.group_size} sym; eval: builtin held-out text, {ev['protocol']['tokens_scored']} tokens, "
-          f"seq_len {args.eval_seq_len} / stride {args.eval_stride}; {os.cpu_count()} CPUs, 1-min load average "
-          f"{min(one_min):.1f}-{max(one_min):.1f}; {result['date']}")
+    print(
+        f"{args.model}, {c['samples']} x {c['sequence_length']} calibration tokens (same ids for both; seeds "
+        f"{','.join(map(str, seeds))}; ppl and KL are means over the seeds), "
+        f"W4 g{args.group_size} sym; eval: builtin held-out text, {ev['protocol']['tokens_scored']} tokens, "
+        f"seq_len {args.eval_seq_len} / stride {args.eval_stride}; {os.cpu_count()} CPUs, 1-min load average "
+        f"{min(one_min):.1f}-{max(one_min):.1f}; {result['date']}"
+    )
     for r in rows:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"][-1].items())
         print(f"  {r['key']}: {parts}", file=sys.stderr)

@@ -79,11 +79,14 @@ def _violations() -> list[str]:
     for s in _skipped:
         hit = [e for e in entries if _matches(e, s["nodeid"], s["kind"] == "module")]
         if hit:
-            out.append(f"required {'module' if s['kind'] == 'module' else 'test'} skipped: {s['nodeid']} "
-                       f"({_short(s['reason'])}) [required by {hit[0]}]")
+            out.append(
+                f"required {'module' if s['kind'] == 'module' else 'test'} skipped: {s['nodeid']} "
+                f"({_short(s['reason'])}) [required by {hit[0]}]"
+            )
     for e in entries:  # a required entry that names nothing (renamed, deleted, deselected) is a failure too
         if not any(_matches(e, n, False) for n in _seen) and not any(
-                _matches(e, s["nodeid"], s["kind"] == "module") for s in _skipped):
+            _matches(e, s["nodeid"], s["kind"] == "module") for s in _skipped
+        ):
             out.append(f"required entry matched no test: {e}")
     return out
 
@@ -91,8 +94,9 @@ def _violations() -> list[str]:
 def pytest_sessionfinish(session, exitstatus):
     report = os.environ.get("CALIBRA_SKIP_REPORT")
     if report:
-        Path(report).write_text(json.dumps({"skipped": _skipped, "xfailed": _xfailed,
-                                            "required_violations": _violations()}, indent=1))
+        Path(report).write_text(
+            json.dumps({"skipped": _skipped, "xfailed": _xfailed, "required_violations": _violations()}, indent=1)
+        )
     if _violations() and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

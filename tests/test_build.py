@@ -1,4 +1,5 @@
 """The build itself: the CPU backend loads, knows its families, and the package imports no CUDA."""
+
 import subprocess
 import sys
 

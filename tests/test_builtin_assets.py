@@ -6,6 +6,7 @@ first ``windows`` windows of the eval text must land within +-15% of the value r
 model's training.json at build time (same protocol, calibra.assets._metrics.perplexity), and far
 below the untrained model's.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,14 @@ def test_registry_resolves_builtin_models():
     assert set(assets.BUILTIN_MODELS) == set(MODELS)
     for name in MODELS:
         path = assets.resolve_model("builtin:" + name)
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "generation_config.json", "training.json"):
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "training.json",
+        ):
             assert (path / f).is_file(), f
         size = sum(p.stat().st_size for p in path.iterdir())
         assert size < 16 * 1024 * 1024, f"{name} is {size / 1e6:.1f} MB"
@@ -66,8 +73,13 @@ def test_assets_import_does_not_pull_transformers():
     import sys
 
     code = "import sys, calibra.assets; print('transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -91,7 +103,7 @@ def test_heldout_documents_not_in_training_split():
     assert "eval < 6" in split and "calibration 6..11" in split
     for split_name, lo, hi in (("eval", 0, 6), ("calibration", 6, 12)):
         for r in assets.builtin_records(split_name):
-            doc_id = r["source"][len("stdlib:"):].rsplit("#", 1)[0]
+            doc_id = r["source"][len("stdlib:") :].rsplit("#", 1)[0]
             bucket = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % 100
             assert lo <= bucket < hi, (split_name, doc_id)
 
@@ -165,7 +177,7 @@ def test_greedy_generation_looks_like_code(loaded):
     x = tok(CODE_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=32, do_sample=False)
-    text = tok.decode(out[0, x.shape[1]:])
+    text = tok.decode(out[0, x.shape[1] :])
     assert any(line.startswith("    ") and line.strip() for line in text.split("\n")), text  # indented code
     assert sum(text.count(c) for c in "()=:.") >= 3, text
 

@@ -1,4 +1,5 @@
 """`calibra --version`: one line, the package's one version string."""
+
 import pytest
 
 import calibra

@@ -1,5 +1,6 @@
 """python/calibra/_cpu.pyi matches the built calibra._cpu: the same public names, and each function the
 same parameters (names where the binding names them, else the count), so the stub cannot drift."""
+
 import ast
 import re
 from pathlib import Path
@@ -27,7 +28,7 @@ def _stub() -> tuple[dict[str, list[str]], set[str]]:
 def _runtime_parameters(fn) -> list[str]:
     """Parameter names from pybind11's signature line ``name(a: T, b: T) -> R``."""
     line = fn.__doc__.splitlines()[0]
-    inner = line[line.index("(") + 1:line.rindex(") ->")]
+    inner = line[line.index("(") + 1 : line.rindex(") ->")]
     return re.findall(r"(?:^|, )(\w+):", inner)
 
 

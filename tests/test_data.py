@@ -5,6 +5,7 @@ de-duplication, too little data), config validation, the seq_len cap, memory est
 Tokenizers are built here from a word-level vocabulary, so one word is one token and every count
 in these tests can be stated exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ pytest.importorskip("tokenizers")
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from calibra.data import (CalibrationConfig, CalibrationDataset, HubUnavailableError,  # noqa: E402
-                          estimate_memory, recommended_samples, resolve_config, tokenize_calibration)
+from calibra.data import (  # noqa: E402
+    CalibrationConfig,
+    CalibrationDataset,
+    HubUnavailableError,
+    estimate_memory,
+    recommended_samples,
+    resolve_config,
+    tokenize_calibration,
+)
 from calibra.data import hub as hub_mod  # noqa: E402
 from calibra.data.tokenize import fingerprint  # noqa: E402
 
@@ -98,7 +106,7 @@ def test_json_array(tmp_path):
     p.write_text(json.dumps(["ok", 5]))
     with pytest.raises(TypeError, match=r"cal\.json\[1\]"):
         CalibrationDataset.from_local(p)
-    p.write_text("[\"a\",\n oops]")
+    p.write_text('["a",\n oops]')
     with pytest.raises(ValueError, match=r"cal\.json:2: invalid JSON"):
         CalibrationDataset.from_local(p)
 
@@ -172,8 +180,10 @@ def test_chat_rows_rendered_with_template(tmp_path):
     with pytest.warns(UserWarning, match="14 real tokens"):
         out = tokenize_calibration(ds, tok, cfg(num_samples=2, packing="truncate", min_tokens=1))
     rows = {tuple(r[m].tolist()) for r, m in zip(out.input_ids, out.attention_mask)}
-    assert rows == {(BOS, tok.convert_tokens_to_ids("w1"), tok.convert_tokens_to_ids("w2")),
-                    tuple(tok.encode(ds.texts(tok)[1], add_special_tokens=False))}
+    assert rows == {
+        (BOS, tok.convert_tokens_to_ids("w1"), tok.convert_tokens_to_ids("w2")),
+        tuple(tok.encode(ds.texts(tok)[1], add_special_tokens=False)),
+    }
     assert tok.encode(ds.texts(tok)[1], add_special_tokens=False).count(EOS) == 2
 
 
@@ -207,13 +217,12 @@ def test_concat_chunks_are_whole_texts_joined_by_eos(tok):
     assert len(pieces) >= 3
     assert all(p in encoded for p in pieces)
     assert len({tuple(p) for p in pieces}) == len(pieces)
-    assert any(e[:len(cur)] == cur for e in encoded)
+    assert any(e[: len(cur)] == cur for e in encoded)
 
 
 def test_concat_prefixes_bos_when_tokenizer_adds_one():
     tok = make_tokenizer(bos=True)
-    out = tokenize_calibration(CalibrationDataset(distinct_texts(20, 9)), tok,
-                               cfg(num_samples=5, sequence_length=8))
+    out = tokenize_calibration(CalibrationDataset(distinct_texts(20, 9)), tok, cfg(num_samples=5, sequence_length=8))
     assert out.input_ids[:, 0].tolist() == [BOS] * 5
     assert BOS not in out.input_ids[:, 1:].flatten().tolist()
 
@@ -239,8 +248,10 @@ def test_fingerprint_covers_ids_and_mask():
     ids2[2, 3] += 1
     mask2 = mask.clone()
     mask2[0, 3] = False
-    assert len({fp, fingerprint(ids2, mask), fingerprint(ids, mask2), fingerprint(ids.reshape(4, 3),
-                                                                              mask.reshape(4, 3))}) == 4
+    assert (
+        len({fp, fingerprint(ids2, mask), fingerprint(ids, mask2), fingerprint(ids.reshape(4, 3), mask.reshape(4, 3))})
+        == 4
+    )
 
 
 def test_padding_without_pad_token_uses_eos_and_masks_exactly():
@@ -249,15 +260,16 @@ def test_padding_without_pad_token_uses_eos_and_masks_exactly():
     lengths = [3, 9, 5, 12, 1, 7]
     texts = distinct_texts(6, lengths)
     with pytest.warns(UserWarning, match="real tokens"):
-        out = tokenize_calibration(CalibrationDataset(texts), tok,
-                                   cfg(num_samples=6, sequence_length=8, packing="truncate", batch_size=4))
+        out = tokenize_calibration(
+            CalibrationDataset(texts), tok, cfg(num_samples=6, sequence_length=8, packing="truncate", batch_size=4)
+        )
     assert out.pad_id == EOS
     real = {tuple(tok.encode(t, add_special_tokens=False)[:8]) for t in texts}
     got = set()
     for row, m in zip(out.input_ids, out.attention_mask):
         n = int(m.sum())
-        assert m[:n].all() and not m[n:].any()          # mask is a prefix: right padding
-        assert (row[n:] == EOS).all()                    # padded positions hold the pad id
+        assert m[:n].all() and not m[n:].any()  # mask is a prefix: right padding
+        assert (row[n:] == EOS).all()  # padded positions hold the pad id
         got.add(tuple(row[:n].tolist()))
     assert got == real
     assert out.token_count == int(out.attention_mask.sum()) == sum(min(n, 8) for n in lengths)
@@ -291,14 +303,22 @@ def test_padded_batch_hessian_equals_unpadded():
     tok = make_tokenizer(pad=False)
     texts = distinct_texts(4, [5, 11, 2, 8])
     with pytest.warns(UserWarning):
-        data = tokenize_calibration(CalibrationDataset(texts), tok,
-                                    cfg(num_samples=4, sequence_length=11, packing="truncate", batch_size=4))
+        data = tokenize_calibration(
+            CalibrationDataset(texts), tok, cfg(num_samples=4, sequence_length=11, packing="truncate", batch_size=4)
+        )
     torch.manual_seed(0)
-    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       attn_implementation="eager")
+    mcfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     model = LlamaForCausalLM(mcfg).to(torch.float64).eval()
-    target = model.model.layers[1].mlp.down_proj       # second layer: attention mixes positions first
+    target = model.model.layers[1].mlp.down_proj  # second layer: attention mixes positions first
     captured = []
     hook = target.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
     try:
@@ -316,10 +336,14 @@ def test_padded_batch_hessian_equals_unpadded():
     finally:
         hook.remove()
     scale = H_ref.abs().max()
-    print("padded vs unpadded", float((H_padded - H_ref).abs().max() / scale),
-          "unmasked vs unpadded", float((H_all - H_ref).abs().max() / scale))
+    print(
+        "padded vs unpadded",
+        float((H_padded - H_ref).abs().max() / scale),
+        "unmasked vs unpadded",
+        float((H_all - H_ref).abs().max() / scale),
+    )
     assert (H_padded - H_ref).abs().max() <= 1e-12 * scale
-    assert (H_all - H_ref).abs().max() > 1e-3 * scale   # without the mask it would be wrong
+    assert (H_all - H_ref).abs().max() > 1e-3 * scale  # without the mask it would be wrong
 
 
 def test_deduplication_after_whitespace_normalization(tok):
@@ -331,27 +355,30 @@ def test_deduplication_after_whitespace_normalization(tok):
     assert out.token_count == 3 + 2 + 4
     assert "9 real tokens" in out.summary() and "2 duplicate texts removed" in out.summary()
     with pytest.warns(UserWarning):
-        kept = tokenize_calibration(ds, tok, cfg(num_samples=5, sequence_length=4, packing="truncate",
-                                                 deduplicate=False))
+        kept = tokenize_calibration(
+            ds, tok, cfg(num_samples=5, sequence_length=4, packing="truncate", deduplicate=False)
+        )
     assert kept.num_duplicates == 0 and kept.num_texts == 5 and kept.num_samples == 5
 
 
 # ============================================================================ too little data
 def test_floor_error_and_warning(tok):
-    ds = CalibrationDataset(distinct_texts(10, 10))   # 100 tokens + 9 EOS separators = 109
+    ds = CalibrationDataset(distinct_texts(10, 10))  # 100 tokens + 9 EOS separators = 109
     # request 4 x 64 = 256, floor 64: warned, never silent, with the real count
     with pytest.warns(UserWarning, match=r"gave 109 real tokens in 2 samples.*requested 4 samples x 64"):
         out = tokenize_calibration(ds, tok, cfg(num_samples=4, sequence_length=64))
     assert out.num_samples == 2 and out.token_count == 109
     assert out.attention_mask[0].all() and int(out.attention_mask[1].sum()) == 45
     # request 8 x 64 = 512, floor 128: error naming the count and the fixes
-    with pytest.raises(ValueError, match=r"109 real tokens.*floor of 128.*add more text, lower num_samples, "
-                                         r"shorten sequence_length"):
+    with pytest.raises(
+        ValueError,
+        match=r"109 real tokens.*floor of 128.*add more text, lower num_samples, "
+        r"shorten sequence_length",
+    ):
         tokenize_calibration(ds, tok, cfg(num_samples=8, sequence_length=64))
     # an explicit floor accepts less
     with pytest.warns(UserWarning):
-        assert tokenize_calibration(ds, tok, cfg(num_samples=8, sequence_length=64,
-                                                 min_tokens=100)).token_count == 109
+        assert tokenize_calibration(ds, tok, cfg(num_samples=8, sequence_length=64, min_tokens=100)).token_count == 109
     # enough data: no warning at all
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -366,24 +393,30 @@ def test_empty_dataset_is_an_error(tok, tmp_path):
 
 
 # ============================================================================ config
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_samples=0), r"num_samples must be an int >= 1, got 0"),
-    (dict(num_samples=True), r"num_samples must be an int"),
-    (dict(num_samples=2.0), r"num_samples must be an int"),
-    (dict(num_samples=10 ** 9), r"num_samples 1000000000 is above the limit"),
-    (dict(sequence_length=0), r"sequence_length must be an int >= 1 or None"),
-    (dict(sequence_length=4096), r"sequence_length 4096 exceeds the model's 2048 positions; "
-                                 r"set sequence_length <= 2048"),
-    (dict(batch_size=0), r"batch_size must be an int >= 1"),
-    (dict(batch_size=5, num_samples=4), r"batch_size 5 is larger than num_samples 4; set batch_size <= 4"),
-    (dict(seed=-1), r"seed must be an int in"),
-    (dict(packing="pad"), r"packing must be one of 'concat', 'truncate', got 'pad'"),
-    (dict(min_tokens=-1), r"min_tokens must be an int >= 0"),
-    (dict(min_tokens=10 ** 6), r"min_tokens 1000000 exceeds the request .* = 64"),
-    (dict(deduplicate="yes"), r"deduplicate must be True or False"),
-    (dict(dataset="pile"), r"unknown dataset 'pile'"),
-    (dict(dataset="no/such/file.jsonl"), r"calibration file 'no/such/file.jsonl' does not exist"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_samples=0), r"num_samples must be an int >= 1, got 0"),
+        (dict(num_samples=True), r"num_samples must be an int"),
+        (dict(num_samples=2.0), r"num_samples must be an int"),
+        (dict(num_samples=10**9), r"num_samples 1000000000 is above the limit"),
+        (dict(sequence_length=0), r"sequence_length must be an int >= 1 or None"),
+        (
+            dict(sequence_length=4096),
+            r"sequence_length 4096 exceeds the model's 2048 positions; "
+            r"set sequence_length <= 2048",
+        ),
+        (dict(batch_size=0), r"batch_size must be an int >= 1"),
+        (dict(batch_size=5, num_samples=4), r"batch_size 5 is larger than num_samples 4; set batch_size <= 4"),
+        (dict(seed=-1), r"seed must be an int in"),
+        (dict(packing="pad"), r"packing must be one of 'concat', 'truncate', got 'pad'"),
+        (dict(min_tokens=-1), r"min_tokens must be an int >= 0"),
+        (dict(min_tokens=10**6), r"min_tokens 1000000 exceeds the request .* = 64"),
+        (dict(deduplicate="yes"), r"deduplicate must be True or False"),
+        (dict(dataset="pile"), r"unknown dataset 'pile'"),
+        (dict(dataset="no/such/file.jsonl"), r"calibration file 'no/such/file.jsonl' does not exist"),
+    ],
+)
 def test_validate_names_field_and_fix(kwargs, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         cfg(**kwargs).validate(max_positions=2048)
@@ -399,8 +432,15 @@ def test_validate_accepts_defaults_and_runs_before_tokenizing(tok):
 def test_unset_sequence_length_capped_and_estimate_printed(capsys):
     from transformers import LlamaConfig
 
-    mcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=131072)
+    mcfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=131072,
+    )
     resolved, est = resolve_config(CalibrationConfig(sequence_length=None, num_samples=8), mcfg)
     out = capsys.readouterr().out
     assert resolved.sequence_length == 2048 and est.sequence_length == 2048
@@ -408,12 +448,12 @@ def test_unset_sequence_length_capped_and_estimate_printed(capsys):
     assert note < out.index("peak device memory") and "8 samples x 2048 tokens" in out
     # a short-context model: capped at its own limit
     mcfg.max_position_embeddings = 1024
-    assert resolve_config(CalibrationConfig(sequence_length=None), mcfg, echo=lambda s: None)[0] \
-        .sequence_length == 1024
+    assert resolve_config(CalibrationConfig(sequence_length=None), mcfg, echo=lambda s: None)[0].sequence_length == 1024
     # tokenize_calibration caps the same way and says so
     tok = make_tokenizer()
-    data = tokenize_calibration(CalibrationDataset(distinct_texts(10, 20)), tok,
-                                cfg(sequence_length=None, num_samples=4), max_positions=16)
+    data = tokenize_calibration(
+        CalibrationDataset(distinct_texts(10, 20)), tok, cfg(sequence_length=None, num_samples=4), max_positions=16
+    )
     assert data.sequence_length == 16 and "using 16 tokens per sample" in capsys.readouterr().out
 
 
@@ -422,21 +462,32 @@ def test_unset_batch_size_packs_about_4096_tokens_per_pass(capsys):
 
     from calibra.data.config import AUTO_BATCH_TOKENS
 
-    mcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=256)
+    mcfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=256,
+    )
     resolved, est = resolve_config(CalibrationConfig(num_samples=32, batch_size=None), mcfg)
     assert resolved.sequence_length == 256 and resolved.batch_size == AUTO_BATCH_TOKENS // 256 == 16
     assert est.batch_size == 16
     assert "batch_size unset: 16 samples per forward pass (about 4096 tokens)" in capsys.readouterr().out
     # never more than the samples, never less than one
-    assert resolve_config(CalibrationConfig(num_samples=3, batch_size=None), mcfg,
-                          echo=lambda s: None)[0].batch_size == 3
+    assert (
+        resolve_config(CalibrationConfig(num_samples=3, batch_size=None), mcfg, echo=lambda s: None)[0].batch_size == 3
+    )
     mcfg.max_position_embeddings = 8192
-    assert resolve_config(CalibrationConfig(num_samples=8, sequence_length=8192, batch_size=None), mcfg,
-                          echo=lambda s: None)[0].batch_size == 1
+    assert (
+        resolve_config(
+            CalibrationConfig(num_samples=8, sequence_length=8192, batch_size=None), mcfg, echo=lambda s: None
+        )[0].batch_size
+        == 1
+    )
     # an explicit batch size is kept, and a bad one is still an error
-    assert resolve_config(CalibrationConfig(num_samples=8, batch_size=2), mcfg, echo=lambda s: None)[0] \
-        .batch_size == 2
+    assert resolve_config(CalibrationConfig(num_samples=8, batch_size=2), mcfg, echo=lambda s: None)[0].batch_size == 2
     with pytest.raises(ValueError, match="batch_size must be an int >= 1 or None"):
         CalibrationConfig(batch_size=0).validate()
 
@@ -445,9 +496,16 @@ def test_unset_batch_size_packs_about_4096_tokens_per_pass(capsys):
 def test_memory_estimate_exact_for_small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    mcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
-                       tie_word_embeddings=False)
+    mcfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     c = CalibrationConfig(num_samples=4, sequence_length=8, batch_size=2)
     est = estimate_memory(mcfg, c)
     layer = LlamaForCausalLM(mcfg).model.layers[0]
@@ -468,8 +526,13 @@ def test_memory_estimate_exact_for_small_llama():
     assert eager.activations == est.activations + eager.attention_scores
     assert estimate_memory(mcfg, c, dtype=torch.bfloat16).host_activations == est.host_activations // 2
     text = str(est)
-    for row in ("one layer's weights", "Hessians (7 Linear, float32)", "peak device memory",
-                "host: all layer inputs+outputs", "4 samples x 8 tokens, batch 2"):
+    for row in (
+        "one layer's weights",
+        "Hessians (7 Linear, float32)",
+        "peak device memory",
+        "host: all layer inputs+outputs",
+        "4 samples x 8 tokens, batch 2",
+    ):
         assert row in text
     with pytest.raises(ValueError, match="unknown observer"):
         estimate_memory(mcfg, c, observers=("hessian", "magic"))
@@ -478,9 +541,17 @@ def test_memory_estimate_exact_for_small_llama():
 def test_memory_estimate_moe_counts_experts():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    mcfg = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=50,
-                         max_position_embeddings=64)
+    mcfg = MixtralConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=50,
+        max_position_embeddings=64,
+    )
     est = estimate_memory(mcfg, CalibrationConfig(num_samples=2, sequence_length=8))
     layer = MixtralForCausalLM(mcfg).model.layers[0]
     assert est.layer_weights == sum(p.numel() for p in layer.parameters()) * 4
@@ -496,9 +567,20 @@ def hub_fixture(tmp_path, monkeypatch):
     """Replace the one function that calls datasets.load_dataset with a reader of local rows."""
     rows_by_path = {
         "allenai/c4": [{"text": f"c4 document {i}", "url": "x"} for i in range(10)],
-        "Salesforce/wikitext": [{"text": t} for t in
-                                ["", " = Alpha = \n", "", " alpha body one \n", " = = Sub = = \n",
-                                 " alpha body two \n", " = Beta = \n", " beta body \n", ""]],
+        "Salesforce/wikitext": [
+            {"text": t}
+            for t in [
+                "",
+                " = Alpha = \n",
+                "",
+                " alpha body one \n",
+                " = = Sub = = \n",
+                " alpha body two \n",
+                " = Beta = \n",
+                " beta body \n",
+                "",
+            ]
+        ],
         "bigcode/the-stack-smol": [{"content": "def f():\n    return 1\n", "lang": "Python"}],
         "text": [{"text": "para one"}, {"text": "para two"}],
     }
@@ -517,12 +599,13 @@ def test_hub_sets_load_through_the_loader(hub_fixture):
     assert c4.samples == ("c4 document 0", "c4 document 1", "c4 document 2")
     assert c4.name == "c4" and "allenai/c4" in c4.source and c4.version.startswith("sha256:")
     wiki = CalibrationDataset.from_source("wikitext-2")
-    assert wiki.samples == (" = Alpha =\n alpha body one\n = = Sub = =\n alpha body two",
-                            " = Beta =\n beta body")
+    assert wiki.samples == (" = Alpha =\n alpha body one\n = = Sub = =\n alpha body two", " = Beta =\n beta body")
     stack = CalibrationDataset.from_hub("the-stack")
     assert stack.samples == ("def f():\n    return 1\n",)
-    assert CalibrationDataset.from_hub("bartowski-v3", split="train", revision="abc").samples == \
-        ("para one", "para two")
+    assert CalibrationDataset.from_hub("bartowski-v3", split="train", revision="abc").samples == (
+        "para one",
+        "para two",
+    )
     assert hub_fixture[-1] == ("bartowski-v3", "train", "abc")
     with pytest.raises(ValueError, match="unknown hub set 'pile'"):
         CalibrationDataset.from_hub("pile")
@@ -545,8 +628,7 @@ def test_hub_loader_passes_the_right_arguments(monkeypatch):
                 CalibrationDataset.from_hub(name)
         else:
             assert CalibrationDataset.from_hub(name).samples == ("row",)
-    assert seen["allenai/c4"] == dict(split="train", streaming=True,
-                                      data_files="en/c4-train.00000-of-01024.json.gz")
+    assert seen["allenai/c4"] == dict(split="train", streaming=True, data_files="en/c4-train.00000-of-01024.json.gz")
     assert seen["Salesforce/wikitext"] == dict(split="train", streaming=False, name="wikitext-2-raw-v1")
     assert seen["text"]["sample_by"] == "paragraph" and "calibration_datav3.txt" in seen["text"]["data_files"]
     assert seen["bigcode/the-stack-smol"]["data_dir"] == "data/python"
@@ -561,22 +643,38 @@ def test_hub_offline_and_missing_library_errors(monkeypatch):
     with pytest.raises(HubUnavailableError) as e:
         CalibrationDataset.from_hub("c4")
     msg = str(e.value)
-    for part in ("cannot load hub set 'c4'", "ConnectionError", "HF_HUB_OFFLINE", "dataset='builtin'",
-                 ".jsonl", ".txt"):
+    for part in (
+        "cannot load hub set 'c4'",
+        "ConnectionError",
+        "HF_HUB_OFFLINE",
+        "dataset='builtin'",
+        ".jsonl",
+        ".txt",
+    ):
         assert part in msg
     with pytest.raises(HubUnavailableError, match="gated"):
         CalibrationDataset.from_hub("the-stack")
     monkeypatch.undo()
-    monkeypatch.setitem(sys.modules, "datasets", None)   # `import datasets` raises ImportError
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     with pytest.raises(HubUnavailableError, match=r"not installed.*pip install calibra\[hub\].*builtin"):
         CalibrationDataset.from_hub("wikitext2")
 
 
 # ============================================================================ recommendations
 def test_recommended_samples():
-    assert [recommended_samples(n) for n in (5_000_000, 99_999_999, 100_000_000, 500_000_000,
-                                             1_000_000_000, 8_000_000_000, 15_000_000_000,
-                                             70_000_000_000)] == [32, 32, 64, 64, 128, 128, 256, 256]
+    assert [
+        recommended_samples(n)
+        for n in (
+            5_000_000,
+            99_999_999,
+            100_000_000,
+            500_000_000,
+            1_000_000_000,
+            8_000_000_000,
+            15_000_000_000,
+            70_000_000_000,
+        )
+    ] == [32, 32, 64, 64, 128, 128, 256, 256]
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="num_parameters"):
             recommended_samples(bad)
@@ -600,7 +698,7 @@ def test_builtin_texts_tokenize_deterministically():
         warnings.simplefilter("error")
         a = tokenize_calibration(ds, tok, c)
     assert a.token_count == 16 * 128 and a.num_samples == 16
-    assert 0 not in a.input_ids.flatten().tolist()       # no unknown words
+    assert 0 not in a.input_ids.flatten().tolist()  # no unknown words
     assert a.fingerprint == tokenize_calibration(ds, tok, c).fingerprint
 
 
@@ -615,8 +713,7 @@ def test_builtin_model_tokenizer():
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     mcfg = AutoConfig.from_pretrained(path, local_files_only=True)
     c = CalibrationConfig(num_samples=8, sequence_length=64, seed=0)
-    data = tokenize_calibration(CalibrationDataset.builtin(), tok, c,
-                                max_positions=mcfg.max_position_embeddings)
+    data = tokenize_calibration(CalibrationDataset.builtin(), tok, c, max_positions=mcfg.max_position_embeddings)
     assert data.input_ids.shape == (8, 64) and data.token_count == 8 * 64
     assert int(data.input_ids.max()) < mcfg.vocab_size
     assert data.fingerprint == tokenize_calibration(CalibrationDataset.builtin(), tok, c).fingerprint
@@ -628,10 +725,12 @@ def test_importable_without_transformers_and_datasets():
 
     import calibra
 
-    code = ("import sys; sys.modules['transformers'] = None; sys.modules['datasets'] = None\n"
-            "import warnings; warnings.simplefilter('ignore')\n"
-            "from calibra.data import CalibrationConfig, CalibrationDataset\n"
-            "CalibrationConfig().validate(); print(len(CalibrationDataset.builtin()))")
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['datasets'] = None\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from calibra.data import CalibrationConfig, CalibrationDataset\n"
+        "CalibrationConfig().validate(); print(len(CalibrationDataset.builtin()))"
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(calibra.__file__).resolve().parents[1]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr

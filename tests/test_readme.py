@@ -12,6 +12,7 @@ ones wrote (eval reads the quantized model).
 Runs offline, as `sys.executable -m calibra` with the calibra this test imported (installed, or the tree
 on PYTHONPATH).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The op registry itself: trace, reference vs native dispatch, fake tensors, the selftest command."""
+
 import subprocess
 import sys
 
@@ -77,7 +78,6 @@ def test_info_command():
 def test_cuda_data_error_handlers_raise_the_ops_message():
     # CUDA kernels report bad data through a flag; the handlers that turn the flagged index into the
     # op's ValueError are plain Python and must work without a GPU.
-    import torch
 
     from calibra.ops._registry import _CUDA_DATA_ERRORS, raise_data_error
 

@@ -28,6 +28,7 @@ Each document has a stable id (its path relative to the stdlib, ``::topic`` for 
 rest), so the three splits are disjoint by construction; source and docstrings of one file share
 the file's id and therefore its split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,35 +53,80 @@ EOS = "<|endoftext|>"
 SEQ_LEN = 256
 EVAL_BUCKETS = range(0, 6)
 CALIB_BUCKETS = range(6, 12)
-CALIB_CHARS = 700_000      # size caps of the shipped text sets
+CALIB_CHARS = 700_000  # size caps of the shipped text sets
 EVAL_CHARS = 500_000
-RECORD_CHARS = 2_000       # one record of a shipped text set is at most about this long
-TEST_SLICE_WINDOWS = 24    # the tests re-measure perplexity on the first windows of the eval text
+RECORD_CHARS = 2_000  # one record of a shipped text set is at most about this long
+TEST_SLICE_WINDOWS = 24  # the tests re-measure perplexity on the first windows of the eval text
 CODE_PROMPT = "def read_config(path):\n"
 
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-             "lib-dynload", "_bundled", "Icons", "__phello__"}
+SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "test",
+    "tests",
+    "idle_test",
+    "lib-dynload",
+    "_bundled",
+    "Icons",
+    "__phello__",
+}
 TEXT_SUFFIXES = {".txt", ".rst"}
 
 MODELS = {
     "tiny-llama": dict(
         arch="llama",
-        config=dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_act="silu",
-                    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                    initializer_range=0.02),
-        steps=800, batch=16, lr=3e-3, warmup=60, weight_decay=0.1,
+        config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            hidden_act="silu",
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            initializer_range=0.02,
+        ),
+        steps=800,
+        batch=16,
+        lr=3e-3,
+        warmup=60,
+        weight_decay=0.1,
     ),
     "tiny-moe": dict(
         arch="mixtral",
-        config=dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_act="silu",
-                    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    tie_word_embeddings=False, num_local_experts=8, num_experts_per_tok=2,
-                    router_aux_loss_coef=0.01, router_jitter_noise=0.0, output_router_logits=False,
-                    initializer_range=0.02, sliding_window=None),
-        steps=800, batch=16, lr=3e-3, warmup=60, weight_decay=0.1,
+        config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=256,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            hidden_act="silu",
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.01,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+            initializer_range=0.02,
+            sliding_window=None,
+        ),
+        steps=800,
+        batch=16,
+        lr=3e-3,
+        warmup=60,
+        weight_decay=0.1,
     ),
 }
 
@@ -193,12 +239,15 @@ def text_set(docs: list[dict], split: str, cap: int) -> list[dict]:
     """Records ``{"text", "source", "kind"}`` of one split: chunks taken round-robin over the kinds
     (code / docstring / prose), documents in hash order, until ``cap`` characters."""
     per_kind: dict[str, list[dict]] = {}
-    for d in sorted((d for d in docs if d["split"] == split),
-                    key=lambda d: (hashlib.sha256(d["id"].encode()).hexdigest(), d["kind"])):
+    for d in sorted(
+        (d for d in docs if d["split"] == split),
+        key=lambda d: (hashlib.sha256(d["id"].encode()).hexdigest(), d["kind"]),
+    ):
         for i, chunk in enumerate(_chunks(d["text"])):
             if len(chunk.strip()) >= 200:
                 per_kind.setdefault(d["kind"], []).append(
-                    dict(text=chunk.strip() + "\n", source=f"stdlib:{d['id']}#{i}", kind=d["kind"]))
+                    dict(text=chunk.strip() + "\n", source=f"stdlib:{d['id']}#{i}", kind=d["kind"])
+                )
     out, total = [], 0
     queues = [per_kind[k] for k in sorted(per_kind)]
     pos = [0] * len(queues)
@@ -227,11 +276,22 @@ def train_tokenizer(train_texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(train_texts, trainer=trainer, length=len(train_texts))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                   model_max_length=256, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        model_max_length=256,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def portable_tokenizer_config(folder: Path) -> None:
@@ -249,8 +309,9 @@ def build_model(name: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     spec = MODELS[name]
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                          "mixtral": (MixtralConfig, MixtralForCausalLM)}[spec["arch"]]
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM)}[
+        spec["arch"]
+    ]
     cfg = cfg_cls(bos_token_id=0, eos_token_id=0, pad_token_id=0, **spec["config"])
     torch.manual_seed(seed)
     model = model_cls._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
@@ -268,6 +329,7 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
+
     from calibra.assets._metrics import expert_usage, perplexity
 
     spec = dict(MODELS[name])
@@ -286,9 +348,12 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
     decay, no_decay = [], []
     for pname, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in pname else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=spec["lr"], betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec["lr"],
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     gen = torch.Generator().manual_seed(args.seed + 1)
     n_tok = train_ids.numel()
     model.train()
@@ -298,7 +363,7 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
         for g in opt.param_groups:
             g["lr"] = lr_at(step, spec)
         starts = torch.randint(0, n_tok - SEQ_LEN - 1, (spec["batch"],), generator=gen)
-        batch = torch.stack([train_ids[s:s + SEQ_LEN] for s in starts.tolist()]).long()
+        batch = torch.stack([train_ids[s : s + SEQ_LEN] for s in starts.tolist()]).long()
         kw = {"output_router_logits": True} if is_moe else {}
         out = model(input_ids=batch, labels=batch, **kw)
         out.loss.backward()
@@ -308,8 +373,10 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
         losses.append(out.loss.item())
         if step % 50 == 0 or step == spec["steps"] - 1:
             aux = f" aux {out.aux_loss.item():.3f}" if is_moe else ""
-            log(f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.3f}{aux} "
-                f"lr {lr_at(step, spec):.2e} {time.time() - t_train:.0f}s")
+            log(
+                f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.3f}{aux} "
+                f"lr {lr_at(step, spec):.2e} {time.time() - t_train:.0f}s"
+            )
     train_seconds = time.time() - t_train
 
     # Save in bfloat16 (half the bytes, exactly what is shipped), then reload and compare.
@@ -327,8 +394,9 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     portable_tokenizer_config(out_dir)
-    GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=False,
-                     max_new_tokens=64).save_pretrained(out_dir)
+    GenerationConfig(
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=False, max_new_tokens=64
+    ).save_pretrained(out_dir)
     del model
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -352,40 +420,59 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
             "model_type": reloaded.config.model_type,
             "class": type(reloaded).__name__,
             **{k: v for k, v in spec["config"].items()},
-            "notes": ("grouped-query attention (4 query heads, 2 key/value heads), RoPE, SwiGLU MLP, RMSNorm, "
-                      "untied lm_head" if not is_moe else
-                      "Mixtral sparse MoE: 8 experts, top-2 routing, SwiGLU experts (stored fused as 3-D "
-                      "gate_up_proj/down_proj parameters), GQA (4/2 heads), RoPE, RMSNorm, untied lm_head"),
+            "notes": (
+                "grouped-query attention (4 query heads, 2 key/value heads), RoPE, SwiGLU MLP, RMSNorm, untied lm_head"
+                if not is_moe
+                else "Mixtral sparse MoE: 8 experts, top-2 routing, SwiGLU experts (stored fused as 3-D "
+                "gate_up_proj/down_proj parameters), GQA (4/2 heads), RoPE, RMSNorm, untied lm_head"
+            ),
         },
         "parameters": n_params,
-        "parameters_non_embedding": n_params - sum(
-            p.numel() for n, p in reloaded.named_parameters() if "embed_tokens" in n or "lm_head" in n),
+        "parameters_non_embedding": n_params
+        - sum(p.numel() for n, p in reloaded.named_parameters() if "embed_tokens" in n or "lm_head" in n),
         "stored_dtype": "bfloat16",
         "training": {
-            "seed": args.seed, "steps": spec["steps"], "batch_size": spec["batch"], "seq_len": SEQ_LEN,
-            "tokens_seen": spec["steps"] * spec["batch"] * SEQ_LEN, "train_tokens_available": int(n_tok),
+            "seed": args.seed,
+            "steps": spec["steps"],
+            "batch_size": spec["batch"],
+            "seq_len": SEQ_LEN,
+            "tokens_seen": spec["steps"] * spec["batch"] * SEQ_LEN,
+            "train_tokens_available": int(n_tok),
             "optimizer": f"AdamW(betas=(0.9, 0.95), weight_decay={spec['weight_decay']}, no decay on norms), "
-                         f"grad clip 1.0",
+            f"grad clip 1.0",
             "schedule": f"linear warmup {spec['warmup']} steps to lr {spec['lr']}, cosine decay to 10%",
             "router_aux_loss_coef": spec["config"].get("router_aux_loss_coef") if is_moe else None,
             "precision": "float32 training, saved as bfloat16",
             "wall_seconds": round(train_seconds, 1),
             "final_train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         },
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"python_of_corpus": corpus_facts["python_version"], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "tokenizers": __import__("tokenizers").__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "python_of_corpus": corpus_facts["python_version"],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+        },
         "corpus": corpus_facts,
         "eval": {
-            "protocol": (f"calibra.assets._metrics.perplexity: builtin eval texts (text/eval.jsonl), each encoded "
-                         f"without special tokens + one end-of-text token, concatenated, non-overlapping "
-                         f"windows of {SEQ_LEN} tokens (tail dropped), exp(mean NLL over the {SEQ_LEN - 1} "
-                         f"predicted positions per window), float32 weights upcast from the stored bfloat16"),
+            "protocol": (
+                f"calibra.assets._metrics.perplexity: builtin eval texts (text/eval.jsonl), each encoded "
+                f"without special tokens + one end-of-text token, concatenated, non-overlapping "
+                f"windows of {SEQ_LEN} tokens (tail dropped), exp(mean NLL over the {SEQ_LEN - 1} "
+                f"predicted positions per window), float32 weights upcast from the stored bfloat16"
+            ),
             "heldout_ppl": round(ppl, 3),
             "heldout_ppl_untrained": round(ppl_untrained, 3),
-            "heldout_ppl_first_windows": {"windows": TEST_SLICE_WINDOWS, "trained": round(ppl_slice, 3),
-                                          "untrained": round(ppl_untrained_slice, 3)},
+            "heldout_ppl_first_windows": {
+                "windows": TEST_SLICE_WINDOWS,
+                "trained": round(ppl_slice, 3),
+                "untrained": round(ppl_untrained_slice, 3),
+            },
         },
         "greedy_sample": {"prompt": CODE_PROMPT, "max_new_tokens": 64, "text": sample},
     }
@@ -393,7 +480,7 @@ def train_model(name: str, tokenizer, train_ids, calib_texts, eval_texts, out_di
         counts, first = expert_usage(reloaded, tokenizer, calib_texts, first_windows=True)
         facts["expert_usage_calibration"] = {
             "what": "per layer, how many times each expert is among the router's top-2, over all builtin "
-                    f"calibration texts in non-overlapping windows of {SEQ_LEN} tokens",
+            f"calibration texts in non-overlapping windows of {SEQ_LEN} tokens",
             "counts": counts,
             "fractions": [[round(c / sum(row), 4) for c in row] for row in counts],
             "unused_experts": [[e for e, c in enumerate(row) if c == 0] for row in counts],
@@ -411,8 +498,13 @@ def main(argv=None):
     ap.add_argument("--texts-only", action="store_true", help="write the text sets and stop")
     ap.add_argument("--steps", type=int, default=0, help="override the training steps (for quick trials)")
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 by default: on a busy 2-core machine, two 1-thread runs side by side beat one 2-thread run)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 by default: on a busy 2-core machine, two 1-thread runs side by side beat one "
+        "2-thread run)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "python" / "calibra" / "assets")
     args = ap.parse_args(argv)
 
@@ -443,8 +535,10 @@ def main(argv=None):
         ids.extend(e.ids)
         ids.append(tokenizer.eos_token_id)
     train_ids = torch.tensor(ids, dtype=torch.int32)
-    print(f"[tokenizer] vocab {len(tokenizer)}; {len(ids)} train tokens "
-          f"({sum(map(len, train_texts)) / len(ids):.2f} chars/token) ({time.time() - t0:.0f}s)")
+    print(
+        f"[tokenizer] vocab {len(tokenizer)}; {len(ids)} train tokens "
+        f"({sum(map(len, train_texts)) / len(ids):.2f} chars/token) ({time.time() - t0:.0f}s)"
+    )
     if args.texts_only:
         return
     corpus_facts = {
@@ -455,8 +549,12 @@ def main(argv=None):
         "train_tokens": len(ids),
         "split": "sha256(document id) % 100: eval < 6, calibration 6..11, train otherwise",
         "tokenizer": f"byte-level BPE, vocab {VOCAB_SIZE}, trained on the train split with tokenizers",
-        "shipped_texts": {"calibration_records": len(calib), "calibration_chars": sum(len(r["text"]) for r in calib),
-                          "eval_records": len(evals), "eval_chars": sum(len(r["text"]) for r in evals)},
+        "shipped_texts": {
+            "calibration_records": len(calib),
+            "calibration_chars": sum(len(r["text"]) for r in calib),
+            "eval_records": len(evals),
+            "eval_chars": sum(len(r["text"]) for r in evals),
+        },
     }
     calib_texts = [r["text"] for r in calib]
     eval_texts = [r["text"] for r in evals]

@@ -6,13 +6,27 @@ implementations and pure-torch references), :func:`calibrate` (one calibration p
 (PruningConfig -> pruned model + report), :func:`evaluate` (perplexity, KL divergence, per-layer
 attribution), :func:`export` (a QuantizedModel in engine formats) and :func:`build_info`.
 """
+
 __version__ = "0.1.0"
 
-from calibra._native import build_info  # noqa: E402
 from calibra import ops  # noqa: E402
+from calibra._native import build_info  # noqa: E402
 
-__all__ = ["__version__", "build_info", "ops", "calibrate", "quantize", "prune", "evaluate", "export",
-           "RTNConfig", "GPTQConfig", "MRGPTQConfig", "PruningConfig", "JointQuant"]
+__all__ = [
+    "__version__",
+    "build_info",
+    "ops",
+    "calibrate",
+    "quantize",
+    "prune",
+    "evaluate",
+    "export",
+    "RTNConfig",
+    "GPTQConfig",
+    "MRGPTQConfig",
+    "PruningConfig",
+    "JointQuant",
+]
 
 # The verbs import transformers; `import calibra` stays free of it and loads them on first use.
 _LAZY = {

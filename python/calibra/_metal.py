@@ -24,6 +24,7 @@ Why the source and not the metallib at run time: torch offers no public API to l
 ``cmake/calibra_metal.cmake``) proves at build time that Apple's compiler accepts the kernels, and the
 runtime compiles ``calibra/metal/*.metal`` once per process.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,12 +91,13 @@ def library_source(files=KERNEL_FILES) -> str:
 # ---------------------------------------------------------------------------------------------
 # launches
 
+
 @dataclass
 class Launch:
     kernel: str
-    buffers: list           # tensors bound to [[buffer(0..)]] in order; the args struct is one of them
-    groups: tuple           # threadgroups per grid (x, y, z)
-    threads: tuple          # threads per threadgroup (x, y, z)
+    buffers: list  # tensors bound to [[buffer(0..)]] in order; the args struct is one of them
+    groups: tuple  # threadgroups per grid (x, y, z)
+    threads: tuple  # threads per threadgroup (x, y, z)
 
 
 def kargs(name: str, device, **values) -> torch.Tensor:
@@ -135,8 +137,9 @@ class Backend:
         x = x.contiguous()
         blocks = x.numel() // b
         scale = float(torch.tensor(1.0 / math.sqrt(b), dtype=torch.float32))
-        a = kargs("HadamardArgs", x.device, blocks=blocks, block=b, dtype=_FLOAT_CODES[x.dtype],
-                  scale_bits=_f32_bits(scale))
+        a = kargs(
+            "HadamardArgs", x.device, blocks=blocks, block=b, dtype=_FLOAT_CODES[x.dtype], scale_bits=_f32_bits(scale)
+        )
         threads = min(256, max(32, b // 2))
         self._run([Launch("cal_hadamard", [x, out, a], (blocks, 1, 1), (threads, 1, 1))])
         return None
@@ -148,10 +151,20 @@ class Backend:
             return UNSUPPORTED  # empty groups: the reference defines them, nothing to launch
         gs = cols if group_size == -1 else group_size
         groups = cols // gs
-        a = kargs("QuantizeIntArgs", w.device, rows=rows, cols=cols, group=gs, groups=groups, bits=bits,
-                  symmetric=int(symmetric), dtype=_FLOAT_CODES[w.dtype])
-        self._run([Launch("cal_quantize_int", [w.contiguous(), codes, scales, zeros, a], (rows * groups, 1, 1),
-                          (128, 1, 1))])
+        a = kargs(
+            "QuantizeIntArgs",
+            w.device,
+            rows=rows,
+            cols=cols,
+            group=gs,
+            groups=groups,
+            bits=bits,
+            symmetric=int(symmetric),
+            dtype=_FLOAT_CODES[w.dtype],
+        )
+        self._run(
+            [Launch("cal_quantize_int", [w.contiguous(), codes, scales, zeros, a], (rows * groups, 1, 1), (128, 1, 1))]
+        )
         return None
 
     def dequantize_int(self, codes, scales, zeros, group_size, dtype, out):
@@ -159,10 +172,26 @@ class Backend:
         if rows * cols == 0:
             return None
         gs = cols if group_size == -1 else group_size
-        a = kargs("DequantizeIntArgs", codes.device, rows=rows, cols=cols, group=gs, groups=cols // gs,
-                  scale_dtype=_FLOAT_CODES[scales.dtype], out_dtype=_FLOAT_CODES[dtype])
-        self._run([Launch("cal_dequantize_int", [codes.contiguous(), scales.contiguous(), zeros.contiguous(), out, a],
-                          (_blocks(rows * cols, 256), 1, 1), (256, 1, 1))])
+        a = kargs(
+            "DequantizeIntArgs",
+            codes.device,
+            rows=rows,
+            cols=cols,
+            group=gs,
+            groups=cols // gs,
+            scale_dtype=_FLOAT_CODES[scales.dtype],
+            out_dtype=_FLOAT_CODES[dtype],
+        )
+        self._run(
+            [
+                Launch(
+                    "cal_dequantize_int",
+                    [codes.contiguous(), scales.contiguous(), zeros.contiguous(), out, a],
+                    (_blocks(rows * cols, 256), 1, 1),
+                    (256, 1, 1),
+                )
+            ]
+        )
         return None
 
     def quantize_fp4(self, w, format, codes, scales, global_scale):
@@ -172,18 +201,34 @@ class Backend:
         total = rows * cols
         w = w.contiguous()
         partials = min(_blocks(total, 1024), 1024)
-        a = kargs("Fp4Args", w.device, rows=rows, cols=cols, group=gsz, mx=int(mx), dtype=_FLOAT_CODES[w.dtype],
-                  partials=partials)
+        a = kargs(
+            "Fp4Args",
+            w.device,
+            rows=rows,
+            cols=cols,
+            group=gsz,
+            mx=int(mx),
+            dtype=_FLOAT_CODES[w.dtype],
+            partials=partials,
+        )
         launches = []
         if mx:
             global_scale.fill_(1.0)
         else:
             partial = torch.empty(partials, dtype=torch.float32, device=w.device)
-            launches += [Launch("cal_fp4_amax_partial", [w, partial, a], (partials, 1, 1), (256, 1, 1)),
-                         Launch("cal_fp4_amax_final", [partial, global_scale, a], (1, 1, 1), (256, 1, 1))]
+            launches += [
+                Launch("cal_fp4_amax_partial", [w, partial, a], (partials, 1, 1), (256, 1, 1)),
+                Launch("cal_fp4_amax_final", [partial, global_scale, a], (1, 1, 1), (256, 1, 1)),
+            ]
         if total:
-            launches.append(Launch("cal_quantize_fp4", [w, codes, scales.view(torch.uint8), global_scale, a],
-                                   (_blocks(total, 256), 1, 1), (256, 1, 1)))
+            launches.append(
+                Launch(
+                    "cal_quantize_fp4",
+                    [w, codes, scales.view(torch.uint8), global_scale, a],
+                    (_blocks(total, 256), 1, 1),
+                    (256, 1, 1),
+                )
+            )
         self._run(launches)
         return None
 
@@ -192,11 +237,26 @@ class Backend:
         if rows * cols == 0:
             return None
         mx = format == "mxfp4"
-        a = kargs("Fp4Args", codes.device, rows=rows, cols=cols, group=32 if mx else 16, mx=int(mx),
-                  dtype=_FLOAT_CODES[dtype], partials=0)
-        self._run([Launch("cal_dequantize_fp4", [codes.contiguous(), scales.contiguous().view(torch.uint8),
-                                                 global_scale.contiguous(), out, a],
-                          (_blocks(rows * cols, 256), 1, 1), (256, 1, 1))])
+        a = kargs(
+            "Fp4Args",
+            codes.device,
+            rows=rows,
+            cols=cols,
+            group=32 if mx else 16,
+            mx=int(mx),
+            dtype=_FLOAT_CODES[dtype],
+            partials=0,
+        )
+        self._run(
+            [
+                Launch(
+                    "cal_dequantize_fp4",
+                    [codes.contiguous(), scales.contiguous().view(torch.uint8), global_scale.contiguous(), out, a],
+                    (_blocks(rows * cols, 256), 1, 1),
+                    (256, 1, 1),
+                )
+            ]
+        )
         return None
 
     # ---- pack -----------------------------------------------------------------------------
@@ -218,8 +278,16 @@ class Backend:
         if rows * cols == 0:
             return None
         nw = words.shape[1] if d == 1 else words.shape[0]
-        a = kargs("PackArgs", words.device, rows=rows, cols=cols, bits=bits, dim=d, word_bits=32 if words.dtype == torch.int32 else 8,
-                  words=nw)
+        a = kargs(
+            "PackArgs",
+            words.device,
+            rows=rows,
+            cols=cols,
+            bits=bits,
+            dim=d,
+            word_bits=32 if words.dtype == torch.int32 else 8,
+            words=nw,
+        )
         self._run([Launch("cal_unpack", [words.contiguous(), out, a], (_blocks(rows * cols, 256), 1, 1), (256, 1, 1))])
         return None
 
@@ -230,8 +298,16 @@ class Backend:
         if rows * k == 0:
             return None
         a = kargs("NmMaskArgs", scores.device, rows=rows, k=k, n=n, m=m, dtype=_FLOAT_CODES[scores.dtype])
-        self._run([Launch("cal_nm_mask", [scores.contiguous(), out.view(torch.uint8), a],
-                          (_blocks(rows * k, 256), 1, 1), (256, 1, 1))])
+        self._run(
+            [
+                Launch(
+                    "cal_nm_mask",
+                    [scores.contiguous(), out.view(torch.uint8), a],
+                    (_blocks(rows * k, 256), 1, 1),
+                    (256, 1, 1),
+                )
+            ]
+        )
         return None
 
     def compress_24(self, w, values, meta):
@@ -239,8 +315,13 @@ class Backend:
         if r * k == 0:
             return None
         a = kargs("Sparse24Args", w.device, rows=r, k=k, dtype=_FLOAT_CODES[w.dtype])
-        self._run([Launch("cal_compress_24", [w.contiguous(), values, meta, a], (_blocks(r * k // 16, 256), 1, 1),
-                          (256, 1, 1))])
+        self._run(
+            [
+                Launch(
+                    "cal_compress_24", [w.contiguous(), values, meta, a], (_blocks(r * k // 16, 256), 1, 1), (256, 1, 1)
+                )
+            ]
+        )
         return None
 
     def decompress_24(self, values, meta, out):
@@ -248,8 +329,16 @@ class Backend:
         if r * k == 0:
             return None
         a = kargs("Sparse24Args", values.device, rows=r, k=k, dtype=_FLOAT_CODES[values.dtype])
-        self._run([Launch("cal_decompress_24", [values.contiguous(), meta.contiguous(), out, a],
-                          (_blocks(r * k // 16, 256), 1, 1), (256, 1, 1))])
+        self._run(
+            [
+                Launch(
+                    "cal_decompress_24",
+                    [values.contiguous(), meta.contiguous(), out, a],
+                    (_blocks(r * k // 16, 256), 1, 1),
+                    (256, 1, 1),
+                )
+            ]
+        )
         return None
 
     # ---- hessian --------------------------------------------------------------------------
@@ -273,11 +362,14 @@ class Backend:
         k = x.shape[-1]
         n = qweight.shape[0]
         if x.dtype not in _FLOAT_CODES or scales.dtype != x.dtype:
-            raise TypeError(f"[w4a16] x and scales must share a float16/bfloat16/float32 dtype, got {x.dtype} "
-                            f"and {scales.dtype}")
+            raise TypeError(
+                f"[w4a16] x and scales must share a float16/bfloat16/float32 dtype, got {x.dtype} and {scales.dtype}"
+            )
         if k % group_size or group_size % 8 or tuple(qweight.shape) != (n, k // 8) or qweight.dtype != torch.int32:
-            raise ValueError(f"[w4a16] need int32 qweight [n, k/8] = [{n}, {k // 8}] and a group size dividing "
-                             f"k = {k} and divisible by 8; got qweight {tuple(qweight.shape)}, group {group_size}")
+            raise ValueError(
+                f"[w4a16] need int32 qweight [n, k/8] = [{n}, {k // 8}] and a group size dividing "
+                f"k = {k} and divisible by 8; got qweight {tuple(qweight.shape)}, group {group_size}"
+            )
         groups = k // group_size
         if tuple(scales.shape) != (n, groups) or (zeros is not None and tuple(zeros.shape) != (n, groups)):
             raise ValueError(f"[w4a16] scales (and zeros) must be [{n}, {groups}], got {tuple(scales.shape)}")
@@ -285,8 +377,17 @@ class Backend:
         m = X.shape[0]
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         z = zeros.contiguous() if zeros is not None else torch.zeros(1, dtype=torch.uint8, device=x.device)
-        a = kargs("W4A16Args", x.device, m=m, n=n, k=k, group=group_size, groups=groups,
-                  has_zeros=int(zeros is not None), dtype=_FLOAT_CODES[x.dtype])
+        a = kargs(
+            "W4A16Args",
+            x.device,
+            m=m,
+            n=n,
+            k=k,
+            group=group_size,
+            groups=groups,
+            has_zeros=int(zeros is not None),
+            dtype=_FLOAT_CODES[x.dtype],
+        )
         bufs = [X, qweight.contiguous(), scales.contiguous(), z, y, a]
         if m == 1:
             launch = Launch("cal_w4a16_gemv", bufs, (_blocks(n, 4), 1, 1), (128, 1, 1))
@@ -299,6 +400,7 @@ class Backend:
 
 # ---------------------------------------------------------------------------------------------
 # MPS
+
 
 class MpsExecutor:
     """Launches on PyTorch's MPS stream through ``torch.mps.compile_shader`` (compiled once, lazily)."""

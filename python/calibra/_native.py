@@ -3,11 +3,12 @@
 Set ``CALIBRA_DISABLE_NATIVE=cpu`` (or ``cuda``, ``all``, a comma list) to run every op in its
 pure-torch reference instead, e.g. to rule out a kernel when debugging.
 
-The one place that imports ``calibra._cpu`` / ``calibra._cuda`` / ``calibra._metal``. Each backend is loaded lazily, at most
-once; when one does not load, the reason is kept and reported by :func:`calibra.build_info`, so
+The one place that imports ``calibra._cpu`` / ``calibra._cuda`` / ``calibra._metal``. Each backend is
+loaded lazily, at most once; when one does not load, the reason is kept and reported by :func:`calibra.build_info`, so
 nobody has to guess why an op ran in its reference implementation. A CPU-only user never imports
 anything that needs the CUDA runtime.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,6 +55,7 @@ def _import_backend(name: str):
         raise ImportError(f"disabled by CALIBRA_DISABLE_NATIVE={os.environ['CALIBRA_DISABLE_NATIVE']}")
     if name == "mps":  # Metal kernels are compiled from the shipped source through torch.mps
         from calibra import _metal
+
         return _metal.load_backend()
     try:
         module = importlib.import_module(f"calibra._{name}")
@@ -97,8 +99,11 @@ def build_info() -> dict:
         if name == "cuda" and not torch.cuda.is_available() and "cuda" not in _modules:
             # Do not import the CUDA module on a machine without a GPU; say whether it was built.
             built = importlib.util.find_spec("calibra._cuda") is not None
-            backends[name] = {"loaded": False, "built": built,
-                              "reason": "torch sees no CUDA device" + ("" if built else "; calibra._cuda is not built")}
+            backends[name] = {
+                "loaded": False,
+                "built": built,
+                "reason": "torch sees no CUDA device" + ("" if built else "; calibra._cuda is not built"),
+            }
             continue
         module = load(name)
         if module is None:

@@ -1,10 +1,10 @@
 """calibra's public verbs. ``calibrate``: one calibration pass -> ``CalibrationStats`` (and a file);
 ``quantize`` (in ``api_quantize``): model -> ``(QuantizedModel, report)`` (and a folder);
 ``prune`` (in ``api_prune``): model -> ``(model, report)`` (and a folder)."""
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -19,12 +19,14 @@ def _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool):
     obs = [observers] if isinstance(observers, str) else list(observers)
     bad = [o for o in obs if o not in OBSERVER_KINDS]
     if not obs or bad:
-        raise ValueError(f"[calibrate] observers must be a non-empty subset of {', '.join(OBSERVER_KINDS)}, "
-                         f"got {obs!r}")
+        raise ValueError(
+            f"[calibrate] observers must be a non-empty subset of {', '.join(OBSERVER_KINDS)}, got {obs!r}"
+        )
     hd = _HESSIAN_DTYPES.get(str(hessian_dtype).replace("torch.", ""))
     if hd is None:
-        raise ValueError(f"[calibrate] hessian_dtype must be float32 or float64 (never half precision), "
-                         f"got {hessian_dtype!r}")
+        raise ValueError(
+            f"[calibrate] hessian_dtype must be float32 or float64 (never half precision), got {hessian_dtype!r}"
+        )
     if moe_quota is not None and (isinstance(moe_quota, bool) or not isinstance(moe_quota, int) or moe_quota < 1):
         raise ValueError(f"[calibrate] moe_quota must be a positive token count or None, got {moe_quota!r}")
     if not (isinstance(moe_tau, (int, float)) and moe_tau >= 0):
@@ -34,8 +36,14 @@ def _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool):
     return obs, hd
 
 
-def _model_config(model, *, component: str = "calibrate", allow_pickle: bool = False,
-                  trust_remote_code: bool = False, allow_quantized: bool = False):
+def _model_config(
+    model,
+    *,
+    component: str = "calibrate",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    allow_quantized: bool = False,
+):
     """The model's config, read without loading weights when ``model`` is a name or folder; the whole
     folder is checked first (``calibra.io.inspect_model``: config, architecture, index, headers, paths)."""
     from calibra.models import check_supported
@@ -47,8 +55,13 @@ def _model_config(model, *, component: str = "calibrate", allow_pickle: bool = F
 
     from calibra.io import inspect_model
 
-    folder = inspect_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           allow_quantized=allow_quantized, component=component)
+    folder = inspect_model(
+        model,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        allow_quantized=allow_quantized,
+        component=component,
+    )
     remote = {"trust_remote_code": True} if trust_remote_code else {}
     return AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
 
@@ -59,18 +72,26 @@ def _refuse_quantized(model_config, source: str, component: str, hint: str = "")
     qc = getattr(model_config, "quantization_config", None)
     if qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise ValueError(f"[{component}] {source} is already quantized (its config has a quantization_config, "
-                         f"quant_method {method!r}); calibra {component}s full-precision models only: start from "
-                         f"the original bf16/fp16/fp32 checkpoint{hint}")
+        raise ValueError(
+            f"[{component}] {source} is already quantized (its config has a quantization_config, "
+            f"quant_method {method!r}); calibra {component}s full-precision models only: start from "
+            f"the original bf16/fp16/fp32 checkpoint{hint}"
+        )
 
 
-def _read_model(model, dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-                allow_quantized: bool = False):
+def _read_model(
+    model, dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False, allow_quantized: bool = False
+):
     """``(model, tokenizer)`` of a name/folder through the checking reader (NaN/Inf named at load)."""
     from calibra.io import load_model
 
-    return load_model(str(model), dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                      allow_quantized=allow_quantized)
+    return load_model(
+        str(model),
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        allow_quantized=allow_quantized,
+    )
 
 
 def _tokens(calibration, tokenizer, model_config, echo, config_dtype, observers):
@@ -80,27 +101,62 @@ def _tokens(calibration, tokenizer, model_config, echo, config_dtype, observers)
     if isinstance(calibration, tuple):
         ids, mask = calibration
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        return ids, mask, {"dataset": "tensors", "seed": None, "samples": int(ids.shape[0]),
-                           "tokens": int(mask.sum()), "sequence_length": int(ids.shape[1])}, None
+        return (
+            ids,
+            mask,
+            {
+                "dataset": "tensors",
+                "seed": None,
+                "samples": int(ids.shape[0]),
+                "tokens": int(mask.sum()),
+                "sequence_length": int(ids.shape[1]),
+            },
+            None,
+        )
     if isinstance(calibration, TokenizedCalibration):
         return calibration.input_ids, calibration.attention_mask, _run_meta(calibration), None
     if not isinstance(calibration, CalibrationConfig):
-        raise TypeError(f"[calibrate] calibration must be a CalibrationConfig, a TokenizedCalibration or "
-                        f"(input_ids, attention_mask), got {type(calibration).__name__}")
+        raise TypeError(
+            f"[calibrate] calibration must be a CalibrationConfig, a TokenizedCalibration or "
+            f"(input_ids, attention_mask), got {type(calibration).__name__}"
+        )
     return None, None, None, calibration
 
 
 def _run_meta(tok) -> dict:
-    return {"dataset": tok.dataset, "version": tok.version, "seed": tok.seed, "fingerprint": tok.fingerprint,
-            "samples": tok.num_samples, "tokens": int(tok.token_count), "sequence_length": tok.sequence_length,
-            "packing": tok.packing}
+    return {
+        "dataset": tok.dataset,
+        "version": tok.version,
+        "seed": tok.seed,
+        "fingerprint": tok.fingerprint,
+        "samples": tok.num_samples,
+        "tokens": int(tok.token_count),
+        "sequence_length": tok.sequence_length,
+        "packing": tok.packing,
+    }
 
 
-def calibrate(model, calibration=None, *, observers=("hessian",), device=None, output=None,
-              tokenizer=None, dtype="float32", hessian_dtype="float32", moe_quota: int | None = None,
-              moe_tau: float = 256.0, moe_pool: float = 4.0, on_layer=None, feed_compressed: bool = False,
-              progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
-              dry_run: bool = False):
+def calibrate(
+    model,
+    calibration=None,
+    *,
+    observers=("hessian",),
+    device=None,
+    output=None,
+    tokenizer=None,
+    dtype="float32",
+    hessian_dtype="float32",
+    moe_quota: int | None = None,
+    moe_tau: float = 256.0,
+    moe_pool: float = 4.0,
+    on_layer=None,
+    feed_compressed: bool = False,
+    progress: bool = True,
+    echo=print,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    dry_run: bool = False,
+):
     """Run calibration text through ``model`` layer by layer and return its ``CalibrationStats``.
 
     Args:
@@ -136,15 +192,28 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
     is_moe = getattr(model_config, "model_type", None) in ("mixtral", "qwen2_moe", "qwen3_moe")
     if config is not None:  # validate + memory estimate before any weight is loaded
         est_obs = list(obs) + (["routing"] if is_moe else [])
-        load_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (
-            dtype if isinstance(dtype, torch.dtype) else torch.float32)
-        config, _ = resolve_config(config, model_config, dtype=load_dtype, observers=est_obs, echo=say,
-                                   print_estimate=False, hessian_dtype=hd)
+        load_dtype = (
+            getattr(torch, dtype)
+            if isinstance(dtype, str) and dtype != "auto"
+            else (dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        )
+        config, _ = resolve_config(
+            config, model_config, dtype=load_dtype, observers=est_obs, echo=say, print_estimate=False, hessian_dtype=hd
+        )
     from calibra.plan import plan_job, weight_files_bytes
 
-    plan = plan_job(model_config, job="calibrate", calibration=config, observers=obs, dtype=dtype, device=device,
-                    hessian_dtype=hd, weight_files_bytes=weight_files_bytes(model), output=output,
-                    needs_data=config is not None)
+    plan = plan_job(
+        model_config,
+        job="calibrate",
+        calibration=config,
+        observers=obs,
+        dtype=dtype,
+        device=device,
+        hessian_dtype=hd,
+        weight_files_bytes=weight_files_bytes(model),
+        output=output,
+        needs_data=config is not None,
+    )
     say(str(plan))
     if dry_run:
         return None
@@ -153,16 +222,19 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         tokenizer = tokenizer or loaded_tok
     if config is not None:
         if tokenizer is None:
-            raise ValueError("[calibrate] a loaded model with a CalibrationConfig needs tokenizer=...; or pass "
-                             "pre-tokenized calibration")
+            raise ValueError(
+                "[calibrate] a loaded model with a CalibrationConfig needs tokenizer=...; or pass "
+                "pre-tokenized calibration"
+            )
         dataset = CalibrationDataset.from_source(config.dataset)
         max_pos = model_max_positions(model.config)
         base = config.num_samples
         want = config
         if moe_quota is not None and is_moe:
             want = dataclasses.replace(config, num_samples=int(base * moe_pool), min_tokens=config.min_tokens)
-            want = dataclasses.replace(want, batch_size=min(config.resolved_batch_size(config.sequence_length or 1),
-                                                             want.num_samples))
+            want = dataclasses.replace(
+                want, batch_size=min(config.resolved_batch_size(config.sequence_length or 1), want.num_samples)
+            )
         tok = tokenize_calibration(dataset, tokenizer, want, max_positions=max_pos)
         ids, mask, run_meta = tok.input_ids, tok.attention_mask, _run_meta(tok)
         batch_size = config.resolved_batch_size(tok.sequence_length)
@@ -172,21 +244,41 @@ def calibrate(model, calibration=None, *, observers=("hessian",), device=None, o
         base, batch_size = int(ids.shape[0]), auto_batch_size(ids.shape[0], ids.shape[1])
     selection = None
     if moe_quota is not None and is_moe:
-        selection = select_samples_for_coverage(model, ids, mask, quota=moe_quota, base=min(base, ids.shape[0]),
-                                                device=device, batch_size=batch_size, progress=progress)
+        selection = select_samples_for_coverage(
+            model,
+            ids,
+            mask,
+            quota=moe_quota,
+            base=min(base, ids.shape[0]),
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+        )
         say(selection.summary())
         idx = torch.tensor(selection.indices, dtype=torch.long)
         ids, mask = ids[idx], mask[idx]
         from calibra.data.tokenize import fingerprint
 
-        run_meta = dict(run_meta, samples=int(ids.shape[0]), tokens=int(mask.sum()),
-                        pool_fingerprint=run_meta.get("fingerprint"), fingerprint=fingerprint(ids, mask),
-                        selected_from_pool=selection.pool_size, selected_indices=selection.indices)
+        run_meta = dict(
+            run_meta,
+            samples=int(ids.shape[0]),
+            tokens=int(mask.sum()),
+            pool_fingerprint=run_meta.get("fingerprint"),
+            fingerprint=fingerprint(ids, mask),
+            selected_from_pool=selection.pool_size,
+            selected_indices=selection.indices,
+        )
     t0 = time.perf_counter()
-    runner = LayerRunner(model, device=device, observers=obs, hessian_dtype=hd, on_layer=on_layer,
-                         feed_compressed=feed_compressed, progress=progress)
-    stats = runner.run(ids, mask, batch_size=batch_size, sample_ids=None,
-                       extra_metadata={"runs": [run_meta]})
+    runner = LayerRunner(
+        model,
+        device=device,
+        observers=obs,
+        hessian_dtype=hd,
+        on_layer=on_layer,
+        feed_compressed=feed_compressed,
+        progress=progress,
+    )
+    stats = runner.run(ids, mask, batch_size=batch_size, sample_ids=None, extra_metadata={"runs": [run_meta]})
     stats.metadata["seconds"] = round(time.perf_counter() - t0, 3)
     if "moe" in stats.metadata:
         stats.metadata["moe"].update({"quota": moe_quota, "tau": float(moe_tau)})

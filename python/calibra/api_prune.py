@@ -11,6 +11,7 @@ The :class:`~calibra.prune.stages.StageTracker` follows the run (idle -> calibra
 importance -> pruning, per layer -> evaluating -> exporting -> complete, or failed); its transitions
 drive the progress display and its history lands in the report (``stages``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,7 @@ from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
 
 REPORT_FORMAT = "calibra-prune-report"
-_QUANTIZED_HINT = (" (joint pruning + quantization: method 'sparsegpt' with quantize=JointQuant(...) "
-                   "/ --bits)")
+_QUANTIZED_HINT = " (joint pruning + quantization: method 'sparsegpt' with quantize=JointQuant(...) / --bits)"
 
 
 def _check_config(config):
@@ -68,12 +68,33 @@ class _Progress:
             self.say(f"[prune] {new.value}" + (f": {detail}" if detail else ""))
 
 
-def prune(model, config, calibration=None, *, output=None, overwrite: bool = False, save_24: bool = False,
-          evaluate: bool | None = None, measure_error: bool = True, device=None, dtype="float32", tokenizer=None,
-          eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
-          eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, max_shard_bytes: int | None = None,
-          progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
-          dry_run: bool = False, resume: bool = False, checkpoint: bool | None = None):
+def prune(
+    model,
+    config,
+    calibration=None,
+    *,
+    output=None,
+    overwrite: bool = False,
+    save_24: bool = False,
+    evaluate: bool | None = None,
+    measure_error: bool = True,
+    device=None,
+    dtype="float32",
+    tokenizer=None,
+    eval_dataset="builtin",
+    eval_seq_len: int | None = None,
+    eval_stride: int | None = None,
+    eval_max_tokens: int | None = REPORT_EVAL_TOKENS,
+    eval_top_k: int = 64,
+    max_shard_bytes: int | None = None,
+    progress: bool = True,
+    echo=print,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    dry_run: bool = False,
+    resume: bool = False,
+    checkpoint: bool | None = None,
+):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 
     Args:
@@ -81,8 +102,8 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         config: a :class:`calibra.prune.PruningConfig` -- validated, with every layer's shape against the
             pattern, before any weight loads.
         calibration: Wanda/SparseGPT data: a ``calibra.data.CalibrationConfig`` (default: ``config.calibration``,
-            else 128 x min(context, 2048) tokens of builtin text), a ``TokenizedCalibration``, ``(input_ids, attention_mask)``,
-            or a dataset name/path. Magnitude pruning reads no data.
+            else 128 x min(context, 2048) tokens of builtin text), a ``TokenizedCalibration``,
+            ``(input_ids, attention_mask)``, or a dataset name/path. Magnitude pruning reads no data.
         output: write the pruned folder there (see :mod:`calibra.prune.save`; atomic; an existing folder
             needs ``overwrite``).
         save_24: also write ``sparse24.safetensors`` (calibra's compressed 2:4 form; pattern 2:4 only).
@@ -103,14 +124,14 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
     """
-    from calibra.api import _model_config, _read_model, _refuse_quantized, _tokens
+    from calibra.api import _model_config, _read_model, _refuse_quantized
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target, versions
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
-    from calibra.prune.config import PruneMethod, config_dict
+    from calibra.prune.config import config_dict
     from calibra.prune.patterns import NM
     from calibra.prune.stages import PruningStage as S
 
@@ -124,8 +145,10 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
         calibration = CalibrationConfig(dataset=str(calibration))
     pattern = config.pattern_obj
     if save_24 and not (isinstance(pattern, NM) and (pattern.n, pattern.m) == (2, 4)):
-        raise ValueError(f"[prune] save_24 (--save-24) writes calibra's compressed 2:4 form, which needs pattern 2:4; "
-                         f"the pattern is {pattern}")
+        raise ValueError(
+            f"[prune] save_24 (--save-24) writes calibra's compressed 2:4 form, which needs pattern 2:4; "
+            f"the pattern is {pattern}"
+        )
     if output is not None:
         check_target(output, overwrite, tag="prune")
     checkpoint = output is not None if checkpoint is None else bool(checkpoint)
@@ -143,21 +166,36 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     if save_24:
         bad = [f"{n} (in_features {shapes[n][1]})" for n in prune_names if shapes[n][1] % 16]
         if bad:
-            raise ValueError(f"[prune] the compressed 2:4 form packs 16 columns per metadata word, so in_features must "
-                             f"be a multiple of 16; {len(bad)} layer(s) are not: {', '.join(bad[:8])}; drop --save-24")
+            raise ValueError(
+                f"[prune] the compressed 2:4 form packs 16 columns per metadata word, so in_features must "
+                f"be a multiple of 16; {len(bad)} layer(s) are not: {', '.join(bad[:8])}; drop --save-24"
+            )
     if needs_data and (calibration is None or isinstance(calibration, CalibrationConfig)):
         from calibra.data import resolve_config
 
-        calibration, _ = resolve_config(calibration or CalibrationConfig(), model_config, echo=say,
-                                        print_estimate=False, observers=list(_observers(config, measure_error)))
+        calibration, _ = resolve_config(
+            calibration or CalibrationConfig(),
+            model_config,
+            echo=say,
+            print_estimate=False,
+            observers=list(_observers(config, measure_error)),
+        )
     do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
     from calibra.plan import plan_job, weight_files_bytes
 
-    plan = plan_job(model_config, job="prune", observers=_observers(config, measure_error), dtype=dtype, device=device,
-                    calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
-                    needs_data=needs_data, weight_files_bytes=weight_files_bytes(model), output=output,
-                    checkpoint=checkpoint and output is not None,
-                    solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn")
+    plan = plan_job(
+        model_config,
+        job="prune",
+        observers=_observers(config, measure_error),
+        dtype=dtype,
+        device=device,
+        calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
+        needs_data=needs_data,
+        weight_files_bytes=weight_files_bytes(model),
+        output=output,
+        checkpoint=checkpoint and output is not None,
+        solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
+    )
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
@@ -165,9 +203,16 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
     if checkpoint and output is not None:
         from calibra.prune import resume as presume
 
-        ck = presume.open_checkpoints(model, output, config, calibration, resume=resume, overwrite=overwrite,
-                                      options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24},
-                                      echo=say)
+        ck = presume.open_checkpoints(
+            model,
+            output,
+            config,
+            calibration,
+            resume=resume,
+            overwrite=overwrite,
+            options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24},
+            echo=say,
+        )
 
     prog = _Progress(say, progress)
     tracker = StageTracker(on_change=prog)
@@ -184,13 +229,21 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
             from calibra.eval.session import EvalSession
 
             say("[prune] evaluation: collecting the dense model's reference")
-            ev = EvalSession(model, tokenizer, dataset=eval_dataset, seq_len=eval_seq_len, stride=eval_stride,
-                             max_tokens=eval_max_tokens, top_k=eval_top_k, progress=progress, label="pruned",
-                             component="prune")
+            ev = EvalSession(
+                model,
+                tokenizer,
+                dataset=eval_dataset,
+                seq_len=eval_seq_len,
+                stride=eval_stride,
+                max_tokens=eval_max_tokens,
+                top_k=eval_top_k,
+                progress=progress,
+                label="pruned",
+                component="prune",
+            )
 
         # -- 3. prune layer by layer -------------------------------------------------------------------
-        pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers,
-                             calibrating=needs_data)
+        pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
         t0 = time.perf_counter()
         run_meta = None
         if ck is not None:
@@ -203,8 +256,14 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
                     ck.check_data(None)
                 done = _restored(restore(ck, pruner, adapter) if ck is not None else 0, tracker, adapter, False)
                 saver = LayerSaver(ck, pruner, adapter) if ck is not None else None
-                bar = tqdm(range(done, n_layers), desc=f"{config.method_enum.value}", unit="layer",
-                           disable=not progress, initial=done, total=n_layers)
+                bar = tqdm(
+                    range(done, n_layers),
+                    desc=f"{config.method_enum.value}",
+                    unit="layer",
+                    disable=not progress,
+                    initial=done,
+                    total=n_layers,
+                )
                 prog.bar = bar
                 for i in bar:
                     pruner(i, adapter.layers[i], None)
@@ -217,17 +276,27 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
 
                 tracker.advance(S.CALIBRATING, adapter.layer_name(0))
                 ids, mask, run_meta, bs = _calibration_tokens(calibration, tokenizer, model, say)
-                runner = LayerRunner(model, adapter, device=device, observers=_observers(config, measure_error),
-                                     on_layer=pruner, feed_compressed=True, progress=progress,
-                                     desc=config.method_enum.value)
+                runner = LayerRunner(
+                    model,
+                    adapter,
+                    device=device,
+                    observers=_observers(config, measure_error),
+                    on_layer=pruner,
+                    feed_compressed=True,
+                    progress=progress,
+                    desc=config.method_enum.value,
+                )
                 if config.gradual_steps > 1:
                     pruner.recollect = runner.recollect
                 resume_kw = {}
                 if ck is not None:  # a resume on other data is refused here, before any layer runs
                     ck.check_data(run_meta.get("fingerprint") or _ids_fingerprint(ids, mask))
                     done = _restored(restore(ck, pruner, adapter, runner), tracker, adapter, True)
-                    resume_kw = {"start_layer": done, "start_hidden": ck.load_hidden(done - 1) if done else None,
-                                 "after_layer": LayerSaver(ck, pruner, adapter, runner)}
+                    resume_kw = {
+                        "start_layer": done,
+                        "start_hidden": ck.load_hidden(done - 1) if done else None,
+                        "after_layer": LayerSaver(ck, pruner, adapter, runner),
+                    }
                 runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
@@ -241,36 +310,59 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
 
         # -- 5. report, write --------------------------------------------------------------------------
         rows = [pl.log() for pl in pruner.layers.values()]
-        pm = psave.PrunedModel(model=model, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source,
-                               dense=dense)
+        pm = psave.PrunedModel(
+            model=model, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source, dense=dense
+        )
         block = psave.sparsity_block(pm)
         n_w = sum(pl.mask.numel() for pl in pruner.layers.values())
         seed = calibration.seed if isinstance(calibration, CalibrationConfig) and needs_data else None
         report = {
-            "format": REPORT_FORMAT, "format_version": 1,
-            "model": {"source": source, "model_type": getattr(model.config, "model_type", None),
-                      "num_layers": n_layers},
-            "settings": {"config": config_dict(config), "method": config.method_enum.value, "pattern": str(pattern),
-                         "target_sparsity": config.sparsity,
-                         "joint_quantization": None if config.quantize is None else dataclasses.asdict(config.quantize),
-                         "calibration": (run_meta if needs_data else "none (data-free)"),
-                         "device": str(device or "auto"), "dtype": str(dtype), "save_24": bool(save_24),
-                         "measure_error": bool(measure_error), "lm_head": "excluded", "embeddings": "excluded",
-                         "router": "excluded"},
+            "format": REPORT_FORMAT,
+            "format_version": 1,
+            "model": {
+                "source": source,
+                "model_type": getattr(model.config, "model_type", None),
+                "num_layers": n_layers,
+            },
+            "settings": {
+                "config": config_dict(config),
+                "method": config.method_enum.value,
+                "pattern": str(pattern),
+                "target_sparsity": config.sparsity,
+                "joint_quantization": None if config.quantize is None else dataclasses.asdict(config.quantize),
+                "calibration": (run_meta if needs_data else "none (data-free)"),
+                "device": str(device or "auto"),
+                "dtype": str(dtype),
+                "save_24": bool(save_24),
+                "measure_error": bool(measure_error),
+                "lm_head": "excluded",
+                "embeddings": "excluded",
+                "router": "excluded",
+            },
             "versions": versions(),
             "seed": seed,
-            "summary": {"pruned_modules": len(pruner.layers), "dense_modules": sorted(dense),
-                        "pruned_weights_total": n_w, "zeroed_weights": n_w - sum(int(pl.mask.sum())
-                                                                                for pl in pruner.layers.values()),
-                        "target_sparsity": config.sparsity, "achieved_sparsity": block["achieved"],
-                        "joint_quantization_bits": None if config.quantize is None else config.quantize.bits},
+            "summary": {
+                "pruned_modules": len(pruner.layers),
+                "dense_modules": sorted(dense),
+                "pruned_weights_total": n_w,
+                "zeroed_weights": n_w - sum(int(pl.mask.sum()) for pl in pruner.layers.values()),
+                "target_sparsity": config.sparsity,
+                "achieved_sparsity": block["achieved"],
+                "joint_quantization_bits": None if config.quantize is None else config.quantize.bits,
+            },
             "modules": rows,
             "sparsity": {"dense_modules": dict(sorted(dense.items())), "layers": block["layers"]},
         }
         if eval_block is not None:
             report["eval"] = eval_block
-        report["timings"] = {"calibration": t_cal, "solve": t_solve, "eval": ev.seconds if ev else 0.0,
-                             "per_layer": pruner.layer_seconds, "write": 0.0, "total": 0.0}
+        report["timings"] = {
+            "calibration": t_cal,
+            "solve": t_solve,
+            "eval": ev.seconds if ev else 0.0,
+            "per_layer": pruner.layer_seconds,
+            "write": 0.0,
+            "total": 0.0,
+        }
         pm.report = report
         if output is not None:
             tracker.advance(S.EXPORTING, str(output))
@@ -281,8 +373,9 @@ def prune(model, config, calibration=None, *, output=None, overwrite: bool = Fal
             if ck is not None and ck.resumed_from:
                 report["resumed_from_layer"] = ck.resumed_from
             report["timings"]["total"] = time.perf_counter() - t_start
-            psave.write(pm, output, overwrite=overwrite, save_24=save_24, report=report,
-                        max_shard_bytes=max_shard_bytes)
+            psave.write(
+                pm, output, overwrite=overwrite, save_24=save_24, report=report, max_shard_bytes=max_shard_bytes
+            )
             report["timings"]["write"] = time.perf_counter() - t0
             if ck is not None:
                 ck.finish()

@@ -6,6 +6,7 @@ no weights runs first -- the config, the output folder, the model's config (arch
 the model) -- then the model loads, the reference for evaluation is collected, calibration and the
 solvers run layer by layer, the quantized model is evaluated, and only then is anything written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def _check_config(config):
     from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig
 
     if not isinstance(config, (RTNConfig, GPTQConfig, MRGPTQConfig)):
-        raise TypeError(f"[quantize] config must be an RTNConfig, GPTQConfig or MRGPTQConfig, got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"[quantize] config must be an RTNConfig, GPTQConfig or MRGPTQConfig, got {type(config).__name__}"
+        )
     config.validate()
     return config
 
@@ -58,21 +60,49 @@ def _calibration_tokens(calibration, tokenizer, model, echo):
 
         return ids, mask, meta, auto_batch_size(ids.shape[0], ids.shape[1])  # pre-tokenized input
     if tokenizer is None:
-        raise ValueError("[quantize] a loaded model with a CalibrationConfig needs tokenizer=...; or pass "
-                         "pre-tokenized calibration")
-    tok = tokenize_calibration(CalibrationDataset.from_source(config.dataset), tokenizer, config,
-                               max_positions=model_max_positions(model.config))
+        raise ValueError(
+            "[quantize] a loaded model with a CalibrationConfig needs tokenizer=...; or pass pre-tokenized calibration"
+        )
+    tok = tokenize_calibration(
+        CalibrationDataset.from_source(config.dataset),
+        tokenizer,
+        config,
+        max_positions=model_max_positions(model.config),
+    )
     return tok.input_ids, tok.attention_mask, _run_meta(tok), config.resolved_batch_size(tok.sequence_length)
 
 
 # ---------------------------------------------------------------------------------------- the verb
-def quantize(model, config, calibration=None, *, stats=None, output=None, overwrite: bool = False,
-             evaluate: bool | None = None, act_ranges: bool = False, act_percentile: float = 99.9,
-             smooth_alpha: float = 0.5, mixed_precision: float | None = None, device=None, dtype="float32",
-             tokenizer=None, eval_dataset="builtin", eval_seq_len: int | None = None, eval_stride: int | None = None,
-             eval_max_tokens: int | None = REPORT_EVAL_TOKENS, eval_top_k: int = 64, export: str | None = None,
-             progress: bool = True, echo=print, allow_pickle: bool = False, trust_remote_code: bool = False,
-             resume: bool = False, checkpoint: bool | None = None, dry_run: bool = False):
+def quantize(
+    model,
+    config,
+    calibration=None,
+    *,
+    stats=None,
+    output=None,
+    overwrite: bool = False,
+    evaluate: bool | None = None,
+    act_ranges: bool = False,
+    act_percentile: float = 99.9,
+    smooth_alpha: float = 0.5,
+    mixed_precision: float | None = None,
+    device=None,
+    dtype="float32",
+    tokenizer=None,
+    eval_dataset="builtin",
+    eval_seq_len: int | None = None,
+    eval_stride: int | None = None,
+    eval_max_tokens: int | None = REPORT_EVAL_TOKENS,
+    eval_top_k: int = 64,
+    export: str | None = None,
+    progress: bool = True,
+    echo=print,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    resume: bool = False,
+    checkpoint: bool | None = None,
+    dry_run: bool = False,
+):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
     Args:
@@ -101,16 +131,13 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
     """
-    from calibra.api import _model_config, _read_model, _refuse_quantized
-    from calibra.calib import CalibrationStats, LayerRunner, coverage_table, model_identity, refresh_coverage
+    from calibra.api import _model_config, _refuse_quantized
+    from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
     from calibra.models import get_adapter
     from calibra.quant import RTNConfig, check_layers
     from calibra.quant import act_ranges as ar
-    from calibra.quant import mixed as mp
-    from calibra.quant.apply import LayerQuantizer
-    from calibra.quant.model import QuantizedModel
 
     t_start = time.perf_counter()
     say = echo or (lambda *a, **k: None)
@@ -125,21 +152,30 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
         else:
             calibration = CalibrationConfig(dataset=str(calibration))
     if (act_ranges or ranges_file) and not is_rtn:
-        raise ValueError("[quantize] activation ranges / smoothing apply to RTN only (GPTQ solves on the "
-                         "unsmoothed Hessians); drop --act-ranges or use --method rtn")
+        raise ValueError(
+            "[quantize] activation ranges / smoothing apply to RTN only (GPTQ solves on the "
+            "unsmoothed Hessians); drop --act-ranges or use --method rtn"
+        )
     if act_ranges and ranges_file:
-        raise ValueError("[quantize] give either act_ranges=True (collect ranges) or an activation_ranges.json "
-                         "as calibration, not both")
-    if mixed_precision is not None and (isinstance(mixed_precision, bool)
-                                        or not isinstance(mixed_precision, (int, float))
-                                        or not 1.0 <= mixed_precision <= 16.0):
-        raise ValueError(f"[quantize] mixed_precision must be a bits-per-weight budget in [1, 16], got "
-                         f"{mixed_precision!r}; e.g. 4.5")
+        raise ValueError(
+            "[quantize] give either act_ranges=True (collect ranges) or an activation_ranges.json "
+            "as calibration, not both"
+        )
+    if mixed_precision is not None and (
+        isinstance(mixed_precision, bool)
+        or not isinstance(mixed_precision, (int, float))
+        or not 1.0 <= mixed_precision <= 16.0
+    ):
+        raise ValueError(
+            f"[quantize] mixed_precision must be a bits-per-weight budget in [1, 16], got {mixed_precision!r}; e.g. 4.5"
+        )
     true_seq = bool(getattr(config, "true_sequential", False))
     if stats is not None and not is_rtn and true_seq:
-        raise ValueError("[quantize] a statistics file skips the forward pass, but true_sequential=True re-collects "
-                         "Hessians inside every layer; set true_sequential=False (--no-true-sequential) to use "
-                         "--stats, or drop --stats")
+        raise ValueError(
+            "[quantize] a statistics file skips the forward pass, but true_sequential=True re-collects "
+            "Hessians inside every layer; set true_sequential=False (--no-true-sequential) to use "
+            "--stats, or drop --stats"
+        )
     if export is not None:
         from calibra.export import parse_formats
 
@@ -170,8 +206,9 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     if needs_data and stats is None and isinstance(calibration, (CalibrationConfig, type(None))):
         from calibra.data import resolve_config
 
-        calibration, _ = resolve_config(calibration or CalibrationConfig(), model_config, echo=say,
-                                        print_estimate=False, observers=["hessian"])
+        calibration, _ = resolve_config(
+            calibration or CalibrationConfig(), model_config, echo=say, print_estimate=False, observers=["hessian"]
+        )
     do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
     checkpoint = output is not None if checkpoint is None else bool(checkpoint)
     if resume and (output is None or not checkpoint):
@@ -179,12 +216,20 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     from calibra.plan import plan_job, weight_files_bytes
 
     data_pass = needs_data and stats is None
-    plan = plan_job(model_config, job="quantize",
-                    calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None, dtype=dtype,
-                    device=device, group_size=getattr(config, "group_size", None), needs_data=data_pass,
-                    solver="rtn" if is_rtn else "gptq", replay=true_seq and not is_rtn and stats is None,
-                    weight_files_bytes=weight_files_bytes(model), checkpoint=checkpoint and output is not None,
-                    output=output)
+    plan = plan_job(
+        model_config,
+        job="quantize",
+        calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None,
+        dtype=dtype,
+        device=device,
+        group_size=getattr(config, "group_size", None),
+        needs_data=data_pass,
+        solver="rtn" if is_rtn else "gptq",
+        replay=true_seq and not is_rtn and stats is None,
+        weight_files_bytes=weight_files_bytes(model),
+        checkpoint=checkpoint and output is not None,
+        output=output,
+    )
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
@@ -192,11 +237,25 @@ def quantize(model, config, calibration=None, *, stats=None, output=None, overwr
     if checkpoint and output is not None:
         from calibra.quant import resume as qresume
 
-        ck = qresume.open_checkpoints(model, output, config, calibration, stats, resume=resume, overwrite=overwrite,
-                                      options={"dtype": dtype, "act_ranges": act_ranges, "ranges_file": ranges_file,
-                                               "mixed_precision": mixed_precision, "export": export,
-                                               "smooth_alpha": smooth_alpha, "act_percentile": act_percentile},
-                                      echo=say)
+        ck = qresume.open_checkpoints(
+            model,
+            output,
+            config,
+            calibration,
+            stats,
+            resume=resume,
+            overwrite=overwrite,
+            options={
+                "dtype": dtype,
+                "act_ranges": act_ranges,
+                "ranges_file": ranges_file,
+                "mixed_precision": mixed_precision,
+                "export": export,
+                "smooth_alpha": smooth_alpha,
+                "act_percentile": act_percentile,
+            },
+            echo=say,
+        )
     try:  # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
         return _run(**locals())
     except BaseException as e:
@@ -213,16 +272,52 @@ def _on_failure(ck, e) -> None:
     oom = isinstance(e, (CalibrationOOMError, MemoryError, KeyboardInterrupt)) or type(e).__name__ == "OutOfMemoryError"
     if oom and any(ck.folder.glob("layer-*.json")):
         ck.release()
-        e.args = ((e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "
-                  f"fix the cause and rerun the same command with --resume to continue from there.",) + e.args[1:]
+        e.args = (
+            (e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "
+            f"fix the cause and rerun the same command with --resume to continue from there.",
+        ) + e.args[1:]
     else:
         ck.finish()
 
 
-def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_ranges, act_percentile, smooth_alpha,
-         mixed_precision, device, dtype, tokenizer, eval_dataset, eval_seq_len, eval_stride, eval_max_tokens,
-         eval_top_k, export, progress, echo, ck, read, say, t_start, is_rtn, ranges_file, true_seq, source,
-         model_config, needs_data, do_eval, plan, **_):
+def _run(
+    *,
+    model,
+    config,
+    calibration,
+    stats,
+    output,
+    overwrite,
+    evaluate,
+    act_ranges,
+    act_percentile,
+    smooth_alpha,
+    mixed_precision,
+    device,
+    dtype,
+    tokenizer,
+    eval_dataset,
+    eval_seq_len,
+    eval_stride,
+    eval_max_tokens,
+    eval_top_k,
+    export,
+    progress,
+    echo,
+    ck,
+    read,
+    say,
+    t_start,
+    is_rtn,
+    ranges_file,
+    true_seq,
+    source,
+    model_config,
+    needs_data,
+    do_eval,
+    plan,
+    **_,
+):
     from calibra.api import _read_model
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
@@ -246,9 +341,18 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
         say("evaluation: collecting the unquantized model's reference")
         from calibra.eval.session import EvalSession
 
-        ev = EvalSession(model, tokenizer, dataset=eval_dataset, seq_len=eval_seq_len, stride=eval_stride,
-                         max_tokens=eval_max_tokens, top_k=eval_top_k, progress=progress, label="quantized",
-                         component="quantize")
+        ev = EvalSession(
+            model,
+            tokenizer,
+            dataset=eval_dataset,
+            seq_len=eval_seq_len,
+            stride=eval_stride,
+            max_tokens=eval_max_tokens,
+            top_k=eval_top_k,
+            progress=progress,
+            label="quantized",
+            component="quantize",
+        )
 
     tokens_cache = {}
 
@@ -270,36 +374,43 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
         else:
             t0 = time.perf_counter()
             ids, mask, meta, bs = tokens()
-            rstats = LayerRunner(model, adapter, device=device, observers=("ranges",), progress=progress,
-                                 desc="activation ranges").run(ids, mask, batch_size=bs)
+            rstats = LayerRunner(
+                model, adapter, device=device, observers=("ranges",), progress=progress, desc="activation ranges"
+            ).run(ids, mask, batch_size=bs)
             doc = ar.build(rstats, model, adapter, percentile=act_percentile, alpha=smooth_alpha)
             doc["calibration"] = meta
             t_cal += time.perf_counter() - t0
         smoothed = ar.apply_smoothing(doc, model)
         files["activation_ranges.json"] = doc
-        report_extra["activation_ranges"] = dict(ar.summary(doc), source=ranges_file or "collected",
-                                                 smoothed_modules=smoothed)
+        report_extra["activation_ranges"] = dict(
+            ar.summary(doc), source=ranges_file or "collected", smoothed_modules=smoothed
+        )
 
     # -- 4. mixed precision --------------------------------------------------------------------------
     overrides = {}
     if stats is not None and stats.metadata.get("model", {}).get("id") not in (None, model_identity(model)):
-        raise ValueError("[quantize] the statistics file was calibrated on a different model (model identity "
-                         "differs); calibrate this model or pass its own --stats")
+        raise ValueError(
+            "[quantize] the statistics file was calibrated on a different model (model identity "
+            "differs); calibrate this model or pass its own --stats"
+        )
     if mixed_precision is not None:
         t0 = time.perf_counter()
         mstats = stats
         if mstats is None:
             ids, mask, meta, bs = tokens()
-            mstats = LayerRunner(model, adapter, device=device, observers=("hessian",), progress=progress,
-                                 desc="sensitivity").run(ids, mask, batch_size=bs)
+            mstats = LayerRunner(
+                model, adapter, device=device, observers=("hessian",), progress=progress, desc="sensitivity"
+            ).run(ids, mask, batch_size=bs)
         targets = _all_targets(model, adapter)
         base = mp.base_rtn(config)
         sens = mp.sensitivities([(t, base) for t in targets], mstats)
         mplan = mp.plan(targets, sens, config, float(mixed_precision))
         overrides = mplan.pop("overrides")
         report_extra["mixed_precision"] = mplan
-        say(f"mixed precision: {len(mplan['promoted'])} of {len(targets)} modules promoted to "
-            f"{mplan['promoted_to']}; {mplan['avg_bits_per_weight']:.3f} bits/weight (budget {mixed_precision})")
+        say(
+            f"mixed precision: {len(mplan['promoted'])} of {len(targets)} modules promoted to "
+            f"{mplan['promoted_to']}; {mplan['avg_bits_per_weight']:.3f} bits/weight (budget {mixed_precision})"
+        )
         t_cal += time.perf_counter() - t0
 
     # -- 5. quantize layer by layer ------------------------------------------------------------------
@@ -317,25 +428,42 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
         done = restore(ck, quantizer, adapter) if ck is not None else 0
         saver = LayerSaver(ck, quantizer, adapter) if ck is not None else None
         with torch.no_grad():
-            for i in tqdm(range(done, len(adapter.layers)), desc="quantizing", unit="layer", disable=not progress,
-                          initial=done, total=len(adapter.layers)):
+            for i in tqdm(
+                range(done, len(adapter.layers)),
+                desc="quantizing",
+                unit="layer",
+                disable=not progress,
+                initial=done,
+                total=len(adapter.layers),
+            ):
                 layer = adapter.layers[i]
                 quantizer(i, layer, stats)
                 if saver is not None:
                     saver(i)
     else:
         ids, mask, run_meta, bs = tokens()
-        runner = LayerRunner(model, adapter, device=device, observers=("hessian",), on_layer=quantizer,
-                             feed_compressed=True, progress=progress, desc=f"{config.method}",
-                             keep_layer_stats=False,  # each layer's Hessians are consumed by on_layer
-                             collect_on_demand=true_seq)  # true-sequential: each group's when it is solved
+        runner = LayerRunner(
+            model,
+            adapter,
+            device=device,
+            observers=("hessian",),
+            on_layer=quantizer,
+            feed_compressed=True,
+            progress=progress,
+            desc=f"{config.method}",
+            keep_layer_stats=False,  # each layer's Hessians are consumed by on_layer
+            collect_on_demand=true_seq,
+        )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
         resume_kw = {}
         if ck is not None:
             done = restore(ck, quantizer, adapter, runner)
-            resume_kw = {"start_layer": done, "start_hidden": ck.load_hidden(done - 1) if done else None,
-                         "after_layer": LayerSaver(ck, quantizer, adapter, runner)}
+            resume_kw = {
+                "start_layer": done,
+                "start_hidden": ck.load_hidden(done - 1) if done else None,
+                "after_layer": LayerSaver(ck, quantizer, adapter, runner),
+            }
         final_stats = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
@@ -349,21 +477,38 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
     from calibra.export.writer import versions
 
     report = {
-        "format": REPORT_FORMAT, "format_version": 1,
-        "model": {"source": source, "model_type": getattr(model.config, "model_type", None),
-                  "num_layers": len(adapter.layers)},
-        "settings": {"config": qsave.config_dict(config), "method": config.method,
-                     "calibration": (run_meta or (dataclasses.asdict(calibration)
-                                                  if isinstance(calibration, CalibrationConfig) else None))
-                     if needs_data and stats is None else ("stats file" if stats is not None else "none (data-free)"),
-                     "true_sequential": true_seq and not is_rtn and stats is None, "device": str(device or "auto"),
-                     "dtype": str(dtype), "act_ranges": bool(act_ranges or ranges_file),
-                     "mixed_precision": mixed_precision, "lm_head": "excluded", "embeddings": "excluded",
-                     "router": "excluded"},
+        "format": REPORT_FORMAT,
+        "format_version": 1,
+        "model": {
+            "source": source,
+            "model_type": getattr(model.config, "model_type", None),
+            "num_layers": len(adapter.layers),
+        },
+        "settings": {
+            "config": qsave.config_dict(config),
+            "method": config.method,
+            "calibration": (
+                run_meta or (dataclasses.asdict(calibration) if isinstance(calibration, CalibrationConfig) else None)
+            )
+            if needs_data and stats is None
+            else ("stats file" if stats is not None else "none (data-free)"),
+            "true_sequential": true_seq and not is_rtn and stats is None,
+            "device": str(device or "auto"),
+            "dtype": str(dtype),
+            "act_ranges": bool(act_ranges or ranges_file),
+            "mixed_precision": mixed_precision,
+            "lm_head": "excluded",
+            "embeddings": "excluded",
+            "router": "excluded",
+        },
         "versions": versions(),
         "seed": calibration.seed if isinstance(calibration, CalibrationConfig) else None,
-        "summary": {"quantized_modules": len(quantizer.layers), "dense_modules": sorted(quantizer.dense),
-                    "quantized_weights": n_q, "avg_bits_per_weight": bits / n_q if n_q else None},
+        "summary": {
+            "quantized_modules": len(quantizer.layers),
+            "dense_modules": sorted(quantizer.dense),
+            "quantized_weights": n_q,
+            "avg_bits_per_weight": bits / n_q if n_q else None,
+        },
         "modules": rows,
         "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},
         "plan": plan.to_dict(),
@@ -375,10 +520,16 @@ def _run(*, model, config, calibration, stats, output, overwrite, evaluate, act_
         say(coverage_table(final_stats))
     if eval_block is not None:
         report["eval"] = eval_block
-    report["timings"] = {"calibration": t_cal, "solve": t_solve, "eval": ev.seconds if ev else 0.0,
-                         "per_layer": quantizer.layer_seconds, "total": time.perf_counter() - t_start}
-    qm = QuantizedModel(model=model, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source,
-                        report=report)
+    report["timings"] = {
+        "calibration": t_cal,
+        "solve": t_solve,
+        "eval": ev.seconds if ev else 0.0,
+        "per_layer": quantizer.layer_seconds,
+        "total": time.perf_counter() - t_start,
+    }
+    qm = QuantizedModel(
+        model=model, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
+    )
     if output is not None:
         report["timings"]["total"] = time.perf_counter() - t_start
         report["output"] = str(output)

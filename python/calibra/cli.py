@@ -1,4 +1,5 @@
 """The calibra command line. Thin: it parses, calls the API, prints."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,34 +29,58 @@ def _add_eval_flags(p) -> None:
     """The report-evaluation flags of the compressing verbs (quantize, prune)."""
     p.add_argument("--eval", action="store_true", help="evaluate (on by default for builtin models)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
-    p.add_argument("--eval-max-tokens", type=int, default=REPORT_EVAL_TOKENS,
-                   help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)")
+    p.add_argument(
+        "--eval-max-tokens",
+        type=int,
+        default=REPORT_EVAL_TOKENS,
+        help="evaluate on the first N held-out tokens, 0 for the whole stream (default: %(default)s)",
+    )
     p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: context, <= 2048)")
 
 
 def _add_read_flags(p) -> None:
     """Opt-ins for model folders calibra refuses by default (calibra.io.model_reader)."""
-    p.add_argument("--allow-pickle", action="store_true", help="accept a checkpoint that has only pickle weights "
-                   "(.bin/.pt): unpickling can run code, so it is refused by default; with this flag the files "
-                   "load with torch.load(weights_only=True), which admits tensors and plain containers only")
-    p.add_argument("--trust-remote-code", action="store_true", help="accept a model whose config.json has an "
-                   "auto_map: transformers then imports and runs the Python files shipped with the model. Read "
-                   "them first; without this flag such models are refused")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept a checkpoint that has only pickle weights "
+        "(.bin/.pt): unpickling can run code, so it is refused by default; with this flag the files "
+        "load with torch.load(weights_only=True), which admits tensors and plain containers only",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accept a model whose config.json has an "
+        "auto_map: transformers then imports and runs the Python files shipped with the model. Read "
+        "them first; without this flag such models are refused",
+    )
 
 
 def _add_resume_flags(p: argparse.ArgumentParser, results: str) -> None:
-    p.add_argument("--resume", action="store_true", help="continue a killed or failed run of the same command from "
-                   "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
-                   "data or versions differ. The result is byte-identical to an uninterrupted run")
-    p.add_argument("--no-checkpoint", action="store_true", help=f"do not checkpoint finished layers (saves the disk "
-                   f"writes of one layer's {results} and the next layer's inputs per layer; a killed run then restarts "
-                   f"from the first layer)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed or failed run of the same command from "
+        "its layer checkpoints (.DIR.calibra-work beside DIR); refused if the model, settings, calibration "
+        "data or versions differ. The result is byte-identical to an uninterrupted run",
+    )
+    p.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help=f"do not checkpoint finished layers (saves the disk "
+        f"writes of one layer's {results} and the next layer's inputs per layer; a killed run then restarts "
+        f"from the first layer)",
+    )
 
 
 def _add_dry_run(p) -> None:
-    p.add_argument("--dry-run", action="store_true", help="check every setting and the model folder, print the "
-                   "memory and disk plan (peak device memory, peak host memory, disk, placement) and exit without "
-                   "loading a weight")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every setting and the model folder, print the "
+        "memory and disk plan (peak device memory, peak host memory, disk, placement) and exit without "
+        "loading a weight",
+    )
 
 
 def _read_opts(args) -> dict:
@@ -94,19 +119,37 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibra.data import CalibrationConfig
 
     observers = [o.strip() for o in args.observers.split(",") if o.strip()]
-    config = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, batch_size=args.batch_size,
-                               dataset=args.calibration, seed=args.seed)
+    config = CalibrationConfig(
+        num_samples=args.samples,
+        sequence_length=args.seq_len,
+        batch_size=args.batch_size,
+        dataset=args.calibration,
+        seed=args.seed,
+    )
     t0 = time.perf_counter()
-    stats = calibrate(args.input, config, observers=observers, device=args.device, output=args.output,
-                      dtype=args.dtype, hessian_dtype=args.hessian_dtype, moe_quota=args.moe_quota,
-                      moe_tau=args.moe_tau, progress=not args.no_progress, dry_run=args.dry_run, **_read_opts(args))
+    stats = calibrate(
+        args.input,
+        config,
+        observers=observers,
+        device=args.device,
+        output=args.output,
+        dtype=args.dtype,
+        hessian_dtype=args.hessian_dtype,
+        moe_quota=args.moe_quota,
+        moe_tau=args.moe_tau,
+        progress=not args.no_progress,
+        dry_run=args.dry_run,
+        **_read_opts(args),
+    )
     if args.dry_run:
         return 0
     seconds = time.perf_counter() - t0
     size = os.path.getsize(args.output)
     n_mod = len(stats.modules(observers[0])) if observers[0] != "kv" else stats.metadata["model"]["num_layers"]
-    print(f"calibrated {args.input}: {stats.token_count} tokens, {n_mod} modules ({', '.join(observers)}), "
-          f"{seconds:.1f} s; wrote {args.output} ({size / 2**20:.2f} MiB)")
+    print(
+        f"calibrated {args.input}: {stats.token_count} tokens, {n_mod} modules ({', '.join(observers)}), "
+        f"{seconds:.1f} s; wrote {args.output} ({size / 2**20:.2f} MiB)"
+    )
     return 0
 
 
@@ -116,35 +159,57 @@ def _print_eval(result, args: argparse.Namespace) -> None:
     print(f"calibra eval: {what} of {args.model}" + (f" against {args.reference}" if args.reference else ""))
     if ds.get("version"):
         print(f"  dataset     {ds['name']} (version {ds['version']}, {ds['documents']} documents)")
-    print(f"  protocol    strided windows: seq_len {result.seq_len}, stride {result.stride}, "
-          f"{result.windows} windows, {result.tokens} of {result.stream_tokens} tokens scored")
+    print(
+        f"  protocol    strided windows: seq_len {result.seq_len}, stride {result.stride}, "
+        f"{result.windows} windows, {result.tokens} of {result.stream_tokens} tokens scored"
+    )
     if args.metric == "perplexity":
         print(f"  perplexity  {result.ppl:.4f}  (nll {result.nll:.6f} nats/token)")
         if result.reference is not None:
             ref = result.reference
             print(f"  reference   {ref.ppl:.4f}  ({(result.ppl / ref.ppl - 1) * 100:+.2f}%)")
     else:
-        how = ("exact, full vocabulary" if result.mode == "exact"
-               else f"top-{result.top_k} + rest bucket: a lower bound of the exact KL")
+        how = (
+            "exact, full vocabulary"
+            if result.mode == "exact"
+            else f"top-{result.top_k} + rest bucket: a lower bound of the exact KL"
+        )
         print(f"  KL in nats per token ({how})")
         for label, st in (("KL(ref||model)", result.kl_ref_cmp), ("KL(model||ref)", result.kl_cmp_ref)):
             print(f"  {label}  mean {st['mean']:.6f}  median {st['median']:.6f}  max {st['max']:.6f}")
-        print(f"  perplexity  reference {result.ppl_reference:.4f}  model {result.ppl_compressed:.4f}  "
-              f"({(result.ppl_compressed / result.ppl_reference - 1) * 100:+.2f}%)")
+        print(
+            f"  perplexity  reference {result.ppl_reference:.4f}  model {result.ppl_compressed:.4f}  "
+            f"({(result.ppl_compressed / result.ppl_reference - 1) * 100:+.2f}%)"
+        )
     if result.attribution is not None:
         a = result.attribution
-        print(f"per-layer attribution (reference with one compressed layer; {a.tokens} tokens, "
-              f"ranked by {'KL(ref||hybrid)' if a.rank_by == 'kl' else 'perplexity increase'}):")
+        print(
+            f"per-layer attribution (reference with one compressed layer; {a.tokens} tokens, "
+            f"ranked by {'KL(ref||hybrid)' if a.rank_by == 'kl' else 'perplexity increase'}):"
+        )
         print(a.table())
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import calibra
 
-    result = calibra.evaluate(args.model, metric=args.metric, dataset=args.dataset, reference=args.reference,
-                         seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens, device=args.device,
-                         top_k=args.top_k, exact=args.exact, attribution=args.attribution, rank_by=args.rank_by,
-                         dtype=args.dtype, batch_size=args.batch_size, **_read_opts(args))
+    result = calibra.evaluate(
+        args.model,
+        metric=args.metric,
+        dataset=args.dataset,
+        reference=args.reference,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        top_k=args.top_k,
+        exact=args.exact,
+        attribution=args.attribution,
+        rank_by=args.rank_by,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        **_read_opts(args),
+    )
     _print_eval(result, args)
     if args.json:
         out = {"model": args.model, "reference": args.reference, **result.to_dict()}
@@ -156,9 +221,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub) -> None:
-    ev = sub.add_parser("eval", help="perplexity, or KL divergence against a reference, with per-layer attribution",
-                        description="Evaluate a model with the strided sliding-window protocol. seq_len defaults "
-                                    "to the model's max_position_embeddings capped at 2048, stride to seq_len/2.")
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity, or KL divergence against a reference, with per-layer attribution",
+        description="Evaluate a model with the strided sliding-window protocol. seq_len defaults "
+        "to the model's max_position_embeddings capped at 2048, stride to seq_len/2.",
+    )
     ev.add_argument("--model", required=True, help="model folder or builtin:NAME")
     ev.add_argument("--metric", default="perplexity", choices=["perplexity", "kl-divergence"])
     ev.add_argument("--dataset", default="builtin", help="builtin (held-out eval text), a .jsonl/.txt file or a folder")
@@ -194,9 +262,14 @@ def _quant_config(args: argparse.Namespace):
     if args.method == "mr-gptq":
         if fmt == "int":
             raise ValueError("[quantize] --method mr-gptq needs --format mxfp4 or nvfp4 (it rotates onto an FP4 grid)")
-        return MRGPTQConfig(format=fmt, desc_act=args.desc_act, static_groups=args.static_groups,
-                            damp_percent=args.damp, block_size=args.block_size,
-                            true_sequential=not args.no_true_sequential)
+        return MRGPTQConfig(
+            format=fmt,
+            desc_act=args.desc_act,
+            static_groups=args.static_groups,
+            damp_percent=args.damp,
+            block_size=args.block_size,
+            true_sequential=not args.no_true_sequential,
+        )
     group = args.group_size
     if fmt != "int" and group is None:
         group = {"mxfp4": 32, "nvfp4": 16}[fmt]
@@ -204,9 +277,18 @@ def _quant_config(args: argparse.Namespace):
     bits = 4 if fmt != "int" else args.bits
     if args.method == "rtn":
         return RTNConfig(bits=bits, group_size=group, sym=not args.asym, format=fmt, mse_clip=args.mse_clip)
-    return GPTQConfig(bits=bits, group_size=group, sym=not args.asym, desc_act=args.desc_act,
-                      static_groups=args.static_groups, damp_percent=args.damp, block_size=args.block_size,
-                      true_sequential=not args.no_true_sequential, format=fmt, mse_clip=args.mse_clip)
+    return GPTQConfig(
+        bits=bits,
+        group_size=group,
+        sym=not args.asym,
+        desc_act=args.desc_act,
+        static_groups=args.static_groups,
+        damp_percent=args.damp,
+        block_size=args.block_size,
+        true_sequential=not args.no_true_sequential,
+        format=fmt,
+        mse_clip=args.mse_clip,
+    )
 
 
 def _fmt_bytes(n: float) -> str:
@@ -219,12 +301,21 @@ def _eval_rows(ev: dict | None, kl_label: str) -> list[tuple[str, str]]:
         return []
     p, kl, proto = ev["perplexity"], ev["kl_divergence"], ev["protocol"]
     top_k = f"-{kl['top_k']}" if kl["top_k"] else ""
-    return [("perplexity", f"{p['baseline']:.4f} -> {p['compressed']:.4f} "
-                           f"({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)"),
-            (kl_label, f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} nats/token "
-                       f"({kl['mode']}{top_k})"),
-            ("eval protocol", f"seq_len {proto['seq_len']}, stride {proto['stride']}, "
-                              f"{proto['tokens_scored']} tokens of {proto['dataset']['name']}")]
+    return [
+        (
+            "perplexity",
+            f"{p['baseline']:.4f} -> {p['compressed']:.4f} ({(p['compressed'] / p['baseline'] - 1) * 100:+.2f}%)",
+        ),
+        (
+            kl_label,
+            f"mean {kl['mean']:.5f}  median {kl['median']:.5f}  max {kl['max']:.4f} nats/token ({kl['mode']}{top_k})",
+        ),
+        (
+            "eval protocol",
+            f"seq_len {proto['seq_len']}, stride {proto['stride']}, "
+            f"{proto['tokens_scored']} tokens of {proto['dataset']['name']}",
+        ),
+    ]
 
 
 def _print_rows(rows: list[tuple[str, str]], output: str | None) -> None:
@@ -239,15 +330,25 @@ def _print_rows(rows: list[tuple[str, str]], output: str | None) -> None:
 def _print_quant_summary(report: dict) -> None:
     s, t = report["summary"], report["timings"]
     q = s["quantized_weights"]
-    print(f"calibra quantize: {report['model']['source']} with {report['settings']['method']} "
-          f"({report['settings']['config'].get('format', 'int')})")
-    rows = [("modules quantized", f"{s['quantized_modules']}" + (f" ({len(s['dense_modules'])} kept dense)"
-                                                                   if s["dense_modules"] else "")),
-            ("bits per weight", f"{s['avg_bits_per_weight']:.3f}" if s["avg_bits_per_weight"] else "-"),
-            ("quantized weights", f"{_fmt_bytes(q * 2)} as fp16 -> {_fmt_bytes(q * (s['avg_bits_per_weight'] or 16) / 8)}")]
+    print(
+        f"calibra quantize: {report['model']['source']} with {report['settings']['method']} "
+        f"({report['settings']['config'].get('format', 'int')})"
+    )
+    rows = [
+        (
+            "modules quantized",
+            f"{s['quantized_modules']}" + (f" ({len(s['dense_modules'])} kept dense)" if s["dense_modules"] else ""),
+        ),
+        ("bits per weight", f"{s['avg_bits_per_weight']:.3f}" if s["avg_bits_per_weight"] else "-"),
+        ("quantized weights", f"{_fmt_bytes(q * 2)} as fp16 -> {_fmt_bytes(q * (s['avg_bits_per_weight'] or 16) / 8)}"),
+    ]
     rows += _eval_rows(report.get("eval"), "KL(ref||quant)")
-    rows.append(("time", f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
-                         f"eval {t['eval']:.1f})"))
+    rows.append(
+        (
+            "time",
+            f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, eval {t['eval']:.1f})",
+        )
+    )
     _print_rows(rows, report.get("output"))
 
 
@@ -256,19 +357,39 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from calibra.data import CalibrationConfig
 
     config = _quant_config(args)
-    calibration = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len,
-                                    batch_size=args.batch_size, dataset=args.calibration, seed=args.seed)
+    calibration = CalibrationConfig(
+        num_samples=args.samples,
+        sequence_length=args.seq_len,
+        batch_size=args.batch_size,
+        dataset=args.calibration,
+        seed=args.seed,
+    )
     from calibra.quant.act_ranges import is_ranges_file
 
     if is_ranges_file(args.calibration):
         calibration = args.calibration
     evaluate = True if args.eval else (False if args.no_eval else None)
-    _, report = quantize(args.input, config, calibration, stats=args.stats, output=args.output,
-                         overwrite=args.overwrite, evaluate=evaluate, act_ranges=args.act_ranges,
-                         mixed_precision=args.mixed_precision, device=args.device, dtype=args.dtype,
-                         eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
-                         export=args.export, progress=not args.no_progress, resume=args.resume,
-                         checkpoint=not args.no_checkpoint, dry_run=args.dry_run, **_read_opts(args))
+    _, report = quantize(
+        args.input,
+        config,
+        calibration,
+        stats=args.stats,
+        output=args.output,
+        overwrite=args.overwrite,
+        evaluate=evaluate,
+        act_ranges=args.act_ranges,
+        mixed_precision=args.mixed_precision,
+        device=args.device,
+        dtype=args.dtype,
+        eval_max_tokens=args.eval_max_tokens or None,
+        eval_seq_len=args.eval_seq_len,
+        export=args.export,
+        progress=not args.no_progress,
+        resume=args.resume,
+        checkpoint=not args.no_checkpoint,
+        dry_run=args.dry_run,
+        **_read_opts(args),
+    )
     if args.dry_run:
         return 0
     _print_quant_summary(report)
@@ -277,49 +398,96 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _add_quantize(sub) -> None:
     D = _HelpFormatter
-    q = sub.add_parser("quantize", formatter_class=D, help="quantize a model (RTN, GPTQ, MR-GPTQ) and write it "
-                       "with report.json",
-                       description="Quantize MODEL's decoder Linears and experts (lm_head, embeddings and routers "
-                                   "stay dense) and write the result into DIR atomically: quantized.safetensors "
-                                   "(codes, scales, zeros, g_idx, global scales + every dense tensor), "
-                                   "quantization.json, config.json, the tokenizer and report.json (settings, "
-                                   "versions, timings, per-module log, evaluation). Every setting is checked "
-                                   "before the model loads; nothing is written on error.")
+    q = sub.add_parser(
+        "quantize",
+        formatter_class=D,
+        help="quantize a model (RTN, GPTQ, MR-GPTQ) and write it with report.json",
+        description="Quantize MODEL's decoder Linears and experts (lm_head, embeddings and routers "
+        "stay dense) and write the result into DIR atomically: quantized.safetensors "
+        "(codes, scales, zeros, g_idx, global scales + every dense tensor), "
+        "quantization.json, config.json, the tokenizer and report.json (settings, "
+        "versions, timings, per-module log, evaluation). Every setting is checked "
+        "before the model loads; nothing is written on error.",
+    )
     q.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
     q.add_argument("--output", required=True, help="output folder DIR (refused if it exists, see --overwrite)")
-    q.add_argument("--method", required=True, choices=["rtn", "gptq", "mr-gptq"],
-                   help="rtn: round-to-nearest (data-free); gptq: GPTQ on calibration Hessians; mr-gptq: "
-                        "block-Hadamard-rotated GPTQ onto an FP4 grid")
+    q.add_argument(
+        "--method",
+        required=True,
+        choices=["rtn", "gptq", "mr-gptq"],
+        help="rtn: round-to-nearest (data-free); gptq: GPTQ on calibration Hessians; mr-gptq: "
+        "block-Hadamard-rotated GPTQ onto an FP4 grid",
+    )
     q.add_argument("--bits", type=int, default=4, help="integer bits 2..8 (--format int; FP4 formats are 4-bit)")
-    q.add_argument("--group-size", type=int, default=None, help="columns per scale group, -1 = one per row "
-                   "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format)")
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="columns per scale group, -1 = one per row "
+        "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format)",
+    )
     q.add_argument("--format", default="int", choices=["int", "mxfp4", "nvfp4"], help="number format")
     q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero points); default symmetric")
     q.add_argument("--mse-clip", action="store_true", help="search each group's clipping range by squared error")
-    q.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl file "
-                   "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)")
+    q.add_argument(
+        "--calibration",
+        default="builtin",
+        help="calibration text: builtin, a .txt/.json/.jsonl file "
+        "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)",
+    )
     add_sample_flags(q)
-    q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by descending Hessian "
-                   "diagonal (records g_idx unless --static-groups). --desc-act --static-groups is the best-quality "
-                   "setting that every kernel loads (25%% lower KL on builtin:tiny-llama W4 g128)")
-    q.add_argument("--static-groups", action="store_true", help="with --desc-act: fit groups before the sweep "
-                   "so groups stay contiguous (no g_idx)")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H); a failed "
-                   "Cholesky climbs the ladder 0.1, 1, 10, then float64")
+    q.add_argument(
+        "--desc-act",
+        action="store_true",
+        help="GPTQ act-order: columns by descending Hessian "
+        "diagonal (records g_idx unless --static-groups). --desc-act --static-groups is the best-quality "
+        "setting that every kernel loads (25%% lower KL on builtin:tiny-llama W4 g128)",
+    )
+    q.add_argument(
+        "--static-groups",
+        action="store_true",
+        help="with --desc-act: fit groups before the sweep so groups stay contiguous (no g_idx)",
+    )
+    q.add_argument(
+        "--damp",
+        type=float,
+        default=0.01,
+        help="GPTQ damping, fraction of mean(diag H); a failed Cholesky climbs the ladder 0.1, 1, 10, then float64",
+    )
     q.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch columns")
-    q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: solve all modules of a layer from "
-                   "one set of Hessians instead of re-collecting them after q/k/v, o, gate/up")
-    q.add_argument("--stats", default=None, help="statistics file from `calibra calibrate` (GPTQ with "
-                   "--no-true-sequential: no forward pass)")
-    q.add_argument("--act-ranges", action="store_true", help="RTN: collect activation ranges, fold SmoothQuant "
-                   "factors (alpha 0.5) into the norms, write DIR/activation_ranges.json")
-    q.add_argument("--mixed-precision", type=float, default=None, metavar="BUDGET_BITS",
-                   help="bits-per-weight budget (e.g. 4.5): promote the most sensitive modules to 8-bit "
-                        "(dense for FP4) while the average stays within it")
+    q.add_argument(
+        "--no-true-sequential",
+        action="store_true",
+        help="GPTQ: solve all modules of a layer from "
+        "one set of Hessians instead of re-collecting them after q/k/v, o, gate/up",
+    )
+    q.add_argument(
+        "--stats",
+        default=None,
+        help="statistics file from `calibra calibrate` (GPTQ with --no-true-sequential: no forward pass)",
+    )
+    q.add_argument(
+        "--act-ranges",
+        action="store_true",
+        help="RTN: collect activation ranges, fold SmoothQuant "
+        "factors (alpha 0.5) into the norms, write DIR/activation_ranges.json",
+    )
+    q.add_argument(
+        "--mixed-precision",
+        type=float,
+        default=None,
+        metavar="BUDGET_BITS",
+        help="bits-per-weight budget (e.g. 4.5): promote the most sensitive modules to 8-bit "
+        "(dense for FP4) while the average stays within it",
+    )
     _add_eval_flags(q)
-    q.add_argument("--export", default=None, help="engine format(s) written into DIR instead of calibra's own folder: compressed-tensors, gptq, mlx, "
-                   "gguf-q4_0, gguf-q8_0, dense (comma-separated: one subfolder each); checked against the "
-                   "quantized model before anything is written")
+    q.add_argument(
+        "--export",
+        default=None,
+        help="engine format(s) written into DIR instead of calibra's own folder: compressed-tensors, gptq, mlx, "
+        "gguf-q4_0, gguf-q8_0, dense (comma-separated: one subfolder each); checked against the "
+        "quantized model before anything is written",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
@@ -337,33 +505,63 @@ def _prune_config(args: argparse.Namespace):
     pattern = args.pattern
     nm = ":" in pattern
     if nm and args.sparsity is not None:
-        raise ValueError(f"[prune] pattern {pattern} fixes the sparsity; drop --sparsity (or use --pattern "
-                         f"unstructured with --sparsity)")
+        raise ValueError(
+            f"[prune] pattern {pattern} fixes the sparsity; drop --sparsity (or use --pattern "
+            f"unstructured with --sparsity)"
+        )
     sparsity = None if nm else (0.5 if args.sparsity is None else args.sparsity)
     jq = None
     if args.bits is not None:
         jq = JointQuant(bits=args.bits, group_size=args.group_size, sym=not args.asym)
-    return PruningConfig(method=args.method, target_sparsity=sparsity, pattern=pattern, scope=args.scope,
-                         gradual_steps=args.gradual_steps, skip_indivisible=args.skip_indivisible,
-                         block_size=args.block_size, damp_percent=args.damp, quantize=jq)
+    return PruningConfig(
+        method=args.method,
+        target_sparsity=sparsity,
+        pattern=pattern,
+        scope=args.scope,
+        gradual_steps=args.gradual_steps,
+        skip_indivisible=args.skip_indivisible,
+        block_size=args.block_size,
+        damp_percent=args.damp,
+        quantize=jq,
+    )
 
 
 def _print_prune_summary(report: dict) -> None:
     s, t, st = report["summary"], report["timings"], report["settings"]
     jq = st["joint_quantization"]
-    print(f"calibra prune: {report['model']['source']} with {st['method']} ({st['pattern']}"
-          + (f", W{jq['bits']} g{jq['group_size']}" if jq else "") + ")")
-    rows = [("modules pruned", f"{s['pruned_modules']}" + (f" ({len(s['dense_modules'])} kept dense)"
-                                                             if s["dense_modules"] else "")),
-            ("sparsity", f"target {s['target_sparsity']:.4f}, achieved {s['achieved_sparsity']:.4f} "
-                         f"({s['zeroed_weights']} of {s['pruned_weights_total']} weights zeroed)")]
+    print(
+        f"calibra prune: {report['model']['source']} with {st['method']} ({st['pattern']}"
+        + (f", W{jq['bits']} g{jq['group_size']}" if jq else "")
+        + ")"
+    )
+    rows = [
+        (
+            "modules pruned",
+            f"{s['pruned_modules']}" + (f" ({len(s['dense_modules'])} kept dense)" if s["dense_modules"] else ""),
+        ),
+        (
+            "sparsity",
+            f"target {s['target_sparsity']:.4f}, achieved {s['achieved_sparsity']:.4f} "
+            f"({s['zeroed_weights']} of {s['pruned_weights_total']} weights zeroed)",
+        ),
+    ]
     errs = [m["reconstruction_error"] for m in report["modules"] if m.get("reconstruction_error") is not None]
     if errs:
-        rows.append(("reconstruction err", f"mean {sum(errs) / len(errs):.5f}, max {max(errs):.5f} "
-                                           f"(relative output error on the calibration inputs)"))
+        rows.append(
+            (
+                "reconstruction err",
+                f"mean {sum(errs) / len(errs):.5f}, max {max(errs):.5f} "
+                f"(relative output error on the calibration inputs)",
+            )
+        )
     rows += _eval_rows(report.get("eval"), "KL(dense||pruned)")
-    rows.append(("time", f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
-                         f"eval {t['eval']:.1f}, write {t['write']:.1f})"))
+    rows.append(
+        (
+            "time",
+            f"{t['total']:.1f} s (calibration {t['calibration']:.1f}, solve {t['solve']:.1f}, "
+            f"eval {t['eval']:.1f}, write {t['write']:.1f})",
+        )
+    )
     _print_rows(rows, report.get("output"))
 
 
@@ -372,14 +570,32 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from calibra.data import CalibrationConfig
 
     config = _prune_config(args)
-    calibration = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len,
-                                    batch_size=args.batch_size, dataset=args.calibration, seed=args.seed)
+    calibration = CalibrationConfig(
+        num_samples=args.samples,
+        sequence_length=args.seq_len,
+        batch_size=args.batch_size,
+        dataset=args.calibration,
+        seed=args.seed,
+    )
     evaluate = True if args.eval else (False if args.no_eval else None)
-    _, report = prune(args.input, config, calibration, output=args.output, overwrite=args.overwrite,
-                      save_24=args.save_24, evaluate=evaluate, device=args.device, dtype=args.dtype,
-                      eval_max_tokens=args.eval_max_tokens or None, eval_seq_len=args.eval_seq_len,
-                      progress=not args.no_progress, dry_run=args.dry_run, resume=args.resume,
-                      checkpoint=not args.no_checkpoint, **_read_opts(args))
+    _, report = prune(
+        args.input,
+        config,
+        calibration,
+        output=args.output,
+        overwrite=args.overwrite,
+        save_24=args.save_24,
+        evaluate=evaluate,
+        device=args.device,
+        dtype=args.dtype,
+        eval_max_tokens=args.eval_max_tokens or None,
+        eval_seq_len=args.eval_seq_len,
+        progress=not args.no_progress,
+        dry_run=args.dry_run,
+        resume=args.resume,
+        checkpoint=not args.no_checkpoint,
+        **_read_opts(args),
+    )
     if args.dry_run:
         return 0
     _print_prune_summary(report)
@@ -388,42 +604,90 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 def _add_prune(sub) -> None:
     D = _HelpFormatter
-    p = sub.add_parser("prune", formatter_class=D, help="prune a model (magnitude, Wanda, SparseGPT) and write it "
-                       "with report.json",
-                       description="Prune MODEL's decoder Linears and experts (lm_head, embeddings and routers stay "
-                                   "dense) and write the result into DIR atomically: dense safetensors (zeros "
-                                   "included) with config.json's calibra_sparsity block, the tokenizer, "
-                                   "sparsity.json, report.json (settings, versions, timings, per-module achieved "
-                                   "sparsity and reconstruction error, stages, evaluation) and, with --save-24, "
-                                   "sparse24.safetensors. Every setting is checked before the model loads; nothing "
-                                   "is written on error.")
+    p = sub.add_parser(
+        "prune",
+        formatter_class=D,
+        help="prune a model (magnitude, Wanda, SparseGPT) and write it with report.json",
+        description="Prune MODEL's decoder Linears and experts (lm_head, embeddings and routers stay "
+        "dense) and write the result into DIR atomically: dense safetensors (zeros "
+        "included) with config.json's calibra_sparsity block, the tokenizer, "
+        "sparsity.json, report.json (settings, versions, timings, per-module achieved "
+        "sparsity and reconstruction error, stages, evaluation) and, with --save-24, "
+        "sparse24.safetensors. Every setting is checked before the model loads; nothing "
+        "is written on error.",
+    )
     p.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
     p.add_argument("--output", required=True, help="output folder DIR (refused if it exists, see --overwrite)")
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"],
-                   help="magnitude: |w| (data-free); wanda: |w| * ||X_j|| per output row; sparsegpt: OBS sweep with "
-                        "the calibration Hessian and error compensation")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in (0, 1), for "
-                   "unstructured and block patterns (default 0.5); N:M patterns fix it at 1 - n/m")
-    p.add_argument("--pattern", default="unstructured", help="unstructured, n:m (2:4, 4:8: n kept of every m "
-                   "input channels) or block:RxC")
-    p.add_argument("--scope", default=None, choices=["row", "layer"], help="where scores compete (default: "
-                   "layer for magnitude, row for wanda; sparsegpt selects per column block)")
-    p.add_argument("--bits", type=int, default=None, help="sparsegpt: also quantize the kept weights to this many "
-                   "integer bits (2..8) in the same sweep (joint mode); stored dequantized, recorded in the report")
-    p.add_argument("--group-size", type=int, default=128, help="joint quantization: columns per scale group "
-                   "(-1 = one group per row)")
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="magnitude: |w| (data-free); wanda: |w| * ||X_j|| per output row; sparsegpt: OBS sweep with "
+        "the calibration Hessian and error compensation",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="fraction of weights set to zero, in (0, 1), for "
+        "unstructured and block patterns (default 0.5); N:M patterns fix it at 1 - n/m",
+    )
+    p.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="unstructured, n:m (2:4, 4:8: n kept of every m input channels) or block:RxC",
+    )
+    p.add_argument(
+        "--scope",
+        default=None,
+        choices=["row", "layer"],
+        help="where scores compete (default: layer for magnitude, row for wanda; sparsegpt selects per column block)",
+    )
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        help="sparsegpt: also quantize the kept weights to this many "
+        "integer bits (2..8) in the same sweep (joint mode); stored dequantized, recorded in the report",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="joint quantization: columns per scale group (-1 = one group per row)",
+    )
     p.add_argument("--asym", action="store_true", help="joint quantization: asymmetric grid (zero points)")
     p.add_argument("--block-size", type=int, default=128, help="sparsegpt: columns per lazy batch")
-    p.add_argument("--damp", type=float, default=0.01, help="sparsegpt: damping, fraction of mean(diag H); a "
-                   "failed Cholesky climbs the ladder 0.1, 1, 10, then float64")
-    p.add_argument("--gradual-steps", type=int, default=1, help="reach the sparsity in this many pruning steps, "
-                   "re-collecting the layer's statistics in between (1 = one-shot)")
-    p.add_argument("--skip-indivisible", action="store_true", help="leave layers whose width the pattern does not "
-                   "divide dense (recorded in the report) instead of failing")
-    p.add_argument("--save-24", action="store_true", help="also write sparse24.safetensors: calibra's compressed "
-                   "2:4 form (values + metadata per module; pattern 2:4)")
-    p.add_argument("--calibration", default="builtin", help="calibration text (wanda, sparsegpt): builtin, a "
-                   ".txt/.json/.jsonl file or folder, or a hub set name")
+    p.add_argument(
+        "--damp",
+        type=float,
+        default=0.01,
+        help="sparsegpt: damping, fraction of mean(diag H); a "
+        "failed Cholesky climbs the ladder 0.1, 1, 10, then float64",
+    )
+    p.add_argument(
+        "--gradual-steps",
+        type=int,
+        default=1,
+        help="reach the sparsity in this many pruning steps, "
+        "re-collecting the layer's statistics in between (1 = one-shot)",
+    )
+    p.add_argument(
+        "--skip-indivisible",
+        action="store_true",
+        help="leave layers whose width the pattern does not divide dense (recorded in the report) instead of failing",
+    )
+    p.add_argument(
+        "--save-24",
+        action="store_true",
+        help="also write sparse24.safetensors: calibra's compressed "
+        "2:4 form (values + metadata per module; pattern 2:4)",
+    )
+    p.add_argument(
+        "--calibration",
+        default="builtin",
+        help="calibration text (wanda, sparsegpt): builtin, a .txt/.json/.jsonl file or folder, or a hub set name",
+    )
     add_sample_flags(p)
     _add_eval_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
@@ -440,8 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
     from calibra import __version__
 
     p = argparse.ArgumentParser(prog="calibra", description="Calibration-driven compression for LLMs.")
-    p.add_argument("--version", action="version", version=f"calibra {__version__}",
-                   help="print the version and exit (`calibra info` adds torch and the native backends)")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"calibra {__version__}",
+        help="print the version and exit (`calibra info` adds torch and the native backends)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="which native backends loaded, and why not for the others")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
@@ -450,38 +718,67 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu", help="device to test (default: cpu)")
     st.set_defaults(fn=_cmd_selftest)
     D = _HelpFormatter
-    cal = sub.add_parser("calibrate", formatter_class=D,
-                         help="run calibration text through a model and save reusable statistics",
-                         description="Run calibration text through MODEL one decoder layer at a time and save "
-                                     "the statistics (Hessians, norms, ranges, K/V covariances, MoE routing) "
-                                     "as one safetensors file that quantize/prune can reuse.")
+    cal = sub.add_parser(
+        "calibrate",
+        formatter_class=D,
+        help="run calibration text through a model and save reusable statistics",
+        description="Run calibration text through MODEL one decoder layer at a time and save "
+        "the statistics (Hessians, norms, ranges, K/V covariances, MoE routing) "
+        "as one safetensors file that quantize/prune can reuse.",
+    )
     cal.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
     cal.add_argument("--output", required=True, help="statistics file to write (.safetensors, atomic)")
-    cal.add_argument("--calibration", default="builtin", help="calibration text: builtin, a .txt/.json/.jsonl "
-                     "file or folder, or a hub set name")
+    cal.add_argument(
+        "--calibration",
+        default="builtin",
+        help="calibration text: builtin, a .txt/.json/.jsonl file or folder, or a hub set name",
+    )
     add_sample_flags(cal)
     cal.add_argument("--observers", default="hessian", help="comma-separated: hessian,norms,ranges,kv")
-    cal.add_argument("--device", default=None, help="compute device for one layer at a time (cpu, cuda, "
-                     "cuda:1); default: cuda if available, else cpu")
-    cal.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in "
-                     "(float32, bfloat16, float16, auto)")
-    cal.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
-                     help="dtype of the Hessian sums (float64 merges bit-for-bit more often)")
-    cal.add_argument("--moe-quota", type=int, default=None, help="tokens every expert should see: adds "
-                     "samples by router-guided selection from a 4x candidate pool (MoE models)")
-    cal.add_argument("--moe-tau", type=float, default=256.0, help="expert Hessian shrinkage: weight "
-                     "tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens")
+    cal.add_argument(
+        "--device",
+        default=None,
+        help="compute device for one layer at a time (cpu, cuda, cuda:1); default: cuda if available, else cpu",
+    )
+    cal.add_argument(
+        "--dtype", default="float32", help="dtype the model is loaded and run in (float32, bfloat16, float16, auto)"
+    )
+    cal.add_argument(
+        "--hessian-dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="dtype of the Hessian sums (float64 merges bit-for-bit more often)",
+    )
+    cal.add_argument(
+        "--moe-quota",
+        type=int,
+        default=None,
+        help="tokens every expert should see: adds "
+        "samples by router-guided selection from a 4x candidate pool (MoE models)",
+    )
+    cal.add_argument(
+        "--moe-tau",
+        type=float,
+        default=256.0,
+        help="expert Hessian shrinkage: weight tau/(n+tau) on the layer's pooled Hessian for an expert with n tokens",
+    )
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_dry_run(cal)
     _add_read_flags(cal)
     cal.set_defaults(fn=_cmd_calibrate)
 
     _add_eval(sub)
-    ins = sub.add_parser("inspect", help="describe an exported checkpoint (format, bits, group size, sparsity, "
-                         "sizes, producer); --verify checks the manifest's sha256 of every file")
+    ins = sub.add_parser(
+        "inspect",
+        help="describe an exported checkpoint (format, bits, group size, sparsity, "
+        "sizes, producer); --verify checks the manifest's sha256 of every file",
+    )
     ins.add_argument("dir", help="checkpoint folder (or a .gguf file)")
-    ins.add_argument("--verify", action="store_true", help="re-hash every file listed in calibra_manifest.json; "
-                     "exit 1 on any mismatch")
+    ins.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every file listed in calibra_manifest.json; exit 1 on any mismatch",
+    )
     ins.add_argument("--json", action="store_true", help="print the full description as JSON")
     ins.set_defaults(fn=_cmd_inspect)
     _add_quantize(sub)
@@ -508,8 +805,15 @@ def _user_errors() -> tuple:
     from calibra.calib.runner import CalibrationOOMError
     from calibra.data.hub import HubUnavailableError
 
-    return (ValueError, OSError, NotImplementedError, FloatingPointError, CalibrationOOMError, HubUnavailableError,
-            torch.OutOfMemoryError)
+    return (
+        ValueError,
+        OSError,
+        NotImplementedError,
+        FloatingPointError,
+        CalibrationOOMError,
+        HubUnavailableError,
+        torch.OutOfMemoryError,
+    )
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Command-line flags shared by several verbs (``calibra.cli`` and the ``calibra kv`` commands), written
 once so that a default -- and its help text -- cannot differ between verbs."""
+
 from __future__ import annotations
 
 
@@ -11,8 +12,16 @@ def add_sample_flags(p) -> None:
     (``calibra.data.resolve_config``), so the defaults work on every model, the 256-position builtin ones
     included."""
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per calibration sample (default: the model's context, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward pass (default: "
-                   "about 4096 tokens per pass; 1 if memory is tight)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per calibration sample (default: the model's context, at most 2048)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="calibration samples per forward pass (default: about 4096 tokens per pass; 1 if memory is tight)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")

@@ -23,6 +23,7 @@ Placement: when the whole model plus one layer's working set fits in the device'
 model moves to the device once (no per-layer transfers); otherwise layers move one at a time and the rest
 stays in host memory ("CPU offload"). On the CPU both are the same.
 """
+
 from __future__ import annotations
 
 import os
@@ -105,16 +106,21 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         f = format_bytes
-        rows = [("placement", self.placement),
-                (f"peak device memory ({self.device}{', inside host memory' if self.device == 'cpu' else ''})",
-                 f(self.peak_device)
-                 + (f" of {f(self.device_free)} free" if self.device_free else "")),
-                (f"peak host memory ({self.host_phase})", f(self.peak_host)
-                 + (f" of {f(self.host_available)} available" if self.host_available else "")),
-                ("  " + ", ".join(f"{k} {f(v)}" for k, v in self.host.items() if v), ""),
-                ("disk: output", f(self.disk_output)),
-                ("disk: layer checkpoints (peak)", f(self.disk_checkpoints)),
-                ("disk free at the output", f(self.disk_free) if self.disk_free is not None else "?")]
+        rows = [
+            ("placement", self.placement),
+            (
+                f"peak device memory ({self.device}{', inside host memory' if self.device == 'cpu' else ''})",
+                f(self.peak_device) + (f" of {f(self.device_free)} free" if self.device_free else ""),
+            ),
+            (
+                f"peak host memory ({self.host_phase})",
+                f(self.peak_host) + (f" of {f(self.host_available)} available" if self.host_available else ""),
+            ),
+            ("  " + ", ".join(f"{k} {f(v)}" for k, v in self.host.items() if v), ""),
+            ("disk: output", f(self.disk_output)),
+            ("disk: layer checkpoints (peak)", f(self.disk_checkpoints)),
+            ("disk free at the output", f(self.disk_free) if self.disk_free is not None else "?"),
+        ]
         w = max(len(k) for k, v in rows if v)
         lines = [f"[plan] {self.job}: memory and disk plan (model {f(self.model_bytes)} in host memory)"]
         lines += [f"  {k:<{w}}  {v}" if v else f"  {k}" for k, v in rows]
@@ -153,8 +159,9 @@ def weight_files_bytes(model) -> int:
         return 0
     from calibra.io import inspect_model
 
-    return inspect_model(model, check_tensors=False, allow_quantized=True, allow_pickle=True,
-                         trust_remote_code=True).weight_bytes
+    return inspect_model(
+        model, check_tensors=False, allow_quantized=True, allow_pickle=True, trust_remote_code=True
+    ).weight_bytes
 
 
 def torch_dtype(dtype, model_config) -> torch.dtype:
@@ -166,10 +173,25 @@ def torch_dtype(dtype, model_config) -> torch.dtype:
     return getattr(torch, str(dtype).replace("torch.", ""))
 
 
-def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, device=None, observers=("hessian",),
-             hessian_dtype=torch.float32, group_size: int | None = None, bits: int | None = None,
-             weight_files_bytes: int | None = None, checkpoint: bool = False, output=None, needs_data: bool = True,
-             solver: str | None = None, baseline_rss: int | None = None, replay: bool = False) -> MemoryPlan:
+def plan_job(
+    model_config,
+    *,
+    job: str,
+    calibration=None,
+    dtype=torch.float32,
+    device=None,
+    observers=("hessian",),
+    hessian_dtype=torch.float32,
+    group_size: int | None = None,
+    bits: int | None = None,
+    weight_files_bytes: int | None = None,
+    checkpoint: bool = False,
+    output=None,
+    needs_data: bool = True,
+    solver: str | None = None,
+    baseline_rss: int | None = None,
+    replay: bool = False,
+) -> MemoryPlan:
     """Predict a job's memory and disk (see the module docstring). ``calibration`` is a resolved
     ``CalibrationConfig`` (concrete sequence length) or None for data-free jobs. ``solver``: ``"gptq"``
     (GPTQ, MR-GPTQ, SparseGPT), ``"rtn"`` (RTN, magnitude, Wanda) or None (calibration only). ``replay``:
@@ -178,8 +200,9 @@ def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, d
 
     if job not in JOBS:
         raise ValueError(f"[plan] job must be one of {', '.join(JOBS)}, got {job!r}")
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     dtype = torch_dtype(dtype, model_config)
     db = _dtype_bytes(dtype)
     weight_files_bytes = weight_files_bytes or 0
@@ -193,8 +216,9 @@ def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, d
     est = None
     hidden = kwargs = work = 0
     if needs_data and calibration is not None:
-        obs = list(observers) + (["routing"] if getattr(model_config, "model_type", "") in
-                                 ("mixtral", "qwen2_moe", "qwen3_moe") else [])
+        obs = list(observers) + (
+            ["routing"] if getattr(model_config, "model_type", "") in ("mixtral", "qwen2_moe", "qwen3_moe") else []
+        )
         est = estimate_memory(model_config, calibration, dtype=dtype, observers=obs, hessian_dtype=hessian_dtype)
         S, L, b = est.num_samples, est.sequence_length, est.batch_size
         n_batches = -(-S // b)
@@ -215,19 +239,30 @@ def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, d
         out_bytes = params * db
     else:
         results = 0
-        out_bytes = (est.hessians * n_layers if est is not None else 0)
+        out_bytes = est.hessians * n_layers if est is not None else 0
     kept_stats = out_bytes if job == "calibrate" else 0  # calibrate returns every layer's statistics
     on_cpu = device.type == "cpu"
     layer_work_host = work if on_cpu else (est.hessians if est is not None else 0)
     ckpt_transient = (hidden // 2 + n_q // max(1, n_layers)) if checkpoint else 0
     phases = {
         "load": {"process before loading": base, "model": model_bytes, "weight files (mapped)": weight_files_bytes},
-        "layers": {"process before loading": base, "model": model_bytes, "hidden states": hidden,
-                   "attention arguments": kwargs, "replayed attention outputs": hidden // 2 if replay else 0,
-                   "compressed results": results, "statistics": kept_stats,
-                   "layer working set": layer_work_host, "checkpoint write": ckpt_transient},
-        "save": {"process before loading": base, "model": model_bytes, "compressed results": results,
-                 "serialized output": out_bytes},
+        "layers": {
+            "process before loading": base,
+            "model": model_bytes,
+            "hidden states": hidden,
+            "attention arguments": kwargs,
+            "replayed attention outputs": hidden // 2 if replay else 0,
+            "compressed results": results,
+            "statistics": kept_stats,
+            "layer working set": layer_work_host,
+            "checkpoint write": ckpt_transient,
+        },
+        "save": {
+            "process before loading": base,
+            "model": model_bytes,
+            "compressed results": results,
+            "serialized output": out_bytes,
+        },
     }
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
@@ -244,21 +279,39 @@ def plan_job(model_config, *, job: str, calibration=None, dtype=torch.float32, d
         out_dir = out_dir.parent
     disk_free = shutil.disk_usage(out_dir).free if out_dir.exists() else None
     ckpt_disk = (n_q + hidden // 2 * 2) if checkpoint else 0  # all codes + two generations of layer outputs
-    plan = MemoryPlan(job=job, device=str(device), placement=placement, model_bytes=model_bytes,
-                      quantized_weights=n_q, peak_device=peak_dev, peak_host=totals[peak_phase],
-                      host_phase=peak_phase, host=phases[peak_phase], phases=totals, disk_output=out_bytes,
-                      disk_checkpoints=ckpt_disk, device_free=free, host_available=host_available(),
-                      disk_free=disk_free)
+    plan = MemoryPlan(
+        job=job,
+        device=str(device),
+        placement=placement,
+        model_bytes=model_bytes,
+        quantized_weights=n_q,
+        peak_device=peak_dev,
+        peak_host=totals[peak_phase],
+        host_phase=peak_phase,
+        host=phases[peak_phase],
+        phases=totals,
+        disk_output=out_bytes,
+        disk_checkpoints=ckpt_disk,
+        device_free=free,
+        host_available=host_available(),
+        disk_free=disk_free,
+    )
     if free is not None and peak_dev > free:
-        plan.warnings.append(f"one layer's working set ({format_bytes(layer_dev)}) exceeds the free device memory: "
-                             f"lower --batch-size or --seq-len, or use --device cpu")
+        plan.warnings.append(
+            f"one layer's working set ({format_bytes(layer_dev)}) exceeds the free device memory: "
+            f"lower --batch-size or --seq-len, or use --device cpu"
+        )
     avail = plan.host_available
     if avail is not None and plan.peak_host - base > avail:
-        plan.warnings.append(f"the host peak exceeds the available memory ({format_bytes(avail)}): lower "
-                             f"--samples or --seq-len, or use a machine with more memory")
+        plan.warnings.append(
+            f"the host peak exceeds the available memory ({format_bytes(avail)}): lower "
+            f"--samples or --seq-len, or use a machine with more memory"
+        )
     if disk_free is not None and out_bytes + ckpt_disk > disk_free:
-        plan.warnings.append(f"output + checkpoints ({format_bytes(out_bytes + ckpt_disk)}) exceed the free disk "
-                             f"space at {out_dir} ({format_bytes(disk_free)})")
+        plan.warnings.append(
+            f"output + checkpoints ({format_bytes(out_bytes + ckpt_disk)}) exceed the free disk "
+            f"space at {out_dir} ({format_bytes(disk_free)})"
+        )
     return plan
 
 

@@ -1,5 +1,6 @@
 """`calibra selftest`: run every op's native kernel on a small example and compare it with the
 pure-torch reference. A quick way for a user to see that the installed wheel works on their machine."""
+
 from __future__ import annotations
 
 import torch

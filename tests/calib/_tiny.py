@@ -1,11 +1,20 @@
 """Small random-weight models of every supported architecture, built from configs (no files, no network)."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    attn_implementation="sdpa",
+)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -20,18 +29,30 @@ def build(arch: str, seed: int = 0, dtype=torch.float32, **over):
     elif arch == "mistral":
         cfg = tf.MistralConfig(**kw, sliding_window=None)
     elif arch == "qwen2":  # one full and one sliding-window layer: per-layer masks must be right
-        cfg = tf.Qwen2Config(**kw, use_sliding_window=True, sliding_window=5, max_window_layers=1,
-                             layer_types=["full_attention", "sliding_attention"])
+        cfg = tf.Qwen2Config(
+            **kw,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention"],
+        )
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(**kw, head_dim=16)
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2)
     elif arch == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**kw, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                shared_expert_intermediate_size=64, decoder_sparse_step=1)
+        cfg = tf.Qwen2MoeConfig(
+            **kw,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=64,
+            decoder_sparse_step=1,
+        )
     elif arch == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                decoder_sparse_step=1)
+        cfg = tf.Qwen3MoeConfig(
+            **kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1
+        )
     else:
         raise ValueError(arch)
     for k, v in over.items():

@@ -1,6 +1,6 @@
 """``calibra calibrate`` end to end: a local tiny Llama folder, and builtin:tiny-moe when it is installed."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -15,29 +15,59 @@ tokenizers = pytest.importorskip("tokenizers")
 @pytest.fixture(scope="module")
 def tiny_llama_folder(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     from calibra.assets import builtin_texts
 
     folder = tmp_path_factory.mktemp("tiny-llama-local")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(builtin_texts("calibration")[:40],
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        builtin_texts("calibration")[:40],
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
 
 def test_cli_calibrate_local_folder(tiny_llama_folder, tmp_path, capsys):
     out = tmp_path / "stats.safetensors"
-    rc = main(["calibrate", "--input", str(tiny_llama_folder), "--output", str(out), "--samples", "6",
-               "--seq-len", "32", "--batch-size", "2", "--observers", "hessian,norms", "--hessian-dtype", "float64",
-               "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "calibrate",
+            "--input",
+            str(tiny_llama_folder),
+            "--output",
+            str(out),
+            "--samples",
+            "6",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--observers",
+            "hessian,norms",
+            "--hessian-dtype",
+            "float64",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "calibrated" in text and "192 tokens" in text
@@ -50,8 +80,26 @@ def test_cli_calibrate_local_folder(tiny_llama_folder, tmp_path, capsys):
         assert torch.isfinite(H).all() and st.count("hessian", m) == 192
     # the same seed gives the same statistics bit for bit
     out2 = tmp_path / "again.safetensors"
-    main(["calibrate", "--input", str(tiny_llama_folder), "--output", str(out2), "--samples", "6", "--seq-len", "32",
-          "--batch-size", "2", "--observers", "hessian,norms", "--hessian-dtype", "float64", "--no-progress"])
+    main(
+        [
+            "calibrate",
+            "--input",
+            str(tiny_llama_folder),
+            "--output",
+            str(out2),
+            "--samples",
+            "6",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--observers",
+            "hessian,norms",
+            "--hessian-dtype",
+            "float64",
+            "--no-progress",
+        ]
+    )
     again = CalibrationStats.load(out2)
     assert all(torch.equal(again.tensors[k], v) for k, v in st.tensors.items())
 
@@ -70,8 +118,23 @@ def test_cli_calibrate_builtin_tiny_moe(tmp_path, capsys):
         pytest.skip("builtin:tiny-moe is not installed in this checkout")
     out = tmp_path / "moe.safetensors"
     # A small run: speed is measured by the README's command, not asserted in a test.
-    assert main(["calibrate", "--input", "builtin:tiny-moe", "--output", str(out), "--no-progress",
-                 "--samples", "16", "--seq-len", "256"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--input",
+                "builtin:tiny-moe",
+                "--output",
+                str(out),
+                "--no-progress",
+                "--samples",
+                "16",
+                "--seq-len",
+                "256",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "MoE coverage" in text
     st = CalibrationStats.load(out)

@@ -1,4 +1,5 @@
 """The layer-sequential runner against a full-model forward, on every supported architecture."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,10 @@ pytest.importorskip("transformers")
 def _runner_layer_outputs(model, ids, mask, batch_size, **kw):
     """Per-layer outputs of the runner's pass (rows concatenated over batches)."""
     outs = {i: [] for i in range(len(model.model.layers))}
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o[0] if isinstance(o, tuple) else o))
-             for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o[0] if isinstance(o, tuple) else o))
+        for i, layer in enumerate(model.model.layers)
+    ]
     try:
         stats = LayerRunner(model, device="cpu", progress=False, **kw).run(ids, mask, batch_size=batch_size)
     finally:
@@ -31,8 +34,9 @@ def _full_forward_inputs(model, ids, mask):
         if isinstance(mod, torch.nn.Linear):
             hooks.append(mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, []).append(a[0])))
         if hasattr(mod, "gate_up_proj"):  # fused experts: (hidden [T, H], top_k_index [T, k], weights)
-            hooks.append(mod.register_forward_pre_hook(
-                lambda m, a, n=name: seen.setdefault(n, []).append((a[0], a[1]))))
+            hooks.append(
+                mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, []).append((a[0], a[1])))
+            )
     with torch.no_grad():
         r = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
     for h in hooks:
@@ -110,8 +114,10 @@ def test_unfused_expert_layout_gets_per_expert_hessians():
     assert not block.fused and block.num_experts == 4
     assert not any(".experts." in n or n.endswith("gate") for n in adapter.linear_modules(model.model.layers[0]))
     captured = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, e=e: captured.setdefault(e, []).append(a[0]))
-             for e, m in enumerate(model.model.layers[0].mlp.experts)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, e=e: captured.setdefault(e, []).append(a[0]))
+        for e, m in enumerate(model.model.layers[0].mlp.experts)
+    ]
     _, stats = _runner_layer_outputs(model, ids, mask, batch_size=2, hessian_dtype=torch.float64)
     for h in hooks:
         h.remove()
@@ -126,12 +132,14 @@ def test_unfused_expert_layout_gets_per_expert_hessians():
 def test_padded_batch_equals_unpadded_tokens(arch):
     model = build(arch)
     ids, mask = batch(S=2, L=16, lengths=[10, 16])
-    _, padded = _runner_layer_outputs(model, ids, mask, batch_size=2, observers=("hessian", "norms"),
-                                      hessian_dtype=torch.float64)
+    _, padded = _runner_layer_outputs(
+        model, ids, mask, batch_size=2, observers=("hessian", "norms"), hessian_dtype=torch.float64
+    )
     parts = []
     for i, n in enumerate([10, 16]):
-        _, st = _runner_layer_outputs(model, ids[i:i + 1, :n], None, batch_size=1, observers=("hessian", "norms"),
-                                      hessian_dtype=torch.float64)
+        _, st = _runner_layer_outputs(
+            model, ids[i : i + 1, :n], None, batch_size=1, observers=("hessian", "norms"), hessian_dtype=torch.float64
+        )
         parts.append(st)
     assert padded.counts == {k: parts[0].counts[k] + parts[1].counts[k] for k in padded.counts}
     assert padded.count("hessian", "model.layers.1.self_attn.q_proj") == 26
@@ -172,7 +180,9 @@ def test_out_of_memory_names_settings_and_keeps_finished_layers(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(layer1, "forward", boom)
-    with pytest.raises(CalibrationOOMError, match=r"layer 1 .*seq_len 8, batch size 2.*--batch-size.*--device cpu") as ei:
+    with pytest.raises(
+        CalibrationOOMError, match=r"layer 1 .*seq_len 8, batch size 2.*--batch-size.*--device cpu"
+    ) as ei:
         LayerRunner(model, device="cpu", progress=False).run(ids, mask, batch_size=2)
     assert ei.value.layers_done == 1
     done = ei.value.partial_stats.modules()
@@ -192,8 +202,9 @@ def test_feed_compressed_uses_the_modified_layer():
     st_first = LayerRunner(model, device="cpu", progress=False, on_layer=compress).run(ids, mask, batch_size=1)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(2.0)
-    st_fed = LayerRunner(model, device="cpu", progress=False, on_layer=compress,
-                         feed_compressed=True).run(ids, mask, batch_size=1)
+    st_fed = LayerRunner(model, device="cpu", progress=False, on_layer=compress, feed_compressed=True).run(
+        ids, mask, batch_size=1
+    )
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(2.0)
     k1 = "hessian/sum/model.layers.1.self_attn.q_proj"
@@ -210,9 +221,11 @@ def test_kv_covariance_and_channel_norms_equal_direct_sums(arch):
     k_src, v_src = adapter.key_value_sources(layer)
     assert (k_src is layer.self_attn.k_norm) if arch == "qwen3" else (k_src is layer.self_attn.k_proj)
     got = {}
-    hooks = [k_src.register_forward_hook(lambda m, a, o: got.setdefault("k", o)),
-             v_src.register_forward_hook(lambda m, a, o: got.setdefault("v", o)),
-             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: got.setdefault("down", a[0]))]
+    hooks = [
+        k_src.register_forward_hook(lambda m, a, o: got.setdefault("k", o)),
+        v_src.register_forward_hook(lambda m, a, o: got.setdefault("v", o)),
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: got.setdefault("down", a[0])),
+    ]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask.long())
     for h in hooks:
@@ -221,10 +234,12 @@ def test_kv_covariance_and_channel_norms_equal_direct_sums(arch):
     Hkv, d = adapter.num_kv_heads, adapter.head_dim
     for which in ("k", "v"):
         x = got[which][mask].reshape(-1, Hkv, d).double().transpose(0, 1)  # [Hkv, n, d]
-        torch.testing.assert_close(stats.tensors[f"kv/{which}_outer/model.layers.1"], x.transpose(1, 2) @ x,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            stats.tensors[f"kv/{which}_outer/model.layers.1"], x.transpose(1, 2) @ x, rtol=1e-5, atol=1e-5
+        )
         torch.testing.assert_close(stats.tensors[f"kv/{which}_sum/model.layers.1"], x.sum(1), rtol=1e-5, atol=1e-5)
         assert stats.counts[f"kv/{which}/model.layers.1"] == 16
     xd = got["down"][mask].double()
-    torch.testing.assert_close(stats.tensors["norms/sumsq/model.layers.1.mlp.down_proj"], xd.square().sum(0),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        stats.tensors["norms/sumsq/model.layers.1.mlp.down_proj"], xd.square().sum(0), rtol=1e-5, atol=1e-7
+    )

@@ -1,5 +1,6 @@
 """On-demand collection inside on_layer: shared Hessians, restricted collections that stop the forward
 early, and frozen modules whose outputs are replayed -- each exactly equal to the plain full passes."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,6 +27,7 @@ def _count_calls(modules: dict) -> tuple[dict, list]:
     def bump(n):
         def hook(m, a):
             calls[n] += 1
+
         return hook
 
     return calls, [m.register_forward_pre_hook(bump(n)) for n, m in modules.items()]
@@ -37,8 +39,10 @@ def test_modules_reading_one_input_share_one_exact_hessian(arch):
     ids, mask = batch(S=3, L=12, lengths=[12, 7, 12])
     seen = {}
     layer = model.model.layers[1]
-    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("attn", []).append(a[0])),
-             layer.mlp.up_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("mlp", []).append(a[0]))]
+    hooks = [
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("attn", []).append(a[0])),
+        layer.mlp.up_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("mlp", []).append(a[0])),
+    ]
     st = LayerRunner(model, device="cpu", progress=False).run(ids, mask, batch_size=2)
     for h in hooks:
         h.remove()
@@ -69,8 +73,9 @@ def test_restricted_collection_stops_at_the_last_requested_module():
     ids, mask = batch(S=4, L=10, lengths=[10, 10, 6, 10])
     full = LayerRunner(model, device="cpu", progress=False).run(ids, mask, batch_size=2)
     layer0 = model.model.layers[0]
-    calls, hooks = _count_calls({"o": layer0.self_attn.o_proj, "gate": layer0.mlp.gate_proj,
-                                 "down": layer0.mlp.down_proj})
+    calls, hooks = _count_calls(
+        {"o": layer0.self_attn.o_proj, "gate": layer0.mlp.gate_proj, "down": layer0.mlp.down_proj}
+    )
     got = {}
 
     def on_layer(i, layer, stats):
@@ -90,8 +95,9 @@ def test_restricted_collection_stops_at_the_last_requested_module():
         st = runner.collect(i, layer, [f"{L0}.mlp.down_proj"])  # again: replaced, not added
         assert st.count("hessian", f"{L0}.mlp.down_proj") == int(mask.sum())
 
-    runner = LayerRunner(model, device="cpu", progress=False, on_layer=on_layer, feed_compressed=True,
-                         collect_on_demand=True)
+    runner = LayerRunner(
+        model, device="cpu", progress=False, on_layer=on_layer, feed_compressed=True, collect_on_demand=True
+    )
     runner.run(ids, mask, batch_size=2)
     for h in hooks:
         h.remove()
@@ -125,7 +131,8 @@ def test_a_collection_pass_whose_outputs_are_dropped_stops_at_the_last_hooked_mo
     full = LayerRunner(model, device="cpu", progress=False).run(ids, mask, batch_size=2)
     calls["down"] = 0
     st = LayerRunner(model, device="cpu", progress=False, on_layer=on_layer, feed_compressed=True).run(
-        ids, mask, batch_size=2)
+        ids, mask, batch_size=2
+    )
     for h in hooks:
         h.remove()
     # down_proj's input was observed (its Hessian is there), then the pass stopped before its matmul ran
@@ -141,7 +148,7 @@ def test_frozen_attention_is_replayed_and_the_layer_outputs_are_unchanged():
     def run(freeze: bool):
         model = build("llama")
         adapter = get_adapter(model)
-        outs, counts = {}, {}
+        outs = {}
 
         def on_layer(i, layer, stats):
             runner.collect(i, layer, [f"model.layers.{i}.self_attn.o_proj"])
@@ -156,8 +163,15 @@ def test_frozen_attention_is_replayed_and_the_layer_outputs_are_unchanged():
 
         # q_proj runs only when the attention is computed (a replay skips the whole block)
         sdpa_calls, hooks = _count_calls({i: l.self_attn.q_proj for i, l in enumerate(model.model.layers)})
-        runner = LayerRunner(model, adapter, device="cpu", progress=False, on_layer=on_layer, feed_compressed=True,
-                             collect_on_demand=True)
+        runner = LayerRunner(
+            model,
+            adapter,
+            device="cpu",
+            progress=False,
+            on_layer=on_layer,
+            feed_compressed=True,
+            collect_on_demand=True,
+        )
         st = runner.run(ids, mask, batch_size=2, after_layer=lambda i, h: outs.__setitem__(i, [t.clone() for t in h]))
         for h in hooks:
             h.remove()
@@ -186,8 +200,9 @@ def test_on_demand_true_sequential_gptq_equals_full_recollection(arch):
         model = build(arch)
         adapter = get_adapter(model)
         q = LayerQuantizer(cfg, adapter)
-        runner = LayerRunner(model, adapter, device="cpu", progress=False, on_layer=q, feed_compressed=True,
-                             collect_on_demand=on_demand)
+        runner = LayerRunner(
+            model, adapter, device="cpu", progress=False, on_layer=q, feed_compressed=True, collect_on_demand=on_demand
+        )
         if on_demand:
             q.collect, q.freeze = runner.collect, runner.freeze
         else:

@@ -1,4 +1,5 @@
 """Statistics file (round trip, exact merge), range histograms, MoE coverage, shrinkage, selection."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,16 @@ import math
 import pytest
 import torch
 
-from calibra.calib import (CalibrationStats, LayerRunner, coverage_table, merge, percentile, refresh_coverage,
-                           select_samples_for_coverage, shrunk_hessian)
+from calibra.calib import (
+    CalibrationStats,
+    LayerRunner,
+    coverage_table,
+    merge,
+    percentile,
+    refresh_coverage,
+    select_samples_for_coverage,
+    shrunk_hessian,
+)
 from calibra.calib.observers import RangeObserver
 from tests.calib._tiny import batch, build
 
@@ -16,8 +25,9 @@ OBS = ("hessian", "norms", "ranges", "kv")
 
 
 def _run(model, ids, mask, bs, **kw):
-    return LayerRunner(model, device="cpu", progress=False, observers=OBS, hessian_dtype=torch.float64,
-                       **kw).run(ids, mask, batch_size=bs)
+    return LayerRunner(model, device="cpu", progress=False, observers=OBS, hessian_dtype=torch.float64, **kw).run(
+        ids, mask, batch_size=bs
+    )
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2_moe"])
@@ -101,7 +111,9 @@ def test_expert_without_tokens_gets_pooled_hessian_and_is_reported(capsys):
         assert torch.isfinite(H).all()
     key0 = "model.layers.0.mlp.experts.0.gate_up_proj"
     n0, n1 = st.count("hessian", key0), st.count("hessian", key0.replace(".0.gate", ".1.gate"))
-    pooled = (st.tensors[f"hessian/sum/{key0}"] + st.tensors[f"hessian/sum/{key0.replace('.0.gate', '.1.gate')}"]) / (n0 + n1)
+    pooled = (st.tensors[f"hessian/sum/{key0}"] + st.tensors[f"hessian/sum/{key0.replace('.0.gate', '.1.gate')}"]) / (
+        n0 + n1
+    )
     torch.testing.assert_close(st.hessian(key0.replace(".0.gate", ".2.gate")), pooled)
     H0, lam = shrunk_hessian(st, key0)
     assert math.isclose(lam, 32.0 / (n0 + 32.0))
@@ -122,5 +134,5 @@ def test_router_guided_selection_reaches_quota_under_normal_routing():
     if not sel.missed:
         assert all(bool((t >= quota).all()) for t in sel.tokens.values())
         assert len(sel.indices) < 24  # stopped early, did not take the whole pool
-    unreachable = select_samples_for_coverage(model, ids, mask, quota=10 ** 6, base=2, device="cpu", batch_size=4)
+    unreachable = select_samples_for_coverage(model, ids, mask, quota=10**6, base=2, device="cpu", batch_size=4)
     assert len(unreachable.missed) == 2 * 4 and "below quota" in unreachable.summary()

@@ -2,6 +2,7 @@
 
 Each builds tiny random models from transformers' own config classes and checks the assumption itself
 against the installed release, so a release that breaks one fails here by name."""
+
 from __future__ import annotations
 
 import inspect
@@ -49,7 +50,8 @@ def test_attention_pre_hook_finds_the_cache(arch):
     cache = compat.dynamic_cache(model)
     seen = []
     handle = _attention(model).register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(compat.cache_from_call(kwargs)), with_kwargs=True)
+        lambda mod, args, kwargs: seen.append(compat.cache_from_call(kwargs)), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             model(torch.randint(1, 96, (1, 5)), use_cache=True, **compat.with_cache(model, cache))
@@ -107,14 +109,15 @@ def test_rope_reaches_attention_as_position_embeddings(llama):
     assert rotary is not None
     calls = []
     handle = _attention(llama).register_forward_pre_hook(
-        lambda mod, args, kwargs: calls.append(compat.rope_from_call(kwargs)), with_kwargs=True)
+        lambda mod, args, kwargs: calls.append(compat.rope_from_call(kwargs)), with_kwargs=True
+    )
     ids = torch.randint(1, 96, (2, 5))
     try:
         with torch.no_grad():
             llama(ids)
     finally:
         handle.remove()
-    (_, cos, sin), = calls
+    ((_, cos, sin),) = calls
     head_dim = llama.config.hidden_size // llama.config.num_attention_heads
     assert cos.shape == sin.shape == (2, 5, head_dim) or cos.shape == sin.shape == (1, 5, head_dim)
     x = torch.zeros(2, 5, llama.config.hidden_size)

@@ -1,4 +1,5 @@
 """Fixtures of the eval tests: a locally trained tokenizer, a random tiny Llama, a token stream."""
+
 from __future__ import annotations
 
 import pytest

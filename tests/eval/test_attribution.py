@@ -1,4 +1,5 @@
 """Per-layer attribution: ranks the most damaged layer first and leaves the reference intact."""
+
 from __future__ import annotations
 
 import copy
@@ -50,8 +51,15 @@ def test_ranks_the_most_perturbed_layer_first(four_layers, eval_ids):
 
 def test_evaluate_with_attribution(four_layers, tokenizer):
     cmp_model = damaged(four_layers, {1: 0.3})
-    r = evaluate(cmp_model, reference=four_layers, tokenizer=tokenizer, metric="kl-divergence", max_tokens=600,
-                 attribution=True, **PROTO)
+    r = evaluate(
+        cmp_model,
+        reference=four_layers,
+        tokenizer=tokenizer,
+        metric="kl-divergence",
+        max_tokens=600,
+        attribution=True,
+        **PROTO,
+    )
     att = r.to_dict()["attribution"]
     assert att["layers"][0]["layer"] == 1
     # default slice: 4 windows of the protocol
@@ -73,9 +81,19 @@ def test_moe_model_perplexity_and_attribution(tokenizer, eval_ids):
     from calibra.eval import perplexity_from_ids
     from tests.eval.tiny import direct_perplexity
 
-    cfg = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
+    cfg = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     moe = MixtralForCausalLM(cfg).eval()
     ids = eval_ids[:400]
@@ -85,7 +103,7 @@ def test_moe_model_perplexity_and_attribution(tokenizer, eval_ids):
     hurt = copy.deepcopy(moe)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in hurt.model.layers[2].mlp.parameters():   # experts (3-D) and router
+        for p in hurt.model.layers[2].mlp.parameters():  # experts (3-D) and router
             p.add_(torch.randn(p.shape, generator=gen) * 0.3 * p.std())
     a = attribute_layers(moe, hurt, ids, include_full=False, **PROTO)
     assert a.layers[0].layer == 2 and a.layers[0].kl_mean > 0

@@ -1,4 +1,5 @@
 """`calibra eval` end to end on locally saved tiny models: same numbers as the API."""
+
 from __future__ import annotations
 
 import json
@@ -45,12 +46,39 @@ def test_cli_perplexity_equals_api(saved, tmp_path, capsys):
 def test_cli_kl_with_attribution_equals_api(saved, tmp_path, capsys):
     ref, cmp_dir = saved
     out = tmp_path / "kl.json"
-    assert main(["eval", "--model", str(cmp_dir), "--reference", str(ref), "--metric", "kl-divergence",
-                 "--top-k", "32", "--attribution", "--json", str(out), *ARGS]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(cmp_dir),
+                "--reference",
+                str(ref),
+                "--metric",
+                "kl-divergence",
+                "--top-k",
+                "32",
+                "--attribution",
+                "--json",
+                str(out),
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     got = json.loads(out.read_text())
-    api = calibra.evaluate(str(cmp_dir), reference=str(ref), metric="kl-divergence", top_k=32, attribution=True,
-                           seq_len=64, stride=32, max_tokens=500, device="cpu")
+    api = calibra.evaluate(
+        str(cmp_dir),
+        reference=str(ref),
+        metric="kl-divergence",
+        top_k=32,
+        attribution=True,
+        seq_len=64,
+        stride=32,
+        max_tokens=500,
+        device="cpu",
+    )
     assert got["kl_ref_cmp"] == api.kl_ref_cmp and got["kl_cmp_ref"] == api.kl_cmp_ref
     assert got["top_k"] == 32 and got["reference"] == str(ref)
     assert got["attribution"]["layers"][0]["layer"] == 1
@@ -69,7 +97,13 @@ def test_python_dash_m_calibra_eval(saved, tmp_path):
     ref, _ = saved
     out = tmp_path / "sub.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PKG_PARENT), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-m", "calibra", "eval", "--model", str(ref), "--json", str(out), *ARGS],
-                   check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "calibra", "eval", "--model", str(ref), "--json", str(out), *ARGS],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
     api = calibra.evaluate(str(ref), seq_len=64, stride=32, max_tokens=500, device="cpu")
     assert json.loads(out.read_text())["ppl"] == pytest.approx(api.ppl, rel=1e-6)

@@ -1,4 +1,5 @@
 """KL divergence: zero against itself, monotone in the perturbation, top-k vs exact, both directions."""
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,8 @@ def full_logprobs(model, ids, seq_len, stride):
     rows = []
     with torch.no_grad():
         for w in plan_windows(ids.numel(), seq_len, stride):
-            logits = model(input_ids=ids[None, w.begin:w.end]).logits[0].float()
-            rows.append(logits[w.score_from - w.begin - 1:w.length - 1].log_softmax(-1))
+            logits = model(input_ids=ids[None, w.begin : w.end]).logits[0].float()
+            rows.append(logits[w.score_from - w.begin - 1 : w.length - 1].log_softmax(-1))
     return torch.cat(rows)
 
 

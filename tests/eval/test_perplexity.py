@@ -1,4 +1,5 @@
 """Perplexity: the strided protocol against a direct transformers loop, window plans, errors."""
+
 from __future__ import annotations
 
 import math
@@ -29,19 +30,20 @@ def test_batching_does_not_change_the_result(llama, eval_ids):
     assert auto.ppl == pytest.approx(one.ppl, rel=1e-6)
 
 
-@pytest.mark.parametrize("n,seq_len,stride", [(1500, 128, 64), (1500, 100, 37), (129, 128, 128), (50, 128, 64),
-                                              (1000, 10, 1), (2, 2, 2)])
+@pytest.mark.parametrize(
+    "n,seq_len,stride", [(1500, 128, 64), (1500, 100, 37), (129, 128, 128), (50, 128, 64), (1000, 10, 1), (2, 2, 2)]
+)
 def test_every_position_is_scored_once(n, seq_len, stride):
     plan = plan_windows(n, seq_len, stride)
     scored = []
     for w in plan:
         assert w.length <= seq_len and w.begin < w.score_from < w.end
         scored.extend(range(w.score_from, w.end))
-    assert len(scored) == len(set(scored))                      # no position twice
+    assert len(scored) == len(set(scored))  # no position twice
     assert plan[-1].end == n or (n - 1) % stride == 0  # a last 1-token window scores nothing and is dropped
     if stride < seq_len:
-        assert sorted(scored) == list(range(1, n))              # every predictable position
-    else:                                                       # non-overlapping: window starts have no context
+        assert sorted(scored) == list(range(1, n))  # every predictable position
+    else:  # non-overlapping: window starts have no context
         starts = set(range(0, n, stride))
         assert sorted(scored) == [t for t in range(1, n) if t not in starts]
 
@@ -166,3 +168,35 @@ def test_window_longer_than_context_refused_before_weights_are_read(monkeypatch)
     monkeypatch.setattr(ev, "_load", refuse)
     with pytest.raises(ValueError, match=r"seq_len 1024 exceeds the model's max_position_embeddings 256"):
         ev.evaluate("builtin:tiny-llama", seq_len=1024)
+
+
+def test_quantize_output_folder_is_evaluated_as_quantized(tmp_path):
+    """`calibra eval --model DIR` on what `calibra quantize` wrote (no engine export) evaluates the
+    quantized model itself: the perplexity the job's report measured, not the original's."""
+    import json
+
+    import calibra.eval as ev
+    from calibra.cli import main
+
+    out = tmp_path / "w4"
+    assert (
+        main(
+            [
+                "quantize",
+                "--input",
+                "builtin:tiny-llama",
+                "--output",
+                str(out),
+                "--method",
+                "rtn",
+                "--eval-max-tokens",
+                "1024",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())["eval"]["perplexity"]
+    got = ev.evaluate(str(out), max_tokens=1024, progress=False).ppl
+    assert got == pytest.approx(report["compressed"], rel=1e-5)
+    assert abs(got - report["baseline"]) > 1e-3  # the original model would give the baseline

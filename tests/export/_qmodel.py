@@ -1,19 +1,20 @@
 """Tiny QuantizedModels for the export tests: a random-weight Llama (or the built-in tiny-llama when
 present) with a small byte-level BPE tokenizer trained here, quantized layer by layer with calibra's
 RTN / GPTQ / MR-GPTQ solvers (GPTQ on a Hessian of random correlated activations)."""
+
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig, gptq_quantize, mr_gptq_quantize, rtn_quantize
+from calibra.quant import MRGPTQConfig, RTNConfig, gptq_quantize, mr_gptq_quantize, rtn_quantize
 from calibra.quant.model import QuantizedModel
 
 VOCAB = 320
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -22,8 +23,12 @@ def _tokenizer_json() -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(builtin_texts("calibration")[:60], trainer)
     return tok.to_str()
 
@@ -32,18 +37,32 @@ def tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
 def tiny_llama(seed=0, hidden=64, inter=128, layers=2, dtype=torch.float32, tie=False, init=0.25):
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie, initializer_range=init, bos_token_id=0, eos_token_id=0,
-                         pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        initializer_range=init,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     # dtype= at construction, not .to(dtype): .to would also cast RoPE's inv_freq buffer, which a loaded
     # checkpoint recomputes in float32, and the logits would differ for that reason alone
     return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -82,8 +101,9 @@ def quantize(model, tok, config, *, source="test:tiny-llama", targets=None, seed
             ql = fn(w, h, n, config, name=name)
         mod.weight.data = ql.dense().to(w.dtype).clone()
         layers[name] = ql
-    return QuantizedModel(model=model, tokenizer=tok, layers=layers, config=config, source=source,
-                          report={"seed": seed})
+    return QuantizedModel(
+        model=model, tokenizer=tok, layers=layers, config=config, source=source, report={"seed": seed}
+    )
 
 
 def ids(batch=2, length=12, seed=3):

@@ -9,6 +9,7 @@ Asymmetric pack-quantized is not loadable by transformers 5.23 (FORMATS.md 2.6, 
 weight_zero_point shape regression); its layout is checked in test_layouts.py and its real-client
 load runs in the optional lane (transformers 5.17 + compressed-tensors 0.19).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -39,12 +40,16 @@ def _roundtrip(tmp_path, qm, dtype=torch.float32):
     return diff, ref
 
 
-@pytest.mark.parametrize("cfg,kw", [
-    (RTNConfig(bits=4, group_size=32, sym=True), {}),
-    (RTNConfig(bits=4, group_size=128, sym=True), {"hidden": 128, "inter": 256}),
-    (RTNConfig(bits=8, group_size=-1, sym=True), {}),
-    (GPTQConfig(bits=4, group_size=32, sym=True), {}),
-], ids=["int4-g32", "int4-g128", "int8-channel", "gptq-int4-g32"])
+@pytest.mark.parametrize(
+    "cfg,kw",
+    [
+        (RTNConfig(bits=4, group_size=32, sym=True), {}),
+        (RTNConfig(bits=4, group_size=128, sym=True), {"hidden": 128, "inter": 256}),
+        (RTNConfig(bits=8, group_size=-1, sym=True), {}),
+        (GPTQConfig(bits=4, group_size=32, sym=True), {}),
+    ],
+    ids=["int4-g32", "int4-g128", "int8-channel", "gptq-int4-g32"],
+)
 def test_int_sym_loads_and_matches(tmp_path, tok, cfg, kw):
     model = Q.tiny_llama(**kw)
     x = Q.ids()

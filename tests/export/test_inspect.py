@@ -1,4 +1,5 @@
 """calibra inspect: format detection for every export, dense sparsity, the CLI and --verify."""
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ def exported(tmp_path_factory):
     fmts = ["compressed-tensors", "gptq", "mlx", "dense"]
     try:
         import gguf  # noqa: F401
+
         fmts.append("gguf-q4_0")
     except ImportError:
         pass
@@ -36,7 +38,11 @@ def exported(tmp_path_factory):
 def test_detects_each_format(exported):
     ct = inspect(exported["compressed-tensors"])
     assert (ct["format"], ct["bits"], ct["group_size"], ct["symmetric"]) == (
-        "compressed-tensors/pack-quantized", 4, 32, True)
+        "compressed-tensors/pack-quantized",
+        4,
+        32,
+        True,
+    )
     assert ct["producer"].startswith("calibra ") and ct["source"] == "test:tiny-llama"
     g = inspect(exported["gptq"])
     assert (g["format"], g["bits"], g["group_size"], g["desc_act"]) == ("gptq/gptq", 4, 32, False)
@@ -68,7 +74,9 @@ def test_dense_sparsity(tmp_path):
     qm = QuantizedModel(model=model, tokenizer=None, layers={}, config={"method": "prune"}, source="test")
     p = E.export(qm, tmp_path / "d", "dense")[0]
     info = inspect(p)
-    assert info["sparsity"] == pytest.approx(0.5) and info["linear_weights"] == 2 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128)
+    assert info["sparsity"] == pytest.approx(0.5) and info["linear_weights"] == 2 * (
+        4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128
+    )
 
 
 def test_cli_inspect_and_verify(exported, tmp_path, capsys):

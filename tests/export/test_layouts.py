@@ -1,5 +1,6 @@
 """Export layouts without any client: unpack what calibra wrote and dequantize it with the formulas
 of each format's spec (FORMATS.md) -> must equal QuantizedLayer.dequantize() exactly (int formats)."""
+
 from __future__ import annotations
 
 import json
@@ -28,20 +29,23 @@ def tok():
 
 def _gptq_dequant(t, name, bits, v1, out, n):
     qweight, qzeros, scales, g_idx = (t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx"))
-    q = unpack(qweight, bits, length=n, dim=0).long()                   # [in, out]
+    q = unpack(qweight, bits, length=n, dim=0).long()  # [in, out]
     z = unpack(qzeros, bits, length=out, dim=1).long() + (1 if v1 else 0)  # [G, out]
     g = g_idx.long()
-    return (scales.float()[g] * (q - z[g])).T                          # [out, in]
+    return (scales.float()[g] * (q - z[g])).T  # [out, in]
 
 
-@pytest.mark.parametrize("cfg,v1", [
-    (RTNConfig(bits=4, group_size=32, sym=True), True),
-    (RTNConfig(bits=4, group_size=32, sym=False), False),
-    (RTNConfig(bits=8, group_size=-1, sym=True), True),
-    (RTNConfig(bits=3, group_size=32, sym=True), True),
-    (GPTQConfig(bits=4, group_size=32, sym=True, desc_act=True), True),
-    (GPTQConfig(bits=4, group_size=32, sym=False, desc_act=True), False),
-])
+@pytest.mark.parametrize(
+    "cfg,v1",
+    [
+        (RTNConfig(bits=4, group_size=32, sym=True), True),
+        (RTNConfig(bits=4, group_size=32, sym=False), False),
+        (RTNConfig(bits=8, group_size=-1, sym=True), True),
+        (RTNConfig(bits=3, group_size=32, sym=True), True),
+        (GPTQConfig(bits=4, group_size=32, sym=True, desc_act=True), True),
+        (GPTQConfig(bits=4, group_size=32, sym=False, desc_act=True), False),
+    ],
+)
 def test_gptq_layout(tmp_path, tok, cfg, v1):
     qm = Q.quantize(Q.tiny_llama(), tok, cfg)
     p = E.export(qm, tmp_path / "o", "gptq")[0]
@@ -56,10 +60,17 @@ def test_gptq_layout(tmp_path, tok, cfg, v1):
         assert t[f"{name}.qweight"].shape == (n * cfg.bits // 32, out)
         w = _gptq_dequant(t, name, cfg.bits, v1, out, n)
         # exact up to the one rounding GPTQ mandates: float16 scales
-        ref = ((l.codes.float() - l.zeros.float()[:, l.g_idx.long() if l.g_idx is not None else
-                torch.arange(n) // (n if l.group_size == -1 else l.group_size)])
-               * l.scales.half().float()[:, l.g_idx.long() if l.g_idx is not None else
-                                         torch.arange(n) // (n if l.group_size == -1 else l.group_size)])
+        ref = (
+            l.codes.float()
+            - l.zeros.float()[
+                :,
+                l.g_idx.long()
+                if l.g_idx is not None
+                else torch.arange(n) // (n if l.group_size == -1 else l.group_size),
+            ]
+        ) * l.scales.half().float()[
+            :, l.g_idx.long() if l.g_idx is not None else torch.arange(n) // (n if l.group_size == -1 else l.group_size)
+        ]
         torch.testing.assert_close(w, ref, rtol=0, atol=0)
         torch.testing.assert_close(w, l.dequantize().float(), rtol=2e-3, atol=1e-6)
         if cfg.sym and cfg.bits == 4:  # the v1 signature every GPTQ tool writes for symmetric 4-bit
@@ -67,8 +78,15 @@ def test_gptq_layout(tmp_path, tok, cfg, v1):
     assert "lm_head.weight" in t and "model.embed_tokens.weight" in t
 
 
-@pytest.mark.parametrize("cfg", [RTNConfig(bits=4, group_size=32, sym=True), RTNConfig(bits=4, group_size=32, sym=False),
-                                 RTNConfig(bits=8, group_size=-1, sym=False), RTNConfig(bits=3, group_size=32, sym=False)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RTNConfig(bits=4, group_size=32, sym=True),
+        RTNConfig(bits=4, group_size=32, sym=False),
+        RTNConfig(bits=8, group_size=-1, sym=False),
+        RTNConfig(bits=3, group_size=32, sym=False),
+    ],
+)
 def test_compressed_tensors_int_layout(tmp_path, tok, cfg):
     """Signed convention: q_s = stored - 2^(b-1), zp_s = stored - 2^(b-1), w = (q_s - zp_s) * scale."""
     qm = Q.quantize(Q.tiny_llama(), tok, cfg)
@@ -166,7 +184,7 @@ def test_gguf_layout(tmp_path, tok, qtype, bound):
             ref = permute_qk(ref, cfg.num_attention_heads)
         elif key.endswith("attn_k.weight"):
             ref = permute_qk(ref, cfg.num_key_value_heads)
-        nmse = float(((w - ref) ** 2).sum() / (ref ** 2).sum())
+        nmse = float(((w - ref) ** 2).sum() / (ref**2).sum())
         assert nmse < bound, (key, nmse)
     man = json.loads((p / "calibra_manifest.json").read_text())
     assert man["checkpoint"]["requantized"] is True and 0 < man["checkpoint"]["requant_nmse"] < bound

@@ -1,5 +1,6 @@
 """The shared writer: atomic folder, --overwrite, stale temp folders, sharding, manifest
 verification, identical bytes for identical inputs, and the refusals (FAULTS rows 9, 12, 23, 25-27)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 import calibra.export as E
-from calibra.export import writer
 from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig
 from tests.export import _qmodel as Q
 
@@ -31,11 +31,19 @@ def _tree(folder):
 def test_hf_folder_contents(tmp_path, qm):
     p = E.export(qm, tmp_path / "ct", "compressed-tensors")[0]
     names = set(_tree(p))
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
-            "calibra_manifest.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "calibra_manifest.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00001.safetensors",
+    } <= names
     card = (p / "README.md").read_text()
-    assert card.startswith("---\nbase_model: \"test:tiny-llama\"\nlibrary_name: transformers\n")
-    assert "- \"compressed-tensors\"" in card and "quant_group_size: 32" in card
+    assert card.startswith('---\nbase_model: "test:tiny-llama"\nlibrary_name: transformers\n')
+    assert '- "compressed-tensors"' in card and "quant_group_size: 32" in card
     man = json.loads((p / "calibra_manifest.json").read_text())
     assert man["seed"] == 0 and man["settings"]["bits"] == 4 and man["settings"]["method"] == "rtn"
     assert set(man["files"]) == names - {"calibra_manifest.json"}
@@ -45,10 +53,16 @@ def test_hf_folder_contents(tmp_path, qm):
 
 def test_identical_bytes_for_identical_inputs(tmp_path, tok):
     """Two independent quantize + export runs with the same inputs give byte-identical folders."""
-    a = E.export(Q.quantize(Q.tiny_llama(), tok, RTNConfig(bits=4, group_size=32)), tmp_path / "a",
-                 ["compressed-tensors", "gptq", "mlx", "dense"])
-    b = E.export(Q.quantize(Q.tiny_llama(), tok, RTNConfig(bits=4, group_size=32)), tmp_path / "b",
-                 "compressed-tensors,gptq,mlx,dense")
+    a = E.export(
+        Q.quantize(Q.tiny_llama(), tok, RTNConfig(bits=4, group_size=32)),
+        tmp_path / "a",
+        ["compressed-tensors", "gptq", "mlx", "dense"],
+    )
+    E.export(
+        Q.quantize(Q.tiny_llama(), tok, RTNConfig(bits=4, group_size=32)),
+        tmp_path / "b",
+        "compressed-tensors,gptq,mlx,dense",
+    )
     assert [p.name for p in a] == ["compressed-tensors", "gptq", "mlx", "dense"]
     ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert len(ta) == 4 * 8 + 1 and ta == tb  # gptq adds quantize_config.json
@@ -188,8 +202,14 @@ def test_gguf_refuses_other_architectures(tmp_path, tok):
     import gguf  # noqa: F401 -- in the test extra: a missing gguf is a failure, not a skip
     import transformers as tf
 
-    cfg = tf.Qwen2Config(vocab_size=Q.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    cfg = tf.Qwen2Config(
+        vocab_size=Q.VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     qm = Q.quantize(model, tok, RTNConfig(bits=4, group_size=32))
     with pytest.raises(E.ExportError, match="llama architecture only, the model is 'qwen2'"):
@@ -205,15 +225,30 @@ def test_moe_experts(tmp_path, tok):
     from calibra.quant import rtn_quantize
     from calibra.quant.model import QuantizedModel
 
-    cfg = tf.MixtralConfig(vocab_size=Q.VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=2)
+    cfg = tf.MixtralConfig(
+        vocab_size=Q.VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=2,
+        num_experts_per_tok=2,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ex = model.model.layers[0].mlp.experts
-    ql = rtn_quantize(ex.down_proj.data[1], RTNConfig(bits=4, group_size=32), name="model.layers.0.mlp.experts.1.down_proj")
+    ql = rtn_quantize(
+        ex.down_proj.data[1], RTNConfig(bits=4, group_size=32), name="model.layers.0.mlp.experts.1.down_proj"
+    )
     ex.down_proj.data[1] = ql.dense()
-    qm = QuantizedModel(model=model, tokenizer=tok, layers={ql.name: ql}, config=RTNConfig(bits=4, group_size=32),
-                        source="test:tiny-moe")
+    qm = QuantizedModel(
+        model=model,
+        tokenizer=tok,
+        layers={ql.name: ql},
+        config=RTNConfig(bits=4, group_size=32),
+        source="test:tiny-moe",
+    )
     with pytest.raises(E.ExportError, match="fused MoE expert weights"):
         E.export(qm, tmp_path / "x", "compressed-tensors")
     p = E.export(qm, tmp_path / "d", "dense")[0]

@@ -1,5 +1,6 @@
 """Tiny local model folders for the model-reading tests: random weights (seconds to build), the builtin
 tokenizer's files copied in (so loading works), no network."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,27 @@ transformers = pytest.importorskip("transformers")
 from calibra.assets import ASSETS_DIR  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-DIMS = dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+DIMS = dict(
+    vocab_size=4096,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
 
 def build(folder, *, arch="llama", max_shard_size=None, seed=0, **over):
     """Save a random-weight model (and the builtin tokenizer) into ``folder``; returns the model."""
     torch.manual_seed(seed)
     kw = dict(DIMS, **over)
-    cfg = (transformers.LlamaConfig(**kw) if arch == "llama"
-           else transformers.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2))
+    cfg = (
+        transformers.LlamaConfig(**kw)
+        if arch == "llama"
+        else transformers.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2)
+    )
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(folder, **extra)

@@ -1,5 +1,6 @@
 """FAULTS rows 1-8 and 10: every bad model folder is refused by calibra.io before a weight loads, with an
 error naming the file/tensor and the fix -- and through the verbs (quantize, prune, calibrate, eval)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import pytest
 import calibra
 from calibra.io import CorruptShardError, ModelReadError, inspect_model, load_model, read_header
 from calibra.quant import RTNConfig
-
 from tests.io.conftest import build, torch, write_raw_safetensors
 
 
@@ -30,7 +30,7 @@ def _set_cfg(folder, **kv):
 def _header_and_data(path):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def test_builtin_and_local_folders_pass(llama, sharded):
@@ -56,10 +56,18 @@ def test_invalid_json_config(llama, no_load, tmp_path):
 
 def test_unsupported_architecture_lists_supported(llama, no_load, tmp_path):
     _set_cfg(llama, model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    with pytest.raises(ModelReadError, match=r"unsupported architecture model_type='gpt2' \(GPT2LMHeadModel\); "
-                                             r"supported: .*llama.*mixtral.*qwen3"):
-        calibra.prune(str(llama), calibra.prune_config(method="magnitude") if hasattr(calibra, "prune_config")
-                      else _magnitude(), output=tmp_path / "out", progress=False, echo=None)
+    with pytest.raises(
+        ModelReadError,
+        match=r"unsupported architecture model_type='gpt2' \(GPT2LMHeadModel\); "
+        r"supported: .*llama.*mixtral.*qwen3",
+    ):
+        calibra.prune(
+            str(llama),
+            calibra.prune_config(method="magnitude") if hasattr(calibra, "prune_config") else _magnitude(),
+            output=tmp_path / "out",
+            progress=False,
+            echo=None,
+        )
 
 
 def _magnitude():
@@ -77,8 +85,11 @@ def test_nonsense_dimension(llama, no_load):
 # -------------------------------------------------------------------------------- row 2: index vs shards
 def test_index_names_missing_shard(sharded, no_load):
     (sharded / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(ModelReadError, match=r"names 1 shard\(s\) that are not in the folder: "
-                                             r"model-00002-of-00003\.safetensors"):
+    with pytest.raises(
+        ModelReadError,
+        match=r"names 1 shard\(s\) that are not in the folder: "
+        r"model-00002-of-00003\.safetensors",
+    ):
         inspect_model(sharded)
 
 
@@ -127,26 +138,29 @@ def test_moe_checkpoint_names_both_forms(tmp_path):
 def test_truncated_shard_named_before_load(llama, no_load, tmp_path):
     path = llama / "model.safetensors"
     raw = path.read_bytes()
-    path.write_bytes(raw[:len(raw) - 1000])
+    path.write_bytes(raw[: len(raw) - 1000])
     with pytest.raises(ModelReadError, match=r"model\.safetensors: corrupt or truncated.*1000 missing: truncated"):
         calibra.quantize(str(llama), RTNConfig(group_size=16), output=tmp_path / "out", progress=False, echo=None)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case,match", [
-    ("short", r"fewer than the 8-byte header length field"),
-    ("length", r"header length field says \d+ bytes but the file has only"),
-    ("huge_length", r"the format allows at most"),
-    ("garbage", r"not valid UTF-8 JSON"),
-    ("list", r"JSON list, not an object"),
-    ("dtype", r"unknown dtype 'F17'"),
-    ("shape", r"invalid shape \[-1, 4\]"),
-    ("size", r"needs 64 bytes but its data_offsets \[0, 60\] span 60"),
-    ("overlap", r"overlap"),
-    ("beyond", r"ends at byte 128 of the data but the file holds only 64"),
-    ("overflow", r"negative, reversed or overflowing"),
-    ("reversed", r"negative, reversed or overflowing"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("short", r"fewer than the 8-byte header length field"),
+        ("length", r"header length field says \d+ bytes but the file has only"),
+        ("huge_length", r"the format allows at most"),
+        ("garbage", r"not valid UTF-8 JSON"),
+        ("list", r"JSON list, not an object"),
+        ("dtype", r"unknown dtype 'F17'"),
+        ("shape", r"invalid shape \[-1, 4\]"),
+        ("size", r"needs 64 bytes but its data_offsets \[0, 60\] span 60"),
+        ("overlap", r"overlap"),
+        ("beyond", r"ends at byte 128 of the data but the file holds only 64"),
+        ("overflow", r"negative, reversed or overflowing"),
+        ("reversed", r"negative, reversed or overflowing"),
+    ],
+)
 def test_corrupt_headers_rejected(tmp_path, case, match):
     p = tmp_path / "x.safetensors"
     t = lambda b, e, shape=(4, 4): {"dtype": "F32", "shape": list(shape), "data_offsets": [b, e]}  # noqa: E731
@@ -203,9 +217,12 @@ def test_nan_and_inf_in_weights_named_at_load(llama):
     sd["model.norm.weight"][0] = float("inf")
     save_file(sd, str(llama / "model.safetensors"), metadata={"format": "pt"})
     inspect_model(llama)  # headers are fine: the values are only seen at load
-    with pytest.raises(ModelReadError, match=r"non-finite weights in 2 tensor\(s\): "
-                                             r"model\.layers\.1\.mlp\.up_proj\.weight \(1 NaN, 0 Inf of 2048\), "
-                                             r"model\.norm\.weight \(0 NaN, 1 Inf of 32\)"):
+    with pytest.raises(
+        ModelReadError,
+        match=r"non-finite weights in 2 tensor\(s\): "
+        r"model\.layers\.1\.mlp\.up_proj\.weight \(1 NaN, 0 Inf of 2048\), "
+        r"model\.norm\.weight \(0 NaN, 1 Inf of 32\)",
+    ):
         load_model(llama)
 
 
@@ -221,12 +238,15 @@ def test_nan_weights_refused_by_quantize_before_any_work(llama, tmp_path, monkey
 
 
 # -------------------------------------------------------------------------------- row 6: path safety
-@pytest.mark.parametrize("name,match", [
-    ("../outside.safetensors", r"climbs out of the model folder with '\.\.'"),
-    ("sub/../../outside.safetensors", r"climbs out"),
-    ("/etc/passwd", r"an absolute path"),
-    ("C:\\Windows\\x.safetensors", r"an absolute path"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("../outside.safetensors", r"climbs out of the model folder with '\.\.'"),
+        ("sub/../../outside.safetensors", r"climbs out"),
+        ("/etc/passwd", r"an absolute path"),
+        ("C:\\Windows\\x.safetensors", r"an absolute path"),
+    ],
+)
 def test_index_shard_paths_refused(sharded, no_load, name, match):
     idx = json.loads((sharded / "model.safetensors.index.json").read_text())
     idx["weight_map"]["model.norm.weight"] = name
@@ -342,14 +362,22 @@ class _Stub:
 # -------------------------------------------------------------------------------- row 10: already quantized
 def test_quantization_config_refused(llama, no_load, tmp_path):
     _set_cfg(llama, quantization_config={"quant_method": "fp8"})
-    with pytest.raises(ModelReadError, match=r"\[quantize\] .* already quantized \(its config\.json has a "
-                                             r"quantization_config \(quant_method 'fp8'\)\)"):
+    with pytest.raises(
+        ModelReadError,
+        match=r"\[quantize\] .* already quantized \(its config\.json has a "
+        r"quantization_config \(quant_method 'fp8'\)\)",
+    ):
         calibra.quantize(str(llama), RTNConfig(group_size=16), output=tmp_path / "out", progress=False, echo=None)
 
 
-@pytest.mark.parametrize("dtype,name", [(torch.float8_e4m3fn, "model.layers.0.mlp.up_proj.weight"),
-                                        (torch.int8, "model.layers.0.mlp.up_proj.weight"),
-                                        (torch.int32, "model.layers.0.mlp.up_proj.qweight")])
+@pytest.mark.parametrize(
+    "dtype,name",
+    [
+        (torch.float8_e4m3fn, "model.layers.0.mlp.up_proj.weight"),
+        (torch.int8, "model.layers.0.mlp.up_proj.weight"),
+        (torch.int32, "model.layers.0.mlp.up_proj.qweight"),
+    ],
+)
 def test_quantized_tensors_without_config_refused(llama, no_load, dtype, name):
     from safetensors.torch import load_file, save_file
 
@@ -357,7 +385,8 @@ def test_quantized_tensors_without_config_refused(llama, no_load, dtype, name):
     w = sd.pop("model.layers.0.mlp.up_proj.weight")
     sd[name] = w.to(dtype) if dtype.is_floating_point else (w * 10).to(dtype)
     save_file(sd, str(llama / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelReadError, match=f"already quantized \\(it holds packed/integer/FP8 weight tensors: "
-                                             f"{name}"):
+    with pytest.raises(
+        ModelReadError, match=f"already quantized \\(it holds packed/integer/FP8 weight tensors: {name}"
+    ):
         inspect_model(llama)
     inspect_model(llama, allow_quantized=True)  # eval reads quantized checkpoints

@@ -1,5 +1,6 @@
 """The memory planner: --dry-run prints the plan and loads nothing; the placement follows the free device
 memory; and the predicted peak host memory is within 25% of the measured peak RSS of the real job."""
+
 from __future__ import annotations
 
 import sys
@@ -8,19 +9,33 @@ from pathlib import Path
 
 import pytest
 
-import calibra
 from calibra.cli import main
 from calibra.plan import plan_job
 
-from tests.io.conftest import torch
 
-
-@pytest.mark.parametrize("verb,extra", [("quantize", ["--method", "gptq"]), ("prune", ["--method", "sparsegpt"]),
-                                        ("calibrate", [])])
+@pytest.mark.parametrize(
+    "verb,extra", [("quantize", ["--method", "gptq"]), ("prune", ["--method", "sparsegpt"]), ("calibrate", [])]
+)
 def test_dry_run_prints_the_plan_and_loads_nothing(verb, extra, tmp_path, capsys, no_load):
     out = tmp_path / ("out.safetensors" if verb == "calibrate" else "out")
-    assert main([verb, "--input", "builtin:tiny-llama", "--output", str(out), "--samples", "8", "--seq-len", "64",
-                 "--dry-run", *extra]) == 0
+    assert (
+        main(
+            [
+                verb,
+                "--input",
+                "builtin:tiny-llama",
+                "--output",
+                str(out),
+                "--samples",
+                "8",
+                "--seq-len",
+                "64",
+                "--dry-run",
+                *extra,
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     for part in (f"[plan] {verb}", "placement", "peak device memory", "peak host memory", "disk: output"):
         assert part in text
@@ -46,11 +61,15 @@ def test_placement_follows_free_device_memory(monkeypatch):
     monkeypatch.setattr(plan, "device_free", lambda d: small.peak_device // 2)
     assert "exceeds the free device memory" in plan_job(cfg, **kw).warnings[0]
     # the device working set grows with the batch; the host peak with the samples
-    one, eight = (plan_job(cfg, **dict(kw, calibration=CalibrationConfig(num_samples=8, sequence_length=256,
-                                                                           batch_size=b))) for b in (1, 8))
+    one, eight = (
+        plan_job(cfg, **dict(kw, calibration=CalibrationConfig(num_samples=8, sequence_length=256, batch_size=b)))
+        for b in (1, 8)
+    )
     assert eight.peak_device > one.peak_device
-    assert plan_job(cfg, **dict(kw, calibration=CalibrationConfig(num_samples=64, sequence_length=64))
-                    ).peak_host > small.peak_host
+    assert (
+        plan_job(cfg, **dict(kw, calibration=CalibrationConfig(num_samples=64, sequence_length=64))).peak_host
+        > small.peak_host
+    )
 
 
 def test_predicted_peak_host_memory_within_25_percent(tmp_path):
@@ -60,8 +79,11 @@ def test_predicted_peak_host_memory_within_25_percent(tmp_path):
         import bench_memory_plan as bench
     finally:
         sys.path.pop(0)
-    cases = [("builtin:tiny-llama", 16, 128), ("builtin:tiny-moe", 16, 128),
-             (str(bench.build_h2048(tmp_path / "h2048", layers=1)), 8, 128)]
+    cases = [
+        ("builtin:tiny-llama", 16, 128),
+        ("builtin:tiny-moe", 16, 128),
+        (str(bench.build_h2048(tmp_path / "h2048", layers=1)), 8, 128),
+    ]
     for spec, samples, seq_len in cases:
         t0 = time.time()
         r = bench.measure(spec, samples, seq_len, tmp_path / f"out-{Path(spec).name.replace(':', '-')}")

@@ -1,5 +1,6 @@
 """``calibra prune --resume`` (FAULTS rows 22-24 for pruning): an interrupted run resumed from its layer
 checkpoints writes the same bytes as an uninterrupted one; a resume with other settings is refused."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import calibra
 from calibra.data import CalibrationConfig
 from calibra.io.checkpoint import ResumeError, work_dir
 from calibra.prune import PruningConfig
-
 from tests.io.conftest import build
 from tests.io.test_resume import _hashes, _interrupt_after
 
@@ -38,8 +38,9 @@ def moe4(tmp_path_factory):
 
 
 def _p(model, out, cfg, **kw):
-    return calibra.prune(str(model), cfg, CalibrationConfig(**CAL), output=out, evaluate=False, progress=False,
-                         echo=None, **kw)
+    return calibra.prune(
+        str(model), cfg, CalibrationConfig(**CAL), output=out, evaluate=False, progress=False, echo=None, **kw
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -90,9 +91,13 @@ def test_prune_resume_refused_for_other_settings(model4, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _p(model4, out, PruningConfig(method="wanda", target_sparsity=0.5))
     monkeypatch.undo()
-    with pytest.raises(ResumeError, match=r"the config differs from the checkpointed run: pruning\.target_sparsity was "
-                                          r"0\.5, now 0\.6"):
+    with pytest.raises(
+        ResumeError,
+        match=r"the config differs from the checkpointed run: pruning\.target_sparsity was "
+        r"0\.5, now 0\.6",
+    ):
         _p(model4, out, PruningConfig(method="wanda", target_sparsity=0.6), resume=True)
     with pytest.raises(ValueError, match="resume needs an output folder and checkpoints"):
-        calibra.prune(str(model4), PruningConfig(method="wanda", target_sparsity=0.5), resume=True, progress=False,
-                      echo=None)
+        calibra.prune(
+            str(model4), PruningConfig(method="wanda", target_sparsity=0.5), resume=True, progress=False, echo=None
+        )

@@ -1,6 +1,7 @@
 """FAULTS rows 22-24: a quantize run killed (SIGKILL) at a random layer or in the middle of the save
 resumes to output byte-identical to an uninterrupted run; a resume of a different run is refused; out of
 memory keeps the finished layers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,12 +22,23 @@ from calibra.cli import main
 from calibra.data import CalibrationConfig
 from calibra.io.checkpoint import ResumeError, work_dir
 from calibra.quant import GPTQConfig
-
 from tests.io.conftest import build, torch
 
 LAYERS = 4
-ARGS = ["--method", "gptq", "--group-size", "16", "--samples", "4", "--seq-len", "32", "--seed", "7",
-        "--no-eval", "--no-progress"]
+ARGS = [
+    "--method",
+    "gptq",
+    "--group-size",
+    "16",
+    "--samples",
+    "4",
+    "--seq-len",
+    "32",
+    "--seed",
+    "7",
+    "--no-eval",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +61,8 @@ def _hashes(folder: Path) -> dict:
     man = json.loads((folder / "calibra_manifest.json").read_text())
     assert set(man["files"]) | {"calibra_manifest.json", "report.json"} == {p.name for p in folder.iterdir()}
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in sorted(man["files"])} | {
-        "calibra_manifest.json": hashlib.sha256((folder / "calibra_manifest.json").read_bytes()).hexdigest()}
+        "calibra_manifest.json": hashlib.sha256((folder / "calibra_manifest.json").read_bytes()).hexdigest()
+    }
 
 
 def _spawn(model, out, pause_in: str, pause_after_layer: int | None = None) -> subprocess.Popen:
@@ -143,8 +156,16 @@ def _interrupt_after(monkeypatch, layer: int):
 
 
 def _q(model, out, cal=None, cfg=None, **kw):
-    return calibra.quantize(str(model), cfg or GPTQConfig(group_size=16), cal or CalibrationConfig(**CAL),
-                            output=out, evaluate=False, progress=False, echo=None, **kw)
+    return calibra.quantize(
+        str(model),
+        cfg or GPTQConfig(group_size=16),
+        cal or CalibrationConfig(**CAL),
+        output=out,
+        evaluate=False,
+        progress=False,
+        echo=None,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -174,7 +195,9 @@ def test_resume_refused_for_another_model(partial, model4, tmp_path):
 
 
 def test_resume_refused_for_other_settings(partial, model4):
-    with pytest.raises(ResumeError, match=r"the config differs from the checkpointed run: quantization\.group_size was 16, now 32"):
+    with pytest.raises(
+        ResumeError, match=r"the config differs from the checkpointed run: quantization\.group_size was 16, now 32"
+    ):
         _q(model4, partial, cfg=GPTQConfig(group_size=32), resume=True)
     with pytest.raises(ResumeError, match=r"calibration\.seed was 7, now 8"):
         _q(model4, partial, cal=CalibrationConfig(**dict(CAL, seed=8)), resume=True)
@@ -182,7 +205,9 @@ def test_resume_refused_for_other_settings(partial, model4):
 
 def test_resume_refused_for_another_version(partial, model4, monkeypatch):
     monkeypatch.setattr(calibra, "__version__", "99.0.0")
-    with pytest.raises(ResumeError, match=r"the versions differ from the checkpointed run: calibra was '.*', now '99\.0\.0'"):
+    with pytest.raises(
+        ResumeError, match=r"the versions differ from the checkpointed run: calibra was '.*', now '99\.0\.0'"
+    ):
         _q(model4, partial, resume=True)
 
 
@@ -221,8 +246,17 @@ def test_out_of_memory_names_the_options_and_keeps_finished_layers(model4, refer
         main(["quantize", "--input", str(model4), "--output", str(out), *ARGS])
     msg = str(e.value)
     # --batch-size unset: about 4096 tokens per pass, so all 4 samples of 32 tokens go in one batch
-    for part in ("out of memory", "at layer 2", "seq_len 32", "batch size 4", "--batch-size", "--seq-len",
-                 "--device cpu", "finished layers are checkpointed", "--resume"):
+    for part in (
+        "out of memory",
+        "at layer 2",
+        "seq_len 32",
+        "batch size 4",
+        "--batch-size",
+        "--seq-len",
+        "--device cpu",
+        "finished layers are checkpointed",
+        "--resume",
+    ):
         assert part in msg, f"{part!r} missing from: {msg}"
     assert not out.exists()
     assert sorted(p.name for p in work_dir(out).glob("layer-*.json")) == ["layer-00000.json", "layer-00001.json"]

@@ -1,6 +1,7 @@
 """FAULTS row 9: a model with tied embeddings (lm_head is embed_tokens) stays consistent through every
 artifact calibra writes: config.json keeps tie_word_embeddings, the tensor is stored once, and the reload
 is tied again and gives the same logits."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import pytest
 import calibra
 from calibra.prune import PruningConfig
 from calibra.quant import RTNConfig
-
 from tests.io.conftest import build, torch
 
 
@@ -33,8 +33,9 @@ def test_quantized_folder_keeps_the_tie(tied, tmp_path):
 
     from calibra.quant import save as qsave
 
-    qm, _ = calibra.quantize(str(tied), RTNConfig(group_size=16), output=tmp_path / "q", evaluate=False,
-                             progress=False, echo=None)
+    qm, _ = calibra.quantize(
+        str(tied), RTNConfig(group_size=16), output=tmp_path / "q", evaluate=False, progress=False, echo=None
+    )
     assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is True
     with safe_open(str(tmp_path / "q" / qsave.WEIGHTS), "pt") as f:
         keys = set(f.keys())
@@ -47,8 +48,9 @@ def test_quantized_folder_keeps_the_tie(tied, tmp_path):
 def test_pruned_folder_keeps_the_tie(tied, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, _ = calibra.prune(str(tied), PruningConfig(method="magnitude"), output=tmp_path / "p", evaluate=False,
-                             progress=False, echo=None)
+    model, _ = calibra.prune(
+        str(tied), PruningConfig(method="magnitude"), output=tmp_path / "p", evaluate=False, progress=False, echo=None
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p", dtype=torch.float32)
     assert reloaded.config.tie_word_embeddings is True
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()

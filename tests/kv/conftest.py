@@ -1,4 +1,5 @@
 """Fixtures of the KV-cache tests: small random models of the calib tests with their K/V statistics."""
+
 from __future__ import annotations
 
 import pytest

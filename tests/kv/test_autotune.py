@@ -1,5 +1,6 @@
 """The auto-tuner's search, on a stand-in probe whose metric is a known function of the ranks (fast and
 exact), plus one run on a real model."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,6 +52,7 @@ def test_budget_met_and_cheap_layers_compressed_most(llama_plan):
 def test_non_additive_cost_is_caught_by_the_measurement_and_backed_off(llama_plan):
     """Each slot alone is cheap, together they interact: the prediction fits, the measurement does not,
     the tuner undoes steps until the measured value fits."""
+
     def f(ranks):
         lost = [(16 - r) / 16 for w in ranks for r in ranks[w]]
         return sum(lost) * 0.1 + 5.0 * (sum(x > 0 for x in lost) >= 3)
@@ -85,8 +87,9 @@ def test_real_model_autotune_meets_budget_on_tuning_stream():
     tok = train_tokenizer()
     model = make_llama(len(tok), layers=2)
     full = plan_for(model, "kv")
-    probe = QualityProbe(model, tok, dataset=assets.builtin_texts("calibration")[:3], seq_len=64, max_tokens=128,
-                         progress=False)
+    probe = QualityProbe(
+        model, tok, dataset=assets.builtin_texts("calibration")[:3], seq_len=64, max_tokens=128, progress=False
+    )
     plan, rep = autotune(probe, full, metric="kl", budget=0.002, progress=False, echo=None)
     again = probe.measure(plan)["kl_divergence"]["mean"]
     assert again == pytest.approx(rep["tuned_value"]) and again <= 0.002

@@ -1,5 +1,6 @@
 """PCA bases from the covariance observer, the preset files (round trip, atomic pair, bad presets) and the
 architecture checks (mismatched model, MLA)."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,10 @@ import pytest
 import torch
 
 from calibra.compat.transformers import with_cache
-
-from calibra.kv import KVPlan, KVPreset, PCACache, PresetError, PresetMismatchError, load_preset
+from calibra.kv import KVPreset, PCACache, PresetError, PresetMismatchError, load_preset
 from calibra.kv.basis import pca, rank_grid
 from calibra.kv.plan import KVArchitectureError, check_architecture
 from tests.calib._tiny import build
-from tests.kv.conftest import plan_for
 
 
 def test_pca_matches_direct_covariance_of_observed_values(llama):
@@ -63,8 +62,11 @@ def test_rank_grid():
 
 
 def _preset(plan, **over):
-    kw = dict(model={"source": "random-llama", "model_type": "llama"}, calibration={"dataset": "random"},
-              quality={"perplexity": {"increase": 0.0}})
+    kw = dict(
+        model={"source": "random-llama", "model_type": "llama"},
+        calibration={"dataset": "random"},
+        quality={"perplexity": {"increase": 0.0}},
+    )
     kw.update(over)
     return KVPreset(plan=plan, **kw)
 
@@ -105,15 +107,18 @@ def test_preset_path_must_be_json(tmp_path, llama_plan):
         _preset(llama_plan).save(tmp_path / "p.safetensors")
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("missing_tensors", "bases file .* is missing"),
-    ("other_tensors", "sha256 differs"),
-    ("not_json", "not valid JSON"),
-    ("other_format", "not a calibra KV preset"),
-    ("future_version", "format_version"),
-    ("bad_ranks", "bad ranks"),
-    ("missing_field", "lacks the field 'ranks'"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("missing_tensors", "bases file .* is missing"),
+        ("other_tensors", "sha256 differs"),
+        ("not_json", "not valid JSON"),
+        ("other_format", "not a calibra KV preset"),
+        ("future_version", "format_version"),
+        ("bad_ranks", "bad ranks"),
+        ("missing_field", "lacks the field 'ranks'"),
+    ],
+)
 def test_bad_presets_are_clear_errors(tmp_path, llama_plan, damage, match):
     path = _preset(llama_plan.uniform(4)).save(tmp_path / "p.json")
     meta = json.loads(path.read_text())
@@ -164,8 +169,8 @@ def test_plan_rank_validation(llama_plan):
 
 
 def test_mla_is_refused_by_name(tmp_path):
-    from calibra.models.adapter import attention_kind
     import calibra.kv as kv
+    from calibra.models.adapter import attention_kind
 
     class Cfg:
         kv_lora_rank = 512
@@ -176,8 +181,9 @@ def test_mla_is_refused_by_name(tmp_path):
         check_architecture(type("A", (), {"attention_kind": "mla"}))
     folder = tmp_path / "deepseek"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "kv_lora_rank": 512,
-                                                    "num_attention_heads": 16}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "deepseek_v3", "kv_lora_rank": 512, "num_attention_heads": 16})
+    )
     with pytest.raises(NotImplementedError, match="MLA"):
         kv.calibrate(str(folder), rank=8)
 

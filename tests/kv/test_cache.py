@@ -1,13 +1,13 @@
 """The compressed cache: full rank reproduces the model, rank r stores r/head_dim of the bytes, generation
 through transformers' generate() works, and prefill == step-by-step decoding (one path for eval and
 generation)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from calibra.compat.transformers import with_cache
-
 from calibra.kv import KVCompressedLM, PCACache, measure_bytes
 from tests.calib._tiny import build
 from tests.kv.conftest import plan_for
@@ -72,15 +72,21 @@ def test_prefill_equals_step_by_step_decoding(llama, llama_plan):
         cache = PCACache(llama, plan)
         steps = [llama(x[:, :5], **with_cache(llama, cache), use_cache=True).logits]
         for t in range(5, 12):
-            steps.append(llama(x[:, t:t + 1], **with_cache(llama, cache), use_cache=True).logits)
+            steps.append(llama(x[:, t : t + 1], **with_cache(llama, cache), use_cache=True).logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
 def test_generate_full_rank_matches_plain_model(llama, llama_plan):
     x = _ids(llama, B=2, T=10)
     plain = llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    comp = llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                          **with_cache(llama, PCACache(llama, llama_plan, project_full_rank=True)))
+    comp = llama.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        **with_cache(llama, PCACache(llama, llama_plan, project_full_rank=True)),
+    )
     assert torch.equal(plain, comp)
 
 

@@ -1,4 +1,5 @@
 """calibra.nn: the drop-in Linear replacements equal the original (dequantized / pruned) Linear."""
+
 import pytest
 import torch
 from torch import nn
@@ -68,12 +69,16 @@ def test_sparse24_linear_rejects_dense_weight():
 def test_shape_limits_are_errors():
     with pytest.raises(ValueError, match=r"\[calibra.nn\] W4A16Linear needs out_features % 64 == 0"):
         W4A16Linear.from_linear(linear(128, 40, torch.float16))
-    with pytest.raises(ValueError, match=r"\[calibra.nn\] Sparse24Linear needs out_features % 16 == 0 and in_features % 64"):
+    with pytest.raises(
+        ValueError, match=r"\[calibra.nn\] Sparse24Linear needs out_features % 16 == 0 and in_features % 64"
+    ):
         Sparse24Linear(100, 16)
 
 
 def test_replace_linears_swaps_and_reports():
-    model = nn.Sequential(linear(128, 64, torch.float16), nn.ReLU(), linear(64, 40, torch.float16), linear(40, 64, torch.float16))
+    model = nn.Sequential(
+        linear(128, 64, torch.float16), nn.ReLU(), linear(64, 40, torch.float16), linear(40, 64, torch.float16)
+    )
     x = torch.randn(2, 128).half()
     report = replace_linears(model, lambda name, lin: W4A16Linear.from_linear(lin, group_size=64))
     assert report["0"] == "replaced" and isinstance(model[0], W4A16Linear)
@@ -100,7 +105,9 @@ def test_cuda_modules_use_the_native_gemms(device, m):
     smod = Sparse24Linear.from_linear(lin).cuda()
     y = run_native("sparse24_gemm", lambda: smod(x.cuda()), "cuda").cpu()
     exact = x.double() @ lin.weight.double().T + lin.bias.double()
-    assert_close_2x(y, exact, (x.float() @ lin.weight.float().T + lin.bias.float()).half(), atol=1e-2, what="Sparse24Linear")
+    assert_close_2x(
+        y, exact, (x.float() @ lin.weight.float().T + lin.bias.float()).half(), atol=1e-2, what="Sparse24Linear"
+    )
 
 
 def test_w4a16_from_quantized_model_keeps_the_logits():
@@ -109,8 +116,14 @@ def test_w4a16_from_quantized_model_keeps_the_logits():
     from calibra.nn import w4a16_from_quantized_model
     from calibra.quant import RTNConfig
 
-    qm, _ = calibra.quantize("builtin:tiny-llama", RTNConfig(bits=4, group_size=64, sym=False), evaluate=False,
-                             progress=False, echo=lambda *a, **k: None, dtype="bfloat16")
+    qm, _ = calibra.quantize(
+        "builtin:tiny-llama",
+        RTNConfig(bits=4, group_size=64, sym=False),
+        evaluate=False,
+        progress=False,
+        echo=lambda *a, **k: None,
+        dtype="bfloat16",
+    )
     ids = torch.randint(0, 4000, (1, 16), generator=gen(0))
     with torch.no_grad():
         ref = qm.model(ids).logits

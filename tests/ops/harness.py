@@ -9,6 +9,7 @@
   where ``exact`` is the reference in fp64 and ``torch_lowp`` the same reference run in the low
   precision the kernel works in.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -57,7 +58,8 @@ def assert_close_2x(ours: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor,
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {err.numel()} elements exceed 2x torch's low-precision error + {atol}; "
             f"first at {i}: ours {ours64[tuple(i)].item()!r}, exact {exact64[tuple(i)].item()!r}, "
-            f"torch low-precision {lowp64[tuple(i)].item()!r}")
+            f"torch low-precision {lowp64[tuple(i)].item()!r}"
+        )
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

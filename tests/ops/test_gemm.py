@@ -5,6 +5,7 @@ the PTX ISA fragment tables (what each lane's registers must hold for mma.sync.m
 mma.sp.m16n8k32 metadata), simulating the kernel's own decode steps. The CUDA parametrizations skip
 without a GPU; on a GPU they assert the native kernel ran and compare it with the reference.
 """
+
 import pytest
 import torch
 
@@ -36,6 +37,7 @@ def sparse_weight(n, k, seed=0, dtype=torch.float16):
 
 # ---------------------------------------------------------------------------------------------
 # w4a16_repack
+
 
 def ptx_b_fragment_codes(codes: torch.Tensor, tiled: torch.Tensor):
     """Simulate the kernel's decode of every tiled word, and the codes the PTX B fragment demands.
@@ -106,6 +108,7 @@ def test_w4a16_repack_one_hand_computed_word():
 # ---------------------------------------------------------------------------------------------
 # w4a16_gemm
 
+
 def quantized_operands(n, k, group, sym, dtype, seed=0):
     w = (torch.randn(n, k, generator=gen(seed)) * 0.05).to(dtype)
     q = calibra.ops.quantize(w, bits=4, group_size=group, symmetric=sym)
@@ -169,7 +172,9 @@ def test_w4a16_gemm_split_k_matches_unsplit(device):
     assert G.split_k(1, n, k, 132, G.W4A16_N_TILE, 16) > 1
     q, tiled, scales, zeros = quantized_operands(n, k, 128, True, torch.float16, seed=9)
     x = torch.randn(1, k, generator=gen(10)).half()
-    y = run_native("w4a16_gemm", lambda: calibra.ops.w4a16_gemm(x.cuda(), tiled.cuda(), scales.cuda(), None, 128), "cuda")
+    y = run_native(
+        "w4a16_gemm", lambda: calibra.ops.w4a16_gemm(x.cuda(), tiled.cuda(), scales.cuda(), None, 128), "cuda"
+    )
     gemm_budget(x, calibra.ops.dequantize(q), y.cpu(), "split-K")
 
 
@@ -195,18 +200,66 @@ def test_split_k_heuristic():
 @pytest.mark.parametrize(
     "args,err,match",
     [
-        (lambda: (torch.randn(2, 100).half(), torch.zeros(6, 128, dtype=torch.int32), torch.ones(1, 64).half(), None, -1),
-         ValueError, r"\[w4a16_gemm\] in_features \(100\) must be a multiple of 64"),
-        (lambda: (torch.randn(2, 128), torch.zeros(8, 128, dtype=torch.int32), torch.ones(1, 64), None, -1),
-         TypeError, r"\[w4a16_gemm\] x must be one of"),
-        (lambda: (torch.randn(2, 128).half(), torch.zeros(8, 96, dtype=torch.int32), torch.ones(1, 48).half(), None, -1),
-         ValueError, r"\[w4a16_gemm\] tiled \(8, 96\) does not fit"),
-        (lambda: (torch.randn(2, 128).half(), torch.zeros(8, 128, dtype=torch.int32), torch.ones(3, 64).half(), None, 48),
-         ValueError, r"\[w4a16_gemm\] group_size must be"),
-        (lambda: (torch.randn(2, 128).half(), torch.zeros(8, 128, dtype=torch.int32), torch.ones(2, 64).half(), None, 32),
-         ValueError, r"\[w4a16_gemm\] scales must be \[groups, out_features\] = \[4, 64\]"),
-        (lambda: (torch.randn(2, 128).half(), torch.zeros(8, 128, dtype=torch.int32), torch.ones(1, 64).bfloat16(), None, -1),
-         TypeError, r"\[w4a16_gemm\] scales must have x's dtype"),
+        (
+            lambda: (
+                torch.randn(2, 100).half(),
+                torch.zeros(6, 128, dtype=torch.int32),
+                torch.ones(1, 64).half(),
+                None,
+                -1,
+            ),
+            ValueError,
+            r"\[w4a16_gemm\] in_features \(100\) must be a multiple of 64",
+        ),
+        (
+            lambda: (torch.randn(2, 128), torch.zeros(8, 128, dtype=torch.int32), torch.ones(1, 64), None, -1),
+            TypeError,
+            r"\[w4a16_gemm\] x must be one of",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 128).half(),
+                torch.zeros(8, 96, dtype=torch.int32),
+                torch.ones(1, 48).half(),
+                None,
+                -1,
+            ),
+            ValueError,
+            r"\[w4a16_gemm\] tiled \(8, 96\) does not fit",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 128).half(),
+                torch.zeros(8, 128, dtype=torch.int32),
+                torch.ones(3, 64).half(),
+                None,
+                48,
+            ),
+            ValueError,
+            r"\[w4a16_gemm\] group_size must be",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 128).half(),
+                torch.zeros(8, 128, dtype=torch.int32),
+                torch.ones(2, 64).half(),
+                None,
+                32,
+            ),
+            ValueError,
+            r"\[w4a16_gemm\] scales must be \[groups, out_features\] = \[4, 64\]",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 128).half(),
+                torch.zeros(8, 128, dtype=torch.int32),
+                torch.ones(1, 64).bfloat16(),
+                None,
+                -1,
+            ),
+            TypeError,
+            r"\[w4a16_gemm\] scales must have x's dtype",
+        ),
     ],
 )
 def test_w4a16_gemm_bad_input(args, err, match):
@@ -225,6 +278,7 @@ def test_w4a16_repack_bad_input():
 
 # ---------------------------------------------------------------------------------------------
 # sparse24_reorder_meta
+
 
 def ptx_metadata_dense(values: torch.Tensor, meta_r: torch.Tensor) -> torch.Tensor:
     """Rebuild the dense matrix the way mma.sp.m16n8k32 (f16/bf16, selector 0) reads its operands.
@@ -259,7 +313,9 @@ def ptx_metadata_dense(values: torch.Tensor, meta_r: torch.Tensor) -> torch.Tens
 def test_sparse24_reorder_meta_matches_ptx_metadata(device, n, k):
     w = sparse_weight(n, k, seed=n * k)
     values, meta = calibra.ops.compress_24(w)
-    meta_r = run_native("sparse24_reorder_meta", lambda: calibra.ops.sparse24_reorder_meta(meta.to(device)), device).cpu()
+    meta_r = run_native(
+        "sparse24_reorder_meta", lambda: calibra.ops.sparse24_reorder_meta(meta.to(device)), device
+    ).cpu()
     assert meta_r.dtype == torch.int32 and meta_r.shape == (n // 16, k // 2)
     assert torch.equal(meta_r, R.sparse24_reorder_meta(meta))
     assert torch.equal(R.sparse24_unreorder_meta(meta_r), meta)
@@ -296,6 +352,7 @@ def test_sparse24_reorder_meta_bad_input():
 # ---------------------------------------------------------------------------------------------
 # sparse24_gemm
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 5, 8, 17, 64, 128])
 @pytest.mark.parametrize("dtype", ACT)
@@ -304,8 +361,9 @@ def test_sparse24_gemm_equals_reference(device, m, dtype):
     w = sparse_weight(n, k, seed=m, dtype=dtype)
     values, meta_r = G.sparse24_prepare(w)
     x = torch.randn(m, k, generator=gen(m + 7)).to(dtype)
-    y = run_native("sparse24_gemm", lambda: calibra.ops.sparse24_gemm(x.to(device), values.to(device), meta_r.to(device)),
-                   device)
+    y = run_native(
+        "sparse24_gemm", lambda: calibra.ops.sparse24_gemm(x.to(device), values.to(device), meta_r.to(device)), device
+    )
     assert y.shape == (m, n) and y.dtype == dtype
     assert torch.equal(R.sparse24_gemm(x, values, meta_r), (x.float() @ w.float().T).to(dtype))
     gemm_budget(x, w, y.cpu(), f"sparse24 m={m}")
@@ -336,6 +394,7 @@ def test_sparse24_gemm_bad_input():
 # ---------------------------------------------------------------------------------------------
 # registry
 
+
 def test_opcheck():
     _, tiled, scales, zeros = quantized_operands(64, 128, 32, False, torch.float16)
     x = torch.randn(3, 128).half()
@@ -345,8 +404,10 @@ def test_opcheck():
     w = sparse_weight(32, 64)
     values, meta = calibra.ops.compress_24(w)
     torch.library.opcheck(torch.ops.calibra.sparse24_reorder_meta.default, (meta,))
-    torch.library.opcheck(torch.ops.calibra.sparse24_gemm.default, (torch.randn(2, 64).half(), values,
-                                                                     calibra.ops.sparse24_reorder_meta(meta)))
+    torch.library.opcheck(
+        torch.ops.calibra.sparse24_gemm.default,
+        (torch.randn(2, 64).half(), values, calibra.ops.sparse24_reorder_meta(meta)),
+    )
 
 
 def test_workspace_only_on_cuda():

@@ -1,4 +1,5 @@
 """calibra::hadamard against its reference and against the dense Hadamard matrix."""
+
 import math
 
 import pytest

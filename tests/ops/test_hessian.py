@@ -6,7 +6,6 @@ For fp16/bf16 x that conversion is exact, so the fp32 matmul of the upcast x is 
 our kernel computes the same products in fp32 (torch's fp16/bf16 matmul would round the result to
 16 bits, a baseline too lax to mean anything). atol = 1e-6 * N * max|x|^2 (+ the same times |H0|).
 """
-import os
 
 import pytest
 import torch
@@ -49,8 +48,7 @@ def check_float(H: torch.Tensor, H0: torch.Tensor, x: torch.Tensor, what: str) -
         assert_close_2x(H, exact_of(H0, x), lowp_of(H0, x), atol_of(H0, x), what)
 
 
-SHAPES = [(1, 1), (5, 1), (1, 3), (5, 3), (1000, 17), (5, 100), (1000, 100), (1000, 257), (37, 64), (300, 96),
-          (7, 200)]
+SHAPES = [(1, 1), (5, 1), (1, 3), (5, 3), (1000, 17), (5, 100), (1000, 100), (1000, 257), (37, 64), (300, 96), (7, 200)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -103,9 +101,12 @@ def test_half_inputs_odd_shapes(device, xdtype, N, d):
 def test_3d_and_noncontiguous(device):
     torch.manual_seed(4)
     base = torch.randn(3, 40, 72, device=device)
-    for name, x in [("3-D", base), ("strided last dim", noncontiguous(base)),
-                    ("transposed leading dims", base.transpose(0, 1)),
-                    ("transposed 2-D view", torch.randn(72, 90, device=device).T)]:
+    for name, x in [
+        ("3-D", base),
+        ("strided last dim", noncontiguous(base)),
+        ("transposed leading dims", base.transpose(0, 1)),
+        ("transposed 2-D view", torch.randn(72, 90, device=device).T),
+    ]:
         assert name == "3-D" or not x.is_contiguous()
         H0 = sym(72, torch.float32, device)
         H = H0.clone()
@@ -193,24 +194,41 @@ def test_opcheck():
     x = torch.randn(3, 5, 24)
     H = sym(24, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.calibra.hessian_accumulate.default, (H, x))
-    torch.library.opcheck(torch.ops.calibra.hessian_accumulate.default,
-                          (torch.zeros(7, 7, dtype=torch.float64), torch.randn(9, 7)))
+    torch.library.opcheck(
+        torch.ops.calibra.hessian_accumulate.default, (torch.zeros(7, 7, dtype=torch.float64), torch.randn(9, 7))
+    )
 
 
 @pytest.mark.parametrize(
     "H,x,err,match",
     [
-        (torch.zeros(4096, 4095), torch.randn(2, 4096), ValueError,
-         r"\[hessian_accumulate\] H must be \[d, d\] with d = x.shape\[-1\] = 4096, got \[4096, 4095\]"),
+        (
+            torch.zeros(4096, 4095),
+            torch.randn(2, 4096),
+            ValueError,
+            r"\[hessian_accumulate\] H must be \[d, d\] with d = x.shape\[-1\] = 4096, got \[4096, 4095\]",
+        ),
         (torch.zeros(8), torch.randn(2, 8), ValueError, r"\[hessian_accumulate\] H must be \[d, d\] .* got \[8\]"),
-        (torch.zeros(8, 8, dtype=torch.float16), torch.randn(2, 8), TypeError,
-         r"\[hessian_accumulate\] H must be one of float32, float64, got float16"),
-        (torch.zeros(8, 8), torch.ones(2, 8, dtype=torch.int32), TypeError,
-         r"\[hessian_accumulate\] x must be one of float32, float16, bfloat16, float64, got int32"),
+        (
+            torch.zeros(8, 8, dtype=torch.float16),
+            torch.randn(2, 8),
+            TypeError,
+            r"\[hessian_accumulate\] H must be one of float32, float64, got float16",
+        ),
+        (
+            torch.zeros(8, 8),
+            torch.ones(2, 8, dtype=torch.int32),
+            TypeError,
+            r"\[hessian_accumulate\] x must be one of float32, float16, bfloat16, float64, got int32",
+        ),
         (torch.zeros(8, 16)[:, ::2], torch.randn(2, 8), ValueError, r"\[hessian_accumulate\] H must be contiguous"),
         (torch.zeros(1, 1), torch.tensor(1.0), ValueError, r"\[hessian_accumulate\] x must have at least 1 dims"),
-        (torch.zeros(8, 8), torch.randn(2, 8, device="meta"), ValueError,
-         r"\[hessian_accumulate\] all tensors must be on one device, got H on cpu, x on meta"),
+        (
+            torch.zeros(8, 8),
+            torch.randn(2, 8, device="meta"),
+            ValueError,
+            r"\[hessian_accumulate\] all tensors must be on one device, got H on cpu, x on meta",
+        ),
     ],
 )
 def test_bad_input(H, x, err, match):
@@ -220,4 +238,5 @@ def test_bad_input(H, x, err, match):
 
 def test_selftest_example():
     from calibra.selftest import run_selftest
+
     assert run_selftest("cpu")

@@ -1,5 +1,6 @@
 """calibra::pack / calibra::unpack against the reference, against hand-computed words, and against the
 export layouts they serve (GPTQ, compressed-tensors, FP4, MLX)."""
+
 import pytest
 import torch
 
@@ -89,7 +90,7 @@ def test_gptq_layouts(device):
     for o in range(5):
         for r in range(8):
             word = int(qweight[r, o]) & 0xFFFFFFFF
-            assert [(word >> (4 * j)) & 15 for j in range(8)] == w[o, 8 * r: 8 * r + 8].tolist()
+            assert [(word >> (4 * j)) & 15 for j in range(8)] == w[o, 8 * r : 8 * r + 8].tolist()
     # 3-bit: 32 rows into 3 words; code 10 straddles words 0 and 1 (bits 30-31 | bit 0), code 21 words 1 and 2
     col = torch.zeros(32, 1, dtype=torch.uint8, device=device)
     col[10, 0] = 0b111
@@ -97,7 +98,11 @@ def test_gptq_layouts(device):
     q3 = calibra.ops.pack(col, 3, dim=0).cpu()
     assert q3.shape == (3, 1)
     words = [int(v) & 0xFFFFFFFF for v in q3[:, 0]]
-    assert words == [0b11 << 30, 0b1 | (0b1 << 31), 0b10]  # code 21 at bits 63..65: bit 31 of word 1, bits 0-1 of word 2 = 0b10
+    assert words == [
+        0b11 << 30,
+        0b1 | (0b1 << 31),
+        0b10,
+    ]  # code 21 at bits 63..65: bit 31 of word 1, bits 0-1 of word 2 = 0b10
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,15 +159,46 @@ def test_opcheck():
     "fn,err,match",
     [
         (lambda: calibra.ops.pack(torch.zeros(3, dtype=torch.uint8), 4), ValueError, r"\[pack\] codes must be 2-D"),
-        (lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.int32), 4), TypeError, r"\[pack\] codes must be one of uint8"),
-        (lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 9), ValueError, r"\[pack\] bits must be in \[1, 8\]"),
-        (lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 0), ValueError, r"\[pack\] bits must be in \[1, 8\]"),
-        (lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 4, dim=2), ValueError, r"\[pack\] dim must be 0, 1 or -1"),
-        (lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 4, word=torch.int16), TypeError, r"\[pack\] word must be"),
-        (lambda: calibra.ops.unpack(torch.zeros(3, 2, dtype=torch.int32), 4, length=17), ValueError,
-         r"\[unpack\] words has 2 words along dim 1, but length 17 at 4 bits needs ceil\(17\*4/32\) = 3"),
-        (lambda: calibra.ops.unpack(torch.zeros(3, 2, dtype=torch.int64), 4, length=16), TypeError, r"\[unpack\] words must be one of"),
-        (lambda: calibra.ops.unpack(torch.zeros(3, 2, dtype=torch.int32), 4, length=-1), ValueError, r"\[unpack\] length must be >= 0"),
+        (
+            lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.int32), 4),
+            TypeError,
+            r"\[pack\] codes must be one of uint8",
+        ),
+        (
+            lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 9),
+            ValueError,
+            r"\[pack\] bits must be in \[1, 8\]",
+        ),
+        (
+            lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 0),
+            ValueError,
+            r"\[pack\] bits must be in \[1, 8\]",
+        ),
+        (
+            lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 4, dim=2),
+            ValueError,
+            r"\[pack\] dim must be 0, 1 or -1",
+        ),
+        (
+            lambda: calibra.ops.pack(torch.zeros(3, 4, dtype=torch.uint8), 4, word=torch.int16),
+            TypeError,
+            r"\[pack\] word must be",
+        ),
+        (
+            lambda: calibra.ops.unpack(torch.zeros(3, 2, dtype=torch.int32), 4, length=17),
+            ValueError,
+            r"\[unpack\] words has 2 words along dim 1, but length 17 at 4 bits needs ceil\(17\*4/32\) = 3",
+        ),
+        (
+            lambda: calibra.ops.unpack(torch.zeros(3, 2, dtype=torch.int64), 4, length=16),
+            TypeError,
+            r"\[unpack\] words must be one of",
+        ),
+        (
+            lambda: calibra.ops.unpack(torch.zeros(3, 2, dtype=torch.int32), 4, length=-1),
+            ValueError,
+            r"\[unpack\] length must be >= 0",
+        ),
     ],
 )
 def test_bad_input(fn, err, match):

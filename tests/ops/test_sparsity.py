@@ -1,4 +1,5 @@
 """calibra::nm_mask, compress_24, decompress_24 against the reference and hand-computed values."""
+
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ def sparse24(rows, k, dtype=torch.float32, device="cpu", seed=0):
 
 
 # ---- nm_mask -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,m", NM)
@@ -42,9 +44,11 @@ def test_nm_mask_equals_reference(device, n, m, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_nm_mask_ties_go_to_lower_index(device):
-    s = torch.tensor([[1.0, 1.0, 1.0, 1.0,   0.0, 2.0, 2.0, 2.0,   -0.0, 0.0, -0.0, 0.0,   5.0, 3.0, 3.0, 5.0]], device=device)
+    s = torch.tensor(
+        [[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, -0.0, 0.0, -0.0, 0.0, 5.0, 3.0, 3.0, 5.0]], device=device
+    )
     ours = run_native("nm_mask", lambda: calibra.ops.nm_mask(s, 2, 4), device)
-    expect = [[True, True, False, False,   False, True, True, False,   True, True, False, False,   True, False, False, True]]
+    expect = [[True, True, False, False, False, True, True, False, True, True, False, False, True, False, False, True]]
     assert ours.tolist() == expect
     assert _ref.nm_mask(s.cpu(), 2, 4).tolist() == expect
     big = torch.zeros(2, 64, dtype=torch.float16, device=device)
@@ -67,7 +71,11 @@ def test_nm_mask_nan(device):
 @pytest.mark.parametrize(
     "args,err,match",
     [
-        ((torch.randn(4, 10), 2, 4), ValueError, r"\[nm_mask\] the last dim of scores \(10\) must be a multiple of m = 4"),
+        (
+            (torch.randn(4, 10), 2, 4),
+            ValueError,
+            r"\[nm_mask\] the last dim of scores \(10\) must be a multiple of m = 4",
+        ),
         ((torch.randn(4, 8), 0, 4), ValueError, r"\[nm_mask\] n must satisfy 0 < n < m = 4, got 0"),
         ((torch.randn(4, 8), 4, 4), ValueError, r"\[nm_mask\] n must satisfy 0 < n < m = 4, got 4"),
         ((torch.randn(4, 64), 2, 64), ValueError, r"\[nm_mask\] m must be in \[2, 32\], got 64"),
@@ -82,6 +90,7 @@ def test_nm_mask_bad_input(args, err, match):
 
 
 # ---- compress_24 / decompress_24 --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -98,7 +107,9 @@ def test_compress_equals_reference_and_round_trips(device, dtype, shape):
         assert torch.equal(dense.cpu(), w.cpu())
         assert torch.equal(_ref.decompress_24(rv, rm), w.cpu())
     # strided inputs to decompress
-    dense = run_native("decompress_24", lambda: calibra.ops.decompress_24(noncontiguous(values), meta.t().contiguous().t()), device)
+    dense = run_native(
+        "decompress_24", lambda: calibra.ops.decompress_24(noncontiguous(values), meta.t().contiguous().t()), device
+    )
     assert torch.equal(dense.cpu(), w.cpu())
 
 
@@ -107,14 +118,13 @@ def test_meta_hand_computed(device):
     w = torch.zeros(2, 16, device=device)
     w[0, 0], w[0, 3] = 1.0, 2.0  # group 0: indices 0, 3 -> 0 | 3<<2 = 0xC
     # group 1: empty -> filled with 0, 1 -> 0x4
-    w[0, 10] = 3.0               # group 2: one nonzero at 2 -> 0, 2 -> 0x8
+    w[0, 10] = 3.0  # group 2: one nonzero at 2 -> 0, 2 -> 0x8
     w[0, 13], w[0, 14] = 4.0, 5.0  # group 3: 1, 2 -> 0x9
-    w[1, 3] = 6.0                # group 0: 0, 3 -> 0xC; groups 1..3 empty -> 0x4
+    w[1, 3] = 6.0  # group 0: 0, 3 -> 0xC; groups 1..3 empty -> 0x4
     values, meta = run_native("compress_24", lambda: calibra.ops.compress_24(w), device)
     words = [int(v) & 0xFFFF for v in meta.cpu().flatten()]
     assert words == [0x984C, 0x444C]
-    assert values.cpu().tolist() == [[1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0, 5.0],
-                                     [0.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert values.cpu().tolist() == [[1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0, 5.0], [0.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
     assert [int(v) & 0xFFFF for v in _ref.compress_24(w.cpu())[1].flatten()] == words
 
 
@@ -135,8 +145,10 @@ def test_bad_meta(device):
     values, meta = calibra.ops.compress_24(sparse24(3, 32, device=device))
     meta = meta.clone()
     meta[2, 1] = 0x1234  # group 0: 0, 1 (fine); group 1: 3, 0 (bad)
-    msg = (r"\[decompress_24\] meta\[2, 1\] = 0x1234 is not valid 2:4 metadata: group 1 holds indices 3, 0, "
-           r"which must be distinct and ascending")
+    msg = (
+        r"\[decompress_24\] meta\[2, 1\] = 0x1234 is not valid 2:4 metadata: group 1 holds indices 3, 0, "
+        r"which must be distinct and ascending"
+    )
     with pytest.raises(ValueError, match=msg):
         run_native("decompress_24", lambda: calibra.ops.decompress_24(values, meta), device)
     with pytest.raises(ValueError, match=msg):
@@ -153,14 +165,27 @@ def test_negative_zero_counts_as_zero():
 @pytest.mark.parametrize(
     "fn,err,match",
     [
-        (lambda: calibra.ops.compress_24(torch.zeros(4, 20)), ValueError,
-         r"\[compress_24\] the last dim of w \(20\) must be a multiple of 16"),
+        (
+            lambda: calibra.ops.compress_24(torch.zeros(4, 20)),
+            ValueError,
+            r"\[compress_24\] the last dim of w \(20\) must be a multiple of 16",
+        ),
         (lambda: calibra.ops.compress_24(torch.zeros(4, 4, 16)), ValueError, r"\[compress_24\] w must be 2-D"),
-        (lambda: calibra.ops.compress_24(torch.zeros(4, 16, dtype=torch.float64)), TypeError, r"\[compress_24\] w must be one of"),
-        (lambda: calibra.ops.decompress_24(torch.zeros(4, 8), torch.zeros(4, 2, dtype=torch.int16)), ValueError,
-         r"\[decompress_24\] values \(4, 8\) and meta \(4, 2\) do not match"),
-        (lambda: calibra.ops.decompress_24(torch.zeros(4, 8), torch.zeros(4, 1, dtype=torch.int32)), TypeError,
-         r"\[decompress_24\] meta must be one of int16"),
+        (
+            lambda: calibra.ops.compress_24(torch.zeros(4, 16, dtype=torch.float64)),
+            TypeError,
+            r"\[compress_24\] w must be one of",
+        ),
+        (
+            lambda: calibra.ops.decompress_24(torch.zeros(4, 8), torch.zeros(4, 2, dtype=torch.int16)),
+            ValueError,
+            r"\[decompress_24\] values \(4, 8\) and meta \(4, 2\) do not match",
+        ),
+        (
+            lambda: calibra.ops.decompress_24(torch.zeros(4, 8), torch.zeros(4, 1, dtype=torch.int32)),
+            TypeError,
+            r"\[decompress_24\] meta must be one of int16",
+        ),
     ],
 )
 def test_24_bad_input(fn, err, match):

@@ -1,8 +1,19 @@
 """PruningConfig validation (FAULTS 13), pattern strings, per-layer checks on shapes (FAULTS 11)."""
+
 import pytest
 
-from calibra.prune import NM, Block, Cubic, Gradual, JointQuant, OneShot, PruneMethod, PruningConfig, Unstructured
-from calibra.prune import parse_pattern
+from calibra.prune import (
+    NM,
+    Block,
+    Cubic,
+    Gradual,
+    JointQuant,
+    OneShot,
+    PruneMethod,
+    PruningConfig,
+    Unstructured,
+    parse_pattern,
+)
 
 
 def test_pattern_strings():
@@ -15,35 +26,54 @@ def test_pattern_strings():
     assert str(NM(2, 4)) == "2:4" and str(Block(16, 8)) == "block:16x8"
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("dense", "unknown pattern"), ("4:4", "0 < n < m"), ("0:4", "0 < n < m"), ("2:64", "m <= 32"),
-    ("block:0x4", "block rows"), ("block:1x1", "unstructured"), ("block:4096", r"\[1, 1024\]"), (24, "string"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("dense", "unknown pattern"),
+        ("4:4", "0 < n < m"),
+        ("0:4", "0 < n < m"),
+        ("2:64", "m <= 32"),
+        ("block:0x4", "block rows"),
+        ("block:1x1", "unstructured"),
+        ("block:4096", r"\[1, 1024\]"),
+        (24, "string"),
+    ],
+)
 def test_bad_patterns(spec, match):
     with pytest.raises(ValueError, match=match):
         PruningConfig(pattern=spec).validate()
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(target_sparsity=0.0), "target_sparsity"), (dict(target_sparsity=1.0), "target_sparsity"),
-    (dict(target_sparsity=-0.1), "target_sparsity"), (dict(target_sparsity=1.5), "target_sparsity"),
-    (dict(target_sparsity=None), "target_sparsity"), (dict(target_sparsity="half"), "target_sparsity"),
-    (dict(method="obs"), "method must be one of"), (dict(scope="column"), "scope"),
-    (dict(magnitude_score="l3"), "magnitude_score"), (dict(block_size=0), "block_size"),
-    (dict(block_size=8192), "block_size"), (dict(damp_percent=0.0), "damp_percent"),
-    (dict(damp_percent=2.0), "damp_percent"), (dict(damp_ladder=(0.5, 0.1)), "damp_ladder"),
-    (dict(pattern="2:4", target_sparsity=0.7), "fixes the sparsity at 0.5"),
-    (dict(quantize=JointQuant(4, 128)), "runs inside SparseGPT"),
-    (dict(method="sparsegpt", quantize=JointQuant(bits=9)), "bits"),
-    (dict(method="sparsegpt", quantize=JointQuant(group_size=0)), "group_size"),
-    (dict(schedule=Gradual(start_step=10, end_step=5)), "end_step > start_step"),
-    (dict(schedule=Cubic(initial_sparsity=0.6, final_sparsity=0.5)), "final_sparsity >= initial"),
-    (dict(schedule=Cubic(final_sparsity=0.3)), "schedule ends at sparsity 0.3"),
-    (dict(schedule=Gradual(frequency=0)), "frequency"),
-    (dict(pattern="2:4", target_sparsity=None, schedule=Cubic()), "cannot ramp up"),
-    (dict(pattern="2:4", target_sparsity=None, gradual_steps=3), "gradual_steps"),
-    (dict(gradual_steps=0), "gradual_steps"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(target_sparsity=0.0), "target_sparsity"),
+        (dict(target_sparsity=1.0), "target_sparsity"),
+        (dict(target_sparsity=-0.1), "target_sparsity"),
+        (dict(target_sparsity=1.5), "target_sparsity"),
+        (dict(target_sparsity=None), "target_sparsity"),
+        (dict(target_sparsity="half"), "target_sparsity"),
+        (dict(method="obs"), "method must be one of"),
+        (dict(scope="column"), "scope"),
+        (dict(magnitude_score="l3"), "magnitude_score"),
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=8192), "block_size"),
+        (dict(damp_percent=0.0), "damp_percent"),
+        (dict(damp_percent=2.0), "damp_percent"),
+        (dict(damp_ladder=(0.5, 0.1)), "damp_ladder"),
+        (dict(pattern="2:4", target_sparsity=0.7), "fixes the sparsity at 0.5"),
+        (dict(quantize=JointQuant(4, 128)), "runs inside SparseGPT"),
+        (dict(method="sparsegpt", quantize=JointQuant(bits=9)), "bits"),
+        (dict(method="sparsegpt", quantize=JointQuant(group_size=0)), "group_size"),
+        (dict(schedule=Gradual(start_step=10, end_step=5)), "end_step > start_step"),
+        (dict(schedule=Cubic(initial_sparsity=0.6, final_sparsity=0.5)), "final_sparsity >= initial"),
+        (dict(schedule=Cubic(final_sparsity=0.3)), "schedule ends at sparsity 0.3"),
+        (dict(schedule=Gradual(frequency=0)), "frequency"),
+        (dict(pattern="2:4", target_sparsity=None, schedule=Cubic()), "cannot ramp up"),
+        (dict(pattern="2:4", target_sparsity=None, gradual_steps=3), "gradual_steps"),
+        (dict(gradual_steps=0), "gradual_steps"),
+    ],
+)
 def test_validate_rejects(kw, match):
     """FAULTS 13: out-of-range settings raise ValueError from validate(), which needs no weights."""
     with pytest.raises(ValueError, match=match) as e:
@@ -78,8 +108,12 @@ def test_calibration_spec_is_validated():
         PruningConfig(calibration=Spec()).validate()
 
 
-SHAPES = {"model.layers.0.mlp.down_proj": (64, 1002), "model.layers.0.mlp.up_proj": (1000, 64),
-          "model.layers.1.self_attn.o_proj": (64, 64), "model.layers.1.mlp.down_proj": (64, 250)}
+SHAPES = {
+    "model.layers.0.mlp.down_proj": (64, 1002),
+    "model.layers.0.mlp.up_proj": (1000, 64),
+    "model.layers.1.self_attn.o_proj": (64, 64),
+    "model.layers.1.mlp.down_proj": (64, 250),
+}
 
 
 def test_indivisible_layers_listed_all_at_once():

@@ -1,10 +1,11 @@
 """Magnitude / Wanda masks: exact N:M counts, achieved sparsity = target to rounding, determinism,
 block tiles, dead channels, 2:4 compressed form."""
+
 import pytest
 import torch
 
 from calibra.ops import decompress_24, native_ops, trace
-from calibra.prune import NM, Block, LayerStats, PruningConfig, prune_magnitude, prune_wanda, prune_weight
+from calibra.prune import LayerStats, PruningConfig, prune_magnitude, prune_wanda, prune_weight
 from calibra.prune.patterns import prune_count
 
 from ._layers import correlated_inputs, layer
@@ -18,7 +19,9 @@ def _nm_groups_ok(keep: torch.Tensor, n: int, m: int) -> bool:
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
 def test_every_nm_group_holds_exactly_n(method, n, m):
     w, x = layer(32 if method == "sparsegpt" else 96, 128, seed=n * m)
-    r = prune_weight(w, PruningConfig(method=method, pattern=f"{n}:{m}", target_sparsity=None), LayerStats.from_inputs(x))
+    r = prune_weight(
+        w, PruningConfig(method=method, pattern=f"{n}:{m}", target_sparsity=None), LayerStats.from_inputs(x)
+    )
     assert _nm_groups_ok(r.mask, n, m)
     assert bool((r.weight[~r.mask] == 0).all())
     assert r.achieved_sparsity == pytest.approx(1 - n / m, abs=1e-12)
@@ -67,8 +70,9 @@ def test_magnitude_square_matches_abs_elementwise_but_not_for_blocks():
     keep_abs = prune_magnitude(w2, PruningConfig(method="magnitude", pattern="block:2", target_sparsity=0.75)).mask
     assert bool(keep_abs[0, 2]) and not bool(keep_abs[0, 0])  # L1: the flat tile wins
     w2[:2, 2:] = 1.45  # L1 5.8, L2^2 8.41 < 9
-    keep_sq = prune_magnitude(w2, PruningConfig(method="magnitude", pattern="block:2", target_sparsity=0.75,
-                                                magnitude_score="square")).mask
+    keep_sq = prune_magnitude(
+        w2, PruningConfig(method="magnitude", pattern="block:2", target_sparsity=0.75, magnitude_score="square")
+    ).mask
     assert bool(keep_sq[0, 0]) and not bool(keep_sq[0, 2])  # squared norm: the spiky tile wins
 
 
@@ -80,7 +84,7 @@ def test_block_tiles_whole_and_exact(method, scope):
     r = prune_weight(w, cfg, LayerStats.from_inputs(x, hessian=False))
     tiles = r.mask.reshape(8, 8, 24, 4)
     assert bool((tiles.all(3).all(1) | (~tiles).all(3).all(1)).all())  # each tile all kept or all pruned
-    pruned_tiles = (~tiles.all(3).all(1))
+    pruned_tiles = ~tiles.all(3).all(1)
     if scope == "layer":
         assert int(pruned_tiles.sum()) == prune_count(8 * 24, 0.6)
     else:
@@ -93,8 +97,9 @@ def test_masks_identical_for_the_same_seed(method, pattern):
     def run(seed):
         w, x = layer(32, 64, seed=seed)
         ts = None if pattern == "2:4" else 0.5
-        return prune_weight(w, PruningConfig(method=method, pattern=pattern, target_sparsity=ts),
-                            LayerStats.from_inputs(x))
+        return prune_weight(
+            w, PruningConfig(method=method, pattern=pattern, target_sparsity=ts), LayerStats.from_inputs(x)
+        )
 
     a, b, c = run(7), run(7), run(8)
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
@@ -156,7 +161,9 @@ def test_dead_input_channel_finite(method, pattern):
 def test_compressed_24_round_trip():
     w, x = layer(64, 128, seed=11)
     for method in ("wanda", "sparsegpt"):
-        r = prune_weight(w, PruningConfig(method=method, pattern="2:4", target_sparsity=None), LayerStats.from_inputs(x))
+        r = prune_weight(
+            w, PruningConfig(method=method, pattern="2:4", target_sparsity=None), LayerStats.from_inputs(x)
+        )
         values, meta = r.to_24()
         assert values.shape == (64, 64) and meta.shape == (64, 8) and meta.dtype == torch.int16
         assert torch.equal(decompress_24(values, meta), r.weight)
@@ -187,8 +194,9 @@ def test_bad_inputs_named():
 def test_low_precision_weights_keep_dtype():
     w, x = layer(32, 64, seed=2)
     for dt in (torch.float16, torch.bfloat16):
-        r = prune_weight(w.to(dt), PruningConfig(method="wanda", pattern="2:4", target_sparsity=None),
-                         LayerStats.from_inputs(x))
+        r = prune_weight(
+            w.to(dt), PruningConfig(method="wanda", pattern="2:4", target_sparsity=None), LayerStats.from_inputs(x)
+        )
         assert r.weight.dtype == dt and torch.equal(r.weight, w.to(dt).masked_fill(~r.mask, 0))
 
 

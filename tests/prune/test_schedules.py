@@ -1,10 +1,22 @@
 """Schedules vs their formulas, the stage machine, the training-loop mask callback, data-only gradual mode."""
+
 import pytest
 import torch
 from torch import nn
 
-from calibra.prune import (Cubic, Gradual, LayerStats, MaskCallback, OneShot, PruningConfig, PruningStage,
-                           StageTracker, gradual_sparsities, prune_gradually, prune_weight)
+from calibra.prune import (
+    Cubic,
+    Gradual,
+    LayerStats,
+    MaskCallback,
+    OneShot,
+    PruningConfig,
+    PruningStage,
+    StageTracker,
+    gradual_sparsities,
+    prune_gradually,
+    prune_weight,
+)
 from calibra.prune.patterns import prune_count
 
 from ._layers import layer, output_error
@@ -57,8 +69,18 @@ def test_stage_machine_happy_path_and_timestamps():
     clock = iter(range(100)).__next__
     seen = []
     tr = StageTracker(on_change=lambda old, new, t: seen.append((old.value, new.value)), clock=lambda: float(clock()))
-    for st in ("calibrating", "computing_importance", "pruning", "calibrating", "computing_importance", "pruning",
-               "fine_tuning", "evaluating", "exporting", "complete"):
+    for st in (
+        "calibrating",
+        "computing_importance",
+        "pruning",
+        "calibrating",
+        "computing_importance",
+        "pruning",
+        "fine_tuning",
+        "evaluating",
+        "exporting",
+        "complete",
+    ):
         tr.advance(st)
     assert tr.stage is PruningStage.COMPLETE and tr.done
     assert seen[0] == ("idle", "calibrating") and seen[-1] == ("exporting", "complete")
@@ -89,8 +111,12 @@ def test_stage_machine_rejects_and_fails():
 def test_mask_callback_keeps_zeros_through_optimizer_steps():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
-    cfg = PruningConfig(method="magnitude", target_sparsity=0.75, scope="row",
-                        schedule=Cubic(start_step=2, end_step=20, initial_sparsity=0.0, frequency=6))
+    cfg = PruningConfig(
+        method="magnitude",
+        target_sparsity=0.75,
+        scope="row",
+        schedule=Cubic(start_step=2, end_step=20, initial_sparsity=0.0, frequency=6),
+    )
     cb = MaskCallback(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     x, y = torch.randn(256, 32), torch.randn(256, 8)
@@ -179,5 +205,6 @@ def test_gradual_nested_masks():
 def test_gradual_refuses_fixed_pattern():
     w, x = layer(8, 32, 0)
     with pytest.raises(ValueError, match="fixes the sparsity"):
-        prune_gradually(w, PruningConfig(pattern="2:4", target_sparsity=None), lambda s, c: LayerStats.from_inputs(x),
-                        steps=2)
+        prune_gradually(
+            w, PruningConfig(pattern="2:4", target_sparsity=None), lambda s, c: LayerStats.from_inputs(x), steps=2
+        )

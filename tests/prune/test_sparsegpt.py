@@ -1,5 +1,6 @@
 """SparseGPT: quality order vs Wanda and magnitude, exact layer sparsity, joint sparse + W4, the sweep
 seam, damping ladder."""
+
 import pytest
 import torch
 
@@ -25,8 +26,10 @@ def test_quality_order_sparsegpt_wanda_magnitude(pattern):
     for seed in range(3):
         w, x = layer(48, 192, seed)
         st = LayerStats.from_inputs(x)
-        err = {m: output_error(w, prune_weight(w, _cfg(m, pattern), st).weight, x)
-               for m in ("sparsegpt", "wanda", "magnitude")}
+        err = {
+            m: output_error(w, prune_weight(w, _cfg(m, pattern), st).weight, x)
+            for m in ("sparsegpt", "wanda", "magnitude")
+        }
         assert err["sparsegpt"] < 0.8 * err["wanda"], (seed, err)
         assert err["wanda"] < 0.9 * err["magnitude"], (seed, err)
 
@@ -44,8 +47,12 @@ def test_layer_sparsity_exact(s, block_size):
     """Per-block counts distribute round(s * numel) by cumulative rounding: the layer total is exact,
     also when block_size does not divide the width (200)."""
     w, x = layer(24, 200, 1)
-    r = sparsegpt_prune(w, LayerStats.from_inputs(x).hessian, 1024, PruningConfig(
-        method="sparsegpt", target_sparsity=s, block_size=block_size))
+    r = sparsegpt_prune(
+        w,
+        LayerStats.from_inputs(x).hessian,
+        1024,
+        PruningConfig(method="sparsegpt", target_sparsity=s, block_size=block_size),
+    )
     assert int((~r.mask).sum()) == prune_count(w.numel(), s)
     assert bool((r.weight[~r.mask] == 0).all())
     assert r.achieved_sparsity == pytest.approx(prune_count(w.numel(), s) / w.numel(), abs=1e-12)
@@ -59,8 +66,10 @@ def test_block_tiles_exact():
     assert int((~tiles.all(3).all(1)).sum()) == prune_count(8 * 16, 0.5)
 
 
-@pytest.mark.parametrize("pattern,group_size,sym", [("2:4", 64, True), ("unstructured", 64, False),
-                                                    ("unstructured", -1, True), ("4:8", -1, False)])
+@pytest.mark.parametrize(
+    "pattern,group_size,sym",
+    [("2:4", 64, True), ("unstructured", 64, False), ("unstructured", -1, True), ("4:8", -1, False)],
+)
 def test_joint_sparse_and_w4(pattern, group_size, sym):
     """2:4 + W4 and 50% + W4 in one sweep: the pattern holds, every kept weight lies on the W4 grid,
     pruned weights carry the zero point's code (value exactly 0), dequantize(quantized) == weight."""
@@ -162,10 +171,19 @@ def test_bad_hessian_named():
         sparsegpt_prune(w, -torch.eye(32), 10, cfg)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(quantize=JointQuant(4, 64, True)), dict(quantize=JointQuant(4, -1, False)),
-                                dict(pattern="block:4x8"), dict(pattern="2:4"), dict(pattern="4:8"),
-                                dict(pattern="2:4", quantize=JointQuant(4, 64, True)),
-                                dict(pattern="4:8", quantize=JointQuant(4, -1, False))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(quantize=JointQuant(4, 64, True)),
+        dict(quantize=JointQuant(4, -1, False)),
+        dict(pattern="block:4x8"),
+        dict(pattern="2:4"),
+        dict(pattern="4:8"),
+        dict(pattern="2:4", quantize=JointQuant(4, 64, True)),
+        dict(pattern="4:8", quantize=JointQuant(4, -1, False)),
+    ],
+)
 def test_native_sweep_matches_torch_sweep(kw):
     """Every pattern goes through the native ops (unstructured and block masks: calibra.ops.gptq_block_sweep
     with the mask; N:M: calibra.ops.sparsegpt_block_sweep choosing it); the result equals the pure-torch
@@ -193,8 +211,15 @@ def test_native_sweep_matches_torch_sweep(kw):
         assert bool((a.mask.reshape(48, -1, m).sum(-1) == n).all())
 
 
-@pytest.mark.parametrize("pattern,jq", [("2:4", None), ("2:4", JointQuant(4, 32, True)), ("4:8", JointQuant(4, -1, False)),
-                                        ("unstructured", JointQuant(4, 32, False))])
+@pytest.mark.parametrize(
+    "pattern,jq",
+    [
+        ("2:4", None),
+        ("2:4", JointQuant(4, 32, True)),
+        ("4:8", JointQuant(4, -1, False)),
+        ("unstructured", JointQuant(4, 32, False)),
+    ],
+)
 def test_native_sweep_equals_op_reference_bit_for_bit(pattern, jq):
     """The whole solver with the native sweep equals it with the ops' pure-torch references (the sweep
     the kernels are defined by) bit for bit: mask, weights, codes, tables, loss -- joint W4 included,
@@ -205,16 +230,21 @@ def test_native_sweep_equals_op_reference_bit_for_bit(pattern, jq):
     def ref_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fmt, scale_dtype):
         common = (scales.float().contiguous(), zeros.float().contiguous(), group.to(torch.int32), fit.to(torch.int32))
         if nm is not None:
-            return SweepOut(*_ref.sparsegpt_block_sweep(w, u, *common, torch.ones(1), nm[0], nm[1], bits, sym, fmt,
-                                                        scale_dtype, 1.0))
-        out = _ref.gptq_block_sweep(w, u, *common, prune.to(torch.uint8), torch.ones(1), bits, sym, fmt, scale_dtype,
-                                    1.0)
+            return SweepOut(
+                *_ref.sparsegpt_block_sweep(
+                    w, u, *common, torch.ones(1), nm[0], nm[1], bits, sym, fmt, scale_dtype, 1.0
+                )
+            )
+        out = _ref.gptq_block_sweep(
+            w, u, *common, prune.to(torch.uint8), torch.ones(1), bits, sym, fmt, scale_dtype, 1.0
+        )
         return SweepOut(*out, prune)
 
     w, x = layer(37, 128, 15)
     h = LayerStats.from_inputs(x).hessian
-    cfg = PruningConfig(method="sparsegpt", pattern=pattern, target_sparsity=None if ":" in pattern else 0.5,
-                        quantize=jq, block_size=64)
+    cfg = PruningConfig(
+        method="sparsegpt", pattern=pattern, target_sparsity=None if ":" in pattern else 0.5, quantize=jq, block_size=64
+    )
     with trace() as t:
         a = sparsegpt_prune(w, h, 1024, cfg)
     b = sparsegpt_prune(w, h, 1024, cfg, sweep=ref_sweep)

@@ -1,4 +1,5 @@
 """Readers of a written pruned folder."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,29 @@ from pathlib import Path
 
 import torch
 
-REPORT_KEYS = {"format", "format_version", "model", "settings", "versions", "seed", "summary", "modules", "sparsity",
-               "timings", "stages"}
-MODULE_KEYS = {"module", "method", "pattern", "target_sparsity", "achieved_sparsity", "reconstruction_error",
-               "seconds", "weight_error"}
+REPORT_KEYS = {
+    "format",
+    "format_version",
+    "model",
+    "settings",
+    "versions",
+    "seed",
+    "summary",
+    "modules",
+    "sparsity",
+    "timings",
+    "stages",
+}
+MODULE_KEYS = {
+    "module",
+    "method",
+    "pattern",
+    "target_sparsity",
+    "achieved_sparsity",
+    "reconstruction_error",
+    "seconds",
+    "weight_error",
+}
 
 
 def read_report(folder) -> dict:
@@ -39,5 +59,8 @@ def weight_of(model, name: str) -> torch.Tensor:
 
 def folder_bytes(folder, skip=("report.json",)) -> dict[str, bytes]:
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }

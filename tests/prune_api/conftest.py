@@ -1,5 +1,6 @@
 """Fixtures: small random-weight model folders (Llama, Mixtral with fused experts) with a locally trained
 tokenizer, so the API and CLI tests need neither the trained builtin models nor the network."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,19 @@ pytest.importorskip("tokenizers")
 
 from tests.eval.tiny import train_tokenizer  # noqa: E402
 
-DIMS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False, bos_token_id=0,
-            eos_token_id=0, pad_token_id=0)
+DIMS = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +52,11 @@ def moe_dir(tmp_path_factory, tokenizer):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), num_local_experts=4, num_experts_per_tok=2,
-                                             **DIMS)).float().eval()
+    model = (
+        MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), num_local_experts=4, num_experts_per_tok=2, **DIMS))
+        .float()
+        .eval()
+    )
     with torch.no_grad():  # a router that actually spreads the tokens
         for name, p in model.named_parameters():
             if name.endswith("gate.weight"):

@@ -1,5 +1,6 @@
 """calibra.prune end to end on small local models: every method x pattern writes a complete folder whose
 report matches the weights; experts; the 2:4 form; joint quantization; determinism; the stage history."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,15 @@ import torch
 
 import calibra
 from calibra.prune import JointQuant, PruningConfig
-from tests.prune_api._helpers import (MODULE_KEYS, REPORT_KEYS, folder_bytes, read_report, reload, saved_tensors,
-                                      weight_of)
+from tests.prune_api._helpers import (
+    MODULE_KEYS,
+    REPORT_KEYS,
+    folder_bytes,
+    read_report,
+    reload,
+    saved_tensors,
+    weight_of,
+)
 
 PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4:8", None)]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -29,8 +37,9 @@ def _nm_ok(w: torch.Tensor, n: int, m: int) -> bool:
 @pytest.mark.parametrize("pattern,sparsity", PATTERNS)
 def test_method_pattern_writes_consistent_folder(llama_dir, calib, tmp_path, method, pattern, sparsity):
     out = tmp_path / "out"
-    model, report = calibra.prune(str(llama_dir), _config(method, pattern, sparsity), calib, output=out,
-                                  progress=False, echo=None, device="cpu")
+    model, report = calibra.prune(
+        str(llama_dir), _config(method, pattern, sparsity), calib, output=out, progress=False, echo=None, device="cpu"
+    )
     rep = read_report(out)
     assert REPORT_KEYS <= set(rep)
     assert rep["format"] == "calibra-prune-report" and rep["settings"]["method"] == method
@@ -74,10 +83,12 @@ def test_method_pattern_writes_consistent_folder(llama_dir, calib, tmp_path, met
 def test_sparsegpt_beats_wanda_on_reconstruction(llama_dir, calib):
     """The OBS sweep minimizes exactly the reported error; on layer 0 (identical inputs for both methods)
     SparseGPT must beat Wanda's mask without compensation on every module."""
-    _, sgpt = calibra.prune(str(llama_dir), _config("sparsegpt", "2:4", None), calib, progress=False, echo=None,
-                            device="cpu")
-    _, wanda = calibra.prune(str(llama_dir), _config("wanda", "2:4", None), calib, progress=False, echo=None,
-                             device="cpu")
+    _, sgpt = calibra.prune(
+        str(llama_dir), _config("sparsegpt", "2:4", None), calib, progress=False, echo=None, device="cpu"
+    )
+    _, wanda = calibra.prune(
+        str(llama_dir), _config("wanda", "2:4", None), calib, progress=False, echo=None, device="cpu"
+    )
     wrows = {r["module"]: r for r in wanda["modules"]}
     first = [r for r in sgpt["modules"] if ".layers.0." in r["module"]]
     assert len(first) == 7
@@ -87,8 +98,16 @@ def test_sparsegpt_beats_wanda_on_reconstruction(llama_dir, calib):
 
 def test_moe_experts_pruned_in_fused_parameter(moe_dir, calib, tmp_path):
     out = tmp_path / "moe"
-    model, rep = calibra.prune(str(moe_dir), _config("wanda", "2:4", None), calib, output=out, save_24=True,
-                               progress=False, echo=None, device="cpu")
+    model, rep = calibra.prune(
+        str(moe_dir),
+        _config("wanda", "2:4", None),
+        calib,
+        output=out,
+        save_24=True,
+        progress=False,
+        echo=None,
+        device="cpu",
+    )
     names = [r["module"] for r in rep["modules"]]
     expert_rows = [n for n in names if ".experts." in n]
     assert len(expert_rows) == 2 * 4 * 2  # layers x experts x (gate_up, down)
@@ -112,8 +131,16 @@ def test_moe_experts_pruned_in_fused_parameter(moe_dir, calib, tmp_path):
 
 def test_save24_round_trip_equals_dense(llama_dir, calib, tmp_path):
     out = tmp_path / "s24"
-    model, rep = calibra.prune(str(llama_dir), _config("sparsegpt", "2:4", None), calib, output=out, save_24=True,
-                               progress=False, echo=None, device="cpu")
+    model, rep = calibra.prune(
+        str(llama_dir),
+        _config("sparsegpt", "2:4", None),
+        calib,
+        output=out,
+        save_24=True,
+        progress=False,
+        echo=None,
+        device="cpu",
+    )
     from safetensors.torch import load_file
 
     from calibra.ops import decompress_24
@@ -129,8 +156,14 @@ def test_save24_round_trip_equals_dense(llama_dir, calib, tmp_path):
 
 def test_joint_quantization_grid_and_report(llama_dir, calib):
     jq = JointQuant(bits=4, group_size=32)
-    model, rep = calibra.prune(str(llama_dir), _config("sparsegpt", "unstructured", 0.5, quantize=jq), calib,
-                               progress=False, echo=None, device="cpu")
+    model, rep = calibra.prune(
+        str(llama_dir),
+        _config("sparsegpt", "unstructured", 0.5, quantize=jq),
+        calib,
+        progress=False,
+        echo=None,
+        device="cpu",
+    )
     assert rep["settings"]["joint_quantization"] == {"bits": 4, "group_size": 32, "sym": True}
     for row in rep["modules"]:
         assert row["quantized_bits"] == 4 and row["joint_quantization"]["group_size"] == 32
@@ -155,11 +188,31 @@ def test_magnitude_reads_no_data(llama_dir, monkeypatch, tmp_path):
 
 def test_stage_history_and_eval_block(llama_dir, calib, tmp_path):
     out = tmp_path / "ev"
-    _, rep = calibra.prune(str(llama_dir), _config("wanda", "unstructured", 0.5), calib, output=out, evaluate=True,
-                           eval_max_tokens=300, eval_seq_len=64, progress=False, echo=None, device="cpu")
+    _, rep = calibra.prune(
+        str(llama_dir),
+        _config("wanda", "unstructured", 0.5),
+        calib,
+        output=out,
+        evaluate=True,
+        eval_max_tokens=300,
+        eval_seq_len=64,
+        progress=False,
+        echo=None,
+        device="cpu",
+    )
     stages = [h["stage"] for h in rep["stages"]["history"]]
-    assert stages == ["idle", "calibrating", "computing_importance", "pruning", "calibrating", "computing_importance",
-                      "pruning", "evaluating", "exporting", "complete"]
+    assert stages == [
+        "idle",
+        "calibrating",
+        "computing_importance",
+        "pruning",
+        "calibrating",
+        "computing_importance",
+        "pruning",
+        "evaluating",
+        "exporting",
+        "complete",
+    ]
     ev = read_report(out)["eval"]
     assert ev["perplexity"]["baseline"] > 1 and ev["perplexity"]["compressed"] > 1
     assert ev["kl_divergence"]["mean"] > 0 and ev["protocol"]["seq_len"] == 64
@@ -169,8 +222,15 @@ def test_same_seed_identical_bytes(llama_dir, calib, tmp_path):
     outs = []
     for k in range(2):
         out = tmp_path / f"d{k}"
-        calibra.prune(str(llama_dir), _config("sparsegpt", "4:8", None), calib, output=out, progress=False,
-                      echo=None, device="cpu")
+        calibra.prune(
+            str(llama_dir),
+            _config("sparsegpt", "4:8", None),
+            calib,
+            output=out,
+            progress=False,
+            echo=None,
+            device="cpu",
+        )
         outs.append(folder_bytes(out))
     assert outs[0].keys() == outs[1].keys() and "calibra_manifest.json" in outs[0]
     for name in outs[0]:

@@ -1,4 +1,5 @@
 """`calibra prune`: thin over the API; every option documents its default; summary table; builtin models."""
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,14 @@ def test_help_documents_every_option_with_default():
         assert opt in helptext
 
 
-@pytest.mark.parametrize("argv,method,pattern", [
-    (["--method", "magnitude", "--sparsity", "0.5"], "magnitude", "unstructured"),
-    (["--method", "wanda", "--pattern", "2:4", "--save-24"], "wanda", "2:4"),
-    (["--method", "sparsegpt", "--pattern", "4:8", "--bits", "4", "--group-size", "32"], "sparsegpt", "4:8"),
-])
+@pytest.mark.parametrize(
+    "argv,method,pattern",
+    [
+        (["--method", "magnitude", "--sparsity", "0.5"], "magnitude", "unstructured"),
+        (["--method", "wanda", "--pattern", "2:4", "--save-24"], "wanda", "2:4"),
+        (["--method", "sparsegpt", "--pattern", "4:8", "--bits", "4", "--group-size", "32"], "sparsegpt", "4:8"),
+    ],
+)
 def test_cli_runs_and_writes_report(llama_dir, tmp_path, capsys, argv, method, pattern):
     out = tmp_path / "out"
     rc = main(["prune", "--input", str(llama_dir), "--output", str(out), *argv, *SMALL])
@@ -58,8 +62,23 @@ def test_cli_runs_and_writes_report(llama_dir, tmp_path, capsys, argv, method, p
 
 def test_cli_eval_summary(llama_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    main(["prune", "--input", str(llama_dir), "--output", str(out), "--method", "wanda", "--eval",
-          "--eval-max-tokens", "200", "--eval-seq-len", "64", *SMALL])
+    main(
+        [
+            "prune",
+            "--input",
+            str(llama_dir),
+            "--output",
+            str(out),
+            "--method",
+            "wanda",
+            "--eval",
+            "--eval-max-tokens",
+            "200",
+            "--eval-seq-len",
+            "64",
+            *SMALL,
+        ]
+    )
     text = capsys.readouterr().out
     assert re.search(r"perplexity\s+[\d.]+ -> [\d.]+ \([+-][\d.]+%\)", text)
     assert "KL(dense||pruned)" in text
@@ -70,11 +89,26 @@ def test_cli_eval_summary(llama_dir, tmp_path, capsys):
 def test_cli_bad_input_writes_nothing(llama_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="target_sparsity"):
-        main(["prune", "--input", str(llama_dir), "--output", str(out), "--method", "wanda", "--sparsity", "1.5",
-              *SMALL])
+        main(
+            ["prune", "--input", str(llama_dir), "--output", str(out), "--method", "wanda", "--sparsity", "1.5", *SMALL]
+        )
     with pytest.raises(ValueError, match="fixes the sparsity"):
-        main(["prune", "--input", str(llama_dir), "--output", str(out), "--method", "wanda", "--pattern", "2:4",
-              "--sparsity", "0.5", *SMALL])
+        main(
+            [
+                "prune",
+                "--input",
+                str(llama_dir),
+                "--output",
+                str(out),
+                "--method",
+                "wanda",
+                "--pattern",
+                "2:4",
+                "--sparsity",
+                "0.5",
+                *SMALL,
+            ]
+        )
     with pytest.raises(ValueError, match="joint quantization runs inside SparseGPT"):
         main(["prune", "--input", str(llama_dir), "--output", str(out), "--method", "wanda", "--bits", "4", *SMALL])
     assert list(tmp_path.iterdir()) == []
@@ -88,9 +122,29 @@ def test_builtin_model(name, tmp_path):
     # SparseGPT on the dense model; the MoE runs data-free magnitude (its calibration pass is the slow part on a
     # loaded CI machine, and the API tests cover calibrated experts on a small local Mixtral)
     method = "sparsegpt" if name == "tiny-llama" else "magnitude"
-    main(["prune", "--input", f"builtin:{name}", "--output", str(out), "--method", method, "--pattern", "2:4",
-          "--save-24", "--samples", "4", "--seq-len", "64", "--eval-max-tokens", "600", "--eval-seq-len", "128",
-          "--no-progress"])
+    main(
+        [
+            "prune",
+            "--input",
+            f"builtin:{name}",
+            "--output",
+            str(out),
+            "--method",
+            method,
+            "--pattern",
+            "2:4",
+            "--save-24",
+            "--samples",
+            "4",
+            "--seq-len",
+            "64",
+            "--eval-max-tokens",
+            "600",
+            "--eval-seq-len",
+            "128",
+            "--no-progress",
+        ]
+    )
     rep = read_report(out)
     assert rep["summary"]["achieved_sparsity"] == 0.5 and rep["eval"]["perplexity"]["compressed"] > 1
     cfg = json.loads((out / "config.json").read_text())

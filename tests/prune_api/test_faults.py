@@ -1,4 +1,5 @@
 """Bad inputs fail before the model loads, and nothing is written (FAULTS 10, 11, 13, 26)."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,17 @@ def _nothing_written(tmp_path):
     return [p.name for p in tmp_path.iterdir()] == []
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(method="sparsegpt", target_sparsity=1.5), "target_sparsity"),
-    (dict(method="wanda", target_sparsity=0.0), "target_sparsity"),
-    (dict(method="obs"), "method must be one of"),
-    (dict(method="wanda", pattern="2:4", target_sparsity=0.7), "fixes the sparsity"),
-    (dict(method="sparsegpt", damp_percent=2.0), "damp_percent"),
-    (dict(method="sparsegpt", block_size=0), "block_size"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="sparsegpt", target_sparsity=1.5), "target_sparsity"),
+        (dict(method="wanda", target_sparsity=0.0), "target_sparsity"),
+        (dict(method="obs"), "method must be one of"),
+        (dict(method="wanda", pattern="2:4", target_sparsity=0.7), "fixes the sparsity"),
+        (dict(method="sparsegpt", damp_percent=2.0), "damp_percent"),
+        (dict(method="sparsegpt", block_size=0), "block_size"),
+    ],
+)
 def test_bad_config_before_load(llama_dir, tmp_path, no_load, kw, match):
     with pytest.raises(ValueError, match=match):
         calibra.prune(str(llama_dir), PruningConfig(**kw), output=tmp_path / "out", progress=False, echo=None)
@@ -42,8 +46,13 @@ def test_bad_config_before_load(llama_dir, tmp_path, no_load, kw, match):
 def test_indivisible_pattern_lists_every_layer(llama_dir, tmp_path, no_load):
     # 1x64 tiles divide the 64-wide inputs but not down_proj's 96
     with pytest.raises(ValueError) as e:
-        calibra.prune(str(llama_dir), PruningConfig(method="magnitude", pattern="block:1x64", target_sparsity=0.5),
-                      output=tmp_path / "out", progress=False, echo=None)
+        calibra.prune(
+            str(llama_dir),
+            PruningConfig(method="magnitude", pattern="block:1x64", target_sparsity=0.5),
+            output=tmp_path / "out",
+            progress=False,
+            echo=None,
+        )
     msg = str(e.value)
     assert msg.startswith("[prune]") and "skip_indivisible" in msg
     assert "model.layers.0.mlp.down_proj" in msg and "model.layers.1.mlp.down_proj" in msg
@@ -52,8 +61,14 @@ def test_indivisible_pattern_lists_every_layer(llama_dir, tmp_path, no_load):
 
 def test_save24_needs_24(llama_dir, tmp_path, no_load):
     with pytest.raises(ValueError, match="needs pattern 2:4"):
-        calibra.prune(str(llama_dir), PruningConfig(method="magnitude", pattern="4:8", target_sparsity=None),
-                      output=tmp_path / "out", save_24=True, progress=False, echo=None)
+        calibra.prune(
+            str(llama_dir),
+            PruningConfig(method="magnitude", pattern="4:8", target_sparsity=None),
+            output=tmp_path / "out",
+            save_24=True,
+            progress=False,
+            echo=None,
+        )
     assert _nothing_written(tmp_path)
 
 
@@ -70,8 +85,9 @@ def test_overwrite_replaces_whole(llama_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("x")
-    calibra.prune(str(llama_dir), PruningConfig(method="magnitude"), output=out, overwrite=True, progress=False,
-                  echo=None)
+    calibra.prune(
+        str(llama_dir), PruningConfig(method="magnitude"), output=out, overwrite=True, progress=False, echo=None
+    )
     assert not (out / "stale.txt").exists() and (out / "report.json").is_file()
 
 
@@ -106,6 +122,13 @@ def test_failure_during_run_leaves_nothing(llama_dir, calib, tmp_path, monkeypat
 
     monkeypatch.setattr(ap, "prune_weight", flaky)
     with pytest.raises(RuntimeError, match="solver exploded"):
-        calibra.prune(str(llama_dir), PruningConfig(method="wanda"), calib, output=tmp_path / "out", progress=False,
-                      echo=None, device="cpu")
+        calibra.prune(
+            str(llama_dir),
+            PruningConfig(method="wanda"),
+            calib,
+            output=tmp_path / "out",
+            progress=False,
+            echo=None,
+            device="cpu",
+        )
     assert _nothing_written(tmp_path)

@@ -1,4 +1,5 @@
 """Layers with known Hessians for the solver tests."""
+
 import torch
 
 
@@ -15,5 +16,5 @@ def layer(out=48, n=128, tokens=1024, seed=0, outliers=False):
 
 def proxy_error(w, q, h):
     """tr((W - Q) H (W - Q)^T), the GPTQ objective, in fp64."""
-    d = (w.double() - q.double())
+    d = w.double() - q.double()
     return float(torch.trace(d @ h.double() @ d.T))

@@ -1,5 +1,6 @@
 """GPTQ solver: never worse than RTN on its own objective, native sweep == reference sweep, act-order
 and g_idx, static groups, the damping ladder, dead channels, inputs untouched, errors naming the module."""
+
 import itertools
 
 import pytest
@@ -10,9 +11,12 @@ from calibra.quant import GPTQConfig, RTNConfig, gptq_quantize, rtn_quantize
 from calibra.quant.gptq import reference_sweep
 from tests.quant._layers import layer, proxy_error
 
-GRID = [dict(bits=b, group_size=g, sym=s, desc_act=a, static_groups=st)
-        for b, g, s, (a, st) in itertools.product((2, 3, 4, 8), (-1, 32, 128), (True, False),
-                                                  ((False, False), (True, False), (True, True)))]
+GRID = [
+    dict(bits=b, group_size=g, sym=s, desc_act=a, static_groups=st)
+    for b, g, s, (a, st) in itertools.product(
+        (2, 3, 4, 8), (-1, 32, 128), (True, False), ((False, False), (True, False), (True, True))
+    )
+]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -30,11 +34,19 @@ def test_gptq_error_never_above_rtn(seed):
             assert e_g < 0.8 * e_r, f"{opts}: GPTQ {e_g} not clearly below RTN {e_r}"
 
 
-@pytest.mark.parametrize("opts", [dict(group_size=32), dict(group_size=-1, sym=False), dict(group_size=32, desc_act=True),
-                                  dict(group_size=64, desc_act=True, static_groups=True, bits=3),
-                                  dict(group_size=16, mse_clip=True, mse_grid=20), dict(format="nvfp4", group_size=16,
-                                                                                        mse_clip=True, mse_grid=20),
-                                  dict(format="mxfp4", group_size=32)], ids=str)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(group_size=32),
+        dict(group_size=-1, sym=False),
+        dict(group_size=32, desc_act=True),
+        dict(group_size=64, desc_act=True, static_groups=True, bits=3),
+        dict(group_size=16, mse_clip=True, mse_grid=20),
+        dict(format="nvfp4", group_size=16, mse_clip=True, mse_grid=20),
+        dict(format="mxfp4", group_size=32),
+    ],
+    ids=str,
+)
 def test_native_sweep_equals_reference_sweep(opts):
     # Same driver, the block sweep swapped: per element the same float operations in the same order, so the
     # codes are equal exactly (no budget of differing codes was needed).
@@ -46,8 +58,10 @@ def test_native_sweep_equals_reference_sweep(opts):
     ref = gptq_quantize(w, h, tokens, cfg, sweep=reference_sweep)
     assert torch.equal(nat.codes, ref.codes)
     assert torch.equal(nat.weight, ref.weight)
-    assert torch.equal(nat.scales.view(torch.uint8) if nat.scales.dtype == torch.float8_e4m3fn else nat.scales,
-                       ref.scales.view(torch.uint8) if ref.scales.dtype == torch.float8_e4m3fn else ref.scales)
+    assert torch.equal(
+        nat.scales.view(torch.uint8) if nat.scales.dtype == torch.float8_e4m3fn else nat.scales,
+        ref.scales.view(torch.uint8) if ref.scales.dtype == torch.float8_e4m3fn else ref.scales,
+    )
     assert nat.log.loss == ref.log.loss
 
 
@@ -55,8 +69,12 @@ def test_native_sweep_equals_reference_sweep(opts):
 def test_layout_and_dequantize(dtype):
     w, h, tokens, _ = layer(out=16, n=128, seed=4)
     w = w.to(dtype)
-    for cfg in (GPTQConfig(group_size=32), GPTQConfig(group_size=32, desc_act=True), GPTQConfig(group_size=-1),
-                GPTQConfig(group_size=32, desc_act=True, static_groups=True, sym=False)):
+    for cfg in (
+        GPTQConfig(group_size=32),
+        GPTQConfig(group_size=32, desc_act=True),
+        GPTQConfig(group_size=-1),
+        GPTQConfig(group_size=32, desc_act=True, static_groups=True, sym=False),
+    ):
         r = gptq_quantize(w, h, tokens, cfg)
         assert r.weight.dtype == dtype and r.scales.dtype == dtype and r.zeros.dtype == torch.uint8
         g = 1 if cfg.group_size == -1 else 128 // cfg.group_size
@@ -64,8 +82,9 @@ def test_layout_and_dequantize(dtype):
         assert torch.equal(r.dequantize(), r.weight)  # codes/scales/zeros/g_idx rebuild the weight exactly
         if not cfg.uses_g_idx:
             assert r.g_idx is None  # contiguous groups: the layout of calibra.ops.quantize
-            qt = calibra.ops.QuantizedTensor(r.codes, r.scales, r.zeros, None, 4, cfg.group_size, cfg.sym, "int",
-                                             tuple(w.shape), dtype)
+            qt = calibra.ops.QuantizedTensor(
+                r.codes, r.scales, r.zeros, None, 4, cfg.group_size, cfg.sym, "int", tuple(w.shape), dtype
+            )
             assert torch.equal(calibra.ops.dequantize(qt), r.weight)
 
 
@@ -94,8 +113,9 @@ def test_static_groups_are_fitted_on_unpermuted_w():
 def test_inputs_untouched_and_log():
     w, h, tokens, _ = layer(out=8, n=64, seed=7)
     w0, h0 = w.clone(), h.clone()
-    r = gptq_quantize(w, h, tokens, GPTQConfig(group_size=16, desc_act=True), name="model.layers.0.mlp.up_proj",
-                      layer=0)
+    r = gptq_quantize(
+        w, h, tokens, GPTQConfig(group_size=16, desc_act=True), name="model.layers.0.mlp.up_proj", layer=0
+    )
     assert torch.equal(w, w0) and torch.equal(h, h0)
     row = r.log.to_dict()
     assert row["module"] == "model.layers.0.mlp.up_proj" and row["layer"] == 0 and row["samples"] == tokens
@@ -122,8 +142,11 @@ def test_damping_ladder_on_indefinite_hessian():
 def test_damping_ladder_exhausted_names_module():
     w, h, tokens, _ = layer(out=4, n=32, seed=9)
     neg = -torch.eye(32) * 1000.0 + torch.ones(32, 32) * 0.0
-    with pytest.raises(ValueError, match=r"\[gptq\] Hessian of model.layers.2.self_attn.k_proj is not positive "
-                                         r"definite even with damp 10.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[gptq\] Hessian of model.layers.2.self_attn.k_proj is not positive "
+        r"definite even with damp 10.0",
+    ):
         gptq_quantize(w, neg, 10, GPTQConfig(group_size=16), name="model.layers.2.self_attn.k_proj")
 
 
@@ -139,8 +162,9 @@ def test_dead_channel():
     keep = [i for i in range(64) if i != 9]
     w0 = w.clone()
     w0[:, 9] = 0
-    alone = gptq_quantize(w0[:, keep].contiguous(), hd[keep][:, keep].contiguous(), tokens,
-                          GPTQConfig(group_size=-1, block_size=128))
+    alone = gptq_quantize(
+        w0[:, keep].contiguous(), hd[keep][:, keep].contiguous(), tokens, GPTQConfig(group_size=-1, block_size=128)
+    )
     assert torch.allclose(r.weight[:, keep], alone.weight, atol=1e-6)
 
 

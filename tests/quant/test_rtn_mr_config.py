@@ -1,4 +1,5 @@
 """RTN (with MSE clipping), MR-GPTQ and config validation."""
+
 import pytest
 import torch
 
@@ -8,8 +9,17 @@ from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig, check_layers, mr_
 from tests.quant._layers import layer
 
 
-@pytest.mark.parametrize("fmt,bits,gs,sym", [("int", 4, 128, True), ("int", 3, 32, False), ("int", 2, -1, True),
-                                             ("int", 8, 64, False), ("mxfp4", 4, 32, True), ("nvfp4", 4, 16, True)])
+@pytest.mark.parametrize(
+    "fmt,bits,gs,sym",
+    [
+        ("int", 4, 128, True),
+        ("int", 3, 32, False),
+        ("int", 2, -1, True),
+        ("int", 8, 64, False),
+        ("mxfp4", 4, 32, True),
+        ("nvfp4", 4, 16, True),
+    ],
+)
 def test_rtn_plain_is_ops_quantize_and_mse_clip_lowers_mse(fmt, bits, gs, sym):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 256, generator=g) ** 3  # heavy tails: clipping pays
@@ -26,7 +36,10 @@ def test_rtn_plain_is_ops_quantize_and_mse_clip_lowers_mse(fmt, bits, gs, sym):
     assert torch.equal(mse.dequantize(), mse.weight)
     # per group, never worse (the unclipped range is a candidate)
     n_g = 1 if gs == -1 else 256 // gs
-    per_g = lambda q: ((q - w) ** 2).reshape(32, n_g, -1).sum(-1)
+
+    def per_g(q):
+        return ((q - w) ** 2).reshape(32, n_g, -1).sum(-1)
+
     assert bool((per_g(mse.weight) <= per_g(plain.weight) * (1 + 1e-6)).all())
 
 
@@ -57,23 +70,29 @@ def test_rotation_identity():
     assert rel < 0.02
 
 
-@pytest.mark.parametrize("cfg,msg", [
-    (RTNConfig(bits=9), r"RTNConfig.bits must be an int in \[2, 8\]"),
-    (RTNConfig(bits=1), r"RTNConfig.bits must be"),
-    (RTNConfig(group_size=0), r"RTNConfig.group_size must be -1"),
-    (RTNConfig(format="nvfp4", group_size=32), r"RTNConfig.group_size must be 16 for nvfp4"),
-    (RTNConfig(mse_maxshrink=1.5), r"RTNConfig.mse_maxshrink must be in \(0, 1\)"),
-    (GPTQConfig(damp_percent=0.0), r"GPTQConfig.damp_percent must be in \(0, 1\]"),
-    (GPTQConfig(damp_percent=2.0), r"GPTQConfig.damp_percent"),
-    (GPTQConfig(damp_ladder=(1.0, 0.1)), r"GPTQConfig.damp_ladder must be"),
-    (GPTQConfig(block_size=0), r"GPTQConfig.block_size must be an int in \[1, 4096\]"),
-    (GPTQConfig(bits=16), r"GPTQConfig.bits"),
-    (GPTQConfig(format="mxfp4", group_size=32, desc_act=True),
-     r"GPTQConfig.desc_act with format mxfp4 needs static_groups=True"),
-    (MRGPTQConfig(format="int"), r"MRGPTQConfig.format must be 'mxfp4' or 'nvfp4'"),
-    (MRGPTQConfig(block_size=10**5), r"MRGPTQConfig.block_size"),
-    (MRGPTQConfig(desc_act=True), r"MRGPTQConfig.desc_act with format mxfp4 needs static_groups=True"),
-], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+@pytest.mark.parametrize(
+    "cfg,msg",
+    [
+        (RTNConfig(bits=9), r"RTNConfig.bits must be an int in \[2, 8\]"),
+        (RTNConfig(bits=1), r"RTNConfig.bits must be"),
+        (RTNConfig(group_size=0), r"RTNConfig.group_size must be -1"),
+        (RTNConfig(format="nvfp4", group_size=32), r"RTNConfig.group_size must be 16 for nvfp4"),
+        (RTNConfig(mse_maxshrink=1.5), r"RTNConfig.mse_maxshrink must be in \(0, 1\)"),
+        (GPTQConfig(damp_percent=0.0), r"GPTQConfig.damp_percent must be in \(0, 1\]"),
+        (GPTQConfig(damp_percent=2.0), r"GPTQConfig.damp_percent"),
+        (GPTQConfig(damp_ladder=(1.0, 0.1)), r"GPTQConfig.damp_ladder must be"),
+        (GPTQConfig(block_size=0), r"GPTQConfig.block_size must be an int in \[1, 4096\]"),
+        (GPTQConfig(bits=16), r"GPTQConfig.bits"),
+        (
+            GPTQConfig(format="mxfp4", group_size=32, desc_act=True),
+            r"GPTQConfig.desc_act with format mxfp4 needs static_groups=True",
+        ),
+        (MRGPTQConfig(format="int"), r"MRGPTQConfig.format must be 'mxfp4' or 'nvfp4'"),
+        (MRGPTQConfig(block_size=10**5), r"MRGPTQConfig.block_size"),
+        (MRGPTQConfig(desc_act=True), r"MRGPTQConfig.desc_act with format mxfp4 needs static_groups=True"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+)
 def test_config_validation(cfg, msg):
     with pytest.raises(ValueError, match=r"^\[quantize\] " + msg):
         cfg.validate()
@@ -89,8 +108,11 @@ def test_act_order_refused_where_g_idx_cannot_be_expressed():
 
 
 def test_check_layers_lists_every_bad_layer():
-    layers = {"model.layers.0.mlp.down_proj": 1000, "model.layers.0.mlp.up_proj": 1024,
-              "model.layers.1.mlp.down_proj": 1000}
+    layers = {
+        "model.layers.0.mlp.down_proj": 1000,
+        "model.layers.0.mlp.up_proj": 1024,
+        "model.layers.1.mlp.down_proj": 1000,
+    }
     with pytest.raises(ValueError) as e:
         check_layers(GPTQConfig(group_size=128), layers)
     text = str(e.value)

@@ -1,5 +1,6 @@
 """Local tiny model folders (random weights, a small BPE tokenizer trained on builtin text): no network,
 no trained asset needed."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,21 @@ EVAL_TOKENS = 300
 
 def _tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     from calibra.assets import builtin_texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(builtin_texts("calibration")[:40],
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        builtin_texts("calibration")[:40],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<eos>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
@@ -29,8 +37,16 @@ def make_folder(folder, arch: str = "llama", dtype=torch.float32, **over):
     fast = _tokenizer()
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    kw = dict(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     kw.update(over)
     if arch == "llama":
         cfg = transformers.LlamaConfig(**kw)

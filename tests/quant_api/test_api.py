@@ -1,5 +1,6 @@
 """calibra.quantize end to end on local tiny models: every method, report.json, the folder format,
 the rebuilt model, determinism, MoE experts, statistics files."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,17 @@ LOG_KEYS = {"layer", "module", "loss", "samples", "damp", "seconds"}
 
 
 def _run(folder, cfg, out, **kw):
-    return calibra.quantize(str(folder), cfg, CalibrationConfig(**CAL_KW), output=out, evaluate=True,
-                            eval_max_tokens=EVAL_TOKENS, progress=False, echo=None, **kw)
+    return calibra.quantize(
+        str(folder),
+        cfg,
+        CalibrationConfig(**CAL_KW),
+        output=out,
+        evaluate=True,
+        eval_max_tokens=EVAL_TOKENS,
+        progress=False,
+        echo=None,
+        **kw,
+    )
 
 
 def check_report(rep: dict, method: str, n_modules: int):
@@ -53,7 +63,8 @@ def test_api_every_method_writes_folder_and_rebuilds(llama_folder, tmp_path, nam
     on_disk = json.loads((out / "report.json").read_text())
     check_report(on_disk, cfg.method, 14)
     assert {"quantized.safetensors", "quantization.json", "config.json", "tokenizer.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     # the simulated model holds exactly the dense weights of the quantized tensors
     params = dict(qm.model.named_parameters())
     for mod, ql in qm.layers.items():
@@ -77,8 +88,15 @@ def test_api_every_method_writes_folder_and_rebuilds(llama_folder, tmp_path, nam
 def test_same_seed_identical_bytes(llama_folder, tmp_path):
     cfg = GPTQConfig(bits=4, group_size=32, desc_act=True)
     for d in ("a", "b"):
-        calibra.quantize(str(llama_folder), cfg, CalibrationConfig(**CAL_KW, seed=7), output=tmp_path / d,
-                         evaluate=False, progress=False, echo=None)
+        calibra.quantize(
+            str(llama_folder),
+            cfg,
+            CalibrationConfig(**CAL_KW, seed=7),
+            output=tmp_path / d,
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
     for f in ("quantized.safetensors", "quantization.json", "config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
@@ -105,10 +123,23 @@ def test_moe_experts_quantized_router_dense(moe_folder, tmp_path):
 def test_gptq_beats_rtn_on_output_error(llama_folder):
     """GPTQ minimises the layer output error on the calibration data; RTN does not look at it."""
     cal = CalibrationConfig(num_samples=8, sequence_length=64)
-    _, r_rtn = calibra.quantize(str(llama_folder), RTNConfig(bits=3, group_size=32), evaluate=True,
-                                eval_max_tokens=EVAL_TOKENS, progress=False, echo=None)
-    _, r_gptq = calibra.quantize(str(llama_folder), GPTQConfig(bits=3, group_size=32), cal, evaluate=True,
-                                 eval_max_tokens=EVAL_TOKENS, progress=False, echo=None)
+    _, r_rtn = calibra.quantize(
+        str(llama_folder),
+        RTNConfig(bits=3, group_size=32),
+        evaluate=True,
+        eval_max_tokens=EVAL_TOKENS,
+        progress=False,
+        echo=None,
+    )
+    _, r_gptq = calibra.quantize(
+        str(llama_folder),
+        GPTQConfig(bits=3, group_size=32),
+        cal,
+        evaluate=True,
+        eval_max_tokens=EVAL_TOKENS,
+        progress=False,
+        echo=None,
+    )
     assert r_gptq["eval"]["kl_divergence"]["mean"] < r_rtn["eval"]["kl_divergence"]["mean"]
 
 
@@ -140,15 +171,38 @@ def test_export_formats_and_refusal(llama_folder, tmp_path):
     from calibra.export import ExportError, verify_manifest
 
     out = tmp_path / "ct"
-    _, rep = calibra.quantize(str(llama_folder), GPTQConfig(bits=4, group_size=32), CalibrationConfig(**CAL_KW),
-                              output=out, export="compressed-tensors", evaluate=False, progress=False, echo=None)
+    _, rep = calibra.quantize(
+        str(llama_folder),
+        GPTQConfig(bits=4, group_size=32),
+        CalibrationConfig(**CAL_KW),
+        output=out,
+        export="compressed-tensors",
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
     assert verify_manifest(out) == [] and (out / "report.json").exists()
     assert json.loads((out / "report.json").read_text())["export"]["formats"] == ["compressed-tensors"]
     with pytest.raises(ValueError, match="unknown format"):
-        calibra.quantize(str(llama_folder), RTNConfig(group_size=32), output=tmp_path / "x", export="onnx",
-                         evaluate=False, progress=False, echo=None)
+        calibra.quantize(
+            str(llama_folder),
+            RTNConfig(group_size=32),
+            output=tmp_path / "x",
+            export="onnx",
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
     # a format that cannot express the model is refused before anything is written
     with pytest.raises(ExportError):
-        calibra.quantize(str(llama_folder), MRGPTQConfig(format="nvfp4"), CalibrationConfig(**CAL_KW),
-                         output=tmp_path / "mr", export="gptq", evaluate=False, progress=False, echo=None)
+        calibra.quantize(
+            str(llama_folder),
+            MRGPTQConfig(format="nvfp4"),
+            CalibrationConfig(**CAL_KW),
+            output=tmp_path / "mr",
+            export="gptq",
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
     assert not (tmp_path / "mr").exists() and not (tmp_path / "x").exists()

@@ -1,5 +1,6 @@
 """Bad input: a clear error, before the model loads where no weight is needed, naming the module where
 one is; and nothing written (FAULTS rows 10, 11, 13, 17, 18, 26)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from .conftest import CAL_KW, make_folder
 
 
 def _q(folder, cfg, out, **kw):
-    return calibra.quantize(str(folder), cfg, CalibrationConfig(**CAL_KW), output=out, evaluate=False,
-                            progress=False, echo=None, **kw)
+    return calibra.quantize(
+        str(folder), cfg, CalibrationConfig(**CAL_KW), output=out, evaluate=False, progress=False, echo=None, **kw
+    )
 
 
 def test_group_size_not_dividing_lists_every_layer_before_load(llama_folder, tmp_path, no_load):
@@ -32,13 +34,16 @@ def test_group_size_not_dividing_lists_every_layer_before_load(llama_folder, tmp
     assert not out.exists()
 
 
-@pytest.mark.parametrize("cfg,match", [
-    (RTNConfig(bits=9), "bits must be an int in \\[2, 8\\]"),
-    (GPTQConfig(bits=1), "bits must be an int in \\[2, 8\\]"),
-    (GPTQConfig(damp_percent=0.0), "damp_percent"),
-    (MRGPTQConfig(format="int"), "format must be 'mxfp4' or 'nvfp4'"),
-    (GPTQConfig(format="mxfp4", bits=4, group_size=32, desc_act=True), "static_groups"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (RTNConfig(bits=9), "bits must be an int in \\[2, 8\\]"),
+        (GPTQConfig(bits=1), "bits must be an int in \\[2, 8\\]"),
+        (GPTQConfig(damp_percent=0.0), "damp_percent"),
+        (MRGPTQConfig(format="int"), "format must be 'mxfp4' or 'nvfp4'"),
+        (GPTQConfig(format="mxfp4", bits=4, group_size=32, desc_act=True), "static_groups"),
+    ],
+)
 def test_config_out_of_range_before_load(llama_folder, tmp_path, no_load, cfg, match):
     with pytest.raises(ValueError, match=match):
         _q(llama_folder, cfg, tmp_path / "out")
@@ -65,8 +70,15 @@ def test_indefinite_hessian_names_module_and_writes_nothing(llama_folder, tmp_pa
     stats.tensors[f"hessian/sum/{bad}"] = H * stats.count("hessian", bad)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=rf"\[gptq\] Hessian of {bad} is not positive definite"):
-        calibra.quantize(str(llama_folder), GPTQConfig(group_size=32, true_sequential=False), stats=stats,
-                         output=out, evaluate=False, progress=False, echo=None)
+        calibra.quantize(
+            str(llama_folder),
+            GPTQConfig(group_size=32, true_sequential=False),
+            stats=stats,
+            output=out,
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -80,8 +92,16 @@ def test_fp16_overflow_names_layer_and_writes_nothing(tmp_path):
     save_file(w, str(folder / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.0\..*calibration sample \d+.*65504"):
-        calibra.quantize(str(folder), GPTQConfig(group_size=32), CalibrationConfig(**CAL_KW), output=out,
-                         dtype="float16", evaluate=False, progress=False, echo=None)
+        calibra.quantize(
+            str(folder),
+            GPTQConfig(group_size=32),
+            CalibrationConfig(**CAL_KW),
+            output=out,
+            dtype="float16",
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
     assert not out.exists()
 
 
@@ -116,8 +136,10 @@ def test_the_executable_prints_user_errors_and_keeps_tracebacks_for_bugs(llama_f
     args = ["quantize", "--input", str(llama_folder), "--output", str(out), "--method", "rtn"]
     assert cli.run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"calibra: error: [quantize] output {out} already exists; pass overwrite=True (--overwrite) to "
-                   f"replace it whole, or choose another path"]
+    assert err == [
+        f"calibra: error: [quantize] output {out} already exists; pass overwrite=True (--overwrite) to "
+        f"replace it whole, or choose another path"
+    ]
     with pytest.raises(FileExistsError, match="already exists"):  # main() raises: for tests and embedding
         cli.main(args)
 

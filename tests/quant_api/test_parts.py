@@ -1,5 +1,6 @@
 """The pieces behind calibra.quantize: true-sequential re-collection, activation ranges and smoothing,
 mixed precision, and the CLI."""
+
 from __future__ import annotations
 
 import copy
@@ -64,13 +65,16 @@ def test_smoothing_keeps_the_float_model_and_roundtrips(llama_folder, tmp_path):
     adapter = get_adapter(model)
     stats = LayerRunner(model, adapter, device="cpu", observers=("ranges",), progress=False).run(ids)
     doc = ar.build(stats, model, adapter, percentile=99.0, alpha=0.5)
-    assert set(doc["smooth_factor"]) == {f"model.layers.{i}.{n}" for i in range(2)
-                                         for n in ("input_layernorm", "post_attention_layernorm")}
+    assert set(doc["smooth_factor"]) == {
+        f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+    }
     r = doc["layer_ranges"]["model.layers.0.self_attn.q_proj"]
     assert r["min"] <= r["p_lo"] <= r["p_hi"] * (1 + 2 ** (1 / 16)) and r["p_hi"] <= r["max"] * (1 + 2 ** (1 / 16))
     # s_j = max|X_j|^a / max|W_j|^(1-a) over q/k/v jointly
-    act = torch.maximum(stats.tensors["ranges/min/model.layers.0.self_attn.q_proj"].abs(),
-                        stats.tensors["ranges/max/model.layers.0.self_attn.q_proj"].abs())
+    act = torch.maximum(
+        stats.tensors["ranges/min/model.layers.0.self_attn.q_proj"].abs(),
+        stats.tensors["ranges/max/model.layers.0.self_attn.q_proj"].abs(),
+    )
     att = model.model.layers[0].self_attn
     wmax = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).abs().amax(0)
     s = torch.tensor(doc["smooth_factor"]["model.layers.0.input_layernorm"]["scales"])
@@ -83,11 +87,26 @@ def test_smoothing_keeps_the_float_model_and_roundtrips(llama_folder, tmp_path):
     # via the API: writes the file, and the file given back as calibration reproduces the result bytes
     cfg = RTNConfig(bits=4, group_size=32)
     out1, out2 = tmp_path / "a", tmp_path / "b"
-    _, rep = calibra.quantize(str(llama_folder), cfg, CalibrationConfig(**CAL_KW), act_ranges=True, output=out1,
-                              evaluate=False, progress=False, echo=None)
+    _, rep = calibra.quantize(
+        str(llama_folder),
+        cfg,
+        CalibrationConfig(**CAL_KW),
+        act_ranges=True,
+        output=out1,
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
     assert rep["activation_ranges"]["source"] == "collected" and len(rep["activation_ranges"]["smoothed_modules"]) == 10
-    calibra.quantize(str(llama_folder), cfg, str(out1 / "activation_ranges.json"), output=out2, evaluate=False,
-                     progress=False, echo=None)
+    calibra.quantize(
+        str(llama_folder),
+        cfg,
+        str(out1 / "activation_ranges.json"),
+        output=out2,
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
     assert (out1 / "quantized.safetensors").read_bytes() == (out2 / "quantized.safetensors").read_bytes()
 
 
@@ -95,8 +114,15 @@ def test_mixed_precision_promotes_most_sensitive_within_budget(llama_folder):
     cfg = GPTQConfig(bits=3, group_size=32)
     base = mp.bits_per_weight(cfg)
     assert base == 3 + 16 / 32
-    qm, rep = calibra.quantize(str(llama_folder), cfg, CalibrationConfig(**CAL_KW), mixed_precision=base + 1.0,
-                               evaluate=False, progress=False, echo=None)
+    qm, rep = calibra.quantize(
+        str(llama_folder),
+        cfg,
+        CalibrationConfig(**CAL_KW),
+        mixed_precision=base + 1.0,
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
     plan = rep["mixed_precision"]
     assert plan["promoted"] and plan["avg_bits_per_weight"] <= base + 1.0 + 1e-9
     for name, ql in qm.layers.items():
@@ -109,17 +135,38 @@ def test_mixed_precision_promotes_most_sensitive_within_budget(llama_folder):
     assert rep["summary"]["avg_bits_per_weight"] == pytest.approx(plan["avg_bits_per_weight"])
 
 
-@pytest.mark.parametrize("flags,method", [
-    (["--method", "rtn", "--group-size", "32"], "rtn"),
-    (["--method", "gptq", "--group-size", "32"], "gptq"),
-    (["--method", "gptq", "--group-size", "32", "--desc-act", "--damp", "0.05"], "gptq"),
-    (["--method", "mr-gptq", "--format", "mxfp4"], "mr_gptq"),
-    (["--method", "mr-gptq", "--format", "nvfp4"], "mr_gptq"),
-])
+@pytest.mark.parametrize(
+    "flags,method",
+    [
+        (["--method", "rtn", "--group-size", "32"], "rtn"),
+        (["--method", "gptq", "--group-size", "32"], "gptq"),
+        (["--method", "gptq", "--group-size", "32", "--desc-act", "--damp", "0.05"], "gptq"),
+        (["--method", "mr-gptq", "--format", "mxfp4"], "mr_gptq"),
+        (["--method", "mr-gptq", "--format", "nvfp4"], "mr_gptq"),
+    ],
+)
 def test_cli_every_method(llama_folder, tmp_path, capsys, flags, method):
     out = tmp_path / "cli"
-    rc = main(["quantize", "--input", str(llama_folder), "--output", str(out), *flags, "--samples", "4",
-               "--seq-len", "32", "--seed", "3", "--eval", "--eval-max-tokens", str(EVAL_TOKENS), "--no-progress"])
+    rc = main(
+        [
+            "quantize",
+            "--input",
+            str(llama_folder),
+            "--output",
+            str(out),
+            *flags,
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--seed",
+            "3",
+            "--eval",
+            "--eval-max-tokens",
+            str(EVAL_TOKENS),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "perplexity" in text and "KL(ref||quant)" in text
@@ -136,8 +183,20 @@ def test_cli_every_method(llama_folder, tmp_path, capsys, flags, method):
 def test_cli_bad_group_size_writes_nothing(llama_folder, tmp_path):
     out = tmp_path / "cli"
     with pytest.raises(ValueError, match="does not divide"):
-        main(["quantize", "--input", str(llama_folder), "--output", str(out), "--method", "gptq", "--group-size",
-              "48", "--no-progress"])
+        main(
+            [
+                "quantize",
+                "--input",
+                str(llama_folder),
+                "--output",
+                str(out),
+                "--method",
+                "gptq",
+                "--group-size",
+                "48",
+                "--no-progress",
+            ]
+        )
     assert not out.exists()
 
 
@@ -145,7 +204,23 @@ def test_cli_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--input", "--output", "--method", "--bits", "--group-size", "--format", "--calibration", "--samples",
-                "--seq-len", "--desc-act", "--damp", "--seed", "--eval", "--overwrite", "--mixed-precision",
-                "--act-ranges", "--stats"):
+    for opt in (
+        "--input",
+        "--output",
+        "--method",
+        "--bits",
+        "--group-size",
+        "--format",
+        "--calibration",
+        "--samples",
+        "--seq-len",
+        "--desc-act",
+        "--damp",
+        "--seed",
+        "--eval",
+        "--overwrite",
+        "--mixed-precision",
+        "--act-ranges",
+        "--stats",
+    ):
         assert opt in text, opt

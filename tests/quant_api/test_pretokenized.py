@@ -1,6 +1,7 @@
 """calibra.quantize on pre-tokenized calibration: ``(input_ids, attention_mask)`` and a
 ``TokenizedCalibration`` give exactly the codes the equivalent ``CalibrationConfig`` gives (the path
 benchmarks/vs_llmcompressor.py relies on to feed both tools the same token ids)."""
+
 from __future__ import annotations
 
 import pytest

@@ -28,10 +28,11 @@ from the Python standard library; the training, calibration and eval documents a
 This module is at the bottom of calibra's import graph: it imports nothing from calibra and
 neither torch nor transformers.
 """
+
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 __all__ = [
@@ -76,29 +77,34 @@ def resolve_model(spec) -> Path:
     ``FileNotFoundError`` for a local path that is not a folder.
     """
     if isinstance(spec, str) and is_builtin(spec):
-        name = spec[len(BUILTIN_PREFIX):] if spec.startswith(BUILTIN_PREFIX) else ""
+        name = spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else ""
         if name not in BUILTIN_MODELS:
             raise ValueError(f"unknown built-in model {spec!r}; available: {_names()}")
         path = ASSETS_DIR / "models" / name
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"built-in model {spec!r} is missing from this installation ({path}); "
-                "rebuild it with tools/train_builtin.py")
+                "rebuild it with tools/train_builtin.py"
+            )
         return path
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model {str(spec)!r} is not a local folder; give a Hugging Face model folder or one of: {_names()}")
+            f"model {str(spec)!r} is not a local folder; give a Hugging Face model folder or one of: {_names()}"
+        )
     return path
 
 
 def training_facts(name: str) -> dict:
     """The ``training.json`` of a built-in model (``"tiny-llama"`` or ``"builtin:tiny-llama"``)."""
-    return json.loads((resolve_model(name if is_builtin(name) else BUILTIN_PREFIX + name)
-                       / "training.json").read_text(encoding="utf-8"))
+    return json.loads(
+        (resolve_model(name if is_builtin(name) else BUILTIN_PREFIX + name) / "training.json").read_text(
+            encoding="utf-8"
+        )
+    )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _records(split: str) -> tuple:
     if split not in BUILTIN_TEXTS:
         raise ValueError(f"unknown built-in text split {split!r}; available: {', '.join(BUILTIN_TEXTS)}")
@@ -126,8 +132,9 @@ def resolve_texts(source, split: str) -> list[str]:
         raise ValueError(f"text sources take plain 'builtin', not {source!r}")
     path = Path(source).expanduser()
     if path.is_dir():
-        return [t for p in sorted(path.iterdir()) if p.suffix in (".jsonl", ".txt")
-                for t in resolve_texts(str(p), split)]
+        return [
+            t for p in sorted(path.iterdir()) if p.suffix in (".jsonl", ".txt") for t in resolve_texts(str(p), split)
+        ]
     if not path.is_file():
         raise FileNotFoundError(f"text source {str(source)!r} is neither 'builtin' nor a file or folder")
     if path.suffix == ".jsonl":

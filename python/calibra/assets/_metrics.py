@@ -12,6 +12,7 @@
 Deliberately tiny: a fuller evaluation module comes later. Only ``torch`` is imported, lazily;
 the model and tokenizer are whatever the caller loaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def windows(ids: list[int], seq_len: int = 256, max_windows: int | None = None):
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def perplexity(model, tokenizer, texts, seq_len: int = 256, max_windows: int | None = None,
-               batch_size: int = 8) -> float:
+def perplexity(
+    model, tokenizer, texts, seq_len: int = 256, max_windows: int | None = None, batch_size: int = 8
+) -> float:
     """Held-out perplexity of ``model`` on ``texts`` (protocol in the module docstring)."""
     import torch
 
@@ -49,18 +51,27 @@ def perplexity(model, tokenizer, texts, seq_len: int = 256, max_windows: int | N
     model.eval()
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            batch = x[i:i + batch_size].to(device)
+            batch = x[i : i + batch_size].to(device)
             logits = model(input_ids=batch).logits.float()
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
             total += float(nll)
             count += batch[:, 1:].numel()
     model.train(was_training)
     return math.exp(total / count)
 
 
-def expert_usage(model, tokenizer, texts, seq_len: int = 256, max_windows: int | None = None,
-                 batch_size: int = 8, only_windows=None, first_windows: bool = False):
+def expert_usage(
+    model,
+    tokenizer,
+    texts,
+    seq_len: int = 256,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    only_windows=None,
+    first_windows: bool = False,
+):
     """``counts[layer][expert]``: how often each expert is among the router's top-k, per layer.
 
     ``only_windows``: measure only these window indices. With ``first_windows=True`` also return
@@ -79,7 +90,7 @@ def expert_usage(model, tokenizer, texts, seq_len: int = 256, max_windows: int |
     model.eval()
     with torch.no_grad():
         for i in range(0, index.numel(), batch_size):
-            win = index[i:i + batch_size]
+            win = index[i : i + batch_size]
             out = model(input_ids=x[win], output_router_logits=True)
             per_layer = []
             for li, logits in enumerate(out.router_logits):

@@ -20,6 +20,7 @@ Statistics: ``moe/tokens/<block>`` ``[E]`` int64 (tokens routed to each expert, 
 token-expert pair), ``moe/prob_mass/<block>`` ``[E]`` float64 (sum over tokens of the router's
 softmax probability), ``counts["moe/<block>"]`` = tokens that entered the block.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,8 +45,9 @@ class MoERecorder:
         self.per_sample = per_sample
         self.sample_counts: dict[str, dict[int, torch.Tensor]] = {}
 
-    def observe(self, key: str, block, x: torch.Tensor, row_ids: torch.Tensor, sample_ids: list[int],
-                observers) -> None:
+    def observe(
+        self, key: str, block, x: torch.Tensor, row_ids: torch.Tensor, sample_ids: list[int], observers
+    ) -> None:
         """``x [n, H]``: the block's unpadded input tokens; ``row_ids [n]``: their batch rows."""
         E = block.num_experts
         self.blocks.setdefault(key, {"num_experts": E, "top_k": block.top_k, "fused": block.fused})
@@ -92,8 +94,9 @@ def shrunk_hessian(stats, module: str, tau: float | None = None) -> tuple[torch.
     n_e = stats.count("hessian", module)
     n_pool = sum(stats.count("hessian", k) for k in keys)
     if n_pool == 0:
-        raise ValueError(f"[moe] no expert of {block} received any calibration token; use more or "
-                         "different calibration data")
+        raise ValueError(
+            f"[moe] no expert of {block} received any calibration token; use more or different calibration data"
+        )
     H_e = stats.tensors[f"hessian/sum/{module}"]
     pooled = sum(stats.tensors[f"hessian/sum/{k}"] for k in keys) / n_pool
     lam = 1.0 if n_e == 0 else tau / (n_e + tau)
@@ -113,9 +116,16 @@ def refresh_coverage(stats) -> list[dict]:
         n_in = max(1, stats.counts.get(f"moe/{block}", 0))
         for e in range(tokens.numel()):
             n = int(tokens[e])
-            rows.append({"block": block, "expert": e, "tokens": n, "prob_share": float(mass[e]) / n_in,
-                         "quota_met": None if quota is None else n >= quota,
-                         "lambda": 1.0 if n == 0 else tau / (n + tau)})
+            rows.append(
+                {
+                    "block": block,
+                    "expert": e,
+                    "tokens": n,
+                    "prob_share": float(mass[e]) / n_in,
+                    "quota_met": None if quota is None else n >= quota,
+                    "lambda": 1.0 if n == 0 else tau / (n + tau),
+                }
+            )
     moe["coverage"] = rows
     return rows
 
@@ -132,16 +142,20 @@ def coverage_table(stats, max_rows: int = 64) -> str:
         return "MoE coverage: the model has no MoE layers"
     rows = moe.get("coverage") or refresh_coverage(stats)
     quota = moe.get("quota")
-    head = (f"MoE coverage ({len(moe['blocks'])} MoE layers; quota "
-            f"{'none' if quota is None else f'{quota} tokens'}; shrinkage tau {_tau(moe):g}; "
-            f"lambda = weight of the layer's pooled Hessian)")
+    head = (
+        f"MoE coverage ({len(moe['blocks'])} MoE layers; quota "
+        f"{'none' if quota is None else f'{quota} tokens'}; shrinkage tau {_tau(moe):g}; "
+        f"lambda = weight of the layer's pooled Hessian)"
+    )
     w = max(len("block"), *(len(r["block"]) for r in rows))
     line = f"{'block':<{w}}  {'expert':>6}  {'tokens':>8}  {'prob mass':>9}  {'quota':>5}  {'lambda':>6}"
 
     def fmt(r):
         q = "-" if r["quota_met"] is None else ("met" if r["quota_met"] else "MISS")
-        return (f"{r['block']:<{w}}  {r['expert']:>6}  {r['tokens']:>8}  {100 * r['prob_share']:>8.2f}%  "
-                f"{q:>5}  {r['lambda']:>6.3f}")
+        return (
+            f"{r['block']:<{w}}  {r['expert']:>6}  {r['tokens']:>8}  {100 * r['prob_share']:>8.2f}%  "
+            f"{q:>5}  {r['lambda']:>6.3f}"
+        )
 
     out = [head, line, "-" * len(line)]
     if len(rows) <= max_rows:
@@ -150,16 +164,19 @@ def coverage_table(stats, max_rows: int = 64) -> str:
         for block in sorted(moe["blocks"], key=_natural):
             t = [r["tokens"] for r in rows if r["block"] == block]
             st = sorted(t)
-            out.append(f"{block:<{w}}  {len(t):>6} experts: tokens min {st[0]}, median {st[len(st) // 2]}, "
-                       f"max {st[-1]}")
+            out.append(
+                f"{block:<{w}}  {len(t):>6} experts: tokens min {st[0]}, median {st[len(st) // 2]}, max {st[-1]}"
+            )
         weak = [r for r in rows if r["tokens"] == 0 or r["quota_met"] is False]
         out.append(f"experts below quota or without tokens: {len(weak)}")
         out += [fmt(r) for r in weak]
     missed = sum(1 for r in rows if r["quota_met"] is False)
     empty = sum(1 for r in rows if r["tokens"] == 0)
-    out.append(f"{len(rows)} experts: {empty} saw no token (pooled Hessian used), "
-               f"{missed} below quota" if quota is not None else f"{len(rows)} experts: {empty} saw no token "
-               "(pooled Hessian used)")
+    out.append(
+        f"{len(rows)} experts: {empty} saw no token (pooled Hessian used), {missed} below quota"
+        if quota is not None
+        else f"{len(rows)} experts: {empty} saw no token (pooled Hessian used)"
+    )
     return "\n".join(out)
 
 
@@ -167,8 +184,8 @@ def coverage_table(stats, max_rows: int = 64) -> str:
 class CoverageSelection:
     """Result of ``select_samples_for_coverage``."""
 
-    indices: list[int]                      # selected candidate indices, in candidate order
-    tokens: dict[str, torch.Tensor]         # block -> tokens per expert over the selected samples
+    indices: list[int]  # selected candidate indices, in candidate order
+    tokens: dict[str, torch.Tensor]  # block -> tokens per expert over the selected samples
     missed: list[tuple[str, int, int]] = field(default_factory=list)  # (block, expert, tokens) < quota
     pool_size: int = 0
 
@@ -179,9 +196,18 @@ class CoverageSelection:
         return s
 
 
-def select_samples_for_coverage(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, quota: int,
-                                base: int, adapter=None, device=None, batch_size: int = 1,
-                                progress: bool = False) -> CoverageSelection:
+def select_samples_for_coverage(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    quota: int,
+    base: int,
+    adapter=None,
+    device=None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> CoverageSelection:
     """Greedy router-guided selection over a candidate pool ``input_ids [P, L]`` (in seeded order).
 
     The first ``base`` candidates are always taken (the normal calibration set); then each further
@@ -194,8 +220,9 @@ def select_samples_for_coverage(model, input_ids: torch.Tensor, attention_mask: 
     if quota <= 0:
         raise ValueError(f"[moe] quota must be a positive token count, got {quota}")
     rec = MoERecorder(per_sample=True)
-    runner = LayerRunner(model, adapter=adapter, device=device, observers=(), moe=rec, progress=progress,
-                         desc="routing candidates")
+    runner = LayerRunner(
+        model, adapter=adapter, device=device, observers=(), moe=rec, progress=progress, desc="routing candidates"
+    )
     runner.run(input_ids, attention_mask, batch_size=batch_size)
     P = input_ids.shape[0]
     blocks = sorted(rec.sample_counts, key=_natural)

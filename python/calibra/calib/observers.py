@@ -30,6 +30,7 @@ Keys in ``CalibrationStats.tensors`` are ``<kind>/<field>/<module path>``; token
 * ``check_activations_finite`` -- the NaN/Inf guard (FAULTS row 17): raises naming the layer, module
   and the calibration sample before the value reaches any statistic.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,8 @@ def check_activations_finite(x: torch.Tensor, mask: torch.Tensor | None, sample_
     raise NonFiniteActivationError(
         f"[calibrate] {kind} in the activations at {where}, calibration sample {sample}, token {tok} "
         f"(dtype {x.dtype}). fp16 overflows above 65504: load the model in bfloat16 or float32 "
-        "(dtype='float32'), or drop that sample.")
+        "(dtype='float32'), or drop that sample."
+    )
 
 
 class Observer:
@@ -151,9 +153,9 @@ class ChannelNormObserver(Observer):
 
 
 # fixed log-scale grid of the range histograms
-HIST_SUB = 16          # bins per octave
-HIST_MIN_EXP = -40     # |x| < 2^-40 counts as zero
-HIST_OCTAVES = 80      # up to 2^40 (larger values land in the last bin)
+HIST_SUB = 16  # bins per octave
+HIST_MIN_EXP = -40  # |x| < 2^-40 counts as zero
+HIST_OCTAVES = 80  # up to 2^40 (larger values land in the last bin)
 HIST_HALF = HIST_SUB * HIST_OCTAVES
 HIST_BINS = 2 * HIST_HALF + 1  # [negatives (descending |x|) | zero | positives (ascending)]
 
@@ -166,7 +168,7 @@ def histogram_bins(x: torch.Tensor) -> torch.Tensor:
     octave = (exp - 1 - HIST_MIN_EXP).long()  # a in [2^(exp-1), 2^exp)
     sub = ((mant * 2 - 1) * HIST_SUB).floor().long().clamp_(0, HIST_SUB - 1)
     k = (octave * HIST_SUB + sub).clamp_(0, HIST_HALF - 1)
-    zero = a < 2.0 ** HIST_MIN_EXP
+    zero = a < 2.0**HIST_MIN_EXP
     idx = torch.where(xf >= 0, HIST_HALF + 1 + k, HIST_HALF - 1 - k)
     return torch.where(zero, torch.full_like(idx, HIST_HALF), idx)
 

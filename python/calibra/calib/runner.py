@@ -31,10 +31,11 @@ holds the inputs and outputs of the current layer for all samples: ``2 x S x L x
 rotary tables recorded at capture (shared between layers of one mask type), and, while a frozen
 module is replayed, its recorded outputs (one more ``S x L x hidden`` for the attention block).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -70,8 +71,10 @@ class _LayerStub(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
-            raise TypeError("[calibrate] decoder layer called with extra positional arguments; the adapter "
-                            "expects the Hugging Face keyword-argument layer call")
+            raise TypeError(
+                "[calibrate] decoder layer called with extra positional arguments; the adapter "
+                "expects the Hugging Face keyword-argument layer call"
+            )
         if self.index == 0:
             self.sink["hidden"] = hidden_states
         self.sink[self.index] = kwargs
@@ -136,21 +139,35 @@ class LayerRunner:
             Hessians instead of the whole model's (token counts and MoE routing are always kept).
     """
 
-    def __init__(self, model: nn.Module, adapter=None, *, device=None, observers=("hessian",),
-                 hessian_dtype: torch.dtype = torch.float32, moe: MoERecorder | None = None,
-                 on_layer: Callable | None = None, feed_compressed: bool = False, check_finite: bool = True,
-                 progress: bool = True, desc: str = "calibrating", keep_layer_stats: bool = True,
-                 collect_on_demand: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter=None,
+        *,
+        device=None,
+        observers=("hessian",),
+        hessian_dtype: torch.dtype = torch.float32,
+        moe: MoERecorder | None = None,
+        on_layer: Callable | None = None,
+        feed_compressed: bool = False,
+        check_finite: bool = True,
+        progress: bool = True,
+        desc: str = "calibrating",
+        keep_layer_stats: bool = True,
+        collect_on_demand: bool = False,
+    ):
         if adapter is None:
             from calibra.models import get_adapter
 
             adapter = get_adapter(model)
         self.model, self.adapter = model, adapter
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         obs = list(observers)
         self.observers: list[Observer] = [o for o in obs if isinstance(o, Observer)] + make_observers(
-            [o for o in obs if not isinstance(o, Observer)], hessian_dtype)
+            [o for o in obs if not isinstance(o, Observer)], hessian_dtype
+        )
         self.hessian_dtype = hessian_dtype
         has_moe = any(adapter.moe_blocks(layer) for layer in adapter.layers)
         self.moe = moe if moe is not None else (MoERecorder() if has_moe else None)
@@ -192,8 +209,9 @@ class LayerRunner:
             for ids, mask in batches:
                 sink.clear()
                 try:
-                    self.adapter.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(),
-                                      use_cache=False)
+                    self.adapter.base(
+                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(), use_cache=False
+                    )
                 except _StopCapture:
                     pass
                 else:  # pragma: no cover - the last stub always raises
@@ -256,6 +274,7 @@ class LayerRunner:
         linear_obs = [o for o in self.observers if o.kind != "kv"]
         if linear_obs:
             for key, mod in linears:
+
                 def pre_hook(module, args, key=key):
                     x = args[0]
                     last = self._last_input
@@ -273,6 +292,7 @@ class LayerRunner:
 
                 handles.append(mod.register_forward_pre_hook(pre_hook))
         for key, block in blocks:
+
             def moe_hook(module, args, key=key, block=block):
                 x = args[0]
                 self._guard(x, f"input of {key}")
@@ -285,6 +305,7 @@ class LayerRunner:
             k_src, v_src = self.adapter.key_value_sources(layer)
             heads = self.adapter.num_kv_heads
             for which, src in (("k", k_src), ("v", v_src)):
+
                 def kv_hook(module, args, out, which=which):
                     xs = self._select(out)
                     xs = xs.reshape(xs.shape[0], -1)
@@ -315,9 +336,14 @@ class LayerRunner:
             tensors.update(o.tensors)
             counts.update(o.counts)
         meta = {
-            "format": "calibra-stats", "format_version": 1, "calibra_version": calibra.__version__,
-            "model": {"id": self._model_id, "model_type": getattr(self.model.config, "model_type", None),
-                      "num_layers": len(self.adapter.layers)},
+            "format": "calibra-stats",
+            "format_version": 1,
+            "calibra_version": calibra.__version__,
+            "model": {
+                "id": self._model_id,
+                "model_type": getattr(self.model.config, "model_type", None),
+                "num_layers": len(self.adapter.layers),
+            },
             "observers": sorted(o.kind for o in self.observers),
             "hessian_dtype": str(self.hessian_dtype).replace("torch.", ""),
             "token_count": int(token_count),
@@ -331,9 +357,18 @@ class LayerRunner:
 
     # -- main loop ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, batch_size: int = 1,
-            sample_ids: list[int] | None = None, extra_metadata: dict | None = None, start_layer: int = 0,
-            start_hidden: list[torch.Tensor] | None = None, after_layer: Callable | None = None) -> CalibrationStats:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        batch_size: int = 1,
+        sample_ids: list[int] | None = None,
+        extra_metadata: dict | None = None,
+        start_layer: int = 0,
+        start_hidden: list[torch.Tensor] | None = None,
+        after_layer: Callable | None = None,
+    ) -> CalibrationStats:
         """Calibrate on ``input_ids [S, L]`` (int64, right-padded) with ``attention_mask [S, L]`` (bool,
         False at padding) and return the statistics. ``sample_ids`` name the rows in error messages.
 
@@ -356,9 +391,9 @@ class LayerRunner:
         was_training = self.model.training
         self.model.eval()
         starts = list(range(0, S, batch_size))
-        batches = [(input_ids[s:s + batch_size], attention_mask[s:s + batch_size]) for s in starts]
+        batches = [(input_ids[s : s + batch_size], attention_mask[s : s + batch_size]) for s in starts]
         masks = [m for _, m in batches]
-        ids_of = [sample_ids[s:s + batch_size] for s in starts]
+        ids_of = [sample_ids[s : s + batch_size] for s in starts]
         tokens = int(attention_mask.sum())
         try:
             hidden, kwargs = self._capture(batches)
@@ -367,8 +402,14 @@ class LayerRunner:
                     raise ValueError("[calibrate] resumed hidden states do not match the calibration batches")
                 hidden = list(start_hidden)
             layers = self.adapter.layers
-            bar = tqdm(range(start_layer, len(layers)), desc=self.desc, unit="layer", disable=not self.progress,
-                       initial=start_layer, total=len(layers))
+            bar = tqdm(
+                range(start_layer, len(layers)),
+                desc=self.desc,
+                unit="layer",
+                disable=not self.progress,
+                initial=start_layer,
+                total=len(layers),
+            )
             for i in bar:
                 layer = layers[i]
                 home = _module_device(layer)
@@ -382,7 +423,10 @@ class LayerRunner:
                         f"with seq_len {L}, batch size {batch_size}: lower --batch-size (1 is the minimum) or "
                         f"--seq-len, use --hessian-dtype float32, or run on --device cpu (layers wait in host "
                         f"memory; only one is on the device). Statistics of the {i} finished layers are kept in "
-                        f"the exception's partial_stats.", partial, i) from e
+                        f"the exception's partial_stats.",
+                        partial,
+                        i,
+                    ) from e
                 layer.to(home)
                 if after_layer is not None:
                     after_layer(i, hidden)
@@ -409,18 +453,25 @@ class LayerRunner:
         ``on_layer`` (the layer's inputs are kept for the duration of the callback)."""
         ctx = self._ctx
         if ctx is None or ctx[0] != index:
-            raise RuntimeError(f"[calibrate] collect({index}) / recollect({index}) called outside on_layer of "
-                               f"that layer")
+            raise RuntimeError(
+                f"[calibrate] collect({index}) / recollect({index}) called outside on_layer of that layer"
+            )
         _, hidden, kwargs, masks, ids_of, tokens, extra = ctx
         only = None if modules is None else set(modules)
         if only is None:
             prefix = self.adapter.layer_name(index) + "."
-            stale = lambda k: prefix in k  # noqa: E731
+
+            def stale(k):
+                return prefix in k
         else:
             _, blocks = self._hooked_keys(index, layer, only)
             block_keys = [k for k, _ in blocks]
-            stale = lambda k: (k.split("/")[-1] in only  # noqa: E731
-                               or any(k.split("/")[-1] == b or b + ".experts." in k for b in block_keys))
+
+            def stale(k):
+                return k.split("/")[-1] in only or any(
+                    k.split("/")[-1] == b or b + ".experts." in k for b in block_keys
+                )
+
         for o in list(self.observers) + ([self.moe] if self.moe is not None else []):
             for k in [k for k in o.tensors if stale(k)]:
                 del o.tensors[k]
@@ -509,8 +560,11 @@ class LayerRunner:
         dev = self.device
         keep_first = not (self.feed_compressed and self.on_layer is not None)
         # on demand, on_layer collects what it needs itself (collect()): no pass before it
-        outs = [] if self.collect_on_demand else self._forward_layer(i, layer, hidden, kwargs, masks, ids_of,
-                                                                       keep=keep_first)
+        outs = (
+            []
+            if self.collect_on_demand
+            else self._forward_layer(i, layer, hidden, kwargs, masks, ids_of, keep=keep_first)
+        )
         if self.on_layer is not None:
             self._ctx = (i, hidden, kwargs, masks, ids_of, tokens, extra)
             try:

@@ -26,6 +26,7 @@ and buffer in name order, its name, shape and the float64 values of its first 16
 value sample tells fine-tunes of one architecture apart without reading every weight (hashing
 all the weights of a 70B model takes minutes); it is not a cryptographic commitment to the weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,15 @@ import torch
 
 FORMAT = "calibra-stats"
 FORMAT_VERSION = 1
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash",
-                         "_attn_implementation_autoset", "_attn_implementation")
+_VOLATILE_CONFIG_KEYS = (
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "_attn_implementation",
+)
 
 
 def model_identity(model) -> str:
@@ -82,7 +90,7 @@ class CalibrationStats:
         """Module paths that have a statistic of ``kind`` (e.g. every Linear and expert projection)."""
         field_ = {"hessian": "sum", "norms": "sumsq", "ranges": "hist"}.get(kind)
         pre = f"{kind}/{field_}/"
-        return sorted(k[len(pre):] for k in self.tensors if k.startswith(pre))
+        return sorted(k[len(pre) :] for k in self.tensors if k.startswith(pre))
 
     def count(self, kind: str, module: str) -> int:
         return int(self.counts.get(f"{kind}/{module}", 0))
@@ -97,8 +105,10 @@ class CalibrationStats:
         """
         key = f"hessian/sum/{module}"
         if key not in self.tensors:
-            raise KeyError(f"[stats] no Hessian for {module!r}; this file has {len(self.modules())} "
-                           f"(e.g. {', '.join(self.modules()[:3])})")
+            raise KeyError(
+                f"[stats] no Hessian for {module!r}; this file has {len(self.modules())} "
+                f"(e.g. {', '.join(self.modules()[:3])})"
+            )
         if not mean:
             return self.tensors[key]
         if shrink and ".experts." in module:
@@ -115,7 +125,7 @@ class CalibrationStats:
         return int(self.metadata.get("token_count", 0))
 
     # -- merge -------------------------------------------------------------------------------------
-    def merge(self, other: "CalibrationStats") -> "CalibrationStats":
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
         return merge(self, other)
 
     # -- file --------------------------------------------------------------------------------------
@@ -141,7 +151,7 @@ class CalibrationStats:
         return path
 
     @classmethod
-    def load(cls, path) -> "CalibrationStats":
+    def load(cls, path) -> CalibrationStats:
         from safetensors import safe_open
 
         path = Path(path)
@@ -159,8 +169,10 @@ class CalibrationStats:
         if meta.get("format") != FORMAT:
             raise ValueError(f"[stats] {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"[stats] {path} is format version {meta['format_version']}; this calibra reads "
-                             f"up to {FORMAT_VERSION}: upgrade calibra")
+            raise ValueError(
+                f"[stats] {path} is format version {meta['format_version']}; this calibra reads "
+                f"up to {FORMAT_VERSION}: upgrade calibra"
+            )
         counts = {k: int(v) for k, v in meta.pop("counts", {}).items()}
         return cls(tensors=tensors, counts=counts, metadata=meta)
 
@@ -168,18 +180,23 @@ class CalibrationStats:
 def merge(a: CalibrationStats, b: CalibrationStats) -> CalibrationStats:
     """Exact merge of two runs' statistics (sums and counts). Refuses different models, observers or
     Hessian dtypes, and statistics present in one file only."""
-    for what, get in (("model", lambda m: m.get("model", {}).get("id")),
-                      ("observers", lambda m: m.get("observers")),
-                      ("hessian dtype", lambda m: m.get("hessian_dtype"))):
+    for what, get in (
+        ("model", lambda m: m.get("model", {}).get("id")),
+        ("observers", lambda m: m.get("observers")),
+        ("hessian dtype", lambda m: m.get("hessian_dtype")),
+    ):
         va, vb = get(a.metadata), get(b.metadata)
         if va != vb:
-            raise ValueError(f"[stats] cannot merge statistics of different {what}: {va!r} vs {vb!r}; "
-                             "calibrate both runs with the same model and --observers/--hessian-dtype")
+            raise ValueError(
+                f"[stats] cannot merge statistics of different {what}: {va!r} vs {vb!r}; "
+                "calibrate both runs with the same model and --observers/--hessian-dtype"
+            )
     ka, kb = set(a.tensors), set(b.tensors)
     if ka != kb:
         diff = sorted(ka ^ kb)
-        raise ValueError(f"[stats] cannot merge: {len(diff)} statistics exist in one file only "
-                         f"(e.g. {', '.join(diff[:3])})")
+        raise ValueError(
+            f"[stats] cannot merge: {len(diff)} statistics exist in one file only (e.g. {', '.join(diff[:3])})"
+        )
     tensors = {k: _merge_tensor(k, a.tensors[k], b.tensors[k]) for k in sorted(ka)}
     counts = {k: a.counts.get(k, 0) + b.counts.get(k, 0) for k in sorted(set(a.counts) | set(b.counts))}
     meta = dict(a.metadata)

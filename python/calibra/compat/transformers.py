@@ -27,6 +27,7 @@ The assumptions:
 6. **Fused experts** hold ``gate_up_proj [E, 2*I, H]`` (gate rows first, then up) and
    ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -47,8 +48,10 @@ def cache_kwarg(model) -> str:
     for name in CACHE_KWARGS:
         if name in params:
             return name
-    raise TypeError(f"[compat] {type(model).__name__}.forward takes none of the KV-cache keywords "
-                    f"{CACHE_KWARGS}; this transformers version is not supported")
+    raise TypeError(
+        f"[compat] {type(model).__name__}.forward takes none of the KV-cache keywords "
+        f"{CACHE_KWARGS}; this transformers version is not supported"
+    )
 
 
 def with_cache(model, cache, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:

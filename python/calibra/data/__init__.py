@@ -11,8 +11,8 @@ and the memory estimate printed before a run.
 Imports torch, never transformers (tokenizers and model configs are passed in) nor ``datasets``
 (imported only when a hub set is loaded).
 """
-from calibra.data.config import (DEFAULT_SEQUENCE_CAP, CalibrationConfig, model_max_positions,
-                                 recommended_samples)
+
+from calibra.data.config import DEFAULT_SEQUENCE_CAP, CalibrationConfig, model_max_positions, recommended_samples
 from calibra.data.dataset import CalibrationDataset, ChatSample
 from calibra.data.hub import HUB_SETS, HubUnavailableError
 from calibra.data.memory import MemoryEstimate, estimate_memory
@@ -20,8 +20,18 @@ from calibra.data.plan import resolve_config
 from calibra.data.tokenize import TokenizedCalibration, pad_token_id, tokenize_calibration
 
 __all__ = [
-    "CalibrationDataset", "ChatSample", "CalibrationConfig", "TokenizedCalibration",
-    "tokenize_calibration", "estimate_memory", "MemoryEstimate", "resolve_config",
-    "recommended_samples", "model_max_positions", "pad_token_id", "HUB_SETS",
-    "HubUnavailableError", "DEFAULT_SEQUENCE_CAP",
+    "CalibrationDataset",
+    "ChatSample",
+    "CalibrationConfig",
+    "TokenizedCalibration",
+    "tokenize_calibration",
+    "estimate_memory",
+    "MemoryEstimate",
+    "resolve_config",
+    "recommended_samples",
+    "model_max_positions",
+    "pad_token_id",
+    "HUB_SETS",
+    "HubUnavailableError",
+    "DEFAULT_SEQUENCE_CAP",
 ]

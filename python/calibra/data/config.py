@@ -1,11 +1,20 @@
 """CalibrationConfig: how much calibration data, in what shape, from where; checked before any
 weight is loaded."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CalibrationConfig", "recommended_samples", "model_max_positions",
-           "DEFAULT_SEQUENCE_CAP", "AUTO_BATCH_TOKENS", "auto_batch_size", "PACKINGS", "MAX_NUM_SAMPLES"]
+__all__ = [
+    "CalibrationConfig",
+    "recommended_samples",
+    "model_max_positions",
+    "DEFAULT_SEQUENCE_CAP",
+    "AUTO_BATCH_TOKENS",
+    "auto_batch_size",
+    "PACKINGS",
+    "MAX_NUM_SAMPLES",
+]
 
 # When sequence_length is left unset, a 128k-context model would otherwise calibrate on 128k-token
 # samples: attention scores alone would be heads x 128k^2 per sample. 2048 is the length the GPTQ
@@ -101,6 +110,7 @@ class CalibrationConfig:
             ``num_samples * sequence_length``. Between the floor and the request: a warning.
         deduplicate: drop exact duplicate texts (after whitespace normalization) first.
     """
+
     num_samples: int = 128
     sequence_length: int | None = None
     batch_size: int | None = None
@@ -110,36 +120,44 @@ class CalibrationConfig:
     min_tokens: int | None = None
     deduplicate: bool = True
 
-    def validate(self, max_positions: int | None = None) -> "CalibrationConfig":
+    def validate(self, max_positions: int | None = None) -> CalibrationConfig:
         """Raise ValueError naming the field and the fix; return self when everything is in range.
 
         ``max_positions``: the model's position limit (``model_max_positions(config)``), when known.
         """
+
         def bad(msg: str):
             raise ValueError(f"[data] {msg}")
 
         n = self.num_samples
         if not _is_int(n) or n < 1:
-            bad(f"num_samples must be an int >= 1, got {n!r}; use e.g. num_samples=128 "
-                f"(recommended_samples(num_parameters) suggests one per model size)")
+            bad(
+                f"num_samples must be an int >= 1, got {n!r}; use e.g. num_samples=128 "
+                f"(recommended_samples(num_parameters) suggests one per model size)"
+            )
         if n > MAX_NUM_SAMPLES:
-            bad(f"num_samples {n} is above the limit {MAX_NUM_SAMPLES}; calibration needs "
-                "128-256 samples, use fewer")
+            bad(f"num_samples {n} is above the limit {MAX_NUM_SAMPLES}; calibration needs 128-256 samples, use fewer")
         L = self.sequence_length
         if L is not None:
             if not _is_int(L) or L < 1:
-                bad(f"sequence_length must be an int >= 1 or None (cap at the model's positions), "
-                    f"got {L!r}; use e.g. sequence_length=512")
+                bad(
+                    f"sequence_length must be an int >= 1 or None (cap at the model's positions), "
+                    f"got {L!r}; use e.g. sequence_length=512"
+                )
             if max_positions is not None and L > max_positions:
-                bad(f"sequence_length {L} exceeds the model's {max_positions} positions; "
-                    f"set sequence_length <= {max_positions} (or None to cap it automatically)")
+                bad(
+                    f"sequence_length {L} exceeds the model's {max_positions} positions; "
+                    f"set sequence_length <= {max_positions} (or None to cap it automatically)"
+                )
         b = self.batch_size
         if b is not None and (not _is_int(b) or b < 1):
-            bad(f"batch_size must be an int >= 1 or None (about {AUTO_BATCH_TOKENS} tokens per pass), got "
-                f"{b!r}; use batch_size=1 if memory is tight")
+            bad(
+                f"batch_size must be an int >= 1 or None (about {AUTO_BATCH_TOKENS} tokens per pass), got "
+                f"{b!r}; use batch_size=1 if memory is tight"
+            )
         if b is not None and b > n:
             bad(f"batch_size {b} is larger than num_samples {n}; set batch_size <= {n}")
-        if not _is_int(self.seed) or self.seed < 0 or self.seed >= 2 ** 63:
+        if not _is_int(self.seed) or self.seed < 0 or self.seed >= 2**63:
             bad(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if self.packing not in PACKINGS:
             bad(f"packing must be one of {', '.join(map(repr, PACKINGS))}, got {self.packing!r}")
@@ -147,8 +165,10 @@ class CalibrationConfig:
             if not _is_int(self.min_tokens) or self.min_tokens < 0:
                 bad(f"min_tokens must be an int >= 0 or None (default floor), got {self.min_tokens!r}")
             if L is not None and self.min_tokens > n * L:
-                bad(f"min_tokens {self.min_tokens} exceeds the request num_samples x sequence_length "
-                    f"= {n * L}, so it could never be met; set min_tokens <= {n * L}")
+                bad(
+                    f"min_tokens {self.min_tokens} exceeds the request num_samples x sequence_length "
+                    f"= {n * L}, so it could never be met; set min_tokens <= {n * L}"
+                )
         if not isinstance(self.deduplicate, bool):
             bad(f"deduplicate must be True or False, got {self.deduplicate!r}")
         from calibra.data.dataset import CalibrationDataset, source_kind

@@ -16,6 +16,7 @@ Chat rows are kept as conversations until a tokenizer is known: they are rendere
 tokenizer's chat template by :meth:`CalibrationDataset.texts`. Nothing here imports torch or
 transformers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,11 @@ LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 def _offline_alternatives() -> str:
-    return ("dataset='builtin' (ships with calibra, no network) or a local file "
-            "(.txt with samples separated by blank lines, .json array of strings, "
-            ".jsonl with {\"text\": ...} or {\"messages\": [...]} per line)")
+    return (
+        "dataset='builtin' (ships with calibra, no network) or a local file "
+        "(.txt with samples separated by blank lines, .json array of strings, "
+        '.jsonl with {"text": ...} or {"messages": [...]} per line)'
+    )
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ChatSample:
     ``messages`` is a tuple of ``{"role": str, "content": str}`` dicts; ``origin`` says where it came
     from (``"chats.jsonl:7"``), so a rendering error can name the file and line.
     """
+
     messages: tuple
     origin: str
 
@@ -50,12 +54,16 @@ class ChatSample:
 
 def _check_messages(messages, origin: str) -> tuple:
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"[data] {origin}: \"messages\" must be a non-empty list of "
-                         f"{{\"role\": ..., \"content\": ...}} objects, got {type(messages).__name__}")
+        raise ValueError(
+            f'[data] {origin}: "messages" must be a non-empty list of '
+            f'{{"role": ..., "content": ...}} objects, got {type(messages).__name__}'
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise ValueError(f"[data] {origin}: message {i} must be an object with \"role\" (a string) "
-                             f"and \"content\", got {json.dumps(m)[:80]}")
+            raise ValueError(
+                f'[data] {origin}: message {i} must be an object with "role" (a string) '
+                f'and "content", got {json.dumps(m)[:80]}'
+            )
     return tuple(dict(m) for m in messages)
 
 
@@ -71,12 +79,15 @@ def _as_sample(item, origin: str):
         if "messages" in item:
             return ChatSample(_check_messages(item["messages"], origin), origin)
         keys = ", ".join(sorted(map(str, item))) or "none"
-        raise ValueError(f"[data] {origin}: expected {{\"text\": \"...\"}} or {{\"messages\": [...]}}, "
-                         f"got an object with keys {keys}")
+        raise ValueError(
+            f'[data] {origin}: expected {{"text": "..."}} or {{"messages": [...]}}, got an object with keys {keys}'
+        )
     if isinstance(item, (list, tuple)):
         return ChatSample(_check_messages(item, origin), origin)
-    raise TypeError(f"[data] {origin}: a sample must be a string or a chat conversation "
-                    f"(list of {{\"role\", \"content\"}} dicts), got {type(item).__name__}")
+    raise TypeError(
+        f"[data] {origin}: a sample must be a string or a chat conversation "
+        f'(list of {{"role", "content"}} dicts), got {type(item).__name__}'
+    )
 
 
 def _content_hash(samples) -> str:
@@ -94,8 +105,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"[data] {path}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                         "re-encode the file as UTF-8") from None
+        raise ValueError(
+            f"[data] {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8"
+        ) from None
 
 
 def _parse_txt(path: Path) -> list:
@@ -118,11 +130,14 @@ def _parse_json(path: Path) -> list:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"[data] {path}:{e.lineno}: invalid JSON ({e.msg}); a .json calibration file "
-                         "must hold one array of strings") from None
+        raise ValueError(
+            f"[data] {path}:{e.lineno}: invalid JSON ({e.msg}); a .json calibration file must hold one array of strings"
+        ) from None
     if not isinstance(data, list):
-        raise ValueError(f"[data] {path}: a .json calibration file must hold an array of strings, "
-                         f"got a JSON {type(data).__name__}; use .jsonl for one object per line")
+        raise ValueError(
+            f"[data] {path}: a .json calibration file must hold an array of strings, "
+            f"got a JSON {type(data).__name__}; use .jsonl for one object per line"
+        )
     return [_as_sample(item, f"{path.name}[{i}]") for i, item in enumerate(data)]
 
 
@@ -135,11 +150,15 @@ def _parse_jsonl(path: Path) -> list:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"[data] {path}:{lineno}: invalid JSON ({e.msg}); each line must be one "
-                             "object like {\"text\": \"...\"} or {\"messages\": [...]}") from None
+            raise ValueError(
+                f"[data] {path}:{lineno}: invalid JSON ({e.msg}); each line must be one "
+                'object like {"text": "..."} or {"messages": [...]}'
+            ) from None
         if not isinstance(row, dict):
-            raise ValueError(f"[data] {path}:{lineno}: each line must be a JSON object like "
-                             f"{{\"text\": \"...\"}}, got a JSON {type(row).__name__}")
+            raise ValueError(
+                f"[data] {path}:{lineno}: each line must be a JSON object like "
+                f'{{"text": "..."}}, got a JSON {type(row).__name__}'
+            )
         samples.append(_as_sample(row, origin))
     return samples
 
@@ -155,8 +174,10 @@ def _load_local(path: Path) -> list:
         return [s for f in files for s in _load_local(f)]
     parser = _PARSERS.get(path.suffix.lower())
     if parser is None:
-        raise ValueError(f"[data] {path}: unsupported calibration file type {path.suffix or '(none)'!r}; "
-                         f"supported: {', '.join(LOCAL_SUFFIXES)}")
+        raise ValueError(
+            f"[data] {path}: unsupported calibration file type {path.suffix or '(none)'!r}; "
+            f"supported: {', '.join(LOCAL_SUFFIXES)}"
+        )
     return parser(path)
 
 
@@ -169,8 +190,9 @@ def source_kind(spec) -> str:
     from calibra.data import hub
 
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
-        raise ValueError(f"[data] dataset must be 'builtin', a local path or a hub name "
-                         f"({', '.join(hub.HUB_SETS)}), got {spec!r}")
+        raise ValueError(
+            f"[data] dataset must be 'builtin', a local path or a hub name ({', '.join(hub.HUB_SETS)}), got {spec!r}"
+        )
     if str(spec) == "builtin":
         return "builtin"
     path = Path(spec).expanduser()
@@ -179,11 +201,15 @@ def source_kind(spec) -> str:
     if hub.canonical_name(str(spec)) is not None:
         return "hub"
     if path.suffix.lower() in LOCAL_SUFFIXES or "/" in str(spec) or "\\" in str(spec):
-        raise FileNotFoundError(f"[data] calibration file {str(spec)!r} does not exist; give an existing "
-                                f".txt/.json/.jsonl file or folder, 'builtin', or a hub name "
-                                f"({', '.join(hub.HUB_SETS)})")
-    raise ValueError(f"[data] unknown dataset {str(spec)!r}: expected 'builtin', a local "
-                     f".txt/.json/.jsonl path, or a hub name ({', '.join(hub.HUB_SETS)})")
+        raise FileNotFoundError(
+            f"[data] calibration file {str(spec)!r} does not exist; give an existing "
+            f".txt/.json/.jsonl file or folder, 'builtin', or a hub name "
+            f"({', '.join(hub.HUB_SETS)})"
+        )
+    raise ValueError(
+        f"[data] unknown dataset {str(spec)!r}: expected 'builtin', a local "
+        f".txt/.json/.jsonl path, or a hub name ({', '.join(hub.HUB_SETS)})"
+    )
 
 
 # ---------------------------------------------------------------------------------------- dataset
@@ -199,11 +225,12 @@ class CalibrationDataset:
         source: where the samples came from (for reports), default ``"programmatic"``.
     """
 
-    def __init__(self, samples=(), *, name: str = "custom", version: str | None = None,
-                 source: str = "programmatic"):
+    def __init__(self, samples=(), *, name: str = "custom", version: str | None = None, source: str = "programmatic"):
         if isinstance(samples, (str, bytes)):
-            raise TypeError("[data] samples must be a list of texts, got a single string; "
-                            "wrap it: CalibrationDataset(samples=[text])")
+            raise TypeError(
+                "[data] samples must be a list of texts, got a single string; "
+                "wrap it: CalibrationDataset(samples=[text])"
+            )
         self._samples = tuple(_as_sample(s, f"{name} sample {i}") for i, s in enumerate(samples))
         self.name = str(name)
         self.version = version if version is not None else _content_hash(self._samples)
@@ -211,16 +238,17 @@ class CalibrationDataset:
 
     # ---- constructors
     @classmethod
-    def from_local(cls, path, *, name: str | None = None) -> "CalibrationDataset":
+    def from_local(cls, path, *, name: str | None = None) -> CalibrationDataset:
         """Load ``.txt`` / ``.json`` / ``.jsonl`` (or a folder of them, in name order)."""
         p = Path(path).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"[data] calibration file {str(path)!r} does not exist; "
-                                    f"alternatives: {_offline_alternatives()}")
+            raise FileNotFoundError(
+                f"[data] calibration file {str(path)!r} does not exist; alternatives: {_offline_alternatives()}"
+            )
         return cls(_load_local(p), name=name or p.name, source=f"local:{p.name}")
 
     @classmethod
-    def builtin(cls, split: str = "calibration") -> "CalibrationDataset":
+    def builtin(cls, split: str = "calibration") -> CalibrationDataset:
         """The texts shipped with calibra (:func:`calibra.assets.builtin_texts`)."""
         from calibra.assets import builtin_texts
 
@@ -228,8 +256,9 @@ class CalibrationDataset:
         return cls(builtin_texts(split), name=name, source=f"builtin:{split}")
 
     @classmethod
-    def from_hub(cls, name: str, *, split: str | None = None, limit: int | None = None,
-                 revision: str | None = None) -> "CalibrationDataset":
+    def from_hub(
+        cls, name: str, *, split: str | None = None, limit: int | None = None, revision: str | None = None
+    ) -> CalibrationDataset:
         """A named hub set (c4, wikitext2, bartowski-v3, the-stack) through the ``datasets`` library.
 
         ``limit`` caps the number of texts read (streamed where the set is large). Raises
@@ -242,7 +271,7 @@ class CalibrationDataset:
         return cls(texts, name=spec.name, source=spec.describe(split, revision))
 
     @classmethod
-    def from_source(cls, spec, **hub_kwargs) -> "CalibrationDataset":
+    def from_source(cls, spec, **hub_kwargs) -> CalibrationDataset:
         """Resolve a config's ``dataset`` string: ``"builtin"``, a local path, or a hub name."""
         if isinstance(spec, CalibrationDataset):
             return spec
@@ -266,8 +295,10 @@ class CalibrationDataset:
         return len(self._samples)
 
     def __repr__(self) -> str:
-        return (f"CalibrationDataset(name={self.name!r}, version={self.version!r}, "
-                f"samples={len(self)}, source={self.source!r})")
+        return (
+            f"CalibrationDataset(name={self.name!r}, version={self.version!r}, "
+            f"samples={len(self)}, source={self.source!r})"
+        )
 
     def texts(self, tokenizer=None) -> list[str]:
         """Every sample as a string; chat samples rendered with ``tokenizer``'s chat template."""
@@ -286,21 +317,27 @@ class CalibrationDataset:
 
 
 def _render_chat(sample: ChatSample, tokenizer) -> str:
-    fix = ("use a chat/instruct model's tokenizer, set tokenizer.chat_template, "
-           "or store the rows as {\"text\": ...}")
+    fix = 'use a chat/instruct model\'s tokenizer, set tokenizer.chat_template, or store the rows as {"text": ...}'
     if tokenizer is None:
-        raise ValueError(f"[data] {sample.origin}: a {{\"messages\": [...]}} row needs a tokenizer with a "
-                         f"chat template to be rendered; pass the tokenizer ({fix})")
+        raise ValueError(
+            f'[data] {sample.origin}: a {{"messages": [...]}} row needs a tokenizer with a '
+            f"chat template to be rendered; pass the tokenizer ({fix})"
+        )
     if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"[data] {sample.origin}: a {{\"messages\": [...]}} row needs a chat template, "
-                         f"but tokenizer {name!r} has none; {fix}")
+        raise ValueError(
+            f'[data] {sample.origin}: a {{"messages": [...]}} row needs a chat template, '
+            f"but tokenizer {name!r} has none; {fix}"
+        )
     try:
         text = tokenizer.apply_chat_template(sample.to_json(), tokenize=False)
     except Exception as e:  # jinja errors, missing roles, ...: name the row that caused it
-        raise ValueError(f"[data] {sample.origin}: the chat template failed on this row "
-                         f"({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"[data] {sample.origin}: the chat template failed on this row ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(text, str):
-        raise ValueError(f"[data] {sample.origin}: apply_chat_template(tokenize=False) returned "
-                         f"{type(text).__name__}, expected a string")
+        raise ValueError(
+            f"[data] {sample.origin}: apply_chat_template(tokenize=False) returned "
+            f"{type(text).__name__}, expected a string"
+        )
     return text

@@ -20,6 +20,7 @@ local cache; when the library is missing, the hub cannot be reached or the set i
 
 ``_load_rows`` is the only function that touches the ``datasets`` library (tests replace it).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,15 +36,15 @@ class HubUnavailableError(RuntimeError):
 @dataclass(frozen=True)
 class HubSet:
     name: str
-    path: str                       # first argument of datasets.load_dataset
+    path: str  # first argument of datasets.load_dataset
     text_field: str
     split: str = "train"
     config: str | None = None
     data_files: str | None = None
     data_dir: str | None = None
-    streaming: bool = True          # big sets are streamed: only the rows read are downloaded
-    default_limit: int = 2048       # texts read when the caller gives no limit
-    join: str | None = None         # post-processing of rows into documents ("wikitext")
+    streaming: bool = True  # big sets are streamed: only the rows read are downloaded
+    default_limit: int = 2048  # texts read when the caller gives no limit
+    join: str | None = None  # post-processing of rows into documents ("wikitext")
     builder_kwargs: dict = field(default_factory=dict)
     gated: bool = False
     aliases: tuple = ()
@@ -65,24 +66,38 @@ class HubSet:
 
 
 HUB_SETS: dict[str, HubSet] = {
-    "c4": HubSet(
-        "c4", "allenai/c4", "text", data_files="en/c4-train.00000-of-01024.json.gz",
-        aliases=("allenai/c4",)),
+    "c4": HubSet("c4", "allenai/c4", "text", data_files="en/c4-train.00000-of-01024.json.gz", aliases=("allenai/c4",)),
     "wikitext2": HubSet(
-        "wikitext2", "Salesforce/wikitext", "text", config="wikitext-2-raw-v1", streaming=False,
-        default_limit=100_000, join="wikitext",
-        aliases=("wikitext", "wikitext-2", "wikitext2-raw", "salesforce/wikitext")),
+        "wikitext2",
+        "Salesforce/wikitext",
+        "text",
+        config="wikitext-2-raw-v1",
+        streaming=False,
+        default_limit=100_000,
+        join="wikitext",
+        aliases=("wikitext", "wikitext-2", "wikitext2-raw", "salesforce/wikitext"),
+    ),
     "bartowski-v3": HubSet(
         # The canonical copy is a GitHub gist; the datasets "text" builder reads a URL as a data file
         # and splits it into paragraphs (blank-line separated), the same rule as our .txt loader.
-        "bartowski-v3", "text", "text",
+        "bartowski-v3",
+        "text",
+        "text",
         data_files="https://gist.githubusercontent.com/bartowski1182/eb213dccb3571f863da82e99418f81e8"
-                   "/raw/calibration_datav3.txt",
-        streaming=False, default_limit=100_000, builder_kwargs={"sample_by": "paragraph"},
-        aliases=("bartowski", "bartowski-v3", "calibration_datav3", "calibration-datav3")),
+        "/raw/calibration_datav3.txt",
+        streaming=False,
+        default_limit=100_000,
+        builder_kwargs={"sample_by": "paragraph"},
+        aliases=("bartowski", "bartowski-v3", "calibration_datav3", "calibration-datav3"),
+    ),
     "the-stack": HubSet(
-        "the-stack", "bigcode/the-stack-smol", "content", data_dir="data/python", gated=True,
-        aliases=("the-stack-smol", "bigcode/the-stack-smol", "stack")),
+        "the-stack",
+        "bigcode/the-stack-smol",
+        "content",
+        data_dir="data/python",
+        gated=True,
+        aliases=("the-stack-smol", "bigcode/the-stack-smol", "stack"),
+    ),
 }
 
 
@@ -96,8 +111,10 @@ def canonical_name(name: str) -> str | None:
 
 
 def _offline_env() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _load_rows(spec: HubSet, split: str, revision: str | None):
@@ -121,8 +138,7 @@ def _join_wikitext(rows):
     doc = []
     for line in rows:
         stripped = line.strip()
-        is_title = (stripped.startswith("= ") and stripped.endswith(" =")
-                    and not stripped.startswith("= ="))
+        is_title = stripped.startswith("= ") and stripped.endswith(" =") and not stripped.startswith("= =")
         if is_title and doc:
             yield "\n".join(doc)
             doc = []
@@ -143,16 +159,20 @@ def _unavailable(spec: HubSet, why: str) -> HubUnavailableError:
     hint = ("; ".join(hints) + ". ") if hints else ""
     return HubUnavailableError(
         f"[data] cannot load hub set {spec.name!r} ({spec.describe()}): {why}. {hint}"
-        f"Offline alternatives: {_offline_alternatives()}")
+        f"Offline alternatives: {_offline_alternatives()}"
+    )
 
 
-def load_hub_texts(name: str, *, split: str | None = None, limit: int | None = None,
-                   revision: str | None = None) -> tuple[list[str], HubSet]:
+def load_hub_texts(
+    name: str, *, split: str | None = None, limit: int | None = None, revision: str | None = None
+) -> tuple[list[str], HubSet]:
     """The first ``limit`` non-empty texts of hub set ``name`` (default: the set's default_limit)."""
     canon = canonical_name(name)
     if canon is None:
-        raise ValueError(f"[data] unknown hub set {name!r}; known: {', '.join(HUB_SETS)} "
-                         f"(or 'builtin', or a local .txt/.json/.jsonl path)")
+        raise ValueError(
+            f"[data] unknown hub set {name!r}; known: {', '.join(HUB_SETS)} "
+            f"(or 'builtin', or a local .txt/.json/.jsonl path)"
+        )
     spec = HUB_SETS[canon]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"[data] limit must be a positive int or None, got {limit!r}")
@@ -162,8 +182,9 @@ def load_hub_texts(name: str, *, split: str | None = None, limit: int | None = N
     try:
         rows = _load_rows(spec, split, revision)
     except ImportError as e:
-        raise _unavailable(spec, f"the 'datasets' library is not installed ({e}); "
-                                 "install it with `pip install calibra[hub]`") from e
+        raise _unavailable(
+            spec, f"the 'datasets' library is not installed ({e}); install it with `pip install calibra[hub]`"
+        ) from e
     except Exception as e:  # connection errors, offline mode without a cache, gated repo, bad split
         raise _unavailable(spec, f"{type(e).__name__}: {e}") from e
 
@@ -173,8 +194,9 @@ def load_hub_texts(name: str, *, split: str | None = None, limit: int | None = N
                 value = row[spec.text_field]
             except (KeyError, TypeError):
                 keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"[data] hub set {spec.name!r}: row {i} has no {spec.text_field!r} "
-                                 f"field (has: {keys})") from None
+                raise ValueError(
+                    f"[data] hub set {spec.name!r}: row {i} has no {spec.text_field!r} field (has: {keys})"
+                ) from None
             if isinstance(value, str):
                 yield value
 

@@ -7,6 +7,7 @@ through it + that layer's observer state (Hessians: in_features^2 per observed L
 solver's workspace (a copy of the largest Hessian for its Cholesky inverse). The estimate is an
 upper bound: it counts every intermediate of the layer as live at once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ def format_bytes(n: int) -> str:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """All sizes in bytes."""
+
     model: str
     num_layers: int
     hidden_size: int
@@ -38,22 +40,24 @@ class MemoryEstimate:
     batch_size: int
     dtype: str
     hessian_dtype: str
-    observed_linears: int       # observed Linear weights in one layer (experts counted one by one)
-    layer_weights: int          # one decoder layer's parameters
-    activations: int            # one batch through one layer, every intermediate counted
-    hessians: int               # all Hessians of one layer
-    observer_state: int         # other observers of one layer (norms, ranges, K/V covariance, routing)
-    solver_workspace: int       # a copy of the largest Hessian (Cholesky / inverse)
-    peak_device: int            # layer_weights + activations + hessians + observer_state + workspace
-    host_activations: int       # all samples' layer inputs and outputs, held between layers
-    embeddings: int             # embedding + lm_head (used only before the first / after the last layer)
-    attention_scores: int       # part of `activations`: the L x L scores when eager attention is used
+    observed_linears: int  # observed Linear weights in one layer (experts counted one by one)
+    layer_weights: int  # one decoder layer's parameters
+    activations: int  # one batch through one layer, every intermediate counted
+    hessians: int  # all Hessians of one layer
+    observer_state: int  # other observers of one layer (norms, ranges, K/V covariance, routing)
+    solver_workspace: int  # a copy of the largest Hessian (Cholesky / inverse)
+    peak_device: int  # layer_weights + activations + hessians + observer_state + workspace
+    host_activations: int  # all samples' layer inputs and outputs, held between layers
+    embeddings: int  # embedding + lm_head (used only before the first / after the last layer)
+    attention_scores: int  # part of `activations`: the L x L scores when eager attention is used
     notes: tuple = ()
 
     def __str__(self) -> str:
         rows = [
-            ("calibration data", f"{self.num_samples} samples x {self.sequence_length} tokens, "
-                                 f"batch {self.batch_size}"),
+            (
+                "calibration data",
+                f"{self.num_samples} samples x {self.sequence_length} tokens, batch {self.batch_size}",
+            ),
             ("one layer's weights", format_bytes(self.layer_weights)),
             (f"activations, one batch ({self.dtype})", format_bytes(self.activations)),
             (f"Hessians ({self.observed_linears} Linear, {self.hessian_dtype})", format_bytes(self.hessians)),
@@ -64,8 +68,7 @@ class MemoryEstimate:
             ("embeddings + lm_head", format_bytes(self.embeddings)),
         ]
         width = max(len(k) for k, _ in rows)
-        head = (f"[data] calibration memory estimate: {self.model}, {self.num_layers} layers, "
-                f"hidden {self.hidden_size}")
+        head = f"[data] calibration memory estimate: {self.model}, {self.num_layers} layers, hidden {self.hidden_size}"
         lines = [head] + [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -85,9 +88,15 @@ def _dtype_bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def estimate_memory(model_config, config: CalibrationConfig, *, dtype=torch.float32,
-                    observers=("hessian",), hessian_dtype=torch.float32,
-                    attn_implementation: str | None = None) -> MemoryEstimate:
+def estimate_memory(
+    model_config,
+    config: CalibrationConfig,
+    *,
+    dtype=torch.float32,
+    observers=("hessian",),
+    hessian_dtype=torch.float32,
+    attn_implementation: str | None = None,
+) -> MemoryEstimate:
     """Estimate the memory of a calibration run from a transformers ``PretrainedConfig``.
 
     Args:
@@ -108,8 +117,9 @@ def estimate_memory(model_config, config: CalibrationConfig, *, dtype=torch.floa
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     H = _get(cfg, "hidden_size", "n_embd", "d_model")
     if not H:
-        raise ValueError(f"[data] model config {type(model_config).__name__} has no hidden_size; "
-                         "cannot estimate memory")
+        raise ValueError(
+            f"[data] model config {type(model_config).__name__} has no hidden_size; cannot estimate memory"
+        )
     n_layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers", default=1)
     n_heads = _get(cfg, "num_attention_heads", "n_head", default=1)
     n_kv = _get(cfg, "num_key_value_heads", default=n_heads)
@@ -152,10 +162,12 @@ def estimate_memory(model_config, config: CalibrationConfig, *, dtype=torch.floa
     T = b * L
     scores = 2 * b * n_heads * L * L * db if attn == "eager" else 0
     mlp_act = (T * top_k * moe_inter * 3 + T * experts + (T * shared_inter * 3)) if experts else T * inter * 3
-    activations = (3 * T * H                       # layer input, normed input, layer output
-                   + T * (q_out + 2 * kv_out)      # q, k, v
-                   + T * q_out                     # attention output before o_proj
-                   + mlp_act) * db + scores
+    activations = (
+        3 * T * H  # layer input, normed input, layer output
+        + T * (q_out + 2 * kv_out)  # q, k, v
+        + T * q_out  # attention output before o_proj
+        + mlp_act
+    ) * db + scores
 
     n_linear = sum(c for _, _, c in linears)
     hessians = sum(i * i * c for i, _, c in linears) * hb if "hessian" in observers else 0
@@ -167,7 +179,7 @@ def estimate_memory(model_config, config: CalibrationConfig, *, dtype=torch.floa
     if "ranges" in observers:
         other += sum(i * c for i, _, c in linears) * 2 * 4
     if "kv" in observers:
-        other += 2 * n_kv * head_dim * head_dim * 8     # K and V covariance per head, fp64
+        other += 2 * n_kv * head_dim * head_dim * 8  # K and V covariance per head, fp64
     if "routing" in observers and experts:
         other += experts * 8 * 2
     if attn == "eager":
@@ -179,9 +191,23 @@ def estimate_memory(model_config, config: CalibrationConfig, *, dtype=torch.floa
     host = 2 * S * L * H * db
     embeddings = vocab * H * db * (1 if tied else 2)
     return MemoryEstimate(
-        model=type(model_config).__name__.replace("Config", ""), num_layers=int(n_layers),
-        hidden_size=int(H), num_samples=S, sequence_length=L, batch_size=b,
-        dtype=str(dtype).replace("torch.", ""), hessian_dtype=str(hessian_dtype).replace("torch.", ""),
-        observed_linears=n_linear, layer_weights=weights, activations=activations, hessians=hessians,
-        observer_state=other, solver_workspace=workspace, peak_device=peak, host_activations=host,
-        embeddings=embeddings, attention_scores=scores, notes=tuple(notes))
+        model=type(model_config).__name__.replace("Config", ""),
+        num_layers=int(n_layers),
+        hidden_size=int(H),
+        num_samples=S,
+        sequence_length=L,
+        batch_size=b,
+        dtype=str(dtype).replace("torch.", ""),
+        hessian_dtype=str(hessian_dtype).replace("torch.", ""),
+        observed_linears=n_linear,
+        layer_weights=weights,
+        activations=activations,
+        hessians=hessians,
+        observer_state=other,
+        solver_workspace=workspace,
+        peak_device=peak,
+        host_activations=host,
+        embeddings=embeddings,
+        attention_scores=scores,
+        notes=tuple(notes),
+    )

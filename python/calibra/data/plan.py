@@ -1,5 +1,6 @@
 """resolve_config: check a calibration config against the model, cap an unset sequence length, and
 print the memory estimate -- all before the first weight is loaded (FAULTS rows 13 and 16)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,16 @@ __all__ = ["resolve_config"]
 log = logging.getLogger("calibra.data")
 
 
-def resolve_config(config: CalibrationConfig, model_config, *, dtype=torch.float32,
-                   observers=("hessian",), echo=print, print_estimate: bool = True, **estimate_kwargs
-                   ) -> tuple[CalibrationConfig, MemoryEstimate]:
+def resolve_config(
+    config: CalibrationConfig,
+    model_config,
+    *,
+    dtype=torch.float32,
+    observers=("hessian",),
+    echo=print,
+    print_estimate: bool = True,
+    **estimate_kwargs,
+) -> tuple[CalibrationConfig, MemoryEstimate]:
     """``(config with a concrete sequence_length, memory estimate)``; prints both via ``echo``
     (the estimate only with ``print_estimate``: the verbs print the job's memory plan, which includes it,
     and log the estimate's details at INFO level).
@@ -31,8 +39,10 @@ def resolve_config(config: CalibrationConfig, model_config, *, dtype=torch.float
     if config.sequence_length is None:
         L = config.resolved_sequence_length(max_positions)
         where = f"the model allows {max_positions} positions" if max_positions else "the model states no position limit"
-        note = (f"[data] sequence_length unset and {where}: capped at {L} tokens per sample "
-                f"(cap {DEFAULT_SEQUENCE_CAP}); set sequence_length explicitly to change it")
+        note = (
+            f"[data] sequence_length unset and {where}: capped at {L} tokens per sample "
+            f"(cap {DEFAULT_SEQUENCE_CAP}); set sequence_length explicitly to change it"
+        )
         echo(note)
         log.info(note)
         config = dataclasses.replace(config, sequence_length=L)

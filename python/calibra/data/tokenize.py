@@ -17,14 +17,15 @@ True is therefore the Hessian of the same tokens unpadded (tests/test_data.py ch
 Determinism: the order comes from ``random.Random(seed)``; the fingerprint (sha256 over shape,
 input_ids and mask bytes) identifies the exact tokens, so a stats file can tell when data changed.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -52,6 +53,7 @@ class TokenizedCalibration:
         requested_tokens: ``num_samples * sequence_length`` as configured.
         num_texts: texts read after de-duplication; num_duplicates / num_empty: texts dropped.
     """
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     token_count: int
@@ -79,15 +81,16 @@ class TokenizedCalibration:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"[data] batch_size must be an int >= 1, got {batch_size!r}")
         for start in range(0, self.num_samples, batch_size):
-            yield (self.input_ids[start:start + batch_size],
-                   self.attention_mask[start:start + batch_size])
+            yield (self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size])
 
     def summary(self) -> str:
         pad = self.num_samples * self.sequence_length - self.token_count
-        return (f"calibration data {self.dataset!r} ({self.version}): {self.num_samples} samples x "
-                f"{self.sequence_length} tokens, {self.token_count} real tokens, {pad} padding, "
-                f"packing={self.packing}, seed={self.seed}, {self.num_duplicates} duplicate texts "
-                f"removed, fingerprint {self.fingerprint[:16]}")
+        return (
+            f"calibration data {self.dataset!r} ({self.version}): {self.num_samples} samples x "
+            f"{self.sequence_length} tokens, {self.token_count} real tokens, {pad} padding, "
+            f"packing={self.packing}, seed={self.seed}, {self.num_duplicates} duplicate texts "
+            f"removed, fingerprint {self.fingerprint[:16]}"
+        )
 
 
 def fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
@@ -136,7 +139,7 @@ def _special_prefix(tokenizer) -> list[int]:
     full = encode_text(tokenizer, probe, True)
     if plain and len(full) > len(plain):
         for i in range(len(full) - len(plain) + 1):
-            if full[i:i + len(plain)] == plain:
+            if full[i : i + len(plain)] == plain:
                 return full[:i]
     return []
 
@@ -162,11 +165,13 @@ def _pack_concat(order, tokenizer, S: int, L: int):
     prefix = _special_prefix(tokenizer)
     body = L - len(prefix)
     if body < 1:
-        raise ValueError(f"[data] sequence_length {L} leaves no room after the tokenizer's "
-                         f"{len(prefix)} prefix token(s); use sequence_length > {len(prefix)}")
+        raise ValueError(
+            f"[data] sequence_length {L} leaves no room after the tokenizer's "
+            f"{len(prefix)} prefix token(s); use sequence_length > {len(prefix)}"
+        )
     need = S * body
     stream: list[int] = []
-    for text, is_chat in order:
+    for text, _is_chat in order:
         if len(stream) >= need:
             break  # enough data: the remaining texts are never tokenized
         ids = encode_text(tokenizer, text, False)
@@ -177,7 +182,7 @@ def _pack_concat(order, tokenizer, S: int, L: int):
         stream.extend(ids)
     rows = []
     for start in range(0, min(len(stream), need), body):
-        rows.append(prefix + stream[start:start + body])
+        rows.append(prefix + stream[start : start + body])
     return rows
 
 
@@ -193,8 +198,9 @@ def _pack_truncate(order, tokenizer, S: int, L: int):
     return rows
 
 
-def tokenize_calibration(dataset: CalibrationDataset, tokenizer, config: CalibrationConfig, *,
-                         max_positions: int | None = None) -> TokenizedCalibration:
+def tokenize_calibration(
+    dataset: CalibrationDataset, tokenizer, config: CalibrationConfig, *, max_positions: int | None = None
+) -> TokenizedCalibration:
     """Tokenize ``dataset`` into ``config.num_samples`` samples of ``sequence_length`` tokens.
 
     Args:
@@ -209,15 +215,19 @@ def tokenize_calibration(dataset: CalibrationDataset, tokenizer, config: Calibra
     the request. Fewer samples than requested is possible only in that warned range.
     """
     if not isinstance(dataset, CalibrationDataset):
-        raise TypeError(f"[data] dataset must be a CalibrationDataset, got {type(dataset).__name__}; "
-                        "use CalibrationDataset.from_source(spec) or CalibrationDataset(samples=[...])")
+        raise TypeError(
+            f"[data] dataset must be a CalibrationDataset, got {type(dataset).__name__}; "
+            "use CalibrationDataset.from_source(spec) or CalibrationDataset(samples=[...])"
+        )
     config.validate(max_positions)
     S = config.num_samples
     L = config.resolved_sequence_length(max_positions)
     if config.sequence_length is None:
         where = f"the model's {max_positions} positions" if max_positions else "no known position limit"
-        note = (f"[data] sequence_length unset ({where}): using {L} tokens per sample "
-                f"(cap {DEFAULT_SEQUENCE_CAP}); set sequence_length to choose")
+        note = (
+            f"[data] sequence_length unset ({where}): using {L} tokens per sample "
+            f"(cap {DEFAULT_SEQUENCE_CAP}); set sequence_length to choose"
+        )
         print(note)
         log.info(note)
 
@@ -235,20 +245,23 @@ def tokenize_calibration(dataset: CalibrationDataset, tokenizer, config: Calibra
     input_ids = torch.full((n, L), pad, dtype=torch.int64)
     mask = torch.zeros((n, L), dtype=torch.bool)
     for i, ids in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        mask[i, :len(ids)] = True
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        mask[i, : len(ids)] = True
     token_count = int(mask.sum())
 
     requested = S * L
     floor = config.token_floor(L)
     dropped = f"{dups} duplicate and {empty} empty texts removed" if (dups or empty) else "no texts removed"
-    got = (f"dataset {dataset.name!r} gave {token_count} real tokens in {n} samples "
-           f"({len(rendered)} texts, {dropped}); requested {S} samples x {L} tokens = {requested}")
+    got = (
+        f"dataset {dataset.name!r} gave {token_count} real tokens in {n} samples "
+        f"({len(rendered)} texts, {dropped}); requested {S} samples x {L} tokens = {requested}"
+    )
     if n == 0 or token_count < max(floor, 1):
         raise ValueError(
             f"[data] too little calibration data: {got}, below the floor of {max(floor, 1)} tokens. "
             f"Fix: add more text, lower num_samples, shorten sequence_length, or set min_tokens "
-            f"to accept less")
+            f"to accept less"
+        )
     if token_count < requested or n < S:
         msg = f"[data] less calibration data than requested: {got} ({token_count / requested:.0%})"
         if n < S:
@@ -259,9 +272,19 @@ def tokenize_calibration(dataset: CalibrationDataset, tokenizer, config: Calibra
         log.warning(msg)
 
     result = TokenizedCalibration(
-        input_ids=input_ids, attention_mask=mask, token_count=token_count, dataset=dataset.name,
-        version=dataset.version, seed=config.seed, fingerprint=fingerprint(input_ids, mask),
-        pad_id=pad, packing=config.packing, requested_tokens=requested, num_texts=len(rendered),
-        num_duplicates=dups, num_empty=empty)
+        input_ids=input_ids,
+        attention_mask=mask,
+        token_count=token_count,
+        dataset=dataset.name,
+        version=dataset.version,
+        seed=config.seed,
+        fingerprint=fingerprint(input_ids, mask),
+        pad_id=pad,
+        packing=config.packing,
+        requested_tokens=requested,
+        num_texts=len(rendered),
+        num_duplicates=dups,
+        num_empty=empty,
+    )
     log.info("%s", result.summary())
     return result

@@ -10,6 +10,7 @@
 Defaults: ``seq_len`` = the model's ``max_position_embeddings`` capped at 2048, ``stride`` =
 ``seq_len // 2``, the built-in held-out eval text, float32 weights and logits, top-k ``k = 64``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,9 +22,23 @@ from calibra.eval.perplexity import PerplexityResult, perplexity_from_ids
 from calibra.eval.windows import DEFAULT_SEQ_LEN_CAP, dataset_version, plan_windows, resolve_protocol, token_stream
 
 __all__ = [
-    "evaluate", "METRICS", "PerplexityResult", "KLResult", "AttributionResult", "ReferenceTopK",
-    "perplexity_from_ids", "kl_divergence_from_ids", "collect_reference", "compare", "attribute_layers",
-    "plan_windows", "token_stream", "resolve_protocol", "check_protocol", "DEFAULT_TOP_K", "DEFAULT_SEQ_LEN_CAP",
+    "evaluate",
+    "METRICS",
+    "PerplexityResult",
+    "KLResult",
+    "AttributionResult",
+    "ReferenceTopK",
+    "perplexity_from_ids",
+    "kl_divergence_from_ids",
+    "collect_reference",
+    "compare",
+    "attribute_layers",
+    "plan_windows",
+    "token_stream",
+    "resolve_protocol",
+    "check_protocol",
+    "DEFAULT_TOP_K",
+    "DEFAULT_SEQ_LEN_CAP",
 ]
 
 METRICS = ("perplexity", "kl-divergence")
@@ -88,14 +103,41 @@ def _load(model, tokenizer, dtype, device, read=None):
     """``(model, tokenizer)`` from a spec (``builtin:NAME`` / folder) or an already built model. Folders go
     through the checking reader; quantized checkpoints are allowed (evaluating them is the point)."""
     if isinstance(model, (str, Path)):
-        from calibra.io import load_model
+        if _is_quantize_output(model):
+            m, tok = _load_quantize_output(model, dtype, read)
+        else:
+            from calibra.io import load_model
 
-        m, tok = load_model(str(model), dtype, allow_quantized=True, **(read or {}))
+            m, tok = load_model(str(model), dtype, allow_quantized=True, **(read or {}))
         return m.to(_auto_device(device)), (tokenizer or tok)
     if device is not None:
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _is_quantize_output(spec) -> bool:
+    """Whether ``spec`` is a folder ``calibra quantize`` wrote (its own layout, not an engine export)."""
+    from calibra.quant.save import MANIFEST, WEIGHTS
+
+    folder = Path(str(spec))
+    return (folder / MANIFEST).is_file() and (folder / WEIGHTS).is_file()
+
+
+def _load_quantize_output(spec, dtype, read):
+    """The simulated quantized model of a ``calibra quantize`` folder (every quantized weight dequantized
+    from its codes, exactly what the report's evaluation measured) and the tokenizer saved beside it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from calibra.io import check_model_finite, inspect_model
+    from calibra.quant.save import load as load_quantized
+
+    folder = inspect_model(str(spec), allow_quantized=True, check_tensors=False, component="eval", **(read or {}))
+    dt = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or torch.float32)
+    model, _ = load_quantized(folder.path, dtype=dt if isinstance(dt, torch.dtype) else torch.float32)
+    check_model_finite(model, str(spec))
+    return model.eval(), AutoTokenizer.from_pretrained(folder.path, local_files_only=True)
 
 
 def _texts(dataset):
@@ -110,11 +152,28 @@ def _texts(dataset):
     return texts, ("builtin:eval" if dataset == "builtin" else str(dataset))
 
 
-def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=None, seq_len: int | None = None,
-             stride: int | None = None, max_tokens: int | None = None, device=None, top_k: int = DEFAULT_TOP_K,
-             exact: bool = False, attribution: bool = False, rank_by: str = "kl", attribution_tokens: int | None = None,
-             tokenizer=None, dtype="float32", batch_size: int | None = None, progress: bool | None = None,
-             allow_pickle: bool = False, trust_remote_code: bool = False):
+def evaluate(
+    model,
+    *,
+    metric: str = "perplexity",
+    dataset="builtin",
+    reference=None,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    device=None,
+    top_k: int = DEFAULT_TOP_K,
+    exact: bool = False,
+    attribution: bool = False,
+    rank_by: str = "kl",
+    attribution_tokens: int | None = None,
+    tokenizer=None,
+    dtype="float32",
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
     """Evaluate ``model`` (a ``builtin:NAME`` spec, a Hugging Face folder, or a loaded causal LM).
 
     * ``metric="perplexity"`` -> :class:`PerplexityResult` (with ``.reference``, the reference's
@@ -142,8 +201,10 @@ def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=
         ids, ds = dataset.reshape(-1).long(), {"name": "token-ids", "version": None, "documents": None}
     else:
         if tokenizer is None:
-            raise ValueError("[eval] a loaded model needs tokenizer=... to encode the eval text "
-                             "(or pass a folder / builtin:NAME, whose tokenizer is used)")
+            raise ValueError(
+                "[eval] a loaded model needs tokenizer=... to encode the eval text "
+                "(or pass a folder / builtin:NAME, whose tokenizer is used)"
+            )
         texts, name = _texts(dataset)
         if not texts:
             raise ValueError(f"[eval] dataset {name!r} holds no text")
@@ -155,9 +216,11 @@ def evaluate(model, *, metric: str = "perplexity", dataset="builtin", reference=
     if 2 <= ids.numel() < seq_len:
         import warnings
 
-        warnings.warn(f"[eval] the eval stream has only {ids.numel()} tokens, fewer than seq_len {seq_len}: "
-                      f"one window of {ids.numel()} tokens is scored; give more text for a comparable number",
-                      stacklevel=2)
+        warnings.warn(
+            f"[eval] the eval stream has only {ids.numel()} tokens, fewer than seq_len {seq_len}: "
+            f"one window of {ids.numel()} tokens is scored; give more text for a comparable number",
+            stacklevel=2,
+        )
     ref_model = None
     if reference is not None:
         # the reference runs where the model runs: the two are compared batch by batch
@@ -179,5 +242,6 @@ def _check_vocab(reference, model):
     rv = getattr(getattr(reference, "config", None), "vocab_size", None)
     mv = getattr(getattr(model, "config", None), "vocab_size", None)
     if rv is not None and mv is not None and rv != mv:
-        raise ValueError(f"[eval] the reference has vocab_size {rv}, the model {mv}; comparing them needs "
-                         "the same tokenizer")
+        raise ValueError(
+            f"[eval] the reference has vocab_size {rv}, the model {mv}; comparing them needs the same tokenizer"
+        )

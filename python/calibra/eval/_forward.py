@@ -4,6 +4,7 @@ Shared by perplexity, KL divergence and attribution so that all three score exac
 positions in the same order: two models iterated with :func:`iter_scored` over the same plan can
 be zipped in lockstep.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -57,8 +58,9 @@ def _batch_for(group: list[Window], batch_size: int | None, vocab: int) -> int:
     return max(1, min(MAX_BATCH, LOGITS_BUDGET_BYTES // max(per_window, 1)))
 
 
-def iter_scored(model, ids, plan: list[Window], *, batch_size: int | None = None, progress: bool | None = None,
-                desc: str = "eval"):
+def iter_scored(
+    model, ids, plan: list[Window], *, batch_size: int | None = None, progress: bool | None = None, desc: str = "eval"
+):
     """Yield ``(logprobs, targets)`` per batch of windows: ``logprobs`` is ``[T, V]`` float32 (the
     log-softmax of the model's prediction for each scored token, in stream order), ``targets`` the
     ``[T]`` scored token ids (on the model's device). ``ids`` is the whole stream as a 1-D LongTensor.
@@ -87,7 +89,7 @@ def iter_scored(model, ids, plan: list[Window], *, batch_size: int | None = None
     # `with no_grad()` leaves grad disabled in its caller until it is closed (or garbage collected).
     for group in _group(plan, batch_size, vocab):
         with torch.no_grad():
-            x = torch.stack([ids[w.begin:w.end] for w in group])
+            x = torch.stack([ids[w.begin : w.end] for w in group])
             keep = max(w.scored for w in group) + 1
             kwargs = {"use_cache": False}
             if keep_arg and keep < x.shape[1]:
@@ -96,13 +98,14 @@ def iter_scored(model, ids, plan: list[Window], *, batch_size: int | None = None
             # the logits at position p predict token p + 1: the last `keep` positions predict the
             # last keep - 1 tokens (the final position predicts past the window and is dropped)
             logits = logits[:, -keep:-1] if logits.shape[1] >= keep else logits[:, :-1]
-            rows = [logits[b, logits.shape[1] - w.scored:] for b, w in enumerate(group)]
+            rows = [logits[b, logits.shape[1] - w.scored :] for b, w in enumerate(group)]
             lp = torch.cat(rows).float().log_softmax(-1)
-            targets = torch.cat([ids[w.score_from:w.end] for w in group])
+            targets = torch.cat([ids[w.score_from : w.end] for w in group])
             if not torch.isfinite(lp.gather(-1, targets[:, None])).all():
                 raise FloatingPointError(
                     f"[eval] non-finite logits in tokens {group[0].begin}..{group[-1].end} of the eval "
-                    "stream; the model overflows in its dtype (load it in float32) or its weights hold NaN/Inf")
+                    "stream; the model overflows in its dtype (load it in float32) or its weights hold NaN/Inf"
+                )
         yield lp, targets
         if bar is not None:
             bar.update(len(group))

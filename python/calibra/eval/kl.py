@@ -25,6 +25,7 @@ Two modes:
 
 Statistics reported per direction: mean, median and max over scored tokens (nats).
 """
+
 from __future__ import annotations
 
 import math
@@ -89,11 +90,11 @@ def token_stats(values) -> dict:
 # ------------------------------------------------------------------------------------------- results
 @dataclass
 class KLResult:
-    kl_ref_cmp: dict            # KL(reference || compressed): mean, median, max over tokens (nats)
-    kl_cmp_ref: dict            # KL(compressed || reference)
-    mode: str                   # "top-k" or "exact"
+    kl_ref_cmp: dict  # KL(reference || compressed): mean, median, max over tokens (nats)
+    kl_cmp_ref: dict  # KL(compressed || reference)
+    mode: str  # "top-k" or "exact"
     top_k: int | None
-    ppl_reference: float        # both perplexities on the very same scored tokens
+    ppl_reference: float  # both perplexities on the very same scored tokens
     ppl_compressed: float
     tokens: int
     stream_tokens: int
@@ -115,7 +116,7 @@ class ReferenceTopK:
 
     top_k: int
     plan: list[Window]
-    batches: list[tuple]        # (idx int32 [T,k], top fp32 [T,k], rest fp32 [T], target_lp fp32 [T])
+    batches: list[tuple]  # (idx int32 [T,k], top fp32 [T,k], rest fp32 [T], target_lp fp32 [T])
     stream_tokens: int
     seq_len: int
     stride: int
@@ -129,8 +130,16 @@ class ReferenceTopK:
         return -sum(float(b[3].double().sum()) for b in self.batches) / self.tokens
 
 
-def collect_reference(reference, ids, *, seq_len: int, stride: int, top_k: int = DEFAULT_TOP_K,
-                      batch_size: int | None = None, progress: bool | None = None) -> ReferenceTopK:
+def collect_reference(
+    reference,
+    ids,
+    *,
+    seq_len: int,
+    stride: int,
+    top_k: int = DEFAULT_TOP_K,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> ReferenceTopK:
     """Run the reference once over the windows and keep only its top-k per scored token."""
     import torch
 
@@ -139,12 +148,18 @@ def collect_reference(reference, ids, *, seq_len: int, stride: int, top_k: int =
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     plan = plan_windows(ids.numel(), seq_len, stride)
     batches = []
-    for lp, targets in iter_scored(reference, ids, plan, batch_size=batch_size, progress=progress,
-                                   desc="reference"):
+    for lp, targets in iter_scored(reference, ids, plan, batch_size=batch_size, progress=progress, desc="reference"):
         idx, top, rest = topk_buckets(lp, top_k)
         batches.append((idx.to(torch.int32), top, rest, lp.gather(-1, targets[:, None])[:, 0]))
-    return ReferenceTopK(top_k=min(top_k, batches[0][1].shape[-1]), plan=plan, batches=batches,
-                         stream_tokens=int(ids.numel()), seq_len=seq_len, stride=stride, batch_size=batch_size)
+    return ReferenceTopK(
+        top_k=min(top_k, batches[0][1].shape[-1]),
+        plan=plan,
+        batches=batches,
+        stream_tokens=int(ids.numel()),
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch_size,
+    )
 
 
 def compare(model, ref: ReferenceTopK, ids, *, progress: bool | None = None, dataset: dict | None = None) -> KLResult:
@@ -153,8 +168,10 @@ def compare(model, ref: ReferenceTopK, ids, *, progress: bool | None = None, dat
 
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if ids.numel() != ref.stream_tokens:
-        raise ValueError(f"[eval] the reference was collected on {ref.stream_tokens} tokens, "
-                         f"the comparison got {ids.numel()}; use the same dataset and max_tokens")
+        raise ValueError(
+            f"[eval] the reference was collected on {ref.stream_tokens} tokens, "
+            f"the comparison got {ids.numel()}; use the same dataset and max_tokens"
+        )
     device = model_device(model)
     pq, qp, nll_q = [], [], 0.0
     it = iter_scored(model, ids, ref.plan, batch_size=ref.batch_size, progress=progress, desc="compressed")
@@ -168,9 +185,19 @@ def compare(model, ref: ReferenceTopK, ids, *, progress: bool | None = None, dat
     return _result(pq, qp, "top-k", ref.top_k, ref.nll(), nll_q / ref.tokens, ref.tokens, ref, dataset)
 
 
-def kl_divergence_from_ids(reference, model, ids, *, seq_len: int, stride: int, top_k: int = DEFAULT_TOP_K,
-                           exact: bool = False, batch_size: int | None = None, progress: bool | None = None,
-                           dataset: dict | None = None) -> KLResult:
+def kl_divergence_from_ids(
+    reference,
+    model,
+    ids,
+    *,
+    seq_len: int,
+    stride: int,
+    top_k: int = DEFAULT_TOP_K,
+    exact: bool = False,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    dataset: dict | None = None,
+) -> KLResult:
     """KL between ``reference`` and ``model`` on the stream ``ids``, both run in lockstep batch by
     batch (top-k or ``exact``); nothing but the per-token KL values is kept."""
     import torch
@@ -181,8 +208,10 @@ def kl_divergence_from_ids(reference, model, ids, *, seq_len: int, stride: int, 
     plan = plan_windows(ids.numel(), seq_len, stride)
     kw = dict(batch_size=batch_size, progress=progress)
     pq, qp, nll_p, nll_q, count, k_used = [], [], 0.0, 0.0, 0, None
-    for (lp, t), (lq, _) in zip(iter_scored(reference, ids, plan, desc="reference", **kw),
-                                iter_scored(model, ids, plan, desc="compressed", **kw)):
+    for (lp, t), (lq, _) in zip(
+        iter_scored(reference, ids, plan, desc="reference", **kw),
+        iter_scored(model, ids, plan, desc="compressed", **kw),
+    ):
         lp = lp.to(lq.device)
         t = t.to(lq.device)
         if exact:
@@ -196,16 +225,42 @@ def kl_divergence_from_ids(reference, model, ids, *, seq_len: int, stride: int, 
         nll_p -= float(lp.gather(-1, t[:, None]).double().sum())
         nll_q -= float(lq.gather(-1, t[:, None]).double().sum())
         count += t.numel()
-    proto = ReferenceTopK(top_k=k_used or 0, plan=plan, batches=[], stream_tokens=int(ids.numel()),
-                          seq_len=seq_len, stride=stride, batch_size=batch_size)
-    return _result(pq, qp, "exact" if exact else "top-k", None if exact else k_used,
-                   nll_p / count, nll_q / count, count, proto, dataset)
+    proto = ReferenceTopK(
+        top_k=k_used or 0,
+        plan=plan,
+        batches=[],
+        stream_tokens=int(ids.numel()),
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch_size,
+    )
+    return _result(
+        pq,
+        qp,
+        "exact" if exact else "top-k",
+        None if exact else k_used,
+        nll_p / count,
+        nll_q / count,
+        count,
+        proto,
+        dataset,
+    )
 
 
 def _result(pq, qp, mode, top_k, nll_p, nll_q, count, ref: ReferenceTopK, dataset) -> KLResult:
     import torch
 
-    return KLResult(kl_ref_cmp=token_stats(torch.cat(pq)), kl_cmp_ref=token_stats(torch.cat(qp)), mode=mode,
-                    top_k=top_k, ppl_reference=math.exp(nll_p), ppl_compressed=math.exp(nll_q), tokens=count,
-                    stream_tokens=ref.stream_tokens, windows=len(ref.plan), seq_len=ref.seq_len,
-                    stride=ref.stride, dataset=dict(dataset or {}))
+    return KLResult(
+        kl_ref_cmp=token_stats(torch.cat(pq)),
+        kl_cmp_ref=token_stats(torch.cat(qp)),
+        mode=mode,
+        top_k=top_k,
+        ppl_reference=math.exp(nll_p),
+        ppl_compressed=math.exp(nll_q),
+        tokens=count,
+        stream_tokens=ref.stream_tokens,
+        windows=len(ref.plan),
+        seq_len=ref.seq_len,
+        stride=ref.stride,
+        dataset=dict(dataset or {}),
+    )

@@ -6,6 +6,7 @@ block has one shape:
 ``protocol``, ``perplexity {baseline, compressed, increase}``, ``kl_divergence {mean, median, max,
 direction, reverse, mode, top_k}``.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,14 +27,27 @@ class EvalSession:
     ``label`` names the compressed model in the report's descriptions (``"pruned"``, ``"quantized"``).
     """
 
-    def __init__(self, model, tokenizer, *, dataset="builtin", seq_len=None, stride=None, max_tokens=None,
-                 top_k: int = 64, progress: bool = True, label: str = "compressed", component: str = "eval"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        dataset="builtin",
+        seq_len=None,
+        stride=None,
+        max_tokens=None,
+        top_k: int = 64,
+        progress: bool = True,
+        label: str = "compressed",
+        component: str = "eval",
+    ):
         from calibra.eval import _texts, collect_reference, resolve_protocol
         from calibra.eval.windows import dataset_version, token_stream
 
         if tokenizer is None:
-            raise ValueError(f"[{component}] evaluation needs the model's tokenizer (tokenizer=...), or turn "
-                             f"evaluation off")
+            raise ValueError(
+                f"[{component}] evaluation needs the model's tokenizer (tokenizer=...), or turn evaluation off"
+            )
         t0 = time.perf_counter()
         texts, name = _texts(dataset)
         ids = torch.tensor(token_stream(tokenizer, texts), dtype=torch.long)
@@ -44,8 +58,9 @@ class EvalSession:
         self.dataset = {"name": name, "version": dataset_version(texts), "documents": len(texts)}
         self.seq_len, self.stride = resolve_protocol(model, seq_len, stride)
         self.progress = progress
-        self.ref = collect_reference(model, ids, seq_len=self.seq_len, stride=self.stride, top_k=top_k,
-                                     progress=progress)
+        self.ref = collect_reference(
+            model, ids, seq_len=self.seq_len, stride=self.stride, top_k=top_k, progress=progress
+        )
         self.seconds = time.perf_counter() - t0
 
     def finish(self, model) -> dict:
@@ -56,17 +71,32 @@ class EvalSession:
         r = compare(model, self.ref, self.ids, progress=self.progress, dataset=self.dataset)
         self.seconds += time.perf_counter() - t0
         return {
-            "protocol": {"dataset": self.dataset, "seq_len": r.seq_len, "stride": r.stride, "windows": r.windows,
-                         "tokens_scored": r.tokens, "stream_tokens": r.stream_tokens,
-                         "description": f"strided sliding windows (stride = seq_len/2 by default), each token "
-                                        f"scored once with up to seq_len - stride tokens of context; float32 "
-                                        f"logits; KL per scored token between the uncompressed model (P) and the "
-                                        f"{self.label} model (Q), top-k buckets (a lower bound of the exact KL)"},
-            "perplexity": {"baseline": r.ppl_reference, "compressed": r.ppl_compressed,
-                           "increase": r.ppl_compressed - r.ppl_reference},
-            "kl_divergence": {"mean": r.kl_ref_cmp["mean"], "median": r.kl_ref_cmp["median"],
-                              "max": r.kl_ref_cmp["max"], "direction": f"KL(uncompressed || {self.label}), nats/token",
-                              "reverse": r.kl_cmp_ref, "mode": r.mode, "top_k": r.top_k},
+            "protocol": {
+                "dataset": self.dataset,
+                "seq_len": r.seq_len,
+                "stride": r.stride,
+                "windows": r.windows,
+                "tokens_scored": r.tokens,
+                "stream_tokens": r.stream_tokens,
+                "description": f"strided sliding windows (stride = seq_len/2 by default), each token "
+                f"scored once with up to seq_len - stride tokens of context; float32 "
+                f"logits; KL per scored token between the uncompressed model (P) and the "
+                f"{self.label} model (Q), top-k buckets (a lower bound of the exact KL)",
+            },
+            "perplexity": {
+                "baseline": r.ppl_reference,
+                "compressed": r.ppl_compressed,
+                "increase": r.ppl_compressed - r.ppl_reference,
+            },
+            "kl_divergence": {
+                "mean": r.kl_ref_cmp["mean"],
+                "median": r.kl_ref_cmp["median"],
+                "max": r.kl_ref_cmp["max"],
+                "direction": f"KL(uncompressed || {self.label}), nats/token",
+                "reverse": r.kl_cmp_ref,
+                "mode": r.mode,
+                "top_k": r.top_k,
+            },
         }
 
 

@@ -15,6 +15,7 @@ tokens are scored.
 
 Only ``torch`` is imported, lazily.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,11 +52,15 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
     if seq_len < 2:
         raise ValueError(f"[eval] seq_len must be >= 2, got {seq_len}")
     if not 1 <= stride <= seq_len:
-        raise ValueError(f"[eval] stride must be in 1..seq_len ({seq_len}), got {stride}; "
-                         "use stride = seq_len for non-overlapping windows")
+        raise ValueError(
+            f"[eval] stride must be in 1..seq_len ({seq_len}), got {stride}; "
+            "use stride = seq_len for non-overlapping windows"
+        )
     if n_tokens < 2:
-        raise ValueError(f"[eval] the eval text has {n_tokens} token(s); at least 2 are needed "
-                         "to score one next-token prediction -- give a longer dataset")
+        raise ValueError(
+            f"[eval] the eval text has {n_tokens} token(s); at least 2 are needed "
+            "to score one next-token prediction -- give a longer dataset"
+        )
     out: list[Window] = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
@@ -74,8 +79,7 @@ def token_stream(tokenizer, texts) -> list[int]:
     """All ``texts`` encoded without special tokens, each followed by the end-of-text token."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        warnings.warn("[eval] the tokenizer has no eos token; documents are joined without a separator",
-                      stacklevel=2)
+        warnings.warn("[eval] the tokenizer has no eos token; documents are joined without a separator", stacklevel=2)
     ids: list[int] = []
     for text in texts:
         ids.extend(encode_text(tokenizer, text))
@@ -116,8 +120,10 @@ def resolve_protocol(model, seq_len: int | None, stride: int | None, *, flag: st
     if seq_len is None:
         seq_len = ctx
     elif isinstance(cfg_max, int) and seq_len > cfg_max:
-        raise ValueError(f"[eval] seq_len {seq_len} exceeds the model's max_position_embeddings "
-                         f"{cfg_max}; pass {flag} {cfg_max} or less")
+        raise ValueError(
+            f"[eval] seq_len {seq_len} exceeds the model's max_position_embeddings "
+            f"{cfg_max}; pass {flag} {cfg_max} or less"
+        )
     if stride is None:
         stride = max(1, seq_len // 2)
     return int(seq_len), int(stride)

@@ -17,6 +17,7 @@ rotations, act-order in compressed-tensors, ...) is refused with an ``ExportErro
 and the fix. Every output folder holds ``calibra_manifest.json`` (sha256 per file, settings, seed,
 versions); ``calibra.export.inspect`` reads and verifies it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,11 +27,24 @@ from pathlib import Path
 from calibra.export import compressed_tensors, dense, gguf, gptq, mlx
 from calibra.export.writer import ExportError, atomic_folder, check_target, verify_manifest, write_manifest
 
-_MODULES = {"compressed-tensors": compressed_tensors, "gptq": gptq, "mlx": mlx, "gguf-q4_0": gguf.Q4_0,
-            "gguf-q8_0": gguf.Q8_0, "dense": dense}
+_MODULES = {
+    "compressed-tensors": compressed_tensors,
+    "gptq": gptq,
+    "mlx": mlx,
+    "gguf-q4_0": gguf.Q4_0,
+    "gguf-q8_0": gguf.Q8_0,
+    "dense": dense,
+}
 FORMATS = tuple(_MODULES)
-_ALIASES = {"ct": "compressed-tensors", "compressed_tensors": "compressed-tensors", "gguf": "gguf-q4_0",
-            "q4_0": "gguf-q4_0", "q8_0": "gguf-q8_0", "gguf_q4_0": "gguf-q4_0", "gguf_q8_0": "gguf-q8_0"}
+_ALIASES = {
+    "ct": "compressed-tensors",
+    "compressed_tensors": "compressed-tensors",
+    "gguf": "gguf-q4_0",
+    "q4_0": "gguf-q4_0",
+    "q8_0": "gguf-q8_0",
+    "gguf_q4_0": "gguf-q4_0",
+    "gguf_q8_0": "gguf-q8_0",
+}
 
 
 def parse_formats(format) -> list[str]:
@@ -74,8 +88,9 @@ def check(qmodel, format) -> list[str]:
     return fmts
 
 
-def export(qmodel, path, format="compressed-tensors", *, overwrite: bool = False,
-           max_shard_bytes: int | None = None) -> list[Path]:
+def export(
+    qmodel, path, format="compressed-tensors", *, overwrite: bool = False, max_shard_bytes: int | None = None
+) -> list[Path]:
     """Write ``qmodel`` to ``path`` in one or more formats; returns the written folders.
 
     Args:
@@ -98,8 +113,9 @@ def export(qmodel, path, format="compressed-tensors", *, overwrite: bool = False
             folder.mkdir(exist_ok=True)
             mod = _MODULES[f]
             extra = mod.write(qmodel, folder, max_shard_bytes=max_shard_bytes)
-            write_manifest(folder, format=f, qmodel=qmodel, extra=extra,
-                           extra_versions=getattr(mod, "versions", lambda: {})())
+            write_manifest(
+                folder, format=f, qmodel=qmodel, extra=extra, extra_versions=getattr(mod, "versions", lambda: {})()
+            )
     return [target] if len(fmts) == 1 else [target / f for f in fmts]
 
 

@@ -1,6 +1,7 @@
 """What every format needs from a QuantizedModel: which weights are quantized, the dense remainder
 of the state dict under the names transformers' loader expects, and the checks that refuse what
 no format here can express (never write a file that loads but computes something else)."""
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,8 @@ def refuse_rotation(qmodel, fmt: str) -> None:
         raise ExportError(
             f"[export] {fmt} cannot express MR-GPTQ's Hadamard rotation of the inputs ({len(rotated)} rotated "
             f"layer(s), e.g. {rotated[0]}): an engine would run the rotated weight on unrotated activations. "
-            f"Export 'dense' (the effective weights), or quantize without MR-GPTQ")
+            f"Export 'dense' (the effective weights), or quantize without MR-GPTQ"
+        )
 
 
 def refuse_experts(qmodel, fmt: str) -> None:
@@ -32,7 +34,8 @@ def refuse_experts(qmodel, fmt: str) -> None:
         raise ExportError(
             f"[export] {fmt}: quantized fused MoE expert weights ({len(experts)}, e.g. {experts[0]}) are not "
             f"written by this exporter yet (no loader of transformers 5.23 was verified to load them quantized); "
-            f"export 'dense', or quantize the attention/dense layers only")
+            f"export 'dense', or quantize the attention/dense layers only"
+        )
 
 
 def quantized_weight_keys(qmodel) -> set[str]:
@@ -59,8 +62,10 @@ def dense_state(qmodel, *, skip: set[str] = frozenset()) -> dict[str, torch.Tens
     if tied(model):
         out_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
         if out_name in qmodel.layers:
-            raise ExportError(f"[export] {out_name} is quantized but tied to the input embeddings "
-                              f"(tie_word_embeddings=true); untie it or leave it dense")
+            raise ExportError(
+                f"[export] {out_name} is quantized but tied to the input embeddings "
+                f"(tie_word_embeddings=true); untie it or leave it dense"
+            )
         sd.pop(f"{out_name}.weight", None)
     return saved_state(model, sd)
 
@@ -76,8 +81,10 @@ def uniform(qmodel, fmt: str):
     if not schemes:
         raise ExportError(f"[export] {fmt}: the model has no quantized layers; export 'dense' instead")
     if len(schemes) > 1:
-        raise ExportError(f"[export] {fmt}: layers use {len(schemes)} different schemes "
-                          f"{sorted(schemes)}; this exporter writes one scheme per checkpoint")
+        raise ExportError(
+            f"[export] {fmt}: layers use {len(schemes)} different schemes "
+            f"{sorted(schemes)}; this exporter writes one scheme per checkpoint"
+        )
     return next(iter(schemes))
 
 
@@ -100,8 +107,17 @@ def base_card_settings(qmodel, fmt: str) -> dict:
     return s
 
 
-def write_hf_folder(folder, qmodel, tensors: dict, *, config_updates: dict, card: dict, metadata=None,
-                    max_shard_bytes: int | None = None, config_drop: tuple = ()) -> None:
+def write_hf_folder(
+    folder,
+    qmodel,
+    tensors: dict,
+    *,
+    config_updates: dict,
+    card: dict,
+    metadata=None,
+    max_shard_bytes: int | None = None,
+    config_drop: tuple = (),
+) -> None:
     """A Hugging Face-shaped folder: shards + index, config.json (with ``config_updates``),
     generation_config.json, tokenizer files and README.md. The manifest is written by the caller last."""
     from calibra.export import writer

@@ -17,6 +17,7 @@ permuted from Hugging Face's rotate-half layout to llama.cpp's interleaved RoPE 
 tokenizer (byte-level BPE from ``tokenizer.json``) is written as ``tokenizer.ggml.model = gpt2`` with
 ``tokenizer.ggml.pre = gpt-2`` (GPT-2's split regex).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,22 @@ import torch
 from calibra.export import _common
 from calibra.export.writer import ExportError, write_card
 
-_LAYER_MAP = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-              "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight"}
-_TOP_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}
+_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_MAP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -41,8 +51,9 @@ def _gguf():
     try:
         import gguf
     except ImportError as e:
-        raise ImportError("[export] GGUF export needs the gguf package: pip install 'calibra[gguf]' "
-                          "(gguf==0.19.0)") from e
+        raise ImportError(
+            "[export] GGUF export needs the gguf package: pip install 'calibra[gguf]' (gguf==0.19.0)"
+        ) from e
     return gguf
 
 
@@ -66,8 +77,10 @@ def _rope_theta(cfg) -> float:
     rtype = rp.get("rope_type", "default")
     scaling = getattr(cfg, "rope_scaling", None)
     if rtype != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        raise ExportError(f"[export] gguf: rope type {rtype!r} / scaling {scaling!r} is not written by this "
-                          f"exporter (only default RoPE); export 'dense' and convert with llama.cpp")
+        raise ExportError(
+            f"[export] gguf: rope type {rtype!r} / scaling {scaling!r} is not written by this "
+            f"exporter (only default RoPE); export 'dense' and convert with llama.cpp"
+        )
     return float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
@@ -85,8 +98,10 @@ class _GGUFFormat:
         _common.refuse_experts(qmodel, name)
         cfg = qmodel.model.config
         if getattr(cfg, "model_type", None) != "llama":
-            raise ExportError(f"[export] {name} is written for the llama architecture only, the model is "
-                              f"{getattr(cfg, 'model_type', None)!r}; export 'dense' and convert it with llama.cpp")
+            raise ExportError(
+                f"[export] {name} is written for the llama architecture only, the model is "
+                f"{getattr(cfg, 'model_type', None)!r}; export 'dense' and convert it with llama.cpp"
+            )
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
             raise ExportError(f"[export] {name}: attention/MLP biases are not written by this exporter")
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -94,18 +109,27 @@ class _GGUFFormat:
             raise ExportError(f"[export] {name}: head_dim {hd} x heads != hidden_size; not supported")
         _rope_theta(cfg)
         if qmodel.tokenizer is None or not hasattr(qmodel.tokenizer, "backend_tokenizer"):
-            raise ExportError(f"[export] {name} needs the model's fast (tokenizer.json) tokenizer for the vocabulary; "
-                              f"the QuantizedModel has none")
+            raise ExportError(
+                f"[export] {name} needs the model's fast (tokenizer.json) tokenizer for the vocabulary; "
+                f"the QuantizedModel has none"
+            )
         tok = json.loads(qmodel.tokenizer.backend_tokenizer.to_str())
         pre = tok.get("pre_tokenizer") or {}
-        if tok.get("model", {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-            raise ExportError(f"[export] {name}: only byte-level BPE tokenizers with GPT-2's split (a plain ByteLevel "
-                              f"pre-tokenizer) are written, got model {tok.get('model', {}).get('type')} with "
-                              f"pre-tokenizer {pre.get('type')}; export 'dense' and use llama.cpp's converter")
+        if (
+            tok.get("model", {}).get("type") != "BPE"
+            or pre.get("type") != "ByteLevel"
+            or not pre.get("use_regex", True)
+        ):
+            raise ExportError(
+                f"[export] {name}: only byte-level BPE tokenizers with GPT-2's split (a plain ByteLevel "
+                f"pre-tokenizer) are written, got model {tok.get('model', {}).get('type')} with "
+                f"pre-tokenizer {pre.get('type')}; export 'dense' and use llama.cpp's converter"
+            )
         bad = [n for n in qmodel.layers if qmodel.layers[n].codes.shape[1] % 32]
         if bad:
-            raise ExportError(f"[export] {name}: {self.qtype} blocks need in_features divisible by 32; "
-                              f"not: {', '.join(bad)}")
+            raise ExportError(
+                f"[export] {name}: {self.qtype} blocks need in_features divisible by 32; not: {', '.join(bad)}"
+            )
         unknown = [k for k in _common.dense_state(qmodel) if gguf_name(k) is None]
         if unknown:
             raise ExportError(f"[export] {name}: tensors with no llama GGUF name: {', '.join(unknown[:5])}")
@@ -156,8 +180,12 @@ class _GGUFFormat:
         w.add_token_types(types)
         w.add_token_merges(merges)
         tk = qmodel.tokenizer
-        for attr, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                         ("pad_token_id", w.add_pad_token_id), ("unk_token_id", w.add_unk_token_id)):
+        for attr, fn in (
+            ("bos_token_id", w.add_bos_token_id),
+            ("eos_token_id", w.add_eos_token_id),
+            ("pad_token_id", w.add_pad_token_id),
+            ("unk_token_id", w.add_unk_token_id),
+        ):
             if getattr(tk, attr, None) is not None:
                 fn(int(getattr(tk, attr)))
         w.add_add_bos_token(bool(getattr(tk, "add_bos_token", False)))
@@ -176,7 +204,7 @@ class _GGUFFormat:
                 data = gguf.quants.quantize(arr, qt)
                 back = gguf.quants.dequantize(data, qt).reshape(arr.shape)
                 err_num += float(((back - arr) ** 2).sum())
-                err_den += float((arr ** 2).sum())
+                err_den += float((arr**2).sum())
                 w.add_tensor(name, data, raw_dtype=qt)
             elif t.dim() == 1:
                 w.add_tensor(name, arr)  # norms: F32
@@ -189,17 +217,30 @@ class _GGUFFormat:
         w.write_tensors_to_file()
         w.close()
         nmse = err_num / err_den if err_den else 0.0
-        body = (f"llama.cpp GGUF ({self.qtype}) of a calibra-compressed model.\n\n"
-                f"GGUF {self.qtype} is llama.cpp's own block format: the exporter re-quantized calibra's effective "
-                f"(dequantized) weights to it, so this file is a different quantization than calibra's "
-                f"(relative squared error added by the re-quantization: {nmse:.3e}).\n\n"
-                f"```sh\nllama-simple -m {fname} \"Hello\"\n```")
-        write_card(folder, title=f"{qmodel.source} ({self.qtype}, GGUF)", base_model=str(qmodel.source),
-                   library_name="gguf", tags=["gguf", self.qtype.lower(), "calibra"],
-                   settings=dict(_common.base_card_settings(qmodel, self.NAME), requant_nmse=float(f"{nmse:.6e}")),
-                   body=body)
-        return {"checkpoint": {"format": f"gguf-{self.qtype.lower()}", "file": fname, "requantized": True,
-                               "requant_nmse": float(f"{nmse:.6e}")}}
+        body = (
+            f"llama.cpp GGUF ({self.qtype}) of a calibra-compressed model.\n\n"
+            f"GGUF {self.qtype} is llama.cpp's own block format: the exporter re-quantized calibra's effective "
+            f"(dequantized) weights to it, so this file is a different quantization than calibra's "
+            f"(relative squared error added by the re-quantization: {nmse:.3e}).\n\n"
+            f'```sh\nllama-simple -m {fname} "Hello"\n```'
+        )
+        write_card(
+            folder,
+            title=f"{qmodel.source} ({self.qtype}, GGUF)",
+            base_model=str(qmodel.source),
+            library_name="gguf",
+            tags=["gguf", self.qtype.lower(), "calibra"],
+            settings=dict(_common.base_card_settings(qmodel, self.NAME), requant_nmse=float(f"{nmse:.6e}")),
+            body=body,
+        )
+        return {
+            "checkpoint": {
+                "format": f"gguf-{self.qtype.lower()}",
+                "file": fname,
+                "requantized": True,
+                "requant_nmse": float(f"{nmse:.6e}"),
+            }
+        }
 
 
 def _pkg_version(name: str):

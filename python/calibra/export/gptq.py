@@ -18,9 +18,8 @@ the simulated model by that rounding; a scale beyond fp16's range is refused.
 Refused: non-int layers, bits other than 2/3/4/8, widths not divisible by 32, MR-GPTQ rotations,
 fused MoE experts.
 """
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import torch
 
@@ -37,20 +36,31 @@ def check(qmodel) -> None:
     _common.refuse_experts(qmodel, NAME)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt != "int":
-        raise ExportError(f"[export] {NAME} holds integer codes only, the model is quantized to {fmt}; export "
-                          f"'compressed-tensors' (nvfp4) or 'dense'")
+        raise ExportError(
+            f"[export] {NAME} holds integer codes only, the model is quantized to {fmt}; export "
+            f"'compressed-tensors' (nvfp4) or 'dense'"
+        )
     if bits not in _BITS:
-        raise ExportError(f"[export] {NAME} supports bits {_BITS}, the model has {bits}-bit layers; use "
-                          f"'compressed-tensors' or re-quantize")
-    bad = [f"{n} {tuple(l.codes.shape)}" for n, l in qmodel.layers.items()
-           if l.codes.shape[0] % 32 or l.codes.shape[1] % 32]
+        raise ExportError(
+            f"[export] {NAME} supports bits {_BITS}, the model has {bits}-bit layers; use "
+            f"'compressed-tensors' or re-quantize"
+        )
+    bad = [
+        f"{n} {tuple(l.codes.shape)}"
+        for n, l in qmodel.layers.items()
+        if l.codes.shape[0] % 32 or l.codes.shape[1] % 32
+    ]
     if bad:
-        raise ExportError(f"[export] {NAME} kernels need in_features and out_features divisible by 32; "
-                          f"{len(bad)} layer(s) are not: {', '.join(bad[:5])}; leave them dense or use another format")
+        raise ExportError(
+            f"[export] {NAME} kernels need in_features and out_features divisible by 32; "
+            f"{len(bad)} layer(s) are not: {', '.join(bad[:5])}; leave them dense or use another format"
+        )
     for n, l in qmodel.layers.items():
         if not bool(torch.isfinite(l.scales.to(torch.float16)).all()):
-            raise ExportError(f"[export] {NAME} stores float16 scales, layer {n} has a scale beyond float16's "
-                              f"range ({float(l.scales.float().abs().max()):.3g}); use 'compressed-tensors'")
+            raise ExportError(
+                f"[export] {NAME} stores float16 scales, layer {n} has a scale beyond float16's "
+                f"range ({float(l.scales.float().abs().max()):.3g}); use 'compressed-tensors'"
+            )
 
 
 def checkpoint_format(qmodel) -> str:
@@ -70,10 +80,12 @@ def layer_tensors(name: str, l, ckpt: str) -> dict[str, torch.Tensor]:
     zeros = l.zeros.T.to(torch.int16) - offset
     if bool((zeros < 0).any()):  # cannot happen for symmetric (zero = 2^(bits-1)); guards the v1 rule
         raise ExportError(f"[export] {NAME} v1 cannot store zero point 0 (layer {name}); use gptq_v2")
-    return {f"{name}.qweight": pack(l.codes.T, l.bits, dim=0),
-            f"{name}.qzeros": pack(zeros.to(torch.uint8), l.bits, dim=1),
-            f"{name}.scales": l.scales.T.to(torch.float16),
-            f"{name}.g_idx": g_idx(l)}
+    return {
+        f"{name}.qweight": pack(l.codes.T, l.bits, dim=0),
+        f"{name}.qzeros": pack(zeros.to(torch.uint8), l.bits, dim=1),
+        f"{name}.scales": l.scales.T.to(torch.float16),
+        f"{name}.g_idx": g_idx(l),
+    }
 
 
 def quantize_config(qmodel) -> dict:
@@ -82,13 +94,23 @@ def quantize_config(qmodel) -> dict:
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     cfg = qmodel.config
     desc_act = any(not _common.trivial_g_idx(l) for l in qmodel.layers.values()) or bool(
-        getattr(cfg, "desc_act", False))
+        getattr(cfg, "desc_act", False)
+    )
     damp = getattr(cfg, "damp_percent", 0.01)
-    return {"quant_method": "gptq", "bits": bits, "group_size": gs, "desc_act": desc_act, "sym": sym,
-            "true_sequential": bool(getattr(cfg, "true_sequential", True)), "damp_percent": damp,
-            "static_groups": bool(getattr(cfg, "static_groups", False)), "lm_head": "lm_head" in qmodel.layers,
-            "pack_dtype": "int32", "checkpoint_format": checkpoint_format(qmodel),
-            "meta": {"quantizer": [f"calibra:{calibra.__version__}"], "method": getattr(cfg, "method", "gptq")}}
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": gs,
+        "desc_act": desc_act,
+        "sym": sym,
+        "true_sequential": bool(getattr(cfg, "true_sequential", True)),
+        "damp_percent": damp,
+        "static_groups": bool(getattr(cfg, "static_groups", False)),
+        "lm_head": "lm_head" in qmodel.layers,
+        "pack_dtype": "int32",
+        "checkpoint_format": checkpoint_format(qmodel),
+        "meta": {"quantizer": [f"calibra:{calibra.__version__}"], "method": getattr(cfg, "method", "gptq")},
+    }
 
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
@@ -103,14 +125,33 @@ def write(qmodel, folder, *, max_shard_bytes=None) -> dict:
     check(qmodel)
     qc = quantize_config(qmodel)
     label = f"int{qc['bits']} {'sym' if qc['sym'] else 'asym'} g{qc['group_size']}" + (
-        ", act-order" if qc["desc_act"] else "")
-    body = (f"Quantized with calibra ({label}); GPTQ checkpoint, `checkpoint_format: {qc['checkpoint_format']}`.\n\n"
-            f"Load with `transformers` (needs `optimum` and `gptqmodel`) or `GPTQModel.load`.")
-    _common.write_hf_folder(folder, qmodel, tensors(qmodel), config_updates={"quantization_config": qc},
-                            card={"title": f"{qmodel.source} ({label}, GPTQ)", "library_name": "transformers",
-                                  "tags": ["gptq", f"{qc['bits']}-bit", "calibra"],
-                                  "settings": _common.base_card_settings(qmodel, NAME), "body": body},
-                            max_shard_bytes=max_shard_bytes)
+        ", act-order" if qc["desc_act"] else ""
+    )
+    body = (
+        f"Quantized with calibra ({label}); GPTQ checkpoint, `checkpoint_format: {qc['checkpoint_format']}`.\n\n"
+        f"Load with `transformers` (needs `optimum` and `gptqmodel`) or `GPTQModel.load`."
+    )
+    _common.write_hf_folder(
+        folder,
+        qmodel,
+        tensors(qmodel),
+        config_updates={"quantization_config": qc},
+        card={
+            "title": f"{qmodel.source} ({label}, GPTQ)",
+            "library_name": "transformers",
+            "tags": ["gptq", f"{qc['bits']}-bit", "calibra"],
+            "settings": _common.base_card_settings(qmodel, NAME),
+            "body": body,
+        },
+        max_shard_bytes=max_shard_bytes,
+    )
     write_json(folder / "quantize_config.json", qc)
-    return {"checkpoint": {"format": qc["checkpoint_format"], "bits": qc["bits"], "group_size": qc["group_size"],
-                           "symmetric": qc["sym"], "desc_act": qc["desc_act"]}}
+    return {
+        "checkpoint": {
+            "format": qc["checkpoint_format"],
+            "bits": qc["bits"],
+            "group_size": qc["group_size"],
+            "symmetric": qc["sym"],
+            "desc_act": qc["desc_act"],
+        }
+    }

@@ -7,6 +7,7 @@ weights (fraction of exact zeros), file sizes and the producer (calibra's manife
 quantizer named in the config). ``verify=True`` re-hashes every file listed in
 calibra_manifest.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,6 @@ def _json(path: Path):
 
 def _sparsity(folder: Path) -> dict:
     """Fraction of exact zeros over the 2-D float ``*.weight`` tensors of Linear layers."""
-    import torch
     from safetensors import safe_open
 
     zeros = total = 0
@@ -56,8 +56,14 @@ def _gguf_info(path: Path) -> dict:
     arch = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else None
     quant = sorted(k for k in counts if k.startswith("Q"))
     bits = {"Q4_0": 4, "Q8_0": 8}.get(quant[0]) if len(quant) == 1 else None
-    return {"format": "gguf", "architecture": arch, "tensor_types": counts, "bits": bits,
-            "group_size": 32 if bits else None, "tensors": len(r.tensors)}
+    return {
+        "format": "gguf",
+        "architecture": arch,
+        "tensor_types": counts,
+        "bits": bits,
+        "group_size": 32 if bits else None,
+        "tensors": len(r.tensors),
+    }
 
 
 def inspect(path, *, verify: bool = False) -> dict:
@@ -77,16 +83,32 @@ def inspect(path, *, verify: bool = False) -> dict:
     elif qc.get("quant_method") == "compressed-tensors":
         groups = qc.get("config_groups") or {}
         w = (next(iter(groups.values()), {}) or {}).get("weights") or {}
-        info.update({"format": f"compressed-tensors/{qc.get('format')}", "bits": w.get("num_bits"),
-                     "type": w.get("type"), "group_size": w.get("group_size"), "symmetric": w.get("symmetric"),
-                     "strategy": w.get("strategy"), "ignore": qc.get("ignore")})
+        info.update(
+            {
+                "format": f"compressed-tensors/{qc.get('format')}",
+                "bits": w.get("num_bits"),
+                "type": w.get("type"),
+                "group_size": w.get("group_size"),
+                "symmetric": w.get("symmetric"),
+                "strategy": w.get("strategy"),
+                "ignore": qc.get("ignore"),
+            }
+        )
     elif qc.get("quant_method") == "gptq":
-        info.update({"format": f"gptq/{qc.get('checkpoint_format', qc.get('format', 'gptq'))}", "bits": qc.get("bits"),
-                     "group_size": qc.get("group_size"), "symmetric": qc.get("sym"), "desc_act": qc.get("desc_act")})
+        info.update(
+            {
+                "format": f"gptq/{qc.get('checkpoint_format', qc.get('format', 'gptq'))}",
+                "bits": qc.get("bits"),
+                "group_size": qc.get("group_size"),
+                "symmetric": qc.get("sym"),
+                "desc_act": qc.get("desc_act"),
+            }
+        )
     elif isinstance(cfg.get("quantization"), dict) and "bits" in cfg["quantization"]:
         q = cfg["quantization"]
-        info.update({"format": f"mlx/{q.get('mode', 'affine')}", "bits": q.get("bits"),
-                     "group_size": q.get("group_size")})
+        info.update(
+            {"format": f"mlx/{q.get('mode', 'affine')}", "bits": q.get("bits"), "group_size": q.get("group_size")}
+        )
     elif qc:
         info.update({"format": str(qc.get("quant_method", "unknown-quantized")), "bits": qc.get("bits")})
     elif list(folder.glob("*.safetensors")):
@@ -102,8 +124,11 @@ def inspect(path, *, verify: bool = False) -> dict:
         info["seed"] = manifest.get("seed")
     else:
         quantizer = (qc.get("meta") or {}).get("quantizer")
-        info["producer"] = ", ".join(quantizer) if isinstance(quantizer, list) else (
-            "compressed-tensors " + qc["version"] if qc.get("version") else "unknown (no calibra manifest)")
+        info["producer"] = (
+            ", ".join(quantizer)
+            if isinstance(quantizer, list)
+            else ("compressed-tensors " + qc["version"] if qc.get("version") else "unknown (no calibra manifest)")
+        )
     if verify:
         problems = verify_manifest(folder)
         info["verified"] = not problems
@@ -112,8 +137,24 @@ def inspect(path, *, verify: bool = False) -> dict:
 
 
 def format_report(info: dict) -> str:
-    keys = ["path", "format", "architecture", "bits", "group_size", "symmetric", "desc_act", "strategy", "type",
-            "tensor_types", "sparsity", "files", "bytes", "producer", "source", "seed"]
+    keys = [
+        "path",
+        "format",
+        "architecture",
+        "bits",
+        "group_size",
+        "symmetric",
+        "desc_act",
+        "strategy",
+        "type",
+        "tensor_types",
+        "sparsity",
+        "files",
+        "bytes",
+        "producer",
+        "source",
+        "seed",
+    ]
     lines = []
     for k in keys:
         if info.get(k) is None:

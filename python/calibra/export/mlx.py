@@ -11,6 +11,7 @@ calibra left dense (lm_head, embeddings) load dense.
 Refused: group sizes other than 32/64/128 and bits other than 2/4/8 (the layouts verified here; MLX's
 3/5/6-bit packing is not), act-order with dynamic groups, non-int layers, rotations, fused experts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,25 +28,32 @@ def check(qmodel) -> None:
     _common.refuse_experts(qmodel, NAME)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt != "int":
-        raise ExportError(f"[export] {NAME} affine holds integer codes, the model is quantized to {fmt}; "
-                          f"export 'compressed-tensors' or 'dense'")
+        raise ExportError(
+            f"[export] {NAME} affine holds integer codes, the model is quantized to {fmt}; "
+            f"export 'compressed-tensors' or 'dense'"
+        )
     if bits not in (2, 4, 8):
         raise ExportError(f"[export] {NAME}: bits {bits} is not supported here (2, 4, 8 are)")
     if gs not in (32, 64, 128):
-        raise ExportError(f"[export] {NAME} group_size must be 32, 64 or 128, the model has {gs}; re-quantize "
-                          f"with one of those")
+        raise ExportError(
+            f"[export] {NAME} group_size must be 32, 64 or 128, the model has {gs}; re-quantize with one of those"
+        )
     for n, l in qmodel.layers.items():
         if not _common.trivial_g_idx(l):
-            raise ExportError(f"[export] {NAME} cannot express act-order's g_idx (layer {n}); quantize with "
-                              f"static_groups=True (FAULTS row 12)")
+            raise ExportError(
+                f"[export] {NAME} cannot express act-order's g_idx (layer {n}); quantize with "
+                f"static_groups=True (FAULTS row 12)"
+            )
 
 
 def layer_tensors(name: str, l) -> dict[str, torch.Tensor]:
     dt = l.weight.dtype
     s = l.scales.float()
-    return {f"{name}.weight": pack(l.codes, l.bits).view(torch.uint32),
-            f"{name}.scales": l.scales.to(dt),
-            f"{name}.biases": (-l.zeros.float() * s).to(dt)}
+    return {
+        f"{name}.weight": pack(l.codes, l.bits).view(torch.uint32),
+        f"{name}.scales": l.scales.to(dt),
+        f"{name}.biases": (-l.zeros.float() * s).to(dt),
+    }
 
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
@@ -59,12 +67,23 @@ def write(qmodel, folder, *, max_shard_bytes=None) -> dict:
     check(qmodel)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     q = {"group_size": gs, "bits": bits, "mode": "affine"}
-    body = (f"Quantized with calibra (int{bits}, group {gs}, {'symmetric' if sym else 'asymmetric'}); MLX affine "
-            f"checkpoint.\n\n```python\nfrom mlx_lm import load, generate\nmodel, tokenizer = load(\"<this folder>\")\n```")
-    _common.write_hf_folder(folder, qmodel, tensors(qmodel), metadata={"format": "mlx"},
-                            config_updates={"quantization": q, "quantization_config": dict(q)},
-                            card={"title": f"{qmodel.source} (int{bits} g{gs}, MLX)", "library_name": "mlx",
-                                  "tags": ["mlx", f"{bits}-bit", "calibra"],
-                                  "settings": _common.base_card_settings(qmodel, NAME), "body": body},
-                            max_shard_bytes=max_shard_bytes)
+    body = (
+        f"Quantized with calibra (int{bits}, group {gs}, {'symmetric' if sym else 'asymmetric'}); MLX affine "
+        f'checkpoint.\n\n```python\nfrom mlx_lm import load, generate\nmodel, tokenizer = load("<this folder>")\n```'
+    )
+    _common.write_hf_folder(
+        folder,
+        qmodel,
+        tensors(qmodel),
+        metadata={"format": "mlx"},
+        config_updates={"quantization": q, "quantization_config": dict(q)},
+        card={
+            "title": f"{qmodel.source} (int{bits} g{gs}, MLX)",
+            "library_name": "mlx",
+            "tags": ["mlx", f"{bits}-bit", "calibra"],
+            "settings": _common.base_card_settings(qmodel, NAME),
+            "body": body,
+        },
+        max_shard_bytes=max_shard_bytes,
+    )
     return {"checkpoint": {"format": "mlx-affine", "bits": bits, "group_size": gs, "symmetric": sym}}

@@ -12,6 +12,7 @@ Determinism (FAULTS row 27): no timestamps, no temp names and no dict-order acci
 files, so the same inputs give the same bytes; the manifest records sha256 per file, the settings,
 the seed and the versions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,8 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -41,6 +42,7 @@ class ExportError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # atomic folder
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -72,11 +74,15 @@ def check_target(target, overwrite: bool, *, tag: str = "export", folder: bool =
     message, ``folder=False`` is for an output that is one file."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not overwrite:
-        raise FileExistsError(f"[{tag}] output {target} already exists; pass overwrite=True (--overwrite) to "
-                              f"replace it{' whole' if folder else ''}, or choose another path")
+        raise FileExistsError(
+            f"[{tag}] output {target} already exists; pass overwrite=True (--overwrite) to "
+            f"replace it{' whole' if folder else ''}, or choose another path"
+        )
     if target.exists() and target.is_dir() != folder:
-        raise FileExistsError(f"[{tag}] output {target} exists and is not a {'folder' if folder else 'file'}; "
-                              f"remove it or choose another path")
+        raise FileExistsError(
+            f"[{tag}] output {target} exists and is not a {'folder' if folder else 'file'}; "
+            f"remove it or choose another path"
+        )
     return target
 
 
@@ -95,10 +101,16 @@ def atomic_folder(target, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, FileExistsError):
-            hint = (": the disk is full; free space or choose an output on another disk"
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-            raise OSError(e.errno, f"[export] writing {target} failed ({e.strerror or e}){hint}; the temporary "
-                                   f"output was removed and any earlier {target.name} is intact") from e
+            hint = (
+                ": the disk is full; free space or choose an output on another disk"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else ""
+            )
+            raise OSError(
+                e.errno,
+                f"[export] writing {target} failed ({e.strerror or e}){hint}; the temporary "
+                f"output was removed and any earlier {target.name} is intact",
+            ) from e
         raise
 
 
@@ -122,6 +134,7 @@ def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # files
 
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -130,8 +143,13 @@ def _natural(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def save_shards(folder: Path, tensors: dict[str, torch.Tensor], *, metadata: dict | None = None,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+def save_shards(
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    metadata: dict | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[str]:
     """Write ``model-0000k-of-0000N.safetensors`` (tensors in natural name order, a new shard when the
     next tensor would pass ``max_shard_bytes``) and ``model.safetensors.index.json``. Returns the
     file names."""
@@ -195,6 +213,7 @@ def write_tokenizer(folder: Path, tokenizer) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # settings, versions, model card, manifest
 
+
 def settings_of(qmodel) -> dict:
     cfg = qmodel.config
     if dataclasses.is_dataclass(cfg):
@@ -220,9 +239,13 @@ def versions(extra: dict | None = None) -> dict:
 
     import calibra
 
-    v = {"calibra": calibra.__version__, "torch": torch.__version__.split("+")[0],
-         "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-         "python": ".".join(map(str, sys.version_info[:3]))}
+    v = {
+        "calibra": calibra.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
     v.update(extra or {})
     return v
 
@@ -243,11 +266,17 @@ def _yaml_scalar(v) -> str:
     return json.dumps(str(v))  # a JSON string is a valid YAML scalar
 
 
-def write_card(folder: Path, *, title: str, base_model: str, library_name: str, tags: list[str], settings: dict,
-               body: str) -> None:
+def write_card(
+    folder: Path, *, title: str, base_model: str, library_name: str, tags: list[str], settings: dict, body: str
+) -> None:
     """README.md with YAML front matter (base_model, library_name, tags, the quantization settings)."""
-    lines = ["---", f"base_model: {_yaml_scalar(base_model)}", f"library_name: {library_name}",
-             "pipeline_tag: text-generation", "tags:"]
+    lines = [
+        "---",
+        f"base_model: {_yaml_scalar(base_model)}",
+        f"library_name: {library_name}",
+        "pipeline_tag: text-generation",
+        "tags:",
+    ]
     lines += [f"- {_yaml_scalar(t)}" for t in tags]
     lines.append("calibra:")
     for k in sorted(settings):
@@ -265,8 +294,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, *, format: str, qmodel, extra: dict | None = None,
-                   extra_versions: dict | None = None) -> dict:
+def write_manifest(
+    folder: Path, *, format: str, qmodel, extra: dict | None = None, extra_versions: dict | None = None
+) -> dict:
     """calibra_manifest.json: sha256 and size of every other file in ``folder`` (recursively), plus
     the producer, format, source, settings, seed and versions."""
     files = {}
@@ -274,8 +304,15 @@ def write_manifest(folder: Path, *, format: str, qmodel, extra: dict | None = No
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and rel != MANIFEST:
             files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-    man = {"producer": producer(), "format": format, "source": qmodel.source, "settings": settings_of(qmodel),
-           "seed": seed_of(qmodel), "versions": versions(extra_versions), "files": files}
+    man = {
+        "producer": producer(),
+        "format": format,
+        "source": qmodel.source,
+        "settings": settings_of(qmodel),
+        "seed": seed_of(qmodel),
+        "versions": versions(extra_versions),
+        "files": files,
+    }
     man.update(extra or {})
     write_json(folder / MANIFEST, man)
     return man

@@ -6,8 +6,16 @@
 
 The atomic output folder and the manifest live in :mod:`calibra.export.writer` (every writer uses it).
 """
+
 from calibra.io.model_reader import ModelFolder, ModelReadError, check_model_finite, inspect_model, load_model
 from calibra.io.safetensors_header import CorruptShardError, read_header
 
-__all__ = ["ModelFolder", "ModelReadError", "CorruptShardError", "inspect_model", "load_model", "check_model_finite",
-           "read_header"]
+__all__ = [
+    "ModelFolder",
+    "ModelReadError",
+    "CorruptShardError",
+    "inspect_model",
+    "load_model",
+    "check_model_finite",
+    "read_header",
+]

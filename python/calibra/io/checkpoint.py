@@ -21,6 +21,7 @@ Every file is written to a temporary name and renamed, so a kill at any instant 
 or the new state. The folder is removed after the output is complete; after a failure (out of memory,
 an error in a layer) it stays, and the error says ``--resume`` continues from it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,7 @@ def model_fingerprint(model) -> str:
         return "identity:" + model_identity(model)
     from calibra.io import inspect_model
 
-    mf = inspect_model(model, check_tensors=False, allow_quantized=True, allow_pickle=True,
-                       trust_remote_code=True)
+    mf = inspect_model(model, check_tensors=False, allow_quantized=True, allow_pickle=True, trust_remote_code=True)
     h = hashlib.sha256((mf.path / "config.json").read_bytes())
     for p in mf.weight_files:
         h.update(p.name.encode())
@@ -136,8 +136,9 @@ def _pid_alive(pid: int) -> bool:
 def _on_cpu(ql):
     import dataclasses
 
-    return dataclasses.replace(ql, **{f: (getattr(ql, f).cpu() if getattr(ql, f) is not None else None)
-                                      for f in _QL_FIELDS + ("weight",)})
+    return dataclasses.replace(
+        ql, **{f: (getattr(ql, f).cpu() if getattr(ql, f) is not None else None) for f in _QL_FIELDS + ("weight",)}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -152,8 +153,16 @@ class LayerCheckpoints:
             refused unless ``overwrite`` (which discards them).
     """
 
-    def __init__(self, output, fingerprint: dict, *, resume: bool = False, overwrite: bool = False, echo=print,
-                 component: str = "quantize"):
+    def __init__(
+        self,
+        output,
+        fingerprint: dict,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        echo=print,
+        component: str = "quantize",
+    ):
         self.folder = work_dir(output)
         self.fingerprint = dict(fingerprint)
         self.component = component
@@ -168,7 +177,8 @@ class LayerCheckpoints:
                     raise ResumeError(
                         f"[{component}] checkpoints of an earlier run of this output are in {self.folder} "
                         f"({done} layer(s) finished): pass --resume (resume=True) to continue it, or --overwrite "
-                        f"to discard them and start over")
+                        f"to discard them and start over"
+                    )
                 self.say(f"[{component}] discarding checkpoints of an earlier run ({done} layer(s)) in {self.folder}")
                 shutil.rmtree(self.folder)
             else:
@@ -188,8 +198,10 @@ class LayerCheckpoints:
         except (OSError, ValueError, KeyError, TypeError):
             return
         if pid != os.getpid() and _pid_alive(int(pid)):
-            raise ResumeError(f"[{self.component}] another calibra run (pid {pid}) is writing {self.folder}; wait for "
-                              f"it to finish or stop it")
+            raise ResumeError(
+                f"[{self.component}] another calibra run (pid {pid}) is writing {self.folder}; wait for "
+                f"it to finish or stop it"
+            )
 
     def _read_fingerprint(self) -> dict:
         try:
@@ -200,13 +212,16 @@ class LayerCheckpoints:
 
     def _write_fingerprint(self) -> None:
         doc = dict(self.fingerprint, format=FORMAT, format_version=FORMAT_VERSION)
-        _write_atomic(self.folder / FINGERPRINT, (json.dumps(doc, indent=1, sort_keys=True, default=str)
-                                                  + "\n").encode())
+        _write_atomic(
+            self.folder / FINGERPRINT, (json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n").encode()
+        )
 
     def _compare(self, old: dict, fields) -> None:
         if not old:
-            raise ResumeError(f"[{self.component}] {self.folder} has no readable {FINGERPRINT}; the checkpoints cannot "
-                              f"be matched to this run. Run with --overwrite to start over")
+            raise ResumeError(
+                f"[{self.component}] {self.folder} has no readable {FINGERPRINT}; the checkpoints cannot "
+                f"be matched to this run. Run with --overwrite to start over"
+            )
         for field in fields:
             a, b = old.get(field), self.fingerprint.get(field)
             if _canon(a) != _canon(b):
@@ -214,8 +229,10 @@ class LayerCheckpoints:
                 keys = sorted(k for k in set(fa) | set(fb) if _canon(fa.get(k)) != _canon(fb.get(k)))
                 detail = ": " + "; ".join(f"{k} was {fa.get(k)!r}, now {fb.get(k)!r}" for k in keys[:6])
                 verb = "differ" if field.endswith("s") else "differs"
-                raise ResumeError(f"[{self.component}] cannot resume: the {field} {verb} from the checkpointed "
-                                  f"run{detail}. Resume with the same {field}, or pass --overwrite to start over")
+                raise ResumeError(
+                    f"[{self.component}] cannot resume: the {field} {verb} from the checkpointed "
+                    f"run{detail}. Resume with the same {field}, or pass --overwrite to start over"
+                )
 
     def check_data(self, data_fingerprint) -> None:
         """Compare (resume) or record the calibration data's fingerprint."""
@@ -235,8 +252,9 @@ class LayerCheckpoints:
             i += 1
         return i
 
-    def save_layer(self, i: int, layers: dict, dense: list, *, hidden: list | None = None,
-                   extra: dict | None = None) -> None:
+    def save_layer(
+        self, i: int, layers: dict, dense: list, *, hidden: list | None = None, extra: dict | None = None
+    ) -> None:
         """Commit layer ``i``: its QuantizedLayers (``name -> QuantizedLayer``), the modules left dense,
         the next layer's inputs (``hidden``), small extras (JSON-able, tensors under ``extra["tensors"]``)."""
         tensors, mods = {}, {}
@@ -249,17 +267,25 @@ class LayerCheckpoints:
             exact = torch.equal(_on_cpu(ql).dequantize(), ql.weight.cpu())  # as load_layer will rebuild it
             if not exact:  # the solver's weight differs in the last bits from codes*scales: keep it
                 tensors[f"{name}/weight"] = ql.weight
-            mods[name] = {"method": ql.method, "format": ql.format, "bits": ql.bits, "group_size": ql.group_size,
-                          "symmetric": ql.symmetric, "rotation": ql.rotation, "log": ql.log.to_dict(),
-                          "dtype": str(ql.weight.dtype).replace("torch.", ""), "weight_stored": not exact}
+            mods[name] = {
+                "method": ql.method,
+                "format": ql.format,
+                "bits": ql.bits,
+                "group_size": ql.group_size,
+                "symmetric": ql.symmetric,
+                "rotation": ql.rotation,
+                "log": ql.log.to_dict(),
+                "dtype": str(ql.weight.dtype).replace("torch.", ""),
+                "weight_stored": not exact,
+            }
         for k, t in (extra.pop("tensors", None) or {}).items():
             tensors[f"extra/{k}"] = t
-        doc = {"layer": i, "modules": mods, "dense": list(dense), "extra": extra,
-               "rng": torch.get_rng_state().tolist()}
+        doc = {"layer": i, "modules": mods, "dense": list(dense), "extra": extra, "rng": torch.get_rng_state().tolist()}
         doc["layer_sha256"] = _save_tensors_atomic(self.folder / f"layer-{i:05d}.safetensors", tensors)
         if hidden is not None:
-            doc["hidden_sha256"] = _save_tensors_atomic(self.folder / f"hidden-{i:05d}.safetensors",
-                                                        {f"{b:06d}": h for b, h in enumerate(hidden)})
+            doc["hidden_sha256"] = _save_tensors_atomic(
+                self.folder / f"hidden-{i:05d}.safetensors", {f"{b:06d}": h for b, h in enumerate(hidden)}
+            )
         _write_atomic(self._json(i), (json.dumps(doc, sort_keys=True) + "\n").encode())  # the commit mark
         old = self.folder / f"hidden-{i - 1:05d}.safetensors"
         if old.exists():
@@ -270,8 +296,10 @@ class LayerCheckpoints:
 
         data = path.read_bytes() if path.is_file() else b""
         if hashlib.sha256(data).hexdigest() != sha:
-            raise ResumeError(f"[{self.component}] checkpoint file {path} is missing or damaged (sha256 differs); "
-                              f"pass --overwrite to start over")
+            raise ResumeError(
+                f"[{self.component}] checkpoint file {path} is missing or damaged (sha256 differs); "
+                f"pass --overwrite to start over"
+            )
         return load(data)
 
     def load_layer(self, i: int):
@@ -282,18 +310,28 @@ class LayerCheckpoints:
         t = self._read_checked(self.folder / f"layer-{i:05d}.safetensors", doc["layer_sha256"])
         layers = {}
         for name, m in doc["modules"].items():
-            get = lambda f: t.get(f"{name}/{f}")  # noqa: E731
-            ql = QuantizedLayer(name=name, method=m["method"], format=m["format"], bits=m["bits"],
-                                group_size=m["group_size"], symmetric=m["symmetric"], codes=get("codes"),
-                                scales=get("scales"), zeros=get("zeros"), g_idx=get("g_idx"),
-                                global_scale=get("global_scale"),
-                                weight=torch.empty(0, dtype=getattr(torch, m["dtype"])), rotation=m["rotation"],
-                                log=ModuleLog(**m["log"]))
+            get = lambda f, name=name: t.get(f"{name}/{f}")  # noqa: E731
+            ql = QuantizedLayer(
+                name=name,
+                method=m["method"],
+                format=m["format"],
+                bits=m["bits"],
+                group_size=m["group_size"],
+                symmetric=m["symmetric"],
+                codes=get("codes"),
+                scales=get("scales"),
+                zeros=get("zeros"),
+                g_idx=get("g_idx"),
+                global_scale=get("global_scale"),
+                weight=torch.empty(0, dtype=getattr(torch, m["dtype"])),
+                rotation=m["rotation"],
+                log=ModuleLog(**m["log"]),
+            )
             ql.weight = get("weight") if m["weight_stored"] else ql.dequantize()
             layers[name] = ql
         torch.set_rng_state(torch.tensor(doc["rng"], dtype=torch.uint8))
         extra = dict(doc.get("extra") or {})
-        extra["tensors"] = {k[len("extra/"):]: v for k, v in t.items() if k.startswith("extra/")}
+        extra["tensors"] = {k[len("extra/") :]: v for k, v in t.items() if k.startswith("extra/")}
         return layers, list(doc["dense"]), extra
 
     def load_hidden(self, i: int) -> list:

@@ -20,6 +20,7 @@ safetensors headers, and refuses (FAULTS rows 1-4, 6-8, 10):
 
 Errors are :class:`ModelReadError` (a ``ValueError``) and say what is wrong, where, and the fix.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,20 @@ SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # tensor name endings of packed/quantized checkpoints (GPTQ, AWQ, compressed-tensors, bitsandbytes, calibra)
-_QUANT_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".scales", ".weight_packed", ".weight_scale",
-                   ".weight_zero_point", ".weight_global_scale", ".SCB", ".absmax", ".quant_map", ".codes")
+_QUANT_SUFFIXES = (
+    ".qweight",
+    ".qzeros",
+    ".g_idx",
+    ".scales",
+    ".weight_packed",
+    ".weight_scale",
+    ".weight_zero_point",
+    ".weight_global_scale",
+    ".SCB",
+    ".absmax",
+    ".quant_map",
+    ".codes",
+)
 # buffers old checkpoints carry that no current architecture loads; harmless, not "extra tensors"
 _IGNORED_EXTRA = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
@@ -91,10 +104,16 @@ def safe_member(folder: Path, name: str, what: str) -> Path:
     (FAULTS row 6): a crafted index must not make calibra read (or hash, or copy) files elsewhere."""
     if not isinstance(name, str) or not name:
         raise _err(f"{what} names an empty or non-string file {name!r}")
-    if (os.path.isabs(name) or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
-            or name.startswith(("/", "\\"))):
-        raise _err(f"{what} names {name!r}, an absolute path; shard names must be plain file names inside "
-                   f"the model folder {folder}")
+    if (
+        os.path.isabs(name)
+        or PureWindowsPath(name).is_absolute()
+        or PureWindowsPath(name).drive
+        or name.startswith(("/", "\\"))
+    ):
+        raise _err(
+            f"{what} names {name!r}, an absolute path; shard names must be plain file names inside "
+            f"the model folder {folder}"
+        )
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         raise _err(f"{what} names {name!r}, which climbs out of the model folder with '..'; refusing to read it")
     path = folder / name
@@ -103,8 +122,10 @@ def safe_member(folder: Path, name: str, what: str) -> Path:
     if not _inside(real, root):
         blobs = _hub_blobs(root)
         if not (blobs is not None and _inside(real, blobs.resolve())):
-            raise _err(f"{what} {name!r} is a symlink to {real}, outside the model folder {root}; refusing to "
-                       f"follow it (copy the file into the folder if it is meant to be there)")
+            raise _err(
+                f"{what} {name!r} is a symlink to {real}, outside the model folder {root}; refusing to "
+                f"follow it (copy the file into the folder if it is meant to be there)"
+            )
     return path
 
 
@@ -115,8 +136,10 @@ def read_config(folder: Path) -> dict:
 
     path = folder / "config.json"
     if not path.is_file():
-        raise _err(f"{folder} has no config.json; give a Hugging Face model folder (config.json + weights). "
-                   f"Supported architectures: {', '.join(supported_architectures())}")
+        raise _err(
+            f"{folder} has no config.json; give a Hugging Face model folder (config.json + weights). "
+            f"Supported architectures: {', '.join(supported_architectures())}"
+        )
     safe_member(folder, "config.json", "config.json")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -133,9 +156,11 @@ def check_architecture(cfg: dict, path: Path) -> str:
     model_type = cfg.get("model_type")
     if model_type not in supported_architectures():
         arch = cfg.get("architectures")
-        raise _err(f"{path}/config.json: unsupported architecture model_type={model_type!r}"
-                   + (f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else "")
-                   + f"; supported: {', '.join(supported_architectures())}")
+        raise _err(
+            f"{path}/config.json: unsupported architecture model_type={model_type!r}"
+            + (f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else "")
+            + f"; supported: {', '.join(supported_architectures())}"
+        )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         v = cfg.get(key, cfg.get("text_config", {}).get(key) if isinstance(cfg.get("text_config"), dict) else None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -146,10 +171,12 @@ def check_architecture(cfg: dict, path: Path) -> str:
 def check_remote_code(cfg: dict, path: Path, trust_remote_code: bool) -> None:
     """Row 8: ``auto_map`` means the model's own Python code would run; only with the explicit flag."""
     if cfg.get("auto_map") and not trust_remote_code:
-        raise _err(f"{path}/config.json has an auto_map ({', '.join(sorted(cfg['auto_map']))}): loading it runs "
-                   f"Python code shipped with the model. Read that code, then pass --trust-remote-code "
-                   f"(trust_remote_code=True) to allow it; or remove auto_map to use transformers' built-in "
-                   f"{cfg.get('model_type')!r} implementation")
+        raise _err(
+            f"{path}/config.json has an auto_map ({', '.join(sorted(cfg['auto_map']))}): loading it runs "
+            f"Python code shipped with the model. Read that code, then pass --trust-remote-code "
+            f"(trust_remote_code=True) to allow it; or remove auto_map to use transformers' built-in "
+            f"{cfg.get('model_type')!r} implementation"
+        )
 
 
 def quantization_reason(cfg: dict) -> str | None:
@@ -189,8 +216,10 @@ def _find_weights(folder: Path, allow_pickle: bool) -> tuple[str, list[str], dic
             safe_member(folder, f, f"{INDEX}: shard")
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
-            raise _err(f"{folder}/{INDEX} names {len(missing)} shard(s) that are not in the folder: "
-                       f"{_list(missing)}; download them, or fix the index")
+            raise _err(
+                f"{folder}/{INDEX} names {len(missing)} shard(s) that are not in the folder: "
+                f"{_list(missing)}; download them, or fix the index"
+            )
         return "safetensors", files, wm
     if (folder / SINGLE).is_file():
         return "safetensors", [SINGLE], None
@@ -206,9 +235,11 @@ def _find_weights(folder: Path, allow_pickle: bool) -> tuple[str, list[str], dic
             raise _err(f"{folder}/{PICKLE_INDEX} names {len(missing)} missing shard(s): {_list(missing)}")
     if pickles:
         if not allow_pickle:
-            raise _err(f"{folder} holds only pickle weights ({_list(pickles, 4)}). Unpickling can run arbitrary "
-                       f"code, so calibra refuses it by default: convert the checkpoint to safetensors, or pass "
-                       f"--allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)")
+            raise _err(
+                f"{folder} holds only pickle weights ({_list(pickles, 4)}). Unpickling can run arbitrary "
+                f"code, so calibra refuses it by default: convert the checkpoint to safetensors, or pass "
+                f"--allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)"
+            )
         return "pickle", pickles, None
     raise _err(f"{folder} has no weights: expected {SINGLE}, or {INDEX} with its shards")
 
@@ -222,10 +253,14 @@ def _check_index_vs_shards(folder: Path, wm: dict[str, str], headers: dict[str, 
         if missing:
             parts.append(f"{len(missing)} tensor(s) listed in the index are missing from their shard: {_list(missing)}")
         if extra:
-            parts.append(f"{len(extra)} tensor(s) in the shards are not in the index (or under another shard): "
-                         f"{_list(extra)}")
-        raise _err(f"{folder}/{INDEX} does not match its shards: " + "; ".join(parts)
-                   + ". Re-download the checkpoint or regenerate the index")
+            parts.append(
+                f"{len(extra)} tensor(s) in the shards are not in the index (or under another shard): {_list(extra)}"
+            )
+        raise _err(
+            f"{folder}/{INDEX} does not match its shards: "
+            + "; ".join(parts)
+            + ". Re-download the checkpoint or regenerate the index"
+        )
 
 
 def quantized_tensors(headers: dict[str, ShardHeader]) -> list[str]:
@@ -233,8 +268,11 @@ def quantized_tensors(headers: dict[str, ShardHeader]) -> list[str]:
     out = []
     for h in headers.values():
         for t in h.tensors.values():
-            if (t.name.endswith(_QUANT_SUFFIXES) or t.dtype.startswith(("F8", "F4", "F6"))
-                    or (t.name.endswith(".weight") and t.dtype not in FLOAT_DTYPES)):
+            if (
+                t.name.endswith(_QUANT_SUFFIXES)
+                or t.dtype.startswith(("F8", "F4", "F6"))
+                or (t.name.endswith(".weight") and t.dtype not in FLOAT_DTYPES)
+            ):
                 out.append(f"{t.name} ({t.dtype})")
     return out
 
@@ -276,18 +314,31 @@ def _check_expected(folder: Path, names: set[str], trust_remote_code: bool) -> N
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} tensor(s) the architecture needs are in no weight file: {_list(missing)} "
-                         f"(they would be initialized at random)")
+            parts.append(
+                f"{len(missing)} tensor(s) the architecture needs are in no weight file: {_list(missing)} "
+                f"(they would be initialized at random)"
+            )
         if extra:
-            parts.append(f"{len(extra)} tensor(s) in the weight files belong to no module of the architecture: "
-                         f"{_list(extra)}")
-        raise _err(f"{folder}: weights do not match config.json: " + "; ".join(parts)
-                   + ". Check that config.json belongs to these weights, or re-download the checkpoint")
+            parts.append(
+                f"{len(extra)} tensor(s) in the weight files belong to no module of the architecture: {_list(extra)}"
+            )
+        raise _err(
+            f"{folder}: weights do not match config.json: "
+            + "; ".join(parts)
+            + ". Check that config.json belongs to these weights, or re-download the checkpoint"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- API
-def inspect_model(spec, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-                  allow_quantized: bool = False, check_tensors: bool = True, component: str = "model") -> ModelFolder:
+def inspect_model(
+    spec,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    allow_quantized: bool = False,
+    check_tensors: bool = True,
+    component: str = "model",
+) -> ModelFolder:
     """Check the model folder of ``spec`` (``builtin:NAME`` or a path) without loading a weight.
 
     Raises :class:`ModelReadError` for every fault listed in the module docstring. ``allow_quantized``:
@@ -315,15 +366,24 @@ def _inspect(spec, allow_pickle, trust_remote_code, allow_quantized, check_tenso
     check_remote_code(cfg, folder, trust_remote_code)
     reason = quantization_reason(cfg)
     if reason and not allow_quantized:
-        raise _err(f"{spec} is already quantized ({reason}). calibra compresses full-precision models only and "
-                   f"never re-quantizes silently: start from the original bf16/fp16/fp32 checkpoint")
+        raise _err(
+            f"{spec} is already quantized ({reason}). calibra compresses full-precision models only and "
+            f"never re-quantizes silently: start from the original bf16/fp16/fp32 checkpoint"
+        )
     for p in folder.iterdir():  # no file of the folder may lead outside it (tokenizer files included)
         if p.is_symlink():
             safe_member(folder, p.name, "file")
     fmt, names, wm = _find_weights(folder, allow_pickle)
     files = [folder / n for n in names]
-    mf = ModelFolder(spec=str(spec), path=folder, config=cfg, model_type=model_type, weight_format=fmt,
-                     weight_files=files, quantized=reason)
+    mf = ModelFolder(
+        spec=str(spec),
+        path=folder,
+        config=cfg,
+        model_type=model_type,
+        weight_format=fmt,
+        weight_files=files,
+        quantized=reason,
+    )
     if fmt == "safetensors":
         mf.headers = {n: read_header(folder / n) for n in names}
         if wm is not None:
@@ -332,9 +392,11 @@ def _inspect(spec, allow_pickle, trust_remote_code, allow_quantized, check_tenso
         if q:
             mf.quantized = mf.quantized or f"it holds quantized tensors ({_list(q, 4)})"
             if not allow_quantized:
-                raise _err(f"{spec} is already quantized (it holds packed/integer/FP8 weight tensors: "
-                           f"{_list(q, 4)}). calibra compresses full-precision models only: start from the "
-                           f"original bf16/fp16/fp32 checkpoint")
+                raise _err(
+                    f"{spec} is already quantized (it holds packed/integer/FP8 weight tensors: "
+                    f"{_list(q, 4)}). calibra compresses full-precision models only: start from the "
+                    f"original bf16/fp16/fp32 checkpoint"
+                )
         if check_tensors and not mf.quantized and not cfg.get("auto_map"):
             _check_expected(folder, mf.tensor_names, trust_remote_code)
     return mf
@@ -351,8 +413,10 @@ def check_model_finite(model, source: str = "model") -> None:
             n_inf = int(torch.isinf(t).sum())
             bad.append(f"{name} ({n_nan} NaN, {n_inf} Inf of {t.numel()})")
     if bad:
-        raise _err(f"{source} has non-finite weights in {len(bad)} tensor(s): {_list(bad, 8)}. The checkpoint is "
-                   f"damaged (or was saved after a diverged training step); re-download or repair it")
+        raise _err(
+            f"{source} has non-finite weights in {len(bad)} tensor(s): {_list(bad, 8)}. The checkpoint is "
+            f"damaged (or was saved after a diverged training step); re-download or repair it"
+        )
 
 
 def _load_pickle(mf: ModelFolder, dtype, trust_remote_code: bool):
@@ -366,8 +430,10 @@ def _load_pickle(mf: ModelFolder, dtype, trust_remote_code: bool):
         try:
             part = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise _err(f"{p}: torch.load(weights_only=True) refused or failed ({type(e).__name__}: {e}); the file is "
-                       f"corrupt or holds more than tensors") from None
+            raise _err(
+                f"{p}: torch.load(weights_only=True) refused or failed ({type(e).__name__}: {e}); the file is "
+                f"corrupt or holds more than tensors"
+            ) from None
         if isinstance(part, dict) and "state_dict" in part and isinstance(part["state_dict"], dict):
             part = part["state_dict"]
         if not isinstance(part, dict):
@@ -379,21 +445,31 @@ def _load_pickle(mf: ModelFolder, dtype, trust_remote_code: bool):
         raise _err("pickle weights with remote code are not supported; convert the checkpoint to safetensors")
     model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype, output_loading_info=True)
     if info.get("missing_keys") or info.get("unexpected_keys"):
-        raise _err(f"{mf.path}: pickle weights do not match config.json: missing {_list(info['missing_keys'])}; "
-                   f"unexpected {_list(info['unexpected_keys'])}")
+        raise _err(
+            f"{mf.path}: pickle weights do not match config.json: missing {_list(info['missing_keys'])}; "
+            f"unexpected {_list(info['unexpected_keys'])}"
+        )
     return model
 
 
-def load_model(spec, dtype="float32", *, allow_pickle: bool = False, trust_remote_code: bool = False,
-               allow_quantized: bool = False, folder: ModelFolder | None = None):
+def load_model(
+    spec,
+    dtype="float32",
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    allow_quantized: bool = False,
+    folder: ModelFolder | None = None,
+):
     """``(model, tokenizer)`` after :func:`inspect_model` (pass its result as ``folder`` to skip a second
     check), NaN/Inf checked. Loading goes through :func:`calibra.assets.load_model` for safetensors."""
     import torch
 
     from calibra import assets
 
-    mf = folder or inspect_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                 allow_quantized=allow_quantized)
+    mf = folder or inspect_model(
+        spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, allow_quantized=allow_quantized
+    )
     if mf.weight_format == "pickle":
         from transformers import AutoTokenizer
 
@@ -407,5 +483,14 @@ def load_model(spec, dtype="float32", *, allow_pickle: bool = False, trust_remot
     return model, tokenizer
 
 
-__all__ = ["ModelReadError", "ModelFolder", "inspect_model", "load_model", "check_model_finite", "safe_member",
-           "read_config", "quantized_tensors", "expected_tensors"]
+__all__ = [
+    "ModelReadError",
+    "ModelFolder",
+    "inspect_model",
+    "load_model",
+    "check_model_finite",
+    "safe_member",
+    "read_config",
+    "quantized_tensors",
+    "expected_tensors",
+]

@@ -10,6 +10,7 @@ hours into a run (FAULTS rows 3 and 4). Here every problem is a :class:`CorruptS
 file, the tensor and what is wrong, raised before any weight is read. Only the header is read (a few
 KiB to MiB), never the data.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,25 @@ from calibra.io.errors import ModelReadError
 
 # bytes per element of every dtype the format defines; sub-byte types (F4) count bits below
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
-    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
     "F6_E3M2": 6,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -64,8 +82,10 @@ class ShardHeader:
 
 
 def _fail(path: Path, what: str) -> CorruptShardError:
-    return CorruptShardError(f"[model] {path}: corrupt or truncated safetensors file: {what}. Re-download or "
-                             f"re-save this file (a complete copy has the same size as the original)")
+    return CorruptShardError(
+        f"[model] {path}: corrupt or truncated safetensors file: {what}. Re-download or "
+        f"re-save this file (a complete copy has the same size as the original)"
+    )
 
 
 def read_header(path) -> ShardHeader:
@@ -105,31 +125,41 @@ def read_header(path) -> ShardHeader:
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if dtype not in DTYPE_BITS:
             raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if (not isinstance(shape, list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
             raise _fail(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
         begin, end = offs
         if begin < 0 or end < begin or end >= _MAX_OFFSET:
-            raise _fail(path, f"tensor {name!r} has data_offsets [{begin}, {end}] (negative, reversed or "
-                              f"overflowing)")
+            raise _fail(path, f"tensor {name!r} has data_offsets [{begin}, {end}] (negative, reversed or overflowing)")
         bits = math.prod(shape) * DTYPE_BITS[dtype]
         need = (bits + 7) // 8
         if end - begin != need:
-            raise _fail(path, f"tensor {name!r} ({dtype} {shape}) needs {need} bytes but its data_offsets "
-                              f"[{begin}, {end}] span {end - begin}")
+            raise _fail(
+                path,
+                f"tensor {name!r} ({dtype} {shape}) needs {need} bytes but its data_offsets "
+                f"[{begin}, {end}] span {end - begin}",
+            )
         tensors[name] = TensorEntry(name, dtype, tuple(shape), begin, end)
     prev = None
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if prev is not None and t.begin < prev.end and t.nbytes and prev.nbytes:
-            raise _fail(path, f"tensors {prev.name!r} [{prev.begin}, {prev.end}] and {t.name!r} "
-                              f"[{t.begin}, {t.end}] overlap")
+            raise _fail(
+                path, f"tensors {prev.name!r} [{prev.begin}, {prev.end}] and {t.name!r} [{t.begin}, {t.end}] overlap"
+            )
         prev = t if prev is None or t.end >= prev.end else prev
     last = max((t.end for t in tensors.values()), default=0)
     if last > data_size:
         worst = max(tensors.values(), key=lambda t: t.end)
-        raise _fail(path, f"tensor {worst.name!r} ends at byte {last} of the data but the file holds only "
-                          f"{data_size} data bytes ({last - data_size} missing: truncated)")
+        raise _fail(
+            path,
+            f"tensor {worst.name!r} ends at byte {last} of the data but the file holds only "
+            f"{data_size} data bytes ({last - data_size} missing: truncated)",
+        )
     return ShardHeader(path=path, file_size=size, header_size=n, tensors=tensors, metadata=dict(meta))

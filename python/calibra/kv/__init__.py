@@ -10,17 +10,30 @@ pass as the weights, served by a transformers ``Cache`` that stores rank-r coeff
 
 Names load on first use, so ``calibra kv --help`` does not import transformers.
 """
+
 _LAZY = {
-    "calibrate": "calibra.kv.api", "evaluate": "calibra.kv.api", "default_eval_seq_len": "calibra.kv.api",
+    "calibrate": "calibra.kv.api",
+    "evaluate": "calibra.kv.api",
+    "default_eval_seq_len": "calibra.kv.api",
     "DEFAULT_TUNE_TOKENS": "calibra.kv.api",
-    "NoCompressionFits": "calibra.kv.autotune", "sensitivity_table": "calibra.kv.autotune",
-    "TARGETS": "calibra.kv.basis", "HeadBases": "calibra.kv.basis", "bases_from_stats": "calibra.kv.basis",
+    "NoCompressionFits": "calibra.kv.autotune",
+    "sensitivity_table": "calibra.kv.autotune",
+    "TARGETS": "calibra.kv.basis",
+    "HeadBases": "calibra.kv.basis",
+    "bases_from_stats": "calibra.kv.basis",
     "rank_grid": "calibra.kv.basis",
-    "PCACache": "calibra.kv.cache", "PCACacheLayer": "calibra.kv.cache", "remove_rope_capture": "calibra.kv.cache",
-    "QualityProbe": "calibra.kv.measure", "measure_bytes": "calibra.kv.measure",
+    "PCACache": "calibra.kv.cache",
+    "PCACacheLayer": "calibra.kv.cache",
+    "remove_rope_capture": "calibra.kv.cache",
+    "QualityProbe": "calibra.kv.measure",
+    "measure_bytes": "calibra.kv.measure",
     "KVCompressedLM": "calibra.kv.model",
-    "KVArchitectureError": "calibra.kv.plan", "KVPlan": "calibra.kv.plan", "PresetMismatchError": "calibra.kv.plan",
-    "KVPreset": "calibra.kv.preset", "PresetError": "calibra.kv.preset", "load_preset": "calibra.kv.preset",
+    "KVArchitectureError": "calibra.kv.plan",
+    "KVPlan": "calibra.kv.plan",
+    "PresetMismatchError": "calibra.kv.plan",
+    "KVPreset": "calibra.kv.preset",
+    "PresetError": "calibra.kv.preset",
+    "load_preset": "calibra.kv.preset",
 }
 __all__ = sorted(_LAZY)
 

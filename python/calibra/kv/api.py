@@ -5,6 +5,7 @@ per layer and KV head ``sum x x^T`` and ``sum x`` of pre-RoPE keys and values), 
 (``calibra.kv.basis``), then either a fixed rank or the auto-tuner (``calibra.kv.autotune``), then the
 measured quality on the held-out eval text, then the preset files (``calibra.kv.preset``).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,9 @@ DEFAULT_TUNE_TOKENS = 8192
 
 
 def _spec_name(model) -> str | None:
-    return str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    return (
+        str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    )
 
 
 def default_eval_seq_len(model) -> int | None:
@@ -77,8 +80,10 @@ def _check_lengths(cfg, calibration, eval_seq_len: int | None) -> None:
         if isinstance(eval_seq_len, bool) or not isinstance(eval_seq_len, int) or eval_seq_len < 2:
             raise ValueError(f"[kv] eval_seq_len must be an int >= 2, got {eval_seq_len!r}")
         if max_positions is not None and eval_seq_len > max_positions:
-            raise ValueError(f"[kv] eval_seq_len {eval_seq_len} exceeds the model's {max_positions} positions; "
-                             f"set it <= {max_positions} (or leave it unset)")
+            raise ValueError(
+                f"[kv] eval_seq_len {eval_seq_len} exceeds the model's {max_positions} positions; "
+                f"set it <= {max_positions} (or leave it unset)"
+            )
 
 
 def _load(model, tokenizer, dtype, device):
@@ -98,11 +103,27 @@ def _quality(model, tokenizer, plan, probe: QualityProbe) -> dict:
     return block
 
 
-def calibrate(model, calibration=None, *, rank: int | None = None, targets: str = "v",
-              target_ppl_delta: float | None = None, target_kl: float | None = None, output=None,
-              overwrite: bool = False, tokenizer=None, device=None, dtype="float32", evaluate: bool = True,
-              eval_dataset="builtin", eval_seq_len: int | None = None, eval_max_tokens: int | None = None,
-              tune_max_tokens: int = DEFAULT_TUNE_TOKENS, progress: bool = True, echo=print) -> KVPreset:
+def calibrate(
+    model,
+    calibration=None,
+    *,
+    rank: int | None = None,
+    targets: str = "v",
+    target_ppl_delta: float | None = None,
+    target_kl: float | None = None,
+    output=None,
+    overwrite: bool = False,
+    tokenizer=None,
+    device=None,
+    dtype="float32",
+    evaluate: bool = True,
+    eval_dataset="builtin",
+    eval_seq_len: int | None = None,
+    eval_max_tokens: int | None = None,
+    tune_max_tokens: int = DEFAULT_TUNE_TOKENS,
+    progress: bool = True,
+    echo=print,
+) -> KVPreset:
     """Calibrate per-layer, per-KV-head PCA bases for V (``targets="v"``) or K and V (``"kv"``) and return
     (and with ``output``, write) a :class:`KVPreset`.
 
@@ -143,8 +164,9 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
     t0 = time.perf_counter()
     import calibra
 
-    stats = calibra.calibrate(model, calibration, observers=("kv",), tokenizer=tokenizer, device=device,
-                              progress=progress, echo=echo)
+    stats = calibra.calibrate(
+        model, calibration, observers=("kv",), tokenizer=tokenizer, device=device, progress=progress, echo=echo
+    )
     keys = [adapter.layer_name(i) for i in range(len(adapter.layers))]
     plan = KVPlan(bases={w: bases_from_stats(stats, keys, w) for w in which})
     run = (stats.metadata.get("runs") or [{}])[0]
@@ -156,17 +178,21 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
         metric, budget = ("ppl", target_ppl_delta) if target_ppl_delta is not None else ("kl", target_kl)
         texts = _tune_texts(calibration, tokenizer, tune_max_tokens)
         t1 = time.perf_counter()
-        probe = QualityProbe(model, tokenizer, dataset=texts, seq_len=eval_seq_len, max_tokens=tune_max_tokens,
-                             progress=False)
+        probe = QualityProbe(
+            model, tokenizer, dataset=texts, seq_len=eval_seq_len, max_tokens=tune_max_tokens, progress=False
+        )
         plan, report = autotune(probe, plan, metric=metric, budget=budget, progress=progress, echo=echo)
-        report["tuning"]["dataset"]["name"] = f"calibration text ({run.get('dataset', 'builtin')}), first " \
-                                              f"{int(probe.ids.numel())} tokens in document order"
+        report["tuning"]["dataset"]["name"] = (
+            f"calibration text ({run.get('dataset', 'builtin')}), first "
+            f"{int(probe.ids.numel())} tokens in document order"
+        )
         timings["autotune"] = round(time.perf_counter() - t1, 3)
     quality = None
     if evaluate:
         t2 = time.perf_counter()
-        probe = QualityProbe(model, tokenizer, dataset=eval_dataset, seq_len=eval_seq_len,
-                             max_tokens=eval_max_tokens, progress=progress)
+        probe = QualityProbe(
+            model, tokenizer, dataset=eval_dataset, seq_len=eval_seq_len, max_tokens=eval_max_tokens, progress=progress
+        )
         quality = _quality(model, tokenizer, plan, probe)
         timings["eval"] = round(time.perf_counter() - t2, 3)
         if report is not None:
@@ -174,23 +200,42 @@ def calibrate(model, calibration=None, *, rank: int | None = None, targets: str 
             from calibra.kv.measure import metric_value
 
             v = metric_value(quality, metric)
-            report["verified"] = {"dataset": quality["protocol"]["dataset"]["name"], "value": v,
-                                  "within_budget": v <= report["budget"]}
+            report["verified"] = {
+                "dataset": quality["protocol"]["dataset"]["name"],
+                "value": v,
+                "within_budget": v <= report["budget"],
+            }
             if v > report["budget"]:
-                say(f"[kv] WARNING: the tuned ranks meet the budget on the tuning text but not on the eval text: "
-                    f"{v:+.4f} > {report['budget']} ({report['metric_description']}); the preset records this")
+                say(
+                    f"[kv] WARNING: the tuned ranks meet the budget on the tuning text but not on the eval text: "
+                    f"{v:+.4f} > {report['budget']} ({report['metric_description']}); the preset records this"
+                )
     preset = KVPreset(
         plan=plan,
-        model={"source": source, "model_type": getattr(model.config, "model_type", None),
-               "identity": model_identity(model), "attention": kind, "num_layers": plan.num_layers,
-               "num_kv_heads": plan.num_kv_heads, "head_dim": plan.head_dim,
-               "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
-        calibration={"dataset": run.get("dataset"), "version": run.get("version"), "samples": run.get("samples"),
-                     "sequence_length": run.get("sequence_length"), "seed": run.get("seed"),
-                     "tokens": run.get("tokens"), "fingerprint": run.get("fingerprint"),
-                     "observer": "kv (sum x x^T, sum x per layer and KV head; keys before RoPE)",
-                     "seconds": timings},
-        quality=quality, autotune=report)
+        model={
+            "source": source,
+            "model_type": getattr(model.config, "model_type", None),
+            "identity": model_identity(model),
+            "attention": kind,
+            "num_layers": plan.num_layers,
+            "num_kv_heads": plan.num_kv_heads,
+            "head_dim": plan.head_dim,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        },
+        calibration={
+            "dataset": run.get("dataset"),
+            "version": run.get("version"),
+            "samples": run.get("samples"),
+            "sequence_length": run.get("sequence_length"),
+            "seed": run.get("seed"),
+            "tokens": run.get("tokens"),
+            "fingerprint": run.get("fingerprint"),
+            "observer": "kv (sum x x^T, sum x per layer and KV head; keys before RoPE)",
+            "seconds": timings,
+        },
+        quality=quality,
+        autotune=report,
+    )
     if output is not None:
         preset.save(output, overwrite=overwrite)
     return preset
@@ -211,9 +256,19 @@ def _tune_texts(calibration, tokenizer, max_tokens: int) -> list[str]:
     return out
 
 
-def evaluate(model, preset, *, tokenizer=None, device=None, dtype="float32", dataset="builtin",
-             seq_len: int | None = None, max_tokens: int | None = None, ranks: dict | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    model,
+    preset,
+    *,
+    tokenizer=None,
+    device=None,
+    dtype="float32",
+    dataset="builtin",
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    ranks: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Measure a preset on ``model``: perplexity (baseline, compressed, increase), KL and cache bytes.
 
     ``preset``: a :class:`KVPreset` or its JSON path; checked against the model before anything runs.
@@ -227,13 +282,18 @@ def evaluate(model, preset, *, tokenizer=None, device=None, dtype="float32", dat
     _check_lengths(cfg, None, seq_len)
     model, tokenizer = _load(model, tokenizer, dtype, device)
     preset.check_model(model)
-    probe = QualityProbe(model, tokenizer, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens,
-                         progress=progress)
+    probe = QualityProbe(model, tokenizer, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
     out = _quality(model, tokenizer, plan, probe)
     out["ranks"] = {w: list(r) for w, r in plan.ranks.items()}
     out["targets"] = plan.targets
     return out
 
 
-__all__ = ["calibrate", "evaluate", "default_eval_seq_len", "KVArchitectureError", "NoCompressionFits",
-           "DEFAULT_TUNE_TOKENS"]
+__all__ = [
+    "calibrate",
+    "evaluate",
+    "default_eval_seq_len",
+    "KVArchitectureError",
+    "NoCompressionFits",
+    "DEFAULT_TUNE_TOKENS",
+]

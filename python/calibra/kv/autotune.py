@@ -19,6 +19,7 @@ text, which only verifies the result afterwards):
 When not even one slot's first step below full rank fits (measured first, for every slot),
 :class:`NoCompressionFits` is raised with what was measured -- no preset pretending to compress is written.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,10 @@ def sensitivity_table(report: dict) -> str:
     lines = [f"{'slot':<10}" + "".join(f"{'r=' + str(r):>11}" for r in grid[1:])]
     for w in ("v", "k"):
         for layer, row in sorted((report["sensitivity"].get(w) or {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"{w.upper() + ' layer ' + str(layer):<10}"
-                         + "".join(f"{row[str(r)]:>+11.4f}" if str(r) in row else f"{'-':>11}" for r in grid[1:]))
+            lines.append(
+                f"{w.upper() + ' layer ' + str(layer):<10}"
+                + "".join(f"{row[str(r)]:>+11.4f}" if str(r) in row else f"{'-':>11}" for r in grid[1:])
+            )
     return "\n".join(lines)
 
 
@@ -70,9 +73,19 @@ def autotune(probe, full_plan, *, metric: str, budget: float, progress: bool = T
         return metric_value(probe.measure(full_plan.with_ranks(ranks)), metric)
 
     sens: dict[str, dict[str, dict[str, float]]] = {w: {str(i): {} for i in range(n)} for w in whiches}
-    report = {"metric": metric, "metric_description": _fmt_metric(metric), "budget": budget, "grid": grid,
-              "sensitivity": sens, "tuning": {"dataset": probe.session.dataset, "tokens": int(probe.ids.numel()),
-                                              "seq_len": probe.session.seq_len, "stride": probe.session.stride}}
+    report = {
+        "metric": metric,
+        "metric_description": _fmt_metric(metric),
+        "budget": budget,
+        "grid": grid,
+        "sensitivity": sens,
+        "tuning": {
+            "dataset": probe.session.dataset,
+            "tokens": int(probe.ids.numel()),
+            "seq_len": probe.session.seq_len,
+            "stride": probe.session.stride,
+        },
+    }
     bar = tqdm(total=len(slots) * (len(grid) - 1), desc="kv sensitivity", unit="eval", disable=not progress)
     # the first grid step of every slot first: when none of them fits, nothing lower will be tried
     for column in ([grid[1]], grid[2:]):
@@ -89,7 +102,9 @@ def autotune(probe, full_plan, *, metric: str, budget: float, progress: bool = T
                 f"[kv] no compression fits the budget: the cheapest single step (one layer's "
                 f"{'/'.join(w.upper() for w in whiches)} at rank {grid[1]} of {d}) already costs a "
                 f"{_fmt_metric(metric)} of {cheapest:+.4f} > {budget} on the tuning text. Loosen the budget or use "
-                f"a fixed --rank; measured (rows: slot, columns: rank):\n{sensitivity_table(report)}", report)
+                f"a fixed --rank; measured (rows: slot, columns: rank):\n{sensitivity_table(report)}",
+                report,
+            )
     bar.close()
 
     # greedy allocation on the additive prediction
@@ -134,11 +149,21 @@ def autotune(probe, full_plan, *, metric: str, budget: float, progress: bool = T
         measured = measure(ranks_of(idx))
         checks.append({"steps": len(steps), "measured": measured})
     if measured > budget:  # only possible if a single step measured alone differs from itself: never silent
-        raise NoCompressionFits(f"[kv] no compression fits the budget {budget} on the tuning text (last measured "
-                                f"{measured:+.4f})", report)
+        raise NoCompressionFits(
+            f"[kv] no compression fits the budget {budget} on the tuning text (last measured {measured:+.4f})", report
+        )
     ranks = ranks_of(idx)
-    report.update({"steps": steps, "checks": checks, "ranks": ranks, "tuned_value": measured,
-                   "predicted_value": steps[-1]["predicted"] if steps else 0.0})
-    say(f"[kv] auto-tune: {len(steps)} rank steps; measured {_fmt_metric(metric)} {measured:+.4f} on the tuning "
-        f"text (budget {budget}); ranks " + ", ".join(f"{w.upper()} {ranks[w]}" for w in whiches))
+    report.update(
+        {
+            "steps": steps,
+            "checks": checks,
+            "ranks": ranks,
+            "tuned_value": measured,
+            "predicted_value": steps[-1]["predicted"] if steps else 0.0,
+        }
+    )
+    say(
+        f"[kv] auto-tune: {len(steps)} rank steps; measured {_fmt_metric(metric)} {measured:+.4f} on the tuning "
+        f"text (budget {budget}); ranks " + ", ".join(f"{w.upper()} {ranks[w]}" for w in whiches)
+    )
     return full_plan.with_ranks(ranks), report

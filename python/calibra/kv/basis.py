@@ -18,6 +18,7 @@ a different angle, so post-RoPE keys of one head do not share one low-rank subsp
 keys do. The cache therefore un-rotates an incoming key, projects it, and re-applies RoPE on read
 (``calibra.kv.cache``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,10 @@ def bases_from_stats(stats, layer_keys: list[str], which: str) -> list[HeadBases
         names = (f"kv/{which}_outer/{key}", f"kv/{which}_sum/{key}")
         missing = [n for n in names if n not in stats.tensors]
         if missing:
-            raise KVStatsError(f"[kv] the calibration statistics have no {', '.join(missing)}; calibrate with the "
-                               f"'kv' observer (observers=('kv',))")
+            raise KVStatsError(
+                f"[kv] the calibration statistics have no {', '.join(missing)}; calibrate with the "
+                f"'kv' observer (observers=('kv',))"
+            )
         n = int(stats.counts.get(f"kv/{which}/{key}", 0))
         out.append(pca(stats.tensors[names[0]], stats.tensors[names[1]], n))
     return out

@@ -26,11 +26,13 @@ whichever the installed transformers passes -- is a :class:`PCACache`).
 Everything the attention sees went through the cache, also the tokens of the current step (the prompt
 in a prefill): perplexity measured with this cache and generation with it use the very same path.
 """
+
 from __future__ import annotations
 
 import weakref
 
 import torch
+
 from calibra.compat.transformers import cache_classes, cache_from_call, rope_from_call, rotary_module
 from calibra.kv.basis import HeadBases
 from calibra.kv.plan import KVArchitectureError, KVPlan
@@ -38,7 +40,7 @@ from calibra.kv.plan import KVArchitectureError, KVPlan
 Cache, DynamicLayer, _ = cache_classes()
 
 # model -> hook handles (one pre-hook per attention module); weak, so the model is not kept alive by us
-_ROPE_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ROPE_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ class _Projector:
     def __init__(self, bases: HeadBases, rank: int):
         self.rank = int(rank)
         self._basis = bases.vectors[:, :, :rank].contiguous()  # [H, d, r]
-        self._mean = bases.mean[:, None, :].contiguous()      # [H, 1, d]
+        self._mean = bases.mean[:, None, :].contiguous()  # [H, 1, d]
         self._placed: dict = {}
 
     def _on(self, like: torch.Tensor):
@@ -118,7 +120,8 @@ class PCACacheLayer(DynamicLayer):
             raise RuntimeError(
                 f"[kv] layer {self.index}: the positions of the new keys did not reach the compressed cache. Key "
                 "compression needs the attention pre-hook that PCACache(model, ...) installs on that model; build "
-                "the cache with the model it is used with")
+                "the cache with the model it is used with"
+            )
         pos, cos, sin = rope
         B, T = key_states.shape[0], key_states.shape[-2]
         pos = pos.to(key_states.device)
@@ -127,15 +130,19 @@ class PCACacheLayer(DynamicLayer):
         if cos is None:
             cos, sin = ref_cos, ref_sin
         if cos.shape[-1] != key_states.shape[-1]:
-            raise KVArchitectureError(f"[kv] layer {self.index}: RoPE covers {cos.shape[-1]} of {key_states.shape[-1]} "
-                                      "key dims (partial rotary); key compression supports full-width RoPE only -- "
-                                      "use targets='v'")
+            raise KVArchitectureError(
+                f"[kv] layer {self.index}: RoPE covers {cos.shape[-1]} of {key_states.shape[-1]} "
+                "key dims (partial rotary); key compression supports full-width RoPE only -- "
+                "use targets='v'"
+            )
         # The cache re-rotates stored keys with the rotary module at the stored positions; that must be
         # the rotation the attention applied, or the reconstructed keys would be wrong.
         if not torch.allclose(cos.float().expand_as(ref_cos), ref_cos.float(), atol=1e-3, rtol=1e-3):
-            raise KVArchitectureError(f"[kv] layer {self.index}: the attention's RoPE tables differ from the model's "
-                                      "rotary module at the same positions (a per-layer RoPE variant); key "
-                                      "compression cannot re-apply it -- use targets='v'")
+            raise KVArchitectureError(
+                f"[kv] layer {self.index}: the attention's RoPE tables differ from the model's "
+                "rotary module at the same positions (a per-layer RoPE variant); key "
+                "compression cannot re-apply it -- use targets='v'"
+            )
         return pos, cos.expand_as(ref_cos), sin.expand_as(ref_sin)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -247,8 +254,11 @@ class PCACache(Cache):
         if "k" in plan.bases:
             rotary = rotary_module(adapter.base)
             if rotary is None:
-                raise KVArchitectureError("[kv] key compression re-applies RoPE with the model's rotary module "
-                                          "(model.model.rotary_emb), which this model lacks; use targets='v'")
+                raise KVArchitectureError(
+                    "[kv] key compression re-applies RoPE with the model's rotary module "
+                    "(model.model.rotary_emb), which this model lacks; use targets='v'"
+                )
+
         def projector(which, i):
             # at rank == head_dim nothing is saved: store the plain tensor (exact, no position ids) unless
             # the full-rank projection itself is wanted (the tests check it reproduces the model)
@@ -257,8 +267,7 @@ class PCACache(Cache):
             b, r = plan.bases[which][i], plan.ranks[which][i]
             return _Projector(b, r) if (r < b.head_dim or project_full_rank) else None
 
-        layers = [PCACacheLayer(projector("k", i), projector("v", i), rotary, index=i)
-                  for i in range(plan.num_layers)]
+        layers = [PCACacheLayer(projector("k", i), projector("v", i), rotary, index=i) for i in range(plan.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
         if any(layer.k is not None for layer in layers):

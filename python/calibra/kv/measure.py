@@ -8,6 +8,7 @@
   plans are compared against them through :class:`~calibra.kv.model.KVCompressedLM` -- the forward pass
   that writes and reads K/V through the compressed cache, as generation does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,23 +38,49 @@ def measure_bytes(model, plan, input_ids: torch.Tensor) -> dict:
     d = _dense_bytes(dense)
     c = comp.stored_bytes()
     c["total"] = c["k"] + c["v"] + c["positions"]
-    return {"tokens": int(ids.numel()), "dense": d, "compressed": c,
-            "ratio": c["total"] / d["total"], "saving": 1 - c["total"] / d["total"],
-            "v_ratio": c["v"] / d["v"], "k_ratio": (c["k"] + c["positions"]) / d["k"]}
+    return {
+        "tokens": int(ids.numel()),
+        "dense": d,
+        "compressed": c,
+        "ratio": c["total"] / d["total"],
+        "saving": 1 - c["total"] / d["total"],
+        "v_ratio": c["v"] / d["v"],
+        "k_ratio": (c["k"] + c["positions"]) / d["k"],
+    }
 
 
 class QualityProbe:
     """Reference once on a token stream, then ``measure(plan)`` -> the report's ``eval`` block
     (``perplexity {baseline, compressed, increase}``, ``kl_divergence {...}``, ``protocol``)."""
 
-    def __init__(self, model, tokenizer, *, dataset="builtin", seq_len=None, stride=None, max_tokens=None,
-                 top_k: int = 64, progress: bool = True, label: str = "kv-compressed"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        dataset="builtin",
+        seq_len=None,
+        stride=None,
+        max_tokens=None,
+        top_k: int = 64,
+        progress: bool = True,
+        label: str = "kv-compressed",
+    ):
         from calibra.eval.session import EvalSession
 
         self.model = model
-        self.session = EvalSession(model, tokenizer, dataset=dataset, seq_len=seq_len,
-                                   stride=stride if stride is not None else seq_len, max_tokens=max_tokens,
-                                   top_k=top_k, progress=progress, label=label, component="kv")
+        self.session = EvalSession(
+            model,
+            tokenizer,
+            dataset=dataset,
+            seq_len=seq_len,
+            stride=stride if stride is not None else seq_len,
+            max_tokens=max_tokens,
+            top_k=top_k,
+            progress=progress,
+            label=label,
+            component="kv",
+        )
 
     @property
     def ids(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ it as the model's cache (``cache=`` or ``past_key_values=``, whichever the insta
 from the compressed cache in the prefill exactly as it does during generation. The wrapped model's
 weights are shared, not copied. A cache given by the caller under either keyword is used instead.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -33,8 +34,9 @@ class KVCompressedLM(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, use_cache=None, logits_to_keep=0, **kwargs):
         cache = given_cache(kwargs)
         kwargs = with_cache(self.model, cache if cache is not None else self.new_cache(), kwargs)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                          logits_to_keep=logits_to_keep, **kwargs)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=logits_to_keep, **kwargs
+        )
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with a fresh compressed cache (unless one is given as ``cache`` or

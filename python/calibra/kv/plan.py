@@ -4,6 +4,7 @@ A :class:`KVPlan` is the runtime half of a preset (``calibra.kv.preset.KVPreset`
 ``bases["v"][i]`` is layer ``i``'s value basis and ``ranks["v"][i]`` how many of its directions the
 cache keeps; ``"k"`` is present only when keys are compressed too (``targets="kv"``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ class PresetMismatchError(ValueError):
 
 def which_of(targets: str) -> tuple[str, ...]:
     if targets not in TARGETS:
-        raise ValueError(f"[kv] targets must be one of {', '.join(repr(t) for t in TARGETS)} ('v': values only, "
-                         f"'kv': keys and values), got {targets!r}")
+        raise ValueError(
+            f"[kv] targets must be one of {', '.join(repr(t) for t in TARGETS)} ('v': values only, "
+            f"'kv': keys and values), got {targets!r}"
+        )
     return ("k", "v") if targets == "kv" else ("v",)
 
 
@@ -33,8 +36,9 @@ class KVPlan:
 
     def __post_init__(self):
         if "v" not in self.bases or set(self.bases) - {"k", "v"}:
-            raise ValueError(f"[kv] a plan needs value bases ('v') and optionally key bases ('k'), got "
-                             f"{sorted(self.bases)}")
+            raise ValueError(
+                f"[kv] a plan needs value bases ('v') and optionally key bases ('k'), got {sorted(self.bases)}"
+            )
         n = len(self.bases["v"])
         for which, bl in self.bases.items():
             if len(bl) != n:
@@ -47,8 +51,9 @@ class KVPlan:
                 raise ValueError(f"[kv] {which} ranks name {len(ranks)} layers, the model has {n}: {ranks}")
             for i, (r, b) in enumerate(zip(ranks, bl)):
                 if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= b.head_dim:
-                    raise ValueError(f"[kv] {which} rank of layer {i} must be an integer in 1..{b.head_dim} "
-                                     f"(head_dim), got {r!r}")
+                    raise ValueError(
+                        f"[kv] {which} rank of layer {i} must be an integer in 1..{b.head_dim} (head_dim), got {r!r}"
+                    )
         if set(self.ranks) - set(self.bases):
             raise ValueError(f"[kv] ranks given for {sorted(set(self.ranks) - set(self.bases))} without bases")
 
@@ -68,11 +73,11 @@ class KVPlan:
     def num_kv_heads(self) -> int:
         return self.bases["v"][0].num_heads
 
-    def with_ranks(self, ranks: dict[str, list[int]]) -> "KVPlan":
+    def with_ranks(self, ranks: dict[str, list[int]]) -> KVPlan:
         """The same bases with other ranks (the auto-tuner's candidates)."""
         return KVPlan(bases=self.bases, ranks={w: list(r) for w, r in ranks.items()})
 
-    def uniform(self, rank: int) -> "KVPlan":
+    def uniform(self, rank: int) -> KVPlan:
         """Every targeted tensor of every layer at ``rank``."""
         return self.with_ranks({w: [rank] * self.num_layers for w in self.bases})
 
@@ -86,7 +91,8 @@ class KVPlan:
             raise PresetMismatchError(
                 f"[kv] the preset was made for a model with {have[0]} layers, {have[1]} KV heads of head_dim "
                 f"{have[2]}; this model has {want[0]} layers, {want[1]} KV heads of head_dim {want[2]}. "
-                f"Calibrate a preset for this model (calibra kv calibrate --input MODEL ...)")
+                f"Calibrate a preset for this model (calibra kv calibrate --input MODEL ...)"
+            )
 
 
 def check_architecture(adapter) -> str:
@@ -101,5 +107,6 @@ def check_architecture(adapter) -> str:
         raise KVArchitectureError(
             "[kv] this model uses multi-head latent attention (MLA, kv_lora_rank set: DeepSeek-V2/V3 style). Its "
             "cache target is the shared latent, which calibra's model adapters cannot express yet; supported: "
-            "standard multi-head and grouped-query attention (Llama, Mistral, Qwen2, Qwen3 and their MoE variants)")
+            "standard multi-head and grouped-query attention (Llama, Mistral, Qwen2, Qwen3 and their MoE variants)"
+        )
     return kind

@@ -8,13 +8,12 @@ Loading checks everything it can without the model (format, version, tensors, sh
 :meth:`KVPreset.check_model` then checks the model (layers, KV heads, head_dim, attention kind) before
 any work -- a preset for another model is a :class:`~calibra.kv.plan.PresetMismatchError`.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from calibra.export.writer import check_target, sha256_file
 from calibra.kv.basis import HeadBases
@@ -37,8 +36,10 @@ def check_output(path, overwrite: bool) -> Path:
     """Validate a preset output path before any work (suffix, existing files)."""
     path = Path(path).expanduser()
     if path.suffix != ".json":
-        raise ValueError(f"[kv] the preset path must end in .json (the bases go beside it as .safetensors), got "
-                         f"{str(path)!r}; e.g. kv_preset_tiny-llama.json")
+        raise ValueError(
+            f"[kv] the preset path must end in .json (the bases go beside it as .safetensors), got "
+            f"{str(path)!r}; e.g. kv_preset_tiny-llama.json"
+        )
     for p in (path, tensors_path(path)):
         check_target(p, overwrite, tag="kv", folder=False)
     return path
@@ -72,32 +73,43 @@ class KVPreset:
         self.plan.check_model(adapter)
         mt = getattr(adapter.config, "model_type", None)
         if self.model.get("model_type") and mt != self.model["model_type"]:
-            raise PresetError(f"[kv] the preset was calibrated on a {self.model['model_type']!r} model, this one is "
-                              f"{mt!r}; calibrate a preset for it")
+            raise PresetError(
+                f"[kv] the preset was calibrated on a {self.model['model_type']!r} model, this one is "
+                f"{mt!r}; calibrate a preset for it"
+            )
         ident = self.model.get("identity")
         if ident and ident != model_identity(adapter.model):
-            warnings.warn(f"[kv] the preset was calibrated on {self.model.get('source')!r} (identity "
-                          f"{ident[:12]}); this model has the same shapes but other weights: the bases apply, "
-                          f"the preset's measured quality does not", stacklevel=2)
+            warnings.warn(
+                f"[kv] the preset was calibrated on {self.model.get('source')!r} (identity "
+                f"{ident[:12]}); this model has the same shapes but other weights: the bases apply, "
+                f"the preset's measured quality does not",
+                stacklevel=2,
+            )
 
     def to_json(self, tensors_name: str, tensors_sha256: str) -> dict:
         import calibra
 
         bases = self.plan.bases
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "calibra_version": calibra.__version__,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "calibra_version": calibra.__version__,
             "model": self.model,
             "targets": self.targets,
             "ranks": {w: list(self.plan.ranks[w]) for w in ("k", "v") if w in bases},
-            "head_dim": self.plan.head_dim, "num_kv_heads": self.plan.num_kv_heads,
+            "head_dim": self.plan.head_dim,
+            "num_kv_heads": self.plan.num_kv_heads,
             "num_layers": self.plan.num_layers,
-            "basis": {"kind": "PCA per layer and KV head, centered (the mean is stored)",
-                      "key_space": "pre-RoPE (keys are un-rotated, projected, re-rotated on read)",
-                      "tokens": {w: [b.tokens for b in bases[w]] for w in bases}},
+            "basis": {
+                "kind": "PCA per layer and KV head, centered (the mean is stored)",
+                "key_space": "pre-RoPE (keys are un-rotated, projected, re-rotated on read)",
+                "tokens": {w: [b.tokens for b in bases[w]] for w in bases},
+            },
             "calibration": self.calibration,
             "quality": self.quality,
             "autotune": self.autotune,
-            "tensors": tensors_name, "tensors_sha256": tensors_sha256,
+            "tensors": tensors_name,
+            "tensors_sha256": tensors_sha256,
         }
 
     def save(self, path, *, overwrite: bool = False) -> Path:
@@ -120,7 +132,7 @@ class KVPreset:
         return path
 
     @classmethod
-    def load(cls, path) -> "KVPreset":
+    def load(cls, path) -> KVPreset:
         from safetensors import safe_open
 
         path = Path(path).expanduser()
@@ -131,11 +143,15 @@ class KVPreset:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PresetError(f"[kv] {path} is not valid JSON ({e}); it is not a calibra KV preset") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PresetError(f"[kv] {path} is not a calibra KV preset (format "
-                              f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+            raise PresetError(
+                f"[kv] {path} is not a calibra KV preset (format "
+                f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
+            )
         if meta.get("format_version") != FORMAT_VERSION:
-            raise PresetError(f"[kv] {path} has preset format_version {meta.get('format_version')!r}; this calibra "
-                              f"reads version {FORMAT_VERSION}")
+            raise PresetError(
+                f"[kv] {path} has preset format_version {meta.get('format_version')!r}; this calibra "
+                f"reads version {FORMAT_VERSION}"
+            )
         for key in ("targets", "ranks", "num_layers", "head_dim", "num_kv_heads", "tensors", "tensors_sha256"):
             if key not in meta:
                 raise PresetError(f"[kv] {path} lacks the field {key!r}; the file is incomplete or edited")
@@ -145,8 +161,10 @@ class KVPreset:
         if not tpath.is_file():
             raise PresetError(f"[kv] the preset's bases file {tpath} is missing (it belongs beside {path.name})")
         if sha256_file(tpath) != meta["tensors_sha256"]:
-            raise PresetError(f"[kv] {tpath} does not match {path.name} (sha256 differs): the two files come from "
-                              f"different runs; recalibrate or restore the matching pair")
+            raise PresetError(
+                f"[kv] {tpath} does not match {path.name} (sha256 differs): the two files come from "
+                f"different runs; recalibrate or restore the matching pair"
+            )
         which = ("k", "v") if meta["targets"] == "kv" else ("v",)
         if meta["targets"] not in ("v", "kv"):
             raise PresetError(f"[kv] {path}: targets must be 'v' or 'kv', got {meta['targets']!r}")
@@ -164,12 +182,16 @@ class KVPreset:
                         for fld in _FIELDS:
                             name = f"{w}.{fld}.{i}"
                             if name not in names:
-                                raise PresetError(f"[kv] {tpath} lacks tensor {name!r} (preset says {n} layers, "
-                                                  f"targets {meta['targets']!r})")
+                                raise PresetError(
+                                    f"[kv] {tpath} lacks tensor {name!r} (preset says {n} layers, "
+                                    f"targets {meta['targets']!r})"
+                                )
                             t = f.get_tensor(name)
                             if tuple(t.shape) != shapes[fld]:
-                                raise PresetError(f"[kv] {tpath}: tensor {name!r} has shape {list(t.shape)}, "
-                                                  f"expected {list(shapes[fld])}")
+                                raise PresetError(
+                                    f"[kv] {tpath}: tensor {name!r} has shape {list(t.shape)}, "
+                                    f"expected {list(shapes[fld])}"
+                                )
                             got[fld] = t
                         tok = tokens.get(w, [0] * n)
                         bl.append(HeadBases(tokens=int(tok[i]) if i < len(tok) else 0, **got))
@@ -182,8 +204,14 @@ class KVPreset:
             plan = KVPlan(bases=bases, ranks={w: list(meta["ranks"][w]) for w in which})
         except (KeyError, TypeError, ValueError) as e:
             raise PresetError(f"[kv] {path}: bad ranks {meta.get('ranks')!r}: {e}") from e
-        return cls(plan=plan, model=meta.get("model") or {}, calibration=meta.get("calibration") or {},
-                   quality=meta.get("quality"), autotune=meta.get("autotune"), path=path)
+        return cls(
+            plan=plan,
+            model=meta.get("model") or {},
+            calibration=meta.get("calibration") or {},
+            quality=meta.get("quality"),
+            autotune=meta.get("autotune"),
+            path=path,
+        )
 
 
 def load_preset(path) -> KVPreset:

@@ -1,6 +1,14 @@
 """Architecture adapters (layer lists, attention/MLP/expert discovery, fused experts)."""
+
 from calibra.models.adapter import ModelAdapter, MoEBlock
 from calibra.models.registry import ADAPTERS, MOE_TYPES, check_supported, get_adapter, supported_architectures
 
-__all__ = ["ModelAdapter", "MoEBlock", "ADAPTERS", "MOE_TYPES", "check_supported", "get_adapter",
-           "supported_architectures"]
+__all__ = [
+    "ModelAdapter",
+    "MoEBlock",
+    "ADAPTERS",
+    "MOE_TYPES",
+    "check_supported",
+    "get_adapter",
+    "supported_architectures",
+]

@@ -16,21 +16,29 @@ Two expert layouts are handled:
   ``gate_proj/up_proj/down_proj`` (Qwen2-MoE) or ``w1/w3/w2`` (Mixtral), routed by an ``nn.Linear``
   ``gate`` whose logits are soft-maxed and top-k'd here exactly as those versions did.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from calibra.compat.transformers import fused_expert_weights, is_fused_experts, router_probs_and_topk
 
 # role of a Linear by its attribute name (the last component of its module path)
 _ROLES = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
-    "w1": "gate", "w3": "up", "w2": "down",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
 }
 # Linears that are routers/gates, never compressed and never observed
 _SKIP_LINEARS = ("shared_expert_gate",)
@@ -102,8 +110,10 @@ class ModelAdapter:
         self.config = model.config
         base = getattr(model, "model", None)
         if base is None or not hasattr(base, "layers"):
-            raise TypeError(f"[models] {type(model).__name__} has no .model.layers; expected a *ForCausalLM "
-                            "decoder model (Llama/Mistral/Qwen/Mixtral layout)")
+            raise TypeError(
+                f"[models] {type(model).__name__} has no .model.layers; expected a *ForCausalLM "
+                "decoder model (Llama/Mistral/Qwen/Mixtral layout)"
+            )
         self.base = base
 
     # -- structure -------------------------------------------------------------------------------
@@ -161,12 +171,20 @@ class ModelAdapter:
                 act = getattr(experts[0], "act_fn", None)
             else:
                 continue
-            top_k = (getattr(router, "top_k", None) or getattr(mod, "top_k", None)
-                     or self.config.num_experts_per_tok)
-            blocks.append(MoEBlock(name=name, module=mod, router=router, experts=experts,
-                                   num_experts=int(num_experts), top_k=int(top_k), fused=fused,
-                                   norm_topk_prob=bool(getattr(self.config, "norm_topk_prob", True)),
-                                   act_fn=act))
+            top_k = getattr(router, "top_k", None) or getattr(mod, "top_k", None) or self.config.num_experts_per_tok
+            blocks.append(
+                MoEBlock(
+                    name=name,
+                    module=mod,
+                    router=router,
+                    experts=experts,
+                    num_experts=int(num_experts),
+                    top_k=int(top_k),
+                    fused=fused,
+                    norm_topk_prob=bool(getattr(self.config, "norm_topk_prob", True)),
+                    act_fn=act,
+                )
+            )
         return blocks
 
     def linear_modules(self, layer: nn.Module) -> dict[str, nn.Linear]:

@@ -1,4 +1,5 @@
 """``config.model_type`` -> adapter, and the list of supported architectures (FAULTS row 1)."""
+
 from __future__ import annotations
 
 from calibra.models.adapter import ModelAdapter
@@ -22,8 +23,10 @@ def supported_architectures() -> list[str]:
 def check_supported(model_type: str | None) -> None:
     """Raise before any weight is loaded when ``model_type`` has no adapter."""
     if model_type not in ADAPTERS:
-        raise ValueError(f"[models] unsupported architecture model_type={model_type!r}; supported: "
-                         f"{', '.join(supported_architectures())}. Add an adapter in calibra/models/registry.py")
+        raise ValueError(
+            f"[models] unsupported architecture model_type={model_type!r}; supported: "
+            f"{', '.join(supported_architectures())}. Add an adapter in calibra/models/registry.py"
+        )
 
 
 def get_adapter(model) -> ModelAdapter:

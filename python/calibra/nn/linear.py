@@ -10,9 +10,10 @@ else it runs the reference path: rebuild the dense weight exactly (the same bits
 ``calibra.ops.dequantize`` / ``decompress_24`` give) and ``torch.nn.functional.linear`` -- so on a CPU the
 module's output equals the original (dequantized / pruned) Linear's output bit for bit.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,30 +40,44 @@ def _compute_dtype(dtype: torch.dtype | None, fallback: torch.dtype) -> torch.dt
 
 def _check_shape(what: str, out_features: int, in_features: int, n_mult: int) -> None:
     if out_features % n_mult or in_features % _gemm.K_TILE or in_features == 0:
-        raise ValueError(f"[calibra.nn] {what} needs out_features % {n_mult} == 0 and in_features % {_gemm.K_TILE} == 0, "
-                         f"got out={out_features}, in={in_features}")
+        raise ValueError(
+            f"[calibra.nn] {what} needs out_features % {n_mult} == 0 and in_features % {_gemm.K_TILE} == 0, "
+            f"got out={out_features}, in={in_features}"
+        )
 
 
 class W4A16Linear(nn.Module):
     """``y = x @ W^T + b`` with ``W[n, k] = (code - zero) * scale`` stored as 4-bit codes in the W4A16 tile
     layout (``calibra.ops.w4a16_repack``), ``scales``/``zeros`` ``[G, N]`` in the compute dtype."""
 
-    def __init__(self, in_features: int, out_features: int, *, group_size: int, symmetric: bool,
-                 bias: bool = False, dtype: torch.dtype = torch.float16, device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group_size: int,
+        symmetric: bool,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device=None,
+    ) -> None:
         super().__init__()
         _check_shape("W4A16Linear", out_features, in_features, 64)
         _gemm._check_group("calibra.nn", group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.symmetric, self.dtype = group_size, symmetric, _compute_dtype(dtype, dtype)
         groups = 1 if group_size == -1 else in_features // group_size
-        self.register_buffer("tiled", torch.zeros(in_features // 16, 2 * out_features, dtype=torch.int32, device=device))
+        self.register_buffer(
+            "tiled", torch.zeros(in_features // 16, 2 * out_features, dtype=torch.int32, device=device)
+        )
         self.register_buffer("scales", torch.ones(groups, out_features, dtype=self.dtype, device=device))
-        self.register_buffer("zeros", None if symmetric else
-                             torch.full((groups, out_features), 8.0, dtype=self.dtype, device=device))
+        self.register_buffer(
+            "zeros", None if symmetric else torch.full((groups, out_features), 8.0, dtype=self.dtype, device=device)
+        )
         self.register_buffer("bias", torch.zeros(out_features, dtype=self.dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, q, bias: torch.Tensor | None = None, *, dtype: torch.dtype | None = None) -> "W4A16Linear":
+    def from_quantized(cls, q, bias: torch.Tensor | None = None, *, dtype: torch.dtype | None = None) -> W4A16Linear:
         """From a ``calibra.ops.QuantizedTensor`` or a ``calibra.quant`` ``QuantizedLayer`` (int, 4 bits,
         no act-order permutation, no rotation). ``dtype`` (default: the weight's if fp16/bf16, else fp16) is
         the compute dtype; scales are stored in it."""
@@ -73,8 +88,15 @@ class W4A16Linear(nn.Module):
         out_f, in_f = q.codes.shape
         dtype = _compute_dtype(dtype, q.scales.dtype)
         zeros = q.zeros if q.zeros is not None else None
-        mod = cls(in_f, out_f, group_size=q.group_size, symmetric=q.symmetric, bias=bias is not None, dtype=dtype,
-                  device=q.codes.device)
+        mod = cls(
+            in_f,
+            out_f,
+            group_size=q.group_size,
+            symmetric=q.symmetric,
+            bias=bias is not None,
+            dtype=dtype,
+            device=q.codes.device,
+        )
         from calibra.ops import pack
 
         tiled, scales, z = _gemm.w4a16_prepare(pack(q.codes, 4), q.scales, zeros, dtype=dtype, symmetric=q.symmetric)
@@ -87,8 +109,9 @@ class W4A16Linear(nn.Module):
         return mod
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group_size: int = 128, symmetric: bool = True,
-                    dtype: torch.dtype | None = None) -> "W4A16Linear":
+    def from_linear(
+        cls, linear: nn.Linear, *, group_size: int = 128, symmetric: bool = True, dtype: torch.dtype | None = None
+    ) -> W4A16Linear:
         """Quantize ``linear.weight`` with calibra's RTN (``calibra.ops.quantize``) and wrap it."""
         from calibra.ops import quantize
 
@@ -112,27 +135,37 @@ class W4A16Linear(nn.Module):
         return F.linear(x, self.dequantized_weight().to(x.dtype), b)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}, dtype={self.dtype}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"symmetric={self.symmetric}, dtype={self.dtype}, bias={self.bias is not None}"
+        )
 
 
 class Sparse24Linear(nn.Module):
     """``y = x @ W^T + b`` for a 2:4-sparse ``W`` stored as compress_24 values ``[N, K/2]`` plus metadata in
     the ``mma.sp`` register order (``calibra.ops.sparse24_reorder_meta``)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype: torch.dtype = torch.float16,
-                 device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device=None,
+    ) -> None:
         super().__init__()
         _check_shape("Sparse24Linear", out_features, in_features, 16)
         self.in_features, self.out_features, self.dtype = in_features, out_features, _compute_dtype(dtype, dtype)
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=self.dtype, device=device))
         # all-zero values with metadata 0x4 per group (indices 0, 1): a valid, empty 2:4 matrix
-        self.register_buffer("meta", torch.full((out_features // 16, in_features // 2), 0x44444444,
-                                                dtype=torch.int32, device=device))
+        self.register_buffer(
+            "meta", torch.full((out_features // 16, in_features // 2), 0x44444444, dtype=torch.int32, device=device)
+        )
         self.register_buffer("bias", torch.zeros(out_features, dtype=self.dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, dtype: torch.dtype | None = None) -> "Sparse24Linear":
+    def from_linear(cls, linear: nn.Linear, *, dtype: torch.dtype | None = None) -> Sparse24Linear:
         """Wrap a Linear whose weight is already 2:4 sparse along in_features (ValueError naming the first
         group with more than 2 nonzeros otherwise)."""
         w = linear.weight.detach()
@@ -159,8 +192,10 @@ class Sparse24Linear(nn.Module):
         return F.linear(x, self.dense_weight().to(x.dtype), b)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def replace_linears(model: nn.Module, build: Callable[[str, nn.Linear], nn.Module | None]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Argument checks shared by the op families. Each raises with the ``[op]`` prefix and names the
 argument, what was expected and what came. They read only shapes, dtypes and Python scalars, so they
 run on fake tensors too."""
+
 from __future__ import annotations
 
 import torch

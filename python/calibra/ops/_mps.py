@@ -6,6 +6,7 @@ Metal kernels cannot raise, so the data errors the CPU kernels and the reference
 here, on the host, before the launch (:data:`DATA_CHECKS`), with the references' own checks and
 messages.
 """
+
 import torch
 
 from calibra.ops._ref.pack import check_codes

@@ -22,13 +22,14 @@ entry point for ``hadamard(Tensor x, int block_size) -> Tensor`` is
 Every implementation records itself in the active :func:`trace`, so tests can assert that the native
 kernel, not the reference, served a call.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -76,14 +77,17 @@ def raise_data_error(name: str, index: int, args: tuple) -> None:
 
 def cuda_data_error(name: str) -> Callable:
     """Decorator: ``handler(index, *op_args)`` raises the op's error for the flagged item."""
+
     def register(handler: Callable) -> Callable:
         _CUDA_DATA_ERRORS[name] = handler
         return handler
+
     return register
 
 
 # ---------------------------------------------------------------------------------------------
 # trace: which implementation served each call
+
 
 class Trace:
     """Calls recorded while a :func:`trace` block is active, as ``(op, impl)`` pairs."""
@@ -130,9 +134,18 @@ def _record(op: str, impl: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # definition
 
-def define(name: str, schema: str, *, check: Callable, alloc: Callable, ref: Callable,
-           native_contiguous: bool = False, example: Callable | None = None,
-           workspace: Callable | None = None) -> OpDef:
+
+def define(
+    name: str,
+    schema: str,
+    *,
+    check: Callable,
+    alloc: Callable,
+    ref: Callable,
+    native_contiguous: bool = False,
+    example: Callable | None = None,
+    workspace: Callable | None = None,
+) -> OpDef:
     """Define ``calibra::name`` with its schema, checks, shape function and reference."""
     if name in OPS:
         raise RuntimeError(f"[registry] op {name} defined twice")
@@ -229,8 +242,12 @@ def _mps_call(op: OpDef, fn: Callable, args: tuple, outs):
         # Visible, never silent: the trace says "ref", and the first time per op a warning says why.
         if op.name not in _MPS_WARNED:
             _MPS_WARNED.add(op.name)
-            warnings.warn(f"[{op.name}] the Metal kernel does not cover this case (e.g. float64 or a very "
-                          "large block); it ran in the pure-torch reference", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"[{op.name}] the Metal kernel does not cover this case (e.g. float64 or a very "
+                "large block); it ran in the pure-torch reference",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _record(op.name, "ref")
         return op.ref(*args)
     _record(op.name, "mps")

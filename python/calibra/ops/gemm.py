@@ -16,6 +16,7 @@ operands from calibra's own tensors; ``calibra.nn`` wraps them as drop-in Linear
 On CUDA, small problems split K over several thread blocks; the partial sums go to a float32
 workspace ``[splits, M, N]`` that the registry allocates here (``workspace=``), never in native code.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,14 +29,15 @@ from calibra.ops._ref import gemm as _gref
 from calibra.ops._registry import define
 
 _ACT = (torch.float16, torch.bfloat16)
-K_TILE = 64          # both CUDA GEMMs step K by 64: K % 64 == 0
+K_TILE = 64  # both CUDA GEMMs step K by 64: K % 64 == 0
 # the CUDA kernels' block widths and smallest M tiles (params/gemm.h; tests/ops/test_gemm.py checks them)
-W4A16_N_TILE, W4A16_M_TILE_MIN = 256, 16      # outputs per W4A16 thread block (4 warps x 64)
+W4A16_N_TILE, W4A16_M_TILE_MIN = 256, 16  # outputs per W4A16 thread block (4 warps x 64)
 SPARSE24_N_TILE, SPARSE24_M_TILE_MIN = 128, 8  # outputs per 2:4 thread block (4 warps x 32)
 
 
 # ---------------------------------------------------------------------------------------------
 # w4a16_repack
+
 
 def _repack_check(qweight: torch.Tensor) -> None:
     check_rank("w4a16_repack", "qweight", qweight, rank=2)
@@ -55,12 +57,15 @@ def _repack_alloc(qweight: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # w4a16_gemm
 
+
 def _check_group(op: str, group_size: int, k: int) -> None:
     if group_size == -1:
         return
     if group_size <= 0 or k % group_size or not (group_size in (16, 32) or group_size % 64 == 0):
-        raise ValueError(f"[{op}] group_size must be -1 (per channel), 16, 32 or a multiple of 64 dividing "
-                         f"in_features = {k}, got {group_size}")
+        raise ValueError(
+            f"[{op}] group_size must be -1 (per channel), 16, 32 or a multiple of 64 dividing "
+            f"in_features = {k}, got {group_size}"
+        )
 
 
 def _check_x(op: str, x: torch.Tensor) -> int:
@@ -78,8 +83,10 @@ def _gemm_check(x, tiled, scales, zeros, group_size) -> None:
     check_rank(op, "tiled", tiled, rank=2)
     check_dtype(op, "tiled", tiled, torch.int32)
     if tiled.shape[0] * 16 != k or tiled.shape[1] % 128:
-        raise ValueError(f"[{op}] tiled {tuple(tiled.shape)} does not fit x with in_features {k}: expected "
-                         f"[{k // 16}, 2N] with N a multiple of 64 (see w4a16_repack)")
+        raise ValueError(
+            f"[{op}] tiled {tuple(tiled.shape)} does not fit x with in_features {k}: expected "
+            f"[{k // 16}, 2N] with N a multiple of 64 (see w4a16_repack)"
+        )
     n = tiled.shape[1] // 2
     _check_group(op, group_size, k)
     g = 1 if group_size == -1 else k // group_size
@@ -97,7 +104,7 @@ def _gemm_alloc(x, tiled, *rest) -> torch.Tensor:
     return torch.empty((*x.shape[:-1], tiled.shape[1] // 2), dtype=x.dtype, device=x.device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -110,8 +117,9 @@ def split_k(m: int, n: int, k: int, sms: int, n_tile: int, m_tile_min: int) -> i
 
     cpu = _native.load("cpu")
     if cpu is None:
-        raise RuntimeError(f"[gemm] the split-K rule lives in calibra._cpu, which did not load: "
-                           f"{_native.load_failure('cpu')}")
+        raise RuntimeError(
+            f"[gemm] the split-K rule lives in calibra._cpu, which did not load: {_native.load_failure('cpu')}"
+        )
     return int(cpu.gemm_split_k(m, n, k, sms, n_tile, m_tile_min))
 
 
@@ -140,6 +148,7 @@ def _example_gemm(device):
 # ---------------------------------------------------------------------------------------------
 # sparse24_reorder_meta / sparse24_gemm
 
+
 def _reorder_check(meta: torch.Tensor) -> None:
     check_rank("sparse24_reorder_meta", "meta", meta, rank=2)
     check_dtype("sparse24_reorder_meta", "meta", meta, torch.int16)
@@ -163,13 +172,16 @@ def _sp_check(x, values, meta_r) -> None:
         raise TypeError(f"[{op}] values must have x's dtype {x.dtype}, got {values.dtype}")
     n = values.shape[0]
     if values.shape[1] * 2 != k or n % 16:
-        raise ValueError(f"[{op}] values {tuple(values.shape)} must be [N, in_features/2] = [N, {k // 2}] "
-                         f"with N a multiple of 16")
+        raise ValueError(
+            f"[{op}] values {tuple(values.shape)} must be [N, in_features/2] = [N, {k // 2}] with N a multiple of 16"
+        )
     check_rank(op, "meta", meta_r, rank=2)
     check_dtype(op, "meta", meta_r, torch.int32)
     if tuple(meta_r.shape) != (n // 16, k // 2):
-        raise ValueError(f"[{op}] meta must be [N/16, in_features/2] = [{n // 16}, {k // 2}] (sparse24_reorder_meta), "
-                         f"got {tuple(meta_r.shape)}")
+        raise ValueError(
+            f"[{op}] meta must be [N/16, in_features/2] = [{n // 16}, {k // 2}] (sparse24_reorder_meta), "
+            f"got {tuple(meta_r.shape)}"
+        )
     check_same_device(op, x=x, values=values, meta=meta_r)
 
 
@@ -193,24 +205,50 @@ def _example_sp(device):
     w.view(32, 32, 4)[:, :, 2] = 0
     w.view(32, 32, 4)[:, ::3, 3] = 0  # some groups keep a single nonzero
     values, meta = _ref.compress_24(w.half())
-    return (torch.randn(5, 128).half().to(device), values.to(device),
-            _gref.sparse24_reorder_meta(meta).to(device))
+    return (torch.randn(5, 128).half().to(device), values.to(device), _gref.sparse24_reorder_meta(meta).to(device))
 
 
-define("w4a16_repack", "(Tensor qweight) -> Tensor", check=_repack_check, alloc=_repack_alloc,
-       ref=_gref.w4a16_repack,
-       example=lambda device: (torch.randint(-2**31, 2**31 - 1, (128, 8), dtype=torch.int32, device=device),))
-define("w4a16_gemm", "(Tensor x, Tensor tiled, Tensor scales, Tensor? zeros, int group_size) -> Tensor",
-       check=_gemm_check, alloc=_gemm_alloc, ref=_gref.w4a16_gemm, native_contiguous=True,
-       example=_example_gemm, workspace=_gemm_workspace)
-define("sparse24_reorder_meta", "(Tensor meta) -> Tensor", check=_reorder_check, alloc=_reorder_alloc,
-       ref=_gref.sparse24_reorder_meta, example=_example_meta)
-define("sparse24_gemm", "(Tensor x, Tensor values, Tensor meta) -> Tensor", check=_sp_check, alloc=_sp_alloc,
-       ref=_gref.sparse24_gemm, native_contiguous=True, example=_example_sp, workspace=_sp_workspace)
+define(
+    "w4a16_repack",
+    "(Tensor qweight) -> Tensor",
+    check=_repack_check,
+    alloc=_repack_alloc,
+    ref=_gref.w4a16_repack,
+    example=lambda device: (torch.randint(-(2**31), 2**31 - 1, (128, 8), dtype=torch.int32, device=device),),
+)
+define(
+    "w4a16_gemm",
+    "(Tensor x, Tensor tiled, Tensor scales, Tensor? zeros, int group_size) -> Tensor",
+    check=_gemm_check,
+    alloc=_gemm_alloc,
+    ref=_gref.w4a16_gemm,
+    native_contiguous=True,
+    example=_example_gemm,
+    workspace=_gemm_workspace,
+)
+define(
+    "sparse24_reorder_meta",
+    "(Tensor meta) -> Tensor",
+    check=_reorder_check,
+    alloc=_reorder_alloc,
+    ref=_gref.sparse24_reorder_meta,
+    example=_example_meta,
+)
+define(
+    "sparse24_gemm",
+    "(Tensor x, Tensor values, Tensor meta) -> Tensor",
+    check=_sp_check,
+    alloc=_sp_alloc,
+    ref=_gref.sparse24_gemm,
+    native_contiguous=True,
+    example=_example_sp,
+    workspace=_sp_workspace,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
+
 
 def w4a16_repack(qweight: torch.Tensor) -> torch.Tensor:
     """Re-lay int4 weights for :func:`w4a16_gemm` (done once, at load time).
@@ -226,8 +264,9 @@ def w4a16_repack(qweight: torch.Tensor) -> torch.Tensor:
     return torch.ops.calibra.w4a16_repack(qweight)
 
 
-def w4a16_gemm(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
+def w4a16_gemm(
+    x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """``y = x @ W^T`` with ``W[n, k] = (code - z) * scale`` (rounded once to x's dtype), fp32 accumulation.
 
     Args:
@@ -261,8 +300,15 @@ def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> 
 # ---------------------------------------------------------------------------------------------
 # building the operands from calibra's tensors
 
-def w4a16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *,
-                  dtype: torch.dtype, symmetric: bool | None = None):
+
+def w4a16_prepare(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    dtype: torch.dtype,
+    symmetric: bool | None = None,
+):
     """``(tiled, scales_t, zeros_t)`` for :func:`w4a16_gemm` from calibra's layout.
 
     Args:

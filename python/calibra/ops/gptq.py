@@ -18,6 +18,7 @@ params) one name with one signature, and GPTQ's callers and their 5-output resul
 Exact arithmetic: :mod:`calibra.ops._ref.gptq` (same operations in the same order per element as the
 kernels, so codes match bit for bit).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -45,8 +46,10 @@ def _check(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, forma
         check_rank(_OP, name, t, rank=2)
         check_dtype(_OP, name, t, torch.float32)
         if t.shape[0] != rows or t.shape[1] != scales.shape[1]:
-            raise ValueError(f"[{_OP}] {name} must be [R, G] with R = {rows} rows like w (and zeros shaped like "
-                             f"scales), got {tuple(t.shape)}")
+            raise ValueError(
+                f"[{_OP}] {name} must be [R, G] with R = {rows} rows like w (and zeros shaped like "
+                f"scales), got {tuple(t.shape)}"
+            )
     for name, t in (("group", group), ("fit", fit)):
         check_rank(_OP, name, t, rank=1)
         check_dtype(_OP, name, t, torch.int32)
@@ -75,11 +78,13 @@ def _check(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, forma
 
 def _alloc(w, u, scales, zeros, *args):
     rows, c = w.shape
-    return (torch.empty((rows, c), dtype=torch.float32, device=w.device),
-            torch.empty((rows, c), dtype=torch.uint8, device=w.device),
-            torch.empty((rows, c), dtype=torch.float32, device=w.device),
-            torch.empty(tuple(scales.shape), dtype=torch.float32, device=w.device),
-            torch.empty(tuple(scales.shape), dtype=torch.float32, device=w.device))
+    return (
+        torch.empty((rows, c), dtype=torch.float32, device=w.device),
+        torch.empty((rows, c), dtype=torch.uint8, device=w.device),
+        torch.empty((rows, c), dtype=torch.float32, device=w.device),
+        torch.empty(tuple(scales.shape), dtype=torch.float32, device=w.device),
+        torch.empty(tuple(scales.shape), dtype=torch.float32, device=w.device),
+    )
 
 
 def _example(device):
@@ -90,21 +95,40 @@ def _example(device):
     w = torch.randn(8, 16, generator=g)
     fit = torch.zeros(16, dtype=torch.int32)
     fit[0] = fit[8] = 8
-    return (w.to(device), u[:16, :16].contiguous().to(device), torch.zeros(8, 2, device=device),
-            torch.zeros(8, 2, device=device), (torch.arange(16, dtype=torch.int32) // 8).to(device), fit.to(device),
-            torch.empty(0, dtype=torch.uint8, device=device), torch.tensor([1.0, 0.9], device=device), 4, False,
-            "int", torch.float16, 1.0)
+    return (
+        w.to(device),
+        u[:16, :16].contiguous().to(device),
+        torch.zeros(8, 2, device=device),
+        torch.zeros(8, 2, device=device),
+        (torch.arange(16, dtype=torch.int32) // 8).to(device),
+        fit.to(device),
+        torch.empty(0, dtype=torch.uint8, device=device),
+        torch.tensor([1.0, 0.9], device=device),
+        4,
+        False,
+        "int",
+        torch.float16,
+        1.0,
+    )
 
 
-define(_OP, "(Tensor w, Tensor u, Tensor scales, Tensor zeros, Tensor group, Tensor fit, Tensor mask, "
-            "Tensor shrink, int bits, bool symmetric, str format, ScalarType scale_dtype, float global_scale) "
-            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-       check=_check, alloc=_alloc, ref=_ref.gptq_block_sweep, native_contiguous=True, example=_example)
+define(
+    _OP,
+    "(Tensor w, Tensor u, Tensor scales, Tensor zeros, Tensor group, Tensor fit, Tensor mask, "
+    "Tensor shrink, int bits, bool symmetric, str format, ScalarType scale_dtype, float global_scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    check=_check,
+    alloc=_alloc,
+    ref=_ref.gptq_block_sweep,
+    native_contiguous=True,
+    example=_example,
+)
 
 
 @cuda_data_error(_OP)
 def _cuda_bad_data(index, w, u, scales, zeros, group, fit, *rest):
     from calibra.ops._ref.gptq import _check_data
+
     _check_data(group.cpu(), fit.cpu(), scales.shape[1])
 
 
@@ -122,8 +146,10 @@ def _nm_check(w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, fo
         raise ValueError(f"[{_NM_OP}] need 0 < n < m <= {_NM_MAX_M}, got n={n!r} m={m!r}")
     c = w.shape[1]
     if c % m:
-        raise ValueError(f"[{_NM_OP}] the block's column count ({c}) must be a multiple of m = {m}: an N:M group "
-                         f"must not straddle two blocks")
+        raise ValueError(
+            f"[{_NM_OP}] the block's column count ({c}) must be a multiple of m = {m}: an N:M group "
+            f"must not straddle two blocks"
+        )
 
 
 def _nm_alloc(w, u, scales, zeros, *args):
@@ -138,15 +164,23 @@ def _nm_example(device):
     return (w, u, scales, zeros, group, fit, shrink, 2, 4, bits, sym, fmt, sdt, gscale)
 
 
-define(_NM_OP, "(Tensor w, Tensor u, Tensor scales, Tensor zeros, Tensor group, Tensor fit, Tensor shrink, int n, "
-               "int m, int bits, bool symmetric, str format, ScalarType scale_dtype, float global_scale) "
-               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-       check=_nm_check, alloc=_nm_alloc, ref=_ref.sparsegpt_block_sweep, native_contiguous=True, example=_nm_example)
+define(
+    _NM_OP,
+    "(Tensor w, Tensor u, Tensor scales, Tensor zeros, Tensor group, Tensor fit, Tensor shrink, int n, "
+    "int m, int bits, bool symmetric, str format, ScalarType scale_dtype, float global_scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    check=_nm_check,
+    alloc=_nm_alloc,
+    ref=_ref.sparsegpt_block_sweep,
+    native_contiguous=True,
+    example=_nm_example,
+)
 
 
 @cuda_data_error(_NM_OP)
 def _cuda_nm_bad_data(index, w, u, scales, zeros, group, fit, *rest):
     from calibra.ops._ref.gptq import _check_data
+
     try:
         _check_data(group.cpu(), fit.cpu(), scales.shape[1])
     except ValueError as e:
@@ -166,11 +200,22 @@ class SweepResult(NamedTuple):
     """float32 [R, G]: zero points (integer-valued; 0 for FP4)."""
 
 
-def gptq_block_sweep(w: torch.Tensor, u: torch.Tensor, *, scales: torch.Tensor, zeros: torch.Tensor,
-                     group: torch.Tensor, fit: torch.Tensor, mask: torch.Tensor | None = None,
-                     shrink: torch.Tensor | None = None, bits: int = 4, symmetric: bool = True,
-                     format: str = "int", scale_dtype: torch.dtype = torch.float32,
-                     global_scale: float = 1.0) -> SweepResult:
+def gptq_block_sweep(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: torch.Tensor,
+    fit: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    shrink: torch.Tensor | None = None,
+    bits: int = 4,
+    symmetric: bool = True,
+    format: str = "int",
+    scale_dtype: torch.dtype = torch.float32,
+    global_scale: float = 1.0,
+) -> SweepResult:
     """GPTQ's column sweep over one block (see the module doc and ``csrc/include/calibra/params/gptq.h``).
 
     Args:
@@ -193,13 +238,23 @@ def gptq_block_sweep(w: torch.Tensor, u: torch.Tensor, *, scales: torch.Tensor, 
         mask = torch.empty(0, dtype=torch.uint8, device=w.device)
     if shrink is None:
         shrink = torch.ones(1, dtype=torch.float32, device=w.device)
-    return SweepResult(*torch.ops.calibra.gptq_block_sweep(w, u, scales, zeros, group, fit, mask, shrink, bits,
-                                                           symmetric, format, scale_dtype, float(global_scale)))
+    return SweepResult(
+        *torch.ops.calibra.gptq_block_sweep(
+            w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype, float(global_scale)
+        )
+    )
 
 
-def fit_group_params(x: torch.Tensor, *, format: str, bits: int = 4, symmetric: bool = True,
-                     scale_dtype: torch.dtype = torch.float32, global_scale: float = 1.0,
-                     shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_group_params(
+    x: torch.Tensor,
+    *,
+    format: str,
+    bits: int = 4,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+    global_scale: float = 1.0,
+    shrink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) of fp32 ``x [R, L]`` with the sweep's fitting rule, computed in torch on x's
     device (for static groups, per-row params and RTN; the squared errors are summed in bulk)."""
     if shrink is None:
@@ -207,8 +262,9 @@ def fit_group_params(x: torch.Tensor, *, format: str, bits: int = 4, symmetric: 
     return fit_params(x.float(), format, bits, symmetric, scale_dtype, global_scale, shrink, sequential=False)
 
 
-def quantize_with_params(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, format: str, bits: int = 4,
-                         global_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_with_params(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, format: str, bits: int = 4, global_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, values fp32) of fp32 ``x`` with broadcast params, the sweep's quantizer in torch."""
     return quantize_values(x.float(), scale.float(), zero.float(), format, bits, global_scale)
 
@@ -228,10 +284,23 @@ class NMSweepResult(NamedTuple):
     """bool [R, C]: the mask the sweep chose, True where the weight was pruned (exactly m - n per group)."""
 
 
-def sparsegpt_block_sweep(w: torch.Tensor, u: torch.Tensor, *, scales: torch.Tensor, zeros: torch.Tensor,
-                          group: torch.Tensor, fit: torch.Tensor, n: int, m: int, shrink: torch.Tensor | None = None,
-                          bits: int = 4, symmetric: bool = True, format: str = "none",
-                          scale_dtype: torch.dtype = torch.float32, global_scale: float = 1.0) -> NMSweepResult:
+def sparsegpt_block_sweep(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: torch.Tensor,
+    fit: torch.Tensor,
+    n: int,
+    m: int,
+    shrink: torch.Tensor | None = None,
+    bits: int = 4,
+    symmetric: bool = True,
+    format: str = "none",
+    scale_dtype: torch.dtype = torch.float32,
+    global_scale: float = 1.0,
+) -> NMSweepResult:
     """SparseGPT's N:M column sweep over one block: :func:`gptq_block_sweep`'s sweep (same arguments but
     ``mask``), choosing the prune mask inside it.
 
@@ -250,6 +319,21 @@ def sparsegpt_block_sweep(w: torch.Tensor, u: torch.Tensor, *, scales: torch.Ten
     """
     if shrink is None:
         shrink = torch.ones(1, dtype=torch.float32, device=w.device)
-    return NMSweepResult(*torch.ops.calibra.sparsegpt_block_sweep(w, u, scales, zeros, group, fit, shrink, int(n),
-                                                                  int(m), bits, symmetric, format, scale_dtype,
-                                                                  float(global_scale)))
+    return NMSweepResult(
+        *torch.ops.calibra.sparsegpt_block_sweep(
+            w,
+            u,
+            scales,
+            zeros,
+            group,
+            fit,
+            shrink,
+            int(n),
+            int(m),
+            bits,
+            symmetric,
+            format,
+            scale_dtype,
+            float(global_scale),
+        )
+    )

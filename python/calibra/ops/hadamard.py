@@ -1,5 +1,6 @@
 """calibra::hadamard -- the normalized fast Walsh-Hadamard transform (MR-GPTQ's rotation, QuaRot-style
 outlier spreading)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,10 @@ def _check(x: torch.Tensor, block_size: int) -> None:
     n = x.shape[-1]
     if block_size == -1:
         if n < 1 or n & (n - 1):
-            raise ValueError(f"[hadamard] the last dim of x is {n}, not a power of two; pass block_size "
-                             f"(a power of two dividing {n}) for a block-diagonal transform")
+            raise ValueError(
+                f"[hadamard] the last dim of x is {n}, not a power of two; pass block_size "
+                f"(a power of two dividing {n}) for a block-diagonal transform"
+            )
         return
     if block_size < 2 or block_size & (block_size - 1):
         raise ValueError(f"[hadamard] block_size must be a power of two >= 2 (or None), got {block_size}")
@@ -34,8 +37,14 @@ def _alloc(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-define("hadamard", "(Tensor x, int block_size) -> Tensor", check=_check, alloc=_alloc, ref=_ref.hadamard,
-       example=lambda device: (torch.randn(8, 256, device=device), -1))
+define(
+    "hadamard",
+    "(Tensor x, int block_size) -> Tensor",
+    check=_check,
+    alloc=_alloc,
+    ref=_ref.hadamard,
+    example=lambda device: (torch.randn(8, 256, device=device), -1),
+)
 
 
 def hadamard(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """calibra::hessian_accumulate -- the layer-input Hessian of GPTQ-style calibration, H += X^T X."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,14 @@ def _alloc(H: torch.Tensor, x: torch.Tensor) -> None:
     return None  # in place: no outputs
 
 
-define(f"{_OP}", "(Tensor(a!) H, Tensor x) -> ()", check=_check, alloc=_alloc, ref=_ref.hessian_accumulate,
-       example=lambda device: (torch.zeros(64, 64, device=device), torch.randn(2, 5, 64, device=device)))
+define(
+    f"{_OP}",
+    "(Tensor(a!) H, Tensor x) -> ()",
+    check=_check,
+    alloc=_alloc,
+    ref=_ref.hessian_accumulate,
+    example=lambda device: (torch.zeros(64, 64, device=device), torch.randn(2, 5, 64, device=device)),
+)
 
 
 def hessian_accumulate(H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

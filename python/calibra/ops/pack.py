@@ -17,14 +17,15 @@ never allocate. The CUDA kernel therefore takes the registry's data-error flag
 element into it with an atomic min; the adapter reads it back and raises the same ValueError as the
 CPU kernel and the reference.
 """
+
 from __future__ import annotations
 
 import torch
 
 from calibra.ops import _ref
 from calibra.ops._checks import check_dtype, check_range, check_rank
-from calibra.ops._registry import cuda_data_error, define
 from calibra.ops._ref.pack import code_error_message, word_bits
+from calibra.ops._registry import cuda_data_error, define
 
 _WORDS = (torch.int32, torch.uint8)
 
@@ -63,8 +64,10 @@ def _unpack_check(words: torch.Tensor, bits: int, dim: int, length: int) -> None
     need = -(-length * bits // wb)
     have = words.shape[d]
     if have != need:
-        raise ValueError(f"[unpack] words has {have} words along dim {d}, but length {length} at {bits} bits "
-                         f"needs ceil({length}*{bits}/{wb}) = {need}")
+        raise ValueError(
+            f"[unpack] words has {have} words along dim {d}, but length {length} at {bits} bits "
+            f"needs ceil({length}*{bits}/{wb}) = {need}"
+        )
 
 
 def _unpack_alloc(words: torch.Tensor, bits: int, dim: int, length: int) -> torch.Tensor:
@@ -73,12 +76,22 @@ def _unpack_alloc(words: torch.Tensor, bits: int, dim: int, length: int) -> torc
     return torch.empty(shape, dtype=torch.uint8, device=words.device)
 
 
-define("pack", "(Tensor codes, int bits, int dim, ScalarType word) -> Tensor", check=_pack_check,
-       alloc=_pack_alloc, ref=_ref.pack,
-       example=lambda device: (torch.randint(0, 8, (16, 100), dtype=torch.uint8, device=device), 3, 1, torch.int32))
-define("unpack", "(Tensor words, int bits, int dim, int length) -> Tensor", check=_unpack_check,
-       alloc=_unpack_alloc, ref=_ref.unpack,
-       example=lambda device: (torch.randint(-2**31, 2**31 - 1, (8, 10), dtype=torch.int32, device=device), 5, 0, 50))
+define(
+    "pack",
+    "(Tensor codes, int bits, int dim, ScalarType word) -> Tensor",
+    check=_pack_check,
+    alloc=_pack_alloc,
+    ref=_ref.pack,
+    example=lambda device: (torch.randint(0, 8, (16, 100), dtype=torch.uint8, device=device), 3, 1, torch.int32),
+)
+define(
+    "unpack",
+    "(Tensor words, int bits, int dim, int length) -> Tensor",
+    check=_unpack_check,
+    alloc=_unpack_alloc,
+    ref=_ref.unpack,
+    example=lambda device: (torch.randint(-(2**31), 2**31 - 1, (8, 10), dtype=torch.int32, device=device), 5, 0, 50),
+)
 
 
 def pack(codes: torch.Tensor, bits: int, *, dim: int = -1, word: torch.dtype = torch.int32) -> torch.Tensor:
@@ -112,4 +125,3 @@ def unpack(words: torch.Tensor, bits: int, *, length: int, dim: int = -1) -> tor
 def _pack_cuda_error(index: int, codes: torch.Tensor, bits: int, dim: int, word: torch.dtype) -> None:
     r, c = divmod(index, codes.shape[1])
     raise ValueError(code_error_message(codes, bits, r, c))
-

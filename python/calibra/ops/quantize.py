@@ -13,6 +13,7 @@ The public API is :func:`quantize` / :func:`dequantize` with :class:`QuantizedTe
 arithmetic (rounding, zero-scale policy, NaN policy) is written in :mod:`calibra.ops._ref.quantize`;
 every native kernel produces the same codes, zeros and scales bit for bit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}
 # ---------------------------------------------------------------------------------------------
 # checks and shape functions
 
+
 def _check_w(op: str, w) -> None:
     check_rank(op, "w", w, rank=2)
     check_floating(op, "w", w, _FLOATING)
@@ -41,8 +43,9 @@ def _check_group_size(op: str, group_size, n) -> None:
     if group_size == -1:
         return
     if group_size < 1:
-        raise ValueError(f"[{op}] group_size must be -1 (one group per row) or a positive divisor of "
-                         f"in_features, got {group_size}")
+        raise ValueError(
+            f"[{op}] group_size must be -1 (one group per row) or a positive divisor of in_features, got {group_size}"
+        )
     if n % group_size:
         raise ValueError(f"[{op}] group_size {group_size} does not divide in_features {n}")
 
@@ -79,9 +82,11 @@ def _check_quantize_int(w, bits, group_size, symmetric) -> None:
 def _alloc_quantize_int(w, bits, group_size, symmetric):
     out, n = w.shape
     g = _ngroups(n, group_size)
-    return (torch.empty((out, n), dtype=torch.uint8, device=w.device),
-            torch.empty((out, g), dtype=w.dtype, device=w.device),
-            torch.empty((out, g), dtype=torch.uint8, device=w.device))
+    return (
+        torch.empty((out, n), dtype=torch.uint8, device=w.device),
+        torch.empty((out, g), dtype=w.dtype, device=w.device),
+        torch.empty((out, g), dtype=torch.uint8, device=w.device),
+    )
 
 
 def _check_dequantize_int(codes, scales, zeros, group_size, dtype) -> None:
@@ -98,8 +103,10 @@ def _check_dequantize_int(codes, scales, zeros, group_size, dtype) -> None:
     out, n = codes.shape
     g = _ngroups(n, group_size)
     if tuple(scales.shape) != (out, g):
-        raise ValueError(f"[{op}] scales must have shape {(out, g)} for codes {tuple(codes.shape)} and "
-                         f"group_size {group_size}, got {tuple(scales.shape)}")
+        raise ValueError(
+            f"[{op}] scales must have shape {(out, g)} for codes {tuple(codes.shape)} and "
+            f"group_size {group_size}, got {tuple(scales.shape)}"
+        )
     if tuple(zeros.shape) != (out, g):
         raise ValueError(f"[{op}] zeros must have shape {(out, g)} (like scales), got {tuple(zeros.shape)}")
 
@@ -114,17 +121,20 @@ def _check_quantize_fp4(w, format) -> None:
     _check_format("quantize", format)
     gs = FP4_GROUP[format]
     if w.shape[1] % gs:
-        raise ValueError(f"[quantize] {format} needs in_features divisible by its group size {gs}, "
-                         f"got in_features {w.shape[1]}")
+        raise ValueError(
+            f"[quantize] {format} needs in_features divisible by its group size {gs}, got in_features {w.shape[1]}"
+        )
 
 
 def _alloc_quantize_fp4(w, format):
     out, n = w.shape
     g = n // FP4_GROUP[format]
     sdtype = torch.uint8 if format == "mxfp4" else torch.float8_e4m3fn
-    return (torch.empty((out, n), dtype=torch.uint8, device=w.device),
-            torch.empty((out, g), dtype=sdtype, device=w.device),
-            torch.empty((1,), dtype=torch.float32, device=w.device))
+    return (
+        torch.empty((out, n), dtype=torch.uint8, device=w.device),
+        torch.empty((out, g), dtype=sdtype, device=w.device),
+        torch.empty((1,), dtype=torch.float32, device=w.device),
+    )
 
 
 def _check_dequantize_fp4(codes, scales, global_scale, format, dtype) -> None:
@@ -145,32 +155,61 @@ def _check_dequantize_fp4(codes, scales, global_scale, format, dtype) -> None:
     if n % gs:
         raise ValueError(f"[{op}] {format} needs in_features divisible by {gs}, got codes {tuple(codes.shape)}")
     if tuple(scales.shape) != (out, n // gs):
-        raise ValueError(f"[{op}] scales must have shape {(out, n // gs)} for {format} codes "
-                         f"{tuple(codes.shape)}, got {tuple(scales.shape)}")
+        raise ValueError(
+            f"[{op}] scales must have shape {(out, n // gs)} for {format} codes "
+            f"{tuple(codes.shape)}, got {tuple(scales.shape)}"
+        )
 
 
-define("quantize_int", "(Tensor w, int bits, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)",
-       check=_check_quantize_int, alloc=_alloc_quantize_int, ref=_ref.quantize_int,
-       example=lambda device: (torch.randn(8, 256, device=device), 4, 128, False))
-define("dequantize_int",
-       "(Tensor codes, Tensor scales, Tensor zeros, int group_size, ScalarType dtype) -> Tensor",
-       check=_check_dequantize_int, alloc=_alloc_dequantize, ref=_ref.dequantize_int,
-       example=lambda device: (torch.randint(0, 16, (8, 256), dtype=torch.uint8, device=device),
-                               torch.rand(8, 2, device=device), torch.randint(0, 16, (8, 2), dtype=torch.uint8,
-                                                                              device=device), 128, torch.float32))
-define("quantize_fp4", "(Tensor w, str format) -> (Tensor, Tensor, Tensor)",
-       check=_check_quantize_fp4, alloc=_alloc_quantize_fp4, ref=_ref.quantize_fp4,
-       example=lambda device: (torch.randn(8, 256, device=device), "nvfp4"))
-define("dequantize_fp4",
-       "(Tensor codes, Tensor scales, Tensor global_scale, str format, ScalarType dtype) -> Tensor",
-       check=_check_dequantize_fp4, alloc=_alloc_dequantize, ref=_ref.dequantize_fp4,
-       example=lambda device: (torch.randint(0, 16, (8, 256), dtype=torch.uint8, device=device),
-                               torch.randint(100, 140, (8, 8), dtype=torch.uint8, device=device),
-                               torch.ones(1, device=device), "mxfp4", torch.float32))
+define(
+    "quantize_int",
+    "(Tensor w, int bits, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)",
+    check=_check_quantize_int,
+    alloc=_alloc_quantize_int,
+    ref=_ref.quantize_int,
+    example=lambda device: (torch.randn(8, 256, device=device), 4, 128, False),
+)
+define(
+    "dequantize_int",
+    "(Tensor codes, Tensor scales, Tensor zeros, int group_size, ScalarType dtype) -> Tensor",
+    check=_check_dequantize_int,
+    alloc=_alloc_dequantize,
+    ref=_ref.dequantize_int,
+    example=lambda device: (
+        torch.randint(0, 16, (8, 256), dtype=torch.uint8, device=device),
+        torch.rand(8, 2, device=device),
+        torch.randint(0, 16, (8, 2), dtype=torch.uint8, device=device),
+        128,
+        torch.float32,
+    ),
+)
+define(
+    "quantize_fp4",
+    "(Tensor w, str format) -> (Tensor, Tensor, Tensor)",
+    check=_check_quantize_fp4,
+    alloc=_alloc_quantize_fp4,
+    ref=_ref.quantize_fp4,
+    example=lambda device: (torch.randn(8, 256, device=device), "nvfp4"),
+)
+define(
+    "dequantize_fp4",
+    "(Tensor codes, Tensor scales, Tensor global_scale, str format, ScalarType dtype) -> Tensor",
+    check=_check_dequantize_fp4,
+    alloc=_alloc_dequantize,
+    ref=_ref.dequantize_fp4,
+    example=lambda device: (
+        torch.randint(0, 16, (8, 256), dtype=torch.uint8, device=device),
+        torch.randint(100, 140, (8, 8), dtype=torch.uint8, device=device),
+        torch.ones(1, device=device),
+        "mxfp4",
+        torch.float32,
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
+
 
 @dataclass(frozen=True)
 class QuantizedTensor:
@@ -204,8 +243,9 @@ class QuantizedTensor:
     """The original weight's dtype; :func:`dequantize` returns this dtype."""
 
 
-def quantize(w: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool = True,
-             format: str = "int") -> QuantizedTensor:
+def quantize(
+    w: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool = True, format: str = "int"
+) -> QuantizedTensor:
     """Round-to-nearest quantization of a 2-D weight ``w [out, in]`` (float32, float16 or bfloat16).
 
     Args:

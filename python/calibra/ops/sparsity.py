@@ -3,6 +3,7 @@
 On CUDA the data errors (NaN scores, a group with 3 nonzeros, a bad metadata word) are reported
 through an int64 flag output, as described in :mod:`calibra.ops.pack`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,14 +38,18 @@ def _c24_check(w: torch.Tensor) -> None:
     check_floating("compress_24", "w", w, _FLOATING)
     k = w.shape[1]
     if k % 16:
-        raise ValueError(f"[compress_24] the last dim of w ({k}) must be a multiple of 16 "
-                         f"(one 16-bit metadata word describes 16 columns)")
+        raise ValueError(
+            f"[compress_24] the last dim of w ({k}) must be a multiple of 16 "
+            f"(one 16-bit metadata word describes 16 columns)"
+        )
 
 
 def _c24_alloc(w: torch.Tensor):
     r, k = w.shape
-    return (torch.empty((r, k // 2), dtype=w.dtype, device=w.device),
-            torch.empty((r, k // 16), dtype=torch.int16, device=w.device))
+    return (
+        torch.empty((r, k // 2), dtype=w.dtype, device=w.device),
+        torch.empty((r, k // 16), dtype=torch.int16, device=w.device),
+    )
 
 
 def _d24_check(values: torch.Tensor, meta: torch.Tensor) -> None:
@@ -54,8 +59,10 @@ def _d24_check(values: torch.Tensor, meta: torch.Tensor) -> None:
     check_dtype("decompress_24", "meta", meta, torch.int16)
     check_same_device("decompress_24", values=values, meta=meta)
     if values.shape[0] != meta.shape[0] or values.shape[1] != 8 * meta.shape[1]:
-        raise ValueError(f"[decompress_24] values {tuple(values.shape)} and meta {tuple(meta.shape)} do not match: "
-                         f"expected values [R, K/2] and meta [R, K/16]")
+        raise ValueError(
+            f"[decompress_24] values {tuple(values.shape)} and meta {tuple(meta.shape)} do not match: "
+            f"expected values [R, K/2] and meta [R, K/16]"
+        )
 
 
 def _d24_alloc(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -75,12 +82,30 @@ def _example_d24(device):
     return values, meta
 
 
-define("nm_mask", "(Tensor scores, int n, int m) -> Tensor", check=_nm_check, alloc=_nm_alloc,
-       ref=_ref.nm_mask, example=lambda device: (torch.randn(4, 6, 64, device=device), 2, 4))
-define("compress_24", "(Tensor w) -> (Tensor, Tensor)", check=_c24_check, alloc=_c24_alloc,
-       ref=_ref.compress_24, example=_example_24)
-define("decompress_24", "(Tensor values, Tensor meta) -> Tensor", check=_d24_check, alloc=_d24_alloc,
-       ref=_ref.decompress_24, example=_example_d24)
+define(
+    "nm_mask",
+    "(Tensor scores, int n, int m) -> Tensor",
+    check=_nm_check,
+    alloc=_nm_alloc,
+    ref=_ref.nm_mask,
+    example=lambda device: (torch.randn(4, 6, 64, device=device), 2, 4),
+)
+define(
+    "compress_24",
+    "(Tensor w) -> (Tensor, Tensor)",
+    check=_c24_check,
+    alloc=_c24_alloc,
+    ref=_ref.compress_24,
+    example=_example_24,
+)
+define(
+    "decompress_24",
+    "(Tensor values, Tensor meta) -> Tensor",
+    check=_d24_check,
+    alloc=_d24_alloc,
+    ref=_ref.decompress_24,
+    example=_example_d24,
+)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -131,6 +156,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # CUDA error reporting (index = row-major position of the first bad item)
 
+
 @cuda_data_error("nm_mask")
 def _nm_cuda_error(index: int, scores: torch.Tensor, n: int, m: int) -> None:
     pos = []
@@ -143,7 +169,7 @@ def _nm_cuda_error(index: int, scores: torch.Tensor, n: int, m: int) -> None:
 @cuda_data_error("compress_24")
 def _c24_cuda_error(index: int, w: torch.Tensor) -> None:
     r, g = divmod(index, w.shape[1] // 4)
-    count = int((w[r, 4 * g: 4 * g + 4] != 0).sum())
+    count = int((w[r, 4 * g : 4 * g + 4] != 0).sum())
     raise ValueError(not_24_message(r, 4 * g, count))
 
 
@@ -152,5 +178,3 @@ def _d24_cuda_error(index: int, values: torch.Tensor, meta: torch.Tensor) -> Non
     r, rest = divmod(index, meta.shape[1] * 4)
     j, g = divmod(rest, 4)
     raise ValueError(bad_meta_message(r, j, int(meta[r, j]) & 0xFFFF, g))
-
-

@@ -17,23 +17,47 @@ The package is callable: ``calibra.prune(model, config, calibration=...)`` is th
 forwards calls to the verb. That forward is the one import from here up to the API floor, done
 lazily at call time; nothing in this package depends on it.
 """
+
 import sys as _sys
 import types as _types
 
 from calibra.prune.callback import MaskCallback
 from calibra.prune.config import JointQuant, PruneMethod, PruningConfig
+from calibra.prune.gradual import gradual_sparsities, prune_gradually
 from calibra.prune.methods import magnitude_scores, prune_magnitude, prune_wanda, prune_weight, wanda_scores
 from calibra.prune.patterns import NM, Block, Unstructured, parse_pattern
-from calibra.prune.gradual import gradual_sparsities, prune_gradually
 from calibra.prune.result import LayerStats, PrunedLayer, relative_output_error
 from calibra.prune.schedules import Cubic, Gradual, OneShot
 from calibra.prune.sparsegpt import sparsegpt_prune, torch_block_sweep
 from calibra.prune.stages import PruningStage, StageTracker
 
-__all__ = ["PruningConfig", "PruneMethod", "JointQuant", "Unstructured", "NM", "Block", "parse_pattern",
-           "OneShot", "Gradual", "Cubic", "LayerStats", "PrunedLayer", "relative_output_error", "magnitude_scores",
-           "wanda_scores", "prune_magnitude", "prune_wanda", "prune_weight", "sparsegpt_prune", "torch_block_sweep",
-           "MaskCallback", "prune_gradually", "gradual_sparsities", "PruningStage", "StageTracker"]
+__all__ = [
+    "PruningConfig",
+    "PruneMethod",
+    "JointQuant",
+    "Unstructured",
+    "NM",
+    "Block",
+    "parse_pattern",
+    "OneShot",
+    "Gradual",
+    "Cubic",
+    "LayerStats",
+    "PrunedLayer",
+    "relative_output_error",
+    "magnitude_scores",
+    "wanda_scores",
+    "prune_magnitude",
+    "prune_wanda",
+    "prune_weight",
+    "sparsegpt_prune",
+    "torch_block_sweep",
+    "MaskCallback",
+    "prune_gradually",
+    "gradual_sparsities",
+    "PruningStage",
+    "StageTracker",
+]
 
 
 class _CallablePackage(_types.ModuleType):

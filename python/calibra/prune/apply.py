@@ -19,10 +19,11 @@ uses its mean Hessian shrunk toward the layer's pooled one (``CalibrationStats.h
 Wanda, per-channel mean squares shrunk the same way (:func:`expert_sumsq`), so an expert that saw few
 or no tokens still gets finite, meaningful scores.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ def expert_sumsq(stats, key: str) -> torch.Tensor:
     n_e = stats.count("norms", key)
     n_pool = sum(stats.count("norms", k) for k in keys)
     if n_pool == 0:
-        raise ValueError(f"[prune] no expert of {block} received any calibration token; use more or different "
-                         f"calibration data")
+        raise ValueError(
+            f"[prune] no expert of {block} received any calibration token; use more or different calibration data"
+        )
     pooled = sum(stats.tensors[f"norms/sumsq/{k}"].double() for k in keys) / n_pool
     lam = 1.0 if n_e == 0 else tau / (n_e + tau)
     if lam == 1.0:
@@ -78,11 +80,16 @@ def target_stats(stats, target: Target) -> tuple[LayerStats | None, int]:
         sq = expert_sumsq(stats, key) if has_n else None
         return LayerStats(hessian=h, n_tokens=1, channel_sumsq=sq), tokens
     if not (has_h or has_n):
-        raise ValueError(f"[prune] no calibration statistics for {target.name}; calibrate this model with the "
-                         f"'hessian' (SparseGPT) or 'norms' (Wanda) observer")
+        raise ValueError(
+            f"[prune] no calibration statistics for {target.name}; calibrate this model with the "
+            f"'hessian' (SparseGPT) or 'norms' (Wanda) observer"
+        )
     tokens = stats.count("hessian" if has_h else "norms", key)
-    return LayerStats(hessian=stats.tensors.get(f"hessian/sum/{key}"), n_tokens=tokens,
-                      channel_sumsq=stats.tensors.get(f"norms/sumsq/{key}")), tokens
+    return LayerStats(
+        hessian=stats.tensors.get(f"hessian/sum/{key}"),
+        n_tokens=tokens,
+        channel_sumsq=stats.tensors.get(f"norms/sumsq/{key}"),
+    ), tokens
 
 
 def weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -107,9 +114,18 @@ class LayerPruner:
         on_module: called with every finished :class:`PrunedLayer`.
     """
 
-    def __init__(self, config: PruningConfig, adapter, *, dense=(), tracker: StageTracker | None = None,
-                 recollect: Callable | None = None, num_layers: int = 0, calibrating: bool = False,
-                 on_module: Callable | None = None):
+    def __init__(
+        self,
+        config: PruningConfig,
+        adapter,
+        *,
+        dense=(),
+        tracker: StageTracker | None = None,
+        recollect: Callable | None = None,
+        num_layers: int = 0,
+        calibrating: bool = False,
+        on_module: Callable | None = None,
+    ):
         self.config, self.adapter = config, adapter
         self.dense_names = set(dense)
         self.tracker = tracker
@@ -128,6 +144,7 @@ class LayerPruner:
     def _gradual(self, index: int, layer: nn.Module, t: Target):
         """``recalibrate(step, weight)`` for :func:`prune_gradually`: install the weight, re-collect the
         layer's statistics from the same inputs (data methods), return the target's LayerStats."""
+
         def recalibrate(step: int, current: torch.Tensor):
             t.store(current)
             if self.recollect is None or not self.config.requires_calibration():
@@ -160,14 +177,23 @@ class LayerPruner:
             # weight in memory), and joint-quantization codes are summarized in the log
             # zero_fraction >= achieved_sparsity: a kept weight can also be 0 (dead channel, or joint
             # quantization rounding it to the zero point)
-            res.extra = {**res.extra, "samples": tokens, "weight_error": weight_error(w, res.weight),
-                         "zero_fraction": float((res.weight == 0).sum()) / res.weight.numel(),
-                         "shape": [t.out_features, t.in_features], "expert": t.expert}
+            res.extra = {
+                **res.extra,
+                "samples": tokens,
+                "weight_error": weight_error(w, res.weight),
+                "zero_fraction": float((res.weight == 0).sum()) / res.weight.numel(),
+                "shape": [t.out_features, t.in_features],
+                "expert": t.expert,
+            }
             if res.quantized is not None:
                 q = res.quantized
                 res.extra["quantized_bits"] = q.bits
-                res.extra["joint_quantization"] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric,
-                                                   "format": q.format}
+                res.extra["joint_quantization"] = {
+                    "bits": q.bits,
+                    "group_size": q.group_size,
+                    "symmetric": q.symmetric,
+                    "format": q.format,
+                }
             res.mask = res.mask.cpu()
             res.weight = None
             res.quantized = None

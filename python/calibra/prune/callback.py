@@ -9,9 +9,10 @@ update) moves pruned weights off zero.
 Scores are magnitude by default (training has no calibration pass); ``scorer(name, module)`` may
 return any fp32 ``[out, in]`` score instead (e.g. Wanda with running activation norms).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,8 +22,13 @@ from calibra.prune.methods import magnitude_scores
 
 
 class MaskCallback:
-    def __init__(self, config: PruningConfig, *, modules: Callable[[str, nn.Module], bool] | None = None,
-                 scorer: Callable[[str, nn.Module], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        config: PruningConfig,
+        *,
+        modules: Callable[[str, nn.Module], bool] | None = None,
+        scorer: Callable[[str, nn.Module], torch.Tensor] | None = None,
+    ):
         """``modules(name, module)`` selects the Linears to prune (default: every nn.Linear)."""
         self.config = config.validate()
         self.schedule = config.resolved_schedule()

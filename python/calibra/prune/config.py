@@ -15,12 +15,13 @@ Strings accepted:
 ``target_sparsity`` is the fraction of weights set to zero. For N:M it is fixed at ``1 - n/m``: leave
 it None or give exactly that value.
 """
+
 from __future__ import annotations
 
-import enum
 import dataclasses
+import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
 
 from calibra.prune.patterns import NM, SCOPES, Block, Pattern, Unstructured, parse_pattern
 from calibra.prune.schedules import Cubic, Gradual, OneShot, Schedule
@@ -56,12 +57,14 @@ class JointQuant:
     group_size: int = 128
     sym: bool = True
 
-    def validate(self) -> "JointQuant":
+    def validate(self) -> JointQuant:
         if not _is_int(self.bits) or not 2 <= self.bits <= 8:
             _fail(f"JointQuant.bits must be an int in [2, 8], got {self.bits!r}; 4 is usual")
         if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 1):
-            _fail(f"JointQuant.group_size must be -1 (one group per row) or a positive int such as 128, got "
-                  f"{self.group_size!r}")
+            _fail(
+                f"JointQuant.group_size must be -1 (one group per row) or a positive int such as 128, got "
+                f"{self.group_size!r}"
+            )
         if not isinstance(self.sym, bool):
             _fail(f"JointQuant.sym must be a bool, got {self.sym!r}")
         return self
@@ -128,7 +131,7 @@ class PruningConfig:
         return self.method_enum is not PruneMethod.MAGNITUDE
 
     # -- checks ------------------------------------------------------------------------------------
-    def validate(self) -> "PruningConfig":
+    def validate(self) -> PruningConfig:
         """Raise ValueError naming the field, what came and the fix. Needs no weights."""
         m = self.method.value if isinstance(self.method, PruneMethod) else self.method
         if m not in METHODS:
@@ -140,8 +143,10 @@ class PruningConfig:
             _fail(f"target_sparsity must be a number in (0, 1), got {ts!r}")
         if fixed is not None:
             if ts is not None and abs(ts - fixed) > 1e-9:
-                _fail(f"pattern {pattern} fixes the sparsity at {fixed:g}, but target_sparsity is {ts!r}; leave "
-                      f"target_sparsity unset (None) or set it to {fixed:g}")
+                _fail(
+                    f"pattern {pattern} fixes the sparsity at {fixed:g}, but target_sparsity is {ts!r}; leave "
+                    f"target_sparsity unset (None) or set it to {fixed:g}"
+                )
         elif ts is None or not 0.0 < ts < 1.0:
             _fail(f"target_sparsity must be in (0, 1) (the fraction of weights set to zero), got {ts!r}; e.g. 0.5")
         if self.scope is not None and self.scope not in SCOPES:
@@ -153,37 +158,56 @@ class PruningConfig:
         self.schedule.validate()
         final = self.schedule.final
         if final is not None and abs(final - self.sparsity) > 1e-9:
-            _fail(f"the schedule ends at sparsity {final:g} but the target is {self.sparsity:g}; leave the schedule's "
-                  f"final sparsity unset or make them equal")
+            _fail(
+                f"the schedule ends at sparsity {final:g} but the target is {self.sparsity:g}; leave the schedule's "
+                f"final sparsity unset or make them equal"
+            )
         if isinstance(pattern, NM) and not isinstance(self.schedule, OneShot):
-            _fail(f"pattern {pattern} fixes the sparsity, so it cannot ramp up on a {type(self.schedule).__name__} "
-                  f"schedule; use OneShot (or an unstructured pattern for gradual pruning)")
+            _fail(
+                f"pattern {pattern} fixes the sparsity, so it cannot ramp up on a {type(self.schedule).__name__} "
+                f"schedule; use OneShot (or an unstructured pattern for gradual pruning)"
+            )
         if not _is_int(self.gradual_steps) or not 1 <= self.gradual_steps <= 64:
             _fail(f"gradual_steps must be an int in [1, 64], got {self.gradual_steps!r}; 1 = one-shot")
         if self.gradual_steps > 1 and isinstance(pattern, NM):
-            _fail(f"gradual_steps > 1 needs a pattern whose sparsity can grow; {pattern} fixes it at "
-                  f"{pattern.fixed_sparsity():g}")
+            _fail(
+                f"gradual_steps > 1 needs a pattern whose sparsity can grow; {pattern} fixes it at "
+                f"{pattern.fixed_sparsity():g}"
+            )
         if not isinstance(self.skip_indivisible, bool):
             _fail(f"skip_indivisible must be a bool, got {self.skip_indivisible!r}")
         if not _is_int(self.block_size) or not 1 <= self.block_size <= 4096:
-            _fail(f"block_size must be an int in [1, 4096] (SparseGPT columns per lazy batch), got "
-                  f"{self.block_size!r}; 128 is usual")
-        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
-                or not 0.0 < self.damp_percent <= 1.0:
-            _fail(f"damp_percent must be in (0, 1] (a fraction of mean diag H), got {self.damp_percent!r}; 0.01 "
-                  f"is usual")
+            _fail(
+                f"block_size must be an int in [1, 4096] (SparseGPT columns per lazy batch), got "
+                f"{self.block_size!r}; 128 is usual"
+            )
+        if (
+            isinstance(self.damp_percent, bool)
+            or not isinstance(self.damp_percent, (int, float))
+            or not 0.0 < self.damp_percent <= 1.0
+        ):
+            _fail(
+                f"damp_percent must be in (0, 1] (a fraction of mean diag H), got {self.damp_percent!r}; 0.01 is usual"
+            )
         ladder = tuple(self.damp_ladder)
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in ladder) or any(
-                b <= a for a, b in zip((self.damp_percent,) + ladder, ladder)) or len(ladder) > 8 \
-                or (ladder and ladder[-1] > 100.0):
-            _fail(f"damp_ladder must be at most 8 increasing values above damp_percent {self.damp_percent} and at "
-                  f"most 100, got {self.damp_ladder!r}; e.g. (0.1, 1.0, 10.0)")
+        if (
+            any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in ladder)
+            or any(b <= a for a, b in zip((self.damp_percent,) + ladder, ladder))
+            or len(ladder) > 8
+            or (ladder and ladder[-1] > 100.0)
+        ):
+            _fail(
+                f"damp_ladder must be at most 8 increasing values above damp_percent {self.damp_percent} and at "
+                f"most 100, got {self.damp_ladder!r}; e.g. (0.1, 1.0, 10.0)"
+            )
         if self.quantize is not None:
             if not isinstance(self.quantize, JointQuant):
                 _fail(f"quantize must be a JointQuant or None, got {type(self.quantize).__name__}")
             if self.method_enum is not PruneMethod.SPARSEGPT:
-                _fail(f"joint quantization runs inside SparseGPT's sweep; method {m!r} cannot do it; use method "
-                      f"'sparsegpt' or quantize afterwards")
+                _fail(
+                    f"joint quantization runs inside SparseGPT's sweep; method {m!r} cannot do it; use method "
+                    f"'sparsegpt' or quantize afterwards"
+                )
             self.quantize.validate()
             if isinstance(pattern, Block):
                 _fail("joint quantization is implemented for unstructured and N:M patterns, not blocks")
@@ -194,10 +218,16 @@ class PruningConfig:
     def layer_problem(self, name: str, out_features: int, in_features: int) -> str | None:
         """Why this config cannot prune a layer of this shape (None when it can)."""
         problem = parse_pattern(self.pattern).layer_problem(name, out_features, in_features)
-        if problem is None and self.quantize is not None and self.quantize.group_size != -1 \
-                and in_features % self.quantize.group_size:
-            problem = (f"joint quantization group_size {self.quantize.group_size} does not divide in_features "
-                       f"{in_features} (layer {name})")
+        if (
+            problem is None
+            and self.quantize is not None
+            and self.quantize.group_size != -1
+            and in_features % self.quantize.group_size
+        ):
+            problem = (
+                f"joint quantization group_size {self.quantize.group_size} does not divide in_features "
+                f"{in_features} (layer {name})"
+            )
         return problem
 
     def plan_layers(self, shapes: Mapping[str, tuple[int, int]] | Iterable[tuple[str, tuple[int, int]]]):
@@ -217,12 +247,14 @@ class PruningConfig:
                 dense[name] = problem
         if dense and not self.skip_indivisible:
             listed = "\n  ".join(dense.values())
-            _fail(f"{len(dense)} layer(s) cannot take pattern {parse_pattern(self.pattern)}:\n  {listed}\n"
-                  f"choose a pattern that divides these widths, or set skip_indivisible=True to leave them dense "
-                  f"(they are recorded in the report)")
+            _fail(
+                f"{len(dense)} layer(s) cannot take pattern {parse_pattern(self.pattern)}:\n  {listed}\n"
+                f"choose a pattern that divides these widths, or set skip_indivisible=True to leave them dense "
+                f"(they are recorded in the report)"
+            )
         return prune, dense
 
-    def with_(self, **changes) -> "PruningConfig":
+    def with_(self, **changes) -> PruningConfig:
         return replace(self, **changes)
 
 
@@ -236,5 +268,17 @@ def config_dict(config: PruningConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-__all__ = ["PruningConfig", "config_dict", "PruneMethod", "JointQuant", "METHODS", "Unstructured", "NM", "Block", "OneShot",
-           "Gradual", "Cubic", "parse_pattern"]
+__all__ = [
+    "PruningConfig",
+    "config_dict",
+    "PruneMethod",
+    "JointQuant",
+    "METHODS",
+    "Unstructured",
+    "NM",
+    "Block",
+    "OneShot",
+    "Gradual",
+    "Cubic",
+    "parse_pattern",
+]

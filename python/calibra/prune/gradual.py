@@ -10,10 +10,11 @@ Step ``j`` (1..k) prunes to ``gradual_sparsities(target, k)[j - 1]`` (Zhu & Gupt
 steps, so the early steps, where redundancy is highest, remove the most), starting from the previous
 step's weight and keeping everything already pruned pruned (nested masks).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +30,9 @@ def gradual_sparsities(target: float, k: int) -> list[float]:
     return [target * (1.0 - (1.0 - j / k) ** 3) for j in range(1, k + 1)]
 
 
-def prune_gradually(w: torch.Tensor, config: PruningConfig, recalibrate: Recalibrate, *, steps: int | None = None,
-                    name: str = "weight") -> PrunedLayer:
+def prune_gradually(
+    w: torch.Tensor, config: PruningConfig, recalibrate: Recalibrate, *, steps: int | None = None, name: str = "weight"
+) -> PrunedLayer:
     """Prune ``w [out, in]`` (not modified) in ``steps`` (default ``config.gradual_steps``) steps.
 
     ``recalibrate(step, current_weight) -> LayerStats`` is called before every step (``step`` 0-based,
@@ -46,8 +48,10 @@ def prune_gradually(w: torch.Tensor, config: PruningConfig, recalibrate: Recalib
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"[prune] steps must be an int >= 1, got {k!r}")
     if k > 1 and config.pattern_obj.fixed_sparsity() is not None:
-        raise ValueError(f"[prune] pattern {config.pattern_obj} fixes the sparsity; gradual steps need an unstructured "
-                         f"or block pattern")
+        raise ValueError(
+            f"[prune] pattern {config.pattern_obj} fixes the sparsity; gradual steps need an unstructured "
+            f"or block pattern"
+        )
     current = w.detach().clone()
     prior = None
     log = []
@@ -57,8 +61,14 @@ def prune_gradually(w: torch.Tensor, config: PruningConfig, recalibrate: Recalib
         stats = recalibrate(j, current)
         result = prune_weight(current, config, stats, name=name, sparsity=s, prior=prior)
         current, prior = result.weight, result.mask
-        log.append({"step": j, "sparsity": s, "achieved_sparsity": result.achieved_sparsity,
-                    "reconstruction_error": result.reconstruction_error})
+        log.append(
+            {
+                "step": j,
+                "sparsity": s,
+                "achieved_sparsity": result.achieved_sparsity,
+                "reconstruction_error": result.reconstruction_error,
+            }
+        )
     # the error of the final weight against the original dense weight, on the last statistics
     if stats is not None and stats.hessian is not None:
         result.reconstruction_error = relative_output_error(w, result.weight, stats.hessian)

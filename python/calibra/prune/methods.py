@@ -12,6 +12,7 @@ weights cannot change the layer's output on the calibration data.
 
 :func:`prune_weight` dispatches on the config's method (SparseGPT included).
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,10 @@ def check_layer(w, config: PruningConfig, name: str) -> None:
     check_weight(w, name)
     problem = config.layer_problem(name, w.shape[0], w.shape[1])
     if problem:
-        raise ValueError(f"[prune] {problem}; choose a pattern that divides it, or let the model-level run leave "
-                         f"it dense (skip_indivisible=True)")
+        raise ValueError(
+            f"[prune] {problem}; choose a pattern that divides it, or let the model-level run leave "
+            f"it dense (skip_indivisible=True)"
+        )
 
 
 def magnitude_scores(w: torch.Tensor, score: str = "abs") -> torch.Tensor:
@@ -58,8 +61,9 @@ def wanda_scores(w: torch.Tensor, channel_sumsq: torch.Tensor, name: str = "weig
         raise ValueError(f"[wanda] the channel statistics of {name} must be [in] = [{w.shape[1]}], got {got}")
     sq = channel_sumsq.double()
     if not bool(torch.isfinite(sq).all()) or bool((sq < 0).any()):
-        raise ValueError(f"[wanda] the channel sums of squares of {name} must be finite and >= 0; check the "
-                         f"calibration activations")
+        raise ValueError(
+            f"[wanda] the channel sums of squares of {name} must be finite and >= 0; check the calibration activations"
+        )
     # the norm in float64, then fp32: sums of squares of fp16-range activations over many tokens can
     # exceed fp32's range before the square root
     return w.float().abs() * sq.sqrt().float().to(w.device)[None, :]
@@ -68,13 +72,29 @@ def wanda_scores(w: torch.Tensor, channel_sumsq: torch.Tensor, name: str = "weig
 def _finish(w, keep, config, name, method, sparsity, t0, hessian, **extra) -> PrunedLayer:
     pruned = w.masked_fill(~keep, 0)
     err = None if hessian is None else relative_output_error(w, pruned, hessian)
-    return PrunedLayer(name=name, method=method, pattern=str(config.pattern_obj), weight=pruned, mask=keep,
-                       target_sparsity=sparsity, achieved_sparsity=achieved_sparsity(keep),
-                       reconstruction_error=err, seconds=time.perf_counter() - t0, **extra)
+    return PrunedLayer(
+        name=name,
+        method=method,
+        pattern=str(config.pattern_obj),
+        weight=pruned,
+        mask=keep,
+        target_sparsity=sparsity,
+        achieved_sparsity=achieved_sparsity(keep),
+        reconstruction_error=err,
+        seconds=time.perf_counter() - t0,
+        **extra,
+    )
 
 
-def prune_magnitude(w: torch.Tensor, config: PruningConfig, *, name: str = "weight", sparsity: float | None = None,
-                    prior: torch.Tensor | None = None, hessian: torch.Tensor | None = None) -> PrunedLayer:
+def prune_magnitude(
+    w: torch.Tensor,
+    config: PruningConfig,
+    *,
+    name: str = "weight",
+    sparsity: float | None = None,
+    prior: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+) -> PrunedLayer:
     """Magnitude pruning of ``w [out, in]`` (not modified). ``sparsity`` overrides the config's target
     (gradual steps); ``prior`` is a keep-mask whose pruned entries stay pruned; ``hessian`` (optional)
     only feeds the reported reconstruction error."""
@@ -86,9 +106,16 @@ def prune_magnitude(w: torch.Tensor, config: PruningConfig, *, name: str = "weig
     return _finish(w, keep, config, name, "magnitude", s, t0, hessian)
 
 
-def prune_wanda(w: torch.Tensor, channel_sumsq: torch.Tensor, config: PruningConfig, *, name: str = "weight",
-                sparsity: float | None = None, prior: torch.Tensor | None = None,
-                hessian: torch.Tensor | None = None) -> PrunedLayer:
+def prune_wanda(
+    w: torch.Tensor,
+    channel_sumsq: torch.Tensor,
+    config: PruningConfig,
+    *,
+    name: str = "weight",
+    sparsity: float | None = None,
+    prior: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+) -> PrunedLayer:
     """Wanda pruning of ``w [out, in]`` (not modified) from per-input-channel sums of squares."""
     t0 = time.perf_counter()
     config.validate()
@@ -100,8 +127,15 @@ def prune_wanda(w: torch.Tensor, channel_sumsq: torch.Tensor, config: PruningCon
     return _finish(w, keep, config, name, "wanda", s, t0, hessian, dead_channels=dead)
 
 
-def prune_weight(w: torch.Tensor, config: PruningConfig, stats: LayerStats | None = None, *, name: str = "weight",
-                 sparsity: float | None = None, prior: torch.Tensor | None = None) -> PrunedLayer:
+def prune_weight(
+    w: torch.Tensor,
+    config: PruningConfig,
+    stats: LayerStats | None = None,
+    *,
+    name: str = "weight",
+    sparsity: float | None = None,
+    prior: torch.Tensor | None = None,
+) -> PrunedLayer:
     """Prune one weight with the config's method; ``stats`` holds what the method needs (nothing for
     magnitude, ``channel_sumsq`` or a Hessian for Wanda, the Hessian sum + token count for SparseGPT)."""
     method = config.method_enum
@@ -109,13 +143,17 @@ def prune_weight(w: torch.Tensor, config: PruningConfig, stats: LayerStats | Non
     if method is PruneMethod.MAGNITUDE:
         return prune_magnitude(w, config, name=name, sparsity=sparsity, prior=prior, hessian=h)
     if stats is None:
-        raise ValueError(f"[prune] method {method.value} needs calibration statistics for {name}; pass LayerStats "
-                         f"(run calibration first)")
+        raise ValueError(
+            f"[prune] method {method.value} needs calibration statistics for {name}; pass LayerStats "
+            f"(run calibration first)"
+        )
     if method is PruneMethod.WANDA:
         sq = stats.sumsq()
         if sq is None:
-            raise ValueError(f"[wanda] {name} has no channel statistics (channel_sumsq or hessian); calibrate with "
-                             f"the 'norms' observer")
+            raise ValueError(
+                f"[wanda] {name} has no channel statistics (channel_sumsq or hessian); calibrate with "
+                f"the 'norms' observer"
+            )
         return prune_wanda(w, sq, config, name=name, sparsity=sparsity, prior=prior, hessian=h)
     from calibra.prune.sparsegpt import sparsegpt_prune
 

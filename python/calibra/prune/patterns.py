@@ -18,6 +18,7 @@ lower index is kept first), so the same input always gives the same mask.
 ``prior`` (a keep-mask) forces weights that are already pruned to stay pruned: their scores become
 ``-inf`` before the selection. The data-only gradual mode relies on that for nested masks.
 """
+
 from __future__ import annotations
 
 import re
@@ -75,8 +76,9 @@ class Unstructured:
     def fixed_sparsity(self) -> float | None:
         return None
 
-    def mask(self, scores: torch.Tensor, sparsity: float, scope: str = "row",
-             prior: torch.Tensor | None = None) -> torch.Tensor:
+    def mask(
+        self, scores: torch.Tensor, sparsity: float, scope: str = "row", prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         s = _with_prior(scores.float(), prior)
         if scope == "row":
             return _keep_all_but_lowest(s, prune_count(s.shape[1], sparsity))
@@ -114,8 +116,9 @@ class NM:
     def fixed_sparsity(self) -> float:
         return 1.0 - self.n / self.m
 
-    def mask(self, scores: torch.Tensor, sparsity: float | None = None, scope: str = "row",
-             prior: torch.Tensor | None = None) -> torch.Tensor:
+    def mask(
+        self, scores: torch.Tensor, sparsity: float | None = None, scope: str = "row", prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return nm_mask(_with_prior(scores.float(), prior), self.n, self.m)
 
     def __str__(self) -> str:
@@ -141,8 +144,10 @@ class Block:
 
     def layer_problem(self, name: str, out_features: int, in_features: int) -> str | None:
         if out_features % self.rows or in_features % self.cols:
-            return (f"block {self.rows}x{self.cols} needs out_features divisible by {self.rows} and in_features by "
-                    f"{self.cols}, layer {name} is {out_features}x{in_features}")
+            return (
+                f"block {self.rows}x{self.cols} needs out_features divisible by {self.rows} and in_features by "
+                f"{self.cols}, layer {name} is {out_features}x{in_features}"
+            )
         return None
 
     def fixed_sparsity(self) -> float | None:
@@ -157,8 +162,9 @@ class Block:
     def expand(self, tile_mask: torch.Tensor) -> torch.Tensor:
         return tile_mask.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
 
-    def mask(self, scores: torch.Tensor, sparsity: float, scope: str = "layer",
-             prior: torch.Tensor | None = None) -> torch.Tensor:
+    def mask(
+        self, scores: torch.Tensor, sparsity: float, scope: str = "layer", prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tiles = self.tile_scores(_with_prior(scores.float(), prior))
         keep = Unstructured().mask(tiles, sparsity, scope)
         return self.expand(keep)
@@ -184,25 +190,27 @@ def parse_pattern(spec) -> Pattern:
             spec.validate()
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"[prune] pattern must be a string such as 'unstructured', '2:4', '4:8' or 'block:16x16', "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"[prune] pattern must be a string such as 'unstructured', '2:4', '4:8' or 'block:16x16', got {spec!r}"
+        )
     s = spec.strip().lower()
     if s == "unstructured":
         return Unstructured()
-    if (mt := _NM_RE.match(s)):
+    if mt := _NM_RE.match(s):
         p = NM(int(mt.group(1)), int(mt.group(2)))
         p.validate()
         return p
-    if (mt := _BLOCK_RE.match(s)):
+    if mt := _BLOCK_RE.match(s):
         r = int(mt.group(1))
         p = Block(r, int(mt.group(2)) if mt.group(2) else r)
         p.validate()
         return p
-    raise ValueError(f"[prune] unknown pattern {spec!r}; use 'unstructured', 'n:m' (e.g. '2:4', '4:8') or "
-                     f"'block:RxC' (e.g. 'block:16x16')")
+    raise ValueError(
+        f"[prune] unknown pattern {spec!r}; use 'unstructured', 'n:m' (e.g. '2:4', '4:8') or "
+        f"'block:RxC' (e.g. 'block:16x16')"
+    )
 
 
 def achieved_sparsity(keep: torch.Tensor) -> float:
     """Fraction of pruned (False) entries of a keep-mask."""
     return 1.0 - float(keep.sum()) / max(1, keep.numel())
-

@@ -1,4 +1,5 @@
 """What a pruning solver takes (:class:`LayerStats`) and returns (:class:`PrunedLayer`) for one weight."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,14 +24,13 @@ class LayerStats:
     channel_sumsq: torch.Tensor | None = None
 
     @classmethod
-    def from_inputs(cls, x: torch.Tensor, hessian: bool = True) -> "LayerStats":
+    def from_inputs(cls, x: torch.Tensor, hessian: bool = True) -> LayerStats:
         """Statistics of explicit inputs ``x [..., in]`` (tests and small tools), accumulated in float64."""
         xd = x.reshape(-1, x.shape[-1]).double()
-        return cls(hessian=(xd.T @ xd) if hessian else None, n_tokens=xd.shape[0],
-                   channel_sumsq=xd.square().sum(0))
+        return cls(hessian=(xd.T @ xd) if hessian else None, n_tokens=xd.shape[0], channel_sumsq=xd.square().sum(0))
 
     @classmethod
-    def from_calibration(cls, stats, module: str) -> "LayerStats":
+    def from_calibration(cls, stats, module: str) -> LayerStats:
         """From a ``calibra.calib.CalibrationStats`` (keys ``hessian/sum/<m>``, ``norms/sumsq/<m>`` and their
         counts), duck-typed so that this module does not need the calibration package loaded."""
         t, counts = stats.tensors, stats.counts
@@ -88,14 +88,23 @@ class PrunedLayer:
         """calibra's compressed 2:4 form ``(values [out, in/2], meta int16 [out, in/16])`` of ``weight``
         (:func:`calibra.ops.compress_24`), for calibra's sparse kernels."""
         if self.pattern != "2:4":
-            raise ValueError(f"[prune] {self.name} was pruned with pattern {self.pattern}; the compressed 2:4 form "
-                             f"needs pattern 2:4")
+            raise ValueError(
+                f"[prune] {self.name} was pruned with pattern {self.pattern}; the compressed 2:4 form needs pattern 2:4"
+            )
         return compress_24(self.weight)
 
     def log(self) -> dict:
         """The report row (no tensors)."""
-        return {"module": self.name, "method": self.method, "pattern": self.pattern,
-                "target_sparsity": self.target_sparsity, "achieved_sparsity": self.achieved_sparsity,
-                "reconstruction_error": self.reconstruction_error, "seconds": self.seconds, "damp": self.damp,
-                "dead_channels": self.dead_channels,
-                "quantized_bits": None if self.quantized is None else self.quantized.bits, **self.extra}
+        return {
+            "module": self.name,
+            "method": self.method,
+            "pattern": self.pattern,
+            "target_sparsity": self.target_sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
+            "reconstruction_error": self.reconstruction_error,
+            "seconds": self.seconds,
+            "damp": self.damp,
+            "dead_channels": self.dead_channels,
+            "quantized_bits": None if self.quantized is None else self.quantized.bits,
+            **self.extra,
+        }

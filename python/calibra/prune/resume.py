@@ -8,6 +8,7 @@ log fields; the modules left dense, the layer's MoE routing statistics and the n
 and continues with the next layer from the stored inputs, so it writes the same bytes as an
 uninterrupted run.
 """
+
 from __future__ import annotations
 
 from calibra.io.checkpoint import LayerCheckpoints, model_fingerprint, versions
@@ -15,19 +16,35 @@ from calibra.quant.resume import LayerSaverBase, calibration_doc, restore_moe
 
 # PrunedLayer fields kept as JSON (the tensors -- weight, mask -- go to the safetensors file; the joint
 # quantization's tensors are not kept after a layer: its log records the settings)
-_LOG_FIELDS = ("name", "method", "pattern", "target_sparsity", "achieved_sparsity", "reconstruction_error",
-               "seconds", "damp", "dead_channels", "extra")
+_LOG_FIELDS = (
+    "name",
+    "method",
+    "pattern",
+    "target_sparsity",
+    "achieved_sparsity",
+    "reconstruction_error",
+    "seconds",
+    "damp",
+    "dead_channels",
+    "extra",
+)
 
 
-def open_checkpoints(model, output, config, calibration, *, resume: bool, overwrite: bool, options: dict,
-                     echo) -> LayerCheckpoints:
+def open_checkpoints(
+    model, output, config, calibration, *, resume: bool, overwrite: bool, options: dict, echo
+) -> LayerCheckpoints:
     """The run's checkpoint folder, checked against its fingerprint (model files, settings, versions)."""
     from calibra.prune.config import config_dict
 
     doc = dict(config_dict(config), calibration=None)  # the calibration is fingerprinted by itself (and the data)
-    settings = {"pruning": doc, "calibration": calibration_doc(calibration),
-                **{k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v))
-                   for k, v in sorted(options.items())}}
+    settings = {
+        "pruning": doc,
+        "calibration": calibration_doc(calibration),
+        **{
+            k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v))
+            for k, v in sorted(options.items())
+        },
+    }
     fp = {"model": model_fingerprint(model), "config": settings, "versions": versions()}
     ck = LayerCheckpoints(output, fp, resume=resume, overwrite=overwrite, echo=echo, component="prune")
     if ck.resumed_from:
@@ -70,7 +87,9 @@ class LayerSaver(LayerSaverBase):
         targets = _targets(self.adapter, i)
         tensors = dict(extra.pop("tensors", {}))
         for name, pl in new.items():
-            tensors[f"pruned/{name}/weight"] = targets[name].weight().detach().cpu().clone()  # an expert slice is a view
+            tensors[f"pruned/{name}/weight"] = (
+                targets[name].weight().detach().cpu().clone()
+            )  # an expert slice is a view
             tensors[f"pruned/{name}/mask"] = pl.mask.cpu().clone()
         extra.update(tensors=tensors, pruned={n: {f: getattr(pl, f) for f in _LOG_FIELDS} for n, pl in new.items()})
         self.ck.save_layer(i, {}, dense, hidden=hidden, extra=extra)

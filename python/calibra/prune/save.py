@@ -22,6 +22,7 @@ The folder is written through ``calibra.export.writer.atomic_folder``: a tempora
 renamed into place at the end, so DIR holds a complete result or nothing, and an existing DIR is
 refused without ``overwrite`` (with it, replaced whole).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,12 +73,17 @@ def sparsity_block(pm: PrunedModel) -> dict:
     total = sum(pl.mask.numel() for pl in pm.layers.values())
     kept = sum(int(pl.mask.sum()) for pl in pm.layers.values())
     jq = cfg.quantize
-    return {"method": cfg.method_enum.value, "pattern": str(cfg.pattern_obj), "target": cfg.sparsity,
-            "achieved": 1.0 - kept / total if total else 0.0,
-            "layers": {n: pm.layers[n].achieved_sparsity for n in sorted(pm.layers)},
-            "dense_layers": sorted(pm.dense),
-            "quantization": None if jq is None else {"bits": jq.bits, "group_size": jq.group_size, "sym": jq.sym,
-                                                     "stored": "dequantized (dense)"}}
+    return {
+        "method": cfg.method_enum.value,
+        "pattern": str(cfg.pattern_obj),
+        "target": cfg.sparsity,
+        "achieved": 1.0 - kept / total if total else 0.0,
+        "layers": {n: pm.layers[n].achieved_sparsity for n in sorted(pm.layers)},
+        "dense_layers": sorted(pm.dense),
+        "quantization": None
+        if jq is None
+        else {"bits": jq.bits, "group_size": jq.group_size, "sym": jq.sym, "stored": "dequantized (dense)"},
+    }
 
 
 def sparsity_doc(pm: PrunedModel) -> dict:
@@ -85,12 +91,22 @@ def sparsity_doc(pm: PrunedModel) -> dict:
     mods = {}
     for n in sorted(pm.layers):
         pl = pm.layers[n]
-        mods[n] = {"pattern": pl.pattern, "method": pl.method, "target_sparsity": pl.target_sparsity,
-                   "achieved_sparsity": pl.achieved_sparsity, "shape": list(pl.mask.shape),
-                   "kept": int(pl.mask.sum()), "expert": bool(pl.extra.get("expert", False))}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in sparsity_block(pm).items()
-                                                                  if k != "layers"},
-            "modules": mods, "dense_modules": dict(sorted(pm.dense.items()))}
+        mods[n] = {
+            "pattern": pl.pattern,
+            "method": pl.method,
+            "target_sparsity": pl.target_sparsity,
+            "achieved_sparsity": pl.achieved_sparsity,
+            "shape": list(pl.mask.shape),
+            "kept": int(pl.mask.sum()),
+            "expert": bool(pl.extra.get("expert", False)),
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **{k: v for k, v in sparsity_block(pm).items() if k != "layers"},
+        "modules": mods,
+        "dense_modules": dict(sorted(pm.dense.items())),
+    }
 
 
 def tensors_24(pm: PrunedModel) -> dict[str, torch.Tensor]:
@@ -100,8 +116,9 @@ def tensors_24(pm: PrunedModel) -> dict[str, torch.Tensor]:
     out = {}
     for n in sorted(pm.layers):
         if pm.layers[n].pattern != "2:4":
-            raise ValueError(f"[prune] {n} was pruned with pattern {pm.layers[n].pattern}; the compressed 2:4 form "
-                             f"needs pattern 2:4")
+            raise ValueError(
+                f"[prune] {n} was pruned with pattern {pm.layers[n].pattern}; the compressed 2:4 form needs pattern 2:4"
+            )
         values, meta = compress_24(module_weight(pm.model, n).detach().cpu().contiguous())
         out[f"{n}.values"], out[f"{n}.meta"] = values.contiguous(), meta.contiguous()
     return out
@@ -110,12 +127,20 @@ def tensors_24(pm: PrunedModel) -> dict[str, torch.Tensor]:
 def _settings(pm: PrunedModel) -> dict:
     from calibra.export.writer import settings_of
 
-    return {f"prune_{k}": v for k, v in settings_of(pm).items()
-            if not isinstance(v, dict) and k not in ("calibration",)}
+    return {
+        f"prune_{k}": v for k, v in settings_of(pm).items() if not isinstance(v, dict) and k not in ("calibration",)
+    }
 
 
-def write(pm: PrunedModel, path, *, overwrite: bool = False, save_24: bool = False, report: dict | None = None,
-          max_shard_bytes: int | None = None) -> Path:
+def write(
+    pm: PrunedModel,
+    path,
+    *,
+    overwrite: bool = False,
+    save_24: bool = False,
+    report: dict | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
     """Write DIR atomically (see the module docstring); returns its path."""
     from safetensors.torch import save_file
 
@@ -123,15 +148,27 @@ def write(pm: PrunedModel, path, *, overwrite: bool = False, save_24: bool = Fal
 
     target = writer.check_target(path, overwrite, tag="prune")
     block = sparsity_block(pm)
-    body = (f"Pruned with calibra: {block['method']}, pattern {block['pattern']}, achieved sparsity "
-            f"{block['achieved']:.4f} over {len(pm.layers)} modules. The weights are stored dense (zeros included); "
-            f"per-module sparsity is in sparsity.json and config.json's `{CONFIG_KEY}`.")
+    body = (
+        f"Pruned with calibra: {block['method']}, pattern {block['pattern']}, achieved sparsity "
+        f"{block['achieved']:.4f} over {len(pm.layers)} modules. The weights are stored dense (zeros included); "
+        f"per-module sparsity is in sparsity.json and config.json's `{CONFIG_KEY}`."
+    )
     with writer.atomic_folder(target, overwrite=overwrite) as tmp:
-        _common.write_hf_folder(tmp, pm, _common.dense_state(pm), config_updates={CONFIG_KEY: block},
-                                config_drop=("quantization_config",), max_shard_bytes=max_shard_bytes,
-                                card={"title": f"{pm.source} (pruned, {block['pattern']})",
-                                      "library_name": "transformers", "tags": ["calibra", "pruned", "sparse"],
-                                      "settings": _settings(pm), "body": body})
+        _common.write_hf_folder(
+            tmp,
+            pm,
+            _common.dense_state(pm),
+            config_updates={CONFIG_KEY: block},
+            config_drop=("quantization_config",),
+            max_shard_bytes=max_shard_bytes,
+            card={
+                "title": f"{pm.source} (pruned, {block['pattern']})",
+                "library_name": "transformers",
+                "tags": ["calibra", "pruned", "sparse"],
+                "settings": _settings(pm),
+                "body": body,
+            },
+        )
         writer.write_json(tmp / SPARSITY, sparsity_doc(pm))
         if save_24:
             save_file(tensors_24(pm), str(tmp / SPARSE24), metadata={"format": "calibra-sparse24"})
@@ -152,5 +189,16 @@ def load_24(path) -> dict[str, torch.Tensor]:
     return {n: decompress_24(t[f"{n}.values"], t[f"{n}.meta"]) for n in names}
 
 
-__all__ = ["PrunedModel", "write", "module_weight", "sparsity_block", "sparsity_doc", "tensors_24",
-           "load_24", "FORMAT", "SPARSITY", "SPARSE24", "CONFIG_KEY"]
+__all__ = [
+    "PrunedModel",
+    "write",
+    "module_weight",
+    "sparsity_block",
+    "sparsity_doc",
+    "tensors_24",
+    "load_24",
+    "FORMAT",
+    "SPARSITY",
+    "SPARSE24",
+    "CONFIG_KEY",
+]

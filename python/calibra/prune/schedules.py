@@ -16,6 +16,7 @@ Before pruning starts the model is dense (sparsity 0).
   and ``dt = frequency``; between update steps the sparsity of the last update holds. The paper starts
   at ``s_i`` (often 0); a nonzero start continues pruning an already-sparse model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -44,10 +45,10 @@ class OneShot:
     def final(self) -> float | None:
         return self.sparsity
 
-    def with_final(self, s: float) -> "OneShot":
+    def with_final(self, s: float) -> OneShot:
         return self if self.sparsity is not None else replace(self, sparsity=s)
 
-    def validate(self) -> "OneShot":
+    def validate(self) -> OneShot:
         _check_step("OneShot", "step", self.step)
         _check_fraction("OneShot", "sparsity", self.sparsity, allow_none=True)
         return self
@@ -83,13 +84,17 @@ class _Ramp:
         _check_step(cls, "end_step", self.end_step)
         _check_step(cls, "frequency", self.frequency, 1)
         if self.end_step <= self.start_step:
-            raise ValueError(f"[prune] {cls} needs end_step > start_step, got start_step {self.start_step} and "
-                             f"end_step {self.end_step}")
+            raise ValueError(
+                f"[prune] {cls} needs end_step > start_step, got start_step {self.start_step} and "
+                f"end_step {self.end_step}"
+            )
         _check_fraction(cls, "initial_sparsity", self.initial_sparsity)
         _check_fraction(cls, "final_sparsity", self.final_sparsity, allow_none=True)
         if self.final_sparsity is not None and self.final_sparsity < self.initial_sparsity:
-            raise ValueError(f"[prune] {cls} needs final_sparsity >= initial_sparsity, got {self.final_sparsity} < "
-                             f"{self.initial_sparsity}")
+            raise ValueError(
+                f"[prune] {cls} needs final_sparsity >= initial_sparsity, got {self.final_sparsity} < "
+                f"{self.initial_sparsity}"
+            )
         return self
 
     def _progress(self, t: int) -> float | None:

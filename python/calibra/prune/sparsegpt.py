@@ -34,11 +34,12 @@ their pure-torch references (:mod:`calibra.ops._ref.gptq`) bit for bit. N:M ties
 saliencies the lower column is kept (calibra::nm_mask's rule, in the torch sweep too). ``sweep=``
 swaps the sweep per call.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -63,7 +64,7 @@ BlockSweep = Callable[..., SweepOut]
 def fit_int_params(x: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype):
     """Per-row (scale, zero) fp32 of fp32 ``x [R, L]`` in calibra.ops.quantize's integer convention,
     with the scale rounded to ``scale_dtype`` (the dtype the scales are stored in)."""
-    maxq = float(2 ** bits - 1)
+    maxq = float(2**bits - 1)
     mn = x.amin(1).clamp(max=0.0)
     mx = x.amax(1).clamp(min=0.0)
     raw = (2.0 * torch.maximum(-mn, mx)) / maxq if sym else (mx - mn) / maxq
@@ -74,14 +75,25 @@ def fit_int_params(x: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dty
 
 
 def quantize_column(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int):
-    maxq = float(2 ** bits - 1)
+    maxq = float(2**bits - 1)
     q = (torch.round((x / s).clamp(-_CODE_CLAMP, _CODE_CLAMP)) + z).clamp(0.0, maxq)
     return q, (q - z) * s
 
 
-def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group: torch.Tensor, fit: torch.Tensor, prune: torch.Tensor | None, nm: tuple[int, int] | None,
-                      bits: int, sym: bool, fmt: str, scale_dtype: torch.dtype) -> SweepOut:
+def torch_block_sweep(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: torch.Tensor,
+    fit: torch.Tensor,
+    prune: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+    bits: int,
+    sym: bool,
+    fmt: str,
+    scale_dtype: torch.dtype,
+) -> SweepOut:
     """SparseGPT's sweep over one block in pure torch (the reference of the native sweep).
 
     Args:
@@ -104,21 +116,20 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
     qt = torch.empty_like(xt)
     codes_t = torch.zeros((c, rows), dtype=torch.uint8, device=xt.device)
     err_t = torch.empty_like(xt)
-    cut_t = (torch.zeros((c, rows), dtype=torch.bool, device=xt.device) if prune is None
-             else prune.t().contiguous())
+    cut_t = torch.zeros((c, rows), dtype=torch.bool, device=xt.device) if prune is None else prune.t().contiguous()
     d = u.diagonal()
     groups, fits = group.tolist(), fit.tolist()
     for i in range(c):
         if nm is not None and i % nm[1] == 0:
             n, m = nm
-            sal = xt[i:i + m].square() / d[i:i + m].square()[:, None]
-            cut_t[i:i + m] = ~nm_keep(sal, n)
+            sal = xt[i : i + m].square() / d[i : i + m].square()[:, None]
+            cut_t[i : i + m] = ~nm_keep(sal, n)
         col = xt[i]
         cut = cut_t[i]
         if fmt == "int":
             g = groups[i]
             if fits[i] > 0:
-                table_s[:, g], table_z[:, g] = fit_int_params(xt[i:i + fits[i]].t(), bits, sym, scale_dtype)
+                table_s[:, g], table_z[:, g] = fit_int_params(xt[i : i + fits[i]].t(), bits, sym, scale_dtype)
             code, val = quantize_column(col, table_s[:, g], table_z[:, g], bits)
             val = val.masked_fill(cut, 0.0)
             codes_t[i] = torch.where(cut, table_z[:, g], code).to(torch.uint8)
@@ -128,7 +139,7 @@ def torch_block_sweep(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
         qt[i] = val
         err_t[i] = e
         if i + 1 < c:
-            xt[i + 1:].addr_(u[i, i + 1:], e, alpha=-1.0)
+            xt[i + 1 :].addr_(u[i, i + 1 :], e, alpha=-1.0)
     q, codes, err, prune = qt.t(), codes_t.t(), err_t.t(), cut_t.t()
     return SweepOut(q, codes, err, table_s, table_z, prune)
 
@@ -138,33 +149,58 @@ def native_block_sweep(w, u, scales, zeros, group, fit, prune, nm, bits, sym, fm
     :func:`calibra.ops.gptq_block_sweep`'s ``mask`` input; N:M (``nm``) runs
     :func:`calibra.ops.sparsegpt_block_sweep`, which chooses the mask inside the sweep and returns it."""
     if nm is not None:
-        return sparsegpt_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
-                                     group=group.to(torch.int32), fit=fit.to(torch.int32), n=nm[0], m=nm[1], bits=bits,
-                                     symmetric=sym, format=fmt, scale_dtype=scale_dtype)
+        return sparsegpt_block_sweep(
+            w,
+            u,
+            scales=scales.float().contiguous(),
+            zeros=zeros.float().contiguous(),
+            group=group.to(torch.int32),
+            fit=fit.to(torch.int32),
+            n=nm[0],
+            m=nm[1],
+            bits=bits,
+            symmetric=sym,
+            format=fmt,
+            scale_dtype=scale_dtype,
+        )
     if prune is None:
         raise ValueError("[sparsegpt] the block sweep needs a prune mask or an N:M pattern")
-    q, codes, err, s, z = gptq_block_sweep(w, u, scales=scales.float().contiguous(), zeros=zeros.float().contiguous(),
-                                           group=group.to(torch.int32), fit=fit.to(torch.int32),
-                                           mask=prune.to(torch.uint8).contiguous(), bits=bits, symmetric=sym,
-                                           format=fmt, scale_dtype=scale_dtype)
+    q, codes, err, s, z = gptq_block_sweep(
+        w,
+        u,
+        scales=scales.float().contiguous(),
+        zeros=zeros.float().contiguous(),
+        group=group.to(torch.int32),
+        fit=fit.to(torch.int32),
+        mask=prune.to(torch.uint8).contiguous(),
+        bits=bits,
+        symmetric=sym,
+        format=fmt,
+        scale_dtype=scale_dtype,
+    )
     return SweepOut(q, codes, err, s, z, prune)
 
 
 def check_hessian(h, n_tokens, in_features: int, name: str) -> None:
     if not isinstance(h, torch.Tensor) or tuple(h.shape) != (in_features, in_features):
         got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
-        raise ValueError(f"[sparsegpt] the Hessian of {name} must be [in, in] = {(in_features, in_features)}, "
-                         f"got {got}")
+        raise ValueError(
+            f"[sparsegpt] the Hessian of {name} must be [in, in] = {(in_features, in_features)}, got {got}"
+        )
     if h.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"[sparsegpt] the Hessian of {name} must be float32 or float64, got {h.dtype}")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"[sparsegpt] {name} needs a Hessian from at least one token, got n_tokens={n_tokens!r}; "
-                         f"check that calibration data reached this module")
+        raise ValueError(
+            f"[sparsegpt] {name} needs a Hessian from at least one token, got n_tokens={n_tokens!r}; "
+            f"check that calibration data reached this module"
+        )
     if not bool(torch.isfinite(h).all()):
         raise ValueError(f"[sparsegpt] the Hessian of {name} contains NaN/Inf; check the calibration activations")
     if bool((h.diagonal() < 0).any()):
-        raise ValueError(f"[sparsegpt] the Hessian of {name} has negative diagonal entries, which a sum X^T X "
-                         f"cannot have; pass the calibration Hessian sum of this module")
+        raise ValueError(
+            f"[sparsegpt] the Hessian of {name} has negative diagonal entries, which a sum X^T X "
+            f"cannot have; pass the calibration Hessian sum of this module"
+        )
 
 
 def _sweep_block_size(config: PruningConfig, pattern) -> int:
@@ -194,9 +230,18 @@ def _select_block(sal: torch.Tensor, pattern, k: int) -> torch.Tensor:
     return cut.reshape(sal.shape)
 
 
-def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: PruningConfig, *, name: str = "weight",
-                    sparsity: float | None = None, prior: torch.Tensor | None = None, sweep: BlockSweep | None = None,
-                    measure: bool = True) -> PrunedLayer:
+def sparsegpt_prune(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    n_tokens: int,
+    config: PruningConfig,
+    *,
+    name: str = "weight",
+    sparsity: float | None = None,
+    prior: torch.Tensor | None = None,
+    sweep: BlockSweep | None = None,
+    measure: bool = True,
+) -> PrunedLayer:
     """SparseGPT of ``w [out, in]`` with the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
 
     ``w`` and ``h`` are not modified. ``sparsity`` overrides the target (gradual steps; not for N:M);
@@ -263,7 +308,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: Pru
         elif jq is not None:
             s_in = torch.zeros((out, c // gs), dtype=torch.float32, device=wf.device)
             z_in = torch.zeros_like(s_in)
-            grp = (torch.arange(c, dtype=torch.int32) // gs)
+            grp = torch.arange(c, dtype=torch.int32) // gs
             fit = torch.zeros(c, dtype=torch.int32)
             fit[::gs] = gs
         else:
@@ -286,13 +331,38 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: Pru
     quantized = None
     if jq is not None:
         ts, tz = (table_s, table_z) if per_row else (torch.cat(dyn_s, 1), torch.cat(dyn_z, 1))
-        quantized = QuantizedTensor(codes=codes, scales=ts.to(scale_dtype).contiguous(),
-                                    zeros=tz.to(torch.uint8).contiguous(), global_scale=None, bits=bits,
-                                    group_size=gs, symmetric=sym, format="int", shape=(out, n), dtype=w.dtype)
+        quantized = QuantizedTensor(
+            codes=codes,
+            scales=ts.to(scale_dtype).contiguous(),
+            zeros=tz.to(torch.uint8).contiguous(),
+            global_scale=None,
+            bits=bits,
+            group_size=gs,
+            symmetric=sym,
+            format="int",
+            shape=(out, n),
+            dtype=w.dtype,
+        )
     err = relative_output_error(w, weight, h) if measure else None
-    return PrunedLayer(name=name, method="sparsegpt", pattern=str(pattern), weight=weight, mask=keep,
-                       target_sparsity=s, achieved_sparsity=1.0 - float(keep.sum()) / keep.numel(),
-                       reconstruction_error=err, seconds=time.perf_counter() - t0, quantized=quantized,
-                       damp=fac.damp, dead_channels=n_dead,
-                       extra={"damp_percent": fac.damp_percent, "ladder_steps": fac.steps, "float64": fac.float64,
-                              "block_size": bs, "loss": loss, "samples": n_tokens})
+    return PrunedLayer(
+        name=name,
+        method="sparsegpt",
+        pattern=str(pattern),
+        weight=weight,
+        mask=keep,
+        target_sparsity=s,
+        achieved_sparsity=1.0 - float(keep.sum()) / keep.numel(),
+        reconstruction_error=err,
+        seconds=time.perf_counter() - t0,
+        quantized=quantized,
+        damp=fac.damp,
+        dead_channels=n_dead,
+        extra={
+            "damp_percent": fac.damp_percent,
+            "ladder_steps": fac.steps,
+            "float64": fac.float64,
+            "block_size": bs,
+            "loss": loss,
+            "samples": n_tokens,
+        },
+    )

@@ -8,11 +8,12 @@ FineTuning -> ComputingImportance (a training schedule prunes again at its next 
 Any other transition raises ValueError naming both stages, so a driver bug cannot silently produce
 an inconsistent report.
 """
+
 from __future__ import annotations
 
 import enum
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class PruningStage(str, enum.Enum):
@@ -33,8 +34,7 @@ TRANSITIONS: dict[PruningStage, frozenset] = {
     S.IDLE: frozenset({S.CALIBRATING, S.COMPUTING_IMPORTANCE}),
     S.CALIBRATING: frozenset({S.COMPUTING_IMPORTANCE}),
     S.COMPUTING_IMPORTANCE: frozenset({S.PRUNING}),
-    S.PRUNING: frozenset({S.CALIBRATING, S.COMPUTING_IMPORTANCE, S.FINE_TUNING, S.EVALUATING, S.EXPORTING,
-                          S.COMPLETE}),
+    S.PRUNING: frozenset({S.CALIBRATING, S.COMPUTING_IMPORTANCE, S.FINE_TUNING, S.EVALUATING, S.EXPORTING, S.COMPLETE}),
     S.FINE_TUNING: frozenset({S.COMPUTING_IMPORTANCE, S.EVALUATING, S.EXPORTING, S.COMPLETE}),
     S.EVALUATING: frozenset({S.EXPORTING, S.COMPLETE}),
     S.EXPORTING: frozenset({S.COMPLETE}),
@@ -57,18 +57,20 @@ class StageTracker:
         self.reason: str | None = None
         self.history: list[dict] = [{"stage": S.IDLE.value, "started": clock(), "ended": None, "detail": None}]
 
-    def advance(self, stage: PruningStage | str, detail: str | None = None) -> "StageTracker":
+    def advance(self, stage: PruningStage | str, detail: str | None = None) -> StageTracker:
         new = PruningStage(stage)
         if new is S.FAILED:
             raise ValueError("[prune] use fail(reason) to enter the failed stage")
         if new not in TRANSITIONS[self.stage]:
             allowed = ", ".join(s.value for s in sorted(TRANSITIONS[self.stage], key=list(S).index)) or "none"
-            raise ValueError(f"[prune] invalid stage transition {self.stage.value} -> {new.value}; from "
-                             f"{self.stage.value} the allowed next stages are: {allowed}")
+            raise ValueError(
+                f"[prune] invalid stage transition {self.stage.value} -> {new.value}; from "
+                f"{self.stage.value} the allowed next stages are: {allowed}"
+            )
         self._enter(new, detail)
         return self
 
-    def fail(self, reason: str) -> "StageTracker":
+    def fail(self, reason: str) -> StageTracker:
         if self.stage in FINAL:
             raise ValueError(f"[prune] the run is already {self.stage.value}; cannot fail it ({reason})")
         self.reason = str(reason)
@@ -79,8 +81,9 @@ class StageTracker:
         now = self._clock()
         self.history[-1]["ended"] = now
         old, self.stage = self.stage, new
-        self.history.append({"stage": new.value, "started": now, "ended": now if new in FINAL else None,
-                             "detail": detail})
+        self.history.append(
+            {"stage": new.value, "started": now, "ended": now if new in FINAL else None, "detail": detail}
+        )
         if self.on_change is not None:
             self.on_change(old, new, self)
 
@@ -99,5 +102,9 @@ class StageTracker:
 
     def to_dict(self) -> dict:
         """For report.json: the final stage, the failure reason, the history and per-stage seconds."""
-        return {"stage": self.stage.value, "reason": self.reason, "history": [dict(h) for h in self.history],
-                "seconds": self.seconds()}
+        return {
+            "stage": self.stage.value,
+            "reason": self.reason,
+            "history": [dict(h) for h in self.history],
+            "seconds": self.seconds(),
+        }

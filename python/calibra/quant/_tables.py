@@ -1,4 +1,5 @@
 """Turning the solvers' fp32 parameter tables into the stored layouts of calibra.ops.quantize."""
+
 from __future__ import annotations
 
 import torch
@@ -25,23 +26,53 @@ def nvfp4_global_scale(w: torch.Tensor) -> float:
     return float(torch.tensor(448.0 * 6.0) / amax)
 
 
-def fit_groups(w: torch.Tensor, group_size: int, *, fmt: str, bits: int, sym: bool, scale_dtype: torch.dtype,
-               global_scale: float, shrink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_groups(
+    w: torch.Tensor,
+    group_size: int,
+    *,
+    fmt: str,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    global_scale: float,
+    shrink: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) fp32 (scales, zeros) [out, G] of fp32 w fitted group by group in torch."""
     out, n = w.shape
     gs = n if group_size == -1 else group_size
     g = n // gs if n else 0
-    s, z = fit_group_params(w.reshape(out * g, gs), format=fmt, bits=bits, symmetric=sym, scale_dtype=scale_dtype,
-                            global_scale=global_scale, shrink=shrink)
+    s, z = fit_group_params(
+        w.reshape(out * g, gs),
+        format=fmt,
+        bits=bits,
+        symmetric=sym,
+        scale_dtype=scale_dtype,
+        global_scale=global_scale,
+        shrink=shrink,
+    )
     return s.reshape(out, g), z.reshape(out, g)
 
 
-def quantize_groups(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, *, fmt: str,
-                    bits: int, global_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    *,
+    fmt: str,
+    bits: int,
+    global_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, values fp32) of w [out, in] with per-group fp32 tables [out, G]."""
     out, n = w.shape
     g = scales.shape[1]
     gs = n // g if g else n
-    codes, vals = quantize_with_params(w.float().reshape(out, g, gs), scales[..., None], zeros[..., None],
-                                       format=fmt, bits=bits, global_scale=global_scale)
+    codes, vals = quantize_with_params(
+        w.float().reshape(out, g, gs),
+        scales[..., None],
+        zeros[..., None],
+        format=fmt,
+        bits=bits,
+        global_scale=global_scale,
+    )
     return codes.reshape(out, n), vals.reshape(out, n)

@@ -18,6 +18,7 @@ smoothed: q/k/v (``input_layernorm``) and the dense MLP's gate/up (``post_attent
 o_proj, down_proj and MoE experts (whose norm also feeds the router) are left unsmoothed; the file says
 which modules were smoothed.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def smoothing_groups(adapter, index: int, layer) -> list[tuple[str, torch.nn.Mod
     lname = adapter.layer_name(index)
     lin = adapter.linear_modules(layer)
     out = []
-    attn = {n: m for n, m in lin.items() if n.startswith("self_attn.") and n.rsplit(".", 1)[-1] in
-            ("q_proj", "k_proj", "v_proj")}
+    attn = {
+        n: m
+        for n, m in lin.items()
+        if n.startswith("self_attn.") and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
+    }
     norm = getattr(layer, "input_layernorm", None)
     if norm is not None and len(attn) == 3:
         out.append((f"{lname}.input_layernorm", norm, {f"{lname}.{n}": m for n, m in attn.items()}))
@@ -53,7 +57,8 @@ def smoothing_groups(adapter, index: int, layer) -> list[tuple[str, torch.nn.Mod
 
 def build(stats, model, adapter, *, percentile: float = DEFAULT_PERCENTILE, alpha: float = DEFAULT_ALPHA) -> dict:
     """The activation-ranges document from a calibration with the ``ranges`` observer."""
-    from calibra.calib.observers import percentile as pct, smooth_factors
+    from calibra.calib.observers import percentile as pct
+    from calibra.calib.observers import smooth_factors
 
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"[quantize] act-range percentile must be in (50, 100], got {percentile}")
@@ -62,10 +67,13 @@ def build(stats, model, adapter, *, percentile: float = DEFAULT_PERCENTILE, alph
     ranges = {}
     for m in stats.modules("ranges"):
         hist = stats.tensors[f"ranges/hist/{m}"]
-        ranges[m] = {"min": float(stats.tensors[f"ranges/min/{m}"].min()),
-                     "max": float(stats.tensors[f"ranges/max/{m}"].max()),
-                     "p_lo": pct(hist, 100.0 - percentile), "p_hi": pct(hist, percentile),
-                     "tokens": stats.count("ranges", m)}
+        ranges[m] = {
+            "min": float(stats.tensors[f"ranges/min/{m}"].min()),
+            "max": float(stats.tensors[f"ranges/max/{m}"].max()),
+            "p_lo": pct(hist, 100.0 - percentile),
+            "p_hi": pct(hist, percentile),
+            "tokens": stats.count("ranges", m),
+        }
     smooth = {}
     for i, layer in enumerate(adapter.layers):
         for norm_name, _, mods in smoothing_groups(adapter, i, layer):
@@ -74,8 +82,14 @@ def build(stats, model, adapter, *, percentile: float = DEFAULT_PERCENTILE, alph
             w = torch.cat([m.weight.detach().float() for m in mods.values()], 0)
             s = smooth_factors(act, w, alpha)
             smooth[norm_name] = {"modules": list(mods), "scales": [float(v) for v in s]}
-    return {"format": FORMAT, "format_version": 1, "percentile": percentile, "alpha": alpha,
-            "layer_ranges": ranges, "smooth_factor": smooth}
+    return {
+        "format": FORMAT,
+        "format_version": 1,
+        "percentile": percentile,
+        "alpha": alpha,
+        "layer_ranges": ranges,
+        "smooth_factor": smooth,
+    }
 
 
 def save(doc: dict, path) -> Path:
@@ -103,8 +117,10 @@ def is_ranges_file(source) -> bool:
 def load(path) -> dict:
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     if doc.get("format") != FORMAT or "smooth_factor" not in doc or "layer_ranges" not in doc:
-        raise ValueError(f"[quantize] {path} is not an activation_ranges.json (format {FORMAT!r} with "
-                         f"layer_ranges and smooth_factor)")
+        raise ValueError(
+            f"[quantize] {path} is not an activation_ranges.json (format {FORMAT!r} with "
+            f"layer_ranges and smooth_factor)"
+        )
     return doc
 
 
@@ -116,12 +132,16 @@ def apply_smoothing(doc: dict, model) -> list[str]:
     for norm_name, entry in doc["smooth_factor"].items():
         norm = mods.get(norm_name)
         if norm is None or not hasattr(norm, "weight"):
-            raise ValueError(f"[quantize] activation ranges name {norm_name}, which this model lacks; "
-                             f"calibrate the ranges on this model")
+            raise ValueError(
+                f"[quantize] activation ranges name {norm_name}, which this model lacks; "
+                f"calibrate the ranges on this model"
+            )
         s = torch.tensor(entry["scales"], dtype=torch.float32)
         if s.numel() != norm.weight.numel() or not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-            raise ValueError(f"[quantize] smoothing scales of {norm_name} must be {norm.weight.numel()} positive "
-                             f"finite values, got {s.numel()}")
+            raise ValueError(
+                f"[quantize] smoothing scales of {norm_name} must be {norm.weight.numel()} positive "
+                f"finite values, got {s.numel()}"
+            )
         for name in entry["modules"]:
             lin = mods.get(name)
             if lin is None or lin.in_features != s.numel():
@@ -138,5 +158,10 @@ def apply_smoothing(doc: dict, model) -> list[str]:
 def summary(doc: dict) -> dict:
     """Small report entry (the full file sits next to the output)."""
     his = [r["p_hi"] for r in doc["layer_ranges"].values() if not math.isnan(r["p_hi"])]
-    return {"percentile": doc["percentile"], "alpha": doc["alpha"], "modules": len(doc["layer_ranges"]),
-            "smoothed_norms": sorted(doc["smooth_factor"]), "max_p_hi": max(his) if his else None}
+    return {
+        "percentile": doc["percentile"],
+        "alpha": doc["alpha"],
+        "modules": len(doc["layer_ranges"]),
+        "smoothed_norms": sorted(doc["smooth_factor"]),
+        "max_p_hi": max(his) if his else None,
+    }

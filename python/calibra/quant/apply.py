@@ -22,11 +22,12 @@ expert that saw few or no tokens still gets a finite, well-conditioned Hessian.
 
 This module imports no calibration code: statistics arrive as a duck-typed ``CalibrationStats``.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -65,25 +66,42 @@ def _linear_target(name: str, stats_key: str, mod: nn.Linear, expert: bool, role
     def store(w, mod=mod):
         mod.weight.data.copy_(w)
 
-    return Target(name=name, stats_key=stats_key, role=role,
-                  in_features=mod.in_features, out_features=mod.out_features, expert=expert,
-                  weight=lambda mod=mod: mod.weight.data, store=store)
+    return Target(
+        name=name,
+        stats_key=stats_key,
+        role=role,
+        in_features=mod.in_features,
+        out_features=mod.out_features,
+        expert=expert,
+        weight=lambda mod=mod: mod.weight.data,
+        store=store,
+    )
 
 
 def _slice_target(name: str, param: nn.Parameter, e: int, role: str) -> Target:
     def store(w, param=param, e=e):
         param.data[e].copy_(w)
 
-    return Target(name=name, stats_key=name, role=role, in_features=param.shape[2], out_features=param.shape[1],
-                  expert=True, weight=lambda param=param, e=e: param.data[e], store=store)
+    return Target(
+        name=name,
+        stats_key=name,
+        role=role,
+        in_features=param.shape[2],
+        out_features=param.shape[1],
+        expert=True,
+        weight=lambda param=param, e=e: param.data[e],
+        store=store,
+    )
 
 
 def layer_targets(adapter, index: int, layer: nn.Module) -> list[Target]:
     """Every quantizable weight of decoder layer ``index``, in module order (see the module docstring)."""
     lname = adapter.layer_name(index)
     # roles come from the adapter's one table (ModelAdapter.role: q/k/v/o/gate/up/down by attribute name)
-    out = [_linear_target(f"{lname}.{n}", f"{lname}.{n}", m, False, adapter.role(n))
-           for n, m in adapter.linear_modules(layer).items()]
+    out = [
+        _linear_target(f"{lname}.{n}", f"{lname}.{n}", m, False, adapter.role(n))
+        for n, m in adapter.linear_modules(layer).items()
+    ]
     for block in adapter.moe_blocks(layer):
         pre = f"{lname}.{block.name}.experts"
         for e in range(block.num_experts):
@@ -108,8 +126,10 @@ def hessian_for(stats, target: Target) -> tuple[torch.Tensor, int, int]:
         return stats.hessian(target.stats_key), 1, tokens
     key = f"hessian/sum/{target.stats_key}"
     if key not in stats.tensors:
-        raise ValueError(f"[quantize] no Hessian for {target.name} in the calibration statistics; calibrate "
-                         f"with the 'hessian' observer on this model")
+        raise ValueError(
+            f"[quantize] no Hessian for {target.name} in the calibration statistics; calibrate "
+            f"with the 'hessian' observer on this model"
+        )
     n = stats.count("hessian", target.stats_key)
     return stats.tensors[key], n, n
 
@@ -146,8 +166,16 @@ class LayerQuantizer:
         on_module: called with each finished ``QuantizedLayer`` (progress, logging).
     """
 
-    def __init__(self, config, adapter, *, overrides: dict | None = None, collect: Callable | None = None,
-                 freeze: Callable | None = None, on_module: Callable | None = None):
+    def __init__(
+        self,
+        config,
+        adapter,
+        *,
+        overrides: dict | None = None,
+        collect: Callable | None = None,
+        freeze: Callable | None = None,
+        on_module: Callable | None = None,
+    ):
         self.config, self.adapter = config, adapter
         self.overrides = dict(overrides or {})
         self.collect, self.freeze = collect, freeze

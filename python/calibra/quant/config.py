@@ -2,10 +2,11 @@
 
 Every error starts with ``[quantize]``, names the config field, what came and the fix.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}
 FORMATS = ("int", "mxfp4", "nvfp4")
@@ -26,8 +27,10 @@ def _check_grid(cls: str, bits, group_size, sym, format, mse_clip, mse_grid, mse
         if not _is_int(bits) or not 2 <= bits <= 8:
             _fail(cls, f"bits must be an int in [2, 8] for format 'int', got {bits!r}; use 2..8 (4 is usual)")
         if not _is_int(group_size) or not (group_size == -1 or group_size >= 1):
-            _fail(cls, f"group_size must be -1 (one group per row) or a positive int such as 32, 64, 128, "
-                       f"got {group_size!r}")
+            _fail(
+                cls,
+                f"group_size must be -1 (one group per row) or a positive int such as 32, 64, 128, got {group_size!r}",
+            )
     else:
         want = FP4_GROUP[format]
         if bits != 4:
@@ -43,8 +46,10 @@ def _check_grid(cls: str, bits, group_size, sym, format, mse_clip, mse_grid, mse
     if not _is_int(mse_grid) or not 1 <= mse_grid <= 1000:
         _fail(cls, f"mse_grid must be an int in [1, 1000], got {mse_grid!r}")
     if not isinstance(mse_maxshrink, (int, float)) or not 0.0 < mse_maxshrink < 1.0:
-        _fail(cls, f"mse_maxshrink must be in (0, 1) (the largest fraction of the range clipped away), "
-                   f"got {mse_maxshrink!r}")
+        _fail(
+            cls,
+            f"mse_maxshrink must be in (0, 1) (the largest fraction of the range clipped away), got {mse_maxshrink!r}",
+        )
 
 
 def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: str = "int") -> list[float]:
@@ -60,8 +65,10 @@ def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: 
 
 def _group_problem(group_size: int, name: str, in_features: int) -> str | None:
     if group_size != -1 and in_features % group_size:
-        return (f"group_size {group_size} does not divide in_features {in_features} (layer {name}); "
-                f"use a group_size dividing it, or -1")
+        return (
+            f"group_size {group_size} does not divide in_features {in_features} (layer {name}); "
+            f"use a group_size dividing it, or -1"
+        )
     return None
 
 
@@ -80,9 +87,17 @@ class RTNConfig:
 
     method = "rtn"
 
-    def validate(self) -> "RTNConfig":
-        _check_grid("RTNConfig", self.bits, self.group_size, self.sym, self.format, self.mse_clip, self.mse_grid,
-                    self.mse_maxshrink)
+    def validate(self) -> RTNConfig:
+        _check_grid(
+            "RTNConfig",
+            self.bits,
+            self.group_size,
+            self.sym,
+            self.format,
+            self.mse_clip,
+            self.mse_grid,
+            self.mse_maxshrink,
+        )
         return self
 
     def shrink(self) -> list[float]:
@@ -126,32 +141,48 @@ class GPTQConfig:
 
     method = "gptq"
 
-    def validate(self, allow_g_idx: bool = True) -> "GPTQConfig":
+    def validate(self, allow_g_idx: bool = True) -> GPTQConfig:
         """Raise ValueError for any bad field. ``allow_g_idx=False`` says the target format/kernel cannot
         express act-order's g_idx: desc_act then needs static_groups=True (FAULTS row 12)."""
         cls = type(self).__name__
-        _check_grid(cls, self.bits, self.group_size, self.sym, self.format, self.mse_clip, self.mse_grid,
-                    self.mse_maxshrink)
+        _check_grid(
+            cls, self.bits, self.group_size, self.sym, self.format, self.mse_clip, self.mse_grid, self.mse_maxshrink
+        )
         for f in ("desc_act", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
                 _fail(cls, f"{f} must be a bool, got {getattr(self, f)!r}")
         if not isinstance(self.damp_percent, (int, float)) or not 0.0 < self.damp_percent <= 1.0:
-            _fail(cls, f"damp_percent must be in (0, 1] (a fraction of mean(diag H)), got {self.damp_percent!r}; "
-                       f"0.01 is usual")
+            _fail(
+                cls,
+                f"damp_percent must be in (0, 1] (a fraction of mean(diag H)), got {self.damp_percent!r}; "
+                f"0.01 is usual",
+            )
         ladder = tuple(self.damp_ladder)
-        if any(not isinstance(v, (int, float)) for v in ladder) or any(b <= a for a, b in zip(
-                (self.damp_percent,) + ladder, ladder)) or len(ladder) > 8 or (ladder and ladder[-1] > 100.0):
-            _fail(cls, f"damp_ladder must be at most 8 increasing values above damp_percent {self.damp_percent} and "
-                       f"at most 100, got {self.damp_ladder!r}; e.g. (0.1, 1.0, 10.0)")
+        if (
+            any(not isinstance(v, (int, float)) for v in ladder)
+            or any(b <= a for a, b in zip((self.damp_percent,) + ladder, ladder))
+            or len(ladder) > 8
+            or (ladder and ladder[-1] > 100.0)
+        ):
+            _fail(
+                cls,
+                f"damp_ladder must be at most 8 increasing values above damp_percent {self.damp_percent} and "
+                f"at most 100, got {self.damp_ladder!r}; e.g. (0.1, 1.0, 10.0)",
+            )
         if not _is_int(self.block_size) or not 1 <= self.block_size <= 4096:
             _fail(cls, f"block_size must be an int in [1, 4096], got {self.block_size!r}; 128 is usual")
         if self.desc_act and not self.static_groups and self.group_size != -1:
             if self.format != "int":
-                _fail(cls, f"desc_act with format {self.format} needs static_groups=True: FP4 scales cover fixed "
-                           f"runs of {self.group_size} columns and cannot follow act-order's g_idx")
+                _fail(
+                    cls,
+                    f"desc_act with format {self.format} needs static_groups=True: FP4 scales cover fixed "
+                    f"runs of {self.group_size} columns and cannot follow act-order's g_idx",
+                )
             if not allow_g_idx:
-                _fail(cls, "desc_act needs static_groups=True for this export format, which cannot express "
-                           "act-order's g_idx")
+                _fail(
+                    cls,
+                    "desc_act needs static_groups=True for this export format, which cannot express act-order's g_idx",
+                )
         return self
 
     @property
@@ -192,13 +223,23 @@ class MRGPTQConfig:
 
     def gptq(self) -> GPTQConfig:
         """The GPTQ config run in the rotated space."""
-        return GPTQConfig(bits=4, group_size=FP4_GROUP[self.format], sym=True, desc_act=self.desc_act,
-                          static_groups=self.static_groups, damp_percent=self.damp_percent,
-                          damp_ladder=tuple(self.damp_ladder), block_size=self.block_size,
-                          true_sequential=self.true_sequential, format=self.format, mse_clip=self.mse,
-                          mse_grid=self.mse_grid, mse_maxshrink=self.mse_maxshrink)
+        return GPTQConfig(
+            bits=4,
+            group_size=FP4_GROUP[self.format],
+            sym=True,
+            desc_act=self.desc_act,
+            static_groups=self.static_groups,
+            damp_percent=self.damp_percent,
+            damp_ladder=tuple(self.damp_ladder),
+            block_size=self.block_size,
+            true_sequential=self.true_sequential,
+            format=self.format,
+            mse_clip=self.mse,
+            mse_grid=self.mse_grid,
+            mse_maxshrink=self.mse_maxshrink,
+        )
 
-    def validate(self, allow_g_idx: bool = True) -> "MRGPTQConfig":
+    def validate(self, allow_g_idx: bool = True) -> MRGPTQConfig:
         if self.format not in FP4_GROUP:
             _fail("MRGPTQConfig", f"format must be 'mxfp4' or 'nvfp4', got {self.format!r}")
         if not isinstance(self.mse, bool):
@@ -212,8 +253,10 @@ class MRGPTQConfig:
     def layer_problem(self, name: str, in_features: int) -> str | None:
         b = self.rotation_block
         if in_features % b:
-            return (f"{self.format} needs in_features divisible by {b}, layer {name} has {in_features}; "
-                    f"leave this layer dense or use format 'int'")
+            return (
+                f"{self.format} needs in_features divisible by {b}, layer {name} has {in_features}; "
+                f"leave this layer dense or use format 'int'"
+            )
         return None
 
 
@@ -222,8 +265,10 @@ def check_layers(config, layers: Mapping[str, int]) -> None:
     (FAULTS row 11: fail before calibration, all layers at once)."""
     problems = [p for name, n in layers.items() if (p := config.layer_problem(name, n)) is not None]
     if problems:
-        raise ValueError(f"[quantize] {len(problems)} layer(s) cannot be quantized with "
-                         f"{type(config).__name__}:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"[quantize] {len(problems)} layer(s) cannot be quantized with "
+            f"{type(config).__name__}:\n  " + "\n  ".join(problems)
+        )
 
 
 __all__ = ["RTNConfig", "GPTQConfig", "MRGPTQConfig", "check_layers", "shrink_factors", "FP4_GROUP"]

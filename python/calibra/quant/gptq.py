@@ -9,10 +9,12 @@ GPTQ reference does: H^-1 then decouples the channel, so its weights quantize to
 other column is touched. The damping base is the mean of diag(H) over live channels, so dead channels
 do not change the damping of the others.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -73,16 +75,26 @@ def factor_inverse_hessian(h: torch.Tensor, config, base: float, *, subject: str
                 if bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
                     return Factorization(u.float(), float(damp), float(pct), steps, dtype == torch.float64)
             steps += 1
-    raise ValueError(f"{subject} is not positive definite even with damp {percents[-1]} x mean diag "
-                     f"(= {percents[-1] * base:.4g}) in float64 after {steps} attempts; check the calibration "
-                     f"activations of this module, or raise damp_percent / damp_ladder")
+    raise ValueError(
+        f"{subject} is not positive definite even with damp {percents[-1]} x mean diag "
+        f"(= {percents[-1] * base:.4g}) in float64 after {steps} attempts; check the calibration "
+        f"activations of this module, or raise damp_percent / damp_ladder"
+    )
 
 
 SweepFn = Callable[..., tuple]
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig, *, name: str = "weight",
-                  layer: int | None = None, sweep: SweepFn | None = None) -> QuantizedLayer:
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    n_tokens: int,
+    config: GPTQConfig,
+    *,
+    name: str = "weight",
+    layer: int | None = None,
+    sweep: SweepFn | None = None,
+) -> QuantizedLayer:
     """Quantize ``w [out, in]`` with GPTQ given the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
 
     ``w`` and ``h`` are never modified. ``sweep`` replaces the block sweep (the benchmark passes the
@@ -93,12 +105,32 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQC
     config.validate()
     check_weight(w, config, name)
     check_hessian(h, n_tokens, w.shape[1], name)
-    return _solve(w.detach().float().clone(), h, n_tokens, config, name=name, layer=layer, out_dtype=w.dtype,
-                  sweep=sweep, method="gptq")
+    return _solve(
+        w.detach().float().clone(),
+        h,
+        n_tokens,
+        config,
+        name=name,
+        layer=layer,
+        out_dtype=w.dtype,
+        sweep=sweep,
+        method="gptq",
+    )
 
 
-def _solve(wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig, *, name: str, layer, out_dtype,
-           sweep, method: str, rotation: dict | None = None) -> QuantizedLayer:
+def _solve(
+    wf: torch.Tensor,
+    h: torch.Tensor,
+    n_tokens: int,
+    config: GPTQConfig,
+    *,
+    name: str,
+    layer,
+    out_dtype,
+    sweep,
+    method: str,
+    rotation: dict | None = None,
+) -> QuantizedLayer:
     t0 = time.perf_counter()
     out, n = wf.shape
     fmt, gs = config.format, config.group_size
@@ -148,9 +180,21 @@ def _solve(wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig,
             s_in = torch.zeros((out, c // gs), dtype=torch.float32, device=wf.device)
             z_in = torch.zeros_like(s_in)
             grp = col_group[i1:i2] - i1 // gs
-        res = sweep(wf[:, i1:i2].contiguous(), u[i1:i2, i1:i2].contiguous(), s_in, z_in, grp.contiguous(), fit,
-                    torch.empty(0, dtype=torch.uint8, device=wf.device), shrink, config.bits, config.sym, fmt, sdt,
-                    float(gscale))
+        res = sweep(
+            wf[:, i1:i2].contiguous(),
+            u[i1:i2, i1:i2].contiguous(),
+            s_in,
+            z_in,
+            grp.contiguous(),
+            fit,
+            torch.empty(0, dtype=torch.uint8, device=wf.device),
+            shrink,
+            config.bits,
+            config.sym,
+            fmt,
+            sdt,
+            float(gscale),
+        )
         bq, bcodes, berr, bs_out, bz_out = res
         q[:, i1:i2] = bq
         codes[:, i1:i2] = bcodes
@@ -176,12 +220,36 @@ def _solve(wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig,
     scales = stored_scales(table_s, fmt, out_dtype)
     zeros = table_z.to(torch.uint8) if fmt == "int" else None
     gst = torch.tensor([gscale], dtype=torch.float32, device=wf.device) if fmt != "int" else None
-    log = ModuleLog(module=name, layer=layer, method=method, loss=float(loss), samples=n_tokens, damp=fac.damp,
-                    damp_percent=fac.damp_percent, ladder_steps=fac.steps, float64=fac.float64, dead_channels=n_dead,
-                    block_size=bs, seconds=time.perf_counter() - t0)
-    return QuantizedLayer(name=name, method=method, format=fmt, bits=config.bits, group_size=gs, symmetric=config.sym,
-                          codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, global_scale=gst, weight=weight,
-                          rotation=rotation, log=log)
+    log = ModuleLog(
+        module=name,
+        layer=layer,
+        method=method,
+        loss=float(loss),
+        samples=n_tokens,
+        damp=fac.damp,
+        damp_percent=fac.damp_percent,
+        ladder_steps=fac.steps,
+        float64=fac.float64,
+        dead_channels=n_dead,
+        block_size=bs,
+        seconds=time.perf_counter() - t0,
+    )
+    return QuantizedLayer(
+        name=name,
+        method=method,
+        format=fmt,
+        bits=config.bits,
+        group_size=gs,
+        symmetric=config.sym,
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        global_scale=gst,
+        weight=weight,
+        rotation=rotation,
+        log=log,
+    )
 
 
 def _native_sweep(*args):
@@ -191,8 +259,15 @@ def _native_sweep(*args):
 def reference_sweep(*args):
     """The pure-torch reference sweep (the oracle; the benchmark's baseline)."""
     from calibra.ops._ref.gptq import gptq_block_sweep as ref
+
     return ref(*args)
 
 
-__all__ = ["gptq_quantize", "normalized_hessian", "factor_inverse_hessian", "Factorization", "reference_sweep",
-           "gptq_block_sweep"]
+__all__ = [
+    "gptq_quantize",
+    "normalized_hessian",
+    "factor_inverse_hessian",
+    "Factorization",
+    "reference_sweep",
+    "gptq_block_sweep",
+]

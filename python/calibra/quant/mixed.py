@@ -13,6 +13,7 @@ Bits per weight count the codes and the scale metadata: ``bits + 16/g`` for symm
 negligible global scale) for NVFP4, 16 for a module left dense. The promoted precision is 8-bit int
 with the same group size for int formats, and dense (the original weight) for FP4 formats.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,7 +61,7 @@ def sensitivities(targets, stats) -> dict[str, float]:
     out = {}
     for t, cfg in targets:
         w = t.weight()
-        dw = (rtn_quantize(w, cfg).weight.double() - w.double())
+        dw = rtn_quantize(w, cfg).weight.double() - w.double()
         h, n, _ = hessian_for(stats, t)
         out[t.name] = float(torch.einsum("oi,ij,oj->", dw, h.double().to(dw.device), dw)) / max(n, 1)
     return out
@@ -75,8 +76,10 @@ def plan(targets, sens: dict[str, float], config, budget_bits: float) -> dict:
     hi_b = bits_per_weight(hi_cfg)
     total = sum(t.numel for t in targets)
     if budget_bits < base_b - 1e-9:
-        raise ValueError(f"[quantize] mixed-precision budget {budget_bits} bits/weight is below the base format's "
-                         f"{base_b:.4g}; raise budget_bits or lower the base bits")
+        raise ValueError(
+            f"[quantize] mixed-precision budget {budget_bits} bits/weight is below the base format's "
+            f"{base_b:.4g}; raise budget_bits or lower the base bits"
+        )
     used = base_b * total
     order = sorted(targets, key=lambda t: (-sens[t.name] / t.numel, t.name))
     chosen = []
@@ -86,11 +89,16 @@ def plan(targets, sens: dict[str, float], config, budget_bits: float) -> dict:
             continue
         used += extra
         chosen.append(t.name)
-    return {"budget_bits": budget_bits, "base_bits_per_weight": base_b, "promoted_to": "dense" if hi_cfg is None
-            else f"int{hi_cfg.bits} g{hi_cfg.group_size}", "promoted_bits_per_weight": hi_b,
-            "avg_bits_per_weight": used / total, "promoted": chosen,
-            "sensitivity": {k: sens[k] for k in sorted(sens)},
-            "overrides": {name: hi_cfg for name in chosen}}
+    return {
+        "budget_bits": budget_bits,
+        "base_bits_per_weight": base_b,
+        "promoted_to": "dense" if hi_cfg is None else f"int{hi_cfg.bits} g{hi_cfg.group_size}",
+        "promoted_bits_per_weight": hi_b,
+        "avg_bits_per_weight": used / total,
+        "promoted": chosen,
+        "sensitivity": {k: sens[k] for k in sorted(sens)},
+        "overrides": {name: hi_cfg for name in chosen},
+    }
 
 
 __all__ = ["bits_per_weight", "promoted", "base_rtn", "sensitivities", "plan"]

@@ -12,6 +12,7 @@ The contract between quantization (which fills it) and export (which writes it i
   statistics), with ``weight [out, in]`` the expert's 2-D slice.
 - Everything else in ``model`` (embeddings, norms, lm_head unless quantized, router) is left dense.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

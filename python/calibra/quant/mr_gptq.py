@@ -8,6 +8,7 @@ W' = hadamard(W) and x' = hadamard(x); the rotated Hessian is H' = Hn H Hn (bloc
 of both sides). Evaluation and export must apply x -> hadamard(x, block_size) before the stored
 weight; ``QuantizedLayer.dense()`` un-rotates it instead (W_eff = hadamard(W'_q)).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,16 @@ def rotate_hessian(h: torch.Tensor, block_size: int) -> torch.Tensor:
     return (hr + hr.T) / 2
 
 
-def mr_gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: MRGPTQConfig, *, name: str = "weight",
-                     layer: int | None = None, sweep=None) -> QuantizedLayer:
+def mr_gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    n_tokens: int,
+    config: MRGPTQConfig,
+    *,
+    name: str = "weight",
+    layer: int | None = None,
+    sweep=None,
+) -> QuantizedLayer:
     """MR-GPTQ of ``w [out, in]`` with Hessian sum ``h`` over ``n_tokens`` tokens (neither is modified).
 
     The returned tensors describe the rotated weight; ``rotation = {"kind": "hadamard", "block_size": b,
@@ -39,5 +48,15 @@ def mr_gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_tokens: int, config: MR
     b = config.rotation_block
     wr = hadamard(w.detach().float(), b)
     hr = rotate_hessian(h, b)
-    return _solve(wr, hr, n_tokens, config.gptq(), name=name, layer=layer, out_dtype=w.dtype, sweep=sweep,
-                  method="mr_gptq", rotation={"kind": "hadamard", "block_size": b, "axis": "in"})
+    return _solve(
+        wr,
+        hr,
+        n_tokens,
+        config.gptq(),
+        name=name,
+        layer=layer,
+        out_dtype=w.dtype,
+        sweep=sweep,
+        method="mr_gptq",
+        rotation={"kind": "hadamard", "block_size": b, "axis": "in"},
+    )

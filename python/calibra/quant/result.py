@@ -1,5 +1,6 @@
 """What a solver returns for one Linear: the quantized tensors in the layouts of calibra.ops.quantize
 (so exports can pack them), the dequantized weight, and the per-module log row."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -73,8 +74,9 @@ class QuantizedLayer:
             s = self.scales.float()[:, g]
             z = self.zeros.float()[:, g]
             return ((self.codes.float() - z) * s).to(self.weight.dtype)
-        return torch.ops.calibra.dequantize_fp4(self.codes, self.scales, self.global_scale, self.format,
-                                                self.weight.dtype)
+        return torch.ops.calibra.dequantize_fp4(
+            self.codes, self.scales, self.global_scale, self.format, self.weight.dtype
+        )
 
     def dense(self) -> torch.Tensor:
         """The effective weight in the original input space (un-rotated), for evaluation in place."""

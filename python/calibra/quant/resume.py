@@ -6,6 +6,7 @@
   quantizer and their effective weights into the model, exactly as the interrupted run left them;
 * :class:`LayerSaver` -- after each layer: commit its results and the next layer's inputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,15 +35,25 @@ def _settings(config, calibration, stats, options: dict) -> dict:
     if stats is not None:
         meta = getattr(stats, "metadata", None)
         st = meta.get("model", {}).get("id") if isinstance(meta, dict) else str(stats)
-    return {"quantization": config_dict(config), "calibration": cal, "stats": st,
-            **{k: (str(v) if v is not None and not isinstance(v, (bool, int, float, str, list, dict)) else v)
-               for k, v in sorted(options.items())}}
+    return {
+        "quantization": config_dict(config),
+        "calibration": cal,
+        "stats": st,
+        **{
+            k: (str(v) if v is not None and not isinstance(v, (bool, int, float, str, list, dict)) else v)
+            for k, v in sorted(options.items())
+        },
+    }
 
 
-def open_checkpoints(model, output, config, calibration, stats, *, resume: bool, overwrite: bool, options: dict,
-                     echo) -> LayerCheckpoints:
-    fp = {"model": model_fingerprint(model), "config": _settings(config, calibration, stats, options),
-          "versions": versions()}
+def open_checkpoints(
+    model, output, config, calibration, stats, *, resume: bool, overwrite: bool, options: dict, echo
+) -> LayerCheckpoints:
+    fp = {
+        "model": model_fingerprint(model),
+        "config": _settings(config, calibration, stats, options),
+        "versions": versions(),
+    }
     ck = LayerCheckpoints(output, fp, resume=resume, overwrite=overwrite, echo=echo, component="quantize")
     if ck.resumed_from:
         (echo or (lambda *a: None))(f"[quantize] resuming: {ck.resumed_from} finished layer(s) in {ck.folder}")
@@ -54,9 +65,11 @@ def moe_state(runner, prefix: str) -> dict:
     moe = getattr(runner, "moe", None) if runner is not None else None
     if moe is None:
         return {}
-    return {"moe_counts": {k: v for k, v in moe.counts.items() if prefix in k},
-            "moe_blocks": {k: v for k, v in moe.blocks.items() if k.startswith(prefix)},
-            "tensors": {k: v for k, v in moe.tensors.items() if prefix in k}}
+    return {
+        "moe_counts": {k: v for k, v in moe.counts.items() if prefix in k},
+        "moe_blocks": {k: v for k, v in moe.blocks.items() if k.startswith(prefix)},
+        "tensors": {k: v for k, v in moe.tensors.items() if prefix in k},
+    }
 
 
 def restore_moe(runner, extra: dict) -> None:
@@ -95,11 +108,13 @@ class LayerSaverBase:
 
     def __call__(self, i: int, hidden=None) -> None:
         new = {n: r for n, r in self.c.layers.items() if n not in self.seen}
-        dense = self.c.dense[self.n_dense:]
+        dense = self.c.dense[self.n_dense :]
         self.seen.update(new)
         self.n_dense = len(self.c.dense)
-        extra = dict(moe_state(self.runner, self.adapter.layer_name(i) + "."),
-                     seconds=self.c.layer_seconds[-1] if self.c.layer_seconds else 0.0)
+        extra = dict(
+            moe_state(self.runner, self.adapter.layer_name(i) + "."),
+            seconds=self.c.layer_seconds[-1] if self.c.layer_seconds else 0.0,
+        )
         self.commit(i, new, dense, hidden, extra)
 
     def commit(self, i: int, new: dict, dense: list, hidden, extra: dict) -> None:  # pragma: no cover
@@ -113,5 +128,4 @@ class LayerSaver(LayerSaverBase):
         self.ck.save_layer(i, new, dense, hidden=hidden, extra=extra)
 
 
-__all__ = ["open_checkpoints", "restore", "LayerSaver", "LayerSaverBase", "moe_state", "restore_moe",
-           "calibration_doc"]
+__all__ = ["open_checkpoints", "restore", "LayerSaver", "LayerSaverBase", "moe_state", "restore_moe", "calibration_doc"]

@@ -15,6 +15,7 @@ Everything is written into a temporary folder beside DIR and renamed into place 
 either holds a complete result or nothing (an existing DIR is refused without ``overwrite`` and, with
 it, replaced whole). Tensors and JSON are written in sorted order, so the same inputs give the same bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,13 +76,26 @@ def manifest(qm) -> dict:
     mods = {}
     for name in sorted(qm.layers):
         ql = qm.layers[name]
-        mods[name] = {"method": ql.method, "format": ql.format, "bits": ql.bits, "group_size": ql.group_size,
-                      "symmetric": ql.symmetric, "shape": list(ql.codes.shape), "g_idx": ql.g_idx is not None,
-                      "rotation": ql.rotation, "dtype": str(ql.weight.dtype).replace("torch.", "")}
+        mods[name] = {
+            "method": ql.method,
+            "format": ql.format,
+            "bits": ql.bits,
+            "group_size": ql.group_size,
+            "symmetric": ql.symmetric,
+            "shape": list(ql.codes.shape),
+            "g_idx": ql.g_idx is not None,
+            "rotation": ql.rotation,
+            "dtype": str(ql.weight.dtype).replace("torch.", ""),
+        }
     extra = qm.report.get("quantization", {})
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_dict(qm.config),
-            "modules": mods, "dense_modules": sorted(extra.get("dense_modules", [])),
-            "smoothed_modules": sorted(extra.get("smoothed_modules", []))}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config_dict(qm.config),
+        "modules": mods,
+        "dense_modules": sorted(extra.get("dense_modules", [])),
+        "smoothed_modules": sorted(extra.get("smoothed_modules", [])),
+    }
 
 
 def _write_json(path: Path, obj) -> None:
@@ -127,8 +141,9 @@ def load(path, dtype=torch.float32):
     path = Path(path)
     man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     if man.get("format") != FORMAT:
-        raise ValueError(f"[quantize] {path} is not a calibra quantized folder ({MANIFEST} format "
-                         f"{man.get('format')!r})")
+        raise ValueError(
+            f"[quantize] {path} is not a calibra quantized folder ({MANIFEST} format {man.get('format')!r})"
+        )
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     tensors = load_file(str(path / WEIGHTS))
@@ -156,11 +171,22 @@ def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:
 
     get = tensors.get
     codes = tensors[f"{name}.codes"]
-    ql = QuantizedLayer(name=name, method=info["method"], format=info["format"], bits=info["bits"],
-                        group_size=info["group_size"], symmetric=info["symmetric"], codes=codes,
-                        scales=tensors[f"{name}.scales"], zeros=get(f"{name}.zeros"), g_idx=get(f"{name}.g_idx"),
-                        global_scale=get(f"{name}.global_scale"),
-                        weight=torch.empty(0, dtype=getattr(torch, info["dtype"])), rotation=None, log=None)
+    ql = QuantizedLayer(
+        name=name,
+        method=info["method"],
+        format=info["format"],
+        bits=info["bits"],
+        group_size=info["group_size"],
+        symmetric=info["symmetric"],
+        codes=codes,
+        scales=tensors[f"{name}.scales"],
+        zeros=get(f"{name}.zeros"),
+        g_idx=get(f"{name}.g_idx"),
+        global_scale=get(f"{name}.global_scale"),
+        weight=torch.empty(0, dtype=getattr(torch, info["dtype"])),
+        rotation=None,
+        log=None,
+    )
     return ql.dequantize()
 
 

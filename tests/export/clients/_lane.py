@@ -1,4 +1,5 @@
 """Shared by the optional real-client tests (tools/client_lane.sh runs each with its client's venv)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,10 @@ def model_and_tokenizer(**kw):
 
 def report(client: str, case: str, diff: float, tol: float, extra: str = "") -> None:
     """One summary line per case; the lane script collects the lines that start with CLIENT."""
-    print(f"\nCLIENT {client:24s} {case:28s} max|dlogits|={diff:.3e} tol={tol:g} "
-          f"{'PASS' if diff <= tol else 'FAIL'} {extra}".rstrip())
+    print(
+        f"\nCLIENT {client:24s} {case:28s} max|dlogits|={diff:.3e} tol={tol:g} "
+        f"{'PASS' if diff <= tol else 'FAIL'} {extra}".rstrip()
+    )
 
 
 def max_diff(a, b) -> float:

@@ -16,6 +16,7 @@ layer with compressed-tensors' own ``decompress`` while loading. Both loads are 
 must round-trip; the default load must round-trip too, except that the known regression is an xfail naming it
 (when an upstream release fixes it, the test passes and checks the logits with no change here).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -30,10 +31,12 @@ from tests.export import _qmodel as Q
 from tests.export.clients._lane import max_diff, model_and_tokenizer, report
 
 TOL = 1e-3
-CASES = [("int4-g32-asym", RTNConfig(bits=4, group_size=32, sym=False)),
-         ("gptq-int4-g32-asym", GPTQConfig(bits=4, group_size=32, sym=False)),
-         ("int8-channel-asym", RTNConfig(bits=8, group_size=-1, sym=False)),
-         ("int4-g32-sym", RTNConfig(bits=4, group_size=32, sym=True))]
+CASES = [
+    ("int4-g32-asym", RTNConfig(bits=4, group_size=32, sym=False)),
+    ("gptq-int4-g32-asym", GPTQConfig(bits=4, group_size=32, sym=False)),
+    ("int8-channel-asym", RTNConfig(bits=8, group_size=-1, sym=False)),
+    ("int4-g32-sym", RTNConfig(bits=4, group_size=32, sym=True)),
+]
 
 
 def _ct_version() -> str:
@@ -76,12 +79,17 @@ def test_transformers_loads_ct(tmp_path, case, cfg):
     try:
         loaded = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
     except RuntimeError as e:
-        known = (not cfg.sym and "ignore_mismatched_sizes" in str(e)
-                 and tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 18))
+        known = (
+            not cfg.sym
+            and "ignore_mismatched_sizes" in str(e)
+            and tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 18)
+        )
         if known:
-            pytest.xfail(f"transformers {transformers.__version__} + compressed-tensors {_ct_version()}: the meta-"
-                         f"device compress_model leaves weight_zero_point unpacked (upstream regression); the "
-                         f"dequantize=True load round-trips")
+            pytest.xfail(
+                f"transformers {transformers.__version__} + compressed-tensors {_ct_version()}: the meta-"
+                f"device compress_model leaves weight_zero_point unpacked (upstream regression); the "
+                f"dequantize=True load round-trips"
+            )
         raise
     diff = max_diff(Q.logits(loaded, x), sim)
     report(f"transformers{transformers.__version__}+ct{_ct_version()}", case, diff, TOL)

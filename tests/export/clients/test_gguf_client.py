@@ -18,6 +18,7 @@ GGUF re-quantizes calibra's effective weights to Q8_0/Q4_0. Three measures, all 
 
 The llama.cpp tests skip where the tools are missing; tools/client_lane.sh treats that skip as a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,16 +64,21 @@ def _readback_model(model, path):
             elif hf.endswith("k_proj.weight"):
                 w = _unpermute(w, cfg.num_key_value_heads)
             p.copy_(w)
-    assert torch.equal(_unpermute(permute_qk(sd["model.layers.0.self_attn.q_proj.weight"], cfg.num_attention_heads),
-                                  cfg.num_attention_heads), sd["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        _unpermute(
+            permute_qk(sd["model.layers.0.self_attn.q_proj.weight"], cfg.num_attention_heads), cfg.num_attention_heads
+        ),
+        sd["model.layers.0.self_attn.q_proj.weight"],
+    )
     return m
 
 
 def _greedy(model, ids):
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False,
-                             min_new_tokens=N)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False, min_new_tokens=N
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("qtype,need", [("q8_0", N), ("q4_0", 8)])
@@ -86,20 +92,23 @@ def test_llama_cpp_greedy(tmp_path, qtype, need):
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     ref = _greedy(_readback_model(qm.model, path), ids)
     sim = _greedy(qm.model, ids)
-    res = subprocess.run([str(BIN / "llama-simple"), "-m", str(path), "-n", str(N), PROMPT], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [str(BIN / "llama-simple"), "-m", str(path), "-n", str(N), PROMPT], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     got = res.stdout
     text = tok.decode(ids[0].tolist() + ref)
     want = tok.decode(ref)
     assert got.startswith(PROMPT) or got.startswith(tok.decode(ids[0].tolist())), got[:200]
-    gen = got[len(tok.decode(ids[0].tolist())):]
+    gen = got[len(tok.decode(ids[0].tolist())) :]
     # llama-simple prints text, and re-tokenizing text can merge whitespace differently from the generated
     # ids, so count the reference tokens whose decoded prefix the printed continuation starts with
     match = max([k for k in range(len(ref) + 1) if gen.startswith(tok.decode(ref[:k]))])
     sim_match = next((i for i, (a, b) in enumerate(zip(ref, sim)) if a != b), len(ref))
-    print(f"\nCLIENT llama.cpp-llama-simple     {qtype:28s} greedy tokens equal to HF-on-GGUF-weights: {match}/{N} "
-          f"(need {need}) {'PASS' if match >= need else 'FAIL'}; equal to calibra's simulated model: {sim_match}/{N}")
+    print(
+        f"\nCLIENT llama.cpp-llama-simple     {qtype:28s} greedy tokens equal to HF-on-GGUF-weights: {match}/{N} "
+        f"(need {need}) {'PASS' if match >= need else 'FAIL'}; equal to calibra's simulated model: {sim_match}/{N}"
+    )
     assert match >= need, (gen, want, text)
 
 
@@ -140,25 +149,29 @@ def test_gguf_file_quantization_gap(tmp_path, qtype):
     to_sim, to_dense = _rms(back, sim) / g, _rms(back, dense) / g
     lo, hi = FILE_BAND[qtype]
     ok = lo <= to_sim <= hi and to_dense >= 0.7
-    print(f"\nCLIENT gguf-readback              {qtype:28s} rms(file - simulated)={to_sim:.3f} G (band {lo}..{hi}) "
-          f"rms(file - dense)={to_dense:.3f} G (>= 0.7) G={g:.3e} {'PASS' if ok else 'FAIL'}")
+    print(
+        f"\nCLIENT gguf-readback              {qtype:28s} rms(file - simulated)={to_sim:.3f} G (band {lo}..{hi}) "
+        f"rms(file - dense)={to_dense:.3f} G (>= 0.7) G={g:.3e} {'PASS' if ok else 'FAIL'}"
+    )
     assert lo <= to_sim <= hi
     assert to_dense >= 0.7, "the GGUF file computes (nearly) what the dense model does: it is not quantized"
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
 def test_llama_cpp_logits(tmp_path, qtype):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (tools/client_lane.sh "
-                                                        "installs it in the gguf venv)")
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (tools/client_lane.sh installs it in the gguf venv)"
+    )
     dense, sim, back, path, ids = _setup(tmp_path, qtype)
     g = _rms(sim, dense)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False,
-                          n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids[0].tolist())
     got = torch.from_numpy(llm.scores[:CTX].copy()).float().unsqueeze(0)
     to_back, to_dense = _rms(got, back) / g, _rms(got, dense) / g
     ok = to_back <= 0.35 and to_dense >= 0.7
-    print(f"\nCLIENT llama.cpp-logits           {qtype:28s} rms(llama.cpp - file read back)={to_back:.3f} G (<= 0.35) "
-          f"rms(llama.cpp - dense)={to_dense:.3f} G (>= 0.7) G={g:.3e} {'PASS' if ok else 'FAIL'}")
+    print(
+        f"\nCLIENT llama.cpp-logits           {qtype:28s} rms(llama.cpp - file read back)={to_back:.3f} G (<= 0.35) "
+        f"rms(llama.cpp - dense)={to_dense:.3f} G (>= 0.7) G={g:.3e} {'PASS' if ok else 'FAIL'}"
+    )
     assert to_back <= 0.35
     assert to_dense >= 0.7, "llama.cpp computes (nearly) what the dense model does: the file is not quantized"

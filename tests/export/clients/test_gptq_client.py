@@ -7,6 +7,7 @@ large activations turn into ~3% of the logit range. The quantization itself move
 more (asserted: 5x the measured difference), so a wrong zero-point convention (one quantization step
 on every weight) fails.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -22,11 +23,13 @@ from tests.export import _qmodel as Q  # noqa: E402
 from tests.export.clients._lane import max_diff, model_and_tokenizer, report  # noqa: E402
 
 TOL_REL = 0.05
-CASES = [("v1-sym-int4-g32", RTNConfig(bits=4, group_size=32, sym=True)),
-         ("v2-asym-int4-g32", RTNConfig(bits=4, group_size=32, sym=False)),
-         ("v1-sym-actorder-g32", GPTQConfig(bits=4, group_size=32, sym=True, desc_act=True)),
-         ("v2-asym-actorder-g32", GPTQConfig(bits=4, group_size=32, sym=False, desc_act=True)),
-         ("v1-sym-int8-g64", RTNConfig(bits=8, group_size=64, sym=True))]
+CASES = [
+    ("v1-sym-int4-g32", RTNConfig(bits=4, group_size=32, sym=True)),
+    ("v2-asym-int4-g32", RTNConfig(bits=4, group_size=32, sym=False)),
+    ("v1-sym-actorder-g32", GPTQConfig(bits=4, group_size=32, sym=True, desc_act=True)),
+    ("v2-asym-actorder-g32", GPTQConfig(bits=4, group_size=32, sym=False, desc_act=True)),
+    ("v1-sym-int8-g64", RTNConfig(bits=8, group_size=64, sym=True)),
+]
 
 
 @pytest.mark.parametrize("case,cfg", CASES, ids=[c for c, _ in CASES])

@@ -3,6 +3,7 @@
 Tolerance: max |logits - simulated| <= 1e-3; both sides compute in float32 from the same codes,
 scales and biases (mlx's quantized matmul accumulates in a different order).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +20,14 @@ from tests.export.clients._lane import max_diff, model_and_tokenizer, report  # 
 TOL = 1e-3
 
 
-@pytest.mark.parametrize("case,cfg", [("int4-g32-sym", RTNConfig(bits=4, group_size=32, sym=True)),
-                                      ("int4-g64-asym", RTNConfig(bits=4, group_size=64, sym=False)),
-                                      ("int8-g32-asym", RTNConfig(bits=8, group_size=32, sym=False))])
+@pytest.mark.parametrize(
+    "case,cfg",
+    [
+        ("int4-g32-sym", RTNConfig(bits=4, group_size=32, sym=True)),
+        ("int4-g64-asym", RTNConfig(bits=4, group_size=64, sym=False)),
+        ("int8-g32-asym", RTNConfig(bits=8, group_size=32, sym=False)),
+    ],
+)
 def test_mlx_lm_loads(tmp_path, case, cfg):
     import mlx.core as mx
     from mlx_lm import load

@@ -11,6 +11,7 @@ lane 0..31, j = 16-output sub-tile 0..3), nibble ``i = a + 4c`` holds
 2:4 metadata register layout: ``out`` int32 ``[N/16, K/2]``; word ``[rt, 16*kq + 2*g + h]`` is
 ``meta[16rt + g, 2kq + h] | meta[16rt + g + 8, 2kq + h] << 16`` (16-bit halves).
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,8 +71,9 @@ def w4a16_unrepack(tiled: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.uint8)
 
 
-def w4a16_dequantize(tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     group_size: int) -> torch.Tensor:
+def w4a16_dequantize(
+    tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """The dense ``[N, K]`` weight in the scales' dtype: ``(code - z) * scale`` rounded once
     (``scales``/``zeros`` ``[G, N]``; z = 8 without zeros)."""
     codes = w4a16_unrepack(tiled)
@@ -82,8 +84,9 @@ def w4a16_dequantize(tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return ((codes.float() - z) * s).to(scales.dtype)
 
 
-def w4a16_gemm(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
+def w4a16_gemm(
+    x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     w = w4a16_dequantize(tiled, scales, zeros, group_size)
     y = x.reshape(-1, x.shape[-1]).float() @ w.float().t()
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

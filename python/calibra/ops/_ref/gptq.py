@@ -19,6 +19,7 @@ min/max):
 The squared error of a candidate is summed column by column in order (``sequential=True``), as the
 native kernels do, so the choice is identical; bulk fits (static groups, RTN) may sum in any order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,13 +29,14 @@ from calibra.ops._ref.quantize import e2m1_decode, e2m1_encode, exp2_int, mx_exp
 FORMATS = ("int", "mxfp4", "nvfp4", "none")
 
 
-def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: str, bits: int,
-                    global_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_values(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: str, bits: int, global_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (uint8) and values (fp32) of fp32 ``x [..]`` with per-element-broadcast params."""
     if fmt == "none":
         return torch.zeros(x.shape, dtype=torch.uint8, device=x.device), x.clone()
     if fmt == "int":
-        maxq = float(2 ** bits - 1)
+        maxq = float(2**bits - 1)
         q = (torch.round((x / scale).clamp(-4194304.0, 4194304.0)) + zero).clamp(0.0, maxq)
         return q.to(torch.uint8), (q - zero) * scale
     d = scale / torch.tensor(global_scale, dtype=torch.float32, device=x.device)
@@ -43,8 +45,16 @@ def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fm
     return codes, e2m1_decode(codes) * d
 
 
-def fit_params(x: torch.Tensor, fmt: str, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-               global_scale: float, shrink: torch.Tensor, sequential: bool = True):
+def fit_params(
+    x: torch.Tensor,
+    fmt: str,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    global_scale: float,
+    shrink: torch.Tensor,
+    sequential: bool = True,
+):
     """Fitted (scale [R], zero [R]) fp32 of each row of fp32 ``x [R, L]``; see the module doc."""
     rows, n = x.shape
     x = x.float()
@@ -52,7 +62,7 @@ def fit_params(x: torch.Tensor, fmt: str, bits: int, symmetric: bool, scale_dtyp
         return x.new_ones(rows), x.new_zeros(rows)
     mn = x.amin(1).clamp(max=0.0) if n else x.new_zeros(rows)
     mx = x.amax(1).clamp(min=0.0) if n else x.new_zeros(rows)
-    maxq = float(2 ** bits - 1)
+    maxq = float(2**bits - 1)
     gs = torch.tensor(global_scale, dtype=torch.float32, device=x.device)
     best = None
     for p in shrink.float().to(x.device).unbind(0):
@@ -61,8 +71,7 @@ def fit_params(x: torch.Tensor, fmt: str, bits: int, symmetric: bool, scale_dtyp
             raw = (2.0 * torch.maximum(-mnp, mxp)) / maxq if symmetric else (mxp - mnp) / maxq
             s = raw.to(scale_dtype)
             s = torch.where(s == 0, torch.ones_like(s), s).float()
-            z = (torch.full_like(s, (maxq + 1) / 2) if symmetric
-                 else torch.round(-mnp / s).clamp(0.0, maxq))
+            z = torch.full_like(s, (maxq + 1) / 2) if symmetric else torch.round(-mnp / s).clamp(0.0, maxq)
         else:
             a = torch.maximum(-mn, mx) * p
             if fmt == "nvfp4":
@@ -91,8 +100,9 @@ def fit_params(x: torch.Tensor, fmt: str, bits: int, symmetric: bool, scale_dtyp
 def _check_data(group: torch.Tensor, fit: torch.Tensor, g: int) -> None:
     c = group.numel()
     if c and (int(group.min()) < 0 or int(group.max()) >= g):
-        raise ValueError(f"[gptq_block_sweep] group entries must be in [0, {g}), got range "
-                         f"[{int(group.min())}, {int(group.max())}]")
+        raise ValueError(
+            f"[gptq_block_sweep] group entries must be in [0, {g}), got range [{int(group.min())}, {int(group.max())}]"
+        )
     cols = torch.arange(c, device=fit.device)
     if c and bool(((fit < 0) | (cols + fit.long() > c)).any()):
         raise ValueError(f"[gptq_block_sweep] fit[i] must be >= 0 with i + fit[i] <= {c} (fits stay in the block)")
@@ -132,11 +142,11 @@ def _sweep(w, u, scales, zeros, group, fit, mask, nm, shrink, bits, symmetric, f
         if nm is not None and i % nm[1] == 0:
             n, m = nm
             # saliency x^2 / (u_ii * u_ii), per element: square, square, divide (as the kernels)
-            sal = (x[:, i:i + m] * x[:, i:i + m]) / (d[i:i + m] * d[i:i + m])[None, :]
-            prune[:, i:i + m] = ~nm_keep(sal.t(), n).t()
+            sal = (x[:, i : i + m] * x[:, i : i + m]) / (d[i : i + m] * d[i : i + m])[None, :]
+            prune[:, i : i + m] = ~nm_keep(sal.t(), n).t()
         g = groups[i]
         if fits[i] > 0:
-            s, z = fit_params(x[:, i:i + fits[i]], format, bits, symmetric, scale_dtype, global_scale, shrink)
+            s, z = fit_params(x[:, i : i + fits[i]], format, bits, symmetric, scale_dtype, global_scale, shrink)
             table_s[:, g] = s
             table_z[:, g] = z
         col_codes, col = quantize_values(x[:, i], table_s[:, g], table_z[:, g], format, bits, global_scale)
@@ -150,19 +160,34 @@ def _sweep(w, u, scales, zeros, group, fit, mask, nm, shrink, bits, symmetric, f
         codes[:, i] = col_codes
         err[:, i] = e
         if i + 1 < c:
-            x[:, i + 1:] -= e[:, None] * u[i, i + 1:][None, :]
+            x[:, i + 1 :] -= e[:, None] * u[i, i + 1 :][None, :]
     return q, codes, err, table_s, table_z, prune
 
 
-def gptq_block_sweep(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype,
-                     global_scale):
-    return _sweep(w, u, scales, zeros, group, fit, mask, None, shrink, bits, symmetric, format, scale_dtype,
-                  global_scale)[:5]
+def gptq_block_sweep(w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype, global_scale):
+    return _sweep(
+        w, u, scales, zeros, group, fit, mask, None, shrink, bits, symmetric, format, scale_dtype, global_scale
+    )[:5]
 
 
-def sparsegpt_block_sweep(w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format, scale_dtype,
-                          global_scale):
+def sparsegpt_block_sweep(
+    w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format, scale_dtype, global_scale
+):
     """calibra::sparsegpt_block_sweep: the same sweep with SparseGPT's N:M selection inside it; the
     sixth output is the chosen prune mask (bool [R, C], True = pruned)."""
-    return _sweep(w, u, scales, zeros, group, fit, torch.empty(0, dtype=torch.uint8, device=w.device), (n, m),
-                  shrink, bits, symmetric, format, scale_dtype, global_scale)
+    return _sweep(
+        w,
+        u,
+        scales,
+        zeros,
+        group,
+        fit,
+        torch.empty(0, dtype=torch.uint8, device=w.device),
+        (n, m),
+        shrink,
+        bits,
+        symmetric,
+        format,
+        scale_dtype,
+        global_scale,
+    )

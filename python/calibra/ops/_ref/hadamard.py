@@ -1,5 +1,6 @@
 """Reference for calibra::hadamard: the butterfly network written in plain torch, in fp32 (fp64 for
 float64 input). The native kernels run the same butterflies in the same order."""
+
 import math
 
 import torch

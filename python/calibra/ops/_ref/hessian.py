@@ -1,5 +1,6 @@
 """Reference for calibra::hessian_accumulate: X^T X in fp64, added to H and rounded once to H's dtype.
 Clear, not fast; the test oracle."""
+
 import torch
 
 

@@ -5,6 +5,7 @@ Layout (per line along ``dim``): element ``i`` occupies stream bits ``[i*bits, (
 least significant bit first; word ``k`` holds stream bits ``[k*wb, (k+1)*wb)`` with stream bit
 ``k*wb + j`` at bit ``j`` of the word (wb = 32 for int32 words, 8 for uint8). Trailing bits are zero.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ FP4 (E2M1 codes ``sign << 3 | idx``, idx indexing [0, .5, 1, 1.5, 2, 3, 4, 6])
 
 NaN/Inf anywhere in w raises ValueError naming the first bad element in row-major order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
 
 
 def _int_scale_zero(wg: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
-    maxq = float(2 ** bits - 1)
+    maxq = float(2**bits - 1)
     if symmetric:
         amax = wg.abs().amax(dim=-1) if wg.shape[-1] else wg.new_zeros(wg.shape[:-1])
         scale = (2.0 * amax) / maxq
@@ -67,7 +68,7 @@ def _int_scale_zero(wg: torch.Tensor, bits: int, symmetric: bool, dtype: torch.d
 def quantize_int(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     check_weight_finite(w)
     out, n = w.shape
-    maxq = float(2 ** bits - 1)
+    maxq = float(2**bits - 1)
     wg, g = _groups(w, group_size)
     stored, s32, zero = _int_scale_zero(wg, bits, symmetric, w.dtype)
     q = (torch.round(wg / s32[..., None]) + zero[..., None]).clamp(0.0, maxq)
@@ -75,8 +76,9 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     return codes, stored.contiguous(), zero.to(torch.uint8)
 
 
-def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+def dequantize_int(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     out, n = codes.shape
     g = scales.shape[1]
     gs = n if group_size == -1 else group_size
@@ -88,11 +90,11 @@ def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # FP4
 
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 code of fp32 ``x`` (ties to the even code, saturating at 6; zero -> code 0)."""
     a = x.abs()
-    idx = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5)
-           + (a > 5.0))
+    idx = (a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5) + (a > 5.0)
     neg = (x < 0) & (idx != 0)
     return idx | (neg.to(torch.uint8) << 3)
 
@@ -129,24 +131,27 @@ def quantize_fp4(w: torch.Tensor, format: str):
         codes = torch.where(amax[..., None] == 0, torch.zeros_like(codes), codes)
         return codes.reshape(out, n), scales, torch.ones(1, dtype=torch.float32, device=w.device)
     tensor_amax = w.float().abs().amax() if w.numel() else torch.zeros((), device=w.device)
-    gscale = torch.where(tensor_amax == 0, torch.ones_like(tensor_amax),
-                         torch.tensor(448.0 * 6.0, device=w.device) / tensor_amax).reshape(1)
-    s = ((amax / 6.0) * gscale).to(torch.float8_e4m3fn)
+    gscale = torch.where(
+        tensor_amax == 0, torch.ones_like(tensor_amax), torch.tensor(448.0 * 6.0, device=w.device) / tensor_amax
+    ).reshape(1)
+    # saturate at e4m3's largest value before the cast: torch < 2.12 casts |x| > 464 to NaN, newer torch
+    # saturates (pytorch#178817); the native kernels saturate on every version
+    s = ((amax / 6.0) * gscale).clamp(max=448.0).to(torch.float8_e4m3fn)
     d = s.float() / gscale
     codes = e2m1_encode(wg / d[..., None])
     codes = torch.where(d[..., None] == 0, torch.zeros_like(codes), codes)
     return codes.reshape(out, n), s, gscale
 
 
-def dequantize_fp4(codes: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, format: str,
-                   dtype: torch.dtype) -> torch.Tensor:
+def dequantize_fp4(
+    codes: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, format: str, dtype: torch.dtype
+) -> torch.Tensor:
     out, n = codes.shape
     gs = 32 if format == "mxfp4" else 16
     v = e2m1_decode(codes).reshape(out, n // gs, gs)
     if format == "mxfp4":
         e = scales.to(torch.int32) - 127
-        d = torch.where(scales == 255, torch.full_like(e, 0x7FC00000).view(torch.float32),
-                        exp2_int(e.clamp(-127, 127)))
+        d = torch.where(scales == 255, torch.full_like(e, 0x7FC00000).view(torch.float32), exp2_int(e.clamp(-127, 127)))
     else:
         d = scales.float() / global_scale.float()
     return (v * d[..., None]).reshape(out, n).to(dtype)

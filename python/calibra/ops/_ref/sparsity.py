@@ -5,6 +5,7 @@ of element ``j`` is the number of elements with a larger score plus the number o
 equal score and a lower index -- a stable descending order -- and the ``n`` lowest ranks are kept.
 Float comparison makes -0.0 and +0.0 equal.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,10 @@ def not_24_message(r: int, c: int, count: int) -> str:
 
 def bad_meta_message(r: int, j: int, word: int, g: int) -> str:
     i0, i1 = (word >> (4 * g)) & 3, (word >> (4 * g + 2)) & 3
-    return (f"[decompress_24] meta[{r}, {j}] = 0x{word:04x} is not valid 2:4 metadata: group {g} holds "
-            f"indices {i0}, {i1}, which must be distinct and ascending")
+    return (
+        f"[decompress_24] meta[{r}, {j}] = 0x{word:04x} is not valid 2:4 metadata: group {g} holds "
+        f"indices {i0}, {i1}, which must be distinct and ascending"
+    )
 
 
 def compress_24(w: torch.Tensor):
