@@ -1,6 +1,7 @@
 """Every place calibra relies on a transformers internal, in one module.
 
-calibra is written against transformers 5 (``>=5.0,<6``, see pyproject.toml). The public API
+calibra is written against transformers 5 (``>=5.6,<6``, see pyproject.toml; docs/compatibility.md
+says what breaks below 5.6). The public API
 (``AutoModelForCausalLM``, ``AutoConfig``, ``from_pretrained``) is used directly by the verbs; what is
 *not* a stable, documented API goes through here, so that a change between minor releases is fixed in
 one place. Each assumption has a test in ``tests/compat/test_transformers_compat.py`` that builds tiny
@@ -22,8 +23,9 @@ The assumptions:
    ``model.model.rotary_emb(x, position_ids)`` with ``cos``/``sin`` of shape ``[batch, seq, head_dim]``.
 4. **Save-time renaming** (``transformers.core_model_loading.revert_weight_conversion``): transformers 5
    fuses some tensors in memory (MoE experts) and saves them under their on-disk names.
-5. **MoE routers** return either ``(logits, scores, top_k_index)`` (the 5.x ``TopKRouter`` modules) or
-   plain logits (an ``nn.Linear`` gate, soft-maxed and top-k'd by the caller).
+5. **MoE routers** return either ``(logits, scores, top_k_index)`` (the 5.x ``TopKRouter`` modules;
+   raw logits from 5.6 on -- before, the first element was already soft-maxed) or plain logits (an
+   ``nn.Linear`` gate, soft-maxed and top-k'd by the caller).
 6. **Fused experts** hold ``gate_up_proj [E, 2*I, H]`` (gate rows first, then up) and
    ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``.
 """
