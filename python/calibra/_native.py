@@ -107,7 +107,11 @@ def build_info() -> dict:
             continue
         module = load(name)
         if module is None:
-            backends[name] = {"loaded": False, "reason": _reasons.get(name, "unknown")}
+            reason = _reasons.get(name, "unknown")
+            if name == "cuda" and "CALIBRA_DISABLE_NATIVE" not in reason:
+                # torch sees a GPU (else the branch above): say what that costs.
+                reason += "; torch sees a CUDA device, so every op on CUDA tensors runs in its pure-torch reference"
+            backends[name] = {"loaded": False, "reason": reason}
             continue
         info = dict(module.BUILD_INFO)
         entry = {"loaded": True, "path": getattr(module, "__file__", None), **info}
