@@ -38,7 +38,12 @@ def _lib():
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "python")}
+    # the calibra this test imported (the tree's in-place build, or the installed package in CI), so the
+    # dry run's CPU rehearsals find the same native kernels
+    import calibra
+
+    where = str(Path(calibra.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": where}
     proc = subprocess.run(
         ["bash", str(SCRIPT), str(out), "--dry-run"], capture_output=True, text=True, env=env, timeout=300
     )
