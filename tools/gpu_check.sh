@@ -129,7 +129,8 @@ EOF
   cat "$f"
 }
 
-# CMake CUDA architectures for the local GPU: 9.0 -> 90a-real (wgmma), 8.x -> 80-real; else the project default.
+# CMake CUDA architectures for the local GPU: 9.0 -> 90a-real (wgmma), 8.x -> 80-real; else the project
+# default, whose compute_80 PTX is what a newer GPU (Blackwell) runs, JIT-compiled by the driver.
 cuda_arch() {
   if [ -n "${CALIBRA_GPU_CHECK_ARCH:-}" ]; then echo "$CALIBRA_GPU_CHECK_ARCH"; return; fi
   local cc=""
@@ -140,8 +141,8 @@ cuda_arch() {
   case "$cc" in
     9.0) echo "90a-real" ;;
     8.*) echo "80-real" ;;
-    "") [ $DRY -eq 1 ] && echo "90a-real" || echo "80-real;90a-real" ;;
-    *) echo "80-real;90a-real" ;;
+    "") [ $DRY -eq 1 ] && echo "90a-real" || echo "80-real;90a-real;80-virtual" ;;
+    *) echo "80-real;90a-real;80-virtual" ;;
   esac
 }
 
