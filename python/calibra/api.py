@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from calibra.job import calibration_input, model_config_of, read_model, tokenized_meta
+
 _HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -34,106 +36,6 @@ def _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool):
     if not (isinstance(moe_pool, (int, float)) and moe_pool >= 1):
         raise ValueError(f"[calibrate] moe_pool must be >= 1 (candidate pool / num_samples), got {moe_pool!r}")
     return obs, hd
-
-
-def _model_config(
-    model,
-    *,
-    component: str = "calibrate",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    allow_quantized: bool = False,
-):
-    """The model's config, read without loading weights when ``model`` is a name or folder; the whole
-    folder is checked first (``calibra.io.inspect_model``: config, architecture, index, headers, paths)."""
-    from calibra.models import check_supported
-
-    if not isinstance(model, (str, Path)):
-        check_supported(getattr(model.config, "model_type", None))
-        return model.config
-    from transformers import AutoConfig
-
-    from calibra.io import inspect_model
-
-    folder = inspect_model(
-        model,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        allow_quantized=allow_quantized,
-        component=component,
-    )
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
-    return AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
-
-
-def _refuse_quantized(model_config, source: str, component: str, hint: str = "") -> None:
-    """Refuse a model whose config carries a quantization_config (FAULTS row 10). Folders are already
-    refused by ``calibra.io.inspect_model``; this covers models passed in already loaded."""
-    qc = getattr(model_config, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise ValueError(
-            f"[{component}] {source} is already quantized (its config has a quantization_config, "
-            f"quant_method {method!r}); calibra {component}s full-precision models only: start from "
-            f"the original bf16/fp16/fp32 checkpoint{hint}"
-        )
-
-
-def _read_model(
-    model, dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False, allow_quantized: bool = False
-):
-    """``(model, tokenizer)`` of a name/folder through the checking reader (NaN/Inf named at load)."""
-    from calibra.io import load_model
-
-    return load_model(
-        str(model),
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        allow_quantized=allow_quantized,
-    )
-
-
-def _tokens(calibration, tokenizer, model_config, echo, config_dtype, observers):
-    """``(input_ids, attention_mask, run-metadata, config or None)`` from any accepted calibration input."""
-    from calibra.data import CalibrationConfig, TokenizedCalibration
-
-    if isinstance(calibration, tuple):
-        ids, mask = calibration
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        return (
-            ids,
-            mask,
-            {
-                "dataset": "tensors",
-                "seed": None,
-                "samples": int(ids.shape[0]),
-                "tokens": int(mask.sum()),
-                "sequence_length": int(ids.shape[1]),
-            },
-            None,
-        )
-    if isinstance(calibration, TokenizedCalibration):
-        return calibration.input_ids, calibration.attention_mask, _run_meta(calibration), None
-    if not isinstance(calibration, CalibrationConfig):
-        raise TypeError(
-            f"[calibrate] calibration must be a CalibrationConfig, a TokenizedCalibration or "
-            f"(input_ids, attention_mask), got {type(calibration).__name__}"
-        )
-    return None, None, None, calibration
-
-
-def _run_meta(tok) -> dict:
-    return {
-        "dataset": tok.dataset,
-        "version": tok.version,
-        "seed": tok.seed,
-        "fingerprint": tok.fingerprint,
-        "samples": tok.num_samples,
-        "tokens": int(tok.token_count),
-        "sequence_length": tok.sequence_length,
-        "packing": tok.packing,
-    }
 
 
 def calibrate(
@@ -187,8 +89,8 @@ def calibrate(
     obs, hd = _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool)
     calibration = CalibrationConfig() if calibration is None else calibration
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    model_config = _model_config(model, **read)
-    ids, mask, run_meta, config = _tokens(calibration, tokenizer, model_config, say, dtype, obs)
+    model_config = model_config_of(model, **read)
+    ids, mask, run_meta, config = calibration_input(calibration, tokenizer, model_config, say, dtype, obs)
     is_moe = getattr(model_config, "model_type", None) in ("mixtral", "qwen2_moe", "qwen3_moe")
     if config is not None:  # validate + memory estimate before any weight is loaded
         est_obs = list(obs) + (["routing"] if is_moe else [])
@@ -218,7 +120,7 @@ def calibrate(
     if dry_run:
         return None
     if isinstance(model, (str, Path)):
-        model, loaded_tok = _read_model(model, dtype, **read)
+        model, loaded_tok = read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
     if config is not None:
         if tokenizer is None:
@@ -236,7 +138,7 @@ def calibrate(
                 want, batch_size=min(config.resolved_batch_size(config.sequence_length or 1), want.num_samples)
             )
         tok = tokenize_calibration(dataset, tokenizer, want, max_positions=max_pos)
-        ids, mask, run_meta = tok.input_ids, tok.attention_mask, _run_meta(tok)
+        ids, mask, run_meta = tok.input_ids, tok.attention_mask, tokenized_meta(tok)
         batch_size = config.resolved_batch_size(tok.sequence_length)
     else:
         from calibra.data.config import auto_batch_size

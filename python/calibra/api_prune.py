@@ -37,11 +37,11 @@ def _check_config(config):
 
 def _shapes(model_config, model=None) -> dict[str, tuple[int, int]]:
     """Every prunable target's ``(out, in)``, from a weightless meta copy when no model is loaded."""
-    from calibra.api_quantize import _all_targets, _meta_model
+    from calibra.job import all_targets, meta_model
     from calibra.models import get_adapter
 
-    shape_model = model if model is not None else _meta_model(model_config)
-    return {t.name: (t.out_features, t.in_features) for t in _all_targets(shape_model, get_adapter(shape_model))}
+    shape_model = model if model is not None else meta_model(model_config)
+    return {t.name: (t.out_features, t.in_features) for t in all_targets(shape_model, get_adapter(shape_model))}
 
 
 def _observers(config, measure_error: bool) -> tuple[str, ...]:
@@ -124,9 +124,9 @@ def prune(
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
     """
-    from calibra.api import _model_config, _read_model, _refuse_quantized
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target, versions
+    from calibra.job import model_config_of, read_model, refuse_quantized
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
@@ -158,9 +158,9 @@ def prune(
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    model_config = _model_config(model, component="prune", **read)
+    model_config = model_config_of(model, component="prune", **read)
     check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
-    _refuse_quantized(model_config, source, "prune", _QUANTIZED_HINT)
+    refuse_quantized(model_config, source, "prune", _QUANTIZED_HINT)
     shapes = _shapes(model_config, None if isinstance(model, (str, Path)) else model)
     prune_names, dense = config.plan_layers(shapes)
     if save_24:
@@ -219,7 +219,7 @@ def prune(
     try:
         # -- 2. load ---------------------------------------------------------------------------------
         if isinstance(model, (str, Path)):
-            model, loaded_tok = _read_model(model, dtype, **read)
+            model, loaded_tok = read_model(model, dtype, **read)
             tokenizer = tokenizer or loaded_tok
         model.eval()
         adapter = get_adapter(model)
@@ -271,11 +271,12 @@ def prune(
                         saver(i)
                 bar.close()
             else:
-                from calibra.api_quantize import _calibration_tokens, _ids_fingerprint
                 from calibra.calib import LayerRunner
+                from calibra.data.tokenize import fingerprint
+                from calibra.job import calibration_tokens
 
                 tracker.advance(S.CALIBRATING, adapter.layer_name(0))
-                ids, mask, run_meta, bs = _calibration_tokens(calibration, tokenizer, model, say)
+                ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, model, say)
                 runner = LayerRunner(
                     model,
                     adapter,
@@ -290,7 +291,7 @@ def prune(
                     pruner.recollect = runner.recollect
                 resume_kw = {}
                 if ck is not None:  # a resume on other data is refused here, before any layer runs
-                    ck.check_data(run_meta.get("fingerprint") or _ids_fingerprint(ids, mask))
+                    ck.check_data(run_meta.get("fingerprint") or fingerprint(ids, mask))
                     done = _restored(restore(ck, pruner, adapter, runner), tracker, adapter, True)
                     resume_kw = {
                         "start_layer": done,
@@ -387,9 +388,9 @@ def prune(
         if not tracker.done:
             tracker.fail(f"{type(e).__name__}: {e}")
         if ck is not None:
-            from calibra.api_quantize import _on_failure
+            from calibra.job import on_failure
 
-            _on_failure(ck, e)
+            on_failure(ck, e)
         raise
     return model, report
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from calibra.data.tokenize import fingerprint
 from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
+from calibra.job import all_targets, calibration_tokens, meta_model, on_failure
 
 REPORT_FORMAT = "calibra-quantize-report"
 
@@ -33,46 +35,9 @@ def _check_config(config):
     return config
 
 
-def _meta_model(model_config):
-    """A weightless copy of the architecture (meta device) for the shape checks."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
-
-
-def _all_targets(model, adapter):
-    from calibra.quant.apply import layer_targets
-
-    return [t for i, layer in enumerate(adapter.layers) for t in layer_targets(adapter, i, layer)]
-
-
 # ---------------------------------------------------------------------------------------- pieces
-def _calibration_tokens(calibration, tokenizer, model, echo):
-    """``(input_ids, attention_mask, run metadata, batch_size)``."""
-    from calibra.api import _run_meta, _tokens
-    from calibra.data import CalibrationDataset, tokenize_calibration
-    from calibra.data.config import model_max_positions
-
-    ids, mask, meta, config = _tokens(calibration, tokenizer, model.config, echo, None, ("hessian",))
-    if config is None:
-        from calibra.data.config import auto_batch_size
-
-        return ids, mask, meta, auto_batch_size(ids.shape[0], ids.shape[1])  # pre-tokenized input
-    if tokenizer is None:
-        raise ValueError(
-            "[quantize] a loaded model with a CalibrationConfig needs tokenizer=...; or pass pre-tokenized calibration"
-        )
-    tok = tokenize_calibration(
-        CalibrationDataset.from_source(config.dataset),
-        tokenizer,
-        config,
-        max_positions=model_max_positions(model.config),
-    )
-    return tok.input_ids, tok.attention_mask, _run_meta(tok), config.resolved_batch_size(tok.sequence_length)
 
 
-# ---------------------------------------------------------------------------------------- the verb
 def quantize(
     model,
     config,
@@ -131,10 +96,10 @@ def quantize(
         dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
     """
-    from calibra.api import _model_config, _refuse_quantized
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
+    from calibra.job import model_config_of, refuse_quantized
     from calibra.models import get_adapter
     from calibra.quant import RTNConfig, check_layers
     from calibra.quant import act_ranges as ar
@@ -188,12 +153,12 @@ def quantize(
         calibration.validate()
     source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    model_config = _model_config(model, component="quantize", **read)
+    model_config = model_config_of(model, component="quantize", **read)
     check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
-    _refuse_quantized(model_config, source, "quantize")
-    shape_model = model if not isinstance(model, (str, Path)) else _meta_model(model_config)
+    refuse_quantized(model_config, source, "quantize")
+    shape_model = model if not isinstance(model, (str, Path)) else meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
-    targets = _all_targets(shape_model, shape_adapter)
+    targets = all_targets(shape_model, shape_adapter)
     check_layers(config, {t.name: t.in_features for t in targets})
     if export is not None:  # what an engine format refuses whatever the weights: before loading them
         from calibra.export import precheck
@@ -260,24 +225,8 @@ def quantize(
         return _run(**locals())
     except BaseException as e:
         if ck is not None:
-            _on_failure(ck, e)
+            on_failure(ck, e)
         raise
-
-
-def _on_failure(ck, e) -> None:
-    """Out of memory or an interrupt keeps the finished layers for --resume; other errors (bad data, a
-    solver failure) would recur on resume, so their checkpoints are removed."""
-    from calibra.calib.runner import CalibrationOOMError
-
-    oom = isinstance(e, (CalibrationOOMError, MemoryError, KeyboardInterrupt)) or type(e).__name__ == "OutOfMemoryError"
-    if oom and any(ck.folder.glob("layer-*.json")):
-        ck.release()
-        e.args = (
-            (e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "
-            f"fix the cause and rerun the same command with --resume to continue from there.",
-        ) + e.args[1:]
-    else:
-        ck.finish()
 
 
 def _run(
@@ -318,9 +267,9 @@ def _run(
     plan,
     **_,
 ):
-    from calibra.api import _read_model
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
+    from calibra.job import read_model
     from calibra.models import get_adapter
     from calibra.quant import act_ranges as ar
     from calibra.quant import mixed as mp
@@ -330,7 +279,7 @@ def _run(
 
     # -- 2. load -------------------------------------------------------------------------------------
     if isinstance(model, (str, Path)):
-        model, loaded_tok = _read_model(model, dtype, **read)
+        model, loaded_tok = read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
     model.eval()
     if plan.placement.startswith("whole model"):  # it fits: no per-layer transfers (calibra.plan)
@@ -358,9 +307,9 @@ def _run(
 
     def tokens():
         if "v" not in tokens_cache:
-            tokens_cache["v"] = _calibration_tokens(calibration or CalibrationConfig(), tokenizer, model, say)
+            tokens_cache["v"] = calibration_tokens(calibration or CalibrationConfig(), tokenizer, model, say)
             if ck is not None:  # a resume on other data is refused here, before any layer runs
-                ck.check_data(tokens_cache["v"][2].get("fingerprint") or _ids_fingerprint(*tokens_cache["v"][:2]))
+                ck.check_data(tokens_cache["v"][2].get("fingerprint") or fingerprint(*tokens_cache["v"][:2]))
         return tokens_cache["v"]
 
     t_cal = 0.0
@@ -401,7 +350,7 @@ def _run(
             mstats = LayerRunner(
                 model, adapter, device=device, observers=("hessian",), progress=progress, desc="sensitivity"
             ).run(ids, mask, batch_size=bs)
-        targets = _all_targets(model, adapter)
+        targets = all_targets(model, adapter)
         base = mp.base_rtn(config)
         sens = mp.sensitivities([(t, base) for t in targets], mstats)
         mplan = mp.plan(targets, sens, config, float(mixed_precision))
@@ -542,12 +491,6 @@ def _run(
         if ck is not None:
             ck.finish()
     return qm, report
-
-
-def _ids_fingerprint(ids, mask) -> str:
-    from calibra.data.tokenize import fingerprint
-
-    return fingerprint(ids, mask)
 
 
 def _export(qm, output, formats, overwrite, report, files) -> None:

@@ -131,13 +131,13 @@ class MemoryPlan:
 def _meta_sizes(model_config) -> tuple[int, list[tuple[int, int]], int]:
     """``(parameters + buffers, [(out, in)] of every compressible weight, decoder layers)``, exact, from a
     weightless meta-device copy of the model."""
-    from calibra.api_quantize import _all_targets, _meta_model
+    from calibra.job import all_targets, meta_model
     from calibra.models import get_adapter
 
-    meta = _meta_model(model_config)
+    meta = meta_model(model_config)
     n = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
     adapter = get_adapter(meta)
-    return n, [(t.out_features, t.in_features) for t in _all_targets(meta, adapter)], len(adapter.layers)
+    return n, [(t.out_features, t.in_features) for t in all_targets(meta, adapter)], len(adapter.layers)
 
 
 def solver_workspace(shapes, solver: str | None, hessian_bytes: int = 4) -> int:

@@ -150,7 +150,10 @@ def no_weights(monkeypatch):
     "flags, message",
     [
         (["--seq-len", "512"], r"sequence_length 512 exceeds the model's 256 positions"),
-        (["--eval-seq-len", "1024"], r"eval_seq_len 1024 exceeds the model's 256 positions"),
+        (
+            ["--eval-seq-len", "1024"],
+            r"seq_len 1024 exceeds the model's max_position_embeddings 256; pass --eval-seq-len 256",
+        ),
         (["--samples", "0"], r"num_samples must be an int >= 1"),
         (["--batch-size", "4", "--samples", "2"], r"batch_size 4 is larger than num_samples 2"),
     ],
@@ -180,7 +183,9 @@ def test_eval_seq_len_checked_before_weights_are_read(tmp_path, no_weights):
 
     preset = KVPreset.__new__(KVPreset)  # never read: the length check comes first
     preset.plan = KVPlan.__new__(KVPlan)
-    with pytest.raises(ValueError, match=r"eval_seq_len 300 exceeds the model's 256 positions"):
+    with pytest.raises(
+        ValueError, match=r"seq_len 300 exceeds the model's max_position_embeddings 256; pass --seq-len 256"
+    ):
         evaluate("builtin:tiny-llama", preset, seq_len=300)
 
 

@@ -175,12 +175,12 @@ def test_joint_quantization_grid_and_report(llama_dir, calib):
 
 
 def test_magnitude_reads_no_data(llama_dir, monkeypatch, tmp_path):
-    import calibra.api_quantize as aq
+    import calibra.job as job
 
     def boom(*a, **k):
         raise AssertionError("magnitude pruning must not tokenize calibration data")
 
-    monkeypatch.setattr(aq, "_calibration_tokens", boom)
+    monkeypatch.setattr(job, "calibration_tokens", boom)
     _, rep = calibra.prune(str(llama_dir), _config("magnitude", "unstructured", 0.3), progress=False, echo=None)
     assert rep["settings"]["calibration"] == "none (data-free)"
     assert [h["stage"] for h in rep["stages"]["history"]][:3] == ["idle", "computing_importance", "pruning"]

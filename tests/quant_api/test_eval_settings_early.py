@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import calibra.api as api
+import calibra.job as job
 from calibra.cli import main
 
 
@@ -14,7 +14,7 @@ def no_weights(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model's weights were read before the settings were checked")
 
-    monkeypatch.setattr(api, "_read_model", refuse)
+    monkeypatch.setattr(job, "read_model", refuse)
 
 
 @pytest.mark.parametrize("verb, method", [("quantize", "rtn"), ("prune", "magnitude")])

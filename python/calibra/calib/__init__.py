@@ -1,13 +1,7 @@
 """Calibration engine: layer-sequential runner, observers, MoE coverage, the statistics file."""
 
-from calibra.calib.moe import (
-    CoverageSelection,
-    MoERecorder,
-    coverage_table,
-    refresh_coverage,
-    select_samples_for_coverage,
-    shrunk_hessian,
-)
+from calibra.calib.coverage import CoverageSelection, select_samples_for_coverage
+from calibra.calib.moe import MoERecorder, coverage_table, refresh_coverage, shrunk_hessian
 from calibra.calib.observers import (
     ChannelNormObserver,
     HessianObserver,

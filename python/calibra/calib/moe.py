@@ -6,9 +6,9 @@ go through the block's own router; every expert's statistics are fed the tokens 
 (``down_proj`` input). Forcing tokens through every expert, as some tools do to fill rare experts,
 feeds an expert inputs it never sees at inference; instead calibra
 
-1. **selects more samples** (``select_samples_for_coverage``): from a seeded candidate pool it adds
-   samples, in order, that route tokens to experts still under a token quota, until every expert of
-   every layer reaches the quota or the pool is exhausted (the experts that missed are reported);
+1. **selects more samples** (``calibra.calib.coverage.select_samples_for_coverage``): from a seeded
+   candidate pool it adds samples, in order, that route tokens to experts still under a token quota,
+   until every expert of every layer reaches the quota or the pool is exhausted (the experts that missed are reported);
 2. **shrinks** each expert's mean Hessian toward the layer's pooled mean Hessian (all experts'
    tokens) with weight ``lambda = tau / (n_e + tau)`` on the pooled one: an expert that saw many
    tokens keeps its own statistics, one that saw few borrows strength from its layer, one that saw
@@ -22,8 +22,6 @@ softmax probability), ``counts["moe/<block>"]`` = tokens that entered the block.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
@@ -178,68 +176,3 @@ def coverage_table(stats, max_rows: int = 64) -> str:
         else f"{len(rows)} experts: {empty} saw no token (pooled Hessian used)"
     )
     return "\n".join(out)
-
-
-@dataclass
-class CoverageSelection:
-    """Result of ``select_samples_for_coverage``."""
-
-    indices: list[int]  # selected candidate indices, in candidate order
-    tokens: dict[str, torch.Tensor]  # block -> tokens per expert over the selected samples
-    missed: list[tuple[str, int, int]] = field(default_factory=list)  # (block, expert, tokens) < quota
-    pool_size: int = 0
-
-    def summary(self) -> str:
-        s = f"router-guided selection: {len(self.indices)} of {self.pool_size} candidate samples"
-        if self.missed:
-            s += f"; {len(self.missed)} experts below quota after exhausting the pool"
-        return s
-
-
-def select_samples_for_coverage(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    quota: int,
-    base: int,
-    adapter=None,
-    device=None,
-    batch_size: int = 1,
-    progress: bool = False,
-) -> CoverageSelection:
-    """Greedy router-guided selection over a candidate pool ``input_ids [P, L]`` (in seeded order).
-
-    The first ``base`` candidates are always taken (the normal calibration set); then each further
-    candidate is added, in order, if it routes at least one token (normal routing, measured layer by
-    layer with the full model, no compression) to an expert still below ``quota``; stops when every
-    expert of every MoE layer has ``quota`` tokens or the pool is exhausted.
-    """
-    from calibra.calib.runner import LayerRunner
-
-    if quota <= 0:
-        raise ValueError(f"[moe] quota must be a positive token count, got {quota}")
-    rec = MoERecorder(per_sample=True)
-    runner = LayerRunner(
-        model, adapter=adapter, device=device, observers=(), moe=rec, progress=progress, desc="routing candidates"
-    )
-    runner.run(input_ids, attention_mask, batch_size=batch_size)
-    P = input_ids.shape[0]
-    blocks = sorted(rec.sample_counts, key=_natural)
-    E = {b: rec.blocks[b]["num_experts"] for b in blocks}
-    zero = {b: torch.zeros(E[b], dtype=torch.int64) for b in blocks}
-    per = {b: [rec.sample_counts[b].get(s, zero[b]) for s in range(P)] for b in blocks}
-    totals = {b: zero[b].clone() for b in blocks}
-    chosen = []
-    for s in range(P):
-        if s >= base:
-            if all(bool((totals[b] >= quota).all()) for b in blocks):
-                break
-            useful = any(bool(((totals[b] < quota) & (per[b][s] > 0)).any()) for b in blocks)
-            if not useful:
-                continue
-        chosen.append(s)
-        for b in blocks:
-            totals[b] += per[b][s]
-    missed = [(b, e, int(totals[b][e])) for b in blocks for e in range(E[b]) if totals[b][e] < quota]
-    return CoverageSelection(indices=chosen, tokens=totals, missed=missed, pool_size=P)

@@ -24,17 +24,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from calibra.data.hub import offline_alternatives
+
 __all__ = ["CalibrationDataset", "ChatSample", "LOCAL_SUFFIXES", "source_kind"]
 
 LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
-
-
-def _offline_alternatives() -> str:
-    return (
-        "dataset='builtin' (ships with calibra, no network) or a local file "
-        "(.txt with samples separated by blank lines, .json array of strings, "
-        '.jsonl with {"text": ...} or {"messages": [...]} per line)'
-    )
 
 
 @dataclass(frozen=True)
@@ -243,7 +237,7 @@ class CalibrationDataset:
         p = Path(path).expanduser()
         if not p.exists():
             raise FileNotFoundError(
-                f"[data] calibration file {str(path)!r} does not exist; alternatives: {_offline_alternatives()}"
+                f"[data] calibration file {str(path)!r} does not exist; alternatives: {offline_alternatives()}"
             )
         return cls(_load_local(p), name=name or p.name, source=f"local:{p.name}")
 

@@ -101,6 +101,15 @@ HUB_SETS: dict[str, HubSet] = {
 }
 
 
+def offline_alternatives() -> str:
+    """What a user without network access can calibrate on instead (named in every refusal)."""
+    return (
+        "dataset='builtin' (ships with calibra, no network) or a local file "
+        "(.txt with samples separated by blank lines, .json array of strings, "
+        '.jsonl with {"text": ...} or {"messages": [...]} per line)'
+    )
+
+
 def canonical_name(name: str) -> str | None:
     """The registry name for ``name`` or one of its aliases (case-insensitive); None if unknown."""
     key = name.strip().lower()
@@ -149,7 +158,6 @@ def _join_wikitext(rows):
 
 
 def _unavailable(spec: HubSet, why: str) -> HubUnavailableError:
-    from calibra.data.dataset import _offline_alternatives
 
     hints = []
     if _offline_env():
@@ -159,7 +167,7 @@ def _unavailable(spec: HubSet, why: str) -> HubUnavailableError:
     hint = ("; ".join(hints) + ". ") if hints else ""
     return HubUnavailableError(
         f"[data] cannot load hub set {spec.name!r} ({spec.describe()}): {why}. {hint}"
-        f"Offline alternatives: {_offline_alternatives()}"
+        f"Offline alternatives: {offline_alternatives()}"
     )
 
 

@@ -42,7 +42,7 @@ def _check_config(model, *, rank=None) -> object:
     model types have no calibra adapter, which would otherwise say only "unsupported architecture")."""
     import json
 
-    from calibra.api import _model_config
+    from calibra.job import model_config_of
     from calibra.kv.plan import check_architecture
     from calibra.models.adapter import attention_kind
 
@@ -52,10 +52,10 @@ def _check_config(model, *, rank=None) -> object:
         try:
             raw = json.loads((resolve_model(str(model)) / "config.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, ValueError):
-            raw = {}  # _model_config below names the problem
+            raw = {}  # model_config_of below names the problem
         if isinstance(raw, dict) and raw.get("kv_lora_rank"):
             check_architecture(type("MLA", (), {"attention_kind": "mla"}))
-        cfg = _model_config(model)
+        cfg = model_config_of(model)
     else:
         cfg = model.config
     check_architecture(type("Cfg", (), {"attention_kind": attention_kind(cfg)}))
@@ -66,24 +66,17 @@ def _check_config(model, *, rank=None) -> object:
     return cfg
 
 
-def _check_lengths(cfg, calibration, eval_seq_len: int | None) -> None:
+def _check_lengths(cfg, calibration, eval_seq_len: int | None, flag: str) -> None:
     """Every length setting against the model's positions, from its config alone: a setting out of range
     is an error before any weight is read (a ``CalibrationConfig`` with ``sequence_length=None`` is capped
     at the model's context by the calibration pass, as for the other verbs)."""
     from calibra.data import CalibrationConfig
     from calibra.data.config import model_max_positions
+    from calibra.eval import check_protocol
 
-    max_positions = model_max_positions(cfg)
     if isinstance(calibration, CalibrationConfig):
-        calibration.validate(max_positions)
-    if eval_seq_len is not None:
-        if isinstance(eval_seq_len, bool) or not isinstance(eval_seq_len, int) or eval_seq_len < 2:
-            raise ValueError(f"[kv] eval_seq_len must be an int >= 2, got {eval_seq_len!r}")
-        if max_positions is not None and eval_seq_len > max_positions:
-            raise ValueError(
-                f"[kv] eval_seq_len {eval_seq_len} exceeds the model's {max_positions} positions; "
-                f"set it <= {max_positions} (or leave it unset)"
-            )
+        calibration.validate(model_max_positions(cfg))
+    check_protocol(cfg, eval_seq_len, flag=flag)
 
 
 def _load(model, tokenizer, dtype, device):
@@ -154,7 +147,7 @@ def calibrate(
     source = _spec_name(model)
     eval_seq_len = eval_seq_len or default_eval_seq_len(model)
     calibration = CalibrationConfig() if calibration is None else calibration
-    _check_lengths(cfg, calibration, eval_seq_len)
+    _check_lengths(cfg, calibration, eval_seq_len, "--eval-seq-len")
     model, tokenizer = _load(model, tokenizer, dtype, device)
     from calibra.calib.stats import model_identity
     from calibra.models import get_adapter
@@ -279,7 +272,7 @@ def evaluate(
     plan = preset.plan if ranks is None else preset.plan.with_ranks(ranks)
     cfg = _check_config(model)
     seq_len = seq_len or default_eval_seq_len(model)
-    _check_lengths(cfg, None, seq_len)
+    _check_lengths(cfg, None, seq_len, "--seq-len")
     model, tokenizer = _load(model, tokenizer, dtype, device)
     preset.check_model(model)
     probe = QualityProbe(model, tokenizer, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens, progress=progress)

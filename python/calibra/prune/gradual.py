@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+from calibra.prune.checks import check_layer
 from calibra.prune.config import PruningConfig
-from calibra.prune.methods import check_layer, prune_weight
+from calibra.prune.methods import prune_weight
 from calibra.prune.result import LayerStats, PrunedLayer, relative_output_error
 
 Recalibrate = Callable[[int, torch.Tensor], LayerStats]

@@ -19,33 +19,10 @@ import time
 
 import torch
 
+from calibra.prune.checks import check_layer, check_weight  # noqa: F401  (re-exported)
 from calibra.prune.config import PruneMethod, PruningConfig
 from calibra.prune.patterns import achieved_sparsity
 from calibra.prune.result import LayerStats, PrunedLayer, relative_output_error
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_weight(w, name: str) -> None:
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"[prune] the weight of {name} must be a 2-D tensor [out, in], got {got}")
-    if w.dtype not in _FLOATS:
-        raise TypeError(f"[prune] the weight of {name} must be float32, float16 or bfloat16, got {w.dtype}")
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        r, c = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"[prune] the weight of {name} contains NaN/Inf (first at row {r}, col {c})")
-
-
-def check_layer(w, config: PruningConfig, name: str) -> None:
-    check_weight(w, name)
-    problem = config.layer_problem(name, w.shape[0], w.shape[1])
-    if problem:
-        raise ValueError(
-            f"[prune] {problem}; choose a pattern that divides it, or let the model-level run leave "
-            f"it dense (skip_indivisible=True)"
-        )
 
 
 def magnitude_scores(w: torch.Tensor, score: str = "abs") -> torch.Tensor:

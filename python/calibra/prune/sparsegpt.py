@@ -46,8 +46,8 @@ import torch
 from calibra.ops import QuantizedTensor, gptq_block_sweep, sparsegpt_block_sweep
 from calibra.ops._ref.gptq import nm_keep
 from calibra.ops.gptq import NMSweepResult
+from calibra.prune.checks import check_layer
 from calibra.prune.config import PruningConfig
-from calibra.prune.methods import check_layer
 from calibra.prune.patterns import NM, Block, prune_count
 from calibra.prune.result import PrunedLayer, relative_output_error
 from calibra.quant.gptq import factor_inverse_hessian, normalized_hessian

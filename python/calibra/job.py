@@ -1,0 +1,168 @@
+"""What every job (calibrate, quantize, prune, kv calibrate) does around its own work: the model's config
+read and checked without weights, the refusal of quantized inputs, the checked weight read, the
+calibration input in each accepted form, the run metadata, the weightless shape copy, and the
+checkpoint policy on failure. The verbs' modules (``api``, ``api_quantize``, ``api_prune``, ``plan``,
+``kv.api``) import from here; nothing here imports them, so imports flow one way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def model_config_of(
+    model,
+    *,
+    component: str = "calibrate",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    allow_quantized: bool = False,
+):
+    """The model's config, read without loading weights when ``model`` is a name or folder; the whole
+    folder is checked first (``calibra.io.inspect_model``: config, architecture, index, headers, paths)."""
+    from calibra.models import check_supported
+
+    if not isinstance(model, (str, Path)):
+        check_supported(getattr(model.config, "model_type", None))
+        return model.config
+    from transformers import AutoConfig
+
+    from calibra.io import inspect_model
+
+    folder = inspect_model(
+        model,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        allow_quantized=allow_quantized,
+        component=component,
+    )
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    return AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
+
+
+def refuse_quantized(model_config, source: str, component: str, hint: str = "") -> None:
+    """Refuse a model whose config carries a quantization_config (FAULTS row 10). Folders are already
+    refused by ``calibra.io.inspect_model``; this covers models passed in already loaded."""
+    qc = getattr(model_config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise ValueError(
+            f"[{component}] {source} is already quantized (its config has a quantization_config, "
+            f"quant_method {method!r}); calibra {component}s full-precision models only: start from "
+            f"the original bf16/fp16/fp32 checkpoint{hint}"
+        )
+
+
+def read_model(
+    model, dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False, allow_quantized: bool = False
+):
+    """``(model, tokenizer)`` of a name/folder through the checking reader (NaN/Inf named at load)."""
+    from calibra.io import load_model
+
+    return load_model(
+        str(model),
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        allow_quantized=allow_quantized,
+    )
+
+
+def calibration_input(calibration, tokenizer, model_config, echo, config_dtype, observers):
+    """``(input_ids, attention_mask, run-metadata, config or None)`` from any accepted calibration input."""
+    from calibra.data import CalibrationConfig, TokenizedCalibration
+
+    if isinstance(calibration, tuple):
+        ids, mask = calibration
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        return (
+            ids,
+            mask,
+            {
+                "dataset": "tensors",
+                "seed": None,
+                "samples": int(ids.shape[0]),
+                "tokens": int(mask.sum()),
+                "sequence_length": int(ids.shape[1]),
+            },
+            None,
+        )
+    if isinstance(calibration, TokenizedCalibration):
+        return calibration.input_ids, calibration.attention_mask, tokenized_meta(calibration), None
+    if not isinstance(calibration, CalibrationConfig):
+        raise TypeError(
+            f"[calibrate] calibration must be a CalibrationConfig, a TokenizedCalibration or "
+            f"(input_ids, attention_mask), got {type(calibration).__name__}"
+        )
+    return None, None, None, calibration
+
+
+def tokenized_meta(tok) -> dict:
+    return {
+        "dataset": tok.dataset,
+        "version": tok.version,
+        "seed": tok.seed,
+        "fingerprint": tok.fingerprint,
+        "samples": tok.num_samples,
+        "tokens": int(tok.token_count),
+        "sequence_length": tok.sequence_length,
+        "packing": tok.packing,
+    }
+
+
+def meta_model(model_config):
+    """A weightless copy of the architecture (meta device) for the shape checks."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def all_targets(model, adapter):
+    from calibra.quant.apply import layer_targets
+
+    return [t for i, layer in enumerate(adapter.layers) for t in layer_targets(adapter, i, layer)]
+
+
+def calibration_tokens(calibration, tokenizer, model, echo):
+    """``(input_ids, attention_mask, run metadata, batch_size)``."""
+    from calibra.data import CalibrationDataset, tokenize_calibration
+    from calibra.data.config import model_max_positions
+
+    ids, mask, meta, config = calibration_input(calibration, tokenizer, model.config, echo, None, ("hessian",))
+    if config is None:
+        from calibra.data.config import auto_batch_size
+
+        return ids, mask, meta, auto_batch_size(ids.shape[0], ids.shape[1])  # pre-tokenized input
+    if tokenizer is None:
+        raise ValueError(
+            "[quantize] a loaded model with a CalibrationConfig needs tokenizer=...; or pass pre-tokenized calibration"
+        )
+    tok = tokenize_calibration(
+        CalibrationDataset.from_source(config.dataset),
+        tokenizer,
+        config,
+        max_positions=model_max_positions(model.config),
+    )
+    return tok.input_ids, tok.attention_mask, tokenized_meta(tok), config.resolved_batch_size(tok.sequence_length)
+
+
+# ---------------------------------------------------------------------------------------- the verb
+
+
+def on_failure(ck, e) -> None:
+    """Out of memory or an interrupt keeps the finished layers for --resume; other errors (bad data, a
+    solver failure) would recur on resume, so their checkpoints are removed."""
+    from calibra.calib.runner import CalibrationOOMError
+
+    oom = isinstance(e, (CalibrationOOMError, MemoryError, KeyboardInterrupt)) or type(e).__name__ == "OutOfMemoryError"
+    if oom and any(ck.folder.glob("layer-*.json")):
+        ck.release()
+        e.args = (
+            (e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "
+            f"fix the cause and rerun the same command with --resume to continue from there.",
+        ) + e.args[1:]
+    else:
+        ck.finish()
