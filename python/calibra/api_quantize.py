@@ -67,6 +67,7 @@ def quantize(
     resume: bool = False,
     checkpoint: bool | None = None,
     dry_run: bool = False,
+    stream: bool | None = None,
 ):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
@@ -95,6 +96,12 @@ def quantize(
             settings, the calibration data or the versions differ. The output equals an uninterrupted run's.
         dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
+        stream: read the model one decoder layer at a time from its safetensors shards and write the result
+            layer by layer (``calibra.io.streamed``, ``calibra.export.streamed``), so host memory holds one
+            layer, not the model. ``None`` (default): stream when the whole model would not fit the memory
+            plan. A streamed job needs ``output``, writes calibra's folder or compressed-tensors, and does not
+            yet evaluate, checkpoint, collect activation ranges or plan mixed precision; the returned
+            QuantizedModel holds the weightless model and slim layer records (shapes and settings).
     """
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
@@ -195,9 +202,38 @@ def quantize(
         checkpoint=checkpoint and output is not None,
         output=output,
     )
+    streaming = _choose_streaming(stream, model, plan, say)
+    if streaming:
+        from calibra.export.streamed import refuse_format
+
+        _refuse_for_streaming(
+            output=output,
+            evaluate=evaluate,
+            act_ranges=act_ranges or ranges_file,
+            mixed_precision=mixed_precision,
+            resume=resume,
+        )
+        refuse_format(export)
+        do_eval, checkpoint = False, False
+        plan = plan_job(
+            model_config,
+            job="quantize",
+            calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None,
+            dtype=dtype,
+            device=device,
+            group_size=getattr(config, "group_size", None),
+            needs_data=data_pass,
+            solver="rtn" if is_rtn else "gptq",
+            replay=true_seq and not is_rtn and stats is None,
+            weight_files_bytes=weight_files_bytes(model),
+            output=output,
+            streaming=True,
+        )
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
+    if streaming:
+        return _run_streamed(**locals())
     ck = None
     if checkpoint and output is not None:
         from calibra.quant import resume as qresume
@@ -420,49 +456,27 @@ def _run(
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------
     eval_block = ev.finish(model) if ev is not None else None
-    rows = [ql.log.to_dict() for ql in quantizer.layers.values()]
-    n_q = sum(ql.codes.numel() for ql in quantizer.layers.values())
-    bits = sum(mp.bits_per_weight(overrides.get(n, config)) * ql.codes.numel() for n, ql in quantizer.layers.items())
-    from calibra.export.writer import versions
-
-    report = {
-        "format": REPORT_FORMAT,
-        "format_version": 1,
-        "model": {
-            "source": source,
-            "model_type": getattr(model.config, "model_type", None),
-            "num_layers": len(adapter.layers),
-        },
-        "settings": {
-            "config": qsave.config_dict(config),
-            "method": config.method,
-            "calibration": (
-                run_meta or (dataclasses.asdict(calibration) if isinstance(calibration, CalibrationConfig) else None)
-            )
-            if needs_data and stats is None
-            else ("stats file" if stats is not None else "none (data-free)"),
-            "true_sequential": true_seq and not is_rtn and stats is None,
-            "device": str(device or "auto"),
-            "dtype": str(dtype),
-            "act_ranges": bool(act_ranges or ranges_file),
-            "mixed_precision": mixed_precision,
-            "lm_head": "excluded",
-            "embeddings": "excluded",
-            "router": "excluded",
-        },
-        "versions": versions(),
-        "seed": calibration.seed if isinstance(calibration, CalibrationConfig) else None,
-        "summary": {
-            "quantized_modules": len(quantizer.layers),
-            "dense_modules": sorted(quantizer.dense),
-            "quantized_weights": n_q,
-            "avg_bits_per_weight": bits / n_q if n_q else None,
-        },
-        "modules": rows,
-        "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},
-        "plan": plan.to_dict(),
-        **report_extra,
-    }
+    report = _report(
+        source=source,
+        model=model,
+        adapter=adapter,
+        config=config,
+        calibration=calibration,
+        run_meta=run_meta,
+        needs_data=needs_data,
+        stats=stats,
+        true_seq=true_seq,
+        is_rtn=is_rtn,
+        device=device,
+        dtype=dtype,
+        act_ranges=bool(act_ranges or ranges_file),
+        mixed_precision=mixed_precision,
+        quantizer=quantizer,
+        overrides=overrides,
+        smoothed=smoothed,
+        plan=plan,
+        extra=report_extra,
+    )
     if final_stats is not None and "moe" in final_stats.metadata:
         refresh_coverage(final_stats)
         report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
@@ -491,6 +505,283 @@ def _run(
         if ck is not None:
             ck.finish()
     return qm, report
+
+
+# ---------------------------------------------------------------------------------------- streaming
+_FIT = 0.85  # the whole-model job is chosen while its predicted peak stays under this share of free memory
+
+
+def _choose_streaming(stream, model, plan, say) -> bool:
+    """Stream when asked to, or (``stream=None``) when the whole-model plan does not fit the host memory
+    available now. A model passed in loaded is in memory already: it is never streamed."""
+    if not isinstance(model, (str, Path)):
+        if stream:
+            raise ValueError("[quantize] stream=True needs a model folder or name; this model is already loaded")
+        return False
+    if stream is not None:
+        return bool(stream)
+    avail = plan.host_available
+    if avail is None or plan.peak_host - plan.host.get("process before loading", 0) <= _FIT * avail:
+        return False
+    say(
+        f"[plan] the whole model would need about {plan.peak_host / 2**30:.1f} GiB of host memory, more than "
+        f"{_FIT:.0%} of the {avail / 2**30:.1f} GiB available: streaming it one layer at a time"
+    )
+    return True
+
+
+def _refuse_for_streaming(*, output, evaluate, act_ranges, mixed_precision, resume) -> None:
+    """What a streamed job cannot do yet, refused before any weight is read (each with the way out)."""
+    why = None
+    if output is None:
+        why = "it writes its result layer by layer and keeps none in memory: give output=DIR (--output DIR)"
+    elif evaluate:
+        why = "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"
+    elif act_ranges:
+        why = "activation ranges / smoothing are not implemented for streamed jobs yet: drop --act-ranges"
+    elif mixed_precision is not None:
+        why = "mixed precision is not implemented for streamed jobs yet: drop --mixed-precision"
+    elif resume:
+        why = "checkpoints and --resume are not implemented for streamed jobs yet: drop --resume"
+    if why:
+        raise ValueError(
+            f"[quantize] this job streams the model from disk (stream=True, or the model does not fit in "
+            f"memory); {why}, or pass stream=False (--no-stream) if it fits"
+        )
+
+
+def _run_streamed(
+    *,
+    model,
+    config,
+    calibration,
+    stats,
+    output,
+    overwrite,
+    device,
+    dtype,
+    tokenizer,
+    export,
+    progress,
+    read,
+    say,
+    t_start,
+    is_rtn,
+    true_seq,
+    source,
+    model_config,
+    needs_data,
+    plan,
+    **_,
+):
+    """The streamed job: layers read from disk one at a time, each written to the output when finished."""
+    from tqdm.auto import tqdm
+
+    from calibra.calib import LayerRunner, model_identity
+    from calibra.data import CalibrationConfig
+    from calibra.export.streamed import StreamedOutput
+    from calibra.io import inspect_model
+    from calibra.io.streamed import open_streamed
+    from calibra.models import get_adapter
+    from calibra.plan import current_rss, torch_dtype
+    from calibra.quant.apply import LayerQuantizer
+    from calibra.quant.model import QuantizedModel
+
+    folder = inspect_model(model, component="quantize", **read)
+    weights, why = open_streamed(
+        folder, model_config, torch_dtype(dtype, model_config), trust_remote_code=read["trust_remote_code"]
+    )
+    if weights is None:
+        raise ValueError(f"[quantize] {source} cannot be streamed: {why}; pass stream=False (--no-stream)")
+    if tokenizer is None:
+        tokenizer = _folder_tokenizer(folder.path)
+    m = weights.model
+    adapter = get_adapter(m)
+    if stats is not None and stats.metadata.get("model", {}).get("id") not in (
+        None,
+        model_identity(m, weights.first_values),
+    ):
+        raise ValueError(
+            "[quantize] the statistics file was calibrated on a different model (model identity "
+            "differs); calibrate this model or pass its own --stats"
+        )
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sink = StreamedOutput(output, overwrite=overwrite, fmt=export[0] if export else None, weights=weights)
+    quantizer = LayerQuantizer(config, adapter)
+    run_meta = final_stats = None
+    layer_rss = []
+
+    def write_layer(i, _hidden=None):
+        prefix = adapter.layer_name(i) + "."
+        done = {n: ql for n, ql in quantizer.layers.items() if n.startswith(prefix)}
+        sink.layer(adapter.layers[i], done)
+        for n, ql in done.items():
+            quantizer.layers[n] = ql.slim()
+        layer_rss.append(current_rss())
+
+    t0 = time.perf_counter()
+    try:
+        if is_rtn or stats is not None:
+            layers = adapter.layers
+            with torch.no_grad():
+                for i in tqdm(range(len(layers)), desc="quantizing", unit="layer", disable=not progress):
+                    weights.load(layers[i], dev)
+                    if i + 1 < len(layers):
+                        weights.prefetch([layers[i + 1]])
+                    quantizer(i, layers[i], stats)
+                    write_layer(i)
+                    weights.release(layers[i])
+        else:
+            ids, mask, run_meta, bs = calibration_tokens(calibration or CalibrationConfig(), tokenizer, m, say)
+            runner = LayerRunner(
+                m,
+                adapter,
+                device=device,
+                observers=("hessian",),
+                on_layer=quantizer,
+                feed_compressed=True,
+                progress=progress,
+                desc=f"{config.method} (streamed)",
+                keep_layer_stats=False,
+                collect_on_demand=true_seq,
+                weights=weights,
+            )
+            if true_seq:
+                quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            final_stats = runner.run(
+                ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, after_layer=write_layer
+            )
+        t_quant = time.perf_counter() - t0
+        t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
+        report = _report(
+            source=source,
+            model=m,
+            adapter=adapter,
+            config=config,
+            calibration=calibration,
+            run_meta=run_meta,
+            needs_data=needs_data,
+            stats=stats,
+            true_seq=true_seq,
+            is_rtn=is_rtn,
+            device=device,
+            dtype=dtype,
+            act_ranges=False,
+            mixed_precision=None,
+            quantizer=quantizer,
+            overrides={},
+            smoothed=[],
+            plan=plan,
+            extra={},
+        )
+        if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
+            report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
+        report["output"] = str(output)
+        qm = QuantizedModel(
+            model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
+        )
+        t_write = time.perf_counter()
+        report["streaming"] = {"bytes_read": 0, "rss_after_layer": layer_rss}
+        report["timings"] = {
+            "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0,
+            "solve": t_solve,
+            "eval": 0.0,
+            "per_layer": quantizer.layer_seconds,
+        }
+        sink.finish(qm, report=report, files={}, before_report=lambda r: _stamp(r, weights, t_start, t_write))
+    except BaseException as e:
+        sink.abort(e)
+        raise
+    return qm, report
+
+
+def _stamp(report, weights, t_start, t_write) -> None:
+    """The last numbers, taken just before report.json is written."""
+    report["streaming"]["bytes_read"] = weights.bytes_read
+    report["timings"]["write_rest"] = time.perf_counter() - t_write
+    report["timings"]["total"] = time.perf_counter() - t_start
+
+
+def _folder_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _report(
+    *,
+    source,
+    model,
+    adapter,
+    config,
+    calibration,
+    run_meta,
+    needs_data,
+    stats,
+    true_seq,
+    is_rtn,
+    device,
+    dtype,
+    act_ranges,
+    mixed_precision,
+    quantizer,
+    overrides,
+    smoothed,
+    plan,
+    extra,
+) -> dict:
+    """report.json without the evaluation, MoE coverage and timings (the caller adds those)."""
+    from calibra.data import CalibrationConfig
+    from calibra.export.writer import versions
+    from calibra.quant import mixed as mp
+    from calibra.quant import save as qsave
+
+    rows = [ql.log.to_dict() for ql in quantizer.layers.values()]
+    n_q = sum(ql.codes.numel() for ql in quantizer.layers.values())
+    bits = sum(mp.bits_per_weight(overrides.get(n, config)) * ql.codes.numel() for n, ql in quantizer.layers.items())
+
+    report = {
+        "format": REPORT_FORMAT,
+        "format_version": 1,
+        "model": {
+            "source": source,
+            "model_type": getattr(model.config, "model_type", None),
+            "num_layers": len(adapter.layers),
+        },
+        "settings": {
+            "config": qsave.config_dict(config),
+            "method": config.method,
+            "calibration": (
+                run_meta or (dataclasses.asdict(calibration) if isinstance(calibration, CalibrationConfig) else None)
+            )
+            if needs_data and stats is None
+            else ("stats file" if stats is not None else "none (data-free)"),
+            "true_sequential": true_seq and not is_rtn and stats is None,
+            "device": str(device or "auto"),
+            "dtype": str(dtype),
+            "act_ranges": act_ranges,
+            "mixed_precision": mixed_precision,
+            "lm_head": "excluded",
+            "embeddings": "excluded",
+            "router": "excluded",
+        },
+        "versions": versions(),
+        "seed": calibration.seed if isinstance(calibration, CalibrationConfig) else None,
+        "summary": {
+            "quantized_modules": len(quantizer.layers),
+            "dense_modules": sorted(quantizer.dense),
+            "quantized_weights": n_q,
+            "avg_bits_per_weight": bits / n_q if n_q else None,
+        },
+        "modules": rows,
+        "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},
+        "plan": plan.to_dict(),
+        **extra,
+    }
+    return report
 
 
 def _export(qm, output, formats, overwrite, report, files) -> None:

@@ -388,6 +388,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint=not args.no_checkpoint,
         dry_run=args.dry_run,
+        stream=args.stream,
         **_read_opts(args),
     )
     if args.dry_run:
@@ -491,6 +492,20 @@ def _add_quantize(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
+    st = q.add_mutually_exclusive_group()
+    st.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read the model one decoder layer at a time from its shards and write the result layer by layer "
+        "(host memory: one layer, not the model). Default: streamed only when the whole model does not fit "
+        "the memory plan. Streamed jobs write calibra's folder or --export compressed-tensors, with --no-eval",
+    )
+    st.add_argument(
+        "--no-stream", dest="stream", action="store_const", const=False, help="load the whole model even if large"
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(q)
     _add_resume_flags(q, "codes")

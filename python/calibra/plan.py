@@ -122,22 +122,43 @@ class MemoryPlan:
             ("disk free at the output", f(self.disk_free) if self.disk_free is not None else "?"),
         ]
         w = max(len(k) for k, v in rows if v)
-        lines = [f"[plan] {self.job}: memory and disk plan (model {f(self.model_bytes)} in host memory)"]
+        where = "streamed from disk" if self.placement.startswith("streamed") else "in host memory"
+        lines = [f"[plan] {self.job}: memory and disk plan (model {f(self.model_bytes)} {where})"]
         lines += [f"  {k:<{w}}  {v}" if v else f"  {k}" for k, v in rows]
         lines += [f"  warning: {m}" for m in self.warnings]
         return "\n".join(lines)
 
 
-def _meta_sizes(model_config) -> tuple[int, list[tuple[int, int]], int]:
-    """``(parameters + buffers, [(out, in)] of every compressible weight, decoder layers)``, exact, from a
-    weightless meta-device copy of the model."""
+@dataclass(frozen=True)
+class _Sizes:
+    params: int
+    """parameters + buffers"""
+    shapes: list
+    """[(out, in)] of every compressible weight"""
+    layers: int
+    largest_layer: int
+    """parameters of the largest decoder layer"""
+    largest_outside: int
+    """the largest parameter outside the decoder layers (embeddings or output head)"""
+
+
+def _meta_sizes(model_config) -> _Sizes:
+    """Exact sizes from a weightless meta-device copy of the model."""
     from calibra.job import all_targets, meta_model
     from calibra.models import get_adapter
 
     meta = meta_model(model_config)
     n = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
     adapter = get_adapter(meta)
-    return n, [(t.out_features, t.in_features) for t in all_targets(meta, adapter)], len(adapter.layers)
+    in_layers = {id(p) for p in adapter.layers.parameters()}
+    outside = [p.numel() for p in meta.parameters() if id(p) not in in_layers]
+    return _Sizes(
+        params=n,
+        shapes=[(t.out_features, t.in_features) for t in all_targets(meta, adapter)],
+        layers=len(adapter.layers),
+        largest_layer=max((sum(p.numel() for p in layer.parameters()) for layer in adapter.layers), default=0),
+        largest_outside=max(outside, default=0),
+    )
 
 
 def solver_workspace(shapes, solver: str | None, hessian_bytes: int = 4) -> int:
@@ -191,11 +212,16 @@ def plan_job(
     solver: str | None = None,
     baseline_rss: int | None = None,
     replay: bool = False,
+    streaming: bool = False,
 ) -> MemoryPlan:
     """Predict a job's memory and disk (see the module docstring). ``calibration`` is a resolved
     ``CalibrationConfig`` (concrete sequence length) or None for data-free jobs. ``solver``: ``"gptq"``
     (GPTQ, MR-GPTQ, SparseGPT), ``"rtn"`` (RTN, magnitude, Wanda) or None (calibration only). ``replay``:
-    true-sequential quantization (one more copy of a layer's activations, the replayed attention outputs)."""
+    true-sequential quantization (one more copy of a layer's activations, the replayed attention outputs).
+    ``streaming``: the model is streamed from its shards (``calibra.io.streamed``) and the result written
+    layer by layer (``calibra.export.streamed``): the phases are the capture (embeddings loaded), the layers
+    (one layer loaded, the next one read ahead at its stored size, one layer's output serialized) and the
+    rest of the output (the largest tensor outside the layers, read and serialized)."""
     from calibra.data.memory import _dtype_bytes, estimate_memory
 
     if job not in JOBS:
@@ -206,7 +232,8 @@ def plan_job(
     dtype = torch_dtype(dtype, model_config)
     db = _dtype_bytes(dtype)
     weight_files_bytes = weight_files_bytes or 0
-    params, shapes, n_layers = _meta_sizes(model_config)
+    sizes = _meta_sizes(model_config)
+    params, shapes, n_layers = sizes.params, sizes.shapes, sizes.layers
     n_q = sum(o * i for o, i in shapes)
     ws = solver_workspace(shapes, solver, _dtype_bytes(hessian_dtype) if solver == "gptq" else 4)
     model_bytes = params * db
@@ -230,6 +257,7 @@ def plan_job(
     else:
         work = ws
     # what the job keeps per compressed weight, on the host, until the save
+    g = 0
     if job == "quantize":
         g = n_q // max(1, group_size) if group_size and group_size > 0 else 0
         results = n_q * (db + 1) + 8 * max(g, 1)
@@ -264,11 +292,40 @@ def plan_job(
             "serialized output": out_bytes,
         },
     }
+    if streaming:
+        stored = weight_files_bytes / max(1, params) if weight_files_bytes else db  # bytes per stored value
+        layer_q = n_q // max(1, n_layers)
+        # safetensors serializes a file's tensors into one bytes object before writing: x2 while writing
+        layer_out = 2 * (layer_q + 8 * max(g if job == "quantize" else 0, 1) // max(1, n_layers))
+        phases = {
+            "capture": {
+                "process before loading": base,
+                "embeddings": sizes.largest_outside * db,
+                "hidden states": hidden // 2,
+                "attention arguments": kwargs,
+            },
+            "layers": {
+                "process before loading": base,
+                "one layer": sizes.largest_layer * db,
+                "next layer (read ahead)": int(sizes.largest_layer * stored),
+                "hidden states": hidden,
+                "attention arguments": kwargs,
+                "replayed attention outputs": hidden // 2 if replay else 0,
+                "layer working set": layer_work_host,
+                "layer output (serialized)": layer_out,
+            },
+            "rest of the output": {
+                "process before loading": base,
+                "largest tensor outside the layers (serialized)": int(2 * sizes.largest_outside * stored),
+            },
+        }
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     layer_dev = (est.layer_weights if est is not None else model_bytes // max(1, n_layers)) + work
     free = device_free(device)
-    if on_cpu:
+    if streaming:
+        placement, peak_dev = f"streamed from disk one layer at a time, computed on {device}", layer_dev
+    elif on_cpu:
         placement, peak_dev = "host memory (the device is the CPU)", layer_dev
     elif free is not None and model_bytes + layer_dev <= _DEVICE_HEADROOM * free:
         placement, peak_dev = f"whole model on {device}", model_bytes + layer_dev

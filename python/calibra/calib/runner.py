@@ -137,6 +137,9 @@ class LayerRunner:
         keep_layer_stats: keep every layer's observer tensors (Hessians...) for the returned statistics. A
             quantizer that consumes them in ``on_layer`` passes False: host memory then holds one layer's
             Hessians instead of the whole model's (token counts and MoE routing are always kept).
+        weights: a ``calibra.io.streamed.StreamedModel`` when ``model`` is its weightless model: each layer
+            (and the embeddings, for the capture) is loaded just before it runs, the next layer is read
+            ahead while it runs, and it is emptied again after ``after_layer`` has seen it.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class LayerRunner:
         desc: str = "calibrating",
         keep_layer_stats: bool = True,
         collect_on_demand: bool = False,
+        weights=None,
     ):
         if adapter is None:
             from calibra.models import get_adapter
@@ -177,6 +181,7 @@ class LayerRunner:
         self.collect_on_demand = collect_on_demand
         self.check, self.progress, self.desc = check_finite, progress, desc
         self.keep_layer_stats = keep_layer_stats
+        self.weights = weights
         self.seconds = 0.0
         # per-batch context read by the hooks
         self._mask: torch.Tensor | None = None
@@ -200,7 +205,10 @@ class LayerRunner:
         hidden, kwargs = [], []
         try:
             for m in pre:
-                m.to(self.device)
+                if self.weights is not None:
+                    self.weights.load(m, self.device)
+                else:
+                    m.to(self.device)
             for i in range(n):
                 layers[i] = _LayerStub(i, {}, i == n - 1)
             sink = {}
@@ -229,7 +237,10 @@ class LayerRunner:
             for i, layer in enumerate(originals):
                 layers[i] = layer
             for m, d in zip(pre, pre_dev):
-                m.to(d)
+                if self.weights is not None:
+                    self.weights.release(m)
+                else:
+                    m.to(d)
         return hidden, kwargs
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -387,7 +398,7 @@ class LayerRunner:
         if batch_size < 1:
             raise ValueError(f"[calibrate] batch_size must be >= 1, got {batch_size}")
         sample_ids = list(range(S)) if sample_ids is None else list(sample_ids)
-        self._model_id = model_identity(self.model)
+        self._model_id = model_identity(self.model, self.weights.first_values if self.weights else None)
         was_training = self.model.training
         self.model.eval()
         starts = list(range(0, S, batch_size))
@@ -412,6 +423,10 @@ class LayerRunner:
             )
             for i in bar:
                 layer = layers[i]
+                if self.weights is not None:
+                    self.weights.load(layer)
+                    if i + 1 < len(layers):
+                        self.weights.prefetch([layers[i + 1]])
                 home = _module_device(layer)
                 try:
                     hidden = self._run_layer(i, layer, hidden, kwargs, masks, ids_of, tokens, extra_metadata)
@@ -430,6 +445,8 @@ class LayerRunner:
                 layer.to(home)
                 if after_layer is not None:
                     after_layer(i, hidden)
+                if self.weights is not None:
+                    self.weights.release(layer)
         finally:
             self.model.train(was_training)
             self._mask = self._rows = self._last_checked = self._last_input = None

@@ -51,8 +51,10 @@ _VOLATILE_CONFIG_KEYS = (
 )
 
 
-def model_identity(model) -> str:
-    """sha256 identity of a model (see the module docstring for what it covers)."""
+def model_identity(model, first_values=None) -> str:
+    """sha256 identity of a model (see the module docstring for what it covers). ``first_values(name, n)``
+    gives the first ``n`` values of a parameter that is on the meta device (a streamed model's weights are
+    read from disk only when a layer runs), so a streamed model has the identity of the loaded one."""
     h = hashlib.sha256()
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     cfg = {k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -62,6 +64,10 @@ def model_identity(model) -> str:
     for name in sorted(items):
         t = items[name]
         h.update(f"{name}:{tuple(t.shape)}".encode())
+        if t.is_floating_point() and t.device.type == "meta" and first_values is not None:
+            t = first_values(name, 16)
+            if t is None:
+                continue
         if t.is_floating_point() and t.device.type != "meta":
             h.update(t.detach().reshape(-1)[:16].double().cpu().numpy().tobytes())
     return h.hexdigest()

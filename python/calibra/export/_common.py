@@ -110,7 +110,7 @@ def base_card_settings(qmodel, fmt: str) -> dict:
 def write_hf_folder(
     folder,
     qmodel,
-    tensors: dict,
+    tensors: dict | None,
     *,
     config_updates: dict,
     card: dict,
@@ -119,11 +119,13 @@ def write_hf_folder(
     config_drop: tuple = (),
 ) -> None:
     """A Hugging Face-shaped folder: shards + index, config.json (with ``config_updates``),
-    generation_config.json, tokenizer files and README.md. The manifest is written by the caller last."""
+    generation_config.json, tokenizer files and README.md. The manifest is written by the caller last.
+    ``tensors`` None: the shards and their index are already in ``folder`` (a streamed job's)."""
     from calibra.export import writer
 
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    writer.save_shards(folder, tensors, metadata=metadata, **kw)
+    if tensors is not None:
+        writer.save_shards(folder, tensors, metadata=metadata, **kw)
     writer.write_config(folder, qmodel.model, config_updates, drop=config_drop)
     writer.write_generation_config(folder, qmodel.model)
     writer.write_tokenizer(folder, qmodel.tokenizer)

@@ -140,8 +140,11 @@ def tensors(qmodel) -> dict[str, torch.Tensor]:
     return out
 
 
-def write(qmodel, folder, *, max_shard_bytes=None) -> dict:
-    check(qmodel)
+def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False) -> dict:
+    """The checkpoint in ``folder``; ``tensors_written``: the shards are already there (a streamed job
+    wrote them layer by layer, ``calibra.export.streamed``), write the config, card and the rest."""
+    if not tensors_written:
+        check(qmodel)
     qc = quantization_config(qmodel)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     label = "nvfp4" if fmt == "nvfp4" else f"int{bits} {'symmetric' if sym else 'asymmetric'}, group {gs}"
@@ -164,7 +167,7 @@ def write(qmodel, folder, *, max_shard_bytes=None) -> dict:
     _common.write_hf_folder(
         folder,
         qmodel,
-        tensors(qmodel),
+        None if tensors_written else tensors(qmodel),
         config_updates={"quantization_config": qc},
         card={
             "title": f"{qmodel.source} ({label}, compressed-tensors)",

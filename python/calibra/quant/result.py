@@ -83,3 +83,21 @@ class QuantizedLayer:
         if self.rotation is None:
             return self.weight
         return hadamard(self.weight.float(), self.rotation["block_size"]).to(self.weight.dtype)
+
+    def slim(self) -> QuantizedLayer:
+        """A copy whose tensors are on the meta device: the shapes, dtypes and settings a manifest or an
+        export's config needs, without the memory (a streamed job keeps these once a layer is written)."""
+        import dataclasses
+
+        def meta(t):
+            return None if t is None else t.to("meta")
+
+        return dataclasses.replace(
+            self,
+            codes=meta(self.codes),
+            scales=meta(self.scales),
+            zeros=meta(self.zeros),
+            g_idx=meta(self.g_idx),
+            global_scale=meta(self.global_scale),
+            weight=meta(self.weight),
+        )

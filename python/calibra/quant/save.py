@@ -7,6 +7,9 @@ Layout of DIR:
   dynamic groups), ``<name>.global_scale`` (FP4); plus every tensor of the model that was not quantized
   (embeddings, norms, lm_head, routers, dense modules) under its state-dict name. A fused-expert 3-D
   parameter is stored whole only when some of its experts stayed dense; quantized slices override it.
+  A streamed job (a model larger than memory, ``calibra.export.streamed``) writes the same tensors as
+  ``quantized-0000k-of-0000N.safetensors`` shards (one per decoder layer, then the rest; dense tensors at
+  their stored dtype) with ``quantized.safetensors.index.json``.
 * ``quantization.json`` -- format/version, the config, and per module: method, format, bits, group
   size, symmetric, rotation, shape;
 * ``config.json`` and the tokenizer files; ``report.json`` (written by the API).
@@ -28,6 +31,8 @@ FORMAT = "calibra-quantized"
 FORMAT_VERSION = 1
 WEIGHTS = "quantized.safetensors"
 MANIFEST = "quantization.json"
+INDEX = "quantized.safetensors.index.json"
+"""A streamed job writes ``quantized-0000k-of-0000N.safetensors`` shards and this index instead of WEIGHTS."""
 
 
 def config_dict(config) -> dict:
@@ -146,8 +151,14 @@ def load(path, dtype=torch.float32):
         )
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-    tensors = load_file(str(path / WEIGHTS))
-    quant_keys = {f"{m}.{f}" for m in man["modules"] for f in ("codes", "scales", "zeros", "g_idx", "global_scale")}
+    if (path / WEIGHTS).exists():
+        tensors = load_file(str(path / WEIGHTS))
+    else:  # a streamed job's shards (calibra.export.streamed)
+        index = json.loads((path / INDEX).read_text(encoding="utf-8"))
+        tensors = {}
+        for fname in sorted(set(index["weight_map"].values())):
+            tensors.update(load_file(str(path / fname)))
+    quant_keys = quant_keys_of(man)
     sd = {k: v for k, v in tensors.items() if k not in quant_keys}
     missing, _ = model.load_state_dict(sd, strict=False)
     params = dict(model.named_parameters())
@@ -164,6 +175,10 @@ def load(path, dtype=torch.float32):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model, man
+
+
+def quant_keys_of(man: dict) -> set[str]:
+    return {f"{m}.{f}" for m in man["modules"] for f in ("codes", "scales", "zeros", "g_idx", "global_scale")}
 
 
 def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""A model streamed from its safetensors shards: weightless until a module is needed.
+
+:class:`WeightStore` reads single tensors of a checked model folder (``calibra.io.inspect_model`` has
+parsed and bounds-checked every header) with plain positioned reads into a fresh buffer, at their stored
+dtype. No file stays memory-mapped, so the resident memory is exactly the tensors alive in the process,
+and a shard that was truncated after the check fails naming the tensor it cut.
+
+:class:`StreamedModel` builds the ``*ForCausalLM`` from its config with every parameter on the meta
+device (buffers such as rotary tables stay real: they are computed, not stored) and fills one module's
+parameters when asked (``load``), cast to the compute dtype, and empties them again (``release``). The
+next decoder layer's tensors can be read on a background thread (``prefetch``) while the current one is
+solved, so disk reads and compute overlap; reads release the GIL.
+
+A checkpoint whose tensor names are not the model's parameter names (transformers renames or fuses some
+families' weights at load time, e.g. per-expert MoE tensors into 3-D parameters) cannot be streamed
+tensor by tensor: :func:`streamable` says why, and the job falls back to loading the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calibra.io.model_reader import ModelFolder, ModelReadError
+from calibra.io.safetensors_header import CorruptShardError, TensorEntry
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class WeightStore:
+    """Tensors of a checked safetensors model folder, read one at a time by name."""
+
+    def __init__(self, folder: ModelFolder):
+        if folder.weight_format != "safetensors":
+            raise ModelReadError(f"[model] {folder.path}: streaming needs safetensors weights, not pickle files")
+        self.folder = folder
+        self.entries: dict[str, tuple[Path, int, TensorEntry]] = {}
+        for header in folder.headers.values():
+            base = 8 + header.header_size
+            for name, entry in header.tensors.items():
+                self.entries[name] = (header.path, base, entry)
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def nbytes(self, name: str) -> int:
+        return self.entries[name][2].nbytes
+
+    def dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self.entries[name][2].dtype]
+
+    def read(self, name: str, count: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` at its stored dtype and shape (``count``: only the first ``count`` elements, flat)."""
+        path, base, e = self.entries[name]
+        dtype = TORCH_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise ModelReadError(f"[model] {path.name}: tensor {name} has dtype {e.dtype}, which calibra cannot load")
+        esize = torch.empty((), dtype=dtype).element_size()
+        nbytes = e.nbytes if count is None else min(e.nbytes, count * esize)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+        got = 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(base + e.begin)
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got < nbytes:
+            raise CorruptShardError(
+                f"[model] {path}: the file ends inside tensor {name} ({got} of its {nbytes} bytes are there); "
+                f"it was truncated after the job started. Re-download or re-save it; nothing was written"
+            )
+        with self._lock:
+            self.bytes_read += nbytes
+        t = buf.view(dtype)
+        return t if count is not None else t.reshape(e.shape)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """While active, every registered parameter goes to the meta device at once, before the module's
+    own initialization runs on it (no memory, no time); buffers are created as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def weightless_model(model_config, trust_remote_code: bool = False):
+    """The ``*ForCausalLM`` of ``model_config`` with parameters on the meta device and real buffers."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(model_config, **kw)
+    return model.eval()
+
+
+def streamable(model: nn.Module, store: WeightStore) -> str | None:
+    """None when every parameter of ``model`` is a tensor of the same shape in ``store``; else why not."""
+    tied = _tied_names(model)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in tied:
+            continue
+        if name not in store:
+            return f"the checkpoint has no tensor {name} (its tensors are named or fused differently)"
+        shape = tuple(store.entries[name][2].shape)
+        if shape != tuple(p.shape):
+            return f"tensor {name} is stored as {list(shape)}, the model's parameter is {list(p.shape)}"
+    return None
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that share another parameter's tensor and are absent from the checkpoint by design
+    (the output head tied to the embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return set()
+    head = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        if mod is head and mod is not None:
+            return {f"{name}.weight"}
+    return set()
+
+
+class StreamedModel:
+    """A weightless model whose modules are loaded from ``store`` when needed (see the module docstring).
+
+    Args:
+        model: from :func:`weightless_model`.
+        store: the folder's :class:`WeightStore`.
+        dtype: the compute dtype parameters are cast to while loaded.
+        check_finite: refuse a NaN/Inf weight, naming the tensor (FAULTS: the whole-model load checks
+            the same at load time).
+    """
+
+    def __init__(self, model: nn.Module, store: WeightStore, dtype: torch.dtype, *, check_finite: bool = True):
+        self.model, self.store, self.dtype = model, store, dtype
+        self.check_finite = check_finite
+        self._prefetched: dict[str, torch.Tensor] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        tied = _tied_names(model)
+        self._tied_to = {}
+        if tied:
+            embed = model.get_input_embeddings()
+            src = next(f"{n}.weight" for n, m in model.named_modules() if m is embed)
+            self._tied_to = {t: src for t in tied}
+
+    # -- names ------------------------------------------------------------------------------------
+    def _prefix(self, module: nn.Module) -> str:
+        for name, mod in self.model.named_modules():
+            if mod is module:
+                return f"{name}." if name else ""
+        raise ValueError("[model] the module is not part of the streamed model")
+
+    def names(self, module: nn.Module) -> list[str]:
+        """The checkpoint names of ``module``'s parameters (and stored persistent buffers)."""
+        pre = self._prefix(module)
+        out = [pre + n for n, _ in module.named_parameters(remove_duplicate=False)]
+        out += [pre + n for n, _ in module.named_buffers() if pre + n in self.store]
+        return [self._tied_to.get(n, n) for n in out]
+
+    # -- reads ------------------------------------------------------------------------------------
+    def prefetch(self, modules: list[nn.Module]) -> None:
+        """Start reading ``modules``' tensors on a background thread (at their stored dtype)."""
+        self.wait()
+        names = [n for m in modules for n in self.names(m)]
+
+        def work():
+            try:
+                for n in names:
+                    if n not in self._prefetched:
+                        self._prefetched[n] = self.store.read(n)
+            except BaseException as e:  # re-raised in the job's thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=work, name="calibra-prefetch", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def _take(self, name: str) -> torch.Tensor:
+        t = self._prefetched.pop(name, None)
+        return self.store.read(name) if t is None else t
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """One tensor at its stored dtype (for writing it through unchanged)."""
+        self.wait()
+        return self._take(name)
+
+    def first_values(self, name: str, count: int) -> torch.Tensor | None:
+        """The first ``count`` values of a parameter, in the compute dtype (for the model identity hash)."""
+        name = self._tied_to.get(name, name)
+        if name not in self.store:
+            return None
+        return self.store.read(name, count).to(self.dtype)
+
+    # -- load / release ---------------------------------------------------------------------------
+    def load(self, module: nn.Module, device=None) -> None:
+        """Fill ``module``'s parameters (cast to the compute dtype, on ``device``)."""
+        self.wait()
+        pre = self._prefix(module)
+        for owner_name, owner in module.named_modules():
+            for pname, p in list(owner._parameters.items()):
+                if p is None or p.device.type != "meta":
+                    continue
+                full = f"{pre}{owner_name + '.' if owner_name else ''}{pname}"
+                t = self._take(self._tied_to.get(full, full))
+                if self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ModelReadError(
+                        f"[model] tensor {full} of {self.store.folder.path} holds NaN or Inf values; the "
+                        f"checkpoint is damaged (re-download it) or was saved from a diverged run"
+                    )
+                if t.is_floating_point():
+                    t = t.to(self.dtype)
+                if device is not None:
+                    t = t.to(device)
+                owner._parameters[pname] = nn.Parameter(t, requires_grad=False)
+
+    def release(self, module: nn.Module) -> None:
+        """Empty ``module``'s parameters again (back to the meta device)."""
+        for owner in module.modules():
+            for pname, p in list(owner._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    owner._parameters[pname] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.store.bytes_read
+
+
+def open_streamed(folder: ModelFolder, model_config, dtype: torch.dtype, *, trust_remote_code: bool = False):
+    """``(StreamedModel, None)`` or ``(None, why streaming is impossible for this checkpoint)``."""
+    store = WeightStore(folder)
+    model = weightless_model(model_config, trust_remote_code)
+    why = streamable(model, store)
+    if why is not None:
+        return None, why
+    return StreamedModel(model, store, dtype), None
+
+
+__all__ = ["WeightStore", "StreamedModel", "weightless_model", "streamable", "open_streamed", "TORCH_DTYPES"]
