@@ -581,12 +581,13 @@ def _run_streamed(
     from calibra.data import CalibrationConfig
     from calibra.export.streamed import StreamedOutput
     from calibra.io import inspect_model
-    from calibra.io.streamed import open_streamed
+    from calibra.io.streamed import limit_heap_growth, open_streamed
     from calibra.models import get_adapter
     from calibra.plan import current_rss, torch_dtype
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
 
+    limit_heap_growth()
     folder = inspect_model(model, component="quantize", **read)
     weights, why = open_streamed(
         folder, model_config, torch_dtype(dtype, model_config), trust_remote_code=read["trust_remote_code"]
@@ -606,8 +607,19 @@ def _run_streamed(
             "differs); calibrate this model or pass its own --stats"
         )
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sink = StreamedOutput(output, overwrite=overwrite, fmt=export[0] if export else None, weights=weights)
-    quantizer = LayerQuantizer(config, adapter)
+    if export:
+        from calibra.export import compressed_tensors as fmt
+
+        sink = StreamedOutput(
+            output, overwrite=overwrite, prefix="model", layer_tensors=fmt.checked_layer_tensors, weights=weights
+        )
+    else:
+        from calibra.quant import save as fmt
+
+        sink = StreamedOutput(
+            output, overwrite=overwrite, prefix="quantized", layer_tensors=fmt.layer_tensors, weights=weights
+        )
+    quantizer = LayerQuantizer(config, adapter, keep_dense=False)
     run_meta = final_stats = None
     layer_rss = []
 
@@ -688,7 +700,19 @@ def _run_streamed(
             "eval": 0.0,
             "per_layer": quantizer.layer_seconds,
         }
-        sink.finish(qm, report=report, files={}, before_report=lambda r: _stamp(r, weights, t_start, t_write))
+
+        def write_files(folder):
+            from calibra.quant.save import _write_json
+
+            if export:
+                fmt.write_streamed_files(qm, folder)
+                report["export"] = {"formats": list(export), "streamed": True}
+            else:
+                fmt.write_files(folder, qm)
+            _stamp(report, weights, t_start, t_write)
+            _write_json(folder / "report.json", report)
+
+        sink.finish(write_files)
     except BaseException as e:
         sink.abort(e)
         raise

@@ -164,13 +164,14 @@ def _meta_sizes(model_config) -> _Sizes:
 def solver_workspace(shapes, solver: str | None, hessian_bytes: int = 4) -> int:
     """Bytes a solver allocates for its largest module, beyond the module's Hessian itself.
 
-    GPTQ / SparseGPT (``calibra.quant.gptq``): the scaled Hessian copy, the identity, the Cholesky factor,
-    its flipped copy and the inverse factor U (5 x in^2, float32), the float32 working copy of W and the
-    quantized W (2 x out x in x 4) and the uint8 codes. RTN/magnitude/Wanda: W's working copy and result."""
+    GPTQ / SparseGPT (``calibra.quant.gptq.factor_inverse_hessian``): the scaled Hessian copy, the factor
+    (built and factored in place) and U (solved in place over the identity) -- 3 x in^2 at the solve --, the
+    float32 working copy of W and the quantized W (2 x out x in x 4) and the uint8 codes. RTN/magnitude/
+    Wanda: W's working copy and result."""
     if not shapes or solver is None:
         return 0
     if solver == "gptq":
-        return max(5 * i * i * hessian_bytes + 2 * o * i * 4 + o * i for o, i in shapes)
+        return max(3 * i * i * hessian_bytes + 2 * o * i * 4 + o * i for o, i in shapes)
     return max(2 * o * i * 4 + o * i for o, i in shapes)
 
 

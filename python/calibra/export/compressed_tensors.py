@@ -133,6 +133,22 @@ def layer_tensors(name: str, l) -> dict[str, torch.Tensor]:
     return t
 
 
+def checked_layer_tensors(name: str, l) -> dict[str, torch.Tensor]:
+    """:func:`layer_tensors` after :func:`check` of that one layer (a streamed job writes layer by layer)."""
+    from types import SimpleNamespace
+
+    check(SimpleNamespace(layers={name: l}))
+    return layer_tensors(name, l)
+
+
+def write_streamed_files(qmodel, folder) -> None:
+    """Everything but the tensors (a streamed job wrote those): config, card, tokenizer, manifest."""
+    from calibra.export.writer import write_manifest
+
+    extra = write(qmodel, folder, tensors_written=True)
+    write_manifest(folder, format=NAME, qmodel=qmodel, extra=extra)
+
+
 def tensors(qmodel) -> dict[str, torch.Tensor]:
     out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel))
     for name, l in qmodel.layers.items():

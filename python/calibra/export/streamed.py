@@ -9,10 +9,11 @@ decoder layers (embeddings, final norm, output head, read one at a time), and at
 report.json, and renames the folder into place. An error or Ctrl-C anywhere removes the temporary folder:
 the output path holds a complete result or nothing (FAULTS rows 23, 25, 26).
 
-Formats: calibra's own folder (``quantized-*.safetensors`` + ``quantized.safetensors.index.json``, read
-back by ``calibra.quant.save.load``) and ``compressed-tensors``. Dense tensors keep their stored dtype
-(bf16 stays bf16); quantized tensors are exactly those of the whole-model job. After a layer is written,
-only a slim record (``QuantizedLayer.slim``: shapes and settings on the meta device) is kept.
+The format is the caller's: it passes the function that turns one QuantizedLayer into the format's tensors
+and the one that writes the format's files at the end (calibra's own folder: ``calibra.quant.save``;
+``compressed-tensors``: ``calibra.export.compressed_tensors``). Dense tensors keep their stored dtype (bf16
+stays bf16); quantized tensors are exactly those of the whole-model job. After a layer is written, only a
+slim record (``QuantizedLayer.slim``: shapes and settings on the meta device) is kept.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from calibra.export import writer
 
 FORMATS = (None, "compressed-tensors")
-_FIELDS = ("codes", "scales", "zeros", "g_idx", "global_scale")
 
 
 def refuse_format(formats) -> None:
@@ -42,6 +41,49 @@ def refuse_format(formats) -> None:
         )
 
 
+_DTYPE_NAMES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """A safetensors file written straight from the tensors' memory (contiguous, CPU): the header (JSON,
+    space-padded to 8 bytes), then each tensor's bytes in name order. ``safetensors.torch.save_file`` first
+    copies every tensor into one bytes object, which doubles the memory of a 1 GB embedding while it is
+    written; this does not. Read back by safetensors in the tests."""
+    import json
+
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    names = sorted(tensors)
+    for n in names:
+        t = tensors[n]
+        nb = t.numel() * t.element_size()
+        header[n] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nb]}
+        offset += nb
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for n in names:
+            t = tensors[n]
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 class _Shards:
     """Shard files written one at a time, named in order at the end."""
 
@@ -50,13 +92,11 @@ class _Shards:
         self.parts: list[tuple[Path, list[str], int]] = []
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         if not tensors:
             return
         path = self.folder / f".part-{len(self.parts):05d}.safetensors"
         part = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
-        save_file(part, str(path), metadata={"format": "pt"})
+        write_safetensors(path, part, metadata={"format": "pt"})
         self.parts.append((path, sorted(part), sum(t.numel() * t.element_size() for t in part.values())))
 
     def finish(self) -> None:
@@ -74,38 +114,29 @@ class _Shards:
 
 
 class StreamedOutput:
-    """The output folder of a streamed quantization (see the module docstring).
+    """The output folder of a streamed job (see the module docstring).
 
     Args:
         output: the final folder; ``overwrite`` as everywhere.
-        fmt: ``None`` (calibra's folder) or ``"compressed-tensors"``.
+        prefix: shard name prefix (``model`` for engine formats, ``quantized`` for calibra's folder).
+        layer_tensors: ``layer_tensors(name, QuantizedLayer) -> {tensor name: tensor}`` in the output format
+            (it raises, before anything of that layer is written, on a layer the format cannot express).
         weights: the job's ``StreamedModel`` (dense tensors are copied from its store).
     """
 
-    def __init__(self, output, *, overwrite: bool, fmt: str | None, weights):
-        if fmt not in FORMATS:
-            raise ValueError(f"[quantize] a streamed job cannot write {fmt!r}")
-        self.fmt, self.weights = fmt, weights
+    def __init__(self, output, *, overwrite: bool, prefix: str, layer_tensors, weights):
+        self.layer_tensors, self.weights = layer_tensors, weights
         self._stack = contextlib.ExitStack()
         self.tmp = self._stack.enter_context(writer.atomic_folder(output, overwrite=overwrite))
-        self.shards = _Shards(self.tmp, "quantized" if fmt is None else "model")
+        self.shards = _Shards(self.tmp, prefix)
         self.records: dict = {}
         self.written: set[str] = set()
-
-    # -- per layer ----------------------------------------------------------------------------------
-    def _quantized(self, name: str, ql) -> dict[str, torch.Tensor]:
-        if self.fmt is None:
-            return {f"{name}.{f}": getattr(ql, f) for f in _FIELDS if getattr(ql, f) is not None}
-        from calibra.export import compressed_tensors
-
-        compressed_tensors.check(SimpleNamespace(layers={name: ql}, model=None))
-        return compressed_tensors.layer_tensors(name, ql)
 
     def layer(self, module: torch.nn.Module, qlayers: dict) -> None:
         """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets)."""
         tensors = {}
         for name, ql in qlayers.items():
-            tensors.update(self._quantized(name, ql))
+            tensors.update(self.layer_tensors(name, ql))
             self.records[name] = ql.slim()
             self.written.add(f"{name}.weight")
         for name in self.weights.names(module):
@@ -129,34 +160,12 @@ class StreamedOutput:
                 small[name] = t
         self.shards.add(small)
 
-    # -- end ------------------------------------------------------------------------------------------
-    def finish(self, qm, *, report: dict, files: dict, before_report=None) -> None:
-        """Name the shards, write the format's files, the manifest and report.json, and move the folder
-        into place. ``qm``: a QuantizedModel whose ``layers`` are the slim records."""
-        from calibra.quant import save as qsave
-
+    def finish(self, write_files) -> None:
+        """Write the rest of the tensors, name the shards, call ``write_files(folder)`` (the format's config
+        and JSON files, the manifest, report.json) and move the folder into place."""
         self.rest()
         self.shards.finish()
-        tmp = self.tmp
-        if self.fmt is None:
-            qsave._write_json(tmp / qsave.MANIFEST, qsave.manifest(qm))
-            qm.model.config.to_json_file(str(tmp / "config.json"), use_diff=False)
-            writer.write_tokenizer(tmp, qm.tokenizer)
-            for name, obj in files.items():
-                qsave._write_json(tmp / name, obj)
-            writer.write_manifest(tmp, format=qsave.FORMAT, qmodel=qm)
-        else:
-            from calibra.export import compressed_tensors
-
-            report["export"] = {"formats": [self.fmt], "streamed": True}
-            extra = compressed_tensors.write(qm, tmp, tensors_written=True)
-            for name, obj in files.items():
-                qsave._write_json(tmp / name, obj)
-            versions = getattr(compressed_tensors, "versions", lambda: {})()
-            writer.write_manifest(tmp, format=self.fmt, qmodel=qm, extra=extra, extra_versions=versions)
-        if before_report is not None:
-            before_report(report)
-        qsave._write_json(tmp / "report.json", report)
+        write_files(self.tmp)
         self._stack.close()  # the rename into place
 
     def abort(self, exc: BaseException) -> None:

@@ -164,6 +164,8 @@ class LayerQuantizer:
         freeze: ``freeze(index, module)`` (``LayerRunner.freeze``): called with the attention block once
             its last target is quantized, so later passes of the layer replay its output.
         on_module: called with each finished ``QuantizedLayer`` (progress, logging).
+        keep_dense: keep each result's dequantized weight (``QuantizedLayer.weight``); a streamed job passes
+            False (the weight is written back into the layer, and the layer is written and freed).
     """
 
     def __init__(
@@ -175,8 +177,10 @@ class LayerQuantizer:
         collect: Callable | None = None,
         freeze: Callable | None = None,
         on_module: Callable | None = None,
+        keep_dense: bool = True,
     ):
         self.config, self.adapter = config, adapter
+        self.keep_dense = keep_dense
         self.overrides = dict(overrides or {})
         self.collect, self.freeze = collect, freeze
         self.on_module = on_module
@@ -203,6 +207,8 @@ class LayerQuantizer:
                     continue
                 ql = solve(t, cfg, stats, index)
                 t.store(ql.dense())
+                if not self.keep_dense:  # the layer holds the effective weight now; the codes say the rest
+                    ql.weight = ql.weight.to("meta")
                 self.layers[t.name] = ql
                 if self.on_module is not None:
                     self.on_module(ql)

@@ -54,14 +54,17 @@ def _quantized_params(qm) -> tuple[set, dict]:
     return full, slices
 
 
+def layer_tensors(name: str, ql) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized weight in this folder's layout."""
+    fields = ("codes", "scales", "zeros", "g_idx", "global_scale")
+    return {f"{name}.{f}": getattr(ql, f) for f in fields if getattr(ql, f) is not None}
+
+
 def tensors_of(qm) -> dict[str, torch.Tensor]:
     """Every tensor of ``quantized.safetensors`` (see the module docstring)."""
     out = {}
     for name, ql in qm.layers.items():
-        for field in ("codes", "scales", "zeros", "g_idx", "global_scale"):
-            t = getattr(ql, field)
-            if t is not None:
-                out[f"{name}.{field}"] = t
+        out.update(layer_tensors(name, ql))
     full, slices = _quantized_params(qm)
     seen = set()
     for k, v in qm.model.state_dict().items():
@@ -122,16 +125,24 @@ def write(qm, path, *, overwrite: bool = False, report: dict | None = None, extr
     path = writer.check_target(path, overwrite, tag="quantize")
     with writer.atomic_folder(path, overwrite=overwrite) as tmp:
         save_file(tensors_of(qm), str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        _write_json(tmp / MANIFEST, manifest(qm))
-        qm.model.config.to_json_file(str(tmp / "config.json"), use_diff=False)
-        if qm.tokenizer is not None:
-            qm.tokenizer.save_pretrained(str(tmp))
-        for name, obj in (extra_files or {}).items():
-            _write_json(tmp / name, obj)
-        writer.write_manifest(tmp, format=FORMAT, qmodel=qm)
-        if report is not None:
-            _write_json(tmp / "report.json", report)
+        write_files(tmp, qm, report=report, extra_files=extra_files)
     return path
+
+
+def write_files(folder: Path, qm, *, report: dict | None = None, extra_files: dict | None = None) -> None:
+    """Everything of the folder but the tensors: quantization.json, config.json, the tokenizer, the extra
+    JSON files, the manifest (hashing all of them and the tensors already there), report.json."""
+    from calibra.export import writer
+
+    _write_json(folder / MANIFEST, manifest(qm))
+    qm.model.config.to_json_file(str(folder / "config.json"), use_diff=False)
+    if qm.tokenizer is not None:
+        qm.tokenizer.save_pretrained(str(folder))
+    for name, obj in (extra_files or {}).items():
+        _write_json(folder / name, obj)
+    writer.write_manifest(folder, format=FORMAT, qmodel=qm)
+    if report is not None:
+        _write_json(folder / "report.json", report)
 
 
 def load(path, dtype=torch.float32):
@@ -205,4 +216,4 @@ def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:
     return ql.dequantize()
 
 
-__all__ = ["write", "load", "tensors_of", "manifest", "FORMAT", "WEIGHTS", "MANIFEST"]
+__all__ = ["write", "write_files", "layer_tensors", "load", "tensors_of", "manifest", "FORMAT", "WEIGHTS", "MANIFEST"]
