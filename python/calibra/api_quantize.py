@@ -373,11 +373,8 @@ def _run(
 
     # -- 4. mixed precision --------------------------------------------------------------------------
     overrides = {}
-    if stats is not None and stats.metadata.get("model", {}).get("id") not in (None, model_identity(model)):
-        raise ValueError(
-            "[quantize] the statistics file was calibrated on a different model (model identity "
-            "differs); calibrate this model or pass its own --stats"
-        )
+    if stats is not None:
+        _check_stats_model(stats, model_identity(model))
     if mixed_precision is not None:
         t0 = time.perf_counter()
         mstats = stats
@@ -507,6 +504,14 @@ def _run(
     return qm, report
 
 
+def _check_stats_model(stats, identity: str) -> None:
+    if stats.metadata.get("model", {}).get("id") not in (None, identity):
+        raise ValueError(
+            "[quantize] the statistics file was calibrated on a different model (model identity "
+            "differs); calibrate this model or pass its own --stats"
+        )
+
+
 # ---------------------------------------------------------------------------------------- streaming
 _FIT = 0.85  # the whole-model job is chosen while its predicted peak stays under this share of free memory
 
@@ -598,14 +603,8 @@ def _run_streamed(
         tokenizer = _folder_tokenizer(folder.path)
     m = weights.model
     adapter = get_adapter(m)
-    if stats is not None and stats.metadata.get("model", {}).get("id") not in (
-        None,
-        model_identity(m, weights.first_values),
-    ):
-        raise ValueError(
-            "[quantize] the statistics file was calibrated on a different model (model identity "
-            "differs); calibrate this model or pass its own --stats"
-        )
+    if stats is not None:
+        _check_stats_model(stats, model_identity(m, weights.first_values))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if export:
         from calibra.export import compressed_tensors as fmt
