@@ -618,7 +618,8 @@ def _run_streamed(
         sink = StreamedOutput(
             output, overwrite=overwrite, prefix="quantized", layer_tensors=fmt.layer_tensors, weights=weights
         )
-    quantizer = LayerQuantizer(config, adapter, keep_dense=False)
+    # the streamed runner drops each layer's statistics with the layer: the solver may consume them
+    quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
     run_meta = final_stats = None
     layer_rss = []
 
@@ -659,6 +660,7 @@ def _run_streamed(
             )
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.release = runner.release
             final_stats = runner.run(
                 ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, after_layer=write_layer
             )

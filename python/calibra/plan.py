@@ -175,6 +175,22 @@ def solver_workspace(shapes, solver: str | None, hessian_bytes: int = 4) -> int:
     return max(2 * o * i * 4 + o * i for o, i in shapes)
 
 
+def _streamed_work(shapes, solver: str | None, est, hessian_bytes: int) -> int:
+    """A streamed job's per-layer working set on the CPU. Its statistics die with the layer, so GPTQ
+    consumes them (``LayerQuantizer(consume=True)``): a group's Hessians are freed once it is solved, the
+    largest solve holds its Hessian (scaled in place), the factor and U (3 x in^2) and the codes, and the
+    weight is worked on in place. The forward passes hold their activations and the Hessian being summed."""
+    if not shapes or solver is None:
+        return est.activations + est.hessians if est is not None else 0
+    largest_h = max(i * i * hessian_bytes for _, i in shapes)
+    if solver == "gptq":
+        solve = max(3 * i * i * hessian_bytes + o * i for o, i in shapes)
+    else:
+        solve = max(2 * o * i * 4 + o * i for o, i in shapes)
+    forward = (est.activations + largest_h + est.observer_state) if est is not None else 0
+    return max(forward, solve)
+
+
 def weight_files_bytes(model) -> int:
     """Bytes of the weight files of a model given by name/folder (0 for a loaded model)."""
     if not isinstance(model, (str, Path)):
@@ -221,8 +237,9 @@ def plan_job(
     true-sequential quantization (one more copy of a layer's activations, the replayed attention outputs).
     ``streaming``: the model is streamed from its shards (``calibra.io.streamed``) and the result written
     layer by layer (``calibra.export.streamed``): the phases are the capture (embeddings loaded), the layers
-    (one layer loaded, the next one read ahead at its stored size, one layer's output serialized) and the
-    rest of the output (the largest tensor outside the layers, read and serialized)."""
+    (one layer loaded; then either its solves, with the statistics consumed as they are solved, or the next
+    layer read ahead at its stored size while this one's output is written) and the rest of the output (the
+    largest tensor outside the layers, read and written straight from its memory)."""
     from calibra.data.memory import _dtype_bytes, estimate_memory
 
     if job not in JOBS:
@@ -297,7 +314,7 @@ def plan_job(
         stored = weight_files_bytes / max(1, params) if weight_files_bytes else db  # bytes per stored value
         layer_q = n_q // max(1, n_layers)
         # safetensors serializes a file's tensors into one bytes object before writing: x2 while writing
-        layer_out = 2 * (layer_q + 8 * max(g if job == "quantize" else 0, 1) // max(1, n_layers))
+        layer_out = layer_q + 8 * max(g if job == "quantize" else 0, 1) // max(1, n_layers)
         phases = {
             "capture": {
                 "process before loading": base,
@@ -308,16 +325,18 @@ def plan_job(
             "layers": {
                 "process before loading": base,
                 "one layer": sizes.largest_layer * db,
-                "next layer (read ahead)": int(sizes.largest_layer * stored),
                 "hidden states": hidden,
                 "attention arguments": kwargs,
                 "replayed attention outputs": hidden // 2 if replay else 0,
-                "layer working set": layer_work_host,
-                "layer output (serialized)": layer_out,
+                # the next layer is read while this one is written, not during its solves
+                "solve, or read-ahead + output": max(
+                    _streamed_work(shapes, solver, est, hessian_bytes=_dtype_bytes(hessian_dtype)) if on_cpu else 0,
+                    int(sizes.largest_layer * stored) + layer_out,
+                ),
             },
             "rest of the output": {
                 "process before loading": base,
-                "largest tensor outside the layers (serialized)": int(2 * sizes.largest_outside * stored),
+                "largest tensor outside the layers": int(sizes.largest_outside * stored),
             },
         }
     totals = {k: sum(v.values()) for k, v in phases.items()}
@@ -325,7 +344,8 @@ def plan_job(
     layer_dev = (est.layer_weights if est is not None else model_bytes // max(1, n_layers)) + work
     free = device_free(device)
     if streaming:
-        placement, peak_dev = f"streamed from disk one layer at a time, computed on {device}", layer_dev
+        placement = f"streamed from disk one layer at a time, computed on {device}"
+        peak_dev = sizes.largest_layer * db + _streamed_work(shapes, solver, est, _dtype_bytes(hessian_dtype))
     elif on_cpu:
         placement, peak_dev = "host memory (the device is the CPU)", layer_dev
     elif free is not None and model_bytes + layer_dev <= _DEVICE_HEADROOM * free:

@@ -425,8 +425,6 @@ class LayerRunner:
                 layer = layers[i]
                 if self.weights is not None:
                     self.weights.load(layer)
-                    if i + 1 < len(layers):
-                        self.weights.prefetch([layers[i + 1]])
                 home = _module_device(layer)
                 try:
                     hidden = self._run_layer(i, layer, hidden, kwargs, masks, ids_of, tokens, extra_metadata)
@@ -443,6 +441,10 @@ class LayerRunner:
                         i,
                     ) from e
                 layer.to(home)
+                if self.weights is not None and i + 1 < len(layers):
+                    # read the next layer while this one is written: not during the solves, whose
+                    # workspace is the job's peak (the read-ahead would add a layer to it)
+                    self.weights.prefetch([layers[i + 1]])
                 if after_layer is not None:
                     after_layer(i, hidden)
                 if self.weights is not None:
@@ -499,6 +501,17 @@ class LayerRunner:
                 del self.moe.sample_counts[k]
         self._forward_layer(index, layer, hidden, kwargs, masks, ids_of, keep=False, only=only)
         return self.stats(tokens, extra)
+
+    def release(self, index: int, modules) -> None:
+        """Inside ``on_layer`` of layer ``index``: the statistics of ``modules`` (keys as in :meth:`collect`)
+        are consumed and will not be read again; drop them now rather than at the end of the layer, so the
+        next group's solve does not carry them (only for a runner made with ``keep_layer_stats=False``)."""
+        if self.keep_layer_stats:
+            return
+        keys = set(modules)
+        for o in self.observers:
+            for k in [k for k in o.tensors if k.split("/")[-1] in keys]:
+                del o.tensors[k]
 
     def freeze(self, index: int, module: nn.Module) -> None:
         """Declare, inside ``on_layer`` of layer ``index``, that ``module`` (the attention block once o_proj
@@ -561,7 +574,7 @@ class LayerRunner:
                     outs.append(out.to("cpu"))
         finally:
             self._pending = None
-            self._last_input = None
+            self._last_input = self._last_checked = None  # a batch's input can be 235 MB (8B's down_proj)
             for h in handles:
                 h.remove()
         return outs

@@ -51,6 +51,7 @@ from calibra.prune.config import PruningConfig
 from calibra.prune.patterns import NM, Block, prune_count
 from calibra.prune.result import PrunedLayer, relative_output_error
 from calibra.quant.gptq import factor_inverse_hessian, normalized_hessian
+from calibra.quant.validate import all_finite
 
 _CODE_CLAMP = 4194304.0  # 2^22: keeps w / scale finite-and-exact before rounding (as the GPTQ sweep does)
 
@@ -194,7 +195,7 @@ def check_hessian(h, n_tokens, in_features: int, name: str) -> None:
             f"[sparsegpt] {name} needs a Hessian from at least one token, got n_tokens={n_tokens!r}; "
             f"check that calibration data reached this module"
         )
-    if not bool(torch.isfinite(h).all()):
+    if not all_finite(h):
         raise ValueError(f"[sparsegpt] the Hessian of {name} contains NaN/Inf; check the calibration activations")
     if bool((h.diagonal() < 0).any()):
         raise ValueError(

@@ -134,8 +134,9 @@ def hessian_for(stats, target: Target) -> tuple[torch.Tensor, int, int]:
     return stats.tensors[key], n, n
 
 
-def solve(target: Target, config, stats, layer: int | None) -> QuantizedLayer:
-    """Quantize one target with ``config`` (RTN needs no statistics)."""
+def solve(target: Target, config, stats, layer: int | None, *, consume: bool = False) -> QuantizedLayer:
+    """Quantize one target with ``config`` (RTN needs no statistics). ``consume``: GPTQ may work in the
+    memory of the target's weight and Hessian (no later target reads them)."""
     w = target.weight()
     if isinstance(config, RTNConfig):
         return rtn_quantize(w, config, name=target.name, layer=layer)
@@ -144,7 +145,7 @@ def solve(target: Target, config, stats, layer: int | None) -> QuantizedLayer:
     if isinstance(config, MRGPTQConfig):
         ql = mr_gptq_quantize(w, h, n, config, name=target.name, layer=layer)
     elif isinstance(config, GPTQConfig):
-        ql = gptq_quantize(w, h, n, config, name=target.name, layer=layer)
+        ql = gptq_quantize(w, h, n, config, name=target.name, layer=layer, consume=consume and not target.expert)
     else:
         raise TypeError(f"[quantize] config must be RTNConfig, GPTQConfig or MRGPTQConfig, got {type(config).__name__}")
     ql.log.samples = tokens
@@ -166,6 +167,9 @@ class LayerQuantizer:
         on_module: called with each finished ``QuantizedLayer`` (progress, logging).
         keep_dense: keep each result's dequantized weight (``QuantizedLayer.weight``); a streamed job passes
             False (the weight is written back into the layer, and the layer is written and freed).
+        consume: let GPTQ solve in the memory of each weight and of its Hessian when no later target of the
+            layer reads that Hessian (q/k/v share one: only v's solve consumes it). Only for callers whose
+            statistics die with the layer (a runner with ``keep_layer_stats=False``).
     """
 
     def __init__(
@@ -178,11 +182,15 @@ class LayerQuantizer:
         freeze: Callable | None = None,
         on_module: Callable | None = None,
         keep_dense: bool = True,
+        consume: bool = False,
     ):
         self.config, self.adapter = config, adapter
-        self.keep_dense = keep_dense
+        self.keep_dense, self.consume = keep_dense, consume
         self.overrides = dict(overrides or {})
         self.collect, self.freeze = collect, freeze
+        self.release: Callable | None = None
+        """``release(index, keys)`` (``LayerRunner.release``): with ``consume``, called after each group's
+        solve so its Hessians are freed before the next group's."""
         self.on_module = on_module
         self.layers: dict[str, QuantizedLayer] = {}
         self.dense: list[str] = []
@@ -201,22 +209,34 @@ class LayerQuantizer:
             needs = [t.stats_key for t, cfg in group if cfg is not None and not isinstance(cfg, RTNConfig)]
             if needs and self.true_sequential:
                 stats = self.collect(index, layer, needs)
-            for t, cfg in group:
+            for k, (t, cfg) in enumerate(group):
                 if cfg is None:
                     self.dense.append(t.name)
                     continue
-                ql = solve(t, cfg, stats, index)
+                ql = solve(t, cfg, stats, index, consume=self.consume and self._last_reader(t, group[k + 1 :], stats))
                 t.store(ql.dense())
                 if not self.keep_dense:  # the layer holds the effective weight now; the codes say the rest
                     ql.weight = ql.weight.to("meta")
                 self.layers[t.name] = ql
                 if self.on_module is not None:
                     self.on_module(ql)
+            if self.consume and self.release is not None and needs:
+                self.release(index, needs)  # solved: these Hessians are not read again
+                for key in needs:
+                    stats.tensors.pop(f"hessian/sum/{key}", None)
             if attn_left:
                 attn_left.difference_update(t.name for t, _ in group)
                 if not attn_left:  # attention is final: later passes replay its output
                     self.freeze(index, self.adapter.attention(layer))
         self.layer_seconds.append(time.perf_counter() - t0)
+
+    @staticmethod
+    def _last_reader(target: Target, later: list, stats) -> bool:
+        """True when no later target of the group reads ``target``'s Hessian tensor (shared by q/k/v)."""
+        if target.expert or stats is None:
+            return False
+        h = stats.tensors.get(f"hessian/sum/{target.stats_key}")
+        return h is not None and not any(stats.tensors.get(f"hessian/sum/{t.stats_key}") is h for t, _ in later)
 
     def _attention_targets(self, index: int, layer: nn.Module, targets: list[Target]) -> set[str] | None:
         """Names of the targets inside the attention block (None when the layer has no such block)."""

@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_SLICE = 1 << 24  # elements per slice of the checks below (64 MB of float32)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` over slices of rows: the one-shot form allocates temporaries as large as
+    ``t`` (1.3 GiB for a 14336 x 14336 float32 Hessian, at the moment memory is tightest)."""
+    rows = max(1, _SLICE // max(1, t.shape[-1])) if t.dim() else 1
+    if t.dim() == 0 or t.shape[0] <= rows:
+        return bool(torch.isfinite(t).all())
+    return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
 def check_weight(w, config, name: str) -> None:
@@ -37,5 +47,5 @@ def check_hessian(h, n_tokens, in_features: int, name: str) -> None:
             f"[gptq] {name} needs a Hessian from at least one token, got n_tokens={n_tokens!r}; "
             f"check that calibration data reached this module"
         )
-    if not bool(torch.isfinite(h).all()):
+    if not all_finite(h):
         raise ValueError(f"[gptq] the Hessian of {name} contains NaN/Inf; check the calibration activations")
