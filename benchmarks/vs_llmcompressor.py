@@ -172,16 +172,38 @@ def run_tool(name: str, cmd: list[str], env: dict, log: Path, timeout: float) ->
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = _wait4(proc, timeout)
+        except BaseException:
+            proc.kill()
+            raise
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss * 1024  # the child's VmHWM
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
     print(
-        f"  {name}: {wall:.1f} s end-to-end (load average {load_before[0]:.1f} -> {load_after[0]:.1f})", file=sys.stderr
+        f"  {name}: {wall:.1f} s end-to-end, peak RSS {peak / 2**30:.2f} GiB (load average {load_before[0]:.1f} -> "
+        f"{load_after[0]:.1f})",
+        file=sys.stderr,
     )
-    return {"end_to_end": wall, "loadavg_before": load_before, "loadavg_after": load_after}
+    return {"end_to_end": wall, "peak_rss": peak, "loadavg_before": load_before, "loadavg_after": load_after}
+
+
+def _wait4(proc, timeout: float):
+    """``os.wait4`` of the child (its exit status and resource usage: ru_maxrss is its peak RSS), with a
+    timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.05)
 
 
 def evaluate_outputs(args, model_dir: Path, outputs: dict) -> dict:
@@ -238,14 +260,15 @@ def evaluate_outputs(args, model_dir: Path, outputs: dict) -> dict:
 def table(rows: list[dict], base_ppl: float, seeds: list[int]) -> str:
     per_seed = " / ".join(str(sd) for sd in seeds)
     lines = [
-        f"| tool | quantize s | end-to-end s | ppl | Δppl | Δppl, seed {per_seed} | KL |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| unquantized (float32) | – | – | {base_ppl:.3f} | – | – | – |",
+        f"| tool | quantize s | end-to-end s | peak RSS GiB | ppl | Δppl | Δppl, seed {per_seed} | KL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| unquantized (float32) | – | – | – | {base_ppl:.3f} | – | – | – |",
     ]
     for r in rows:
         each = " / ".join(f"{p - base_ppl:+.3f}" for p in r["ppl_per_seed"])
         lines.append(
-            f"| {r['label']} | {r['quantize_s']:.1f} | {r['end_to_end_s']:.1f} | {r['ppl']:.3f} | "
+            f"| {r['label']} | {r['quantize_s']:.1f} | {r['end_to_end_s']:.1f} | {r['peak_rss'] / 2**30:.2f} | "
+            f"{r['ppl']:.3f} | "
             f"{r['ppl'] - base_ppl:+.3f} | {each} | {r['kl']:.5f} |"
         )
     return "\n".join(lines)
@@ -371,6 +394,7 @@ def main(argv=None) -> int:
                 "label": label,
                 "quantize_s": t_q,
                 "end_to_end_s": statistics.median(r["end_to_end"] for r in rs),
+                "peak_rss": statistics.median(r["peak_rss"] for r in rs),
                 "ppl": statistics.fmean(p["ppl"] for p in per),
                 "kl": statistics.fmean(p["kl"] for p in per),
                 "ppl_per_seed": [p["ppl"] for p in per],

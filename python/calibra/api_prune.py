@@ -94,6 +94,7 @@ def prune(
     dry_run: bool = False,
     resume: bool = False,
     checkpoint: bool | None = None,
+    stream: bool | None = None,
 ):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 
@@ -120,18 +121,22 @@ def prune(
             (``calibra.prune.resume``; default: on when ``output`` is given); removed once the output is written.
         resume: continue a killed or failed run from those checkpoints; refused when the model, the
             settings, the calibration data or the versions differ (FAULTS rows 22-24).
+        stream: read the model one decoder layer at a time from its shards and write each pruned layer as it
+            is finished (``None``: when the whole model would not fit the memory plan; see
+            ``calibra.quantize``). Pruned weights are written in their stored dtype (bf16 stays bf16; the
+            whole-model job writes ``dtype``); no evaluation, checkpoints, --save-24 or joint quantization
+            yet. The returned model is the weightless one.
 
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
     """
     from calibra.data import CalibrationConfig
-    from calibra.export.writer import check_target, versions
+    from calibra.export.writer import check_target
     from calibra.job import model_config_of, read_model, refuse_quantized
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
-    from calibra.prune.config import config_dict
     from calibra.prune.patterns import NM
     from calibra.prune.stages import PruningStage as S
 
@@ -196,9 +201,38 @@ def prune(
         checkpoint=checkpoint and output is not None,
         solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
     )
+    from calibra.job import choose_streaming, refuse_for_streaming
+
+    streaming = choose_streaming(stream, model, plan, say, "prune")
+    if streaming:
+        refuse_for_streaming(
+            "prune",
+            output=output,
+            unsupported=[
+                (evaluate, "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"),
+                (resume, "checkpoints and --resume are not implemented for it yet: drop --resume"),
+                (save_24, "the compressed 2:4 file is not written by it yet: drop --save-24"),
+                (config.quantize is not None, "joint quantization is not implemented for it yet: drop --bits"),
+            ],
+        )
+        plan = plan_job(
+            model_config,
+            job="prune",
+            observers=_observers(config, measure_error),
+            dtype=dtype,
+            device=device,
+            calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
+            needs_data=needs_data,
+            weight_files_bytes=weight_files_bytes(model),
+            output=output,
+            solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
+            streaming=True,
+        )
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
+    if streaming:
+        return _run_streamed(**locals())
     ck = None
     if checkpoint and output is not None:
         from calibra.prune import resume as presume
@@ -310,50 +344,21 @@ def prune(
             eval_block = ev.finish(model)
 
         # -- 5. report, write --------------------------------------------------------------------------
-        rows = [pl.log() for pl in pruner.layers.values()]
         pm = psave.PrunedModel(
             model=model, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source, dense=dense
         )
-        block = psave.sparsity_block(pm)
-        n_w = sum(pl.mask.numel() for pl in pruner.layers.values())
-        seed = calibration.seed if isinstance(calibration, CalibrationConfig) and needs_data else None
-        report = {
-            "format": REPORT_FORMAT,
-            "format_version": 1,
-            "model": {
-                "source": source,
-                "model_type": getattr(model.config, "model_type", None),
-                "num_layers": n_layers,
-            },
-            "settings": {
-                "config": config_dict(config),
-                "method": config.method_enum.value,
-                "pattern": str(pattern),
-                "target_sparsity": config.sparsity,
-                "joint_quantization": None if config.quantize is None else dataclasses.asdict(config.quantize),
-                "calibration": (run_meta if needs_data else "none (data-free)"),
-                "device": str(device or "auto"),
-                "dtype": str(dtype),
-                "save_24": bool(save_24),
-                "measure_error": bool(measure_error),
-                "lm_head": "excluded",
-                "embeddings": "excluded",
-                "router": "excluded",
-            },
-            "versions": versions(),
-            "seed": seed,
-            "summary": {
-                "pruned_modules": len(pruner.layers),
-                "dense_modules": sorted(dense),
-                "pruned_weights_total": n_w,
-                "zeroed_weights": n_w - sum(int(pl.mask.sum()) for pl in pruner.layers.values()),
-                "target_sparsity": config.sparsity,
-                "achieved_sparsity": block["achieved"],
-                "joint_quantization_bits": None if config.quantize is None else config.quantize.bits,
-            },
-            "modules": rows,
-            "sparsity": {"dense_modules": dict(sorted(dense.items())), "layers": block["layers"]},
-        }
+        report = _report(
+            pm,
+            n_layers=n_layers,
+            run_meta=run_meta,
+            needs_data=needs_data,
+            calibration=calibration,
+            device=device,
+            dtype=dtype,
+            save_24=save_24,
+            measure_error=measure_error,
+        )
+        report["plan"] = plan.to_dict()
         if eval_block is not None:
             report["eval"] = eval_block
         report["timings"] = {
@@ -393,6 +398,194 @@ def prune(
             on_failure(ck, e)
         raise
     return model, report
+
+
+def _run_streamed(
+    *,
+    model,
+    config,
+    calibration,
+    output,
+    overwrite,
+    measure_error,
+    device,
+    dtype,
+    tokenizer,
+    progress,
+    read,
+    say,
+    t_start,
+    source,
+    model_config,
+    needs_data,
+    dense,
+    plan,
+    **_,
+):
+    """The streamed job: layers read from disk one at a time, each written pruned when finished."""
+    from calibra.calib import LayerRunner
+    from calibra.export.streamed import StreamedOutput
+    from calibra.job import calibration_tokens, open_streamed_job, stream_layers
+    from calibra.models import get_adapter
+    from calibra.plan import current_rss
+    from calibra.prune import StageTracker
+    from calibra.prune import save as psave
+    from calibra.prune.apply import LayerPruner
+    from calibra.prune.save import module_weight
+    from calibra.prune.stages import PruningStage as S
+
+    weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "prune", tokenizer)
+    m = weights.model
+    adapter = get_adapter(m)
+    n_layers = len(adapter.layers)
+    prog = _Progress(say, progress)
+    tracker = StageTracker(on_change=prog)
+
+    def layer_tensors(name, pl):  # the pruned weight, at the checkpoint's stored dtype
+        key = f"{name}.weight"
+        return {key: module_weight(m, name).to(weights.store.dtype(key))}
+
+    sink = StreamedOutput(output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights)
+    pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
+    layer_rss = []
+
+    def write_layer(i, _hidden=None):
+        prefix = adapter.layer_name(i) + "."
+        done = {n: pl for n, pl in pruner.layers.items() if n.startswith(prefix)}
+        sink.layer(adapter.layers[i], done)
+        for n, pl in done.items():
+            pruner.layers[n] = pl.slim()
+        layer_rss.append(current_rss())
+
+    run_meta = None
+    t0 = time.perf_counter()
+    try:
+        if not needs_data:
+            dev = torch.device(device) if device is not None else None
+            stream_layers(
+                weights,
+                adapter,
+                pruner,
+                write_layer,
+                device=dev,
+                progress=progress,
+                desc=f"{config.method_enum.value} (streamed)",
+            )
+        else:
+            tracker.advance(S.CALIBRATING, adapter.layer_name(0))
+            ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, m, say)
+            runner = LayerRunner(
+                m,
+                adapter,
+                device=device,
+                observers=_observers(config, measure_error),
+                on_layer=pruner,
+                feed_compressed=True,
+                progress=progress,
+                desc=f"{config.method_enum.value} (streamed)",
+                keep_layer_stats=False,
+                weights=weights,
+            )
+            if config.gradual_steps > 1:
+                pruner.recollect = runner.recollect
+            runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, after_layer=write_layer)
+        t_prune = time.perf_counter() - t0
+        t_solve = sum(pl.seconds for pl in pruner.layers.values())
+        pm = psave.PrunedModel(
+            model=m, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source, dense=dense
+        )
+        report = _report(
+            pm,
+            n_layers=n_layers,
+            run_meta=run_meta,
+            needs_data=needs_data,
+            calibration=calibration,
+            device=device,
+            dtype=dtype,
+            save_24=False,
+            measure_error=measure_error,
+        )
+        report["plan"] = plan.to_dict()
+        report["streaming"] = {"bytes_read": 0, "rss_after_layer": layer_rss, "dense_dtype": "stored"}
+        report["timings"] = {
+            "calibration": max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0,
+            "solve": t_solve,
+            "eval": 0.0,
+            "per_layer": pruner.layer_seconds,
+        }
+        pm.report = report
+        tracker.advance(S.EXPORTING, str(output))
+        t_write = time.perf_counter()
+
+        def write_files(folder):
+            tracker.advance(S.COMPLETE)
+            report["stages"] = tracker.to_dict()
+            report["output"] = str(output)
+            report["streaming"]["bytes_read"] = weights.bytes_read
+            report["timings"]["write"] = time.perf_counter() - t_write
+            report["timings"]["total"] = time.perf_counter() - t_start
+            psave.write_files(folder, pm, None, report=report)
+
+        sink.finish(write_files)
+    except BaseException as e:
+        if not tracker.done:
+            tracker.fail(f"{type(e).__name__}: {e}")
+        sink.abort(e)
+        raise
+    return m, report
+
+
+def _report(pm, *, n_layers, run_meta, needs_data, calibration, device, dtype, save_24, measure_error) -> dict:
+    """report.json without the evaluation, stages and timings (the caller adds those)."""
+    from calibra.data import CalibrationConfig
+    from calibra.export.writer import versions
+    from calibra.prune import save as psave
+    from calibra.prune.config import config_dict
+
+    config = pm.config
+    pattern = config.pattern_obj
+    rows = [pl.log() for pl in pm.layers.values()]
+    block = psave.sparsity_block(pm)
+    n_w = sum(pl.mask.numel() for pl in pm.layers.values())
+    seed = calibration.seed if isinstance(calibration, CalibrationConfig) and needs_data else None
+    report = {
+        "format": REPORT_FORMAT,
+        "format_version": 1,
+        "model": {
+            "source": pm.source,
+            "model_type": getattr(pm.model.config, "model_type", None),
+            "num_layers": n_layers,
+        },
+        "settings": {
+            "config": config_dict(config),
+            "method": config.method_enum.value,
+            "pattern": str(pattern),
+            "target_sparsity": config.sparsity,
+            "joint_quantization": None if config.quantize is None else dataclasses.asdict(config.quantize),
+            "calibration": (run_meta if needs_data else "none (data-free)"),
+            "device": str(device or "auto"),
+            "dtype": str(dtype),
+            "save_24": bool(save_24),
+            "measure_error": bool(measure_error),
+            "lm_head": "excluded",
+            "embeddings": "excluded",
+            "router": "excluded",
+        },
+        "versions": versions(),
+        "seed": seed,
+        "summary": {
+            "pruned_modules": len(pm.layers),
+            "dense_modules": sorted(pm.dense),
+            "pruned_weights_total": n_w,
+            "zeroed_weights": n_w - sum(pl.kept for pl in pm.layers.values()),
+            "target_sparsity": config.sparsity,
+            "achieved_sparsity": block["achieved"],
+            "joint_quantization_bits": None if config.quantize is None else config.quantize.bits,
+        },
+        "modules": rows,
+        "sparsity": {"dense_modules": dict(sorted(pm.dense.items())), "layers": block["layers"]},
+    }
+    return report
 
 
 def _restored(done: int, tracker, adapter, calibrating: bool) -> int:

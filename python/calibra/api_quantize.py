@@ -18,7 +18,7 @@ import torch
 from calibra.data.tokenize import fingerprint
 from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
-from calibra.job import all_targets, calibration_tokens, meta_model, on_failure
+from calibra.job import all_targets, calibration_tokens, choose_streaming, meta_model, on_failure, refuse_for_streaming
 
 REPORT_FORMAT = "calibra-quantize-report"
 
@@ -202,16 +202,22 @@ def quantize(
         checkpoint=checkpoint and output is not None,
         output=output,
     )
-    streaming = _choose_streaming(stream, model, plan, say)
+    streaming = choose_streaming(stream, model, plan, say, "quantize")
     if streaming:
         from calibra.export.streamed import refuse_format
 
-        _refuse_for_streaming(
+        refuse_for_streaming(
+            "quantize",
             output=output,
-            evaluate=evaluate,
-            act_ranges=act_ranges or ranges_file,
-            mixed_precision=mixed_precision,
-            resume=resume,
+            unsupported=[
+                (evaluate, "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"),
+                (
+                    act_ranges or ranges_file,
+                    "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
+                ),
+                (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
+                (resume, "checkpoints and --resume are not implemented for it yet: drop --resume"),
+            ],
         )
         refuse_format(export)
         do_eval, checkpoint = False, False
@@ -513,48 +519,6 @@ def _check_stats_model(stats, identity: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- streaming
-_FIT = 0.85  # the whole-model job is chosen while its predicted peak stays under this share of free memory
-
-
-def _choose_streaming(stream, model, plan, say) -> bool:
-    """Stream when asked to, or (``stream=None``) when the whole-model plan does not fit the host memory
-    available now. A model passed in loaded is in memory already: it is never streamed."""
-    if not isinstance(model, (str, Path)):
-        if stream:
-            raise ValueError("[quantize] stream=True needs a model folder or name; this model is already loaded")
-        return False
-    if stream is not None:
-        return bool(stream)
-    avail = plan.host_available
-    if avail is None or plan.peak_host - plan.host.get("process before loading", 0) <= _FIT * avail:
-        return False
-    say(
-        f"[plan] the whole model would need about {plan.peak_host / 2**30:.1f} GiB of host memory, more than "
-        f"{_FIT:.0%} of the {avail / 2**30:.1f} GiB available: streaming it one layer at a time"
-    )
-    return True
-
-
-def _refuse_for_streaming(*, output, evaluate, act_ranges, mixed_precision, resume) -> None:
-    """What a streamed job cannot do yet, refused before any weight is read (each with the way out)."""
-    why = None
-    if output is None:
-        why = "it writes its result layer by layer and keeps none in memory: give output=DIR (--output DIR)"
-    elif evaluate:
-        why = "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"
-    elif act_ranges:
-        why = "activation ranges / smoothing are not implemented for streamed jobs yet: drop --act-ranges"
-    elif mixed_precision is not None:
-        why = "mixed precision is not implemented for streamed jobs yet: drop --mixed-precision"
-    elif resume:
-        why = "checkpoints and --resume are not implemented for streamed jobs yet: drop --resume"
-    if why:
-        raise ValueError(
-            f"[quantize] this job streams the model from disk (stream=True, or the model does not fit in "
-            f"memory); {why}, or pass stream=False (--no-stream) if it fits"
-        )
-
-
 def _run_streamed(
     *,
     model,
@@ -580,27 +544,16 @@ def _run_streamed(
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished."""
-    from tqdm.auto import tqdm
-
     from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.export.streamed import StreamedOutput
-    from calibra.io import inspect_model
-    from calibra.io.streamed import limit_heap_growth, open_streamed
+    from calibra.job import open_streamed_job, stream_layers
     from calibra.models import get_adapter
-    from calibra.plan import current_rss, torch_dtype
+    from calibra.plan import current_rss
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
 
-    limit_heap_growth()
-    folder = inspect_model(model, component="quantize", **read)
-    weights, why = open_streamed(
-        folder, model_config, torch_dtype(dtype, model_config), trust_remote_code=read["trust_remote_code"]
-    )
-    if weights is None:
-        raise ValueError(f"[quantize] {source} cannot be streamed: {why}; pass stream=False (--no-stream)")
-    if tokenizer is None:
-        tokenizer = _folder_tokenizer(folder.path)
+    weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "quantize", tokenizer)
     m = weights.model
     adapter = get_adapter(m)
     if stats is not None:
@@ -634,15 +587,15 @@ def _run_streamed(
     t0 = time.perf_counter()
     try:
         if is_rtn or stats is not None:
-            layers = adapter.layers
-            with torch.no_grad():
-                for i in tqdm(range(len(layers)), desc="quantizing", unit="layer", disable=not progress):
-                    weights.load(layers[i], dev)
-                    if i + 1 < len(layers):
-                        weights.prefetch([layers[i + 1]])
-                    quantizer(i, layers[i], stats)
-                    write_layer(i)
-                    weights.release(layers[i])
+            stream_layers(
+                weights,
+                adapter,
+                lambda i, layer, _: quantizer(i, layer, stats),
+                write_layer,
+                device=dev,
+                progress=progress,
+                desc="quantizing (streamed)",
+            )
         else:
             ids, mask, run_meta, bs = calibration_tokens(calibration or CalibrationConfig(), tokenizer, m, say)
             runner = LayerRunner(
@@ -725,15 +678,6 @@ def _stamp(report, weights, t_start, t_write) -> None:
     report["streaming"]["bytes_read"] = weights.bytes_read
     report["timings"]["write_rest"] = time.perf_counter() - t_write
     report["timings"]["total"] = time.perf_counter() - t_start
-
-
-def _folder_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        return None
 
 
 def _report(

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from calibra.cli_flags import add_sample_flags
+from calibra.cli_flags import add_sample_flags, add_stream_flags
 
 # a constant only (calibra.eval.session imports torch, never transformers)
 from calibra.eval.session import REPORT_EVAL_TOKENS
@@ -492,20 +492,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
-    st = q.add_mutually_exclusive_group()
-    st.add_argument(
-        "--stream",
-        dest="stream",
-        action="store_const",
-        const=True,
-        default=None,
-        help="read the model one decoder layer at a time from its shards and write the result layer by layer "
-        "(host memory: one layer, not the model). Default: streamed only when the whole model does not fit "
-        "the memory plan. Streamed jobs write calibra's folder or --export compressed-tensors, with --no-eval",
-    )
-    st.add_argument(
-        "--no-stream", dest="stream", action="store_const", const=False, help="load the whole model even if large"
-    )
+    add_stream_flags(q)
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(q)
     _add_resume_flags(q, "codes")
@@ -609,6 +596,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         resume=args.resume,
         checkpoint=not args.no_checkpoint,
+        stream=args.stream,
         **_read_opts(args),
     )
     if args.dry_run:
@@ -708,6 +696,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
+    add_stream_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(p)
     _add_resume_flags(p, "pruned weights")

@@ -25,3 +25,21 @@ def add_sample_flags(p) -> None:
         help="calibration samples per forward pass (default: about 4096 tokens per pass; 1 if memory is tight)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed that selects and orders the calibration samples")
+
+
+def add_stream_flags(p) -> None:
+    """``--stream`` / ``--no-stream`` (quantize, prune): how the model is read."""
+    st = p.add_mutually_exclusive_group()
+    st.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read the model one decoder layer at a time from its shards and write the result layer by layer "
+        "(host memory: one layer, not the model). Default: streamed only when the whole model does not fit "
+        "the memory plan. Streamed jobs write with --no-eval and no --resume (docs/streaming.md)",
+    )
+    st.add_argument(
+        "--no-stream", dest="stream", action="store_const", const=False, help="load the whole model even if large"
+    )

@@ -166,3 +166,82 @@ def on_failure(ck, e) -> None:
         ) + e.args[1:]
     else:
         ck.finish()
+
+
+# ---------------------------------------------------------------------------------------- streaming
+_FIT = 0.85  # the whole-model job is chosen while its predicted peak stays under this share of free memory
+
+
+def choose_streaming(stream, model, plan, say, component: str) -> bool:
+    """Stream when asked to, or (``stream=None``) when the whole-model plan does not fit the host memory
+    available now. A model passed in loaded is in memory already: it is never streamed."""
+    if not isinstance(model, (str, Path)):
+        if stream:
+            raise ValueError(f"[{component}] stream=True needs a model folder or name; this model is already loaded")
+        return False
+    if stream is not None:
+        return bool(stream)
+    avail = plan.host_available
+    if avail is None or plan.peak_host - plan.host.get("process before loading", 0) <= _FIT * avail:
+        return False
+    say(
+        f"[plan] the whole model would need about {plan.peak_host / 2**30:.1f} GiB of host memory, more than "
+        f"{_FIT:.0%} of the {avail / 2**30:.1f} GiB available: streaming it one layer at a time"
+    )
+    return True
+
+
+def refuse_for_streaming(component: str, *, output, unsupported) -> None:
+    """What a streamed job cannot do (yet), refused before any weight is read, each with the way out.
+    ``unsupported``: ``(asked for, why and what to do)`` pairs."""
+    why = None
+    if output is None:
+        why = "it writes its result layer by layer and keeps none in memory: give output=DIR (--output DIR)"
+    else:
+        why = next((msg for asked, msg in unsupported if asked), None)
+    if why:
+        raise ValueError(
+            f"[{component}] this job streams the model from disk (stream=True, or the model does not fit in "
+            f"memory); {why}, or pass stream=False (--no-stream) if it fits"
+        )
+
+
+def open_streamed_job(model, model_config, dtype, read: dict, source: str, component: str, tokenizer=None):
+    """``(StreamedModel, tokenizer)`` of a model folder/name for a streamed job (see ``calibra.io.streamed``);
+    sets the allocator so that freed layers go back to the system."""
+    from calibra.io import inspect_model
+    from calibra.io.streamed import limit_heap_growth, open_streamed
+    from calibra.plan import torch_dtype
+
+    limit_heap_growth()
+    folder = inspect_model(model, component=component, **read)
+    weights, why = open_streamed(
+        folder, model_config, torch_dtype(dtype, model_config), trust_remote_code=read["trust_remote_code"]
+    )
+    if weights is None:
+        raise ValueError(f"[{component}] {source} cannot be streamed: {why}; pass stream=False (--no-stream)")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder.path, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+    return weights, tokenizer
+
+
+def stream_layers(weights, adapter, on_layer, after_layer, *, device, progress: bool, desc: str) -> None:
+    """A data-free streamed job's loop (RTN, magnitude pruning): each layer loaded, ``on_layer(i, layer,
+    None)``, the next layer read ahead while ``after_layer(i)`` writes this one, then released. Jobs with
+    calibration data run the same steps inside ``LayerRunner(weights=...)``."""
+    from tqdm.auto import tqdm
+
+    layers = adapter.layers
+    with torch.no_grad():
+        for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
+            weights.load(layers[i], device)
+            on_layer(i, layers[i], None)
+            if i + 1 < len(layers):
+                weights.prefetch([layers[i + 1]])
+            after_layer(i)
+            weights.release(layers[i])

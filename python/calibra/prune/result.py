@@ -83,6 +83,19 @@ class PrunedLayer:
     damp: float = 0.0
     dead_channels: int = 0
     extra: dict = field(default_factory=dict)
+    kept_count: int | None = None
+    """Kept weights, recorded by :meth:`slim` (the mask is then on the meta device)."""
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.sum()) if self.kept_count is None else self.kept_count
+
+    def slim(self) -> PrunedLayer:
+        """A copy without tensor memory (the mask on the meta device, its count kept): what a streamed job
+        keeps of a module once its layer is written."""
+        import dataclasses
+
+        return dataclasses.replace(self, mask=self.mask.to("meta"), weight=None, quantized=None, kept_count=self.kept)
 
     def to_24(self) -> tuple[torch.Tensor, torch.Tensor]:
         """calibra's compressed 2:4 form ``(values [out, in/2], meta int16 [out, in/16])`` of ``weight``

@@ -71,7 +71,7 @@ def sparsity_block(pm: PrunedModel) -> dict:
     """config.json's ``calibra_sparsity``."""
     cfg = pm.config
     total = sum(pl.mask.numel() for pl in pm.layers.values())
-    kept = sum(int(pl.mask.sum()) for pl in pm.layers.values())
+    kept = sum(pl.kept for pl in pm.layers.values())
     jq = cfg.quantize
     return {
         "method": cfg.method_enum.value,
@@ -97,7 +97,7 @@ def sparsity_doc(pm: PrunedModel) -> dict:
             "target_sparsity": pl.target_sparsity,
             "achieved_sparsity": pl.achieved_sparsity,
             "shape": list(pl.mask.shape),
-            "kept": int(pl.mask.sum()),
+            "kept": pl.kept,
             "expert": bool(pl.extra.get("expert", False)),
         }
     return {
@@ -142,40 +142,56 @@ def write(
     max_shard_bytes: int | None = None,
 ) -> Path:
     """Write DIR atomically (see the module docstring); returns its path."""
+    from calibra.export import _common, writer
+
+    target = writer.check_target(path, overwrite, tag="prune")
+    with writer.atomic_folder(target, overwrite=overwrite) as tmp:
+        write_files(tmp, pm, _common.dense_state(pm), save_24=save_24, report=report, max_shard_bytes=max_shard_bytes)
+    return target
+
+
+def write_files(
+    tmp: Path,
+    pm: PrunedModel,
+    tensors: dict | None,
+    *,
+    save_24: bool = False,
+    report: dict | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Everything of the folder into ``tmp``; ``tensors`` None: the shards are there already (a streamed
+    job wrote them layer by layer)."""
     from safetensors.torch import save_file
 
     from calibra.export import _common, writer
 
-    target = writer.check_target(path, overwrite, tag="prune")
     block = sparsity_block(pm)
     body = (
         f"Pruned with calibra: {block['method']}, pattern {block['pattern']}, achieved sparsity "
         f"{block['achieved']:.4f} over {len(pm.layers)} modules. The weights are stored dense (zeros included); "
         f"per-module sparsity is in sparsity.json and config.json's `{CONFIG_KEY}`."
     )
-    with writer.atomic_folder(target, overwrite=overwrite) as tmp:
-        _common.write_hf_folder(
-            tmp,
-            pm,
-            _common.dense_state(pm),
-            config_updates={CONFIG_KEY: block},
-            config_drop=("quantization_config",),
-            max_shard_bytes=max_shard_bytes,
-            card={
-                "title": f"{pm.source} (pruned, {block['pattern']})",
-                "library_name": "transformers",
-                "tags": ["calibra", "pruned", "sparse"],
-                "settings": _settings(pm),
-                "body": body,
-            },
-        )
-        writer.write_json(tmp / SPARSITY, sparsity_doc(pm))
-        if save_24:
-            save_file(tensors_24(pm), str(tmp / SPARSE24), metadata={"format": "calibra-sparse24"})
-        writer.write_manifest(tmp, format=FORMAT, qmodel=pm)
-        if report is not None:
-            writer.write_json(tmp / "report.json", report)
-    return target
+    _common.write_hf_folder(
+        tmp,
+        pm,
+        tensors,
+        config_updates={CONFIG_KEY: block},
+        config_drop=("quantization_config",),
+        max_shard_bytes=max_shard_bytes,
+        card={
+            "title": f"{pm.source} (pruned, {block['pattern']})",
+            "library_name": "transformers",
+            "tags": ["calibra", "pruned", "sparse"],
+            "settings": _settings(pm),
+            "body": body,
+        },
+    )
+    writer.write_json(tmp / SPARSITY, sparsity_doc(pm))
+    if save_24:
+        save_file(tensors_24(pm), str(tmp / SPARSE24), metadata={"format": "calibra-sparse24"})
+    writer.write_manifest(tmp, format=FORMAT, qmodel=pm)
+    if report is not None:
+        writer.write_json(tmp / "report.json", report)
 
 
 def load_24(path) -> dict[str, torch.Tensor]:
