@@ -444,6 +444,9 @@ def _run(
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+        # the runner drops each layer's statistics with the layer (keep_layer_stats=False): the solver may
+        # work in their memory and in the weights' (the same numbers; no second copy of H or W)
+        quantizer.consume, quantizer.release = True, runner.release
         resume_kw = {}
         if ck is not None:
             done = restore(ck, quantizer, adapter, runner)

@@ -276,9 +276,12 @@ def plan_job(
         work = ws
     # what the job keeps per compressed weight, on the host, until the save
     g = 0
+    consumed = job == "quantize" and solver == "gptq" and needs_data and est is not None
     if job == "quantize":
         g = n_q // max(1, group_size) if group_size and group_size > 0 else 0
-        results = n_q * (db + 1) + 8 * max(g, 1)
+        # GPTQ through the runner solves in the weights' memory: each result's dequantized weight is the
+        # model's parameter itself, so only the codes and scales are extra (LayerQuantizer(consume=True))
+        results = n_q * (1 if consumed else db + 1) + 8 * max(g, 1)
         out_bytes = n_q * 1 + 8 * max(g, 1) + (params - n_q) * db  # calibra's folder: one uint8 code per weight
     elif job == "prune":
         results = n_q  # one bool mask byte per pruned weight
@@ -288,6 +291,8 @@ def plan_job(
         out_bytes = est.hessians * n_layers if est is not None else 0
     kept_stats = out_bytes if job == "calibrate" else 0  # calibrate returns every layer's statistics
     on_cpu = device.type == "cpu"
+    if consumed and on_cpu:
+        work = _streamed_work(shapes, solver, est, hessian_bytes=_dtype_bytes(hessian_dtype))
     layer_work_host = work if on_cpu else (est.hessians if est is not None else 0)
     ckpt_transient = (hidden // 2 + n_q // max(1, n_layers)) if checkpoint else 0
     phases = {
