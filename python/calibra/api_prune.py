@@ -427,7 +427,6 @@ def _run_streamed(
     from calibra.export.streamed import StreamedOutput
     from calibra.job import calibration_tokens, open_streamed_job, stream_layers
     from calibra.models import get_adapter
-    from calibra.plan import current_rss
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
@@ -447,15 +446,9 @@ def _run_streamed(
 
     sink = StreamedOutput(output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights)
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
-    layer_rss = []
 
     def write_layer(i, _hidden=None):
-        prefix = adapter.layer_name(i) + "."
-        done = {n: pl for n, pl in pruner.layers.items() if n.startswith(prefix)}
-        sink.layer(adapter.layers[i], done)
-        for n, pl in done.items():
-            pruner.layers[n] = pl.slim()
-        layer_rss.append(current_rss())
+        sink.layer_done(adapter.layers[i], adapter.layer_name(i), pruner.layers)
 
     run_meta = None
     t0 = time.perf_counter()
@@ -506,7 +499,7 @@ def _run_streamed(
             measure_error=measure_error,
         )
         report["plan"] = plan.to_dict()
-        report["streaming"] = {"bytes_read": 0, "rss_after_layer": layer_rss, "dense_dtype": "stored"}
+        report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer, "dense_dtype": "stored"}
         report["timings"] = {
             "calibration": max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0,
             "solve": t_solve,

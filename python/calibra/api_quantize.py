@@ -552,7 +552,6 @@ def _run_streamed(
     from calibra.export.streamed import StreamedOutput
     from calibra.job import open_streamed_job, stream_layers
     from calibra.models import get_adapter
-    from calibra.plan import current_rss
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
 
@@ -577,15 +576,9 @@ def _run_streamed(
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
     quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
     run_meta = final_stats = None
-    layer_rss = []
 
     def write_layer(i, _hidden=None):
-        prefix = adapter.layer_name(i) + "."
-        done = {n: ql for n, ql in quantizer.layers.items() if n.startswith(prefix)}
-        sink.layer(adapter.layers[i], done)
-        for n, ql in done.items():
-            quantizer.layers[n] = ql.slim()
-        layer_rss.append(current_rss())
+        sink.layer_done(adapter.layers[i], adapter.layer_name(i), quantizer.layers)
 
     t0 = time.perf_counter()
     try:
@@ -650,7 +643,7 @@ def _run_streamed(
             model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
         )
         t_write = time.perf_counter()
-        report["streaming"] = {"bytes_read": 0, "rss_after_layer": layer_rss}
+        report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer}
         report["timings"] = {
             "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0,
             "solve": t_solve,

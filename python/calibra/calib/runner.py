@@ -139,7 +139,8 @@ class LayerRunner:
             Hessians instead of the whole model's (token counts and MoE routing are always kept).
         weights: a ``calibra.io.streamed.StreamedModel`` when ``model`` is its weightless model: each layer
             (and the embeddings, for the capture) is loaded just before it runs, the next layer is read
-            ahead while it runs, and it is emptied again after ``after_layer`` has seen it.
+            ahead while ``after_layer`` writes this one (not during its solves, the job's memory peak), and
+            the layer is emptied again afterwards.
     """
 
     def __init__(

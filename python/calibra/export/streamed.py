@@ -131,6 +131,7 @@ class StreamedOutput:
         self.shards = _Shards(self.tmp, prefix)
         self.records: dict = {}
         self.written: set[str] = set()
+        self.rss_after_layer: list[int] = []
 
     def layer(self, module: torch.nn.Module, qlayers: dict) -> None:
         """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets)."""
@@ -144,6 +145,19 @@ class StreamedOutput:
                 tensors[name] = self.weights.read_stored(name)
                 self.written.add(name)
         self.shards.add(tensors)
+
+    def layer_done(self, module: torch.nn.Module, layer_name: str, results: dict) -> None:
+        """``after_layer`` for a compressor whose ``results`` (module path -> QuantizedLayer / PrunedLayer)
+        gained layer ``layer_name``'s entries: write them with :meth:`layer`, and keep only their slim
+        records in ``results``; the process's RSS after each layer goes to ``rss_after_layer``."""
+        from calibra.plan import current_rss
+
+        prefix = layer_name + "."
+        done = {n: r for n, r in results.items() if n.startswith(prefix)}
+        self.layer(module, done)
+        for n, r in done.items():
+            results[n] = r.slim()
+        self.rss_after_layer.append(current_rss())
 
     def rest(self) -> None:
         """The tensors outside the decoder layers, one read at a time (the largest -- embeddings, head --
