@@ -12,6 +12,16 @@ from pathlib import Path
 import torch
 
 
+def torch_dtype(dtype, model_config) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` value (``auto``: the config's)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        d = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+        return getattr(torch, d) if isinstance(d, str) else d
+    return getattr(torch, str(dtype).replace("torch.", ""))
+
+
 def model_config_of(
     model,
     *,
@@ -211,7 +221,6 @@ def open_streamed_job(model, model_config, dtype, read: dict, source: str, compo
     sets the allocator so that freed layers go back to the system."""
     from calibra.io import inspect_model
     from calibra.io.streamed import limit_heap_growth, open_streamed
-    from calibra.plan import torch_dtype
 
     limit_heap_growth()
     folder = inspect_model(model, component=component, **read)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from calibra.data.memory import format_bytes
+from calibra.job import torch_dtype
 
 JOBS = ("calibrate", "quantize", "prune")
 _DEVICE_HEADROOM = 0.9  # the caching allocator and fragmentation need some room
@@ -200,15 +201,6 @@ def weight_files_bytes(model) -> int:
     return inspect_model(
         model, check_tensors=False, allow_quantized=True, allow_pickle=True, trust_remote_code=True
     ).weight_bytes
-
-
-def torch_dtype(dtype, model_config) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        d = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
-        return getattr(torch, d) if isinstance(d, str) else d
-    return getattr(torch, str(dtype).replace("torch.", ""))
 
 
 def plan_job(
