@@ -129,7 +129,6 @@ class StreamedOutput:
         self._stack = contextlib.ExitStack()
         self.tmp = self._stack.enter_context(writer.atomic_folder(output, overwrite=overwrite))
         self.shards = _Shards(self.tmp, prefix)
-        self.records: dict = {}
         self.written: set[str] = set()
         self.rss_after_layer: list[int] = []
 
@@ -138,7 +137,6 @@ class StreamedOutput:
         tensors = {}
         for name, ql in qlayers.items():
             tensors.update(self.layer_tensors(name, ql))
-            self.records[name] = ql.slim()
             self.written.add(f"{name}.weight")
         for name in self.weights.names(module):
             if name not in self.written:
