@@ -182,3 +182,37 @@ def test_errors_name_the_module():
         gptq_quantize(w, hn, tokens, GPTQConfig(group_size=32), name="layers.1.mlp")
     with pytest.raises(TypeError, match="never a low-precision"):
         gptq_quantize(w, h.half(), tokens, GPTQConfig(group_size=32), name="layers.1.mlp")
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_shared_factorization_is_the_same_solve(monkeypatch, desc_act):
+    """q/k/v read one Hessian: with SharedFactorizations the first solve factors it and the other two reuse
+    the factor (one factorization instead of three), and every output is bit-identical to solving alone,
+    dead input channels and act-order included."""
+    import calibra.quant.gptq as gptq_mod
+
+    g = torch.Generator().manual_seed(5)
+    w0, h, tokens, _ = layer(seed=3)
+    h = h.clone()
+    h[7, :] = 0.0  # a dead input channel: every reader must zero its own column 7
+    h[:, 7] = 0.0
+    weights = [w0, torch.randn(w0.shape, generator=g) * w0.std(), torch.randn(16, w0.shape[1], generator=g)]
+    cfg = GPTQConfig(group_size=32, desc_act=desc_act)
+    alone = [gptq_quantize(w, h, tokens, cfg, name=f"m{i}") for i, w in enumerate(weights)]
+
+    calls = []
+    real = gptq_mod.factor_inverse_hessian
+    monkeypatch.setattr(gptq_mod, "factor_inverse_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = gptq_mod.SharedFactorizations()
+    together = [gptq_quantize(w, h, tokens, cfg, name=f"m{i}", shared=shared) for i, w in enumerate(weights)]
+    assert len(calls) == 1
+    for a, b in zip(alone, together):
+        for f in ("codes", "scales", "zeros", "weight", "g_idx"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or torch.equal(x, y), f
+        assert a.log.loss == b.log.loss and a.log.damp == b.log.damp and a.log.dead_channels == b.log.dead_channels == 1
+        assert bool((b.codes[:, 7] == b.zeros[:, 0 if not desc_act else b.g_idx[7]]).all())  # dead column -> 0
+    # another Hessian (same shape) is factored anew, never served the first one's factor
+    other = h.clone() * 2
+    gptq_quantize(w0, other, tokens, cfg, name="x", shared=shared)
+    assert len(calls) == 2

@@ -406,9 +406,11 @@ def check_model_finite(model, source: str = "model") -> None:
     """Row 5: name every parameter/buffer holding NaN or Inf (at load, before any work)."""
     import torch
 
+    from calibra.finite import all_finite
+
     bad = []
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if t.device.type != "meta" and not all_finite(t):
             n_nan = int(torch.isnan(t).sum())
             n_inf = int(torch.isinf(t).sum())
             bad.append(f"{name} ({n_nan} NaN, {n_inf} Inf of {t.numel()})")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calibra.finite import all_finite
 from calibra.io.model_reader import ModelFolder, ModelReadError
 from calibra.io.safetensors_header import CorruptShardError, TensorEntry
 
@@ -241,7 +242,7 @@ class StreamedModel:
                     continue
                 full = f"{pre}{owner_name + '.' if owner_name else ''}{pname}"
                 t = self._take(self._tied_to.get(full, full))
-                if self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if self.check_finite and not all_finite(t):
                     raise ModelReadError(
                         f"[model] tensor {full} of {self.store.folder.path} holds NaN or Inf values; the "
                         f"checkpoint is damaged (re-download it) or was saved from a diverged run"

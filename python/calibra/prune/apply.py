@@ -34,6 +34,7 @@ from calibra.prune.methods import prune_weight
 from calibra.prune.result import LayerStats, PrunedLayer
 from calibra.prune.stages import PruningStage, StageTracker
 from calibra.quant.apply import Target, layer_targets
+from calibra.quant.gptq import SharedFactorizations
 
 DEFAULT_TAU = 256.0
 
@@ -166,12 +167,13 @@ class LayerPruner:
                 continue
             work.append((t, *target_stats(stats, t)))
         self._advance(PruningStage.PRUNING, lname)
+        shared = SharedFactorizations()  # q/k/v (gate/up) read one Hessian: SparseGPT factors it once
         for t, ls, tokens in work:
             w = t.weight().detach().clone()
             if self.config.gradual_steps > 1:
                 res = prune_gradually(w, self.config, self._gradual(index, layer, t), name=t.name)
             else:
-                res = prune_weight(w, self.config, ls, name=t.name)
+                res = prune_weight(w, self.config, ls, name=t.name, shared=shared)
             t.store(res.weight)
             # keep the mask and the log only: the pruned weight lives in the model (no second copy of every
             # weight in memory), and joint-quantization codes are summarized in the log

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from calibra.finite import first_nonfinite
 from calibra.prune.config import PruningConfig
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,9 +17,9 @@ def check_weight(w, name: str) -> None:
         raise ValueError(f"[prune] the weight of {name} must be a 2-D tensor [out, in], got {got}")
     if w.dtype not in _FLOATS:
         raise TypeError(f"[prune] the weight of {name} must be float32, float16 or bfloat16, got {w.dtype}")
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        r, c = (int(v) for v in bad.nonzero()[0])
+    bad = first_nonfinite(w)
+    if bad is not None:
+        r, c = bad
         raise ValueError(f"[prune] the weight of {name} contains NaN/Inf (first at row {r}, col {c})")
 
 

@@ -112,9 +112,11 @@ def prune_weight(
     name: str = "weight",
     sparsity: float | None = None,
     prior: torch.Tensor | None = None,
+    shared=None,
 ) -> PrunedLayer:
     """Prune one weight with the config's method; ``stats`` holds what the method needs (nothing for
-    magnitude, ``channel_sumsq`` or a Hessian for Wanda, the Hessian sum + token count for SparseGPT)."""
+    magnitude, ``channel_sumsq`` or a Hessian for Wanda, the Hessian sum + token count for SparseGPT).
+    ``shared``: a :class:`calibra.quant.gptq.SharedFactorizations` for weights that read one Hessian."""
     method = config.method_enum
     h = None if stats is None else stats.hessian
     if method is PruneMethod.MAGNITUDE:
@@ -136,4 +138,4 @@ def prune_weight(
 
     if h is None:
         raise ValueError(f"[sparsegpt] {name} has no Hessian; calibrate with the 'hessian' observer")
-    return sparsegpt_prune(w, h, stats.n_tokens, config, name=name, sparsity=sparsity, prior=prior)
+    return sparsegpt_prune(w, h, stats.n_tokens, config, name=name, sparsity=sparsity, prior=prior, shared=shared)

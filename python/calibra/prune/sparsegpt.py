@@ -50,7 +50,7 @@ from calibra.prune.checks import check_layer
 from calibra.prune.config import PruningConfig
 from calibra.prune.patterns import NM, Block, prune_count
 from calibra.prune.result import PrunedLayer, relative_output_error
-from calibra.quant.gptq import factor_inverse_hessian, normalized_hessian
+from calibra.quant.gptq import SharedFactorizations, factored_hessian
 from calibra.quant.validate import all_finite
 
 _CODE_CLAMP = 4194304.0  # 2^22: keeps w / scale finite-and-exact before rounding (as the GPTQ sweep does)
@@ -242,6 +242,7 @@ def sparsegpt_prune(
     prior: torch.Tensor | None = None,
     sweep: BlockSweep | None = None,
     measure: bool = True,
+    shared: SharedFactorizations | None = None,
 ) -> PrunedLayer:
     """SparseGPT of ``w [out, in]`` with the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
 
@@ -249,7 +250,7 @@ def sparsegpt_prune(
     ``prior`` is a keep-mask whose pruned entries stay pruned; ``sweep`` replaces the block sweep (default
     :func:`native_block_sweep`, native for every pattern; pass ``torch_block_sweep`` for the pure-torch
     reference); ``measure=False`` skips the reconstruction
-    error (a GEMM).
+    error (a GEMM). ``shared``: weights that read the same ``h`` (q/k/v) factor it once (same results).
     """
     t0 = time.perf_counter()
     config.validate()
@@ -262,8 +263,8 @@ def sparsegpt_prune(
     s = config.sparsity if sparsity is None else float(sparsity)
     out, n = w.shape
     wf = w.detach().float().clone()
-    hw, base, n_dead = normalized_hessian(h, n_tokens, wf)
-    fac = factor_inverse_hessian(hw, config, base, subject=f"[sparsegpt] the Hessian of {name}")
+    fh = factored_hessian(h, n_tokens, wf, config, subject=f"[sparsegpt] the Hessian of {name}", shared=shared)
+    fac, n_dead = fh.fac, int(fh.dead.sum())
     u = fac.u
 
     jq = config.quantize

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from calibra.quant.config import GPTQConfig, MRGPTQConfig, RTNConfig
-from calibra.quant.gptq import gptq_quantize
+from calibra.quant.gptq import SharedFactorizations, gptq_quantize
 from calibra.quant.mr_gptq import mr_gptq_quantize
 from calibra.quant.result import QuantizedLayer
 from calibra.quant.rtn import rtn_quantize
@@ -134,9 +134,18 @@ def hessian_for(stats, target: Target) -> tuple[torch.Tensor, int, int]:
     return stats.tensors[key], n, n
 
 
-def solve(target: Target, config, stats, layer: int | None, *, consume: bool = False) -> QuantizedLayer:
+def solve(
+    target: Target,
+    config,
+    stats,
+    layer: int | None,
+    *,
+    consume: bool = False,
+    shared: SharedFactorizations | None = None,
+) -> QuantizedLayer:
     """Quantize one target with ``config`` (RTN needs no statistics). ``consume``: GPTQ may work in the
-    memory of the target's weight and Hessian (no later target reads them)."""
+    memory of the target's weight and Hessian (no later target reads them). ``shared``: the group's
+    factorizations (targets that read one Hessian factor it once)."""
     w = target.weight()
     if isinstance(config, RTNConfig):
         return rtn_quantize(w, config, name=target.name, layer=layer)
@@ -145,7 +154,16 @@ def solve(target: Target, config, stats, layer: int | None, *, consume: bool = F
     if isinstance(config, MRGPTQConfig):
         ql = mr_gptq_quantize(w, h, n, config, name=target.name, layer=layer)
     elif isinstance(config, GPTQConfig):
-        ql = gptq_quantize(w, h, n, config, name=target.name, layer=layer, consume=consume and not target.expert)
+        ql = gptq_quantize(
+            w,
+            h,
+            n,
+            config,
+            name=target.name,
+            layer=layer,
+            consume=consume and not target.expert,
+            shared=None if target.expert else shared,  # an expert's shrunk Hessian is its own
+        )
     else:
         raise TypeError(f"[quantize] config must be RTNConfig, GPTQConfig or MRGPTQConfig, got {type(config).__name__}")
     ql.log.samples = tokens
@@ -209,17 +227,20 @@ class LayerQuantizer:
             needs = [t.stats_key for t, cfg in group if cfg is not None and not isinstance(cfg, RTNConfig)]
             if needs and self.true_sequential:
                 stats = self.collect(index, layer, needs)
+            shared = SharedFactorizations()  # q/k/v (gate/up) read one Hessian: factored once, dropped after
             for k, (t, cfg) in enumerate(group):
                 if cfg is None:
                     self.dense.append(t.name)
                     continue
-                ql = solve(t, cfg, stats, index, consume=self.consume and self._last_reader(t, group[k + 1 :], stats))
+                last = self._last_reader(t, group[k + 1 :], stats)
+                ql = solve(t, cfg, stats, index, consume=self.consume and last, shared=shared)
                 t.store(ql.dense())
                 if not self.keep_dense:  # the layer holds the effective weight now; the codes say the rest
                     ql.weight = ql.weight.to("meta")
                 self.layers[t.name] = ql
                 if self.on_module is not None:
                     self.on_module(ql)
+            del shared
             if self.consume and self.release is not None and needs:
                 self.release(index, needs)  # solved: these Hessians are not read again
                 for key in needs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,49 @@ class Factorization(NamedTuple):
     float64: bool
 
 
+@dataclass
+class Factored:
+    """What a solve derives from a Hessian alone (:func:`factored_hessian`)."""
+
+    hessian: torch.Tensor  # the raw sum; held so no other Hessian can take its id while this is shared
+    fac: Factorization
+    base: float
+    dead: torch.Tensor  # bool [in]: the dead input channels
+    perm: torch.Tensor | None  # act-order's column order (sweep position -> input column)
+
+
+class SharedFactorizations:
+    """Factorizations of Hessians that several weights read: q/k/v share one Hessian, gate/up another.
+
+    The damped inverse Hessian's factor depends only on the Hessian, its token count and the damping and
+    act-order settings, so the first solve of a group factors and the others reuse its factor (and its
+    dead channels and act-order permutation): the same U, hence the same bits, and one Cholesky and one
+    n^3 triangular solve saved per extra reader. The readers of one Hessian are solved one after another,
+    so only the latest factorization is kept (U, n^2 floats, alive until the next one or until the caller
+    drops this)."""
+
+    def __init__(self):
+        self._entries: dict[tuple, Factored] = {}
+
+    @staticmethod
+    def key(h: torch.Tensor, n_tokens: int, config, device) -> tuple:
+        return (
+            id(h),
+            h.data_ptr(),
+            n_tokens,
+            str(device),
+            config.damp_percent,
+            tuple(config.damp_ladder),
+            bool(getattr(config, "desc_act", False)),
+        )
+
+    def get(self, key: tuple) -> Factored | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple, entry: Factored) -> None:
+        self._entries = {key: entry}
+
+
 def normalized_hessian(
     h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False
 ) -> tuple[torch.Tensor, float, int]:
@@ -45,6 +89,14 @@ def normalized_hessian(
     saliencies do (it keeps them comparable with AutoGPTQ's and independent of the token count). Dead
     channels get ``H[i, i] = 1`` and ``W[:, i] = 0``; the base is the mean diag over live channels.
     ``consume``: ``h`` may be overwritten (it becomes H), when it is float32/float64 on wf's device."""
+    hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume)
+    return hw, base, int(dead.sum())
+
+
+def _normalized_hessian(
+    h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """:func:`normalized_hessian` with the dead channels as a boolean mask."""
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if consume and h.dtype == dtype and h.device == wf.device:
         hw = h.detach().mul_(2.0 / n_tokens)  # the caller gave h up: scaled where it is, one n x n fewer
@@ -57,7 +109,7 @@ def normalized_hessian(
     if n_dead:
         hw[dead, dead] = 1.0
         wf[:, dead] = 0.0
-    return hw, live_mean if live_mean > 0 else 1.0, n_dead
+    return hw, live_mean if live_mean > 0 else 1.0, dead
 
 
 def factor_inverse_hessian(h: torch.Tensor, config, base: float, *, subject: str) -> Factorization:
@@ -106,6 +158,39 @@ def factor_inverse_hessian(h: torch.Tensor, config, base: float, *, subject: str
     )
 
 
+def factored_hessian(
+    h: torch.Tensor,
+    n_tokens: int,
+    wf: torch.Tensor,
+    config,
+    *,
+    subject: str,
+    act_order: bool = False,
+    consume: bool = False,
+    shared: SharedFactorizations | None = None,
+) -> Factored:
+    """The Hessian side of a GPTQ/SparseGPT solve of the float32 weight ``wf``: H normalized, the dead
+    channels (``wf``'s dead columns are zeroed in place), act-order's permutation (by descending diag H)
+    and the damping ladder's factor of the (permuted) H. ``wf`` itself is not permuted. With ``shared``,
+    a Hessian another weight already factored is not factored again."""
+    key = SharedFactorizations.key(h, n_tokens, config, wf.device) if shared is not None else None
+    known = shared.get(key) if shared is not None else None
+    if known is not None:  # another weight of this input factored h: only this weight's dead columns remain
+        if bool(known.dead.any()):
+            wf[:, known.dead] = 0.0
+        return known
+    hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume)
+    perm = None
+    if act_order:
+        perm = torch.sort(hw.diagonal(), descending=True, stable=True).indices
+        hw = hw[perm][:, perm]
+    fac = factor_inverse_hessian(hw, config, base, subject=subject)
+    found = Factored(h, fac, base, dead, perm)
+    if shared is not None:
+        shared.put(key, found)
+    return found
+
+
 SweepFn = Callable[..., tuple]
 
 
@@ -119,6 +204,7 @@ def gptq_quantize(
     layer: int | None = None,
     sweep: SweepFn | None = None,
     consume: bool = False,
+    shared: SharedFactorizations | None = None,
 ) -> QuantizedLayer:
     """Quantize ``w [out, in]`` with GPTQ given the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
 
@@ -127,6 +213,8 @@ def gptq_quantize(
     the dequantized weight, which the result's ``weight`` is). At Llama-3-8B's down_proj that is two
     buffers fewer (0.8 GB + 0.2 GB); the numbers are the same. ``sweep`` replaces the block sweep (the
     benchmark passes the pure-torch reference); by default :func:`calibra.ops.gptq_block_sweep` runs natively.
+    ``shared``: weights that read the same ``h`` (q/k/v) pass one :class:`SharedFactorizations`, so ``h`` is
+    factored once; the results are the same as without it.
     Returns codes/scales/zeros (and g_idx with act-order) in original column order, the dequantized
     weight in w's dtype, and the log row (loss, samples, damp used, ladder steps, seconds).
     """
@@ -145,6 +233,7 @@ def gptq_quantize(
         sweep=sweep,
         method="gptq",
         consume=consume,
+        shared=shared,
     )
 
 
@@ -161,11 +250,24 @@ def _solve(
     method: str,
     rotation: dict | None = None,
     consume: bool = False,
+    shared: SharedFactorizations | None = None,
 ) -> QuantizedLayer:
     t0 = time.perf_counter()
     out, n = wf.shape
     fmt, gs = config.format, config.group_size
-    hw, base, n_dead = normalized_hessian(h, n_tokens, wf, consume=consume)
+    # the factor comes first (it zeroes wf's dead columns, which the scale fits below must see); the
+    # sweep needs only U, not H, so no n x n buffer but U outlives this call
+    fh = factored_hessian(
+        h,
+        n_tokens,
+        wf,
+        config,
+        subject=f"[gptq] Hessian of {name}",
+        act_order=config.desc_act,
+        consume=consume,
+        shared=shared,
+    )
+    fac, perm, n_dead = fh.fac, fh.perm, int(fh.dead.sum())
 
     gscale = nvfp4_global_scale(wf) if fmt == "nvfp4" else 1.0
     shrink = torch.tensor(config.shrink(), dtype=torch.float32, device=wf.device)
@@ -178,14 +280,8 @@ def _solve(
     if static:
         table_s, table_z = fit_groups(wf, gs, **kw)
 
-    if config.desc_act:
-        perm = torch.sort(hw.diagonal(), descending=True, stable=True).indices
+    if perm is not None:
         wf = wf[:, perm]
-        hw = hw[perm][:, perm]
-    else:
-        perm = None
-    fac = factor_inverse_hessian(hw, config, base, subject=f"[gptq] Hessian of {name}")
-    del hw  # the sweep needs only U: one n x n buffer fewer while it runs
     u = fac.u
     # the group (table entry) of each column in sweep order
     cols = torch.arange(n, device=wf.device)
@@ -301,6 +397,9 @@ __all__ = [
     "normalized_hessian",
     "factor_inverse_hessian",
     "Factorization",
+    "Factored",
+    "SharedFactorizations",
+    "factored_hessian",
     "reference_sweep",
     "gptq_block_sweep",
 ]

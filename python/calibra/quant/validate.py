@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from calibra.finite import all_finite, first_nonfinite
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_SLICE = 1 << 24  # elements per slice of the checks below (64 MB of float32)
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """``torch.isfinite(t).all()`` over slices of rows: the one-shot form allocates temporaries as large as
-    ``t`` (1.3 GiB for a 14336 x 14336 float32 Hessian, at the moment memory is tightest)."""
-    rows = max(1, _SLICE // max(1, t.shape[-1])) if t.dim() else 1
-    if t.dim() == 0 or t.shape[0] <= rows:
-        return bool(torch.isfinite(t).all())
-    return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
 def check_weight(w, config, name: str) -> None:
@@ -28,9 +20,9 @@ def check_weight(w, config, name: str) -> None:
     problem = config.layer_problem(name, w.shape[1])
     if problem:
         raise ValueError(f"[quantize] {problem}")
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        r, c = (int(v) for v in bad.nonzero()[0])
+    bad = first_nonfinite(w)
+    if bad is not None:
+        r, c = bad
         raise ValueError(f"[quantize] the weight of {name} contains NaN/Inf (first at row {r}, col {c})")
 
 

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import torch
 
+from calibra.finite import first_nonfinite
+
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def check_weight_finite(w: torch.Tensor, op: str = "quantize") -> None:
     """The op's data check on its weight argument ``w``: NaN/Inf raises naming the first bad element."""
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        r, c = (int(v) for v in bad.nonzero()[0])
+    bad = first_nonfinite(w)
+    if bad is not None:
+        r, c = bad
         raise ValueError(f"[{op}] w contains NaN/Inf (first at row {r}, col {c})")
 
 
