@@ -216,3 +216,25 @@ def test_shared_factorization_is_the_same_solve(monkeypatch, desc_act):
     other = h.clone() * 2
     gptq_quantize(w0, other, tokens, cfg, name="x", shared=shared)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("n", [77, 300, 2050])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_inverse_is_the_triangular_inverse(n, dtype):
+    """upper_inverse solves column blocks against their leading systems only: the same matrix as one solve
+    against the whole identity (bit for bit up to one block; to rounding beyond), upper triangular."""
+    from calibra.quant.gptq import upper_inverse
+
+    g = torch.Generator().manual_seed(n)
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    v = torch.linalg.cholesky(m @ m.T / n + 0.5 * torch.eye(n, dtype=torch.float64)).T.to(dtype)  # upper
+    one_call = torch.linalg.solve_triangular(v, torch.eye(n, dtype=dtype), upper=True)
+    for block in (64, 1024):
+        u = upper_inverse(v, block=block)
+        assert u.dtype == dtype and u.shape == (n, n)
+        assert torch.equal(u, u.triu())
+        if n <= block:
+            assert torch.equal(u, one_call)
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        assert torch.allclose(u, one_call, rtol=tol, atol=tol * float(one_call.abs().max()))
+        assert torch.allclose(v.double() @ u.double(), torch.eye(n, dtype=torch.float64), atol=50 * tol)
