@@ -124,8 +124,9 @@ def prune(
         stream: read the model one decoder layer at a time from its shards and write each pruned layer as it
             is finished (``None``: when the whole model would not fit the memory plan; see
             ``calibra.quantize``). Pruned weights are written in their stored dtype (bf16 stays bf16; the
-            whole-model job writes ``dtype``); no evaluation, checkpoints, --save-24 or joint quantization
-            yet. The returned model is the weightless one.
+            whole-model job writes ``dtype``; the shards go to the checkpoint work folder layer by layer, so
+            ``resume`` continues it too); no evaluation, --save-24 or joint quantization yet. The returned
+            model is the weightless one.
 
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
@@ -210,7 +211,6 @@ def prune(
             output=output,
             unsupported=[
                 (evaluate, "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"),
-                (resume, "checkpoints and --resume are not implemented for it yet: drop --resume"),
                 (save_24, "the compressed 2:4 file is not written by it yet: drop --save-24"),
                 (config.quantize is not None, "joint quantization is not implemented for it yet: drop --bits"),
             ],
@@ -225,14 +225,13 @@ def prune(
             needs_data=needs_data,
             weight_files_bytes=weight_files_bytes(model),
             output=output,
+            checkpoint=checkpoint and output is not None,
             solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
             streaming=True,
         )
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
-    if streaming:
-        return _run_streamed(**locals())
     ck = None
     if checkpoint and output is not None:
         from calibra.prune import resume as presume
@@ -244,9 +243,19 @@ def prune(
             calibration,
             resume=resume,
             overwrite=overwrite,
-            options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24},
+            # a streamed job checkpoints records of its shards, not the tensors
+            options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24, "streamed": streaming},
             echo=say,
         )
+    if streaming:
+        try:
+            return _run_streamed(**locals())
+        except BaseException as e:
+            if ck is not None:
+                from calibra.job import on_failure
+
+                on_failure(ck, e)
+            raise
 
     prog = _Progress(say, progress)
     tracker = StageTracker(on_change=prog)
@@ -420,12 +429,21 @@ def _run_streamed(
     needs_data,
     dense,
     plan,
+    ck,
     **_,
 ):
-    """The streamed job: layers read from disk one at a time, each written pruned when finished."""
+    """The streamed job: layers read from disk one at a time, each written pruned when finished (with
+    checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner
+    from calibra.data.tokenize import fingerprint
     from calibra.export.streamed import StreamedOutput
-    from calibra.job import calibration_tokens, open_streamed_job, stream_layers
+    from calibra.job import (
+        calibration_tokens,
+        open_streamed_job,
+        restore_streamed,
+        stream_layers,
+        streamed_after_layer,
+    )
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
@@ -444,17 +462,26 @@ def _run_streamed(
         key = f"{name}.weight"
         return {key: module_weight(m, name).to(weights.store.dtype(key))}
 
-    sink = StreamedOutput(output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights)
+    staging = ck.folder / "output" if ck is not None else None
+    sink = StreamedOutput(
+        output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
+    )
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
+    write_layer = streamed_after_layer(sink, adapter, pruner, ck)
 
-    def write_layer(i, _hidden=None):
-        sink.layer_done(adapter.layers[i], adapter.layer_name(i), pruner.layers)
+    def restored() -> int:  # after the tokens, as the whole-model job: a checkpoint restores its layer's RNG
+        done = restore_streamed(ck, sink, pruner) if ck is not None else 0
+        return _restored(done, tracker, adapter, needs_data)
 
     run_meta = None
+    done = 0
     t0 = time.perf_counter()
     try:
         if not needs_data:
             dev = torch.device(device) if device is not None else None
+            if ck is not None:
+                ck.check_data(None)
+            done = restored()
             stream_layers(
                 weights,
                 adapter,
@@ -463,10 +490,14 @@ def _run_streamed(
                 device=dev,
                 progress=progress,
                 desc=f"{config.method_enum.value} (streamed)",
+                start=done,
             )
         else:
             tracker.advance(S.CALIBRATING, adapter.layer_name(0))
             ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, m, say)
+            if ck is not None:  # a resume on other data is refused here, before any layer runs
+                ck.check_data(run_meta.get("fingerprint") or fingerprint(ids, mask))
+            done = restored()
             runner = LayerRunner(
                 m,
                 adapter,
@@ -481,7 +512,15 @@ def _run_streamed(
             )
             if config.gradual_steps > 1:
                 pruner.recollect = runner.recollect
-            runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, after_layer=write_layer)
+            runner.run(
+                ids,
+                mask,
+                batch_size=bs,
+                extra_metadata={"runs": [run_meta]},
+                start_layer=done,
+                start_hidden=ck.load_hidden(done - 1) if done else None,
+                after_layer=write_layer,
+            )
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         pm = psave.PrunedModel(
@@ -506,6 +545,8 @@ def _run_streamed(
             "eval": 0.0,
             "per_layer": pruner.layer_seconds,
         }
+        if done:
+            report["resumed_from_layer"] = done
         pm.report = report
         tracker.advance(S.EXPORTING, str(output))
         t_write = time.perf_counter()
@@ -525,6 +566,8 @@ def _run_streamed(
             tracker.fail(f"{type(e).__name__}: {e}")
         sink.abort(e)
         raise
+    if ck is not None:
+        ck.finish()
     return m, report
 
 

@@ -99,9 +99,10 @@ def quantize(
         stream: read the model one decoder layer at a time from its safetensors shards and write the result
             layer by layer (``calibra.io.streamed``, ``calibra.export.streamed``), so host memory holds one
             layer, not the model. ``None`` (default): stream when the whole model would not fit the memory
-            plan. A streamed job needs ``output``, writes calibra's folder or compressed-tensors, and does not
-            yet evaluate, checkpoint, collect activation ranges or plan mixed precision; the returned
-            QuantizedModel holds the weightless model and slim layer records (shapes and settings).
+            plan. A streamed job needs ``output``, writes calibra's folder or compressed-tensors (its shards
+            go to the checkpoint work folder layer by layer, so ``resume`` continues it too), and does not
+            yet evaluate, collect activation ranges or plan mixed precision; the returned QuantizedModel
+            holds the weightless model and slim layer records (shapes and settings).
     """
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
@@ -216,11 +217,10 @@ def quantize(
                     "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
                 ),
                 (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
-                (resume, "checkpoints and --resume are not implemented for it yet: drop --resume"),
             ],
         )
         refuse_format(export)
-        do_eval, checkpoint = False, False
+        do_eval = False
         plan = plan_job(
             model_config,
             job="quantize",
@@ -232,14 +232,13 @@ def quantize(
             solver="rtn" if is_rtn else "gptq",
             replay=true_seq and not is_rtn and stats is None,
             weight_files_bytes=weight_files_bytes(model),
+            checkpoint=checkpoint and output is not None,
             output=output,
             streaming=True,
         )
     say(str(plan))
     if dry_run:
         return None, {"plan": plan.to_dict()}
-    if streaming:
-        return _run_streamed(**locals())
     ck = None
     if checkpoint and output is not None:
         from calibra.quant import resume as qresume
@@ -260,11 +259,12 @@ def quantize(
                 "export": export,
                 "smooth_alpha": smooth_alpha,
                 "act_percentile": act_percentile,
+                "streamed": streaming,  # a streamed job checkpoints records of its shards, not the tensors
             },
             echo=say,
         )
     try:  # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
-        return _run(**locals())
+        return _run_streamed(**locals()) if streaming else _run(**locals())
     except BaseException as e:
         if ck is not None:
             on_failure(ck, e)
@@ -544,13 +544,15 @@ def _run_streamed(
     model_config,
     needs_data,
     plan,
+    ck,
     **_,
 ):
-    """The streamed job: layers read from disk one at a time, each written to the output when finished."""
+    """The streamed job: layers read from disk one at a time, each written to the output when finished
+    (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.export.streamed import StreamedOutput
-    from calibra.job import open_streamed_job, stream_layers
+    from calibra.job import open_streamed_job, restore_streamed, stream_layers, streamed_after_layer
     from calibra.models import get_adapter
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
@@ -564,25 +566,26 @@ def _run_streamed(
     if export:
         from calibra.export import compressed_tensors as fmt
 
-        sink = StreamedOutput(
-            output, overwrite=overwrite, prefix="model", layer_tensors=fmt.checked_layer_tensors, weights=weights
-        )
+        prefix, layer_tensors = "model", fmt.checked_layer_tensors
     else:
         from calibra.quant import save as fmt
 
-        sink = StreamedOutput(
-            output, overwrite=overwrite, prefix="quantized", layer_tensors=fmt.layer_tensors, weights=weights
-        )
+        prefix, layer_tensors = "quantized", fmt.layer_tensors
+    staging = ck.folder / "output" if ck is not None else None
+    sink = StreamedOutput(
+        output, overwrite=overwrite, prefix=prefix, layer_tensors=layer_tensors, weights=weights, staging=staging
+    )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
     quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
     run_meta = final_stats = None
-
-    def write_layer(i, _hidden=None):
-        sink.layer_done(adapter.layers[i], adapter.layer_name(i), quantizer.layers)
+    write_layer = streamed_after_layer(sink, adapter, quantizer, ck)
 
     t0 = time.perf_counter()
     try:
         if is_rtn or stats is not None:
+            if ck is not None:
+                ck.check_data(None if stats is None else "stats")
+            done = restore_streamed(ck, sink, quantizer) if ck is not None else 0
             stream_layers(
                 weights,
                 adapter,
@@ -591,9 +594,14 @@ def _run_streamed(
                 device=dev,
                 progress=progress,
                 desc="quantizing (streamed)",
+                start=done,
             )
         else:
             ids, mask, run_meta, bs = calibration_tokens(calibration or CalibrationConfig(), tokenizer, m, say)
+            if ck is not None:  # a resume on other data is refused here, before any layer runs
+                ck.check_data(run_meta.get("fingerprint") or fingerprint(ids, mask))
+            # after the tokens, as the whole-model job: a checkpoint restores the RNG of its layer
+            done = restore_streamed(ck, sink, quantizer) if ck is not None else 0
             runner = LayerRunner(
                 m,
                 adapter,
@@ -611,7 +619,13 @@ def _run_streamed(
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
             quantizer.release = runner.release
             final_stats = runner.run(
-                ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, after_layer=write_layer
+                ids,
+                mask,
+                batch_size=bs,
+                extra_metadata={"runs": [run_meta]},
+                start_layer=done,
+                start_hidden=ck.load_hidden(done - 1) if done else None,
+                after_layer=write_layer,
             )
         t_quant = time.perf_counter() - t0
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
@@ -639,6 +653,8 @@ def _run_streamed(
         if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
         report["output"] = str(output)
+        if done:
+            report["resumed_from_layer"] = done
         qm = QuantizedModel(
             model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
         )
@@ -666,6 +682,8 @@ def _run_streamed(
     except BaseException as e:
         sink.abort(e)
         raise
+    if ck is not None:
+        ck.finish()
     return qm, report
 
 

@@ -239,18 +239,60 @@ def open_streamed_job(model, model_config, dtype, read: dict, source: str, compo
     return weights, tokenizer
 
 
-def stream_layers(weights, adapter, on_layer, after_layer, *, device, progress: bool, desc: str) -> None:
+def stream_layers(
+    weights, adapter, on_layer, after_layer, *, device, progress: bool, desc: str, start: int = 0
+) -> None:
     """A data-free streamed job's loop (RTN, magnitude pruning): each layer loaded, ``on_layer(i, layer,
-    None)``, the next layer read ahead while ``after_layer(i)`` writes this one, then released. Jobs with
-    calibration data run the same steps inside ``LayerRunner(weights=...)``."""
+    None)``, the next layer read ahead while ``after_layer(i)`` writes this one, then released; a resumed
+    job ``start``s after its finished layers. Jobs with calibration data run the same steps inside
+    ``LayerRunner(weights=...)``."""
     from tqdm.auto import tqdm
 
     layers = adapter.layers
     with torch.no_grad():
-        for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
+        bar = tqdm(
+            range(start, len(layers)), desc=desc, unit="layer", disable=not progress, initial=start, total=len(layers)
+        )
+        for i in bar:
             weights.load(layers[i], device)
             on_layer(i, layers[i], None)
             if i + 1 < len(layers):
                 weights.prefetch([layers[i + 1]])
             after_layer(i)
             weights.release(layers[i])
+
+
+# ---------------------------------------------------------------------------------- streamed checkpoints
+def streamed_after_layer(sink, adapter, compressor, ck=None):
+    """``after_layer(i, hidden=None)`` of a streamed job: write layer ``i`` (``StreamedOutput.layer_done``;
+    ``compressor`` is the LayerQuantizer / LayerPruner, whose ``layers`` keep slim records) and, with
+    checkpoints ``ck``, commit it: the shard's record, the slim results, the modules kept dense and the
+    next layer's inputs ``hidden`` (``calibra.io.checkpoint``). A kill after the commit loses nothing."""
+    dense_seen = [len(compressor.dense)]
+
+    def after(i, hidden=None):
+        record = sink.layer_done(adapter.layers[i], adapter.layer_name(i), compressor.layers)
+        if ck is None:
+            return
+        dense = compressor.dense[dense_seen[0] :]
+        dense_seen[0] = len(compressor.dense)
+        seconds = compressor.layer_seconds[-1] if compressor.layer_seconds else 0.0
+        ck.save_layer(i, {}, dense, hidden=hidden, extra={"streamed": record, "seconds": seconds})
+
+    return after
+
+
+def restore_streamed(ck, sink, compressor) -> int:
+    """A resumed streamed job: the finished layers' shards back into ``sink``, their slim results into
+    ``compressor.layers``; returns the number of finished layers (the job continues with the next)."""
+    for i in range(ck.resumed_from):
+        _, dense, extra = ck.load_layer(i)
+        if "streamed" not in extra:
+            raise ValueError(
+                f"[{ck.component}] the checkpoints in {ck.folder} are not a streamed job's; pass --overwrite to "
+                f"start over"
+            )
+        sink.restore(extra["streamed"], compressor.layers)
+        compressor.dense.extend(dense)
+        compressor.layer_seconds.append(extra.get("seconds", 0.0))
+    return ck.resumed_from

@@ -15,7 +15,7 @@ import calibra  # noqa: E402
 from calibra.data import CalibrationConfig  # noqa: E402
 from calibra.prune.config import PruningConfig  # noqa: E402
 
-from .test_streamed_quantize import _tensors  # noqa: E402
+from .test_streamed_quantize import _files, _tensors  # noqa: E402
 
 
 def _prune(out, cfg, **kw):
@@ -64,7 +64,6 @@ def test_streamed_prune_refusals(tmp_path, monkeypatch):
     for kw, needle in [
         (dict(evaluate=True), "--no-eval"),
         (dict(save_24=True), "--save-24"),
-        (dict(resume=True), "--resume"),
     ]:
         args = dict(output=tmp_path / "out", evaluate=False, stream=True)
         args.update(kw)
@@ -73,3 +72,31 @@ def test_streamed_prune_refusals(tmp_path, monkeypatch):
             calibra.prune("builtin:tiny-llama", cfg, progress=False, echo=None, **args)
         assert needle in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [PruningConfig(method="magnitude", target_sparsity=0.5), PruningConfig(method="sparsegpt", target_sparsity=0.5)],
+    ids=["magnitude", "sparsegpt"],
+)
+def test_streamed_prune_resume_is_byte_identical(cfg, tmp_path, monkeypatch):
+    """Interrupted after layer 1 is committed, the streamed prune resumes from the shards in its work folder
+    and writes the bytes of an uninterrupted streamed run."""
+    from calibra.io import checkpoint
+
+    _prune(tmp_path / "ref", cfg, stream=True)
+    real = checkpoint.LayerCheckpoints.save_layer
+
+    def interrupted(self, i, *a, **k):
+        real(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prune(tmp_path / "out", cfg, stream=True)
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    _, rep = _prune(tmp_path / "out", cfg, stream=True, resume=True)
+    assert rep["resumed_from_layer"] == 2
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert not checkpoint.work_dir(tmp_path / "out").exists()

@@ -81,7 +81,6 @@ def test_streamed_folder_loads_back(tmp_path):
         (dict(output=None), "output=DIR"),
         (dict(mixed_precision=4.5), "mixed precision"),
         (dict(export="gptq"), "compressed-tensors"),
-        (dict(resume=True), "--resume"),
     ],
 )
 def test_streamed_refusals_come_before_any_read(kw, needle, tmp_path, monkeypatch):
@@ -157,3 +156,73 @@ def _resolved(cfg):
 
     c, _ = resolve_config(_cal(), cfg, echo=lambda *a: None, print_estimate=False, observers=["hessian"])
     return c
+
+
+def _files(folder):
+    """Every file's bytes but report.json's (its timings differ per run)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "report.json"}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("commit", [True, False])
+def test_streamed_resume_after_an_interrupt_is_byte_identical(method, commit, tmp_path, monkeypatch):
+    """A streamed job interrupted after layer 1's shard was written -- with that layer committed, or killed
+    just before its commit (the shard is on disk, uncommitted) -- resumes from its checkpoints (the shards
+    in the work folder) and writes the same bytes as an uninterrupted streamed run."""
+    from calibra.io import checkpoint
+
+    cfg = RTNConfig(bits=4, group_size=32) if method == "rtn" else GPTQConfig(bits=4, group_size=32)
+    _quantize(tmp_path / "ref", cfg, export="compressed-tensors", stream=True)
+
+    real = checkpoint.LayerCheckpoints.save_layer
+
+    def interrupted(self, i, *a, **k):
+        if i == 1 and not commit:
+            raise KeyboardInterrupt
+        real(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(out, cfg, export="compressed-tensors", stream=True)
+    work = checkpoint.work_dir(out)
+    assert not out.exists() and (work / "output").is_dir()
+    assert len(list((work / "output").glob(".part-*.safetensors"))) == 2  # layers 0 and 1 written
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+
+    reads = []
+    from calibra.io.streamed import WeightStore
+
+    orig_read = WeightStore.read
+
+    def read(self, name, count=None):
+        if count is None:  # a whole tensor (model_identity reads the first 16 values of each)
+            reads.append(name)
+        return orig_read(self, name, count)
+
+    monkeypatch.setattr(WeightStore, "read", read)
+    _, rep = _quantize(out, cfg, export="compressed-tensors", stream=True, resume=True)
+    assert rep["resumed_from_layer"] == (2 if commit else 1)
+    assert not [n for n in reads if n.startswith("model.layers.0.")]  # finished layers are not read again
+    assert _files(out) == _files(tmp_path / "ref")
+    assert not work.exists()
+    assert not calibra.export.verify_manifest(out)
+
+
+def test_streamed_resume_refuses_a_whole_model_runs_checkpoints(tmp_path, monkeypatch):
+    from calibra.io import checkpoint
+
+    real = checkpoint.LayerCheckpoints.save_layer
+
+    def interrupted(self, i, *a, **k):
+        real(self, i, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tmp_path / "out", GPTQConfig(bits=4, group_size=32), stream=False)
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    with pytest.raises(checkpoint.ResumeError, match="streamed"):
+        _quantize(tmp_path / "out", GPTQConfig(bits=4, group_size=32), stream=True, resume=True)

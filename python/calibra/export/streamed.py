@@ -14,11 +14,19 @@ and the one that writes the format's files at the end (calibra's own folder: ``c
 ``compressed-tensors``: ``calibra.export.compressed_tensors``). Dense tensors keep their stored dtype (bf16
 stays bf16); quantized tensors are exactly those of the whole-model job. After a layer is written, only a
 slim record (``QuantizedLayer.slim``: shapes and settings on the meta device) is kept.
+
+Resumable: given ``staging`` (a folder in the job's checkpoint work folder, ``calibra.io.checkpoint``), the
+shards are written there instead, where they survive a kill. Each ``layer_done`` returns a record of its
+shard, which the job commits with the layer's checkpoint; a resumed job hands the committed records to
+:meth:`StreamedOutput.restore` and continues with the next layer. :func:`result_record` /
+:func:`result_from_record` turn the slim results into JSON and back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import os
 from pathlib import Path
 
@@ -91,13 +99,29 @@ class _Shards:
         self.folder, self.prefix = folder, prefix
         self.parts: list[tuple[Path, list[str], int]] = []
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, tensors: dict[str, torch.Tensor]) -> dict | None:
+        """Write one part; returns its record (file name, tensor names, bytes of data)."""
         if not tensors:
-            return
+            return None
         path = self.folder / f".part-{len(self.parts):05d}.safetensors"
         part = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
         write_safetensors(path, part, metadata={"format": "pt"})
         self.parts.append((path, sorted(part), sum(t.numel() * t.element_size() for t in part.values())))
+        return {"file": path.name, "names": sorted(part), "bytes": self.parts[-1][2], "size": path.stat().st_size}
+
+    def restore(self, record: dict) -> None:
+        """Take back a part a killed run wrote (its record says what it holds); a missing or resized file
+        fails, naming it."""
+        path = self.folder / record["file"]
+        if path.name != f".part-{len(self.parts):05d}.safetensors":
+            raise ValueError(f"[export] resumed part {path.name} is out of order (expected part {len(self.parts)})")
+        size = path.stat().st_size if path.is_file() else None
+        if size != record["size"]:
+            raise ValueError(
+                f"[export] the resumed output's part {path} is missing or has another size ({size} bytes, "
+                f"{record['size']} committed); pass --overwrite to start over"
+            )
+        self.parts.append((path, list(record["names"]), int(record["bytes"])))
 
     def finish(self) -> None:
         n = len(self.parts)
@@ -122,40 +146,65 @@ class StreamedOutput:
         layer_tensors: ``layer_tensors(name, QuantizedLayer) -> {tensor name: tensor}`` in the output format
             (it raises, before anything of that layer is written, on a layer the format cannot express).
         weights: the job's ``StreamedModel`` (dense tensors are copied from its store).
+        staging: write into this folder (created if missing; a resumed job's shards are there) instead of a
+            temporary one; it becomes ``output`` at :meth:`finish`, and :meth:`abort` leaves it to its owner
+            (the checkpoints, which keep it for ``--resume`` or remove it).
     """
 
-    def __init__(self, output, *, overwrite: bool, prefix: str, layer_tensors, weights):
+    def __init__(self, output, *, overwrite: bool, prefix: str, layer_tensors, weights, staging: Path | None = None):
         self.layer_tensors, self.weights = layer_tensors, weights
+        self.output, self.overwrite = output, overwrite
         self._stack = contextlib.ExitStack()
-        self.tmp = self._stack.enter_context(writer.atomic_folder(output, overwrite=overwrite))
+        if staging is None:
+            self.tmp = self._stack.enter_context(writer.atomic_folder(output, overwrite=overwrite))
+        else:
+            writer.check_target(output, overwrite)
+            self.tmp = Path(staging)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        self.staged = staging is not None
         self.shards = _Shards(self.tmp, prefix)
         self.written: set[str] = set()
         self.rss_after_layer: list[int] = []
 
-    def layer(self, module: torch.nn.Module, qlayers: dict) -> None:
-        """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets)."""
-        tensors = {}
+    def layer(self, module: torch.nn.Module, qlayers: dict) -> dict:
+        """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets).
+        Returns the layer's record for :meth:`restore` (its shard and the tensor names it covers)."""
+        tensors, names = {}, []
         for name, ql in qlayers.items():
             tensors.update(self.layer_tensors(name, ql))
-            self.written.add(f"{name}.weight")
+            names.append(f"{name}.weight")
         for name in self.weights.names(module):
-            if name not in self.written:
+            if name not in self.written and name not in names:
                 tensors[name] = self.weights.read_stored(name)
-                self.written.add(name)
-        self.shards.add(tensors)
+                names.append(name)
+        part = self.shards.add(tensors)
+        self.written.update(names)
+        return {"part": part, "written": sorted(names)}
 
-    def layer_done(self, module: torch.nn.Module, layer_name: str, results: dict) -> None:
+    def layer_done(self, module: torch.nn.Module, layer_name: str, results: dict) -> dict:
         """``after_layer`` for a compressor whose ``results`` (module path -> QuantizedLayer / PrunedLayer)
         gained layer ``layer_name``'s entries: write them with :meth:`layer`, and keep only their slim
-        records in ``results``; the process's RSS after each layer goes to ``rss_after_layer``."""
+        records in ``results``; the process's RSS after each layer goes to ``rss_after_layer``. Returns the
+        layer's record (:meth:`layer`) with the slim results as JSON (:func:`result_record`)."""
         from calibra.plan import current_rss
 
         prefix = layer_name + "."
         done = {n: r for n, r in results.items() if n.startswith(prefix)}
-        self.layer(module, done)
+        record = self.layer(module, done)
         for n, r in done.items():
             results[n] = r.slim()
+        record["results"] = {n: result_record(results[n]) for n in sorted(done)}
         self.rss_after_layer.append(current_rss())
+        return record
+
+    def restore(self, record: dict, results: dict) -> None:
+        """A layer a killed run finished: take back its shard (:meth:`layer`'s record) and put its slim
+        results into ``results``."""
+        if record.get("part") is not None:
+            self.shards.restore(record["part"])
+        self.written.update(record["written"])
+        for n, doc in record.get("results", {}).items():
+            results[n] = result_from_record(doc)
 
     def rest(self) -> None:
         """The tensors outside the decoder layers, one read at a time (the largest -- embeddings, head --
@@ -178,11 +227,61 @@ class StreamedOutput:
         self.rest()
         self.shards.finish()
         write_files(self.tmp)
+        if self.staged:
+            writer.move_into_place(self.tmp, self.output, self.overwrite)
         self._stack.close()  # the rename into place
 
     def abort(self, exc: BaseException) -> None:
-        """Remove the temporary folder (the output path is untouched)."""
+        """Remove the temporary folder (the output path is untouched); a staging folder is left to its
+        owner."""
         self._stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
-__all__ = ["StreamedOutput", "refuse_format", "FORMATS"]
+# ------------------------------------------------------------------------------------- slim records as JSON
+def result_record(result) -> dict:
+    """A slim result (``QuantizedLayer.slim()``, ``PrunedLayer.slim()``) as JSON: its dataclass, its fields,
+    each tensor as its dtype and shape (they are on the meta device: nothing else is kept)."""
+    return _encode(result)
+
+
+def result_from_record(doc: dict):
+    """The slim result :func:`result_record` wrote (tensors back on the meta device)."""
+    return _decode(doc)
+
+
+def _encode(v):
+    if isinstance(v, torch.Tensor):
+        return {"__tensor__": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        cls = type(v)
+        fields = {f.name: _encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return {"__dataclass__": f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
+    if isinstance(v, dict):
+        return {"__dict__": [[_encode(k), _encode(x)] for k, x in v.items()]}
+    if isinstance(v, (list, tuple)):
+        return {"__list__": [_encode(x) for x in v], "tuple": isinstance(v, tuple)}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"[export] cannot record a {type(v).__name__} in a layer checkpoint")
+
+
+def _decode(v):
+    if not isinstance(v, dict):
+        return v
+    if "__tensor__" in v:
+        return torch.empty(v["shape"], dtype=getattr(torch, v["__tensor__"]), device="meta")
+    if "__dataclass__" in v:
+        module, _, name = v["__dataclass__"].rpartition(".")
+        if not module.startswith("calibra."):
+            raise ValueError(f"[export] a layer checkpoint names the class {v['__dataclass__']}, not calibra's")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: _decode(x) for k, x in v["fields"].items()})
+    if "__dict__" in v:
+        return {_decode(k): _decode(x) for k, x in v["__dict__"]}
+    if "__list__" in v:
+        items = [_decode(x) for x in v["__list__"]]
+        return tuple(items) if v.get("tuple") else items
+    raise ValueError(f"[export] unreadable layer checkpoint entry {sorted(v)}")
+
+
+__all__ = ["StreamedOutput", "refuse_format", "FORMATS", "result_record", "result_from_record"]

@@ -114,6 +114,14 @@ def atomic_folder(target, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def move_into_place(folder: Path, target, overwrite: bool) -> None:
+    """Rename a finished ``folder`` (on target's filesystem) to ``target``, replacing it only with
+    ``overwrite`` (what :func:`atomic_folder` does on success, for a folder made elsewhere)."""
+    target = check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _swap_in(Path(folder), target, overwrite)
+
+
 def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
     if not target.exists():
         os.rename(tmp, target)
