@@ -541,7 +541,7 @@ def stats_file(metadata: dict, counts: dict, kv_values: dict | None) -> list[Sec
     rows = [
         [
             "model",
-            f"{model.get('model_type')}, {model.get('num_layers')} decoder layers (identity {str(model.get('id'))[:12]})",
+            f"{model.get('model_type')}, {model.get('num_layers')} layers (identity {str(model.get('id'))[:12]})",
         ],
         ["job", f"calibrate: observers {', '.join(observers)}; Hessian {metadata.get('hessian_dtype')}"],
         ["calibration", "; ".join(_kv(r, skip=("fingerprint", "selected_indices", "pool_fingerprint")) for r in runs)],
