@@ -74,7 +74,7 @@ def time_by_stage(stages: dict[str, float]) -> str:
 def module_loss(points: list[dict], worst: list[str], ylabel: str) -> str:
     """One marker per module at (layer, relative loss), one colour per role; the ``worst`` names are
     labelled, the damping ladder's interventions ringed."""
-    fig, ax = _figure(7.2, 3.6)
+    fig, ax = _figure(9.0, 3.8)
     roles = sorted({p["role"] for p in points})
     raster = len(points) > _RASTER_POINTS
     cmap = _colours(len(roles))
@@ -100,7 +100,7 @@ def module_loss(points: list[dict], worst: list[str], ylabel: str) -> str:
             ax.annotate(
                 p["name"],
                 (p["x"], p["y"]),
-                xytext=(6, 4),
+                xytext=(6, 4 - 10 * worst.index(p["name"]) % 30),  # staggered: neighbours must not overprint
                 textcoords="offset points",
                 fontsize=7,
                 color=_WORST,
