@@ -188,6 +188,9 @@ def calibrate(
         say(coverage_table(stats))
     if output is not None:
         stats.save(output)
+        from calibra.report import write_stats_html  # NAME.report.html beside NAME.safetensors
+
+        write_stats_html(output, stats)
     return stats
 
 

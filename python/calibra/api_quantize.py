@@ -669,6 +669,7 @@ def _run_streamed(
 
         def write_files(folder):
             from calibra.quant.save import _write_json
+            from calibra.report import write_report_html
 
             if export:
                 fmt.write_streamed_files(qm, folder)
@@ -676,6 +677,7 @@ def _run_streamed(
             else:
                 fmt.write_files(folder, qm)
             _stamp(report, weights, t_start, t_write)
+            write_report_html(folder, report)  # before report.json: it adds the measured peaks
             _write_json(folder / "report.json", report)
 
         sink.finish(write_files)
@@ -778,7 +780,9 @@ def _export(qm, output, formats, overwrite, report, files) -> None:
     report["export"] = {"formats": formats}
     folders = export(qm, output, formats, overwrite=overwrite)
     from calibra.quant.save import _write_json
+    from calibra.report import write_report_html
 
+    write_report_html(output, report)  # before report.json: it adds the measured peaks
     for name, obj in dict(files, **{"report.json": report}).items():
         tmp = Path(output) / f".{name}.tmp"
         _write_json(tmp, obj)

@@ -790,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
     from calibra.kv.cli import add_parser as _add_kv  # the `calibra kv ...` group lives with calibra.kv
 
     _add_kv(sub)
+    from calibra.report.cli import add_parser as _add_report  # `calibra report` lives with calibra.report
+
+    _add_report(sub)
     return p
 
 

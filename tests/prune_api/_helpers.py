@@ -57,7 +57,7 @@ def weight_of(model, name: str) -> torch.Tensor:
     return module_weight(model, name)
 
 
-def folder_bytes(folder, skip=("report.json",)) -> dict[str, bytes]:
+def folder_bytes(folder, skip=("report.json", "report.html")) -> dict[str, bytes]:  # both carry timings
     folder = Path(folder)
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()

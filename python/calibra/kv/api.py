@@ -231,6 +231,9 @@ def calibrate(
     )
     if output is not None:
         preset.save(output, overwrite=overwrite)
+        from calibra.report import write_preset_html  # NAME.report.html beside NAME.json
+
+        write_preset_html(output, preset)
     return preset
 
 

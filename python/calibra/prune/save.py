@@ -191,6 +191,9 @@ def write_files(
         save_file(tensors_24(pm), str(tmp / SPARSE24), metadata={"format": "calibra-sparse24"})
     writer.write_manifest(tmp, format=FORMAT, qmodel=pm)
     if report is not None:
+        from calibra.report import write_report_html  # before report.json: it adds the measured peaks
+
+        write_report_html(tmp, report)
         writer.write_json(tmp / "report.json", report)
 
 

@@ -142,6 +142,9 @@ def write_files(folder: Path, qm, *, report: dict | None = None, extra_files: di
         _write_json(folder / name, obj)
     writer.write_manifest(folder, format=FORMAT, qmodel=qm)
     if report is not None:
+        from calibra.report import write_report_html  # before report.json: it adds the measured peaks
+
+        write_report_html(folder, report)
         _write_json(folder / "report.json", report)
 
 
