@@ -61,11 +61,12 @@ def expert_sumsq(stats, key: str) -> torch.Tensor:
         raise ValueError(
             f"[prune] no expert of {block} received any calibration token; use more or different calibration data"
         )
-    pooled = sum(stats.tensors[f"norms/sumsq/{k}"].double() for k in keys) / n_pool
     lam = 1.0 if n_e == 0 else tau / (n_e + tau)
-    if lam == 1.0:
-        return pooled
-    return (1 - lam) * stats.tensors[f"norms/sumsq/{key}"].double() / n_e + lam * pooled
+    with on_host():  # float64 statistics, kept on the CPU (MPS has no float64)
+        pooled = sum(stats.tensors[f"norms/sumsq/{k}"].double() for k in keys) / n_pool
+        if lam == 1.0:
+            return pooled
+        return (1 - lam) * stats.tensors[f"norms/sumsq/{key}"].double() / n_e + lam * pooled
 
 
 def target_stats(stats, target: Target) -> tuple[LayerStats | None, int]:
