@@ -345,6 +345,11 @@ def plan_job(
         peak_dev = sizes.largest_layer * db + _streamed_work(shapes, solver, est, _dtype_bytes(hessian_dtype))
     elif on_cpu:
         placement, peak_dev = "host memory (the device is the CPU)", layer_dev
+    elif device.type == "mps":  # Apple Silicon: host and device are one memory; offloading frees nothing
+        placement, peak_dev = (
+            "whole model on mps (unified memory: host and device share one pool)",
+            model_bytes + layer_dev,
+        )
     elif free is not None and model_bytes + layer_dev <= _DEVICE_HEADROOM * free:
         placement, peak_dev = f"whole model on {device}", model_bytes + layer_dev
     else:
@@ -377,6 +382,11 @@ def plan_job(
             f"lower --batch-size or --seq-len, or use --device cpu"
         )
     avail = plan.host_available
+    if device.type == "mps" and avail is not None and plan.peak_host - base + peak_dev > avail:
+        plan.warnings.append(
+            f"host and device peaks together ({format_bytes(plan.peak_host - base + peak_dev)}) exceed the "
+            f"available unified memory ({format_bytes(avail)}): lower --samples or --seq-len, or use --stream"
+        )
     if avail is not None and plan.peak_host - base > avail:
         plan.warnings.append(
             f"the host peak exceeds the available memory ({format_bytes(avail)}): lower "

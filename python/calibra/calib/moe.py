@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from calibra.mps import mps_semantics, on_host
+
 DEFAULT_TAU = 256.0
 
 
@@ -52,7 +54,12 @@ class MoERecorder:
         probs, index = block.route(x)
         index = index.long()
         tokens = torch.bincount(index.reshape(-1), minlength=E).cpu()
-        for field_, val in (("tokens", tokens), ("prob_mass", probs.double().sum(0).cpu())):
+        if mps_semantics(probs.device):  # MPS has no float64: the mass is summed on the CPU
+            with on_host():
+                mass = probs.cpu().double().sum(0)
+        else:
+            mass = probs.double().sum(0).cpu()
+        for field_, val in (("tokens", tokens), ("prob_mass", mass)):
             name = f"moe/{field_}/{key}"
             self.tensors[name] = val if name not in self.tensors else self.tensors[name] + val
         self.counts[f"moe/{key}"] = self.counts.get(f"moe/{key}", 0) + int(x.shape[0])
@@ -112,6 +119,8 @@ def refresh_coverage(stats) -> list[dict]:
         tokens = stats.tensors[f"moe/tokens/{block}"]
         mass = stats.tensors[f"moe/prob_mass/{block}"]
         n_in = max(1, stats.counts.get(f"moe/{block}", 0))
+        with on_host():  # float64 statistics live on the CPU (MPS has no float64)
+            mass = mass.cpu().tolist()
         for e in range(tokens.numel()):
             n = int(tokens[e])
             rows.append(

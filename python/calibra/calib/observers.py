@@ -33,12 +33,14 @@ Keys in ``CalibrationStats.tensors`` are ``<kind>/<field>/<module path>``; token
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from calibra import ops
 from calibra.finite import all_finite
+from calibra.mps import mps_semantics, on_host
 
 OBSERVER_KINDS = ("hessian", "norms", "ranges", "kv")
 
@@ -143,13 +145,16 @@ class ChannelNormObserver(Observer):
     kind = "norms"
 
     def linear(self, key: str, x: torch.Tensor) -> None:
-        xd = x.double()
-        for field, val in (("sumsq", xd.square().sum(0)), ("sum", xd.sum(0))):
-            name = f"norms/{field}/{key}"
-            if name in self.tensors:
-                self.tensors[name] += val
-            else:
-                self.tensors[name] = val
+        # MPS has no float64: there the sums live on the CPU (x is copied over, unified memory)
+        host = mps_semantics(x.device)
+        with on_host() if host else contextlib.nullcontext():
+            xd = (x.cpu() if host else x).double()
+            for field, val in (("sumsq", xd.square().sum(0)), ("sum", xd.sum(0))):
+                name = f"norms/{field}/{key}"
+                if name in self.tensors:
+                    self.tensors[name] += val
+                else:
+                    self.tensors[name] = val
         self._count(key, x.shape[0])
 
 
@@ -193,7 +198,11 @@ class RangeObserver(Observer):
             return
         xf = x.float()
         mn, mx = xf.amin(0), xf.amax(0)
-        hist = torch.bincount(histogram_bins(xf).reshape(-1), minlength=HIST_BINS)
+        if mps_semantics(x.device):  # MPS has no frexp: the histogram is counted on the CPU
+            with on_host():
+                hist = torch.bincount(histogram_bins(xf.cpu()).reshape(-1), minlength=HIST_BINS).to(x.device)
+        else:
+            hist = torch.bincount(histogram_bins(xf).reshape(-1), minlength=HIST_BINS)
         for field, val, fn in (("min", mn, torch.minimum), ("max", mx, torch.maximum), ("hist", hist, None)):
             name = f"ranges/{field}/{key}"
             old = self.tensors.get(name)
@@ -206,12 +215,14 @@ class KVCovarianceObserver(Observer):
 
     def kv(self, layer_key: str, which: str, x: torch.Tensor, num_heads: int) -> None:
         n = x.shape[0]
-        xh = x.double().reshape(n, num_heads, -1).transpose(0, 1)  # [Hkv, n, d]
-        outer = xh.transpose(1, 2) @ xh
-        s = xh.sum(1)
-        for field, val in ((f"{which}_outer", outer), (f"{which}_sum", s)):
-            name = f"kv/{field}/{layer_key}"
-            self.tensors[name] = val if name not in self.tensors else self.tensors[name] + val
+        host = mps_semantics(x.device)  # MPS has no float64: there the sums live on the CPU
+        with on_host() if host else contextlib.nullcontext():
+            xh = (x.cpu() if host else x).double().reshape(n, num_heads, -1).transpose(0, 1)  # [Hkv, n, d]
+            outer = xh.transpose(1, 2) @ xh
+            s = xh.sum(1)
+            for field, val in ((f"{which}_outer", outer), (f"{which}_sum", s)):
+                name = f"kv/{field}/{layer_key}"
+                self.tensors[name] = val if name not in self.tensors else self.tensors[name] + val
         self._count(f"{which}/{layer_key}", n)
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from calibra.mps import on_host
+
 FORMAT = "calibra-stats"
 FORMAT_VERSION = 1
 _VOLATILE_CONFIG_KEYS = (
@@ -69,7 +71,8 @@ def model_identity(model, first_values=None) -> str:
             if t is None:
                 continue
         if t.is_floating_point() and t.device.type != "meta":
-            h.update(t.detach().reshape(-1)[:16].double().cpu().numpy().tobytes())
+            with on_host():  # float64 on the CPU: MPS has none (the same bytes on every device)
+                h.update(t.detach().reshape(-1)[:16].cpu().double().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -144,7 +147,8 @@ class CalibrationStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.metadata)
         meta["counts"] = dict(sorted(self.counts.items()))
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.tensors.items()}
+        with on_host():  # host copies (float64 sums among them: MPS keeps those on the CPU)
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.tensors.items()}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:

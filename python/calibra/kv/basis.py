@@ -21,9 +21,12 @@ keys do. The cache therefore un-rotates an incoming key, projects it, and re-app
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from calibra.mps import mps_semantics, on_host
 
 TARGETS = ("v", "kv")
 
@@ -56,21 +59,32 @@ class HeadBases:
 
     def explained(self, rank: int) -> float:
         """Share of the (centered) variance the top-``rank`` directions keep, averaged over heads."""
-        total = self.values.double().sum(-1).clamp_min(1e-30)
-        return float((self.values.double()[:, :rank].sum(-1) / total).mean())
+        with on_host():  # float64 on the CPU (MPS has none)
+            values = self.values.cpu().double()
+            total = values.sum(-1).clamp_min(1e-30)
+            return float((values[:, :rank].sum(-1) / total).mean())
 
 
 def pca(outer: torch.Tensor, total: torch.Tensor, n: int) -> HeadBases:
     """Centered PCA from ``outer [H, d, d] = sum x x^T``, ``total [H, d] = sum x`` over ``n`` tokens."""
     if n <= 0:
         raise KVStatsError("[kv] a layer saw no calibration tokens; cannot compute its K/V basis")
-    outer, total = outer.double(), total.double()
-    mean = total / n
-    cov = outer / n - mean[:, :, None] * mean[:, None, :]
-    cov = (cov + cov.transpose(-1, -2)) / 2  # exact symmetry for eigh
-    values, vectors = torch.linalg.eigh(cov)  # ascending
-    values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
-    return HeadBases(vectors=vectors.float(), values=values.float(), mean=mean.float(), tokens=int(n))
+    # MPS has neither float64 nor eigh: there the PCA runs on the CPU and the bases go back as float32
+    device = outer.device
+    host = mps_semantics(device)
+    with on_host() if host else contextlib.nullcontext():
+        if host:
+            outer, total = outer.cpu(), total.cpu()
+        outer, total = outer.double(), total.double()
+        mean = total / n
+        cov = outer / n - mean[:, :, None] * mean[:, None, :]
+        cov = (cov + cov.transpose(-1, -2)) / 2  # exact symmetry for eigh
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+        vectors, values, mean = vectors.float(), values.float(), mean.float()
+    if host:
+        vectors, values, mean = vectors.to(device), values.to(device), mean.to(device)
+    return HeadBases(vectors=vectors, values=values, mean=mean, tokens=int(n))
 
 
 def bases_from_stats(stats, layer_keys: list[str], which: str) -> list[HeadBases]:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from calibra.mps import on_host
 from calibra.prune.config import PruningConfig
 from calibra.prune.gradual import prune_gradually
 from calibra.prune.methods import prune_weight
@@ -61,11 +62,12 @@ def expert_sumsq(stats, key: str) -> torch.Tensor:
         raise ValueError(
             f"[prune] no expert of {block} received any calibration token; use more or different calibration data"
         )
-    pooled = sum(stats.tensors[f"norms/sumsq/{k}"].double() for k in keys) / n_pool
     lam = 1.0 if n_e == 0 else tau / (n_e + tau)
-    if lam == 1.0:
-        return pooled
-    return (1 - lam) * stats.tensors[f"norms/sumsq/{key}"].double() / n_e + lam * pooled
+    with on_host():  # float64 statistics, kept on the CPU (MPS has no float64)
+        pooled = sum(stats.tensors[f"norms/sumsq/{k}"].double() for k in keys) / n_pool
+        if lam == 1.0:
+            return pooled
+        return (1 - lam) * stats.tensors[f"norms/sumsq/{key}"].double() / n_e + lam * pooled
 
 
 def target_stats(stats, target: Target) -> tuple[LayerStats | None, int]:
@@ -95,9 +97,10 @@ def target_stats(stats, target: Target) -> tuple[LayerStats | None, int]:
 
 def weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """``||W - W_hat||_F^2 / ||W||_F^2``: the data-free error (the only one magnitude has without data)."""
-    wd = w.double()
-    den = float(wd.square().sum())
-    return float((wd - w_hat.double()).square().sum()) / den if den > 0 else 0.0
+    with on_host():  # float64 on the CPU (MPS has none): the same numbers on every device
+        wd = w.cpu().double()
+        den = float(wd.square().sum())
+        return float((wd - w_hat.cpu().double()).square().sum()) / den if den > 0 else 0.0
 
 
 class LayerPruner:

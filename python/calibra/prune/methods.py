@@ -15,10 +15,12 @@ weights cannot change the layer's output on the calibration data.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
+from calibra.mps import mps_semantics, on_host
 from calibra.prune.checks import check_layer, check_weight  # noqa: F401  (re-exported)
 from calibra.prune.config import PruneMethod, PruningConfig
 from calibra.prune.patterns import achieved_sparsity
@@ -36,14 +38,18 @@ def wanda_scores(w: torch.Tensor, channel_sumsq: torch.Tensor, name: str = "weig
     if not isinstance(channel_sumsq, torch.Tensor) or tuple(channel_sumsq.shape) != (w.shape[1],):
         got = tuple(channel_sumsq.shape) if isinstance(channel_sumsq, torch.Tensor) else type(channel_sumsq).__name__
         raise ValueError(f"[wanda] the channel statistics of {name} must be [in] = [{w.shape[1]}], got {got}")
-    sq = channel_sumsq.double()
-    if not bool(torch.isfinite(sq).all()) or bool((sq < 0).any()):
-        raise ValueError(
-            f"[wanda] the channel sums of squares of {name} must be finite and >= 0; check the calibration activations"
-        )
-    # the norm in float64, then fp32: sums of squares of fp16-range activations over many tokens can
-    # exceed fp32's range before the square root
-    return w.float().abs() * sq.sqrt().float().to(w.device)[None, :]
+    host = mps_semantics(w.device)  # MPS has no float64: the norm is taken on the CPU
+    with on_host() if host else contextlib.nullcontext():
+        sq = (channel_sumsq.cpu() if host else channel_sumsq).double()
+        if not bool(torch.isfinite(sq).all()) or bool((sq < 0).any()):
+            raise ValueError(
+                f"[wanda] the channel sums of squares of {name} must be finite and >= 0; check the calibration "
+                "activations"
+            )
+        # the norm in float64, then fp32: sums of squares of fp16-range activations over many tokens can
+        # exceed fp32's range before the square root
+        norm = sq.sqrt().float()
+    return w.float().abs() * norm.to(w.device)[None, :]
 
 
 def _finish(w, keep, config, name, method, sparsity, t0, hessian, **extra) -> PrunedLayer:
@@ -100,7 +106,8 @@ def prune_wanda(
     s = config.sparsity if sparsity is None else sparsity
     scores = wanda_scores(w, channel_sumsq, name)
     keep = config.pattern_obj.mask(scores, s, config.resolved_scope, prior)
-    dead = int((channel_sumsq == 0).sum())
+    with on_host():  # the float64 sums stay where they are (on a Mac: the CPU)
+        dead = int((channel_sumsq == 0).sum())
     return _finish(w, keep, config, name, "wanda", s, t0, hessian, dead_channels=dead)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
+from calibra.mps import mps_semantics, on_host
 from calibra.ops import QuantizedTensor, compress_24
 
 
@@ -48,11 +50,15 @@ class LayerStats:
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||(W - W_hat) X^T||_F^2 / ||W X^T||_F^2`` from the Hessian sum ``H = X^T X`` (float64):
     ``tr(D H D^T) / tr(W H W^T)`` with ``D = W - W_hat``. 0 when the layer's output is identically 0."""
-    h = hessian.double()
-    wd = w.double()
-    d = wd - w_hat.double()
-    num = float(((d @ h) * d).sum())
-    den = float(((wd @ h) * wd).sum())
+    host = mps_semantics(w.device)  # MPS has no float64: the traces are taken on the CPU
+    with on_host() if host else contextlib.nullcontext():
+        if host:
+            w, w_hat, hessian = w.cpu(), w_hat.cpu(), hessian.cpu()
+        h = hessian.double()
+        wd = w.double()
+        d = wd - w_hat.double()
+        num = float(((d @ h) * d).sum())
+        den = float(((wd @ h) * wd).sum())
     return num / den if den > 0 else 0.0
 
 

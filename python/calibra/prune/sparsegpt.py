@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 import torch
 
+from calibra.mps import mps_semantics, on_host
 from calibra.ops import QuantizedTensor, gptq_block_sweep, sparsegpt_block_sweep
 from calibra.ops._ref.gptq import nm_keep
 from calibra.ops.gptq import NMSweepResult
@@ -322,7 +323,11 @@ def sparsegpt_prune(
         q[:, i1:i2] = res.q
         codes[:, i1:i2] = res.codes
         keep[:, i1:i2] = ~res.prune
-        loss += float((res.err.double() ** 2).sum()) / 2
+        if mps_semantics(res.err.device):  # MPS has no float64: the loss is summed on the CPU
+            with on_host():
+                loss += float((res.err.cpu().double() ** 2).sum()) / 2
+        else:
+            loss += float((res.err.double() ** 2).sum()) / 2
         if jq is not None and not per_row:
             dyn_s.append(res.scales)
             dyn_z.append(res.zeros)

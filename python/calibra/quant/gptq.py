@@ -12,6 +12,7 @@ do not change the damping of the others.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from calibra.mps import in_host_step, mps_semantics, on_host
 from calibra.ops import gptq_block_sweep
 from calibra.quant._tables import fit_groups, nvfp4_global_scale, stored_scales
 from calibra.quant.config import GPTQConfig
@@ -80,7 +82,7 @@ class SharedFactorizations:
 
 
 def normalized_hessian(
-    h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False
+    h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False, device=None
 ) -> tuple[torch.Tensor, float, int]:
     """``(H, damping base, dead channel count)`` of the Hessian sum ``h = X^T X`` for the float32 weight
     ``wf [out, in]``, on wf's device; ``h`` is not modified, ``wf``'s dead columns are zeroed in place.
@@ -88,40 +90,50 @@ def normalized_hessian(
     H is GPTQ's normalization ``2 X^T X / N``: the solution does not depend on it, the loss and the
     saliencies do (it keeps them comparable with AutoGPTQ's and independent of the token count). Dead
     channels get ``H[i, i] = 1`` and ``W[:, i] = 0``; the base is the mean diag over live channels.
-    ``consume``: ``h`` may be overwritten (it becomes H), when it is float32/float64 on wf's device."""
-    hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume)
+    ``consume``: ``h`` may be overwritten (it becomes H), when it is float32/float64 on wf's device.
+    ``device``: where H is made (default wf's; the CPU for a float64 H on MPS, see :func:`factored_hessian`)."""
+    hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume, device=device)
     return hw, base, int(dead.sum())
 
 
 def _normalized_hessian(
-    h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False
+    h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False, device=None
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """:func:`normalized_hessian` with the dead channels as a boolean mask."""
+    """:func:`normalized_hessian` with the dead channels as a boolean mask (on H's device)."""
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    if consume and h.dtype == dtype and h.device == wf.device:
+    device = wf.device if device is None else torch.device(device)
+    if consume and h.dtype == dtype and h.device == device:
         hw = h.detach().mul_(2.0 / n_tokens)  # the caller gave h up: scaled where it is, one n x n fewer
     else:
-        hw = h.detach().to(dtype).to(wf.device) * (2.0 / n_tokens)
+        hw = h.detach().to(dtype).to(device) * (2.0 / n_tokens)
     diag = hw.diagonal()
     dead = diag == 0
     n_dead = int(dead.sum())
     live_mean = float(diag[~dead].mean()) if n_dead < hw.shape[0] else 0.0
     if n_dead:
         hw[dead, dead] = 1.0
-        wf[:, dead] = 0.0
+        wf[:, dead.to(wf.device)] = 0.0
     return hw, live_mean if live_mean > 0 else 1.0, dead
 
 
-def factor_inverse_hessian(h: torch.Tensor, config, base: float, *, subject: str) -> Factorization:
+def factor_inverse_hessian(
+    h: torch.Tensor, config, base: float, *, subject: str, dtypes=(torch.float32, torch.float64), first_step: int = 0
+) -> Factorization:
     """The damping ladder (FAULTS row 18): ``config.damp_percent``, then each ``config.damp_ladder`` value
     (a GPTQConfig or a PruningConfig), in float32, then the same in float64; the first attempt whose
     Cholesky of H + damp I succeeds (and gives a finite U) wins. ``h`` is not modified. Past the ladder:
-    ValueError starting with ``subject`` (the solver's tag and the module, e.g. "[gptq] Hessian of q")."""
+    ValueError starting with ``subject`` (the solver's tag and the module, e.g. "[gptq] Hessian of q").
+    ``dtypes``/``first_step``: the rungs still to try and the attempts made before (for the MPS host rung)."""
     percents = (config.damp_percent,) + tuple(config.damp_ladder)
-    steps = 0
+    steps = first_step
     n = h.shape[0]
     info = torch.empty((), dtype=torch.int32, device=h.device)
-    for dtype in (torch.float32, torch.float64):
+    for dtype in dtypes:
+        if dtype == torch.float64 and mps_semantics(h.device) and not in_host_step():
+            # MPS has no float64: this rung runs on the CPU, and only U (float32) goes back to the device
+            with on_host():
+                fac = factor_inverse_hessian(h.cpu(), config, base, subject=subject, dtypes=(dtype,), first_step=steps)
+            return fac._replace(u=fac.u.to(h.device))
         for pct in percents:
             damp = pct * base
             # U = chol_upper(H^-1) without forming H^-1: with J the index reversal, chol(J H J) = K gives
@@ -171,19 +183,28 @@ def factored_hessian(
     """The Hessian side of a GPTQ/SparseGPT solve of the float32 weight ``wf``: H normalized, the dead
     channels (``wf``'s dead columns are zeroed in place), act-order's permutation (by descending diag H)
     and the damping ladder's factor of the (permuted) H. ``wf`` itself is not permuted. With ``shared``,
-    a Hessian another weight already factored is not factored again."""
+    a Hessian another weight already factored is not factored again. U and the permutation are on wf's
+    device."""
     key = SharedFactorizations.key(h, n_tokens, config, wf.device) if shared is not None else None
     known = shared.get(key) if shared is not None else None
     if known is not None:  # another weight of this input factored h: only this weight's dead columns remain
         if bool(known.dead.any()):
-            wf[:, known.dead] = 0.0
+            wf[:, known.dead.to(wf.device)] = 0.0
         return known
-    hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume)
-    perm = None
-    if act_order:
-        perm = torch.sort(hw.diagonal(), descending=True, stable=True).indices
-        hw = hw[perm][:, perm]
-    fac = factor_inverse_hessian(hw, config, base, subject=subject)
+    # MPS has no float64: a float64 H (hessian_dtype="float64", MR-GPTQ's rotation) is made, permuted and
+    # factored on the CPU, and only U (float32) goes to the device -- the CPU path's numbers exactly
+    host = h.dtype == torch.float64 and mps_semantics(wf.device)
+    with on_host() if host else contextlib.nullcontext():
+        hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume, device="cpu" if host else None)
+        perm = None
+        if act_order:
+            perm = torch.sort(hw.diagonal(), descending=True, stable=True).indices
+            hw = hw[perm][:, perm]
+        fac = factor_inverse_hessian(hw, config, base, subject=subject)
+    del hw
+    if perm is not None:
+        perm = perm.to(wf.device)
+    fac = fac._replace(u=fac.u.to(wf.device))
     found = Factored(h, fac, base, dead, perm)
     if shared is not None:
         shared.put(key, found)
@@ -319,7 +340,8 @@ def _solve(
     q = wf if consume else torch.empty_like(wf)
     codes = torch.empty((out, n), dtype=torch.uint8, device=wf.device)
     dyn_s, dyn_z = [], []
-    loss = torch.zeros((), dtype=torch.float64)
+    with on_host():  # a float64 accumulator on the CPU (MPS has no float64)
+        loss = torch.zeros((), dtype=torch.float64)
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         c = i2 - i1
@@ -349,7 +371,11 @@ def _solve(
         bq, bcodes, berr, bs_out, bz_out = res
         q[:, i1:i2] = bq
         codes[:, i1:i2] = bcodes
-        loss += (berr.double() ** 2).sum() / 2
+        if mps_semantics(wf.device):  # MPS has no float64: the loss is summed on the CPU
+            with on_host():
+                loss += (berr.cpu().double() ** 2).sum() / 2
+        else:
+            loss += (berr.double() ** 2).sum() / 2
         if static:
             table_s, table_z = bs_out, bz_out
         else:

@@ -16,10 +16,12 @@ with the same group size for int formats, and dense (the original weight) for FP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 
+from calibra.mps import mps_semantics, on_host
 from calibra.quant.config import MRGPTQConfig, RTNConfig
 
 
@@ -61,9 +63,14 @@ def sensitivities(targets, stats) -> dict[str, float]:
     out = {}
     for t, cfg in targets:
         w = t.weight()
-        dw = rtn_quantize(w, cfg).weight.double() - w.double()
+        wq = rtn_quantize(w, cfg).weight
         h, n, _ = hessian_for(stats, t)
-        out[t.name] = float(torch.einsum("oi,ij,oj->", dw, h.double().to(dw.device), dw)) / max(n, 1)
+        host = mps_semantics(w.device)  # MPS has no float64: the sensitivity is taken on the CPU
+        with on_host() if host else contextlib.nullcontext():
+            if host:
+                wq, w, h = wq.cpu(), w.cpu(), h.cpu()
+            dw = wq.double() - w.double()
+            out[t.name] = float(torch.einsum("oi,ij,oj->", dw, h.double().to(dw.device), dw)) / max(n, 1)
     return out
 
 

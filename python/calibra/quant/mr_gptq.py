@@ -11,8 +11,11 @@ weight; ``QuantizedLayer.dense()`` un-rotates it instead (W_eff = hadamard(W'_q)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from calibra.mps import mps_semantics, on_host
 from calibra.ops import hadamard
 from calibra.quant.config import MRGPTQConfig
 from calibra.quant.gptq import _solve
@@ -21,10 +24,13 @@ from calibra.quant.validate import check_hessian, check_weight
 
 
 def rotate_hessian(h: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Hn H Hn in float64 (H symmetric), symmetrized against rounding."""
-    h64 = h.detach().double()
-    hr = hadamard(hadamard(h64, block_size).T.contiguous(), block_size)
-    return (hr + hr.T) / 2
+    """Hn H Hn in float64 (H symmetric), symmetrized against rounding. On MPS (no float64) on the CPU:
+    the result stays there, and the GPTQ solve keeps its float64 steps on the CPU too."""
+    host = mps_semantics(h.device)
+    with on_host() if host else contextlib.nullcontext():
+        h64 = (h.detach().cpu() if host else h.detach()).double()
+        hr = hadamard(hadamard(h64, block_size).T.contiguous(), block_size)
+        return (hr + hr.T) / 2
 
 
 def mr_gptq_quantize(

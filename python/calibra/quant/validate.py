@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from calibra.finite import all_finite, first_nonfinite
+from calibra.mps import on_host
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,5 +42,7 @@ def check_hessian(h, n_tokens, in_features: int, name: str) -> None:
             f"[gptq] {name} needs a Hessian from at least one token, got n_tokens={n_tokens!r}; "
             f"check that calibration data reached this module"
         )
-    if not all_finite(h):
+    with on_host() if h.dtype == torch.float64 else contextlib.nullcontext():  # MPS keeps float64 on the CPU
+        finite = all_finite(h)
+    if not finite:
         raise ValueError(f"[gptq] the Hessian of {name} contains NaN/Inf; check the calibration activations")
