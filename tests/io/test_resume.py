@@ -57,9 +57,11 @@ def reference(model4, tmp_path_factory):
 
 
 def _hashes(folder: Path) -> dict:
-    """sha256 of every file the manifest lists (all but report.json, whose timings differ per run)."""
+    """sha256 of every file the manifest lists (all but report.json and report.html: timings differ per run)."""
     man = json.loads((folder / "calibra_manifest.json").read_text())
-    assert set(man["files"]) | {"calibra_manifest.json", "report.json"} == {p.name for p in folder.iterdir()}
+    assert set(man["files"]) | {"calibra_manifest.json", "report.json", "report.html"} == {
+        p.name for p in folder.iterdir()
+    }
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in sorted(man["files"])} | {
         "calibra_manifest.json": hashlib.sha256((folder / "calibra_manifest.json").read_bytes()).hexdigest()
     }
