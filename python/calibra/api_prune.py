@@ -435,15 +435,8 @@ def _run_streamed(
     """The streamed job: layers read from disk one at a time, each written pruned when finished (with
     checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner
-    from calibra.data.tokenize import fingerprint
     from calibra.export.streamed import StreamedOutput
-    from calibra.job import (
-        calibration_tokens,
-        open_streamed_job,
-        restore_streamed,
-        stream_layers,
-        streamed_after_layer,
-    )
+    from calibra.job import StreamedLayers, calibration_tokens, data_fingerprint, open_streamed_job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
@@ -467,37 +460,18 @@ def _run_streamed(
         output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
     )
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
-    write_layer = streamed_after_layer(sink, adapter, pruner, ck)
-
-    def restored() -> int:  # after the tokens, as the whole-model job: a checkpoint restores its layer's RNG
-        done = restore_streamed(ck, sink, pruner) if ck is not None else 0
-        return _restored(done, tracker, adapter, needs_data)
-
+    loop = StreamedLayers(weights, adapter, pruner, sink, ck)
     run_meta = None
-    done = 0
     t0 = time.perf_counter()
     try:
         if not needs_data:
             dev = torch.device(device) if device is not None else None
-            if ck is not None:
-                ck.check_data(None)
-            done = restored()
-            stream_layers(
-                weights,
-                adapter,
-                pruner,
-                write_layer,
-                device=dev,
-                progress=progress,
-                desc=f"{config.method_enum.value} (streamed)",
-                start=done,
-            )
+            _restored(loop.resume(None), tracker, adapter, needs_data)
+            loop.run_data_free(pruner, device=dev, progress=progress, desc=f"{config.method_enum.value} (streamed)")
         else:
             tracker.advance(S.CALIBRATING, adapter.layer_name(0))
             ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, m, say)
-            if ck is not None:  # a resume on other data is refused here, before any layer runs
-                ck.check_data(run_meta.get("fingerprint") or fingerprint(ids, mask))
-            done = restored()
+            _restored(loop.resume(data_fingerprint(ids, mask, run_meta)), tracker, adapter, needs_data)
             runner = LayerRunner(
                 m,
                 adapter,
@@ -512,15 +486,7 @@ def _run_streamed(
             )
             if config.gradual_steps > 1:
                 pruner.recollect = runner.recollect
-            runner.run(
-                ids,
-                mask,
-                batch_size=bs,
-                extra_metadata={"runs": [run_meta]},
-                start_layer=done,
-                start_hidden=ck.load_hidden(done - 1) if done else None,
-                after_layer=write_layer,
-            )
+            loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         pm = psave.PrunedModel(
@@ -545,8 +511,8 @@ def _run_streamed(
             "eval": 0.0,
             "per_layer": pruner.layer_seconds,
         }
-        if done:
-            report["resumed_from_layer"] = done
+        if loop.done:
+            report["resumed_from_layer"] = loop.done
         pm.report = report
         tracker.advance(S.EXPORTING, str(output))
         t_write = time.perf_counter()

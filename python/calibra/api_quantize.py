@@ -552,7 +552,7 @@ def _run_streamed(
     from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.export.streamed import StreamedOutput
-    from calibra.job import open_streamed_job, restore_streamed, stream_layers, streamed_after_layer
+    from calibra.job import StreamedLayers, data_fingerprint, open_streamed_job
     from calibra.models import get_adapter
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
@@ -578,30 +578,21 @@ def _run_streamed(
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
     quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
     run_meta = final_stats = None
-    write_layer = streamed_after_layer(sink, adapter, quantizer, ck)
+    loop = StreamedLayers(weights, adapter, quantizer, sink, ck)
 
     t0 = time.perf_counter()
     try:
         if is_rtn or stats is not None:
-            if ck is not None:
-                ck.check_data(None if stats is None else "stats")
-            done = restore_streamed(ck, sink, quantizer) if ck is not None else 0
-            stream_layers(
-                weights,
-                adapter,
+            loop.resume(None if stats is None else "stats")
+            loop.run_data_free(
                 lambda i, layer, _: quantizer(i, layer, stats),
-                write_layer,
                 device=dev,
                 progress=progress,
                 desc="quantizing (streamed)",
-                start=done,
             )
         else:
             ids, mask, run_meta, bs = calibration_tokens(calibration or CalibrationConfig(), tokenizer, m, say)
-            if ck is not None:  # a resume on other data is refused here, before any layer runs
-                ck.check_data(run_meta.get("fingerprint") or fingerprint(ids, mask))
-            # after the tokens, as the whole-model job: a checkpoint restores the RNG of its layer
-            done = restore_streamed(ck, sink, quantizer) if ck is not None else 0
+            loop.resume(data_fingerprint(ids, mask, run_meta))
             runner = LayerRunner(
                 m,
                 adapter,
@@ -618,15 +609,7 @@ def _run_streamed(
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
             quantizer.release = runner.release
-            final_stats = runner.run(
-                ids,
-                mask,
-                batch_size=bs,
-                extra_metadata={"runs": [run_meta]},
-                start_layer=done,
-                start_hidden=ck.load_hidden(done - 1) if done else None,
-                after_layer=write_layer,
-            )
+            final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_quant = time.perf_counter() - t0
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
         report = _report(
@@ -653,8 +636,8 @@ def _run_streamed(
         if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
         report["output"] = str(output)
-        if done:
-            report["resumed_from_layer"] = done
+        if loop.done:
+            report["resumed_from_layer"] = loop.done
         qm = QuantizedModel(
             model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
         )

@@ -296,3 +296,57 @@ def restore_streamed(ck, sink, compressor) -> int:
         compressor.dense.extend(dense)
         compressor.layer_seconds.append(extra.get("seconds", 0.0))
     return ck.resumed_from
+
+
+class StreamedLayers:
+    """The layer loop of a streamed job, shared by the verbs: ``compressor`` (a LayerQuantizer /
+    LayerPruner) solves each layer, ``sink`` (``StreamedOutput``) writes it, ``ck`` (or None) commits it.
+
+    :meth:`resume` checks the calibration data against the checkpoints (a resume on other data is refused
+    before any layer runs) and takes the finished layers back; then :meth:`run_data_free` (RTN, magnitude,
+    a statistics file) or :meth:`run_calibrated` (a ``LayerRunner`` over the StreamedModel) runs the rest."""
+
+    def __init__(self, weights, adapter, compressor, sink, ck=None):
+        self.weights, self.adapter, self.compressor, self.sink, self.ck = weights, adapter, compressor, sink, ck
+        self.after_layer = streamed_after_layer(sink, adapter, compressor, ck)
+        self.done = 0
+
+    def resume(self, data_fingerprint) -> int:
+        """Record (or, resuming, compare) the data's fingerprint and restore the finished layers; call it
+        after the calibration tokens exist, as the whole-model job does (a checkpoint restores its layer's
+        RNG state). Returns the number of finished layers."""
+        if self.ck is not None:
+            self.ck.check_data(data_fingerprint)
+            self.done = restore_streamed(self.ck, self.sink, self.compressor)
+        return self.done
+
+    def run_data_free(self, on_layer, *, device, progress: bool, desc: str) -> None:
+        stream_layers(
+            self.weights,
+            self.adapter,
+            on_layer,
+            self.after_layer,
+            device=device,
+            progress=progress,
+            desc=desc,
+            start=self.done,
+        )
+
+    def run_calibrated(self, runner, ids, mask, run_meta: dict, batch_size: int):
+        """``runner.run`` from the first unfinished layer (its inputs from the checkpoint); the statistics."""
+        return runner.run(
+            ids,
+            mask,
+            batch_size=batch_size,
+            extra_metadata={"runs": [run_meta]},
+            start_layer=self.done,
+            start_hidden=self.ck.load_hidden(self.done - 1) if self.done else None,
+            after_layer=self.after_layer,
+        )
+
+
+def data_fingerprint(ids, mask, run_meta: dict) -> str:
+    """The calibration tokens' fingerprint for the checkpoints (the tokenizer's, or one of the ids)."""
+    from calibra.data.tokenize import fingerprint
+
+    return run_meta.get("fingerprint") or fingerprint(ids, mask)
