@@ -22,6 +22,7 @@ import torch
 
 from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
+from calibra.plan import PhasePeaks
 
 REPORT_FORMAT = "calibra-prune-report"
 _QUANTIZED_HINT = " (joint pruning + quantization: method 'sparsegpt' with quantize=JointQuant(...) / --bits)"
@@ -261,11 +262,13 @@ def prune(
     tracker = StageTracker(on_change=prog)
     try:
         # -- 2. load ---------------------------------------------------------------------------------
+        meter = PhasePeaks()  # measured peak host memory by phase, beside the plan's in the report
         if isinstance(model, (str, Path)):
             model, loaded_tok = read_model(model, dtype, **read)
             tokenizer = tokenizer or loaded_tok
         model.eval()
         adapter = get_adapter(model)
+        meter.mark("load")
         n_layers = len(adapter.layers)
         ev = None
         if do_eval:
@@ -345,12 +348,14 @@ def prune(
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         t_cal = max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0
+        meter.mark("layers")
 
         # -- 4. evaluate -------------------------------------------------------------------------------
         eval_block = None
         if ev is not None:
             tracker.advance(S.EVALUATING, ev.dataset["name"])
             eval_block = ev.finish(model)
+            meter.mark("evaluation")
 
         # -- 5. report, write --------------------------------------------------------------------------
         pm = psave.PrunedModel(
@@ -380,6 +385,7 @@ def prune(
         }
         pm.report = report
         if output is not None:
+            meter.into(report, "save")
             tracker.advance(S.EXPORTING, str(output))
             t0 = time.perf_counter()
             tracker.advance(S.COMPLETE)
@@ -444,6 +450,7 @@ def _run_streamed(
     from calibra.prune.save import module_weight
     from calibra.prune.stages import PruningStage as S
 
+    meter = PhasePeaks()
     weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "prune", tokenizer)
     m = weights.model
     adapter = get_adapter(m)
@@ -488,6 +495,7 @@ def _run_streamed(
                 pruner.recollect = runner.recollect
             loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_prune = time.perf_counter() - t0
+        meter.mark("layers")  # the capture (embeddings) included
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         pm = psave.PrunedModel(
             model=m, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source, dense=dense
@@ -514,6 +522,7 @@ def _run_streamed(
         if loop.done:
             report["resumed_from_layer"] = loop.done
         pm.report = report
+        meter.into(report, "rest of the output")
         tracker.advance(S.EXPORTING, str(output))
         t_write = time.perf_counter()
 

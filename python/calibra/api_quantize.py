@@ -19,6 +19,7 @@ from calibra.data.tokenize import fingerprint
 from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.job import all_targets, calibration_tokens, choose_streaming, meta_model, on_failure, refuse_for_streaming
+from calibra.plan import PhasePeaks
 
 REPORT_FORMAT = "calibra-quantize-report"
 
@@ -320,6 +321,7 @@ def _run(
     from calibra.quant.model import QuantizedModel
 
     # -- 2. load -------------------------------------------------------------------------------------
+    meter = PhasePeaks()  # measured peak host memory by phase, beside the plan's in the report
     if isinstance(model, (str, Path)):
         model, loaded_tok = read_model(model, dtype, **read)
         tokenizer = tokenizer or loaded_tok
@@ -327,6 +329,7 @@ def _run(
     if plan.placement.startswith("whole model"):  # it fits: no per-layer transfers (calibra.plan)
         model.to(plan.device)
     adapter = get_adapter(model)
+    meter.mark("load")
     ev = None
     if do_eval:
         say("evaluation: collecting the unquantized model's reference")
@@ -459,9 +462,12 @@ def _run(
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
     t_cal += max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0
+    meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------
     eval_block = ev.finish(model) if ev is not None else None
+    if ev is not None:
+        meter.mark("evaluation")
     report = _report(
         source=source,
         model=model,
@@ -500,6 +506,7 @@ def _run(
         model=model, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
     )
     if output is not None:
+        meter.into(report, "save")
         report["timings"]["total"] = time.perf_counter() - t_start
         report["output"] = str(output)
         if ck is not None and ck.resumed_from:
@@ -557,6 +564,7 @@ def _run_streamed(
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
 
+    meter = PhasePeaks()
     weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "quantize", tokenizer)
     m = weights.model
     adapter = get_adapter(m)
@@ -612,6 +620,7 @@ def _run_streamed(
             final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_quant = time.perf_counter() - t0
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
+        meter.mark("layers")  # the capture (embeddings) included
         report = _report(
             source=source,
             model=m,
@@ -642,6 +651,7 @@ def _run_streamed(
             model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
         )
         t_write = time.perf_counter()
+        meter.into(report, "rest of the output")
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer}
         report["timings"] = {
             "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0,

@@ -88,6 +88,23 @@ def test_quantize_page_size_and_measured_memory(pages):
     assert "process peak RSS" in page.read_text()
 
 
+def test_memory_is_measured_phase_by_phase(pages):
+    """Each planned phase of the whole-model jobs has its own measured peak (VmHWM where it rose in that
+    phase, else sampled), shown beside the plan's; the peaks are real, none exceeds the job's overall peak,
+    and the largest of them is that peak (the phases cover the job from the load on)."""
+    for verb in ("quantize", "prune"):
+        page = pages[verb][0]
+        report = json.loads((page.parent / "report.json").read_text())
+        phases = report["measured"]["phases"]
+        assert set(report["plan"]["phases"]) <= set(phases), (verb, phases)
+        assert "open_phase" not in report["measured"]  # the report closed the last phase
+        for name, peak in phases.items():
+            assert 50 * 2**20 < peak <= report["measured"]["peak_rss"], (verb, name, peak)
+        assert set(report["measured"]["phases_exact"]) == set(phases)  # each says how it was measured
+        html = page.read_text()
+        assert "load: measured (" in html and "save: measured (" in html
+
+
 @pytest.mark.parametrize("verb", ["quantize", "prune", "calibrate", "kv"])
 def test_page_renders_in_headless_chromium(pages, verb, tmp_path):
     binary = find_chromium()

@@ -30,6 +30,28 @@ def html_beside(path) -> Path:
     return path.with_name(path.stem + ".report.html")
 
 
+def _vm_hwm() -> int | None:
+    """VmHWM (bytes): the process's resident high-water mark (``calibra.plan.PhasePeaks`` reads it too)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _rss_now() -> int | None:
+    try:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def measured_memory() -> dict:
     """The process's peak RSS so far (the kernel's high-water mark, bytes) and, when CUDA was used, the
     device's peak allocated bytes: what the job measured against its plan."""
@@ -102,7 +124,16 @@ def write_report_html(folder, report: dict, *, attribution=None, stats=None, mea
     """Write ``folder/report.html``. With ``measure`` (the verbs' call) the measured peaks are first added to
     ``report["measured"]``, so the caller's report.json written next carries them too."""
     if measure:
-        report.setdefault("measured", measured_memory())
+        measured = report.setdefault("measured", {})
+        for k, v in measured_memory().items():
+            measured.setdefault(k, v)
+        phase, start = measured.pop("open_phase", None), measured.pop("open_phase_from", None)
+        if phase and isinstance(measured.get("phases"), dict):  # the job's last phase runs until now
+            hwm = _vm_hwm()
+            if hwm:  # a new high-water mark in this phase is its peak; else its RSS now (a lower bound)
+                exact = start is not None and hwm > start
+                measured["phases"][phase] = hwm if exact else _rss_now()
+                measured.setdefault("phases_exact", {})[phase] = exact
     return _guarded(Path(folder) / HTML_NAME, lambda: render_report(report, attribution=attribution, stats=stats))
 
 

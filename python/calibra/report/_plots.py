@@ -209,19 +209,33 @@ def grouped_bars(groups: dict[str, list[float]], labels: list[str], ylabel: str,
     return _svg(fig, salt)
 
 
-def memory(planned: dict[str, float], measured: dict[str, float], series: list[float] | None) -> str:
-    """Planned bytes by phase (bars) against measured peaks (dashed lines); with ``series`` (RSS after each
-    streamed layer) a second panel."""
+def memory(
+    planned: dict[str, float], phases: dict[str, float], measured: dict[str, float], series: list[float] | None
+) -> str:
+    """Host bytes by phase, planned and measured (paired bars), against the job's overall measured peaks
+    (dashed lines); with ``series`` (RSS after each streamed layer) a second panel."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.2, 2.8 if not series else 4.8), dpi=100, layout="constrained")
     axes = fig.subplots(2 if series else 1, 1, squeeze=False)[:, 0]
     ax = axes[0]
     mib = 2.0**20
-    names = list(planned)
-    ax.barh(names, [planned[n] / mib for n in names], color="#9db4d6", label="planned")
+    names = list(planned) + [p for p in phases if p not in planned]
+    ys = list(range(len(names)))
+    ax.barh(
+        [y - 0.2 for y in ys], [planned.get(n, 0) / mib for n in names], height=0.4, color="#9db4d6", label="planned"
+    )
+    if phases:
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [phases.get(n, 0) / mib for n in names],
+            height=0.4,
+            color="#2c7a3f",
+            label="measured (phase peak)",
+        )
+    ax.set_yticks(ys, names)
     ax.invert_yaxis()
-    cmap = [_WORST, "#2c7a3f", "#7d3c98"]
+    cmap = [_WORST, "#7d3c98", "#555555"]
     for k, (label, v) in enumerate(measured.items()):
         ax.axvline(v / mib, color=cmap[k % 3], linestyle="--", linewidth=1.5, label=f"measured: {label}")
     ax.set_xlabel("MiB")

@@ -380,10 +380,11 @@ def memory(report: dict) -> Section | None:
     if not isinstance(plan, dict) or not plan.get("phases"):
         return None
     s = Section("memory", "Memory: planned vs measured")
-    planned = {f"host, {k} (planned)": float(v) for k, v in plan["phases"].items()}
+    planned = {str(k): float(v) for k, v in plan["phases"].items()}
     if plan.get("device") not in (None, "cpu"):
-        planned[f"device {plan['device']} (planned)"] = float(plan.get("peak_device") or 0)
+        planned[f"device {plan['device']}"] = float(plan.get("peak_device") or 0)
     meas = report.get("measured") or {}
+    phases = {str(k): float(v) for k, v in (meas.get("phases") or {}).items() if v}
     measured = {}
     if meas.get("peak_rss"):
         measured["process peak RSS"] = float(meas["peak_rss"])
@@ -392,11 +393,17 @@ def memory(report: dict) -> Section | None:
     series = (report.get("streaming") or {}).get("rss_after_layer") or None
     add_plot(
         s,
-        lambda: _plots.memory(planned, measured, series),
-        "planned host memory by phase (calibra.plan) against the measured peaks (the process's high-water mark "
-        "when the report was written, which covers every phase)",
+        lambda: _plots.memory(planned, phases, measured, series),
+        "planned host memory by phase (calibra.plan) against the measured peaks: each phase's high-water mark "
+        "(VmHWM, reset between phases) and the process's peak over the whole job",
     )
-    rows = [[k, _bytes(v)] for k, v in planned.items()] + [[f"measured: {k}", _bytes(v)] for k, v in measured.items()]
+    rows = [[f"{k}: planned", _bytes(v)] for k, v in planned.items()]
+    exact = meas.get("phases_exact") or {}
+    rows += [
+        [f"{k}: measured ({'high-water mark' if exact.get(k, True) else 'sampled, at least'})", _bytes(v)]
+        for k, v in phases.items()
+    ]
+    rows += [[f"measured: {k}", _bytes(v)] for k, v in measured.items()]
     rows.append(["planned peak host (phase)", f"{_bytes(plan.get('peak_host'))} ({plan.get('host_phase')})"])
     rows.append(["placement", plan.get("placement")])
     s.add(table(["", "bytes"], rows))
