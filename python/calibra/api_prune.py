@@ -22,7 +22,7 @@ import torch
 
 from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
-from calibra.plan import PhasePeaks
+from calibra.rss import PhasePeaks
 
 REPORT_FORMAT = "calibra-prune-report"
 _QUANTIZED_HINT = " (joint pruning + quantization: method 'sparsegpt' with quantize=JointQuant(...) / --bits)"

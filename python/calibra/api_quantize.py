@@ -19,7 +19,7 @@ from calibra.data.tokenize import fingerprint
 from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.job import all_targets, calibration_tokens, choose_streaming, meta_model, on_failure, refuse_for_streaming
-from calibra.plan import PhasePeaks
+from calibra.rss import PhasePeaks
 
 REPORT_FORMAT = "calibra-quantize-report"
 

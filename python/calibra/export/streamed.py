@@ -186,7 +186,7 @@ class StreamedOutput:
         gained layer ``layer_name``'s entries: write them with :meth:`layer`, and keep only their slim
         records in ``results``; the process's RSS after each layer goes to ``rss_after_layer``. Returns the
         layer's record (:meth:`layer`) with the slim results as JSON (:func:`result_record`)."""
-        from calibra.plan import current_rss
+        from calibra.rss import current_rss
 
         prefix = layer_name + "."
         done = {n: r for n, r in results.items() if n.startswith(prefix)}

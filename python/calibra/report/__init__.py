@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from calibra.report import _page, _sections
+from calibra.rss import current_rss, peak_rss
 
 HTML_NAME = "report.html"
 
@@ -28,28 +29,6 @@ def html_beside(path) -> Path:
     """``stats.safetensors`` -> ``stats.report.html``; ``kv_preset.json`` -> ``kv_preset.report.html``."""
     path = Path(path)
     return path.with_name(path.stem + ".report.html")
-
-
-def _vm_hwm() -> int | None:
-    """VmHWM (bytes): the process's resident high-water mark (``calibra.plan.PhasePeaks`` reads it too)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _rss_now() -> int | None:
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def measured_memory() -> dict:
@@ -129,10 +108,10 @@ def write_report_html(folder, report: dict, *, attribution=None, stats=None, mea
             measured.setdefault(k, v)
         phase, start = measured.pop("open_phase", None), measured.pop("open_phase_from", None)
         if phase and isinstance(measured.get("phases"), dict):  # the job's last phase runs until now
-            hwm = _vm_hwm()
+            hwm = peak_rss()
             if hwm:  # a new high-water mark in this phase is its peak; else its RSS now (a lower bound)
                 exact = start is not None and hwm > start
-                measured["phases"][phase] = hwm if exact else _rss_now()
+                measured["phases"][phase] = hwm if exact else current_rss()
                 measured.setdefault("phases_exact", {})[phase] = exact
     return _guarded(Path(folder) / HTML_NAME, lambda: render_report(report, attribution=attribution, stats=stats))
 
