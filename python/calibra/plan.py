@@ -34,21 +34,14 @@ import torch
 
 from calibra.data.memory import format_bytes
 from calibra.job import torch_dtype
-from calibra.rss import current_rss
+from calibra.rss import current_rss, proc_kib
 
 JOBS = ("calibrate", "quantize", "prune")
 _DEVICE_HEADROOM = 0.9  # the caching allocator and fragmentation need some room
 
 
 def host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def device_free(device: torch.device) -> int | None:

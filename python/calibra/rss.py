@@ -22,16 +22,22 @@ def current_rss() -> int:
         return 0
 
 
-def peak_rss() -> int | None:
-    """The process's resident high-water mark (VmHWM, bytes); None where /proc does not say (not Linux)."""
+def proc_kib(path: str, field: str) -> int | None:
+    """``field`` of a /proc file in ``Name:  N kB`` lines (``/proc/meminfo``, ``/proc/self/status``), in
+    bytes; None where the file or the field is missing (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def peak_rss() -> int | None:
+    """The process's resident high-water mark (VmHWM, bytes); None where /proc does not say (not Linux)."""
+    return proc_kib("/proc/self/status", "VmHWM")
 
 
 class PhasePeaks:
@@ -84,4 +90,4 @@ class PhasePeaks:
             )
 
 
-__all__ = ["current_rss", "peak_rss", "PhasePeaks"]
+__all__ = ["current_rss", "peak_rss", "proc_kib", "PhasePeaks"]

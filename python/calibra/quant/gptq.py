@@ -83,23 +83,16 @@ class SharedFactorizations:
 
 def normalized_hessian(
     h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False, device=None
-) -> tuple[torch.Tensor, float, int]:
-    """``(H, damping base, dead channel count)`` of the Hessian sum ``h = X^T X`` for the float32 weight
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``(H, damping base, dead channels)`` of the Hessian sum ``h = X^T X`` for the float32 weight
     ``wf [out, in]``, on wf's device; ``h`` is not modified, ``wf``'s dead columns are zeroed in place.
 
     H is GPTQ's normalization ``2 X^T X / N``: the solution does not depend on it, the loss and the
     saliencies do (it keeps them comparable with AutoGPTQ's and independent of the token count). Dead
-    channels get ``H[i, i] = 1`` and ``W[:, i] = 0``; the base is the mean diag over live channels.
+    channels (a boolean mask on H's device) get ``H[i, i] = 1`` and ``W[:, i] = 0``; the base is the mean
+    diag over live channels.
     ``consume``: ``h`` may be overwritten (it becomes H), when it is float32/float64 on wf's device.
     ``device``: where H is made (default wf's; the CPU for a float64 H on MPS, see :func:`factored_hessian`)."""
-    hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume, device=device)
-    return hw, base, int(dead.sum())
-
-
-def _normalized_hessian(
-    h: torch.Tensor, n_tokens: int, wf: torch.Tensor, *, consume: bool = False, device=None
-) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """:func:`normalized_hessian` with the dead channels as a boolean mask (on H's device)."""
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     device = wf.device if device is None else torch.device(device)
     if consume and h.dtype == dtype and h.device == device:
@@ -195,7 +188,7 @@ def factored_hessian(
     # factored on the CPU, and only U (float32) goes to the device -- the CPU path's numbers exactly
     host = h.dtype == torch.float64 and mps_semantics(wf.device)
     with on_host() if host else contextlib.nullcontext():
-        hw, base, dead = _normalized_hessian(h, n_tokens, wf, consume=consume, device="cpu" if host else None)
+        hw, base, dead = normalized_hessian(h, n_tokens, wf, consume=consume, device="cpu" if host else None)
         perm = None
         if act_order:
             perm = torch.sort(hw.diagonal(), descending=True, stable=True).indices
