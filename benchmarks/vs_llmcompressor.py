@@ -33,6 +33,8 @@ calibra in this one. Both get the same model files and exactly the same calibrat
    * **matched**: ``static_groups=True`` and ``true_sequential=False`` (one Hessian pass per decoder
      layer, as llmcompressor's sequential pipeline): llmcompressor ``actorder=None``'s algorithm.
    * **fast**: as matched, with dynamic groups.
+   * **static-groups**: the defaults with ``static_groups=True`` (group scales fitted on the original
+     weights before the sweep, as llmcompressor does for every actorder).
 
    Both tools propagate the quantized layer's outputs to the next layer, compute in float32 (model
    loaded in float32; Hessians and the GPTQ sweep in float32) and use the same threads. llmcompressor
@@ -81,6 +83,7 @@ CALIBRA_VARIANTS = {
         ["--static-groups", "--no-true-sequential"],
     ),
     "fast": ("calibra (no act-order, dynamic groups, 1 pass/layer)", ["--no-true-sequential"]),
+    "static-groups": ("calibra --static-groups (no act-order, true-sequential)", ["--static-groups"]),
 }
 LLMC_VARIANTS = {
     "none": ("llmcompressor 0.14 GPTQModifier W4A16, actorder=None", ["--actorder", "none"]),

@@ -211,7 +211,6 @@ def prune(
             "prune",
             output=output,
             unsupported=[
-                (evaluate, "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"),
                 (save_24, "the compressed 2:4 file is not written by it yet: drop --save-24"),
                 (config.quantize is not None, "joint quantization is not implemented for it yet: drop --bits"),
             ],
@@ -436,12 +435,22 @@ def _run_streamed(
     dense,
     plan,
     ck,
+    do_eval,
+    eval_dataset,
+    eval_seq_len,
+    eval_stride,
+    eval_max_tokens,
+    eval_top_k,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written pruned when finished (with
     checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner
+    from calibra.eval.session import EvalSession
+    from calibra.eval.streamed import StreamedLM
     from calibra.export.streamed import StreamedOutput
+    from calibra.io import inspect_model
+    from calibra.io.streamed import open_streamed, reopen
     from calibra.job import StreamedLayers, calibration_tokens, data_fingerprint, open_streamed_job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -468,13 +477,34 @@ def _run_streamed(
     )
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
     loop = StreamedLayers(weights, adapter, pruner, sink, ck)
-    run_meta = None
+    run_meta = ev = None
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
+        if do_eval:
+            say("[prune] evaluation: collecting the dense model's reference (layer by layer)")
+            ev = EvalSession(
+                StreamedLM(reopen(weights), dev, label="the dense model"),
+                tokenizer,
+                dataset=eval_dataset,
+                seq_len=eval_seq_len,
+                stride=eval_stride,
+                max_tokens=eval_max_tokens,
+                top_k=eval_top_k,
+                progress=progress,
+                label="pruned",
+                component="prune",
+            )
+            meter.mark("evaluation reference")
+            t0 = time.perf_counter()
         if not needs_data:
-            dev = torch.device(device) if device is not None else None
             _restored(loop.resume(None), tracker, adapter, needs_data)
-            loop.run_data_free(pruner, device=dev, progress=progress, desc=f"{config.method_enum.value} (streamed)")
+            loop.run_data_free(
+                pruner,
+                device=torch.device(device) if device is not None else None,
+                progress=progress,
+                desc=f"{config.method_enum.value} (streamed)",
+            )
         else:
             tracker.advance(S.CALIBRATING, adapter.layer_name(0))
             ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, m, say)
@@ -522,7 +552,7 @@ def _run_streamed(
         if loop.done:
             report["resumed_from_layer"] = loop.done
         pm.report = report
-        meter.into(report, "rest of the output")
+        meter.into(report, "rest of the output" + (" and its evaluation" if ev is not None else ""))
         tracker.advance(S.EXPORTING, str(output))
         t_write = time.perf_counter()
 
@@ -532,8 +562,17 @@ def _run_streamed(
             report["output"] = str(output)
             report["streaming"]["bytes_read"] = weights.bytes_read
             report["timings"]["write"] = time.perf_counter() - t_write
+            psave.write_files(folder, pm, None)
+            if ev is not None:  # the folder is complete but for the report: measure it, layer by layer
+                say("[prune] evaluation: the pruned model (layer by layer)")
+                info = inspect_model(folder, allow_quantized=True, check_tensors=False, component="prune")
+                pruned, why = open_streamed(info, model_config, weights.dtype)
+                if pruned is None:  # pragma: no cover - the job's own shards, named as the input's
+                    raise RuntimeError(f"[prune] the written output cannot be read back layer by layer: {why}")
+                report["eval"] = ev.finish(StreamedLM(pruned, dev, label="the pruned model"))
+                report["timings"]["eval"] = ev.seconds
             report["timings"]["total"] = time.perf_counter() - t_start
-            psave.write_files(folder, pm, None, report=report)
+            psave.write_report(folder, report)
 
         sink.finish(write_files)
     except BaseException as e:

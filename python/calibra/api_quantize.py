@@ -212,7 +212,11 @@ def quantize(
             "quantize",
             output=output,
             unsupported=[
-                (evaluate, "evaluating the streamed result is not implemented yet: pass evaluate=False (--no-eval)"),
+                (
+                    do_eval and export,
+                    "evaluating a streamed compressed-tensors export is not implemented yet: write calibra's folder "
+                    "(no --export; it is evaluated layer by layer) or pass evaluate=False (--no-eval)",
+                ),
                 (
                     act_ranges or ranges_file,
                     "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
@@ -221,7 +225,6 @@ def quantize(
             ],
         )
         refuse_format(export)
-        do_eval = False
         plan = plan_job(
             model_config,
             job="quantize",
@@ -552,17 +555,28 @@ def _run_streamed(
     needs_data,
     plan,
     ck,
+    do_eval,
+    eval_dataset,
+    eval_seq_len,
+    eval_stride,
+    eval_max_tokens,
+    eval_top_k,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
+    from calibra.eval.session import EvalSession
+    from calibra.eval.streamed import StreamedLM
     from calibra.export.streamed import StreamedOutput
+    from calibra.io import inspect_model
+    from calibra.io.streamed import reopen
     from calibra.job import StreamedLayers, data_fingerprint, open_streamed_job
     from calibra.models import get_adapter
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
+    from calibra.quant.streamed_load import open_streamed_quantized
 
     meter = PhasePeaks()
     weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "quantize", tokenizer)
@@ -590,6 +604,23 @@ def _run_streamed(
 
     t0 = time.perf_counter()
     try:
+        ev = None
+        if do_eval:
+            say("evaluation: collecting the unquantized model's reference (layer by layer)")
+            ev = EvalSession(
+                StreamedLM(reopen(weights), dev, label="the unquantized model"),
+                tokenizer,
+                dataset=eval_dataset,
+                seq_len=eval_seq_len,
+                stride=eval_stride,
+                max_tokens=eval_max_tokens,
+                top_k=eval_top_k,
+                progress=progress,
+                label="quantized",
+                component="quantize",
+            )
+            meter.mark("evaluation reference")
+            t0 = time.perf_counter()
         if is_rtn or stats is not None:
             loop.resume(None if stats is None else "stats")
             loop.run_data_free(
@@ -651,7 +682,7 @@ def _run_streamed(
             model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
         )
         t_write = time.perf_counter()
-        meter.into(report, "rest of the output")
+        meter.into(report, "rest of the output" + (" and its evaluation" if ev is not None else ""))
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer}
         report["timings"] = {
             "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0,
@@ -669,6 +700,12 @@ def _run_streamed(
                 report["export"] = {"formats": list(export), "streamed": True}
             else:
                 fmt.write_files(folder, qm)
+            if ev is not None:  # the folder is complete but for the report: measure it, layer by layer
+                say("evaluation: the quantized model (layer by layer)")
+                folder_info = inspect_model(folder, allow_quantized=True, check_tensors=False, component="quantize")
+                q = open_streamed_quantized(folder_info, model_config, weights.dtype)
+                report["eval"] = ev.finish(StreamedLM(q, dev, label="the quantized model"))
+                report["timings"]["eval"] = ev.seconds
             _stamp(report, weights, t_start, t_write)
             write_report_html(folder, report)  # before report.json: it adds the measured peaks
             _write_json(folder / "report.json", report)

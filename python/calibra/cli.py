@@ -208,6 +208,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         rank_by=args.rank_by,
         dtype=args.dtype,
         batch_size=args.batch_size,
+        stream=args.stream,
         **_read_opts(args),
     )
     _print_eval(result, args)
@@ -242,6 +243,17 @@ def _add_eval(sub) -> None:
     ev.add_argument("--dtype", default="float32", help="weights dtype: float32 (default), bfloat16, float16, auto")
     ev.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: auto)")
     ev.add_argument("--json", default=None, help="also write the full result to this JSON file")
+    st = ev.add_mutually_exclusive_group()
+    st.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="evaluate layer by layer, one decoder layer read from the shards at a time (default: only when "
+        "the whole model would not fit in 70%% of the available memory)",
+    )
+    st.add_argument("--no-stream", dest="stream", action="store_const", const=False, help="always load the model whole")
     _add_read_flags(ev)
     ev.set_defaults(fn=_cmd_eval)
 

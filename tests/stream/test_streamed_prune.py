@@ -62,7 +62,6 @@ def test_streamed_prune_refusals(tmp_path, monkeypatch):
 
     monkeypatch.setattr(streamed.WeightStore, "read", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
     for kw, needle in [
-        (dict(evaluate=True), "--no-eval"),
         (dict(save_24=True), "--save-24"),
     ]:
         args = dict(output=tmp_path / "out", evaluate=False, stream=True)
@@ -72,6 +71,22 @@ def test_streamed_prune_refusals(tmp_path, monkeypatch):
             calibra.prune("builtin:tiny-llama", cfg, progress=False, echo=None, **args)
         assert needle in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_prune_evaluates_layer_by_layer_as_the_whole_model_does(tmp_path):
+    """Magnitude pruning keeps the surviving weights as stored, so the bf16 output the streamed job reads
+    back is the whole-model job's pruned model exactly: the two evaluations agree to float32 rounding."""
+    cfg = PruningConfig(method="magnitude", target_sparsity=0.5)
+    kw = dict(evaluate=True, eval_max_tokens=1536, eval_seq_len=256)
+    _, whole = calibra.prune("builtin:tiny-llama", cfg, output=tmp_path / "w", progress=False, echo=None, **kw)
+    _, streamed = calibra.prune(
+        "builtin:tiny-llama", cfg, output=tmp_path / "s", stream=True, progress=False, echo=None, **kw
+    )
+    a, b = streamed["eval"], whole["eval"]
+    assert b["kl_divergence"]["mean"] > 1e-3  # half the weights gone: a real difference
+    assert a["kl_divergence"]["mean"] == pytest.approx(b["kl_divergence"]["mean"], rel=1e-4)
+    assert a["perplexity"]["compressed"] == pytest.approx(b["perplexity"]["compressed"], rel=1e-5)
+    assert json.loads((tmp_path / "s" / "report.json").read_text())["eval"] == a
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def test_streamed_folder_loads_back(tmp_path):
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        (dict(evaluate=True), "--no-eval"),
+        (dict(evaluate=True, export="compressed-tensors"), "--no-eval"),
         (dict(output=None), "output=DIR"),
         (dict(mixed_precision=4.5), "mixed precision"),
         (dict(export="gptq"), "compressed-tensors"),
@@ -226,3 +226,32 @@ def test_streamed_resume_refuses_a_whole_model_runs_checkpoints(tmp_path, monkey
     monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
     with pytest.raises(checkpoint.ResumeError, match="streamed"):
         _quantize(tmp_path / "out", GPTQConfig(bits=4, group_size=32), stream=True, resume=True)
+
+
+def test_streamed_job_evaluates_layer_by_layer_as_the_whole_model_does(tmp_path):
+    """A streamed job's report carries the same evaluation as the whole-model job's: the reference and the
+    quantized model are both run layer by layer (the quantized one from the finished folder)."""
+    from calibra.eval import streamed as streamed_eval
+
+    passes = []
+    run = streamed_eval.StreamedLM.iter_scored
+
+    def counting(self, *a, **k):
+        passes.append(self.label)
+        yield from run(self, *a, **k)
+
+    kw = dict(evaluate=True, progress=False, echo=None, eval_max_tokens=1536, eval_seq_len=256)
+    cfg = RTNConfig(bits=3, group_size=32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(streamed_eval.StreamedLM, "iter_scored", counting)
+        _, streamed = calibra.quantize("builtin:tiny-llama", cfg, output=tmp_path / "s", stream=True, **kw)
+    assert passes == ["the unquantized model", "the quantized model"]
+    _, whole = calibra.quantize("builtin:tiny-llama", cfg, output=tmp_path / "w", stream=False, **kw)
+    a, b = streamed["eval"], whole["eval"]
+    assert a["protocol"]["tokens_scored"] == b["protocol"]["tokens_scored"]
+    assert b["kl_divergence"]["mean"] > 1e-4
+    assert a["kl_divergence"]["mean"] == pytest.approx(b["kl_divergence"]["mean"], rel=1e-4)
+    assert a["perplexity"]["compressed"] == pytest.approx(b["perplexity"]["compressed"], rel=1e-5)
+    assert a["perplexity"]["baseline"] == pytest.approx(b["perplexity"]["baseline"], rel=1e-5)
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["eval"]["kl_divergence"]["mean"] == a["kl_divergence"]["mean"]

@@ -99,10 +99,16 @@ def _auto_device(device):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load(model, tokenizer, dtype, device, read=None):
+def _load(model, tokenizer, dtype, device, read=None, stream: bool | None = False):
     """``(model, tokenizer)`` from a spec (``builtin:NAME`` / folder) or an already built model. Folders go
-    through the checking reader; quantized checkpoints are allowed (evaluating them is the point)."""
+    through the checking reader; quantized checkpoints are allowed (evaluating them is the point).
+    ``stream``: True evaluates a folder layer by layer (:mod:`calibra.eval.streamed`), None does so when
+    the whole model would not fit in memory, False never."""
     if isinstance(model, (str, Path)):
+        if stream is not False:
+            streamed = _open_streamed(model, dtype, device, read or {}, force=bool(stream))
+            if streamed is not None:
+                return streamed
         if _is_quantize_output(model):
             m, tok = _load_quantize_output(model, dtype, read)
         else:
@@ -116,12 +122,80 @@ def _load(model, tokenizer, dtype, device, read=None):
     return model, tokenizer
 
 
+#: the whole model is loaded when it takes at most this share of the available host memory (the rest is
+#: the logits, the activations and what the rest of the process holds)
+WHOLE_MODEL_SHARE = 0.7
+
+
+def _open_streamed(spec, dtype, device, read, *, force: bool):
+    """``(StreamedLM, tokenizer)`` for a model folder evaluated layer by layer, or None when the whole model
+    fits (``force``: stream whatever its size). Only the config and the shard headers are read here."""
+    import sys
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from calibra.eval.streamed import StreamedLM
+    from calibra.io import inspect_model
+    from calibra.io.streamed import weightless_model
+    from calibra.rss import proc_kib
+
+    quantized = _is_quantize_output(spec)
+    folder = inspect_model(str(spec), allow_quantized=True, check_tensors=False, component="eval", **read)
+    remote = {"trust_remote_code": True} if read.get("trust_remote_code") else {}
+    cfg = AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
+    dt = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or torch.float32)
+    dt = dt if isinstance(dt, torch.dtype) else torch.float32
+    if not force:
+        shapes = weightless_model(cfg, bool(remote))
+        need = sum(p.numel() for p in shapes.parameters()) * torch.empty((), dtype=dt).element_size()
+        avail = proc_kib("/proc/meminfo", "MemAvailable")
+        if avail is None or need <= WHOLE_MODEL_SHARE * avail:
+            return None
+        print(
+            f"[eval] {spec}: the model needs {need / 2**30:.1f} GiB in {str(dt).replace('torch.', '')}, "
+            f"{avail / 2**30:.1f} GiB are available: evaluating it layer by layer (streamed from its shards)",
+            file=sys.stderr,
+        )
+    try:
+        streamed = _streamed_source(spec, folder, cfg, dt, quantized, bool(remote))
+    except ValueError as e:
+        if force:
+            raise
+        print(f"{e}; loading it whole instead", file=sys.stderr)
+        return None
+    tok = AutoTokenizer.from_pretrained(folder.path, local_files_only=True)
+    return StreamedLM(streamed, _auto_device(device), label=str(spec)), tok
+
+
+def _streamed_source(spec, folder, cfg, dtype, quantized: bool, trust_remote_code: bool):
+    """The ``StreamedModel`` of a checked folder, or ValueError saying why it cannot be read layer by layer."""
+    from calibra.io.streamed import open_streamed
+
+    if folder.weight_format != "safetensors":
+        raise ValueError(f"[eval] {spec}: a layer-by-layer evaluation needs safetensors weights, not pickle files")
+    if quantized:
+        from calibra.quant.streamed_load import open_streamed_quantized
+
+        return open_streamed_quantized(folder, cfg, dtype)
+    if folder.quantized:
+        raise ValueError(
+            f"[eval] {spec}: {folder.quantized}; an engine's quantized checkpoint is evaluated whole (through "
+            f"transformers), not layer by layer"
+        )
+    streamed, why = open_streamed(folder, cfg, dtype, trust_remote_code=trust_remote_code)
+    if streamed is None:
+        raise ValueError(f"[eval] {spec} cannot be evaluated layer by layer: {why}")
+    return streamed
+
+
 def _is_quantize_output(spec) -> bool:
     """Whether ``spec`` is a folder ``calibra quantize`` wrote (its own layout, not an engine export)."""
-    from calibra.quant.save import MANIFEST, WEIGHTS
+    from calibra.quant.save import INDEX, MANIFEST, WEIGHTS
 
     folder = Path(str(spec))
-    return (folder / MANIFEST).is_file() and (folder / WEIGHTS).is_file()
+    # one file, or (a streamed job's output) shards with their index
+    return (folder / MANIFEST).is_file() and ((folder / WEIGHTS).is_file() or (folder / INDEX).is_file())
 
 
 def _load_quantize_output(spec, dtype, read):
@@ -173,6 +247,7 @@ def evaluate(
     progress: bool | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    stream: bool | None = None,
 ):
     """Evaluate ``model`` (a ``builtin:NAME`` spec, a Hugging Face folder, or a loaded causal LM).
 
@@ -189,6 +264,10 @@ def evaluate(
     of strings. ``seq_len`` defaults to the model's context capped at 2048, ``stride`` to half of it;
     ``max_tokens`` cuts the token stream. ``device`` moves the models (default for specs: CUDA
     when available, else CPU; a loaded model stays where it is). Logits are always float32.
+    ``stream``: evaluate a model folder layer by layer, reading one decoder layer at a time from its
+    shards (host memory: one layer plus the windows' hidden states); ``None`` (default) does so when the
+    whole model would take more than 70% of the available memory. Plain safetensors checkpoints and
+    calibra's quantized folders stream; engine formats (compressed-tensors, GPTQ) load whole.
     A loaded model needs ``tokenizer`` unless ``dataset`` is already a 1-D tensor of token ids.
     """
     import torch
@@ -196,7 +275,7 @@ def evaluate(
     _validate(metric, reference, seq_len, stride, max_tokens, top_k, exact, attribution, rank_by)
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     _check_protocol_before_loading(model, seq_len, stride, read)
-    model, tokenizer = _load(model, tokenizer, dtype, device, read)
+    model, tokenizer = _load(model, tokenizer, dtype, device, read, stream)
     if isinstance(dataset, torch.Tensor):
         ids, ds = dataset.reshape(-1).long(), {"name": "token-ids", "version": None, "documents": None}
     else:
@@ -224,18 +303,35 @@ def evaluate(
     ref_model = None
     if reference is not None:
         # the reference runs where the model runs: the two are compared batch by batch
-        ref_model, _ = _load(reference, None, dtype, model_device(model), read)
+        ref_model, _ = _load(reference, None, dtype, model_device(model), read, stream)
         _check_vocab(ref_model, model)
+    if attribution and _streamed(model, ref_model):
+        raise ValueError(
+            "[eval] per-layer attribution swaps layers between two models held in memory; one of them is "
+            "evaluated layer by layer (too large to load whole, or stream=True / --stream). Run the "
+            "attribution on a machine where both fit, or without --attribution"
+        )
     kw = dict(seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress, dataset=ds)
     if metric == "perplexity":
         result = perplexity_from_ids(model, ids, **kw)
         result.reference = perplexity_from_ids(ref_model, ids, **kw) if ref_model is not None else None
+    elif not exact and _streamed(model, ref_model):
+        # layer by layer, each model holds every window's hidden states until its head runs: the reference
+        # is reduced to its top-k first instead of running both in lockstep
+        ref = collect_reference(
+            ref_model, ids, seq_len=seq_len, stride=stride, top_k=top_k, batch_size=batch_size, progress=progress
+        )
+        result = compare(model, ref, ids, progress=progress, dataset=ds)
     else:
         result = kl_divergence_from_ids(ref_model, model, ids, top_k=top_k, exact=exact, **kw)
     if attribution:
         n = attribution_tokens or min(ids.numel(), seq_len + (ATTRIBUTION_WINDOWS - 1) * stride)
         result.attribution = attribute_layers(ref_model, model, ids[:n], top_k=top_k, rank_by=rank_by, **kw)
     return result
+
+
+def _streamed(*models) -> bool:
+    return any(hasattr(m, "iter_scored") for m in models)
 
 
 def _check_vocab(reference, model):

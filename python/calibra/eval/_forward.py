@@ -19,6 +19,8 @@ MAX_BATCH = 8
 
 
 def model_device(model):
+    if hasattr(model, "iter_scored"):  # a model evaluated layer by layer (calibra.eval.streamed)
+        return model.device
     for p in model.parameters():
         return p.device
     import torch
@@ -33,12 +35,12 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def _vocab_size(model) -> int:
+def vocab_size(model) -> int:
     v = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(v) if v else 32000
 
 
-def _group(plan: list[Window], batch_size: int | None, vocab: int):
+def batch_groups(plan: list[Window], batch_size: int | None, vocab: int):
     """Consecutive windows of equal length, at most ``batch_size`` per group (auto from the budget)."""
     group: list[Window] = []
     for w in plan:
@@ -71,8 +73,12 @@ def iter_scored(
     """
     import torch
 
+    own = getattr(model, "iter_scored", None)
+    if own is not None:  # streamed from its shards, layer by layer (calibra.eval.streamed.StreamedLM)
+        yield from own(ids, plan, batch_size=batch_size, progress=progress, desc=desc)
+        return
     device = model_device(model)
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     keep_arg = _accepts_logits_to_keep(model)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -87,7 +93,7 @@ def iter_scored(
     ids = ids.to(device)
     # Grad mode is switched off per forward, never across the `yield`: a generator that yields inside
     # `with no_grad()` leaves grad disabled in its caller until it is closed (or garbage collected).
-    for group in _group(plan, batch_size, vocab):
+    for group in batch_groups(plan, batch_size, vocab):
         with torch.no_grad():
             x = torch.stack([ids[w.begin : w.end] for w in group])
             keep = max(w.scored for w in group) + 1

@@ -285,6 +285,15 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
         return False
 
 
+def reopen(streamed: StreamedModel) -> StreamedModel:
+    """A second, independent streamed model of the same checkpoint (its own weightless model and read
+    counter): an evaluation pass beside a job that streams the same folder."""
+    store = WeightStore(streamed.store.folder)
+    return StreamedModel(
+        weightless_model(streamed.model.config), store, streamed.dtype, check_finite=streamed.check_finite
+    )
+
+
 def open_streamed(folder: ModelFolder, model_config, dtype: torch.dtype, *, trust_remote_code: bool = False):
     """``(StreamedModel, None)`` or ``(None, why streaming is impossible for this checkpoint)``."""
     store = WeightStore(folder)
@@ -302,5 +311,6 @@ __all__ = [
     "weightless_model",
     "streamable",
     "open_streamed",
+    "reopen",
     "TORCH_DTYPES",
 ]

@@ -139,6 +139,11 @@ class ModelAdapter:
             mods.append(self.base.rotary_emb)
         return mods
 
+    def final_norm(self) -> nn.Module:
+        """The norm the model applies after its last decoder layer, before the output head (a layer-by-layer
+        evaluation applies it to the last layer's outputs itself)."""
+        return self.base.norm
+
     @property
     def num_kv_heads(self) -> int:
         c = self.config

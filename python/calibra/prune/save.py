@@ -191,10 +191,16 @@ def write_files(
         save_file(tensors_24(pm), str(tmp / SPARSE24), metadata={"format": "calibra-sparse24"})
     writer.write_manifest(tmp, format=FORMAT, qmodel=pm)
     if report is not None:
-        from calibra.report import write_report_html  # before report.json: it adds the measured peaks
+        write_report(tmp, report)
 
-        write_report_html(tmp, report)
-        writer.write_json(tmp / "report.json", report)
+
+def write_report(tmp: Path, report: dict) -> None:
+    """report.html and report.json into the folder being written."""
+    from calibra.export import writer
+    from calibra.report import write_report_html  # before report.json: it adds the measured peaks
+
+    write_report_html(tmp, report)
+    writer.write_json(tmp / "report.json", report)
 
 
 def load_24(path) -> dict[str, torch.Tensor]:

@@ -155,8 +155,6 @@ def load(path, dtype=torch.float32):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from calibra.ops import hadamard
-
     path = Path(path)
     man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     if man.get("format") != FORMAT:
@@ -177,9 +175,7 @@ def load(path, dtype=torch.float32):
     missing, _ = model.load_state_dict(sd, strict=False)
     params = dict(model.named_parameters())
     for name, info in man["modules"].items():
-        w = _dequantize(tensors, name, info)
-        if info["rotation"] is not None:
-            w = hadamard(w.float(), info["rotation"]["block_size"])
+        w = dequantize_module(tensors, name, info)
         if f"{name}.weight" in params:
             params[f"{name}.weight"].data.copy_(w.to(dtype))
             continue
@@ -193,6 +189,17 @@ def load(path, dtype=torch.float32):
 
 def quant_keys_of(man: dict) -> set[str]:
     return {f"{m}.{f}" for m in man["modules"] for f in ("codes", "scales", "zeros", "g_idx", "global_scale")}
+
+
+def dequantize_module(tensors, name: str, info: dict) -> torch.Tensor:
+    """The weight of quantized module ``name`` in the model's own input space (rotated back when it was
+    rotated), from its fields in ``tensors`` (a mapping: ``[key]`` and ``.get(key)``) and its manifest entry."""
+    w = _dequantize(tensors, name, info)
+    if info["rotation"] is not None:
+        from calibra.ops import hadamard
+
+        w = hadamard(w.float(), info["rotation"]["block_size"])
+    return w
 
 
 def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:
@@ -219,4 +226,15 @@ def _dequantize(tensors, name: str, info: dict) -> torch.Tensor:
     return ql.dequantize()
 
 
-__all__ = ["write", "write_files", "layer_tensors", "load", "tensors_of", "manifest", "FORMAT", "WEIGHTS", "MANIFEST"]
+__all__ = [
+    "write",
+    "write_files",
+    "layer_tensors",
+    "load",
+    "dequantize_module",
+    "tensors_of",
+    "manifest",
+    "FORMAT",
+    "WEIGHTS",
+    "MANIFEST",
+]
