@@ -213,11 +213,6 @@ def quantize(
             output=output,
             unsupported=[
                 (
-                    do_eval and export,
-                    "evaluating a streamed compressed-tensors export is not implemented yet: write calibra's folder "
-                    "(no --export; it is evaluated layer by layer) or pass evaluate=False (--no-eval)",
-                ),
-                (
                     act_ranges or ranges_file,
                     "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
                 ),
