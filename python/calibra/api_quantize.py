@@ -173,7 +173,12 @@ def quantize(
         from calibra.export import precheck
         from calibra.quant import MRGPTQConfig
 
-        precheck(export, [t.name for t in targets], rotated=isinstance(config, MRGPTQConfig))
+        precheck(
+            export,
+            [t.name for t in targets],
+            rotated=isinstance(config, MRGPTQConfig),
+            transposed=[t.name for t in targets if t.transposed],
+        )
     needs_data = (not is_rtn) or act_ranges or mixed_precision is not None
     if stats is not None and not isinstance(stats, CalibrationStats):
         stats = CalibrationStats.load(stats)
@@ -450,6 +455,7 @@ def _run(
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.input_groups = runner.input_groups
         # the runner drops each layer's statistics with the layer (keep_layer_stats=False): the solver may
         # work in their memory and in the weights' (the same numbers; no second copy of H or W)
         quantizer.consume, quantizer.release = True, runner.release
@@ -647,6 +653,7 @@ def _run_streamed(
             )
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.input_groups = runner.input_groups
             quantizer.release = runner.release
             final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_quant = time.perf_counter() - t0
