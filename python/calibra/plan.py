@@ -237,7 +237,8 @@ def plan_job(
         est = estimate_memory(model_config, calibration, dtype=dtype, observers=obs, hessian_dtype=hessian_dtype)
         S, L, b = est.num_samples, est.sequence_length, est.batch_size
         n_batches = -(-S // b)
-        head_dim = getattr(model_config, "head_dim", None) or H // model_config.num_attention_heads
+        text = model_config.get_text_config()  # a vision-language config holds the sizes in text_config
+        head_dim = getattr(text, "head_dim", None) or H // text.num_attention_heads
         hidden = est.host_activations
         kwargs = n_batches * (2 * b * L * head_dim * db + b * L * L) + 2 * S * L * 8
         # forward (activations) and solve (workspace) do not overlap; the layer's statistics live through both
