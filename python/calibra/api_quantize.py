@@ -772,6 +772,7 @@ def _report(
             "source": source,
             "model_type": getattr(model.config, "model_type", None),
             "num_layers": len(adapter.layers),
+            **adapter_record(adapter),
         },
         "settings": {
             "config": qsave.config_dict(config),
@@ -804,6 +805,18 @@ def _report(
         **extra,
     }
     return report
+
+
+def adapter_record(adapter) -> dict:
+    """How the model's structure was found, for the report: explicit adapter, or discovered (the layer
+    stack, and the Linear-like modules of the layers that stay dense, by reason)."""
+    if getattr(adapter, "explicit", True):
+        return {"adapter": "explicit"}
+    kept: dict[str, list[str]] = {}
+    for i, layer in enumerate(adapter.layers):
+        for name, why in adapter.dense_linears(layer).items():
+            kept.setdefault(why, []).append(f"{adapter.layer_name(i)}.{name}")
+    return {"adapter": "structural", "layer_stack": adapter.layers_prefix, "kept_dense_in_layers": kept}
 
 
 def _export(qm, output, formats, overwrite, report, files) -> None:

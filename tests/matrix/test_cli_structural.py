@@ -4,6 +4,8 @@ whose quantized Linears hold the codes and whose logits stay close to the origin
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -23,6 +25,8 @@ def test_cli_quantizes_a_structural_family_folder(tmp_path):
     _tokenizer(model.config.vocab_size).save_pretrained(folder)
     args = ["--method", "gptq", "--group-size", "16", "--samples", "4", "--seq-len", "16", "--no-eval"]
     assert main(["quantize", "--input", str(folder), "--output", str(out), *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["adapter"] == "structural" and report["model"]["layer_stack"] == "model.layers"
     rebuilt, manifest = load(out)
     modules = manifest["modules"]
     per_layer = {n.split(".")[2] for n in modules}

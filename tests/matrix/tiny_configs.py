@@ -25,7 +25,7 @@ SEED = 0
 
 _HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim", "model_dim", "word_embed_proj_dim")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
-_HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads")
+_HEAD_KEYS = ("mamba_n_heads", "num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_kv")
 _INTER_KEYS = (
     "intermediate_size",
@@ -42,12 +42,14 @@ _INTER_KEYS = (
     "expert_hidden_size",
 )
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
-_HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "head_size")
+_HEAD_DIM_KEYS = ("mamba_d_head", "head_dim", "attention_head_dim", "kv_channels", "head_size")
 # multi-head latent attention (DeepSeek-V2/V3 and relatives)
 _MLA = {"kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16}
 _SMALL = {
     "num_experts_per_tok": 2,
     "moe_k": 2,
+    "moe_top_k": 2,
+    "num_experts_per_token": 2,
     "rotary_dim": HEAD_DIM // 2,
     "attn_layer_period": 2,
     "attn_layer_offset": 1,
@@ -70,6 +72,35 @@ _SMALL = {
     "eos_token_id": 2,
 }
 
+
+def _set(**values):
+    def fix(config):
+        for k, v in values.items():
+            setattr(config, k, v)
+
+    return fix
+
+
+def _dbrx(config):
+    # transformers' own DbrxConfig() does not build: the attention reads attn_config.rope_theta
+    config.attn_config.rope_theta = 10000.0
+    config.attn_config.clip_qkv = 8.0
+
+
+# shrunk defaults that need one more consistent value, by model_type (each a limit of the generic shrink)
+_FAMILY_FIXES = {
+    "dbrx": _dbrx,
+    "bamba": _set(attn_layer_indices=[1], mamba_expand=1),  # attention at layer 1 of 2; heads x d_head = d_inner
+    # its default is all-Mamba, which transformers' own mask code refuses: one Mamba and one attention layer
+    "granitemoehybrid": _set(layer_types=["linear_attention", "full_attention"], mamba_expand=1),
+    "recurrent_gemma": _set(num_hidden_layers=3),  # one (recurrent, recurrent, attention) cycle
+    "mamba2": _set(n_groups=1, expand=1),  # heads x head_dim must equal expand x hidden
+}
+
+_WIDTH_PATTERNS = ("intermediate", "dim_ff", "ffn", "_rank", "hidden_size", "inner")
+_KEEP = ("vocab_size", "max_position_embeddings", "n_positions", "sliding_window")
+
+_NAMED = {*_HIDDEN_KEYS, *_LAYER_KEYS, *_HEAD_KEYS, *_KV_KEYS, *_INTER_KEYS, *_EXPERT_KEYS, *_HEAD_DIM_KEYS}
 
 _UNSET_OK = ("num_experts_per_tok", "n_group", "topk_group")
 
@@ -111,6 +142,15 @@ def shrink(config, *, nested: bool = False):
     for k in _HEAD_DIM_KEYS:
         if _is_int(d.get(k)) and d[k] > HEAD_DIM:
             put(k, HEAD_DIM)
+    # any other width by its name's pattern (family-specific MLP, shared-expert and low-rank widths)
+    for k, v in d.items():
+        if not _is_int(v) or k in _KEEP or k in _NAMED:
+            continue
+        low = k.lower()
+        if ("head_dim" in low or "dim_head" in low) and v > HEAD_DIM:
+            put(k, HEAD_DIM)
+        elif any(p in low for p in _WIDTH_PATTERNS) and v > INTERMEDIATE:
+            put(k, INTERMEDIATE)
     for k, v in _MLA.items():
         if _is_int(d.get(k)) and d[k] > v:
             put(k, v)
@@ -129,26 +169,31 @@ def shrink(config, *, nested: bool = False):
         config.head_dim = config.qk_rope_head_dim  # MLA: the rotary part is the "head_dim"
     if _is_int(d.get("kv_lora_rank")) and _is_int(d.get("num_key_value_heads")):
         config.num_key_value_heads = config.num_attention_heads  # MLA keys have every head
-    # per-layer lists (layer_types, sliding-window patterns, MoE layer masks) cut to the new depth: the
-    # shortest prefix that still holds every kind of layer (a hybrid keeps an attention layer)
+    # per-layer lists (layer_types, sliding-window patterns, MoE layer masks): keep the layers where each
+    # kind of layer first appears (a hybrid keeps an attention layer), the same layers from every list
     if old_layers and old_layers > LAYERS:
         lists = {k: v for k, v in d.items() if isinstance(v, list) and len(v) == old_layers}
-        depth = LAYERS
+        keep: set[int] = set()
         for v in lists.values():
-            try:
-                kinds = {repr(x) for x in v}
-            except Exception:  # noqa: BLE001
-                continue
-            seen, n = set(), 0
-            while seen != kinds and n < len(v):
-                seen.add(repr(v[n]))
-                n += 1
-            depth = max(depth, min(n, MAX_LAYERS))
-        for k in _LAYER_KEYS:
-            if _is_int(d.get(k)):
-                put(k, depth)
-        for k, v in lists.items():
-            setattr(config, k, list(v[:depth]))
+            first: dict[str, int] = {}
+            for i, x in enumerate(v):
+                first.setdefault(repr(x), i)
+            keep.update(first.values())
+        keep = sorted(keep)[:MAX_LAYERS]
+        for i in range(old_layers):
+            if len(keep) >= LAYERS:
+                break
+            if i not in keep:
+                keep = sorted([*keep, i])
+        if lists:
+            for k in _LAYER_KEYS:
+                if _is_int(d.get(k)):
+                    put(k, len(keep))
+            for k, v in lists.items():
+                setattr(config, k, [v[i] for i in keep])
+    for k, fix in _FAMILY_FIXES.items():
+        if getattr(config, "model_type", None) == k:
+            fix(config)
     for k, v in d.items():
         if isinstance(v, dict) and "model_type" in v:
             sub = getattr(config, k, None)

@@ -197,7 +197,7 @@ class StructuralAdapter(ModelAdapter):
                 out[name] = "MoE expert"
             elif in_out(mod)[1] == 1:
                 out[name] = "scalar gate"
-            elif hasattr(parent, "experts") and (parts[-1] in _ROUTER_NAMES or "router" in parts[-1]):
+            elif any("router" in p for p in parts) or (hasattr(parent, "experts") and parts[-1] in _ROUTER_NAMES):
                 out[name] = "MoE router"
         return out
 
