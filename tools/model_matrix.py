@@ -63,6 +63,8 @@ def table(cells) -> str:
     import torch
     import transformers
 
+    from calibra.models.refusals import REASONS
+
     counts = {s: sum(c.status == s for c in cells) for s in ("pass", "refused", "untested", "fail")}
     lines = [
         "# Model matrix",
@@ -82,6 +84,10 @@ def table(cells) -> str:
         "*untested*; *fail* (the error). The adapter column says whether the family has an explicit adapter",
         "(`ModelAdapter`) or was discovered from its module tree (`StructuralAdapter`); the structural adapter",
         "keeps MoE experts and routers dense.",
+        "",
+        "Refusal reasons (`calibra/models/refusals.py`; each is decided from config.json before any weight is read):",
+        "",
+        *[f"- **{k}**: {v}" for k, v in REASONS.items()],
         "",
         "| model_type | result | adapter | quantized modules | detail |",
         "|---|---|---|---|---|",

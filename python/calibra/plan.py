@@ -238,7 +238,10 @@ def plan_job(
         S, L, b = est.num_samples, est.sequence_length, est.batch_size
         n_batches = -(-S // b)
         text = model_config.get_text_config()  # a vision-language config holds the sizes in text_config
-        head_dim = getattr(text, "head_dim", None) or H // text.num_attention_heads
+        from calibra.data.memory import config_value
+
+        heads = config_value(text, "num_attention_heads") or 1  # a state-space model has no attention heads
+        head_dim = config_value(text, "head_dim") or H // heads
         hidden = est.host_activations
         kwargs = n_batches * (2 * b * L * head_dim * db + b * L * L) + 2 * S * L * 8
         # forward (activations) and solve (workspace) do not overlap; the layer's statistics live through both

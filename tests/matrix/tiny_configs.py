@@ -90,9 +90,9 @@ def _dbrx(config):
 # shrunk defaults that need one more consistent value, by model_type (each a limit of the generic shrink)
 _FAMILY_FIXES = {
     "dbrx": _dbrx,
-    "bamba": _set(attn_layer_indices=[1], mamba_expand=1),  # attention at layer 1 of 2; heads x d_head = d_inner
+    "bamba": _set(attn_layer_indices=[1]),  # attention at layer 1 of 2
     # its default is all-Mamba, which transformers' own mask code refuses: one Mamba and one attention layer
-    "granitemoehybrid": _set(layer_types=["linear_attention", "full_attention"], mamba_expand=1),
+    "granitemoehybrid": _set(layer_types=["linear_attention", "full_attention"]),
     "recurrent_gemma": _set(num_hidden_layers=3),  # one (recurrent, recurrent, attention) cycle
     "mamba2": _set(n_groups=1, expand=1),  # heads x head_dim must equal expand x hidden
 }
@@ -185,12 +185,21 @@ def shrink(config, *, nested: bool = False):
                 break
             if i not in keep:
                 keep = sorted([*keep, i])
-        if lists:
+        per_layer = d.get("per_layer_config")
+        if isinstance(per_layer, dict) and per_layer:  # heterogeneous layers: keep one of each, re-indexed
+            extra = sorted(int(i) for i in per_layer)[:1]
+            keep = sorted(set(keep) | {i for i in extra if i < old_layers})[:MAX_LAYERS]
+            config.per_layer_config = {keep.index(int(i)): v for i, v in per_layer.items() if int(i) in keep}
+        if lists or isinstance(per_layer, dict):
             for k in _LAYER_KEYS:
                 if _is_int(d.get(k)):
                     put(k, len(keep))
             for k, v in lists.items():
                 setattr(config, k, [v[i] for i in keep])
+    if "mamba_expand" in d and "mamba_n_heads" in d:
+        put("mamba_expand", 1)  # Mamba-2 heads x head size must equal expand x hidden (4 x 16 = 1 x 64)
+        if _is_int(d.get("mamba_d_ssm")):
+            put("mamba_d_ssm", HIDDEN)
     for k, fix in _FAMILY_FIXES.items():
         if getattr(config, "model_type", None) == k:
             fix(config)

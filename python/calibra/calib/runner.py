@@ -73,6 +73,17 @@ class _LayerStub(nn.Module):
     def __init__(self, index: int, sink: dict, last: bool):
         super().__init__()
         self.index, self.sink, self.last = index, sink, last
+        self.form: int | None = None  # what to return: the hidden states, or a tuple of that length
+
+    def __getattr__(self, name: str):
+        # the model may read attributes of its layers while it calls them (a hybrid's block type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None:
+                raise
+            return getattr(original[0], name)
 
     def forward(self, *args, **kwargs):
         if args:
@@ -86,10 +97,22 @@ class _LayerStub(nn.Module):
             )
         if self.index == 0:
             self.sink["hidden"] = hidden_states
+        elif hidden_states is not self.sink.get("out"):
+            # the model changed the hidden states between two layers (or unpacked our output differently
+            # than we guessed): replaying the layers one after another would compute something else
+            self.sink.setdefault("broken", self.index)
         self.sink[self.index] = LayerCall(rest, kwargs, by_name)
         if self.last:
             raise _StopCapture
-        return hidden_states
+        self.sink["out"] = hidden_states
+        if self.form is None:
+            return hidden_states
+        return (hidden_states,) + (None,) * (self.form - 1)
+
+
+# What a capture stub returns, tried in turn on the first batch: most families take the layer's output
+# as the hidden states; some unpack a tuple (``hidden, attn_weights = layer(...)``).
+_OUTPUT_FORMS = (None, 2, 3)
 
 
 class LayerCall:
@@ -261,20 +284,35 @@ class LayerRunner:
                     m.to(self.device)
             for i in range(n):
                 layers[i] = _LayerStub(i, {}, i == n - 1)
+                layers[i].__dict__["original"] = (originals[i],)  # not a submodule: no parameters move
             sink = {}
             for i in range(n):
                 layers[i].sink = sink
             no_cache = _no_cache_kwargs(self.adapter.base)
-            for ids, mask in batches:
-                sink.clear()
-                try:
-                    self.adapter.base(
-                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(), **no_cache
-                    )
-                except _StopCapture:
-                    pass
-                else:  # pragma: no cover - the last stub always raises
-                    raise RuntimeError("[calibrate] the model did not call its last decoder layer")
+            for b, (ids, mask) in enumerate(batches):
+                # the first batch finds the output shape the model expects of its layers (see _OUTPUT_FORMS)
+                for form in _OUTPUT_FORMS if b == 0 else (layers[0].form,):
+                    for stub in layers:
+                        stub.form = form
+                    sink.clear()
+                    try:
+                        self.adapter.base(
+                            input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(), **no_cache
+                        )
+                    except _StopCapture:
+                        if "broken" not in sink:
+                            break
+                        if form == _OUTPUT_FORMS[-1] or b > 0:
+                            raise TypeError(
+                                f"[calibrate] {type(self.model).__name__} does not pass each decoder layer's output "
+                                f"unchanged to the next (layer {sink['broken']} received other hidden states): "
+                                f"a layer-by-layer pass cannot reproduce it; this family is not supported"
+                            ) from None
+                    except (TypeError, ValueError, AttributeError, IndexError):
+                        if form == _OUTPUT_FORMS[-1] or b > 0:
+                            raise
+                    else:  # pragma: no cover - the last stub always raises
+                        raise RuntimeError("[calibrate] the model did not call its last decoder layer")
                 memo: dict = {}
                 to_cpu = lambda t: t.detach().to("cpu")  # noqa: E731
                 hidden.append(to_cpu(sink["hidden"]))

@@ -29,6 +29,9 @@ REFUSED: dict[str, tuple[str, str]] = {
     "prophetnet": ("not-a-decoder-stack", "n-gram main/predict streams through each decoder layer"),
     "reformer": ("not-a-decoder-stack", "reversible layers take and return two hidden streams"),
     "blt": ("not-a-decoder-stack", "byte-latent: patcher, local encoder/decoder and a global stack in sequence"),
+    "hy_v4": ("not-a-decoder-stack", "shared DSA layers take the top-k indices the previous layer's indexer computed"),
+    "zaya": ("not-a-decoder-stack", "each layer takes the previous layer's router hidden states"),
+    "kolibri1_1": ("not-a-decoder-stack", "each layer takes the index pool the previous layer returned"),
     "longcat_flash": ("not-a-decoder-stack", "each layer holds two attention/MLP sub-layers wired in its own loop"),
 }
 

@@ -49,6 +49,21 @@ def _is_norm(mod: nn.Module) -> bool:
     return isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(mod).__name__.lower()
 
 
+# logit transforms calibra.eval.streamed.StreamedLM applies after the head, as the families do
+_HANDLED_LOGIT_SETTINGS = ("logit_scale", "final_logit_softcapping", "logits_scaling")
+
+
+def _unhandled_logit_settings(config) -> list[str]:
+    """Config values that change the logits in a family's own forward in a way no generic step repeats
+    (Inkling's ``logits_mup_width_multiplier``)."""
+    out = []
+    for k, v in config.to_dict().items():
+        if "logit" in k and "router" not in k and k not in _HANDLED_LOGIT_SETTINGS:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
+                out.append(k)
+    return out
+
+
 def _has_linear(mod: nn.Module) -> bool:
     return any(is_linear_like(m) for m in mod.modules())
 
@@ -152,6 +167,8 @@ class StructuralAdapter(ModelAdapter):
                 norms.append(mod)
             elif not (_is_norm(mod) or isinstance(mod, nn.Embedding) or "emb" in path.lower() or "wte" in leaf):
                 others.append(path)
+        others += self._between_base_and_head(head)
+        others += [f"config.{k}" for k in _unhandled_logit_settings(text_config(self.config))]
         if len(norms) != 1 or others:
             why = (
                 f"modules with weights outside the layers besides embeddings and norms: {', '.join(others)}"
@@ -164,6 +181,24 @@ class StructuralAdapter(ModelAdapter):
                 f"model loaded whole"
             )
         return norms[0]
+
+    def _between_base_and_head(self, head: nn.Module) -> list[str]:
+        """Modules with weights outside the base that may run between it and the head (a prediction head's
+        dense + norm); towers, projectors and embeddings run before the base and do not count."""
+        out = []
+
+        def walk(mod: nn.Module, prefix: str) -> None:
+            for name, child in mod.named_children():
+                path = f"{prefix}{name}"
+                if child is self.base or child is head or not any(True for _ in child.parameters()):
+                    continue
+                if self._base_path.startswith(path + "."):
+                    walk(child, path + ".")
+                elif not any(w in path.lower() for w in (*_TOWER_WORDS, "projector", "multi_modal", "emb")):
+                    out.append(path)
+
+        walk(self.model, "")
+        return out
 
     @property
     def num_kv_heads(self) -> int:
