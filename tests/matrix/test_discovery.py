@@ -190,3 +190,68 @@ def test_smoothing_only_for_explicit_adapters():
     llama = tiny_model("llama")
     la = get_adapter(llama)
     assert len(smoothing_groups(la, 0, la.layers[0])) == 2
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, tuple_out: bool):
+        super().__init__()
+        self.fc, self.tuple_out = torch.nn.Linear(8, 8), tuple_out
+
+    def forward(self, h, attention_mask=None):
+        h = h + self.fc(h)
+        return (h, None) if self.tuple_out else h
+
+
+class _Base(torch.nn.Module):
+    """A decoder stack with a configurable call convention (what the capture must cope with)."""
+
+    def __init__(self, unpack: bool, rescale: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 8)
+        self.layers = torch.nn.ModuleList(_Block(unpack) for _ in range(2))
+        self.norm = torch.nn.LayerNorm(8)
+        self.unpack, self.rescale = unpack, rescale
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            if self.unpack:
+                h, _ = layer(h, attention_mask=attention_mask)  # needs a 2-tuple from the stub
+            else:
+                h = layer(h, attention_mask=attention_mask)
+            if self.rescale:
+                h = h * 2  # between layers: a layer-by-layer replay would miss it
+        return self.norm(h)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, unpack=False, rescale=False):
+        super().__init__()
+        from transformers import GPT2Config
+
+        self.config = GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=32)
+        self.model = _Base(unpack, rescale)
+        self.lm_head = torch.nn.Linear(8, 32)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lm_head(self.model(input_ids, attention_mask))
+
+
+@pytest.mark.parametrize("unpack", [False, True])
+def test_capture_finds_the_layer_output_shape(unpack):
+    toy = _Toy(unpack=unpack).eval()
+    ids = torch.randint(0, 32, (2, 6))
+    a = get_adapter(toy)
+    assert a.layers_prefix == "model.layers" and a.final_norm() is toy.model.norm
+    with torch.no_grad():
+        ref = toy(ids)
+    assert torch.allclose(replay_logits(toy, a, ids), ref, atol=1e-5)
+
+
+def test_hidden_states_changed_between_layers_is_refused():
+    toy = _Toy(rescale=True).eval()
+    with pytest.raises(TypeError, match="does not pass each decoder layer's output unchanged"):
+        replay_logits(toy, get_adapter(toy), torch.randint(0, 32, (2, 6)))
