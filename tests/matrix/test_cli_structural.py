@@ -39,3 +39,25 @@ def test_cli_quantizes_a_structural_family_folder(tmp_path):
     assert torch.isfinite(got).all()
     assert not torch.equal(got, ref)
     assert float((got - ref).norm() / ref.norm()) < 0.5
+
+
+def test_quantized_gpt2_folder_streams_like_the_whole_model(tmp_path):
+    """GPT-2's Conv1D weights ([in, out]) dequantized layer by layer by the streamed reader: the same
+    perplexity as the folder loaded whole."""
+    import math
+
+    import calibra
+    from calibra.quant import RTNConfig
+
+    model = tiny_model("gpt2")
+    folder, out = tmp_path / "gpt2", tmp_path / "gpt2-q"
+    model.save_pretrained(folder)
+    _tokenizer(model.config.vocab_size).save_pretrained(folder)
+    calibra.quantize(
+        str(folder), RTNConfig(bits=4, group_size=16), output=out, evaluate=False, progress=False, echo=None
+    )
+    protocol = dict(max_tokens=512, seq_len=64, progress=False)
+    whole = calibra.evaluate(str(out), stream=False, **protocol)
+    layered = calibra.evaluate(str(out), stream=True, **protocol)
+    assert layered.tokens == whole.tokens
+    assert math.isclose(layered.ppl, whole.ppl, rel_tol=1e-4), (layered.ppl, whole.ppl)

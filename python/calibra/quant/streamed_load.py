@@ -35,9 +35,10 @@ class _Fields:
 class DequantizedStore:
     """The tensors of a calibra quantized folder under the model's parameter names (see the module docstring)."""
 
-    def __init__(self, folder: ModelFolder, manifest: dict):
+    def __init__(self, folder: ModelFolder, manifest: dict, transposed: frozenset = frozenset()):
         self.raw = WeightStore(folder)
         self.folder = folder
+        self.transposed = transposed  # GPT-2 Conv1D modules: their parameter is [in, out]
         self.modules: dict[str, dict] = manifest["modules"]
         experts = sorted(m for m in self.modules if ".experts." in m)
         if experts:
@@ -59,6 +60,8 @@ class DequantizedStore:
         if module is None:
             return self.raw.read(name, count)
         w = dequantize_module(_Fields(self.raw), module, self.modules[module])
+        if module in self.transposed:
+            w = w.t().contiguous()
         return w if count is None else w.reshape(-1)[:count]
 
     @property
@@ -68,8 +71,12 @@ class DequantizedStore:
 
 def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtype) -> StreamedModel:
     """The streamed simulated model of calibra's quantized ``folder`` (weights dequantized as each module loads)."""
+    from calibra.models.linear import is_conv1d
+
     manifest = json.loads((folder.path / MANIFEST).read_text(encoding="utf-8"))
-    return StreamedModel(weightless_model(model_config), DequantizedStore(folder, manifest), dtype)
+    model = weightless_model(model_config)
+    transposed = frozenset(n for n, m in model.named_modules() if is_conv1d(m))
+    return StreamedModel(model, DequantizedStore(folder, manifest, transposed), dtype)
 
 
 __all__ = ["DequantizedStore", "open_streamed_quantized"]
