@@ -34,7 +34,7 @@ SAMPLE = [
     "olmoe",
     "gpt_oss",
     "smollm3",
-    "glm4",
+    "bamba",  # hybrid: Mamba-2 and attention layers
 ]
 REFUSED = ["bert", "xlnet"]
 

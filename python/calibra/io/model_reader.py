@@ -296,8 +296,9 @@ def expected_tensors(folder: Path, trust_remote_code: bool = False) -> tuple[dic
     sd = model.state_dict()
     forms = {k: set(saved_state(model, {k: v})) for k, v in sd.items()}
     optional = set()
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
-        out = model.get_output_embeddings()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    shared = out is not None and inp is not None and out.weight is inp.weight  # tied by a top-level flag too
+    if shared or getattr(config.get_text_config(), "tie_word_embeddings", False):
         name = next((n for n, m in model.named_modules() if m is out), "lm_head")
         optional.add(f"{name}.weight")
     return forms, optional
