@@ -255,3 +255,18 @@ def test_hidden_states_changed_between_layers_is_refused():
     toy = _Toy(rescale=True).eval()
     with pytest.raises(TypeError, match="does not pass each decoder layer's output unchanged"):
         replay_logits(toy, get_adapter(toy), torch.randint(0, 32, (2, 6)))
+
+
+def test_kv_calibration_refuses_a_structural_family_before_reading_weights(tmp_path, monkeypatch):
+    import calibra.assets
+    import calibra.kv
+    from calibra.kv.plan import KVArchitectureError
+
+    tiny_model("gpt2").save_pretrained(tmp_path)
+
+    def no_load(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(calibra.assets, "load_model", no_load)
+    with pytest.raises(KVArchitectureError, match="model_type='gpt2' has no explicit adapter"):
+        calibra.kv.calibrate(str(tmp_path), rank=4)
