@@ -61,3 +61,31 @@ def test_quantized_gpt2_folder_streams_like_the_whole_model(tmp_path):
     layered = calibra.evaluate(str(out), stream=True, **protocol)
     assert layered.tokens == whole.tokens
     assert math.isclose(layered.ppl, whole.ppl, rel_tol=1e-4), (layered.ppl, whole.ppl)
+
+
+def test_prune_a_structural_family_with_conv1d(tmp_path):
+    """SparseGPT 2:4 on GPT-2: the pattern holds along each Conv1D's input dimension (its weight's rows)."""
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.models import get_adapter
+    from calibra.models.linear import weight_view
+    from calibra.prune import PruningConfig
+
+    model = tiny_model("gpt2")
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    _tokenizer(model.config.vocab_size).save_pretrained(folder)
+    pruned, _ = calibra.prune(
+        str(folder),
+        PruningConfig(method="sparsegpt", pattern="2:4"),
+        CalibrationConfig(num_samples=2, sequence_length=16),
+        progress=False,
+        echo=None,
+        device="cpu",
+    )
+    a = get_adapter(pruned)
+    for layer in a.layers:
+        for name, mod in a.linear_modules(layer).items():
+            w = weight_view(mod)  # [out, in]
+            nz = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+            assert bool((nz <= 2).all()), name
