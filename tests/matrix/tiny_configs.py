@@ -24,7 +24,7 @@ VOCAB = 512
 SEED = 0
 
 _HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim", "model_dim", "word_embed_proj_dim")
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
+_LAYER_KEYS = ("num_blocks", "num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 _HEAD_KEYS = ("mamba_n_heads", "num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_kv")
 _INTER_KEYS = (
@@ -97,7 +97,7 @@ _FAMILY_FIXES = {
     "mamba2": _set(n_groups=1, expand=1),  # heads x head_dim must equal expand x hidden
 }
 
-_WIDTH_PATTERNS = ("intermediate", "dim_ff", "ffn", "_rank", "hidden_size", "inner")
+_WIDTH_PATTERNS = ("intermediate", "dim_ff", "ffn", "_rank", "inner")
 _KEEP = ("vocab_size", "max_position_embeddings", "n_positions", "sliding_window")
 
 _NAMED = {*_HIDDEN_KEYS, *_LAYER_KEYS, *_HEAD_KEYS, *_KV_KEYS, *_INTER_KEYS, *_EXPERT_KEYS, *_HEAD_DIM_KEYS}
@@ -147,8 +147,10 @@ def shrink(config, *, nested: bool = False):
         if not _is_int(v) or k in _KEEP or k in _NAMED:
             continue
         low = k.lower()
-        if ("head_dim" in low or "dim_head" in low) and v > HEAD_DIM:
+        if ("head_dim" in low or "dim_head" in low or "headdim" in low) and v > HEAD_DIM:
             put(k, HEAD_DIM)
+        elif ("hidden_size" in low or low.endswith("embedding_dim")) and v > HIDDEN:
+            put(k, HIDDEN)  # another name of the model width (RWKV's attention_hidden_size, xLSTM's embedding_dim)
         elif any(p in low for p in _WIDTH_PATTERNS) and v > INTERMEDIATE:
             put(k, INTERMEDIATE)
     for k, v in _MLA.items():
