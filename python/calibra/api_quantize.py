@@ -173,7 +173,12 @@ def quantize(
         from calibra.export import precheck
         from calibra.quant import MRGPTQConfig
 
-        precheck(export, [t.name for t in targets], rotated=isinstance(config, MRGPTQConfig))
+        precheck(
+            export,
+            [t.name for t in targets],
+            rotated=isinstance(config, MRGPTQConfig),
+            transposed=[t.name for t in targets if t.transposed],
+        )
     needs_data = (not is_rtn) or act_ranges or mixed_precision is not None
     if stats is not None and not isinstance(stats, CalibrationStats):
         stats = CalibrationStats.load(stats)
@@ -445,6 +450,7 @@ def _run(
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.input_groups = runner.input_groups
         # the runner drops each layer's statistics with the layer (keep_layer_stats=False): the solver may
         # work in their memory and in the weights' (the same numbers; no second copy of H or W)
         quantizer.consume, quantizer.release = True, runner.release
@@ -642,6 +648,7 @@ def _run_streamed(
             )
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.input_groups = runner.input_groups
             quantizer.release = runner.release
             final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_quant = time.perf_counter() - t0
@@ -760,6 +767,7 @@ def _report(
             "source": source,
             "model_type": getattr(model.config, "model_type", None),
             "num_layers": len(adapter.layers),
+            **adapter_record(adapter),
         },
         "settings": {
             "config": qsave.config_dict(config),
@@ -792,6 +800,18 @@ def _report(
         **extra,
     }
     return report
+
+
+def adapter_record(adapter) -> dict:
+    """How the model's structure was found, for the report: explicit adapter, or discovered (the layer
+    stack, and the Linear-like modules of the layers that stay dense, by reason)."""
+    if getattr(adapter, "explicit", True):
+        return {"adapter": "explicit"}
+    kept: dict[str, list[str]] = {}
+    for i, layer in enumerate(adapter.layers):
+        for name, why in adapter.dense_linears(layer).items():
+            kept.setdefault(why, []).append(f"{adapter.layer_name(i)}.{name}")
+    return {"adapter": "structural", "layer_stack": adapter.layers_prefix, "kept_dense_in_layers": kept}
 
 
 def _export(qm, output, formats, overwrite, report, files) -> None:

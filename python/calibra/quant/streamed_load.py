@@ -40,9 +40,10 @@ class _Fields:
 class DequantizedStore:
     """The tensors of a calibra quantized folder under the model's parameter names (see the module docstring)."""
 
-    def __init__(self, folder: ModelFolder, manifest: dict):
+    def __init__(self, folder: ModelFolder, manifest: dict, transposed: frozenset = frozenset()):
         self.raw = WeightStore(folder)
         self.folder = folder
+        self.transposed = transposed  # GPT-2 Conv1D modules: their parameter is [in, out]
         self.modules: dict[str, dict] = manifest["modules"]
         experts = sorted(m for m in self.modules if ".experts." in m)
         if experts:
@@ -64,6 +65,8 @@ class DequantizedStore:
         if module is None:
             return self.raw.read(name, count)
         w = dequantize_module(_Fields(self.raw), module, self.modules[module])
+        if module in self.transposed:
+            w = w.t().contiguous()
         return w if count is None else w.reshape(-1)[:count]
 
     @property
@@ -192,17 +195,21 @@ class CompressedTensorsStore:
 def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtype) -> StreamedModel:
     """The streamed simulated model of a quantized ``folder`` -- calibra's own or a weight-only
     compressed-tensors export (:func:`ct_weight_scheme`) -- its weights dequantized as each module loads."""
+    from calibra.models.linear import is_conv1d
+
     # the folder's own config says how it was quantized (``model_config`` may be the source model's)
     saved = json.loads((folder.path / "config.json").read_text(encoding="utf-8"))
     qcfg = saved.get("quantization_config") or saved.get("compression_config")
+    model = weightless_model(_without_quantization(model_config))
     if (folder.path / MANIFEST).is_file():
         manifest = json.loads((folder.path / MANIFEST).read_text(encoding="utf-8"))
-        store = DequantizedStore(folder, manifest)
-    elif qcfg:
+        transposed = frozenset(n for n, m in model.named_modules() if is_conv1d(m))
+        store = DequantizedStore(folder, manifest, transposed)
+    elif qcfg:  # (engine exports refuse GPT-2's Conv1D, so nothing is transposed here)
         store = CompressedTensorsStore(folder, qcfg, dtype)
     else:
         raise ValueError(f"[eval] {folder.path}: neither calibra's quantized folder nor a quantized checkpoint")
-    return StreamedModel(weightless_model(_without_quantization(model_config)), store, dtype)
+    return StreamedModel(model, store, dtype)
 
 
 def _without_quantization(model_config):
