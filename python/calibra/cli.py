@@ -290,6 +290,7 @@ def _quant_config(args: argparse.Namespace):
             damp_percent=args.damp,
             block_size=args.block_size,
             true_sequential=not args.no_true_sequential,
+            choose=not getattr(args, "rotate_all", False),
         )
     group = args.group_size
     if fmt != "int" and group is None:
@@ -463,6 +464,13 @@ def _add_quantize(sub) -> None:
         "(RTN then calibrates too)",
     )
     q.add_argument("--mse-clip", action="store_true", help="the same as --clip mse")
+    q.add_argument(
+        "--rotate-all",
+        action="store_true",
+        help="mr-gptq: rotate every Linear (the paper's method alone); by default each Linear keeps whichever "
+        "of rotated GPTQ, unrotated GPTQ and RTN (each with the FP4 scale searches) has the least measured "
+        "output error on its calibration inputs, recorded per layer in report.json",
+    )
     q.add_argument(
         "--calibration",
         default="builtin",

@@ -157,3 +157,19 @@ def test_config_checks():
         rtn_quantize(w, RTNConfig(mse_clip=True, clip_metric="output"), name="w1")
     # the defaults stay AutoGPTQ's
     assert dataclasses.asdict(GPTQConfig())["clip_metric"] == "weight" and not GPTQConfig().mse_clip
+
+
+@pytest.mark.parametrize("fmt", ["int", "nvfp4", "mxfp4"])
+def test_search_values_equal_the_sweeps_quantizer(fmt):
+    """The search's fast value path rounds exactly as the sweep's quantizer, ties and zero scales included."""
+    from calibra.ops.gptq import quantize_with_params
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 32, generator=g) * 3
+    x[0, :12] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -2.5, 7.0, -7.0, 0.0])
+    s = torch.rand(300, 1, generator=g) * 2
+    s[3] = 0.0 if fmt != "int" else 1.0
+    z = torch.full_like(s, 8.0) if fmt == "int" else torch.zeros_like(s)
+    gsc = 37.0 if fmt == "nvfp4" else 1.0
+    want = quantize_with_params(x, s, z, format=fmt, bits=4, global_scale=gsc)[1]
+    assert torch.equal(clip_search.grid_values(x, s, z, fmt, 4, gsc), want)

@@ -234,7 +234,13 @@ class MRGPTQConfig:
     """MR-GPTQ (Micro-Rotated GPTQ): a block-wise Hadamard rotation of the input dimension whose block
     equals the FP4 scale group (16 for NVFP4, 32 for MXFP4), GPTQ in the rotated space onto the FP4
     grid, and MSE-searched group scales. The result records the rotation, so evaluation and export
-    apply ``x -> hadamard(x, block_size)`` before the rotated weight."""
+    apply ``x -> hadamard(x, block_size)`` before the rotated weight.
+
+    ``choose`` (default on): per Linear, the rotated solve competes with the unrotated one, each with
+    each FP4 scale search (none, weight MSE, output MSE), and with RTN; the candidate with the least
+    measured output error on the calibration Hessian is kept and recorded (``ModuleLog.choice``), so
+    the rotation is applied only where it helps (:mod:`calibra.quant.mr_gptq`). ``choose=False`` is the
+    paper's method alone (every Linear rotated, the config's clip search)."""
 
     format: str = "mxfp4"
     mse: bool = True
@@ -247,6 +253,7 @@ class MRGPTQConfig:
     damp_ladder: tuple = (0.1, 1.0, 10.0)
     block_size: int = 128
     true_sequential: bool = True
+    choose: bool = True
 
     method = "mr_gptq"
 
@@ -278,6 +285,8 @@ class MRGPTQConfig:
             _fail("MRGPTQConfig", f"format must be 'mxfp4' or 'nvfp4', got {self.format!r}")
         if not isinstance(self.mse, bool):
             _fail("MRGPTQConfig", f"mse must be a bool, got {self.mse!r}")
+        if not isinstance(self.choose, bool):
+            _fail("MRGPTQConfig", f"choose must be a bool, got {self.choose!r}")
         try:
             self.gptq().validate(allow_g_idx)
         except ValueError as e:
