@@ -117,7 +117,9 @@ def quantize(
     say = echo or (lambda *a, **k: None)
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config = _check_config(config)
-    is_rtn = isinstance(config, RTNConfig)
+    # "is_rtn": a data-free RTN job; RTN whose clipping is searched on the output error reads Hessians and
+    # runs through the calibration runner as GPTQ does
+    is_rtn = isinstance(config, RTNConfig) and not config.needs_hessian
     ranges_file = None
     if isinstance(calibration, (str, Path)):
         if ar.is_ranges_file(calibration):
@@ -125,6 +127,11 @@ def quantize(
             calibration = None
         else:
             calibration = CalibrationConfig(dataset=str(calibration))
+    if (act_ranges or ranges_file) and isinstance(config, RTNConfig) and config.needs_hessian:
+        raise ValueError(
+            "[quantize] activation ranges / smoothing and clip_metric 'output' are not combined (the clip "
+            "search reads unsmoothed Hessians); drop --act-ranges or use --clip mse"
+        )
     if (act_ranges or ranges_file) and not is_rtn:
         raise ValueError(
             "[quantize] activation ranges / smoothing apply to RTN only (GPTQ solves on the "

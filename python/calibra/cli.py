@@ -271,16 +271,26 @@ def _quant_config(args: argparse.Namespace):
     from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig
 
     fmt = args.format
+    clip = args.clip
+    if args.mse_clip:
+        if clip not in (None, "mse"):
+            raise ValueError(f"[quantize] --mse-clip is --clip mse; it contradicts --clip {clip}")
+        clip = "mse"
+    mse_clip = clip in ("mse", "output-mse")
+    clip_metric = "output" if clip == "output-mse" else "weight"
     if args.method == "mr-gptq":
         if fmt == "int":
             raise ValueError("[quantize] --method mr-gptq needs --format mxfp4 or nvfp4 (it rotates onto an FP4 grid)")
+        mr_clip = {} if clip is None else {"mse": mse_clip, "clip_metric": clip_metric}
         return MRGPTQConfig(
             format=fmt,
+            **mr_clip,
             desc_act=args.desc_act,
             static_groups=args.static_groups,
             damp_percent=args.damp,
             block_size=args.block_size,
             true_sequential=not args.no_true_sequential,
+            choose=not getattr(args, "rotate_all", False),
         )
     group = args.group_size
     if fmt != "int" and group is None:
@@ -288,7 +298,9 @@ def _quant_config(args: argparse.Namespace):
     group = 128 if group is None else group
     bits = 4 if fmt != "int" else args.bits
     if args.method == "rtn":
-        return RTNConfig(bits=bits, group_size=group, sym=not args.asym, format=fmt, mse_clip=args.mse_clip)
+        return RTNConfig(
+            bits=bits, group_size=group, sym=not args.asym, format=fmt, mse_clip=mse_clip, clip_metric=clip_metric
+        )
     return GPTQConfig(
         bits=bits,
         group_size=group,
@@ -299,7 +311,8 @@ def _quant_config(args: argparse.Namespace):
         block_size=args.block_size,
         true_sequential=not args.no_true_sequential,
         format=fmt,
-        mse_clip=args.mse_clip,
+        mse_clip=mse_clip,
+        clip_metric=clip_metric,
     )
 
 
@@ -441,7 +454,23 @@ def _add_quantize(sub) -> None:
     )
     q.add_argument("--format", default="int", choices=["int", "mxfp4", "nvfp4"], help="number format")
     q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero points); default symmetric")
-    q.add_argument("--mse-clip", action="store_true", help="search each group's clipping range by squared error")
+    q.add_argument(
+        "--clip",
+        default=None,
+        choices=["none", "mse", "output-mse"],
+        help="clipping search per group: none (min/max, the default for rtn/gptq); mse: by the weight's "
+        "squared error (AutoGPTQ's; mr-gptq's default); output-mse: by the error weighted by each input "
+        "channel's activation energy, kept per layer only where it lowers the measured output error "
+        "(RTN then calibrates too)",
+    )
+    q.add_argument("--mse-clip", action="store_true", help="the same as --clip mse")
+    q.add_argument(
+        "--rotate-all",
+        action="store_true",
+        help="mr-gptq: rotate every Linear (the paper's method alone); by default each Linear keeps whichever "
+        "of rotated GPTQ, unrotated GPTQ and RTN (each with the FP4 scale searches) has the least measured "
+        "output error on its calibration inputs, recorded per layer in report.json",
+    )
     q.add_argument(
         "--calibration",
         default="builtin",

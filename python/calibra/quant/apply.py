@@ -146,15 +146,17 @@ def solve(
     consume: bool = False,
     shared: SharedFactorizations | None = None,
 ) -> QuantizedLayer:
-    """Quantize one target with ``config`` (RTN needs no statistics). ``consume``: GPTQ may work in the
+    """Quantize one target with ``config`` (plain RTN needs no statistics). ``consume``: GPTQ may work in the
     memory of the target's weight and Hessian (no later target reads them). ``shared``: the group's
     factorizations (targets that read one Hessian factor it once)."""
     w = target.weight()
-    if isinstance(config, RTNConfig):
+    if isinstance(config, RTNConfig) and not config.needs_hessian:
         return rtn_quantize(w, config, name=target.name, layer=layer)
     h, n, tokens = hessian_for(stats, target)
     h = h.to(w.device)
-    if isinstance(config, MRGPTQConfig):
+    if isinstance(config, RTNConfig):
+        ql = rtn_quantize(w, config, name=target.name, layer=layer, h=h, n_tokens=n)
+    elif isinstance(config, MRGPTQConfig):
         ql = mr_gptq_quantize(w, h, n, config, name=target.name, layer=layer)
     elif isinstance(config, GPTQConfig):
         ql = gptq_quantize(
@@ -171,6 +173,12 @@ def solve(
         raise TypeError(f"[quantize] config must be RTNConfig, GPTQConfig or MRGPTQConfig, got {type(config).__name__}")
     ql.log.samples = tokens
     return ql
+
+
+def reads_hessian(config) -> bool:
+    """True when solving with ``config`` reads the calibration Hessian (GPTQ, MR-GPTQ, RTN with the
+    output-error clip search); plain RTN is data-free."""
+    return not isinstance(config, RTNConfig) or config.needs_hessian
 
 
 class LayerQuantizer:
@@ -231,7 +239,7 @@ class LayerQuantizer:
         attn_left = self._attention_targets(index, layer, targets) if self.freeze is not None else None
         for members in self._groups(index, layer, targets):
             group = [(t, self.overrides.get(t.name, self.config)) for t in members]
-            needs = [t.stats_key for t, cfg in group if cfg is not None and not isinstance(cfg, RTNConfig)]
+            needs = [t.stats_key for t, cfg in group if cfg is not None and reads_hessian(cfg)]
             if needs and self.true_sequential:
                 stats = self.collect(index, layer, needs)
             shared = SharedFactorizations()  # q/k/v (gate/up) read one Hessian: factored once, dropped after
@@ -279,7 +287,7 @@ class LayerQuantizer:
     def _never_called(self, target: Target, cfg, stats) -> bool:
         """A structurally discovered Linear the layer never called on the calibration data has no Hessian:
         it stays dense (an explicit adapter's targets are always called; a missing Hessian is an error)."""
-        if getattr(self.adapter, "explicit", True) or isinstance(cfg, RTNConfig) or stats is None:
+        if getattr(self.adapter, "explicit", True) or not reads_hessian(cfg) or stats is None:
             return False
         return f"hessian/sum/{target.stats_key}" not in stats.tensors
 
@@ -305,4 +313,4 @@ class LayerQuantizer:
         return {t.name for t in targets if t.name.startswith(prefix)} or None
 
 
-__all__ = ["GROUPS", "Target", "layer_targets", "hessian_for", "solve", "LayerQuantizer"]
+__all__ = ["GROUPS", "Target", "layer_targets", "hessian_for", "solve", "reads_hessian", "LayerQuantizer"]

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}
 FORMATS = ("int", "mxfp4", "nvfp4")
+CLIP_METRICS = ("weight", "output")
+"""What the clipping search minimizes per group: "weight" = squared weight error (AutoGPTQ's); "output" =
+the error weighted by each input channel's activation energy, guarded by the measured layer output error
+(see :mod:`calibra.quant.clip_search`)."""
 
 
 def _fail(cls: str, msg: str) -> None:
@@ -20,7 +24,9 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_grid(cls: str, bits, group_size, sym, format, mse_clip, mse_grid, mse_maxshrink) -> None:
+def _check_grid(
+    cls: str, bits, group_size, sym, format, mse_clip, mse_grid, mse_maxshrink, clip_metric="weight"
+) -> None:
     if format not in FORMATS:
         _fail(cls, f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "int":
@@ -50,6 +56,10 @@ def _check_grid(cls: str, bits, group_size, sym, format, mse_clip, mse_grid, mse
             cls,
             f"mse_maxshrink must be in (0, 1) (the largest fraction of the range clipped away), got {mse_maxshrink!r}",
         )
+    if clip_metric not in CLIP_METRICS:
+        _fail(cls, f"clip_metric must be one of {', '.join(CLIP_METRICS)}, got {clip_metric!r}")
+    if clip_metric == "output" and not mse_clip:
+        _fail(cls, "clip_metric 'output' ranks the clipping search's candidates: it needs mse_clip=True")
 
 
 def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: str = "int") -> list[float]:
@@ -75,7 +85,9 @@ def _group_problem(group_size: int, name: str, in_features: int) -> str | None:
 @dataclass(frozen=True)
 class RTNConfig:
     """Round-to-nearest: integer 2..8 bits (sym/asym, groups) or FP4 (MXFP4/NVFP4), optionally with
-    MSE-searched clipping (per group, the shrink factor of the range with the least squared error)."""
+    MSE-searched clipping (per group, the shrink factor of the range with the least squared error).
+    ``clip_metric="output"`` ranks the clips by the Hessian-diagonal-weighted error instead (RTN then
+    needs calibration Hessians: :attr:`needs_hessian`)."""
 
     bits: int = 4
     group_size: int = 128
@@ -84,6 +96,7 @@ class RTNConfig:
     mse_clip: bool = False
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
+    clip_metric: str = "weight"
 
     method = "rtn"
 
@@ -97,8 +110,14 @@ class RTNConfig:
             self.mse_clip,
             self.mse_grid,
             self.mse_maxshrink,
+            self.clip_metric,
         )
         return self
+
+    @property
+    def needs_hessian(self) -> bool:
+        """True when the solve reads calibration Hessians (the output-error clipping search)."""
+        return self.mse_clip and self.clip_metric == "output"
 
     def shrink(self) -> list[float]:
         return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink, self.format)
@@ -123,6 +142,10 @@ class GPTQConfig:
       order, re-collecting inputs in between); the single-layer solver does not read it.
     - ``format``: "int", or "mxfp4"/"nvfp4" for GPTQ onto an FP4 grid (MR-GPTQ adds the rotation).
     - ``mse_clip``: MSE-searched clipping of each group's range, fitted in the sweep.
+    - ``clip_metric``: "weight" (AutoGPTQ's squared weight error) or "output": each group's clip is
+      ranked by its error weighted per column (diag H for tables fitted before the sweep, GPTQ's
+      1 / U[j, j]^2 inside it), and the layer keeps the unclipped solve when that has the lower measured
+      output error (:mod:`calibra.quant.clip_search`).
     """
 
     bits: int = 4
@@ -138,6 +161,7 @@ class GPTQConfig:
     mse_clip: bool = False
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
+    clip_metric: str = "weight"
 
     method = "gptq"
 
@@ -146,7 +170,15 @@ class GPTQConfig:
         express act-order's g_idx: desc_act then needs static_groups=True (FAULTS row 12)."""
         cls = type(self).__name__
         _check_grid(
-            cls, self.bits, self.group_size, self.sym, self.format, self.mse_clip, self.mse_grid, self.mse_maxshrink
+            cls,
+            self.bits,
+            self.group_size,
+            self.sym,
+            self.format,
+            self.mse_clip,
+            self.mse_grid,
+            self.mse_maxshrink,
+            self.clip_metric,
         )
         for f in ("desc_act", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
@@ -202,18 +234,26 @@ class MRGPTQConfig:
     """MR-GPTQ (Micro-Rotated GPTQ): a block-wise Hadamard rotation of the input dimension whose block
     equals the FP4 scale group (16 for NVFP4, 32 for MXFP4), GPTQ in the rotated space onto the FP4
     grid, and MSE-searched group scales. The result records the rotation, so evaluation and export
-    apply ``x -> hadamard(x, block_size)`` before the rotated weight."""
+    apply ``x -> hadamard(x, block_size)`` before the rotated weight.
+
+    ``choose`` (default on): per Linear, the rotated solve competes with the unrotated one, each with
+    each FP4 scale search (none, weight MSE, output MSE), and with RTN; the candidate with the least
+    measured output error on the calibration Hessian is kept and recorded (``ModuleLog.choice``), so
+    the rotation is applied only where it helps (:mod:`calibra.quant.mr_gptq`). ``choose=False`` is the
+    paper's method alone (every Linear rotated, the config's clip search)."""
 
     format: str = "mxfp4"
     mse: bool = True
     mse_grid: int = 100
     mse_maxshrink: float = 0.3
+    clip_metric: str = "weight"
     desc_act: bool = False
     static_groups: bool = False
     damp_percent: float = 0.01
     damp_ladder: tuple = (0.1, 1.0, 10.0)
     block_size: int = 128
     true_sequential: bool = True
+    choose: bool = True
 
     method = "mr_gptq"
 
@@ -237,6 +277,7 @@ class MRGPTQConfig:
             mse_clip=self.mse,
             mse_grid=self.mse_grid,
             mse_maxshrink=self.mse_maxshrink,
+            clip_metric=self.clip_metric,
         )
 
     def validate(self, allow_g_idx: bool = True) -> MRGPTQConfig:
@@ -244,6 +285,8 @@ class MRGPTQConfig:
             _fail("MRGPTQConfig", f"format must be 'mxfp4' or 'nvfp4', got {self.format!r}")
         if not isinstance(self.mse, bool):
             _fail("MRGPTQConfig", f"mse must be a bool, got {self.mse!r}")
+        if not isinstance(self.choose, bool):
+            _fail("MRGPTQConfig", f"choose must be a bool, got {self.choose!r}")
         try:
             self.gptq().validate(allow_g_idx)
         except ValueError as e:

@@ -13,6 +13,7 @@ do not change the damping of the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from calibra.mps import in_host_step, mps_semantics, on_host
 from calibra.ops import gptq_block_sweep
 from calibra.quant._tables import fit_groups, nvfp4_global_scale, stored_scales
+from calibra.quant.clip_search import column_energy, fit_groups_weighted, output_error
 from calibra.quant.config import GPTQConfig
 from calibra.quant.result import ModuleLog, QuantizedLayer
 from calibra.quant.validate import all_finite, check_hessian, check_weight
@@ -253,24 +255,43 @@ def gptq_quantize(
     factored once; the results are the same as without it.
     Returns codes/scales/zeros (and g_idx with act-order) in original column order, the dequantized
     weight in w's dtype, and the log row (loss, samples, damp used, ladder steps, seconds).
+    ``clip_metric="output"``: see :func:`guarded_solve` (``consume`` is then ignored: the guard reads
+    w and h after the solve).
     """
     config.validate()
     check_weight(w, config, name)
     check_hessian(h, n_tokens, w.shape[1], name)
+    kw = dict(name=name, layer=layer, out_dtype=w.dtype, sweep=sweep, method="gptq", shared=shared)
+    if output_clip(config):
+        return guarded_solve(w.detach().float(), h, n_tokens, config, **kw)
     in_place = consume and w.dtype == torch.float32 and w.is_contiguous()
-    return _solve(
-        w.detach() if in_place else w.detach().float().clone(),
-        h,
-        n_tokens,
-        config,
-        name=name,
-        layer=layer,
-        out_dtype=w.dtype,
-        sweep=sweep,
-        method="gptq",
-        consume=consume,
-        shared=shared,
-    )
+    return _solve(w.detach() if in_place else w.detach().float().clone(), h, n_tokens, config, consume=consume, **kw)
+
+
+def output_clip(config) -> bool:
+    """True when the config searches its clipping by the output error (clip_metric "output")."""
+    return bool(config.mse_clip) and getattr(config, "clip_metric", "weight") == "output"
+
+
+def guarded_solve(
+    wf: torch.Tensor, h: torch.Tensor, n_tokens: int, config: GPTQConfig, *, shared=None, **kw
+) -> QuantizedLayer:
+    """GPTQ with the output-error clipping search, and the same solve without clipping (the factor is
+    shared): the result with the lower measured output error ``tr((W - Q) H (W - Q)^T)`` is returned (the
+    unclipped one on a tie), so the clip search never makes the layer worse on its calibration data.
+    ``wf`` (float32) and ``h`` are not modified. ``log.seconds`` covers both solves."""
+    t0 = time.perf_counter()
+    shared = shared if shared is not None else SharedFactorizations()
+    clipped = _solve(wf.clone(), h, n_tokens, config, shared=shared, **kw)
+    plain_cfg = dataclasses.replace(config, mse_clip=False, clip_metric="weight")
+    plain = _solve(wf.clone(), h, n_tokens, plain_cfg, shared=shared, **kw)
+    e_clip = output_error(wf, clipped.weight, h)
+    e_plain = output_error(wf, plain.weight, h)
+    best = clipped if e_clip < e_plain else plain
+    best.log.clip = "output" if best is clipped else "none"
+    best.log.output_error = min(e_clip, e_plain)
+    best.log.seconds = time.perf_counter() - t0
+    return best
 
 
 def _solve(
@@ -309,12 +330,16 @@ def _solve(
     shrink = torch.tensor(config.shrink(), dtype=torch.float32, device=wf.device)
     sdt = out_dtype
     kw = dict(fmt=fmt, bits=config.bits, sym=config.sym, scale_dtype=sdt, global_scale=gscale, shrink=shrink)
+    by_output = output_clip(config)
     # Parameter tables fitted before the sweep: one per row (group_size -1, AutoGPTQ fits it on the whole
     # W) or static groups (fitted on the unpermuted W).
     static = gs == -1 or config.static_groups
     table_s = table_z = None
     if static:
-        table_s, table_z = fit_groups(wf, gs, **kw)
+        if by_output:  # each column's error weighted by its activation energy diag(H)
+            table_s, table_z = fit_groups_weighted(wf, gs, column_energy(h, wf.device), **kw)
+        else:
+            table_s, table_z = fit_groups(wf, gs, **kw)
 
     if perm is not None:
         wf = wf[:, perm]
@@ -328,6 +353,12 @@ def _solve(
         col_group = ((orig if static else cols) // gs).to(torch.int32)
 
     bs = config.block_size if gs == -1 else max(config.block_size // gs, 1) * gs
+    fit_here = by_output and not static
+    if fit_here:
+        # the output-error search fits each group in torch from the group's current (updated) columns, so
+        # a block is one group: everything before it is final when it is fitted (the lazy batch is exact)
+        bs = gs
+        col_w = u.diagonal().float().pow(-2)  # GPTQ's weight of column j's error: 1 / U[j, j]^2
     sweep = sweep or _native_sweep
     # consume: a finished block's columns of wf are never read again, so its dequantized values go there
     q = wf if consume else torch.empty_like(wf)
@@ -341,6 +372,9 @@ def _solve(
         fit = torch.zeros(c, dtype=torch.int32, device=wf.device)
         if static:
             s_in, z_in, grp = table_s, table_z, col_group[i1:i2]
+        elif fit_here:
+            s_in, z_in = fit_groups_weighted(wf[:, i1:i2], gs, col_w[i1:i2], **kw)
+            grp = torch.zeros(c, dtype=torch.int32, device=wf.device)
         else:
             fit[::gs] = gs
             s_in = torch.zeros((out, c // gs), dtype=torch.float32, device=wf.device)
@@ -403,6 +437,7 @@ def _solve(
         dead_channels=n_dead,
         block_size=bs,
         seconds=time.perf_counter() - t0,
+        clip=("output" if by_output else "weight") if config.mse_clip else "none",
     )
     return QuantizedLayer(
         name=name,
@@ -435,6 +470,8 @@ def reference_sweep(*args):
 
 __all__ = [
     "gptq_quantize",
+    "guarded_solve",
+    "output_clip",
     "normalized_hessian",
     "factor_inverse_hessian",
     "Factorization",

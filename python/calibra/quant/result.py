@@ -33,6 +33,14 @@ class ModuleLog:
     dead_channels: int
     block_size: int
     seconds: float
+    clip: str = "none"
+    """The clipping the result kept: "none", "weight" (searched by squared weight error) or "output"
+    (searched by the activation-weighted error and measured better than no clip)."""
+    output_error: float | None = None
+    """Relative output error tr((W-Q) H (W-Q)^T) / tr(W H W^T) on the calibration Hessian, where the
+    solve measured it (the output clip search's guard, MR-GPTQ's per-layer choice)."""
+    choice: dict | None = None
+    """MR-GPTQ's per-layer choice: the kept candidate and every candidate's output error."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -95,6 +95,8 @@ def manifest(qm) -> dict:
             "rotation": ql.rotation,
             "dtype": str(ql.weight.dtype).replace("torch.", ""),
         }
+        if ql.log.choice is not None:  # MR-GPTQ's per-layer choice (the report row has every candidate's error)
+            mods[name]["choice"] = ql.log.choice["kept"]
     extra = qm.report.get("quantization", {})
     return {
         "format": FORMAT,
