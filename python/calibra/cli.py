@@ -291,6 +291,7 @@ def _quant_config(args: argparse.Namespace):
             block_size=args.block_size,
             true_sequential=not args.no_true_sequential,
             choose=not getattr(args, "rotate_all", False),
+            candidates=getattr(args, "mr_candidates", "quick"),
         )
     group = args.group_size
     if fmt != "int" and group is None:
@@ -468,8 +469,16 @@ def _add_quantize(sub) -> None:
         "--rotate-all",
         action="store_true",
         help="mr-gptq: rotate every Linear (the paper's method alone); by default each Linear keeps whichever "
-        "of rotated GPTQ, unrotated GPTQ and RTN (each with the FP4 scale searches) has the least measured "
-        "output error on its calibration inputs, recorded per layer in report.json",
+        "of rotated GPTQ, unrotated GPTQ and RTN has the least measured output error on its calibration "
+        "inputs, recorded per layer in report.json",
+    )
+    q.add_argument(
+        "--mr-candidates",
+        choices=["quick", "all"],
+        default="quick",
+        help="mr-gptq's per-Linear choice: quick (rotated and unrotated GPTQ with the scale search, and RTN; "
+        "about 2-3x the rotated solve) or all (each GPTQ also with every FP4 scale search: 7 candidates, "
+        "tens of times slower)",
     )
     q.add_argument(
         "--calibration",

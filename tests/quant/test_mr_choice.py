@@ -9,7 +9,7 @@ import torch
 
 from calibra.quant import GPTQConfig, MRGPTQConfig, RTNConfig, gptq_quantize, mr_gptq_quantize, rtn_quantize
 from calibra.quant.clip_search import output_error
-from calibra.quant.mr_gptq import CANDIDATES
+from calibra.quant.mr_gptq import CANDIDATES, candidates_of
 
 from ._layers import layer
 from .test_clip_search import outlier_layer
@@ -30,14 +30,19 @@ def alternatives(w, h, n, fmt):
     }
 
 
-def check_choice(w, h, n, fmt):
-    ql = mr_gptq_quantize(w, h, n, MRGPTQConfig(format=fmt))
+def check_choice(w, h, n, fmt, candidates="quick"):
+    config = MRGPTQConfig(format=fmt, candidates=candidates)
+    ql = mr_gptq_quantize(w, h, n, config)
     chosen = output_error(w, ql.dense(), h)
     ch = ql.log.choice
-    assert ch["kept"] in CANDIDATES and set(ch["output_error"]) == set(CANDIDATES)
+    tried = candidates_of(config)
+    assert set(tried) <= set(CANDIDATES) and len(tried) == (7 if candidates == "all" else 3)
+    assert ch["kept"] in tried and set(ch["output_error"]) == set(tried)
     assert ql.log.output_error == pytest.approx(chosen, rel=1e-6)
     assert min(ch["output_error"].values()) == ch["output_error"][ch["kept"]]
     for label, dense in alternatives(w, h, n, fmt).items():
+        if candidates == "quick" and label == "gptq-fp4":
+            continue  # unrotated GPTQ without the scale search is only among "all"
         assert chosen <= output_error(w, dense, h) * (1 + 1e-6), (label, ch)
     # the rotation is applied exactly where the kept candidate is rotated; the tensors still pack
     assert (ql.rotation is not None) == ch["rotated"] == ("-rotated-" in ch["kept"])
@@ -46,11 +51,12 @@ def check_choice(w, h, n, fmt):
     return ch
 
 
+@pytest.mark.parametrize("candidates", ["quick", "all"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_choice_never_loses_on_synthetic_layers(fmt):
+def test_choice_never_loses_on_synthetic_layers(fmt, candidates):
     kept = set()
     for w, h, n in (outlier_layer(out=32, n=128, seed=5), layer(out=32, n=128, seed=6, outliers=True)[:3]):
-        kept.add(check_choice(w, h, n, fmt)["kept"])
+        kept.add(check_choice(w, h, n, fmt, candidates)["kept"])
     assert kept  # (which one wins depends on the layer: asserted only through the errors)
 
 
@@ -87,3 +93,5 @@ def test_choose_off_is_the_rotated_solve():
     assert ql.rotation is not None and ql.log.choice is None
     with pytest.raises(ValueError, match="MRGPTQConfig.choose must be a bool"):
         MRGPTQConfig(choose=1).validate()
+    with pytest.raises(ValueError, match="candidates must be 'quick' or 'all'"):
+        MRGPTQConfig(candidates="best").validate()

@@ -236,10 +236,12 @@ class MRGPTQConfig:
     grid, and MSE-searched group scales. The result records the rotation, so evaluation and export
     apply ``x -> hadamard(x, block_size)`` before the rotated weight.
 
-    ``choose`` (default on): per Linear, the rotated solve competes with the unrotated one, each with
-    each FP4 scale search (none, weight MSE, output MSE), and with RTN; the candidate with the least
-    measured output error on the calibration Hessian is kept and recorded (``ModuleLog.choice``), so
-    the rotation is applied only where it helps (:mod:`calibra.quant.mr_gptq`). ``choose=False`` is the
+    ``choose`` (default on): per Linear, the rotated solve competes with the unrotated one and with RTN;
+    the candidate with the least measured output error on the calibration Hessian is kept and recorded
+    (``ModuleLog.choice``), so the rotation is applied only where it helps (:mod:`calibra.quant.mr_gptq`).
+    ``candidates``: ``"quick"`` (the default: rotated and unrotated GPTQ with the config's scale search,
+    and RTN -- about 2-3x the rotated solve alone) or ``"all"`` (each GPTQ also with every FP4 scale
+    search: none, weight MSE, output MSE -- 7 candidates, tens of times slower). ``choose=False`` is the
     paper's method alone (every Linear rotated, the config's clip search)."""
 
     format: str = "mxfp4"
@@ -254,6 +256,7 @@ class MRGPTQConfig:
     block_size: int = 128
     true_sequential: bool = True
     choose: bool = True
+    candidates: str = "quick"
 
     method = "mr_gptq"
 
@@ -287,6 +290,8 @@ class MRGPTQConfig:
             _fail("MRGPTQConfig", f"mse must be a bool, got {self.mse!r}")
         if not isinstance(self.choose, bool):
             _fail("MRGPTQConfig", f"choose must be a bool, got {self.choose!r}")
+        if self.candidates not in ("quick", "all"):
+            _fail("MRGPTQConfig", f"candidates must be 'quick' or 'all', got {self.candidates!r}")
         try:
             self.gptq().validate(allow_g_idx)
         except ValueError as e:

@@ -11,9 +11,10 @@ weight; ``QuantizedLayer.dense()`` un-rotates it instead (W_eff = hadamard(W'_q)
 The rotation does not help every Linear: it spreads a group's outliers over the group, which FP4's
 fine-grained scales (16 or 32 columns) often handle better unrotated, and on builtin:tiny-llama
 (NVFP4) rotating every Linear lost to plain RTN. So by default (``MRGPTQConfig.choose``) each Linear is
-solved several ways -- GPTQ rotated and unrotated, each with no clip, the weight-MSE clip search and the
-output-error clip search (:mod:`calibra.quant.clip_search`), and RTN (no clip, and the output search) --
-and the one with the least measured output error ``tr((W - Q) H (W - Q)^T)`` on its calibration
+solved several ways -- GPTQ rotated and unrotated with the config's scale search, and plain RTN; with
+``candidates="all"`` each GPTQ also with no clip, the weight-MSE clip search and the output-error clip
+search (:mod:`calibra.quant.clip_search`), and RTN with the output search -- and the one with the least measured
+output error ``tr((W - Q) H (W - Q)^T)`` on its calibration
 Hessian is kept (ties: the earlier in :data:`CANDIDATES`). ``log.choice`` records the kept candidate
 and every candidate's relative error. The result is then never worse than RTN or than the plain
 rotated solve *on the layer's own inputs*; the model-level effect is measured in docs/quantize.md.
@@ -48,6 +49,15 @@ CANDIDATES = (
 """What :func:`mr_gptq_quantize` tries per Linear with ``choose``, in tie-breaking order: GPTQ on the
 FP4 grid (``-rotated``: in the block-Hadamard space) with the weight-MSE clip search, the output-error
 clip search or no clip, and RTN (the output search guarded against no clip: ``choice["rtn_clip"]``)."""
+
+
+def candidates_of(config: MRGPTQConfig) -> tuple[str, ...]:
+    """The labels of :data:`CANDIDATES` that ``config.candidates`` tries, in the same order ("quick": the
+    rotated and unrotated GPTQ with the config's scale search, and plain RTN)."""
+    if config.candidates == "all":
+        return CANDIDATES
+    clip = "none" if not config.mse else ("output" if config.clip_metric == "output" else "mse")
+    return (f"gptq-rotated-{clip}", f"gptq-{clip}", "rtn")
 
 
 def rotate_hessian(h: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -92,7 +102,7 @@ def mr_gptq_quantize(
 
 
 def _choose(w, h, wr, hr, n_tokens, config: MRGPTQConfig, rotation: dict, kw: dict) -> QuantizedLayer:
-    """Every candidate of :data:`CANDIDATES`, measured in the original space on ``h``; the least wins."""
+    """Every candidate of :func:`candidates_of`, measured in the original space on ``h``; the least wins."""
     t0 = time.perf_counter()
     wf = w.detach().float()
     base = config.gptq()
@@ -104,10 +114,17 @@ def _choose(w, h, wr, hr, n_tokens, config: MRGPTQConfig, rotation: dict, kw: di
     shared_rot, shared_plain = SharedFactorizations(), SharedFactorizations()  # one factor per space
     errors: dict[str, float] = {}
     best, best_label = None, None
-    for label in CANDIDATES:
+    for label in candidates_of(config):
         if label == "rtn":
+            # "all": RTN with the output-error clip search (guarded against no clip); "quick": plain RTN,
+            # the baseline the choice must not lose to (the search costs ~10x the GPTQ solves here)
+            search = config.candidates == "all"
             rcfg = RTNConfig(
-                bits=4, group_size=base.group_size, format=base.format, mse_clip=True, clip_metric="output"
+                bits=4,
+                group_size=base.group_size,
+                format=base.format,
+                mse_clip=search,
+                clip_metric="output" if search else "weight",
             )
             ql = rtn_quantize(w, rcfg, name=kw["name"], layer=kw["layer"], h=h, n_tokens=n_tokens)
         else:
