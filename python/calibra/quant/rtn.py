@@ -26,7 +26,13 @@ def rtn_quantize(
     t0 = time.perf_counter()
     check_weight(w, config, name)
     fmt = config.format
-    if not config.mse_clip:
+    if fmt == "fp8":  # per-channel E4M3 (calibra.quant.fp8: compressed-tensors' exact rounding)
+        from calibra.quant.fp8 import fp8_dequantize, fp8_quantize_weight
+
+        codes, scales = fp8_quantize_weight(w)
+        weight = fp8_dequantize(codes, scales).to(w.dtype)
+        zeros = gscale = None
+    elif not config.mse_clip:
         qt = quantize(w, bits=config.bits, group_size=config.group_size, symmetric=config.sym, format=fmt)
         weight = dequantize(qt)
         codes, scales, zeros, gscale = qt.codes, qt.scales, qt.zeros, qt.global_scale
