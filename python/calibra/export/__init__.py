@@ -24,7 +24,7 @@ import sys
 import types
 from pathlib import Path
 
-from calibra.export import compressed_tensors, dense, gguf, gptq, mlx
+from calibra.export import _common, compressed_tensors, dense, gguf, gptq, mlx
 from calibra.export.writer import ExportError, atomic_folder, check_target, verify_manifest, write_manifest
 
 _MODULES = {
@@ -84,6 +84,8 @@ def check(qmodel, format) -> list[str]:
     """Raise ExportError if any of the formats cannot express ``qmodel``; returns the parsed formats."""
     fmts = parse_formats(format)
     for f in fmts:
+        if f != "compressed-tensors":
+            _common.refuse_act_quant(qmodel, f)
         _MODULES[f].check(qmodel)
     return fmts
 
