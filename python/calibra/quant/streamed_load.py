@@ -69,6 +69,11 @@ class DequantizedStore:
 def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtype) -> StreamedModel:
     """The streamed simulated model of calibra's quantized ``folder`` (weights dequantized as each module loads)."""
     manifest = json.loads((folder.path / MANIFEST).read_text(encoding="utf-8"))
+    if "activations" in manifest or "kv_cache" in manifest:  # the layer-by-layer model has no simulation hooks
+        raise ValueError(
+            f"[eval] {folder.path}: activation / KV-cache quantization is not simulated layer by layer yet; "
+            f"evaluate it whole (--no-stream)"
+        )
     return StreamedModel(weightless_model(model_config), DequantizedStore(folder, manifest), dtype)
 
 
