@@ -709,7 +709,7 @@ def _simulate_inputs(model, input_quant) -> dict:
 
     missing = activations.install(model, input_quant)
     return {
-        "not_simulated": missing,  # fused-expert slices: no module to hook
+        "not_simulated": missing,  # modules of an architecture the hooks do not cover (expected empty)
         "fallbacks": sorted(n for n, iq in input_quant.items() if iq.fallback),
     }
 

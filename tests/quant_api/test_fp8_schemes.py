@@ -168,5 +168,42 @@ def test_moe_experts_get_finite_recorded_scales(moe_folder, tmp_path):
         assert torch.isfinite(iq.scale).all() and float(iq.scale) > 0
         assert (iq.tokens > 0) != (iq.fallback is not None)  # its own tokens, or a recorded fallback
     aq = rep["activation_quant"]
-    assert sorted(aq["not_simulated"]) == sorted(experts)  # fused slices: no Linear to hook
+    assert aq["not_simulated"] == []  # fused experts too: their per-expert linears are quantized
     assert aq["fallbacks"] == sorted(n for n in experts if qm.input_quant[n].fallback)
+
+
+def test_fused_experts_inputs_simulated_per_expert(moe_folder):
+    """The fused experts' simulation equals a hand-written per-expert loop with each expert's static scale."""
+    from calibra.compat.transformers import fused_expert_weights
+    from calibra.io import load_model
+    from calibra.quant import activations
+    from calibra.quant.fp8 import fp8_fake_quant
+
+    model, _ = load_model(str(moe_folder))
+    experts = model.model.layers[0].mlp.experts
+    n = experts.gate_up_proj.shape[0]
+    pre = "model.layers.0.mlp.experts"
+    quant = {}
+    for e in range(n):
+        for proj, s in (("gate_up_proj", 0.001 * (e + 1)), ("down_proj", 0.0005 * (e + 1))):
+            quant[f"{pre}.{e}.{proj}"] = activations.InputQuant(dynamic=False, scale=torch.tensor([s]))
+    assert activations.install(model, quant) == []
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, experts.gate_up_proj.shape[2], generator=g)
+    top_k = torch.stack([torch.arange(10) % n, (torch.arange(10) + 1) % n], 1)
+    weights = torch.full((10, 2), 0.5)
+    with torch.no_grad():
+        got = experts(x, top_k, weights)
+        want = torch.zeros_like(x)
+        for t in range(10):
+            for k in range(2):
+                e = int(top_k[t, k])
+                wg, wu, wd = fused_expert_weights(experts, e)
+                xi = fp8_fake_quant(x[t : t + 1], quant[f"{pre}.{e}.gate_up_proj"].scale)
+                h = experts.act_fn(xi @ wg.T) * (xi @ wu.T)
+                h = fp8_fake_quant(h, quant[f"{pre}.{e}.down_proj"].scale)
+                want[t] += 0.5 * (h @ wd.T)[0]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    activations.remove(model)
+    with torch.no_grad():
+        assert not torch.allclose(experts(x, top_k, weights), want, rtol=1e-5, atol=1e-6)

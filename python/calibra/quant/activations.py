@@ -12,8 +12,11 @@ input (every token is routed to some expert, so the union of the experts' inputs
 so the fallback never clips a token the expert might get. A block no token reached at all is an error.
 
 The simulation hooks a ``torch.nn.Linear`` by name. A fused-expert slice (``experts.gate_up_proj[e]``)
-has no module of its own to hook: its scale is computed and written, and :func:`install` returns such
-names as not simulated (the report lists them).
+has no module of its own: while a fused experts module runs, a ``TorchFunctionMode`` sees each
+``F.linear(x, W)`` whose ``W`` is a slice of its ``gate_up_proj`` / ``down_proj`` (transformers 5's
+per-expert loop, run in place of the grouped-GEMM implementation transformers may dispatch to), finds
+the expert the weight slice belongs to and quantizes ``x`` with that expert's scale (per token for dynamic
+schemes, as vLLM's fused-MoE FP8 path does).
 """
 
 from __future__ import annotations
@@ -126,9 +129,90 @@ def _pre_hook(iq: InputQuant):
     return hook
 
 
+class _FusedExpertInputs(torch.overrides.TorchFunctionMode):
+    """Active while one fused experts module runs: quantizes the input of every ``F.linear`` on a slice of
+    its 3-D expert weights with that expert's :class:`InputQuant`."""
+
+    def __init__(self, experts, quant: dict[tuple[str, int], InputQuant]):
+        super().__init__()
+        self.experts, self.quant = experts, quant
+        self.hooks = {k: _pre_hook(iq) for k, iq in quant.items()}
+        self.seen = 0  # linears quantized in the current forward (a check for tests and debugging)
+        self.pending: dict[int, tuple] = {}  # id(weight copy) -> (copy, (proj, expert)) until its linear
+
+    def _which(self, w: torch.Tensor):
+        for proj in ("gate_up_proj", "down_proj"):
+            p = getattr(self.experts, proj)
+            if (
+                w.dim() == 2
+                and tuple(w.shape) == tuple(p.shape[1:])
+                and w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+            ):
+                return proj, (w.storage_offset() - p.storage_offset()) // p.stride(0)
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and args:
+            # ``gate_up_proj[expert_idx]`` with a 0-d index tensor copies: remember which expert the copy is
+            proj = next((n for n in ("gate_up_proj", "down_proj") if args[0] is getattr(self.experts, n)), None)
+            out = func(*args, **kwargs)
+            idx = args[1] if len(args) > 1 else None
+            if proj is not None and (isinstance(idx, int) or (torch.is_tensor(idx) and idx.numel() == 1)):
+                self.pending[id(out)] = (out, (proj, int(idx)))
+            return out
+        if func is torch.nn.functional.linear and len(args) >= 2:
+            entry = self.pending.pop(id(args[1]), None)
+            key = entry[1] if entry is not None and entry[0] is args[1] else self._which(args[1])
+            hook = self.hooks.get(key) if key is not None else None
+            if hook is not None:
+                args = hook(None, args)
+                self.seen += 1
+        return func(*args, **kwargs)
+
+
+def _install_fused(mods: dict, names: list[str], quant: dict[str, InputQuant]) -> tuple[list, list[str]]:
+    """Wrap the forward of every fused experts module some of ``names`` belong to; returns
+    ``(undo callables, names left without simulation)``."""
+    from calibra.compat.transformers import is_fused_experts
+
+    groups: dict[str, dict] = {}
+    left = []
+    for name in names:
+        if ".experts." not in name:
+            left.append(name)
+            continue
+        block, rest = name.rsplit(".experts.", 1)
+        e, proj = rest.split(".", 1)
+        experts = mods.get(f"{block}.experts")
+        if experts is None or not is_fused_experts(experts) or proj not in ("gate_up_proj", "down_proj"):
+            left.append(name)
+            continue
+        groups.setdefault(f"{block}.experts", {})[(proj, int(e))] = quant[name]
+    undo = []
+    for path, q in groups.items():
+        experts = mods[path]
+        mode = _FusedExpertInputs(experts, q)
+        # transformers 5 dispatches fused experts to an implementation chosen by the config (grouped_mm,
+        # ...); the simulation runs the class's own per-expert loop (``__wrapped__`` of that dispatcher)
+        orig = getattr(type(experts).forward, "__wrapped__", type(experts).forward)
+
+        def forward(*args, _orig=orig, _mod=experts, _mode=mode, **kwargs):
+            _mode.seen = 0
+            try:
+                with _mode:
+                    return _orig(_mod, *args, **kwargs)
+            finally:
+                _mode.pending.clear()
+
+        experts.forward = forward
+        undo.append(lambda m=experts: m.__dict__.pop("forward", None))
+    return undo, left
+
+
 def install(model, quant: dict[str, InputQuant]) -> list[str]:
-    """Quantize-dequantize the input of every named Linear of ``model`` on each forward (replacing hooks an
-    earlier call installed). Returns the names that have no module to hook (fused-expert slices)."""
+    """Quantize-dequantize the input of every named Linear (or fused-expert slice) of ``model`` on each
+    forward (replacing what an earlier call installed). Returns the names it cannot simulate."""
     remove(model)
     mods = dict(model.named_modules())
     handles, missing = [], []
@@ -138,8 +222,17 @@ def install(model, quant: dict[str, InputQuant]) -> list[str]:
             missing.append(name)
             continue
         handles.append(mod.register_forward_pre_hook(_pre_hook(iq)))
-    setattr(model, HOOKS_ATTR, handles)
+    undo, missing = _install_fused(mods, missing, quant)
+    setattr(model, HOOKS_ATTR, handles + [_Undo(f) for f in undo])
     return missing
+
+
+class _Undo:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remove(self):
+        self.fn()
 
 
 def remove(model) -> None:
