@@ -36,10 +36,12 @@ def _check_config(config):
     return config
 
 
-def _check_scheme(config, scheme):
+def _check_scheme(config, scheme, observer="absmax", clip_percentile=99.99):
     """``(weight config, ActQuantConfig or None)`` from ``config`` or ``scheme`` (exactly one of them)."""
     from calibra.quant.scheme import SCHEMES, scheme_configs
 
+    if scheme is None and observer != "absmax":
+        raise ValueError(f"[quantize] act_observer {observer!r} chooses static input scales: it needs scheme='fp8'")
     if scheme is None:
         if config is None:
             raise ValueError(
@@ -52,7 +54,7 @@ def _check_scheme(config, scheme):
             f"[quantize] scheme {scheme!r} is a complete recipe (its weights included): give either config or "
             f"scheme, not both (on the command line: --scheme without --method)"
         )
-    weights, act = scheme_configs(scheme)
+    weights, act = scheme_configs(scheme, observer=observer, clip_percentile=clip_percentile)
     return weights, act.validate()
 
 
@@ -114,6 +116,8 @@ def quantize(
     calibration=None,
     *,
     scheme: str | None = None,
+    act_observer: str = "absmax",
+    act_clip_percentile: float = 99.99,
     kv_cache: str | None = None,
     stats=None,
     output=None,
@@ -151,6 +155,8 @@ def quantize(
             (FP8 weights per channel, static per-tensor FP8 input scales calibrated on ``calibration``) or
             ``"fp8-dynamic"`` (the same weights, per-token FP8 inputs; data-free). The evaluation and the
             saved model simulate the quantized inputs (and KV cache) as the engine computes them.
+        act_observer: ``"fp8"``'s static scales: ``"absmax"`` (default) or ``"percentile"`` (the
+            ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate).
         kv_cache: ``"fp8"``: calibrate per-layer k/v scales (``calibra.quant.kv_fp8``) and quantize the KV
             cache with them; combines with any ``config`` or ``scheme`` (needs calibration data).
         calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x min(context, 2048) tokens of builtin text), a
@@ -193,7 +199,7 @@ def quantize(
     t_start = time.perf_counter()
     say = echo or (lambda *a, **k: None)
     # -- 1. everything that needs no weights ---------------------------------------------------------
-    config, act = _check_scheme(config, scheme)
+    config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
     kv_cache = _check_kv_cache(kv_cache)
     if act is not None or kv_cache is not None:
         checkpoint = _refuse_for_act_quant(
@@ -514,7 +520,7 @@ def _run(
     if act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
         ids, mask, run_meta, bs = tokens()
         input_quant, final_stats = _static_fp8_pass(
-            model, adapter, quantizer, ids, mask, bs, run_meta, device, progress
+            model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act
         )
     elif is_rtn or stats is not None:
         from tqdm.auto import tqdm
@@ -657,7 +663,7 @@ def _run(
     return qm, report
 
 
-def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress):
+def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act):
     """One calibration pass that quantizes each layer's weights and calibrates its Linears' static FP8
     input scales (``ranges`` observer), then simulates them at once, so every later layer calibrates on
     what the deployed model feeds it. Returns ``({module: InputQuant}, final statistics)``."""
@@ -671,7 +677,8 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
     def on_layer(i, layer, st):
         quantizer(i, layer, None)  # RTN: no statistics needed
         targets = [t for t in layer_targets(adapter, i, layer) if t.name in quantizer.layers]
-        input_quant.update(activations.static_input_quant(st, targets, dtype))
+        clip = act.clip_percentile if act.observer == "percentile" else None
+        input_quant.update(activations.static_input_quant(st, targets, dtype, clip))
         activations.install(model, input_quant)
 
     runner = LayerRunner(

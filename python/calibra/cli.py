@@ -388,6 +388,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         config,
         calibration,
         scheme=args.scheme,
+        act_observer=args.act_observer,
+        act_clip_percentile=args.act_clip_percentile,
         kv_cache=args.kv_cache,
         stats=args.stats,
         output=args.output,
@@ -477,6 +479,19 @@ def _add_quantize(sub) -> None:
         help="an activation-quantized recipe instead of --method: fp8-dynamic = FP8 weights per channel + "
         "per-token FP8 inputs (data-free); fp8 = the same weights + static per-tensor FP8 input scales "
         "calibrated on --calibration (docs/activation_quant.md)",
+    )
+    q.add_argument(
+        "--act-observer",
+        default="absmax",
+        choices=["absmax", "percentile"],
+        help="--scheme fp8: each static input scale from the absmax (default) or from the --act-clip-percentile "
+        "percentile of the calibration inputs' magnitudes (larger values saturate)",
+    )
+    q.add_argument(
+        "--act-clip-percentile",
+        type=float,
+        default=99.99,
+        help="with --act-observer percentile (default 99.99)",
     )
     q.add_argument(
         "--kv-cache",

@@ -128,3 +128,22 @@ def test_kv_stand_in_quantizes_what_the_cache_stores():
     with torch.no_grad():
         model(input_ids=Q.ids(), cache=cache2, use_cache=True)
     assert not torch.equal(cache2.layers[0].keys, k)  # without the hooks the cache holds the raw keys
+
+
+def test_percentile_observer_clips_below_absmax():
+    """The percentile scale comes from the range histogram: below the absmax when a few values are outliers,
+    never above it."""
+    from calibra.calib.observers import RangeObserver
+
+    obs = RangeObserver()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 16, generator=g)
+    x[0, 3] = 80.0  # one outlier value among 64000
+    obs.linear("m", x)
+    stats = SimpleNamespace(tensors=obs.tensors, count=lambda kind, key: 4000)
+    t = [_target("m", expert=False)]
+    full = float(static_input_quant(stats, t, torch.float32)["m"].scale) * 448
+    clipped = float(static_input_quant(stats, t, torch.float32, clip_percentile=99.99)["m"].scale) * 448
+    assert full == pytest.approx(80.0)
+    assert 3.0 < clipped < 6.0  # the 99.99th percentile of |N(0, 1)| is ~3.9, one 1/16-octave bin up
+    assert float(static_input_quant(stats, t, torch.float32, clip_percentile=100.0)["m"].scale) * 448 <= full

@@ -51,6 +51,9 @@ def _rel(a, b):
         (dict(scheme="fp8", stream=True), "--stream"),
         (dict(config=calibra.RTNConfig(), kv_cache="fp8", export="mlx"), "only compressed-tensors"),
         (dict(), "give a config"),
+        (dict(scheme="fp8-dynamic", act_observer="percentile"), "chooses static scales"),
+        (dict(config=calibra.RTNConfig(), act_observer="percentile"), "needs scheme='fp8'"),
+        (dict(scheme="fp8", act_observer="percentile", act_clip_percentile=30.0), "clip_percentile must be"),
     ],
 )
 def test_refused_before_loading(llama_folder, tmp_path, no_load, kw, match):

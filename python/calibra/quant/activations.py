@@ -56,11 +56,20 @@ class InputQuant:
         return cls(dynamic=d["dynamic"], scale=scale, tokens=d.get("tokens", 0), fallback=d.get("fallback"))
 
 
-def _absmax_of(stats, key: str) -> torch.Tensor | None:
+def _absmax_of(stats, key: str, clip_percentile: float | None = None) -> torch.Tensor | None:
+    """The magnitude a static scale covers: the absmax of the module's inputs, or (``clip_percentile``)
+    that percentile of them from the range histogram (``max(|p_lo|, p_hi)``, never above the absmax)."""
     lo, hi = stats.tensors.get(f"ranges/min/{key}"), stats.tensors.get(f"ranges/max/{key}")
     if lo is None or hi is None or stats.count("ranges", key) == 0:
         return None
-    return torch.maximum((-lo.float().min()).clamp(min=0), hi.float().max().clamp(min=0))
+    amax = torch.maximum((-lo.float().min()).clamp(min=0), hi.float().max().clamp(min=0))
+    if clip_percentile is None:
+        return amax
+    from calibra.calib.observers import percentile
+
+    hist = stats.tensors[f"ranges/hist/{key}"]
+    p = max(-percentile(hist, 100.0 - clip_percentile), percentile(hist, clip_percentile), 0.0)
+    return torch.minimum(amax, torch.tensor(p, dtype=torch.float32))
 
 
 def _expert_group(stats_key: str) -> tuple[str, str]:
@@ -69,12 +78,15 @@ def _expert_group(stats_key: str) -> tuple[str, str]:
     return block, rest.split(".", 1)[1]
 
 
-def static_input_quant(stats, targets, dtype: torch.dtype) -> dict[str, InputQuant]:
+def static_input_quant(
+    stats, targets, dtype: torch.dtype, clip_percentile: float | None = None
+) -> dict[str, InputQuant]:
     """Static per-tensor input scales of ``targets`` (``calibra.quant.apply.Target``) from ``stats`` (with
-    the ``ranges`` observer); experts without tokens get the fallback of the module docstring."""
+    the ``ranges`` observer): absmax / 448, or with ``clip_percentile`` that percentile of the magnitudes
+    / 448; experts without tokens get the fallback of the module docstring."""
     own: dict[str, tuple[torch.Tensor | None, int]] = {}
     for t in targets:
-        own[t.name] = (_absmax_of(stats, t.stats_key), stats.count("ranges", t.stats_key))
+        own[t.name] = (_absmax_of(stats, t.stats_key, clip_percentile), stats.count("ranges", t.stats_key))
     siblings: dict[tuple[str, str], list[torch.Tensor]] = {}
     for t in targets:
         if t.expert and own[t.name][0] is not None:

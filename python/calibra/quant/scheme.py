@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from calibra.quant.config import RTNConfig
 
 SCHEMES = ("fp8", "fp8-dynamic")
+OBSERVERS = ("absmax", "percentile")
 KV_CACHE_FORMATS = ("fp8",)
 
 
@@ -34,20 +35,33 @@ class ActQuantConfig:
     - ``dynamic``: True = one scale per token computed at run time; False = one static per-tensor scale
       from calibration (``observer``).
     - ``observer``: how a static scale is chosen from the calibration statistics: "absmax" (the largest
-      magnitude the module's input reached).
+      magnitude the module's input reached) or "percentile" (the ``clip_percentile``-th percentile of the
+      input's magnitudes, from the range observer's histogram, to 1/16 octave, rounded outward: values
+      beyond it saturate at +-448 x scale).
     """
 
     format: str = "fp8"
     dynamic: bool = True
     observer: str = "absmax"
+    clip_percentile: float = 99.99
 
     def validate(self) -> ActQuantConfig:
         if self.format != "fp8":
             raise ValueError(f"[quantize] ActQuantConfig.format must be 'fp8', got {self.format!r}")
         if not isinstance(self.dynamic, bool):
             raise ValueError(f"[quantize] ActQuantConfig.dynamic must be a bool, got {self.dynamic!r}")
-        if self.observer != "absmax":
-            raise ValueError(f"[quantize] ActQuantConfig.observer must be 'absmax', got {self.observer!r}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(
+                f"[quantize] ActQuantConfig.observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}"
+            )
+        if self.dynamic and self.observer != "absmax":
+            raise ValueError(
+                f"[quantize] observer {self.observer!r} chooses static scales; fp8-dynamic computes one per token "
+                f"at run time (use --scheme fp8)"
+            )
+        p = self.clip_percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
+            raise ValueError(f"[quantize] ActQuantConfig.clip_percentile must be in (50, 100], got {p!r}")
         return self
 
     @property
@@ -55,15 +69,24 @@ class ActQuantConfig:
         return not self.dynamic
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "dynamic": self.dynamic, "observer": None if self.dynamic else self.observer}
+        d = {"format": self.format, "dynamic": self.dynamic, "observer": None if self.dynamic else self.observer}
+        if self.observer == "percentile":
+            d["clip_percentile"] = self.clip_percentile
+        return d
 
 
-def scheme_configs(name: str) -> tuple[RTNConfig, ActQuantConfig]:
-    """``(weight config, activation config)`` of the scheme ``name`` (see the module docstring)."""
+def scheme_configs(
+    name: str, *, observer: str = "absmax", clip_percentile: float = 99.99
+) -> tuple[RTNConfig, ActQuantConfig]:
+    """``(weight config, activation config)`` of the scheme ``name`` (see the module docstring);
+    ``observer`` / ``clip_percentile``: how ``fp8``'s static scales are chosen (:class:`ActQuantConfig`)."""
     if name not in SCHEMES:
         raise ValueError(f"[quantize] unknown scheme {name!r}; choose from {', '.join(SCHEMES)}")
     weights = RTNConfig(bits=8, group_size=-1, sym=True, format="fp8")
-    return weights, ActQuantConfig(format="fp8", dynamic=name == "fp8-dynamic")
+    act = ActQuantConfig(
+        format="fp8", dynamic=name == "fp8-dynamic", observer=observer, clip_percentile=clip_percentile
+    )
+    return weights, act
 
 
 def check_kv_cache(kv_cache) -> str | None:
@@ -74,4 +97,4 @@ def check_kv_cache(kv_cache) -> str | None:
     return kv_cache
 
 
-__all__ = ["SCHEMES", "KV_CACHE_FORMATS", "ActQuantConfig", "scheme_configs", "check_kv_cache"]
+__all__ = ["SCHEMES", "OBSERVERS", "KV_CACHE_FORMATS", "ActQuantConfig", "scheme_configs", "check_kv_cache"]
