@@ -147,3 +147,27 @@ def test_percentile_observer_clips_below_absmax():
     assert full == pytest.approx(80.0)
     assert 3.0 < clipped < 6.0  # the 99.99th percentile of |N(0, 1)| is ~3.9, one 1/16-octave bin up
     assert float(static_input_quant(stats, t, torch.float32, clip_percentile=100.0)["m"].scale) * 448 <= full
+
+
+def test_report_section_lists_fallbacks_and_kv_scales():
+    from calibra.report import _sections
+
+    rep = {
+        "activation_quant": {
+            "scheme": "fp8",
+            "format": "fp8",
+            "dynamic": False,
+            "observer": "absmax",
+            "fallbacks": ["m.experts.2.down_proj"],
+            "not_simulated": [],
+            "modules": {
+                "m.q_proj": {"dynamic": False, "scale": 0.01, "tokens": 9, "fallback": None},
+                "m.experts.2.down_proj": {"dynamic": False, "scale": 0.02, "tokens": 0, "fallback": "no token"},
+            },
+        },
+        "kv_cache": {"format": "fp8", "scales": {"model.layers.0.self_attn": {"k_scale": 0.5, "v_scale": 0.25}}},
+    }
+    html = "".join(_sections.activation_quant(rep).parts)
+    assert "1 with a fallback scale" in html and "no token" in html and "m.experts.2.down_proj" in html
+    assert "model.layers.0.self_attn" in html and "0.25" in html
+    assert _sections.activation_quant({}) is None
