@@ -144,8 +144,10 @@ def test_kv_cache_export_matches_compressed_tensors_quantizer(llama_folder, tmp_
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from safetensors.torch import load_file
 
-    qm, _ = _q(llama_folder, tmp_path / "kv", config=calibra.RTNConfig(bits=4, group_size=32), kv_cache="fp8",
-               export="compressed-tensors")  # fmt: skip
+    # GPTQ: the KV scales are measured on the finished model after the Hessian-driven layer loop
+    qm, rep = _q(llama_folder, tmp_path / "kv", config=calibra.GPTQConfig(bits=4, group_size=32), kv_cache="fp8",
+                 export="compressed-tensors")  # fmt: skip
+    assert rep["settings"]["kv_cache"] == "fp8" and rep["settings"]["method"] == "gptq"
     qc = json.loads((tmp_path / "kv" / "config.json").read_text())["quantization_config"]
     args = QuantizationArgs(**qc["kv_cache_scheme"])
     assert args.num_bits == 8 and args.type == "float" and args.strategy == "tensor" and not args.dynamic
