@@ -104,15 +104,16 @@ def test_calibra_folder_round_trip(llama_folder, tmp_path, scheme, kv):
     assert _rel(_logits(loaded), b) > 10 * TOL * 1e-2
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8"])
-def test_compressed_tensors_export_loads_and_matches(llama_folder, tmp_path, scheme):
+def test_compressed_tensors_export_loads_and_matches(llama_folder, tmp_path, scheme, dtype):
     """transformers + compressed-tensors 0.20 load the export and compute calibra's simulation: the same
     FP8 weights, the same per-token or static FP8 inputs (their own forward hooks)."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
     from transformers import AutoModelForCausalLM
 
-    qm, _ = _q(llama_folder, tmp_path / "ct", scheme=scheme, export="compressed-tensors")
+    qm, _ = _q(llama_folder, tmp_path / "ct", scheme=scheme, export="compressed-tensors", dtype=dtype)
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     group = qc["config_groups"]["group_0"]
     assert qc["format"] == group["format"] == "float-quantized"
@@ -120,7 +121,7 @@ def test_compressed_tensors_export_loads_and_matches(llama_folder, tmp_path, sch
     assert QuantizationArgs(**group["input_activations"]) == preset.input_activations
     w = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]).weights  # per-channel weights in both schemes
     assert QuantizationArgs(**group["weights"]) == w
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=getattr(torch, dtype))
     lin = loaded.model.layers[0].self_attn.q_proj
     assert lin.quantization_scheme.input_activations.dynamic is (scheme == "fp8-dynamic")
     if scheme == "fp8":
