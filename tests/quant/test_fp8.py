@@ -171,3 +171,7 @@ def test_report_section_lists_fallbacks_and_kv_scales():
     assert "1 with a fallback scale" in html and "no token" in html and "m.experts.2.down_proj" in html
     assert "model.layers.0.self_attn" in html and "0.25" in html
     assert _sections.activation_quant({}) is None
+    from calibra.report import _plots
+
+    if _plots.available():  # the input scales and the k/v scales are plotted (the tables follow)
+        assert html.count("<svg") == 2
