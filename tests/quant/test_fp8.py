@@ -158,17 +158,22 @@ def test_report_section_lists_fallbacks_and_kv_scales():
             "format": "fp8",
             "dynamic": False,
             "observer": "absmax",
-            "fallbacks": ["m.experts.2.down_proj"],
+            "fallbacks": ["model.layers.0.mlp.experts.2.down_proj"],
             "not_simulated": [],
             "modules": {
-                "m.q_proj": {"dynamic": False, "scale": 0.01, "tokens": 9, "fallback": None},
-                "m.experts.2.down_proj": {"dynamic": False, "scale": 0.02, "tokens": 0, "fallback": "no token"},
+                "model.layers.0.self_attn.q_proj": {"dynamic": False, "scale": 0.01, "tokens": 9, "fallback": None},
+                "model.layers.0.mlp.experts.2.down_proj": {
+                    "dynamic": False,
+                    "scale": 0.02,
+                    "tokens": 0,
+                    "fallback": "no token",
+                },
             },
         },
         "kv_cache": {"format": "fp8", "scales": {"model.layers.0.self_attn": {"k_scale": 0.5, "v_scale": 0.25}}},
     }
     html = "".join(_sections.activation_quant(rep).parts)
-    assert "1 with a fallback scale" in html and "no token" in html and "m.experts.2.down_proj" in html
+    assert "1 with a fallback scale" in html and "no token" in html and "model.layers.0.mlp.experts.2.down_proj" in html
     assert "model.layers.0.self_attn" in html and "0.25" in html
     assert _sections.activation_quant({}) is None
     from calibra.report import _plots
