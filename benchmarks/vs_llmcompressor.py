@@ -331,8 +331,8 @@ def main(argv=None) -> int:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds):
         ap.error(f"--seeds must be distinct integers, comma-separated (got {args.seeds!r})")
-    try:
-        llmc_python = check_llmc_python(args.llmc_python)
+    try:  # only the llmcompressor runs need its environment (--llmc-variants "" runs calibra alone)
+        llmc_python = check_llmc_python(args.llmc_python) if llmc_variants else None
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

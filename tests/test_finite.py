@@ -37,3 +37,13 @@ def test_tensors_without_nonfinite_values():
     assert all_finite(torch.ones(3, dtype=torch.bool))
     assert all_finite(torch.tensor(1.5))
     assert not all_finite(torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_tensors_an_fp8_checkpoint_holds(dtype):
+    """FP8 scales (NVFP4 / FP8 checkpoints): the CPU has no min/max kernel for them; NaN is still found."""
+    t = torch.tensor([0.5, -448.0 if dtype == torch.float8_e4m3fn else -57344.0, 3.0]).to(dtype)
+    assert all_finite(t)
+    t[1] = float("nan")
+    assert not all_finite(t)
+    assert first_nonfinite(t) == (1,)

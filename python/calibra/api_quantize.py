@@ -254,6 +254,15 @@ def quantize(
     model_config = model_config_of(model, component="quantize", **read)
     check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
     refuse_quantized(model_config, source, "quantize")
+    if kv_cache is not None:
+        from calibra.models.registry import ADAPTERS, supported_architectures
+
+        if getattr(model_config, "model_type", None) not in ADAPTERS:  # the stand-in cache hooks the attention
+            raise ValueError(
+                f"[quantize] --kv-cache needs an explicit adapter (the attention module that writes the cache); "
+                f"model_type={getattr(model_config, 'model_type', None)!r} has none; supported: "
+                f"{', '.join(supported_architectures())}"
+            )
     shape_model = model if not isinstance(model, (str, Path)) else meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
     targets = all_targets(shape_model, shape_adapter)
@@ -262,7 +271,12 @@ def quantize(
         from calibra.export import precheck
         from calibra.quant import MRGPTQConfig
 
-        precheck(export, [t.name for t in targets], rotated=isinstance(config, MRGPTQConfig))
+        precheck(
+            export,
+            [t.name for t in targets],
+            rotated=isinstance(config, MRGPTQConfig),
+            transposed=[t.name for t in targets if t.transposed],
+        )
     needs_data = (
         (not is_rtn)
         or act_ranges
@@ -307,11 +321,6 @@ def quantize(
             "quantize",
             output=output,
             unsupported=[
-                (
-                    do_eval and export,
-                    "evaluating a streamed compressed-tensors export is not implemented yet: write calibra's folder "
-                    "(no --export; it is evaluated layer by layer) or pass evaluate=False (--no-eval)",
-                ),
                 (
                     act_ranges or ranges_file,
                     "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
@@ -558,6 +567,7 @@ def _run(
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.input_groups = runner.input_groups
         # the runner drops each layer's statistics with the layer (keep_layer_stats=False): the solver may
         # work in their memory and in the weights' (the same numbers; no second copy of H or W)
         quantizer.consume, quantizer.release = True, runner.release
@@ -845,6 +855,7 @@ def _run_streamed(
             )
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
+            quantizer.input_groups = runner.input_groups
             quantizer.release = runner.release
             final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_quant = time.perf_counter() - t0
@@ -963,6 +974,7 @@ def _report(
             "source": source,
             "model_type": getattr(model.config, "model_type", None),
             "num_layers": len(adapter.layers),
+            **adapter_record(adapter),
         },
         "settings": {
             "config": qsave.config_dict(config),
@@ -995,6 +1007,18 @@ def _report(
         **extra,
     }
     return report
+
+
+def adapter_record(adapter) -> dict:
+    """How the model's structure was found, for the report: explicit adapter, or discovered (the layer
+    stack, and the Linear-like modules of the layers that stay dense, by reason)."""
+    if getattr(adapter, "explicit", True):
+        return {"adapter": "explicit"}
+    kept: dict[str, list[str]] = {}
+    for i, layer in enumerate(adapter.layers):
+        for name, why in adapter.dense_linears(layer).items():
+            kept.setdefault(why, []).append(f"{adapter.layer_name(i)}.{name}")
+    return {"adapter": "structural", "layer_stack": adapter.layers_prefix, "kept_dense_in_layers": kept}
 
 
 def _export(qm, output, formats, overwrite, report, files) -> None:

@@ -15,6 +15,8 @@ def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` holds no NaN and no +-Inf (always true for integer, boolean and empty tensors)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.element_size() == 1:  # float8 (an FP8/NVFP4 checkpoint's scales): no min/max kernel for it on the CPU
+        t = t.to(torch.float16)  # exact: every float8 value, NaN included, is a float16 value
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
@@ -24,6 +26,7 @@ def first_nonfinite(t: torch.Tensor) -> tuple[int, ...] | None:
     tensor costs one min/max pass."""
     if all_finite(t):
         return None
+    t = t.to(torch.float16) if t.element_size() == 1 else t  # float8: see all_finite
     return tuple(int(v) for v in (~torch.isfinite(t)).nonzero()[0])
 
 

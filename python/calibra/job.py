@@ -35,7 +35,7 @@ def model_config_of(
     from calibra.models import check_supported
 
     if not isinstance(model, (str, Path)):
-        check_supported(getattr(model.config, "model_type", None))
+        check_supported(getattr(model.config, "model_type", None), model.config)
         return model.config
     from transformers import AutoConfig
 

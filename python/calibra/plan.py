@@ -237,7 +237,11 @@ def plan_job(
         est = estimate_memory(model_config, calibration, dtype=dtype, observers=obs, hessian_dtype=hessian_dtype)
         S, L, b = est.num_samples, est.sequence_length, est.batch_size
         n_batches = -(-S // b)
-        head_dim = getattr(model_config, "head_dim", None) or H // model_config.num_attention_heads
+        text = model_config.get_text_config()  # a vision-language config holds the sizes in text_config
+        from calibra.data.memory import config_value
+
+        heads = config_value(text, "num_attention_heads") or 1  # a state-space model has no attention heads
+        head_dim = config_value(text, "head_dim") or H // heads
         hidden = est.host_activations
         kwargs = n_batches * (2 * b * L * head_dim * db + b * L * L) + 2 * S * L * 8
         # forward (activations) and solve (workspace) do not overlap; the layer's statistics live through both

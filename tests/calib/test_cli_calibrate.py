@@ -105,7 +105,7 @@ def test_cli_calibrate_local_folder(tiny_llama_folder, tmp_path, capsys):
 
 
 def test_cli_refuses_unsupported_architecture_before_loading(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     with pytest.raises(ValueError, match=r"unsupported architecture.*supported: llama"):
         main(["calibrate", "--input", str(tmp_path), "--output", str(tmp_path / "s.safetensors")])
     assert not (tmp_path / "s.safetensors").exists()

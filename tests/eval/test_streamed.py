@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -76,6 +77,80 @@ def test_streamed_kl_of_a_quantized_folder(tmp_path, streamed_calls):
     assert _close(layered.kl_ref_cmp["mean"], whole.kl_ref_cmp["mean"], 1e-4)
     assert _close(layered.ppl_compressed, whole.ppl_compressed)
     assert _close(layered.ppl_reference, whole.ppl_reference)
+
+
+@pytest.fixture(scope="module")
+def ct_exports(tmp_path_factory):
+    """The same RTN quantizations written as calibra's folder and as compressed-tensors exports."""
+    from calibra.quant import RTNConfig
+
+    root = tmp_path_factory.mktemp("ct")
+    cfgs = {
+        "int4-sym": RTNConfig(bits=4, group_size=32),
+        "int4-asym": RTNConfig(bits=4, group_size=32, sym=False),
+        "int8-channel": RTNConfig(bits=8, group_size=-1),
+        "nvfp4": RTNConfig(bits=4, group_size=16, format="nvfp4"),
+    }
+    out = {}
+    for name, cfg in cfgs.items():
+        for export in (None, "compressed-tensors"):
+            folder = root / f"{name}-{export or 'calibra'}"
+            calibra.quantize(SPEC, cfg, output=folder, export=export, evaluate=False, progress=False, echo=None)
+            out[name, export] = str(folder)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int4-sym", "int4-asym", "int8-channel", "nvfp4"])
+def test_streamed_compressed_tensors_export_equals_calibras_folder(ct_exports, scheme, streamed_calls):
+    """A compressed-tensors export read layer by layer (its packed codes, zero points and FP8 scales
+    dequantized as each layer loads) is the model calibra's own folder holds: the same perplexity."""
+    from calibra.quant.streamed_load import CompressedTensorsStore
+
+    seen = []
+    read = CompressedTensorsStore.layer
+
+    def counting(self, module):
+        seen.append(module)
+        return read(self, module)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CompressedTensorsStore, "layer", counting)
+        ct = calibra.evaluate(ct_exports[scheme, "compressed-tensors"], stream=True, **PROTOCOL)
+    assert any(m.endswith("mlp.down_proj") for m in seen)  # the export's packed tensors were read
+    own = calibra.evaluate(ct_exports[scheme, None], stream=True, **PROTOCOL)
+    assert streamed_calls["max_loaded"] == 1
+    assert _close(ct.ppl, own.ppl, 1e-6), (ct.ppl, own.ppl)
+    unquantized = calibra.evaluate(SPEC, stream=False, **PROTOCOL)
+    assert not _close(ct.ppl, unquantized.ppl, 1e-4)  # the check can fail: quantization moved it
+
+
+def test_streamed_compressed_tensors_export_equals_transformers_loading_it(ct_exports):
+    """The symmetric int4 export (which transformers + compressed-tensors load on the CPU): layer by layer
+    and whole through the engine's own decompression give the same perplexity."""
+    spec = ct_exports["int4-sym", "compressed-tensors"]
+    whole = calibra.evaluate(spec, stream=False, **PROTOCOL)
+    layered = calibra.evaluate(spec, stream=True, **PROTOCOL)
+    assert _close(layered.ppl, whole.ppl), (layered.ppl, whole.ppl)
+
+
+def test_compressed_tensors_schemes_it_cannot_rebuild_are_refused(ct_exports, tmp_path, monkeypatch):
+    """An export with activation quantization (say) is refused before a weight is read, naming why."""
+    import shutil
+
+    from calibra.io import streamed
+
+    spec = tmp_path / "w8a8"
+    shutil.copytree(ct_exports["int4-sym", "compressed-tensors"], spec)
+    cfg = json.loads((spec / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int"}
+    (spec / "config.json").write_text(json.dumps(cfg))
+
+    def boom(*a, **k):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(streamed.WeightStore, "read", boom)
+    with pytest.raises(ValueError, match="quantizes activations.*--no-stream"):
+        calibra.evaluate(str(spec), stream=True, **PROTOCOL)
 
 
 def test_auto_streams_only_when_the_model_does_not_fit(monkeypatch, streamed_calls, capsys):

@@ -55,11 +55,11 @@ def test_invalid_json_config(llama, no_load, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(llama, no_load, tmp_path):
-    _set_cfg(llama, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    _set_cfg(llama, model_type="t5", architectures=["T5ForConditionalGeneration"])
     with pytest.raises(
         ModelReadError,
-        match=r"unsupported architecture model_type='gpt2' \(GPT2LMHeadModel\); "
-        r"supported: .*llama.*mixtral.*qwen3",
+        match=r"unsupported architecture model_type='t5' \(T5ForConditionalGeneration\): not a causal language "
+        r"model.*; supported: .*llama.*mixtral.*qwen3",
     ):
         calibra.prune(
             str(llama),

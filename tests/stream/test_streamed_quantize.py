@@ -77,7 +77,6 @@ def test_streamed_folder_loads_back(tmp_path):
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        (dict(evaluate=True, export="compressed-tensors"), "--no-eval"),
         (dict(output=None), "output=DIR"),
         (dict(mixed_precision=4.5), "mixed precision"),
         (dict(export="gptq"), "compressed-tensors"),
@@ -228,9 +227,11 @@ def test_streamed_resume_refuses_a_whole_model_runs_checkpoints(tmp_path, monkey
         _quantize(tmp_path / "out", GPTQConfig(bits=4, group_size=32), stream=True, resume=True)
 
 
-def test_streamed_job_evaluates_layer_by_layer_as_the_whole_model_does(tmp_path):
+@pytest.mark.parametrize("export", [None, "compressed-tensors"], ids=["calibra-folder", "compressed-tensors"])
+def test_streamed_job_evaluates_layer_by_layer_as_the_whole_model_does(export, tmp_path):
     """A streamed job's report carries the same evaluation as the whole-model job's: the reference and the
-    quantized model are both run layer by layer (the quantized one from the finished folder)."""
+    quantized model are both run layer by layer (the quantized one from the finished folder: calibra's, or
+    the compressed-tensors export read back as an engine dequantizes it)."""
     from calibra.eval import streamed as streamed_eval
 
     passes = []
@@ -240,7 +241,7 @@ def test_streamed_job_evaluates_layer_by_layer_as_the_whole_model_does(tmp_path)
         passes.append(self.label)
         yield from run(self, *a, **k)
 
-    kw = dict(evaluate=True, progress=False, echo=None, eval_max_tokens=1536, eval_seq_len=256)
+    kw = dict(evaluate=True, progress=False, echo=None, eval_max_tokens=1536, eval_seq_len=256, export=export)
     cfg = RTNConfig(bits=3, group_size=32)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(streamed_eval.StreamedLM, "iter_scored", counting)

@@ -65,22 +65,94 @@ class CalibrationOOMError(RuntimeError):
 
 
 class _LayerStub(nn.Module):
+    """Stands in for decoder layer ``index`` during the capture: records how the model calls it -- the
+    hidden states (first positional argument, or the ``hidden_states`` keyword), every other positional
+    argument and every keyword (masks, position embeddings, position ids, a hybrid's extra state) -- and
+    passes the hidden states on unchanged."""
+
     def __init__(self, index: int, sink: dict, last: bool):
         super().__init__()
         self.index, self.sink, self.last = index, sink, last
+        self.form: int | None = None  # what to return: the hidden states, or a tuple of that length
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def __getattr__(self, name: str):
+        # the model may read attributes of its layers while it calls them (a hybrid's block type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None:
+                raise
+            return getattr(original[0], name)
+
+    def forward(self, *args, **kwargs):
         if args:
+            hidden_states, rest, by_name = args[0], args[1:], False
+        elif "hidden_states" in kwargs:
+            hidden_states, rest, by_name = kwargs.pop("hidden_states"), (), True
+        else:
             raise TypeError(
-                "[calibrate] decoder layer called with extra positional arguments; the adapter "
-                "expects the Hugging Face keyword-argument layer call"
+                f"[calibrate] decoder layer {self.index} was called without hidden states (no positional "
+                f"argument, no hidden_states keyword: {', '.join(sorted(kwargs))}); this family is not supported"
             )
         if self.index == 0:
             self.sink["hidden"] = hidden_states
-        self.sink[self.index] = kwargs
+        elif hidden_states is not self.sink.get("out"):
+            # the model changed the hidden states between two layers (or unpacked our output differently
+            # than we guessed): replaying the layers one after another would compute something else
+            self.sink.setdefault("broken", self.index)
+        self.sink[self.index] = LayerCall(rest, kwargs, by_name)
         if self.last:
             raise _StopCapture
-        return hidden_states
+        self.sink["out"] = hidden_states
+        if self.form is None:
+            return hidden_states
+        return (hidden_states,) + (None,) * (self.form - 1)
+
+
+# What a capture stub returns, tried in turn on the first batch: most families take the layer's output
+# as the hidden states; some unpack a tuple (``hidden, attn_weights = layer(...)``).
+_OUTPUT_FORMS = (None, 2, 3)
+
+
+class LayerCall:
+    """How the model calls one decoder layer, minus the hidden states: ``layer(x, *args, **kwargs)`` (or
+    ``layer(hidden_states=x, *args, **kwargs)`` when ``by_name``). KV caches are dropped: replayed calls
+    never cache."""
+
+    __slots__ = ("args", "kwargs", "by_name")
+
+    def __init__(self, args: tuple, kwargs: dict, by_name: bool):
+        self.args, self.kwargs, self.by_name = args, kwargs, by_name
+
+    def without_cache(self) -> LayerCall:
+        kw = {k: (None if _is_cache(v) else v) for k, v in drop_cache_kwargs(self.kwargs).items()}
+        if "use_cache" in kw:  # only where the model passes it: a strict signature may not take it
+            kw["use_cache"] = False
+        return LayerCall(tuple(None if _is_cache(a) else a for a in self.args), kw, self.by_name)
+
+    def mapped(self, fn, memo: dict) -> LayerCall:
+        return LayerCall(_map_tensors(self.args, fn, memo), _map_tensors(self.kwargs, fn, memo), self.by_name)
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on ``x``; the new hidden states (a tuple output's first element)."""
+        out = layer(*self.args, hidden_states=x, **self.kwargs) if self.by_name else layer(x, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _no_cache_kwargs(base: nn.Module) -> dict:
+    """``{"use_cache": False}`` when the base model's forward takes that keyword (most do)."""
+    import inspect
+
+    params = inspect.signature(base.forward).parameters
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
+
+
+def _is_cache(obj) -> bool:
+    from calibra.compat.transformers import cache_classes
+
+    return isinstance(obj, cache_classes()[0])
 
 
 class _Replay:
@@ -212,27 +284,41 @@ class LayerRunner:
                     m.to(self.device)
             for i in range(n):
                 layers[i] = _LayerStub(i, {}, i == n - 1)
+                layers[i].__dict__["original"] = (originals[i],)  # not a submodule: no parameters move
             sink = {}
             for i in range(n):
                 layers[i].sink = sink
-            for ids, mask in batches:
-                sink.clear()
-                try:
-                    self.adapter.base(
-                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(), use_cache=False
-                    )
-                except _StopCapture:
-                    pass
-                else:  # pragma: no cover - the last stub always raises
-                    raise RuntimeError("[calibrate] the model did not call its last decoder layer")
+            no_cache = _no_cache_kwargs(self.adapter.base)
+            for b, (ids, mask) in enumerate(batches):
+                # the first batch finds the output shape the model expects of its layers (see _OUTPUT_FORMS)
+                for form in _OUTPUT_FORMS if b == 0 else (layers[0].form,):
+                    for stub in layers:
+                        stub.form = form
+                    sink.clear()
+                    try:
+                        self.adapter.base(
+                            input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long(), **no_cache
+                        )
+                    except _StopCapture:
+                        if "broken" not in sink:
+                            break
+                        if form == _OUTPUT_FORMS[-1] or b > 0:
+                            raise TypeError(
+                                f"[calibrate] {type(self.model).__name__} does not pass each decoder layer's output "
+                                f"unchanged to the next (layer {sink['broken']} received other hidden states): "
+                                f"a layer-by-layer pass cannot reproduce it; this family is not supported"
+                            ) from None
+                    except (TypeError, ValueError, AttributeError, IndexError):
+                        if form == _OUTPUT_FORMS[-1] or b > 0:
+                            raise
+                    else:  # pragma: no cover - the last stub always raises
+                        raise RuntimeError("[calibrate] the model did not call its last decoder layer")
                 memo: dict = {}
                 to_cpu = lambda t: t.detach().to("cpu")  # noqa: E731
                 hidden.append(to_cpu(sink["hidden"]))
                 per_layer = []
                 for i in range(n):
-                    kw = {k: v for k, v in drop_cache_kwargs(sink[i]).items() if k != "use_cache"}
-                    kw["use_cache"] = False
-                    per_layer.append(_map_tensors(kw, to_cpu, memo))
+                    per_layer.append(sink[i].without_cache().mapped(to_cpu, memo))
                 kwargs.append(per_layer)
         finally:
             for i, layer in enumerate(originals):
@@ -509,6 +595,44 @@ class LayerRunner:
         self._forward_layer(index, layer, hidden, kwargs, masks, ids_of, keep=False, only=only)
         return self.stats(tokens, extra)
 
+    def input_groups(self, index: int, layer: nn.Module) -> list[list[str]]:
+        """Inside ``on_layer`` of layer ``index``: the statistics keys of the layer's Linear-like modules in
+        the order the layer calls them on its first batch, consecutive modules that read the very same
+        input tensor grouped (q/k/v, gate/up -- whatever the family names them). A module called twice
+        counts at its first call; modules not called on that batch are left out."""
+        ctx = self._ctx
+        if ctx is None or ctx[0] != index:
+            raise RuntimeError(f"[calibrate] input_groups({index}) called outside on_layer of that layer")
+        _, hidden, kwargs, masks, ids_of, _, _ = ctx
+        lname = self.adapter.layer_name(index)
+        groups: list[list[str]] = []
+        seen: set[str] = set()
+        last: list = [None]
+
+        def hook(module, args, key):
+            if key in seen or not args:
+                return
+            seen.add(key)
+            if groups and args[0] is last[0]:
+                groups[-1].append(key)
+            else:
+                groups.append([key])
+            last[0] = args[0]
+
+        handles = [
+            m.register_forward_pre_hook(lambda mod, args, key=f"{lname}.{n}": hook(mod, args, key))
+            for n, m in self.adapter.linear_modules(layer).items()
+        ]
+        try:
+            self._set_batch(masks[0], ids_of[0])
+            self._replay(0)
+            kwargs[0][index].mapped(lambda t: t.to(self.device), {})(layer, hidden[0].to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+            last[0] = None
+        return groups
+
     def release(self, index: int, modules) -> None:
         """Inside ``on_layer`` of layer ``index``: the statistics of ``modules`` (keys as in :meth:`collect`)
         are consumed and will not be read again; drop them now rather than at the end of the layer, so the
@@ -570,12 +694,11 @@ class LayerRunner:
                 self._set_batch(masks[b], ids_of[b])
                 self._replay(b)
                 self._pending = set(keys) if stop_early else None
-                kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
+                call = kwargs[b][i].mapped(lambda t: t.to(dev), {})
                 try:
-                    out = layer(x.to(dev), **kw)
+                    out = call(layer, x.to(dev))
                 except _StopLayer:
                     continue
-                out = out[0] if isinstance(out, tuple) else out
                 if keep:
                     self._guard(out, f"output of {self.adapter.layer_name(i)}")
                     outs.append(out.to("cpu"))
@@ -618,9 +741,7 @@ class LayerRunner:
             for b, x in enumerate(hidden):
                 self._set_batch(masks[b], ids_of[b])
                 self._replay(b)
-                kw = _map_tensors(kwargs[b][i], lambda t: t.to(dev), {})
-                out = layer(x.to(dev), **kw)
-                out = out[0] if isinstance(out, tuple) else out
+                out = kwargs[b][i].mapped(lambda t: t.to(dev), {})(layer, x.to(dev))
                 self._guard(out, f"output of {self.adapter.layer_name(i)} (compressed)")
                 outs.append(out.to("cpu"))
         return outs

@@ -74,9 +74,12 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _get(cfg, *names, default=None):
+def config_value(cfg, *names, default=None):
     for n in names:
-        v = getattr(cfg, n, None)
+        try:
+            v = getattr(cfg, n, None)
+        except Exception:  # noqa: BLE001 - heterogeneous configs (Gemma 4) refuse global per-layer reads
+            v = None
         if v is not None:
             return v
     return default
@@ -115,23 +118,23 @@ def estimate_memory(
     if unknown:
         raise ValueError(f"[data] unknown observer(s) {unknown}; known: {', '.join(OBSERVERS)}")
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    H = _get(cfg, "hidden_size", "n_embd", "d_model")
+    H = config_value(cfg, "hidden_size", "n_embd", "d_model")
     if not H:
         raise ValueError(
             f"[data] model config {type(model_config).__name__} has no hidden_size; cannot estimate memory"
         )
-    n_layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers", default=1)
-    n_heads = _get(cfg, "num_attention_heads", "n_head", default=1)
-    n_kv = _get(cfg, "num_key_value_heads", default=n_heads)
-    head_dim = _get(cfg, "head_dim", default=H // n_heads)
-    inter = _get(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * H)
-    vocab = _get(cfg, "vocab_size", default=0)
-    tied = bool(_get(cfg, "tie_word_embeddings", default=False))
-    experts = _get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0
-    top_k = _get(cfg, "num_experts_per_tok", "moe_topk", default=2 if experts else 0) or 0
-    moe_inter = _get(cfg, "moe_intermediate_size", default=inter) if experts else 0
-    shared_inter = _get(cfg, "shared_expert_intermediate_size", default=0) or 0
-    if experts and not shared_inter and _get(cfg, "n_shared_experts", default=0):
+    n_layers = config_value(cfg, "num_hidden_layers", "n_layer", "num_layers", default=1)
+    n_heads = config_value(cfg, "num_attention_heads", "n_head", default=1)
+    n_kv = config_value(cfg, "num_key_value_heads", default=n_heads)
+    head_dim = config_value(cfg, "head_dim", default=H // n_heads)
+    inter = config_value(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * H)
+    vocab = config_value(cfg, "vocab_size", default=0)
+    tied = bool(config_value(cfg, "tie_word_embeddings", default=False))
+    experts = config_value(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0
+    top_k = config_value(cfg, "num_experts_per_tok", "moe_topk", default=2 if experts else 0) or 0
+    moe_inter = config_value(cfg, "moe_intermediate_size", default=inter) if experts else 0
+    shared_inter = config_value(cfg, "shared_expert_intermediate_size", default=0) or 0
+    if experts and not shared_inter and config_value(cfg, "n_shared_experts", default=0):
         shared_inter = cfg.n_shared_experts * moe_inter
 
     config.validate(model_max_positions(model_config))

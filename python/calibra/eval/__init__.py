@@ -179,10 +179,16 @@ def _streamed_source(spec, folder, cfg, dtype, quantized: bool, trust_remote_cod
 
         return open_streamed_quantized(folder, cfg, dtype)
     if folder.quantized:
-        raise ValueError(
-            f"[eval] {spec}: {folder.quantized}; an engine's quantized checkpoint is evaluated whole (through "
-            f"transformers), not layer by layer"
-        )
+        qcfg = getattr(cfg, "quantization_config", None)
+        qcfg = qcfg.to_dict() if qcfg is not None and not isinstance(qcfg, dict) else qcfg
+        if not qcfg or qcfg.get("quant_method") != "compressed-tensors":  # ct_weight_scheme checks the rest
+            raise ValueError(
+                f"[eval] {spec}: {folder.quantized}; of the engines' quantized checkpoints only weight-only "
+                f"compressed-tensors ones are read layer by layer: evaluate this one whole (through transformers)"
+            )
+        from calibra.quant.streamed_load import open_streamed_quantized
+
+        return open_streamed_quantized(folder, cfg, dtype)
     streamed, why = open_streamed(folder, cfg, dtype, trust_remote_code=trust_remote_code)
     if streamed is None:
         raise ValueError(f"[eval] {spec} cannot be evaluated layer by layer: {why}")

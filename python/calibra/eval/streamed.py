@@ -40,6 +40,7 @@ class StreamedLM:
         self.config = streamed.model.config
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.adapter = get_adapter(self.model)
+        self.adapter.final_norm()  # a family whose head is not "norm then head" is refused before any read
         self.label = label
 
     @property
@@ -121,6 +122,9 @@ class StreamedLM:
         scale = getattr(self.config, "logit_scale", None)
         if isinstance(scale, (int, float)) and scale != 1:
             logits = logits * scale
+        divide = getattr(self.config, "logits_scaling", None)  # Granite divides the logits
+        if isinstance(divide, (int, float)) and divide != 1:
+            logits = logits / divide
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -24,7 +24,7 @@ import sys
 import types
 from pathlib import Path
 
-from calibra.export import _common, compressed_tensors, dense, gguf, gptq, mlx
+from calibra.export import compressed_tensors, dense, gguf, gptq, mlx
 from calibra.export.writer import ExportError, atomic_folder, check_target, verify_manifest, write_manifest
 
 _MODULES = {
@@ -63,9 +63,10 @@ def parse_formats(format) -> list[str]:
     return out
 
 
-def precheck(format, names, *, rotated: bool) -> list[str]:
+def precheck(format, names, *, rotated: bool, transposed=()) -> list[str]:
     """Before any weight loads: the refusals that need no quantized tensor -- MR-GPTQ's rotation
-    (``rotated``) and fused MoE expert weights among ``names`` (the modules that will be quantized) -- so
+    (``rotated``), fused MoE expert weights among ``names`` (the modules that will be quantized) and
+    transposed ``Conv1D`` modules (``transposed``, GPT-2) -- so
     a run is not refused only after its calibration. :func:`check` still checks everything at the end."""
     from types import SimpleNamespace
 
@@ -77,15 +78,21 @@ def precheck(format, names, *, rotated: bool) -> list[str]:
         if f != "dense":
             _common.refuse_rotation(stub, f)
             _common.refuse_experts(stub, f)
+            _common.refuse_transposed(transposed, f)
     return fmts
 
 
 def check(qmodel, format) -> list[str]:
     """Raise ExportError if any of the formats cannot express ``qmodel``; returns the parsed formats."""
+    from calibra.export import _common
+
     fmts = parse_formats(format)
     for f in fmts:
         if f != "compressed-tensors":
             _common.refuse_act_quant(qmodel, f)
+        if f != "dense":
+            moved = _common.transposed_modules(getattr(qmodel, "model", None))
+            _common.refuse_transposed([n for n in qmodel.layers if n in moved], f)
         _MODULES[f].check(qmodel)
     return fmts
 

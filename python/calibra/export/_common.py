@@ -58,6 +58,25 @@ def refuse_act_quant(qmodel, fmt: str) -> None:
         raise ExportError(f"[export] {fmt} cannot express fp8 weights; export 'compressed-tensors' or 'dense'")
 
 
+def transposed_modules(model) -> set[str]:
+    """Module paths of GPT-2-style ``Conv1D`` modules (weight stored ``[in, out]``)."""
+    from calibra.models.linear import is_conv1d
+
+    return {n for n, m in model.named_modules() if is_conv1d(m)} if model is not None else set()
+
+
+def refuse_transposed(names, fmt: str) -> None:
+    """Engine formats load quantized weights into ``nn.Linear`` replacements; a ``Conv1D`` (GPT-2's
+    transposed Linear) is not one, so its codes would be read as the wrong matrix. Refuse by name."""
+    names = sorted(names)
+    if names:
+        raise ExportError(
+            f"[export] {fmt}: {len(names)} quantized module(s) are GPT-2-style Conv1D layers (weight stored "
+            f"[in, out], e.g. {names[0]}), which {fmt} loaders replace only as nn.Linear; export 'dense' (the "
+            f"effective weights) or calibra's own folder"
+        )
+
+
 def quantized_weight_keys(qmodel) -> set[str]:
     return {f"{n}.weight" for n in qmodel.layers if not is_expert(n)}
 

@@ -151,15 +151,18 @@ def read_config(folder: Path) -> dict:
 
 
 def check_architecture(cfg: dict, path: Path) -> str:
+    from calibra.models.refusals import refusal
     from calibra.models.registry import supported_architectures
 
     model_type = cfg.get("model_type")
-    if model_type not in supported_architectures():
+    reason = refusal(model_type, cfg)
+    if reason is not None:
         arch = cfg.get("architectures")
         raise _err(
             f"{path}/config.json: unsupported architecture model_type={model_type!r}"
             + (f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else "")
-            + f"; supported: {', '.join(supported_architectures())}"
+            + f": {reason}; supported: {', '.join(supported_architectures())} (explicit adapters) and every "
+            f"other causal-LM type of transformers by structure (docs/model_matrix.md)"
         )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         v = cfg.get(key, cfg.get("text_config", {}).get(key) if isinstance(cfg.get("text_config"), dict) else None)
@@ -293,8 +296,9 @@ def expected_tensors(folder: Path, trust_remote_code: bool = False) -> tuple[dic
     sd = model.state_dict()
     forms = {k: set(saved_state(model, {k: v})) for k, v in sd.items()}
     optional = set()
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
-        out = model.get_output_embeddings()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    shared = out is not None and inp is not None and out.weight is inp.weight  # tied by a top-level flag too
+    if shared or getattr(config.get_text_config(), "tie_word_embeddings", False):
         name = next((n for n, m in model.named_modules() if m is out), "lm_head")
         optional.add(f"{name}.weight")
     return forms, optional

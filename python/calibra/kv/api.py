@@ -59,11 +59,26 @@ def _check_config(model, *, rank=None) -> object:
     else:
         cfg = model.config
     check_architecture(type("Cfg", (), {"attention_kind": attention_kind(cfg)}))
+    _check_explicit(cfg)
     if rank is not None:
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if not 1 <= rank <= d:
             raise ValueError(f"[kv] rank must be in 1..head_dim ({d}), got {rank}")
     return cfg
+
+
+def _check_explicit(cfg) -> None:
+    """K/V observers need the family's key/value projections and where RoPE is applied: only the explicit
+    adapters know them (a structurally discovered family is quantized, not KV-calibrated)."""
+    from calibra.kv.plan import KVArchitectureError
+    from calibra.models.registry import ADAPTERS, supported_architectures
+
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise KVArchitectureError(
+            f"[kv] model_type={model_type!r} has no explicit adapter: KV-cache calibration needs the family's "
+            f"key/value projections and RoPE placement; supported: {', '.join(supported_architectures())}"
+        )
 
 
 def _check_lengths(cfg, calibration, eval_seq_len: int | None, flag: str) -> None:

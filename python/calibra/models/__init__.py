@@ -1,6 +1,7 @@
 """Architecture adapters (layer lists, attention/MLP/expert discovery, fused experts)."""
 
 from calibra.models.adapter import ModelAdapter, MoEBlock
+from calibra.models.refusals import refusal
 from calibra.models.registry import ADAPTERS, MOE_TYPES, check_supported, get_adapter, supported_architectures
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "check_supported",
     "get_adapter",
     "supported_architectures",
+    "refusal",
 ]

@@ -105,6 +105,9 @@ def attention_kind(config) -> str:
 class ModelAdapter:
     """Generic adapter for Hugging Face decoder-only models laid out as ``model.model.layers``."""
 
+    explicit = True
+    """Roles by name, K/V sources and MoE blocks are known (the structural adapter sets False)."""
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config

@@ -15,8 +15,9 @@ W are multiplied by ``s`` before RTN and ``x / s`` is folded into the RMSNorm th
 (``norm.weight /= s``), so the smoothed model needs no extra operation at inference and every exporter
 writes it as an ordinary model (norm weights included). Only inputs produced by a foldable norm are
 smoothed: q/k/v (``input_layernorm``) and the dense MLP's gate/up (``post_attention_layernorm``).
-o_proj, down_proj and MoE experts (whose norm also feeds the router) are left unsmoothed; the file says
-which modules were smoothed.
+o_proj, down_proj and MoE experts (whose norm also feeds the router) are left unsmoothed, and so is every
+family without an explicit adapter (its norms' layout is not known: Gemma scales by ``1 + w``); the file
+says which modules were smoothed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ DEFAULT_ALPHA = 0.5
 def smoothing_groups(adapter, index: int, layer) -> list[tuple[str, torch.nn.Module, dict]]:
     """``(norm path, norm module, {Linear path: Linear})`` for the inputs of layer ``index`` that a norm
     produces and that feed only Linears (see the module docstring)."""
+    if not getattr(adapter, "explicit", True):
+        # a structurally discovered family's norms may not divide like an RMSNorm weight (Gemma's (1 + w),
+        # a LayerNorm's bias, a norm that also feeds a router): smoothing folds only into known layouts
+        return []
     lname = adapter.layer_name(index)
     lin = adapter.linear_modules(layer)
     out = []

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calibra.models.linear import in_out, is_conv1d, store_weight, weight_view
 from calibra.quant.config import GPTQConfig, MRGPTQConfig, RTNConfig
 from calibra.quant.gptq import SharedFactorizations, gptq_quantize
 from calibra.quant.mr_gptq import mr_gptq_quantize
@@ -56,25 +57,27 @@ class Target:
     expert: bool
     weight: Callable[[], torch.Tensor]
     store: Callable[[torch.Tensor], None]
+    transposed: bool = False
+    """The module stores its weight ``[in, out]`` (GPT-2's Conv1D); ``weight()`` is a transposed view."""
 
     @property
     def numel(self) -> int:
         return self.in_features * self.out_features
 
 
-def _linear_target(name: str, stats_key: str, mod: nn.Linear, expert: bool, role: str) -> Target:
-    def store(w, mod=mod):
-        mod.weight.data.copy_(w)
-
+def _linear_target(name: str, stats_key: str, mod: nn.Module, expert: bool, role: str) -> Target:
+    """A Linear-like module (``nn.Linear`` or a transposed ``Conv1D``, see ``calibra.models.linear``)."""
+    n_in, n_out = in_out(mod)
     return Target(
         name=name,
         stats_key=stats_key,
         role=role,
-        in_features=mod.in_features,
-        out_features=mod.out_features,
+        in_features=n_in,
+        out_features=n_out,
         expert=expert,
-        weight=lambda mod=mod: mod.weight.data,
-        store=store,
+        weight=lambda mod=mod: weight_view(mod),
+        store=lambda w, mod=mod: store_weight(mod, w),
+        transposed=is_conv1d(mod),
     )
 
 
@@ -209,6 +212,10 @@ class LayerQuantizer:
         self.release: Callable | None = None
         """``release(index, keys)`` (``LayerRunner.release``): with ``consume``, called after each group's
         solve so its Hessians are freed before the next group's."""
+        self.input_groups: Callable | None = None
+        """``input_groups(index, layer)`` (``LayerRunner.input_groups``): for an adapter without roles (the
+        structural one), the layer's Linear keys in execution order, grouped by shared input -- the
+        true-sequential groups. Without it such a layer is solved as one group."""
         self.on_module = on_module
         self.layers: dict[str, QuantizedLayer] = {}
         self.dense: list[str] = []
@@ -222,14 +229,14 @@ class LayerQuantizer:
         t0 = time.perf_counter()
         targets = layer_targets(self.adapter, index, layer)
         attn_left = self._attention_targets(index, layer, targets) if self.freeze is not None else None
-        for roles in GROUPS:
-            group = [(t, self.overrides.get(t.name, self.config)) for t in targets if t.role in roles]
+        for members in self._groups(index, layer, targets):
+            group = [(t, self.overrides.get(t.name, self.config)) for t in members]
             needs = [t.stats_key for t, cfg in group if cfg is not None and not isinstance(cfg, RTNConfig)]
             if needs and self.true_sequential:
                 stats = self.collect(index, layer, needs)
             shared = SharedFactorizations()  # q/k/v (gate/up) read one Hessian: factored once, dropped after
             for k, (t, cfg) in enumerate(group):
-                if cfg is None:
+                if cfg is None or self._never_called(t, cfg, stats):
                     self.dense.append(t.name)
                     continue
                 last = self._last_reader(t, group[k + 1 :], stats)
@@ -250,6 +257,31 @@ class LayerQuantizer:
                 if not attn_left:  # attention is final: later passes replay its output
                     self.freeze(index, self.adapter.attention(layer))
         self.layer_seconds.append(time.perf_counter() - t0)
+
+    def _groups(self, index: int, layer: nn.Module, targets: list[Target]) -> list[list[Target]]:
+        """The layer's targets in solve order: by role (q/k/v, o, gate/up, down) for an explicit adapter; in
+        the execution order the runner observed, grouped by shared input, for the structural one."""
+        if getattr(self.adapter, "explicit", True):
+            return [[t for t in targets if t.role in roles] for roles in GROUPS]
+        if not (self.true_sequential and self.input_groups is not None):
+            return [targets]
+        by_key: dict[str, list[Target]] = {}
+        for t in targets:
+            by_key.setdefault(t.stats_key, []).append(t)
+        groups = []
+        for keys in self.input_groups(index, layer):
+            group = [t for k in keys for t in by_key.pop(k, [])]
+            if group:
+                groups.append(group)
+        rest = [t for ts in by_key.values() for t in ts]  # never called in the traced batch
+        return groups + ([rest] if rest else [])
+
+    def _never_called(self, target: Target, cfg, stats) -> bool:
+        """A structurally discovered Linear the layer never called on the calibration data has no Hessian:
+        it stays dense (an explicit adapter's targets are always called; a missing Hessian is an error)."""
+        if getattr(self.adapter, "explicit", True) or isinstance(cfg, RTNConfig) or stats is None:
+            return False
+        return f"hessian/sum/{target.stats_key}" not in stats.tensors
 
     @staticmethod
     def _last_reader(target: Target, later: list, stats) -> bool:

@@ -167,6 +167,8 @@ def load(path, dtype=torch.float32):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from calibra.models.linear import store_weight
+
     path = Path(path)
     man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     if man.get("format") != FORMAT:
@@ -189,7 +191,7 @@ def load(path, dtype=torch.float32):
     for name, info in man["modules"].items():
         w = dequantize_module(tensors, name, info)
         if f"{name}.weight" in params:
-            params[f"{name}.weight"].data.copy_(w.to(dtype))
+            store_weight(model.get_submodule(name), w.to(dtype))  # [in, out] for a GPT-2 Conv1D
             continue
         block, rest = name.rsplit(".experts.", 1)
         e, proj = rest.split(".", 1)

@@ -1,0 +1,201 @@
+"""One cell of the model matrix: a tiny random model of one ``model_type`` through calibra.
+
+``run_type(model_type, workdir)`` decides one of
+
+* ``refused`` -- calibra refused the family from its config (``calibra.models.refusal``) or from its
+  weightless module tree, before any weight was read; the reason is calibra's message;
+* ``untested`` -- the generator's shrunk config does not build or run in transformers itself (a
+  limitation of ``tiny_configs``, not a verdict on calibra);
+* ``pass`` -- every check below held;
+* ``fail`` -- anything else, with the error.
+
+The checks: the tiny model is saved with ``save_pretrained`` (plus a small tokenizer) and quantized from
+that folder by ``calibra.quantize`` (GPTQ W4 per channel, 2 x 16 calibration tokens, true-sequential);
+the saved folder is rebuilt (``calibra.quant.save.load``); at least one Linear of every decoder layer was
+quantized and the rebuilt model holds exactly the dequantized codes; the rebuilt model's logits are finite
+and close to the original's (relative error below ``REL_TOL``, or below ``RTN_FACTOR`` times what plain
+round-to-nearest of the same modules does: W4 of random weights moves logits, a solve on wrong
+activations or a mis-stored weight moves them by far more); and the layer-by-layer replay the runner does (the
+captured layer calls, then the final norm and the head) reproduces the model's own logits (``REPLAY_TOL``).
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REL_TOL = 0.5
+RTN_FACTOR = 1.5  # GPTQ may not move the logits much more than round-to-nearest of the same modules
+REPLAY_TOL = 1e-3
+CAL = {"num_samples": 2, "sequence_length": 16}
+
+
+@dataclass
+class Cell:
+    model_type: str
+    status: str  # pass | refused | untested | fail
+    detail: str = ""
+    quantized: int = 0
+    adapter: str = ""
+
+
+def _tokenizer(vocab: int):
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from calibra.assets import builtin_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        builtin_texts("calibration")[:40],
+        trainers.BpeTrainer(
+            vocab_size=min(vocab, 300),
+            special_tokens=["<eos>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def replay_logits(model, adapter, ids) -> torch.Tensor | None:
+    """The logits the layer-by-layer path computes (the runner's captured calls, then final norm + head);
+    None when the adapter has no final norm (that family is evaluated whole)."""
+    from calibra.calib.runner import LayerRunner
+
+    try:
+        norm = adapter.final_norm()
+    except NotImplementedError:
+        return None
+    last: list = []
+    n = len(adapter.layers)
+    runner = LayerRunner(model, adapter, device="cpu", observers=(), check_finite=False, progress=False)
+    runner.run(ids, after_layer=lambda i, h: last.extend(h) if i == n - 1 else None)
+    with torch.no_grad():
+        out = model.get_output_embeddings()(norm(torch.cat(last)))
+    from calibra.eval.streamed import StreamedLM
+
+    return StreamedLM._logits(type("C", (), {"config": model.config})(), out).float()
+
+
+def _rtn_error(model, names: list[str], ids, ref) -> float:
+    """The relative logit change when the same modules are rounded to nearest (W4 per channel)."""
+    import copy
+
+    from calibra.models.linear import store_weight, weight_view
+    from calibra.quant import RTNConfig
+    from calibra.quant.rtn import rtn_quantize
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            if ".experts." in name:  # fused expert slices: left out of the comparison
+                continue
+            mod = m.get_submodule(name)
+            store_weight(mod, rtn_quantize(weight_view(mod).clone(), RTNConfig(bits=4, group_size=-1)).weight)
+    got = _logits(m, ids)
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+
+
+def run_type(model_type: str, workdir: Path) -> Cell:
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.models import get_adapter, refusal
+    from calibra.quant import GPTQConfig
+    from calibra.quant.save import load
+    from tests.matrix.tiny_configs import tiny_model
+
+    try:
+        model = tiny_model(model_type)
+    except Exception as e:  # noqa: BLE001 - the generator's limit, recorded
+        reason = refusal(model_type, None)
+        if reason is not None:
+            return Cell(model_type, "refused", reason)
+        return Cell(model_type, "untested", f"tiny config does not build: {_short(e)}")
+    reason = refusal(model_type, model.config.to_dict())
+    if reason is not None:
+        return Cell(model_type, "refused", reason)
+    torch.manual_seed(1)
+    ids = torch.randint(3, min(int(model.get_input_embeddings().num_embeddings), 300), (2, 12))
+    try:
+        ref = _logits(model, ids)
+    except Exception as e:  # noqa: BLE001
+        return Cell(model_type, "untested", f"tiny model does not run: {_short(e)}")
+    try:
+        adapter = get_adapter(model)
+    except (TypeError, ValueError) as e:
+        return Cell(model_type, "refused", _short(e))
+    kind = type(adapter).__name__
+    folder, out = workdir / model_type, workdir / f"{model_type}-q"
+    try:
+        model.save_pretrained(folder)
+        _tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers cannot save the shrunk config
+        return Cell(model_type, "untested", f"tiny model does not save: {_short(e)}", 0, kind)
+    try:
+        replay = replay_logits(model, adapter, ids)
+        if replay is not None:
+            err = float((replay - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+            if not err < REPLAY_TOL:
+                why = f"layer-by-layer replay differs from the model (rel {err:.2e})"
+                return Cell(model_type, "fail", why, 0, kind)
+        qm, _ = calibra.quantize(
+            str(folder),
+            GPTQConfig(bits=4, group_size=-1),
+            CalibrationConfig(**CAL),
+            output=str(out),
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
+        n_layers = len(adapter.layers)
+        prefix = adapter.layers_prefix
+        per_layer = {name[len(prefix) + 1 :].split(".", 1)[0] for name in qm.layers}
+        if len(per_layer) != n_layers:
+            return Cell(model_type, "fail", f"quantized Linears in {len(per_layer)} of {n_layers} layers", 0, kind)
+        rebuilt, man = load(out)
+        from safetensors.torch import load_file
+
+        from calibra.models.linear import weight_view
+        from calibra.quant.save import dequantize_module
+
+        tensors = {}
+        for f in sorted(out.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        for name, info in man["modules"].items():
+            if ".experts." in name:  # a slice of a fused expert tensor (explicit MoE adapters), not a module
+                continue
+            w = weight_view(rebuilt.get_submodule(name))
+            if not torch.equal(w, dequantize_module(tensors, name, info).to(w.dtype)):
+                return Cell(model_type, "fail", f"rebuilt {name} is not its dequantized codes", len(qm.layers), kind)
+            if torch.equal(w, weight_view(model.get_submodule(name))):
+                return Cell(model_type, "fail", f"{name} was not changed by quantization", len(qm.layers), kind)
+        got = _logits(rebuilt, ids)
+        if not bool(torch.isfinite(got).all()):
+            return Cell(model_type, "fail", "non-finite logits after quantization", len(qm.layers), kind)
+        rel = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+        rtn = _rtn_error(model, list(man["modules"]), ids, ref)
+        if not rel < max(REL_TOL, RTN_FACTOR * rtn):
+            why = f"logits moved by {rel:.2f} (relative; RTN of the same modules: {rtn:.2f})"
+            return Cell(model_type, "fail", why, len(qm.layers), kind)
+        note = "" if replay is not None else "no final-norm match: evaluated whole only"
+        return Cell(model_type, "pass", (f"rel. logit change {rel:.3f} " + note).strip(), len(qm.layers), kind)
+    except Exception as e:  # noqa: BLE001
+        msg = _short(e)
+        if "unsupported architecture" in msg or "[models]" in msg:
+            return Cell(model_type, "refused", msg, 0, kind)
+        return Cell(model_type, "fail", msg + " @ " + traceback.format_exc().strip().splitlines()[-3].strip(), 0, kind)
