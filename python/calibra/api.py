@@ -194,7 +194,7 @@ def calibrate(
     return stats
 
 
-def quantize(model, config, calibration=None, **kwargs):
+def quantize(model, config=None, calibration=None, **kwargs):
     """See :func:`calibra.api_quantize.quantize`."""
     from calibra.api_quantize import quantize as _quantize
 

@@ -36,14 +36,89 @@ def _check_config(config):
     return config
 
 
+def _check_scheme(config, scheme, observer="absmax", clip_percentile=99.99):
+    """``(weight config, ActQuantConfig or None)`` from ``config`` or ``scheme`` (exactly one of them)."""
+    from calibra.quant.scheme import SCHEMES, scheme_configs
+
+    if scheme is None and observer != "absmax":
+        raise ValueError(f"[quantize] act_observer {observer!r} chooses static input scales: it needs scheme='fp8'")
+    if scheme is None:
+        if config is None:
+            raise ValueError(
+                f"[quantize] give a config (RTNConfig, GPTQConfig, MRGPTQConfig; --method) or a scheme "
+                f"({', '.join(SCHEMES)}; --scheme)"
+            )
+        return config, None
+    if config is not None:
+        raise ValueError(
+            f"[quantize] scheme {scheme!r} is a complete recipe (its weights included): give either config or "
+            f"scheme, not both (on the command line: --scheme without --method)"
+        )
+    weights, act = scheme_configs(scheme, observer=observer, clip_percentile=clip_percentile)
+    return weights, act.validate()
+
+
+def _check_kv_cache(kv_cache):
+    from calibra.quant.scheme import check_kv_cache
+
+    return check_kv_cache(kv_cache)
+
+
+def _refuse_for_act_quant(
+    scheme, kv_cache, stats, act_ranges, calibration, mixed_precision, stream, resume, checkpoint, export
+):
+    """The options an activation-quantized scheme or an FP8 KV cache does not combine with (yet), refused
+    before anything loads. Returns the checkpoint setting (off: the layer checkpoints hold no activation or
+    KV-cache scales, so they are not written)."""
+    what = f"--scheme {scheme}" if scheme is not None else f"--kv-cache {kv_cache}"
+    refusals = [
+        (
+            scheme is not None and stats is not None,
+            "--stats (the scheme's weights are RTN; static scales come from its own calibration pass)",
+        ),
+        (
+            scheme is not None and (act_ranges or (isinstance(calibration, (str, Path)) and _is_ranges(calibration))),
+            "--act-ranges / an activation_ranges.json (SmoothQuant smoothing is not part of the FP8 schemes)",
+        ),
+        (scheme is not None and mixed_precision is not None, "--mixed-precision"),
+        (stream is True, "--stream (a streamed job does not calibrate activation or KV-cache scales yet)"),
+        (resume, "--resume (the layer checkpoints do not hold activation or KV-cache scales)"),
+        (checkpoint is True, "checkpoint=True (the layer checkpoints do not hold activation or KV-cache scales)"),
+    ]
+    if export is not None:
+        from calibra.export import parse_formats
+
+        others = [f for f in parse_formats(export) if f != "compressed-tensors"]
+        refusals.append(
+            (
+                bool(others),
+                f"--export {','.join(others)} (only compressed-tensors can express activation and KV-cache scales)",
+            )
+        )
+    bad = [why for cond, why in refusals if cond]
+    if bad:
+        raise ValueError(f"[quantize] {what} does not combine with " + "; ".join(bad))
+    return False
+
+
+def _is_ranges(path) -> bool:
+    from calibra.quant.act_ranges import is_ranges_file
+
+    return is_ranges_file(path)
+
+
 # ---------------------------------------------------------------------------------------- pieces
 
 
 def quantize(
     model,
-    config,
+    config=None,
     calibration=None,
     *,
+    scheme: str | None = None,
+    act_observer: str = "absmax",
+    act_clip_percentile: float = 99.99,
+    kv_cache: str | None = None,
     stats=None,
     output=None,
     overwrite: bool = False,
@@ -75,7 +150,15 @@ def quantize(
     Args:
         model: ``"builtin:NAME"``, a local Hugging Face folder, or a loaded ``*ForCausalLM`` (modified in place).
         config: ``RTNConfig``, ``GPTQConfig`` or ``MRGPTQConfig`` -- validated, with every layer's shape,
-            before any weight loads.
+            before any weight loads. None when ``scheme`` is given.
+        scheme: an activation-quantized recipe instead of ``config`` (``calibra.quant.scheme``): ``"fp8"``
+            (FP8 weights per channel, static per-tensor FP8 input scales calibrated on ``calibration``) or
+            ``"fp8-dynamic"`` (the same weights, per-token FP8 inputs; data-free). The evaluation and the
+            saved model simulate the quantized inputs (and KV cache) as the engine computes them.
+        act_observer: ``"fp8"``'s static scales: ``"absmax"`` (default) or ``"percentile"`` (the
+            ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate).
+        kv_cache: ``"fp8"``: calibrate per-layer k/v scales (``calibra.quant.kv_fp8``) and quantize the KV
+            cache with them; combines with any ``config`` or ``scheme`` (needs calibration data).
         calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x min(context, 2048) tokens of builtin text), a
             ``TokenizedCalibration``, ``(input_ids, attention_mask)``, or the path of an
             ``activation_ranges.json`` (RTN: reuse its smoothing factors). RTN alone needs no data.
@@ -116,6 +199,12 @@ def quantize(
     t_start = time.perf_counter()
     say = echo or (lambda *a, **k: None)
     # -- 1. everything that needs no weights ---------------------------------------------------------
+    config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
+    kv_cache = _check_kv_cache(kv_cache)
+    if act is not None or kv_cache is not None:
+        checkpoint = _refuse_for_act_quant(
+            scheme, kv_cache, stats, act_ranges, calibration, mixed_precision, stream, resume, checkpoint, export
+        )
     config = _check_config(config)
     # "is_rtn": a data-free RTN job; RTN whose clipping is searched on the output error reads Hessians and
     # runs through the calibration runner as GPTQ does
@@ -172,6 +261,15 @@ def quantize(
     model_config = model_config_of(model, component="quantize", **read)
     check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
     refuse_quantized(model_config, source, "quantize")
+    if kv_cache is not None:
+        from calibra.models.registry import ADAPTERS, supported_architectures
+
+        if getattr(model_config, "model_type", None) not in ADAPTERS:  # the stand-in cache hooks the attention
+            raise ValueError(
+                f"[quantize] --kv-cache needs an explicit adapter (the attention module that writes the cache); "
+                f"model_type={getattr(model_config, 'model_type', None)!r} has none; supported: "
+                f"{', '.join(supported_architectures())}"
+            )
     shape_model = model if not isinstance(model, (str, Path)) else meta_model(model_config)
     shape_adapter = get_adapter(shape_model)
     targets = all_targets(shape_model, shape_adapter)
@@ -186,7 +284,13 @@ def quantize(
             rotated=isinstance(config, MRGPTQConfig),
             transposed=[t.name for t in targets if t.transposed],
         )
-    needs_data = (not is_rtn) or act_ranges or mixed_precision is not None
+    needs_data = (
+        (not is_rtn)
+        or act_ranges
+        or mixed_precision is not None
+        or (act is not None and act.needs_data)
+        or kv_cache is not None
+    )
     if stats is not None and not isinstance(stats, CalibrationStats):
         stats = CalibrationStats.load(stats)
     if needs_data and stats is None and isinstance(calibration, (CalibrationConfig, type(None))):
@@ -229,6 +333,10 @@ def quantize(
                     "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
                 ),
                 (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
+                (
+                    act is not None or kv_cache is not None,
+                    "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
+                ),
             ],
         )
         refuse_format(export)
@@ -318,6 +426,9 @@ def _run(
     needs_data,
     do_eval,
     plan,
+    scheme,
+    act,
+    kv_cache,
     **_,
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -421,7 +532,13 @@ def _run(
     run_meta = None
     if ck is not None:
         from calibra.quant.resume import LayerSaver, restore
-    if is_rtn or stats is not None:
+    input_quant = None
+    if act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
+        ids, mask, run_meta, bs = tokens()
+        input_quant, final_stats = _static_fp8_pass(
+            model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act
+        )
+    elif is_rtn or stats is not None:
         from tqdm.auto import tqdm
 
         if ck is not None:
@@ -472,7 +589,29 @@ def _run(
         final_stats = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
-    t_cal += max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0
+    t_cal += max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) or input_quant else 0.0
+    if act is not None and act.dynamic:
+        from calibra.quant.activations import dynamic_input_quant
+
+        input_quant = dynamic_input_quant(quantizer.layers)
+    sim = _simulate_inputs(model, input_quant) if input_quant is not None else {}
+    kv_scales = None
+    if kv_cache is not None:  # on the finished model: K/V as the quantized model writes them
+        from calibra.quant import kv_fp8
+
+        t0 = time.perf_counter()
+        ids, mask, meta, bs = tokens()
+        run_meta = run_meta or meta
+        kv_scales = _kv_scales_pass(model, adapter, ids, mask, bs, device, progress)
+        kv_fp8.install(model, adapter, kv_scales)
+        t_cal += time.perf_counter() - t0
+    if act is not None:
+        report_extra["activation_quant"] = {"scheme": scheme, **act.to_dict(), **sim}
+        report_extra["activation_quant"]["modules"] = {n: iq.to_dict() for n, iq in sorted(input_quant.items())}
+    if kv_scales is not None:
+        from calibra.quant import kv_fp8
+
+        report_extra["kv_cache"] = {"format": kv_cache, "scales": kv_fp8.scales_to_dict(adapter, kv_scales)}
     meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------
@@ -500,6 +639,8 @@ def _run(
         plan=plan,
         extra=report_extra,
     )
+    report["settings"]["scheme"] = scheme
+    report["settings"]["kv_cache"] = kv_cache
     if final_stats is not None and "moe" in final_stats.metadata:
         refresh_coverage(final_stats)
         report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
@@ -514,7 +655,15 @@ def _run(
         "total": time.perf_counter() - t_start,
     }
     qm = QuantizedModel(
-        model=model, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
+        model=model,
+        tokenizer=tokenizer,
+        layers=quantizer.layers,
+        config=config,
+        source=source,
+        report=report,
+        scheme=scheme,
+        input_quant=input_quant,
+        kv_scales=kv_scales,
     )
     if output is not None:
         meter.into(report, "save")
@@ -529,6 +678,64 @@ def _run(
         if ck is not None:
             ck.finish()
     return qm, report
+
+
+def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act):
+    """One calibration pass that quantizes each layer's weights and calibrates its Linears' static FP8
+    input scales (``ranges`` observer), then simulates them at once, so every later layer calibrates on
+    what the deployed model feeds it. Returns ``({module: InputQuant}, final statistics)``."""
+    from calibra.calib import LayerRunner
+    from calibra.quant import activations
+    from calibra.quant.apply import layer_targets
+
+    dtype = next(model.parameters()).dtype
+    input_quant: dict = {}
+
+    def on_layer(i, layer, st):
+        quantizer(i, layer, None)  # RTN: no statistics needed
+        targets = [t for t in layer_targets(adapter, i, layer) if t.name in quantizer.layers]
+        clip = act.clip_percentile if act.observer == "percentile" else None
+        input_quant.update(activations.static_input_quant(st, targets, dtype, clip))
+        activations.install(model, input_quant)
+
+    runner = LayerRunner(
+        model,
+        adapter,
+        device=device,
+        observers=("ranges",),
+        on_layer=on_layer,
+        feed_compressed=True,
+        progress=progress,
+        desc="fp8 weights + input scales",
+        keep_layer_stats=False,
+    )
+    final = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]})
+    return input_quant, final
+
+
+def _kv_scales_pass(model, adapter, ids, mask, bs, device, progress):
+    """Per-layer FP8 k/v scales from one calibration pass over ``model`` as it is now (quantized,
+    activations simulated): absmax of the keys and values each attention writes to its cache."""
+    from calibra.calib import LayerRunner
+    from calibra.quant import kv_fp8
+
+    dtype = next(model.parameters()).dtype
+    runner = LayerRunner(model, adapter, device=device, observers=(), progress=progress, desc="kv-cache scales")
+    with kv_fp8.KVRecorder(model, adapter, mask=lambda: runner.token_mask) as rec:
+        runner.run(ids, mask, batch_size=bs)
+    return rec.scales(dtype)
+
+
+def _simulate_inputs(model, input_quant) -> dict:
+    """Install the hooks that quantize every quantized Linear's input as the engine will; returns what the
+    report says about the simulation."""
+    from calibra.quant import activations
+
+    missing = activations.install(model, input_quant)
+    return {
+        "not_simulated": missing,  # modules of an architecture the hooks do not cover (expected empty)
+        "fallbacks": sorted(n for n, iq in input_quant.items() if iq.fallback),
+    }
 
 
 def _check_stats_model(stats, identity: str) -> None:

@@ -356,10 +356,11 @@ def _print_rows(rows: list[tuple[str, str]], output: str | None) -> None:
 def _print_quant_summary(report: dict) -> None:
     s, t = report["summary"], report["timings"]
     q = s["quantized_weights"]
-    print(
-        f"calibra quantize: {report['model']['source']} with {report['settings']['method']} "
-        f"({report['settings']['config'].get('format', 'int')})"
-    )
+    st = report["settings"]
+    what = f"scheme {st['scheme']}" if st.get("scheme") else f"{st['method']} ({st['config'].get('format', 'int')})"
+    if st.get("kv_cache"):
+        what += f", {st['kv_cache']} KV cache"
+    print(f"calibra quantize: {report['model']['source']} with {what}")
     rows = [
         (
             "modules quantized",
@@ -382,7 +383,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from calibra.api import quantize
     from calibra.data import CalibrationConfig
 
-    config = _quant_config(args)
+    scheme_check(args)
+    config = None if args.scheme else _quant_config(args)
     calibration = CalibrationConfig(
         num_samples=args.samples,
         sequence_length=args.seq_len,
@@ -399,6 +401,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         args.input,
         config,
         calibration,
+        scheme=args.scheme,
+        act_observer=args.act_observer,
+        act_clip_percentile=args.act_clip_percentile,
+        kv_cache=args.kv_cache,
         stats=args.stats,
         output=args.output,
         overwrite=args.overwrite,
@@ -412,7 +418,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         export=args.export,
         progress=not args.no_progress,
         resume=args.resume,
-        checkpoint=not args.no_checkpoint,
+        checkpoint=False if args.no_checkpoint else None,  # None: on when writing an output
         dry_run=args.dry_run,
         stream=args.stream,
         **_read_opts(args),
@@ -421,6 +427,41 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     _print_quant_summary(report)
     return 0
+
+
+# the weight-only flags a --scheme (a complete recipe) does not take: (dest, flag, default)
+_WEIGHT_ONLY_FLAGS = (
+    ("bits", "--bits", 4),
+    ("group_size", "--group-size", None),
+    ("format", "--format", "int"),
+    ("asym", "--asym", False),
+    ("mse_clip", "--mse-clip", False),
+    ("desc_act", "--desc-act", False),
+    ("static_groups", "--static-groups", False),
+    ("damp", "--damp", 0.01),
+    ("block_size", "--block-size", 128),
+    ("no_true_sequential", "--no-true-sequential", False),
+    ("stats", "--stats", None),
+    ("act_ranges", "--act-ranges", False),
+    ("mixed_precision", "--mixed-precision", None),
+)
+
+
+def scheme_check(args: argparse.Namespace) -> None:
+    """--method xor --scheme, and no weight-only flag with --scheme: refused before anything loads."""
+    if (args.method is None) == (args.scheme is None):
+        raise ValueError(
+            "[quantize] give exactly one of --method (rtn, gptq, mr-gptq: weight-only) and --scheme (fp8, "
+            "fp8-dynamic: weights + activations)"
+        )
+    if args.scheme is not None:
+        given = [flag for dest, flag, default in _WEIGHT_ONLY_FLAGS if getattr(args, dest) != default]
+        if given:
+            raise ValueError(
+                f"[quantize] --scheme {args.scheme} is a complete recipe (FP8 weights per channel): "
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it; drop "
+                f"{'it' if len(given) == 1 else 'them'}"
+            )
 
 
 def _add_quantize(sub) -> None:
@@ -440,10 +481,37 @@ def _add_quantize(sub) -> None:
     q.add_argument("--output", required=True, help="output folder DIR (refused if it exists, see --overwrite)")
     q.add_argument(
         "--method",
-        required=True,
+        default=None,
         choices=["rtn", "gptq", "mr-gptq"],
         help="rtn: round-to-nearest (data-free); gptq: GPTQ on calibration Hessians; mr-gptq: "
-        "block-Hadamard-rotated GPTQ onto an FP4 grid",
+        "block-Hadamard-rotated GPTQ onto an FP4 grid (weight-only; give --method or --scheme)",
+    )
+    q.add_argument(
+        "--scheme",
+        default=None,
+        choices=["fp8", "fp8-dynamic"],
+        help="an activation-quantized recipe instead of --method: fp8-dynamic = FP8 weights per channel + "
+        "per-token FP8 inputs (data-free); fp8 = the same weights + static per-tensor FP8 input scales "
+        "calibrated on --calibration (docs/activation_quant.md)",
+    )
+    q.add_argument(
+        "--act-observer",
+        default="absmax",
+        choices=["absmax", "percentile"],
+        help="--scheme fp8: each static input scale from the absmax (default) or from the --act-clip-percentile "
+        "percentile of the calibration inputs' magnitudes (larger values saturate)",
+    )
+    q.add_argument(
+        "--act-clip-percentile",
+        type=float,
+        default=99.99,
+        help="with --act-observer percentile (default 99.99)",
+    )
+    q.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=["fp8"],
+        help="fp8: calibrate per-layer k/v scales and quantize the KV cache (any --method or --scheme)",
     )
     q.add_argument("--bits", type=int, default=4, help="integer bits 2..8 (--format int; FP4 formats are 4-bit)")
     q.add_argument(

@@ -425,6 +425,12 @@ class LayerRunner:
         self._samples = samples
 
     # -- stats -------------------------------------------------------------------------------------
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """The batch being run's token mask ``[batch, seq]`` on the device (True = a real token): for hooks
+        outside the observers (``calibra.quant.kv_fp8.KVRecorder``) that must skip padding too."""
+        return self._mask
+
     def stats(self, token_count: int = 0, extra: dict | None = None) -> CalibrationStats:
         """The statistics collected so far as a ``CalibrationStats`` (tensors are not copied)."""
         import calibra

@@ -88,6 +88,8 @@ def check(qmodel, format) -> list[str]:
 
     fmts = parse_formats(format)
     for f in fmts:
+        if f != "compressed-tensors":
+            _common.refuse_act_quant(qmodel, f)
         if f != "dense":
             moved = _common.transposed_modules(getattr(qmodel, "model", None))
             _common.refuse_transposed([n for n in qmodel.layers if n in moved], f)

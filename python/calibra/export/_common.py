@@ -38,6 +38,26 @@ def refuse_experts(qmodel, fmt: str) -> None:
         )
 
 
+def refuse_act_quant(qmodel, fmt: str) -> None:
+    """Only compressed-tensors writes activation (input) scales and a KV-cache scheme: another format
+    would load as a weight-only model and compute something else than what was evaluated."""
+    what = [
+        w
+        for w, present in (
+            (f"activation quantization ({getattr(qmodel, 'scheme', None)})", getattr(qmodel, "input_quant", None)),
+            ("an FP8 KV cache", getattr(qmodel, "kv_scales", None)),
+        )
+        if present is not None
+    ]
+    if what:
+        raise ExportError(
+            f"[export] {fmt} cannot express {' and '.join(what)}; export 'compressed-tensors', or quantize "
+            f"weight-only (no --scheme / --kv-cache)"
+        )
+    if fmt != "dense" and any(l.format == "fp8" for l in qmodel.layers.values()):
+        raise ExportError(f"[export] {fmt} cannot express fp8 weights; export 'compressed-tensors' or 'dense'")
+
+
 def transposed_modules(model) -> set[str]:
     """Module paths of GPT-2-style ``Conv1D`` modules (weight stored ``[in, out]``)."""
     from calibra.models.linear import is_conv1d

@@ -16,6 +16,14 @@ and stores both with ``+2^(b-1)``. calibra's unsigned codes and zeros are exactl
 directly, and the symmetric zero ``2^(b-1)`` is the signed zero 0 that the format omits. Never run an
 unsigned zero through the signed packer (that adds the offset twice).
 
+- fp8 (``--scheme fp8`` / ``fp8-dynamic``, format ``float-quantized``): ``weight`` float8_e4m3fn
+  ``[out, in]``, ``weight_scale`` ``[out, 1]`` in the model dtype; static activations add
+  ``input_scale`` ``[1]`` (model dtype). The group's ``weights``/``input_activations`` are
+  compressed-tensors' ``FP8_DYNAMIC`` preset, or its ``FP8`` preset with per-channel weights.
+- ``--kv-cache fp8``: ``kv_cache_scheme`` (8-bit float, per tensor, static) and per attention module
+  ``<layer>.self_attn.k_scale`` / ``v_scale`` ``[1]`` in the model dtype (compressed-tensors'
+  ``initialize_attn_qparams``; the names vLLM reads).
+
 Refused (FAULTS row 12): act-order with dynamic groups (compressed-tensors removed ``actorder:
 group``), MR-GPTQ rotations, MXFP4 layers (not verified here), fused MoE experts.
 """
@@ -36,11 +44,24 @@ def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
     _common.refuse_experts(qmodel, NAME)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
-    if fmt not in ("int", "nvfp4"):
+    if fmt not in ("int", "nvfp4", "fp8"):
         raise ExportError(
-            f"[export] {NAME}: {fmt} layers are not supported (int and nvfp4 are); use format "
+            f"[export] {NAME}: {fmt} layers are not supported (int, nvfp4 and fp8 are); use format "
             f"'mlx'/'dense', or quantize to nvfp4"
         )
+    iq = getattr(qmodel, "input_quant", None)
+    if (fmt == "fp8") != (iq is not None):
+        raise ExportError(
+            f"[export] {NAME}: fp8 weights are written with their activation scheme only (--scheme fp8 or "
+            f"fp8-dynamic), and activation quantization only with fp8 weights; got {fmt} weights and "
+            f"{'an' if iq is not None else 'no'} activation scheme"
+        )
+    if iq is not None:
+        kinds = {d.dynamic for d in iq.values()}
+        if len(kinds) != 1 or set(iq) != set(qmodel.layers):
+            raise ExportError(
+                f"[export] {NAME}: every quantized layer must share one activation scheme (static or dynamic)"
+            )
     for name, l in qmodel.layers.items():
         if not _common.trivial_g_idx(l):
             raise ExportError(
@@ -50,8 +71,52 @@ def check(qmodel) -> None:
             )
 
 
+# compressed-tensors' own presets (quantization/quant_scheme.py: FP8_DYNAMIC, FP8), field for field;
+# tests/export/test_ct_fp8.py compares them with the installed package's
+FP8_WEIGHTS = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "channel",
+    "dynamic": False,
+}
+FP8_INPUT_DYNAMIC = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "token",
+    "dynamic": True,
+}
+FP8_INPUT_STATIC = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "tensor",
+    "dynamic": False,
+    "observer": "static_minmax",
+}
+FP8_KV_CACHE = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "tensor",
+    "dynamic": False,
+}
+
+
 def scheme(qmodel) -> dict:
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
+    if fmt == "fp8":
+        dynamic = next(iter(qmodel.input_quant.values())).dynamic
+        return {
+            "format": "float-quantized",
+            "weights": dict(FP8_WEIGHTS),
+            "input_activations": dict(FP8_INPUT_DYNAMIC if dynamic else FP8_INPUT_STATIC),
+        }
     if fmt == "nvfp4":
         return {
             "format": "nvfp4-pack-quantized",
@@ -103,12 +168,12 @@ def quantization_config(qmodel) -> dict:
                 "targets": ["Linear"],
                 "format": s["format"],
                 "weights": s["weights"],
-                "input_activations": None,
+                "input_activations": s.get("input_activations"),
                 "output_activations": None,
             }
         },
         "ignore": ignore,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": dict(FP8_KV_CACHE) if getattr(qmodel, "kv_scales", None) is not None else None,
         "sparsity_config": {},
         "transform_config": {},
         "global_compression_ratio": None,
@@ -117,6 +182,8 @@ def quantization_config(qmodel) -> dict:
 
 def layer_tensors(name: str, l) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one QuantizedLayer, keyed ``<name>.weight_*``."""
+    if l.format == "fp8":
+        return {f"{name}.weight": l.codes, f"{name}.weight_scale": l.scales.to(l.weight.dtype)}
     if l.format == "nvfp4":
         return {
             f"{name}.weight_packed": pack(l.codes, 4, word=torch.uint8),
@@ -153,6 +220,20 @@ def tensors(qmodel) -> dict[str, torch.Tensor]:
     out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel))
     for name, l in qmodel.layers.items():
         out.update(layer_tensors(name, l))
+    for name, iq in (getattr(qmodel, "input_quant", None) or {}).items():
+        if not iq.dynamic:
+            out[f"{name}.input_scale"] = iq.scale.reshape(1).to(qmodel.layers[name].weight.dtype)
+    kv = getattr(qmodel, "kv_scales", None)
+    if kv is not None:
+        from calibra.models import get_adapter
+        from calibra.quant.kv_fp8 import attention_path
+
+        adapter = get_adapter(qmodel.model)
+        dtype = next(qmodel.model.parameters()).dtype
+        for i, (k, v) in kv.items():
+            path = attention_path(adapter, i)
+            out[f"{path}.k_scale"] = k.reshape(1).to(dtype)
+            out[f"{path}.v_scale"] = v.reshape(1).to(dtype)
     return out
 
 
@@ -163,7 +244,15 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
         check(qmodel)
     qc = quantization_config(qmodel)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
-    label = "nvfp4" if fmt == "nvfp4" else f"int{bits} {'symmetric' if sym else 'asymmetric'}, group {gs}"
+    label = (
+        "nvfp4"
+        if fmt == "nvfp4"
+        else f"{qmodel.scheme}: fp8 weights per channel, fp8 inputs"
+        if fmt == "fp8"
+        else f"int{bits} {'symmetric' if sym else 'asymmetric'}, group {gs}"
+    )
+    if qc["kv_cache_scheme"] is not None:
+        label += ", fp8 KV cache"
     body = (
         f"Quantized with calibra ({label}) and written as a compressed-tensors `{qc['format']}` checkpoint.\n\n"
         f"Load with `transformers` + `compressed-tensors`:\n\n```python\nfrom transformers import "
@@ -179,7 +268,7 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
             'model = AutoModelForCausalLM.from_pretrained("<this folder>", '
             "quantization_config=CompressedTensorsConfig(dequantize=True))\n```"
         )
-    tags = ["compressed-tensors", "calibra", f"{bits}-bit" if fmt == "int" else "nvfp4"]
+    tags = ["compressed-tensors", "calibra", f"{bits}-bit" if fmt == "int" else fmt]
     _common.write_hf_folder(
         folder,
         qmodel,

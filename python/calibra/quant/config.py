@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}
-FORMATS = ("int", "mxfp4", "nvfp4")
+FORMATS = ("int", "mxfp4", "nvfp4", "fp8")
 CLIP_METRICS = ("weight", "output")
 """What the clipping search minimizes per group: "weight" = squared weight error (AutoGPTQ's); "output" =
 the error weighted by each input channel's activation energy, guarded by the measured layer output error
@@ -37,6 +37,16 @@ def _check_grid(
                 cls,
                 f"group_size must be -1 (one group per row) or a positive int such as 32, 64, 128, got {group_size!r}",
             )
+    elif format == "fp8":
+        # FP8 E4M3 weights, one scale per output channel (compressed-tensors' FP8 schemes; calibra.quant.fp8)
+        if bits != 8:
+            _fail(cls, f"bits must be 8 for fp8 (E4M3), got {bits!r}")
+        if group_size != -1:
+            _fail(cls, f"group_size must be -1 for fp8 (one scale per output channel), got {group_size!r}")
+        if sym is not True:
+            _fail(cls, f"sym must be True for fp8 (E4M3 is symmetric), got {sym!r}")
+        if mse_clip:
+            _fail(cls, "mse_clip is not implemented for fp8 (the scale is absmax / 448); drop it")
     else:
         want = FP4_GROUP[format]
         if bits != 4:
@@ -169,6 +179,8 @@ class GPTQConfig:
         """Raise ValueError for any bad field. ``allow_g_idx=False`` says the target format/kernel cannot
         express act-order's g_idx: desc_act then needs static_groups=True (FAULTS row 12)."""
         cls = type(self).__name__
+        if self.format == "fp8":
+            _fail(cls, "format 'fp8' is round-to-nearest only (RTNConfig, or --scheme fp8 / fp8-dynamic)")
         _check_grid(
             cls,
             self.bits,

@@ -33,6 +33,8 @@ def bits_per_weight(config) -> float:
         return 4.0 + 8.0 / 32
     if fmt == "nvfp4":
         return 4.0 + 8.0 / 16
+    if fmt == "fp8":
+        return 8.0  # one scale per row: negligible per weight
     g = config.group_size
     if g == -1:
         return float(config.bits)  # one scale per row: negligible per weight

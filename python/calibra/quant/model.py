@@ -11,6 +11,10 @@ The contract between quantization (which fills it) and export (which writes it i
   ``<moe block>.experts.<e>.gate_up_proj`` / ``.down_proj`` (the calibration engine's names for expert
   statistics), with ``weight [out, in]`` the expert's 2-D slice.
 - Everything else in ``model`` (embeddings, norms, lm_head unless quantized, router) is left dense.
+- ``input_quant`` (activation-quantized schemes, ``calibra.quant.scheme``): module path -> how its input
+  is quantized (``calibra.quant.activations.InputQuant``); ``kv_scales``: decoder layer index ->
+  ``(k_scale, v_scale)`` of an FP8 KV cache (``calibra.quant.kv_fp8``). ``model`` carries the hooks that
+  simulate both, so evaluating it measures the deployed model.
 """
 
 from __future__ import annotations
@@ -35,3 +39,9 @@ class QuantizedModel:
     """Where the model came from: ``builtin:NAME`` or a local folder path."""
     report: dict = field(default_factory=dict)
     """Settings, versions, timings, per-module log and evaluation (the content of report.json)."""
+    scheme: str | None = None
+    """The activation-quantized scheme (``fp8``, ``fp8-dynamic``), or None for weight-only."""
+    input_quant: dict[str, Any] | None = None
+    """Module path -> ``InputQuant`` (activation-quantized schemes), or None."""
+    kv_scales: dict[int, Any] | None = None
+    """Layer index -> ``(k_scale, v_scale)`` tensors ``[1]`` (``--kv-cache fp8``), or None."""

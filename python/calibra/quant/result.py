@@ -52,7 +52,8 @@ class QuantizedLayer:
 
     Integer: ``weight ~ (codes - zeros[:, g]) * scales[:, g]`` with ``g = g_idx[col]`` (or col // group_size
     when g_idx is None; one group when group_size is -1). FP4: ``e2m1(codes) * scales / global_scale``
-    per group of 16/32 columns (scales float8_e4m3fn for nvfp4, uint8 E8M0 for mxfp4).
+    per group of 16/32 columns (scales float8_e4m3fn for nvfp4, uint8 E8M0 for mxfp4). FP8: ``codes``
+    float8_e4m3fn ``[out, in]``, ``weight ~ codes * scales`` with scales ``[out, 1]`` (per channel).
     With a ``rotation`` the tensors describe the rotated weight W' = hadamard(W, block_size) over the
     input dim: ``y = W' @ hadamard(x, block_size)``; :meth:`dense` gives the weight in the original space.
     """
@@ -76,6 +77,10 @@ class QuantizedLayer:
     def dequantize(self) -> torch.Tensor:
         """The weight rebuilt from codes/scales/zeros/g_idx (equals ``weight``), in the stored space."""
         out, n = self.codes.shape
+        if self.format == "fp8":
+            from calibra.quant.fp8 import fp8_dequantize
+
+            return fp8_dequantize(self.codes, self.scales).to(self.weight.dtype)
         if self.format == "int":
             gs = n if self.group_size == -1 else self.group_size
             if self.g_idx is None and n % gs == 0:

@@ -47,7 +47,14 @@ def rtn_quantize(
         check_hessian(h, n_tokens, w.shape[1], name)
     fmt = config.format
     clip, out_err = ("weight" if config.mse_clip else "none"), None
-    if not config.mse_clip:
+    if fmt == "fp8":  # per-channel E4M3 (calibra.quant.fp8: compressed-tensors' exact rounding)
+        from calibra.quant.fp8 import fp8_dequantize, fp8_quantize_weight
+
+        codes, scales = fp8_quantize_weight(w)
+        weight = fp8_dequantize(codes, scales).to(w.dtype)
+        zeros = gscale = None
+        clip = "none"
+    elif not config.mse_clip:
         codes, scales, zeros, gscale, weight = _plain(w, config)
     else:
         wf = w.float()

@@ -98,7 +98,7 @@ def manifest(qm) -> dict:
         if ql.log.choice is not None:  # MR-GPTQ's per-layer choice (the report row has every candidate's error)
             mods[name]["choice"] = ql.log.choice["kept"]
     extra = qm.report.get("quantization", {})
-    return {
+    out = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config_dict(qm.config),
@@ -106,6 +106,18 @@ def manifest(qm) -> dict:
         "dense_modules": sorted(extra.get("dense_modules", [])),
         "smoothed_modules": sorted(extra.get("smoothed_modules", [])),
     }
+    # activation-quantized schemes and the FP8 KV cache (absent otherwise: weight-only folders are unchanged)
+    if getattr(qm, "input_quant", None) is not None:
+        out["activations"] = {
+            "scheme": qm.scheme,
+            "modules": {n: iq.to_dict() for n, iq in sorted(qm.input_quant.items())},
+        }
+    if getattr(qm, "kv_scales", None) is not None:
+        from calibra.models import get_adapter
+        from calibra.quant.kv_fp8 import scales_to_dict
+
+        out["kv_cache"] = {"format": "fp8", "scales": scales_to_dict(get_adapter(qm.model), qm.kv_scales)}
+    return out
 
 
 def _write_json(path: Path, obj) -> None:
@@ -188,7 +200,26 @@ def load(path, dtype=torch.float32):
         params[f"{block}.experts.{proj}"].data[int(e)].copy_(w.to(dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    simulate(model, man, dtype)
     return model, man
+
+
+def simulate(model, man: dict, dtype) -> None:
+    """Install the hooks that quantize inputs and the KV cache as the manifest says (nothing for a
+    weight-only folder), so the loaded model computes what the engine will."""
+    if "activations" in man:
+        from calibra.quant import activations
+
+        activations.install(
+            model,
+            {n: activations.InputQuant.from_dict(d, dtype) for n, d in man["activations"]["modules"].items()},
+        )
+    if "kv_cache" in man:
+        from calibra.models import get_adapter
+        from calibra.quant import kv_fp8
+
+        adapter = get_adapter(model)
+        kv_fp8.install(model, adapter, kv_fp8.scales_from_dict(adapter, man["kv_cache"]["scales"], dtype))
 
 
 def quant_keys_of(man: dict) -> set[str]:

@@ -203,6 +203,11 @@ def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtyp
     model = weightless_model(_without_quantization(model_config))
     if (folder.path / MANIFEST).is_file():
         manifest = json.loads((folder.path / MANIFEST).read_text(encoding="utf-8"))
+        if "activations" in manifest or "kv_cache" in manifest:  # the layer-by-layer model has no simulation hooks
+            raise ValueError(
+                f"[eval] {folder.path}: activation / KV-cache quantization is not simulated layer by layer yet; "
+                f"evaluate it whole (--no-stream)"
+            )
         transposed = frozenset(n for n, m in model.named_modules() if is_conv1d(m))
         store = DequantizedStore(folder, manifest, transposed)
     elif qcfg:  # (engine exports refuse GPT-2's Conv1D, so nothing is transposed here)

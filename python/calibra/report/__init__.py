@@ -66,6 +66,7 @@ def render_report(report: dict, *, attribution: dict | None = None, stats=None) 
         _sections.attribution(attribution or report.get("attribution")),
         _sections.sparsity(report),
         _sections.moe(coverage),
+        _sections.activation_quant(report),
         _sections.memory(report),
     ]
     kind = str(report.get("format", "calibra report")).replace("calibra-", "").replace("-report", "")

@@ -69,6 +69,9 @@ def summary(report: dict) -> Section:
         ["job", f"{kind}: {settings.get('method')}"],
         ["settings", _kv(settings.get("config"), skip=("method",))],
     ]
+    if settings.get("scheme") or settings.get("kv_cache"):
+        what = f"scheme {fmt(settings.get('scheme'))}, KV cache {fmt(settings.get('kv_cache'))}"
+        rows.append(["activations / KV", what])
     cal = settings.get("calibration")
     rows.append(["calibration", _kv(cal, skip=("fingerprint",)) if isinstance(cal, dict) else fmt(cal)])
     summ = report.get("summary") or {}
@@ -371,6 +374,56 @@ def moe(coverage: list[dict] | None) -> Section | None:
             ),
         )
     )
+    return s
+
+
+# ------------------------------------------------------------------------------------------ activations
+def activation_quant(report: dict) -> Section | None:
+    """The input scales of an activation-quantized scheme and the FP8 KV-cache scales (docs/activation_quant.md)."""
+    aq, kv = report.get("activation_quant"), report.get("kv_cache")
+    if not aq and not kv:
+        return None
+    s = Section("activations", "Activation and KV-cache quantization")
+    if aq:
+        mods = aq.get("modules") or {}
+        s.add(
+            para(
+                f"scheme {aq.get('scheme')}: {aq.get('format')} inputs, "
+                + ("one scale per token at run time" if aq.get("dynamic") else f"static scales ({aq.get('observer')})")
+                + f"; {len(mods)} modules, {len(aq.get('fallbacks') or [])} with a fallback scale (an expert no "
+                "calibration token reached), "
+                f"{len(aq.get('not_simulated') or [])} not simulated."
+            )
+        )
+        fb = [[n, fmt(mods[n].get("scale")), mods[n].get("fallback")] for n in aq.get("fallbacks") or [] if n in mods]
+        if fb:
+            s.add(table(["module", "scale", "fallback"], fb))
+        if not aq.get("dynamic"):
+            # the largest input scale of each role per decoder layer (experts: the largest over the block)
+            by_role: dict[str, dict[int, float]] = {}
+            for n, d in mods.items():
+                li, sc = layer_of(n), d.get("scale")
+                if li is not None and isinstance(sc, (int, float)):
+                    slot = by_role.setdefault(role_of(n), {})
+                    slot[li] = max(sc, slot.get(li, 0.0))
+            layers = sorted({li for v in by_role.values() for li in v})
+            if by_role and layers:
+                groups = {r: [v.get(li, 0.0) for li in layers] for r, v in sorted(by_role.items())}
+                add_plot(
+                    s,
+                    lambda: _plots.grouped_bars(groups, [str(li) for li in layers], "input scale", "act-scales"),
+                    "static FP8 input scale (absmax / 448 or the clipped percentile) per role and decoder layer",
+                )
+            rows = [[n, fmt(d.get("scale")), d.get("tokens")] for n, d in mods.items()]
+            s.add(details("input scale per module", table(["module", "scale", "tokens"], rows)))
+    if kv:
+        sc = kv.get("scales") or {}
+        rows = [[n, fmt(d.get("k_scale")), fmt(d.get("v_scale"))] for n, d in sc.items()]
+        s.add(para(f"KV cache {kv.get('format')}: one k_scale and v_scale per layer (absmax / 448 after RoPE)."))
+        groups = {w: [float(d.get(w) or 0.0) for d in sc.values()] for w in ("k_scale", "v_scale")}
+        labels = [str(layer_of(n + ".")) for n in sc]
+        add_plot(s, lambda: _plots.grouped_bars(groups, labels, "scale", "kv-scales"), "k/v scale per decoder layer")
+        s.add(table(["attention", "k_scale", "v_scale"], rows))
     return s
 
 

@@ -1,0 +1,100 @@
+"""Activation-quantized schemes: complete recipes selected by one name (``--scheme NAME``).
+
+=================  =====================================================================================
+``fp8-dynamic``    FP8 E4M3 weights, one scale per output channel (RTN, absmax / 448); every quantized
+                   Linear's input quantized to FP8 per token at run time (data-free). compressed-tensors'
+                   ``FP8_DYNAMIC`` preset.
+``fp8``            the same weights; every quantized Linear's input quantized to FP8 with one *static*
+                   per-tensor scale calibrated on the calibration text (absmax / 448 of what the module
+                   saw). compressed-tensors' ``FP8`` preset with per-channel weights.
+=================  =====================================================================================
+
+``kv_cache="fp8"`` (``--kv-cache fp8``) is separate and combines with any weight scheme: calibrated
+per-layer ``k_scale`` / ``v_scale`` (absmax / 448 of the keys and values as written to the cache, after
+RoPE), and K/V quantize-dequantized with them in the simulation (``calibra.quant.kv_fp8``).
+
+Every field is validated before a weight loads; the math lives in ``calibra.quant.fp8``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calibra.quant.config import RTNConfig
+
+SCHEMES = ("fp8", "fp8-dynamic")
+OBSERVERS = ("absmax", "percentile")
+KV_CACHE_FORMATS = ("fp8",)
+
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """How every quantized Linear's input is quantized.
+
+    - ``format``: "fp8" (E4M3).
+    - ``dynamic``: True = one scale per token computed at run time; False = one static per-tensor scale
+      from calibration (``observer``).
+    - ``observer``: how a static scale is chosen from the calibration statistics: "absmax" (the largest
+      magnitude the module's input reached) or "percentile" (the ``clip_percentile``-th percentile of the
+      input's magnitudes, from the range observer's histogram, to 1/16 octave, rounded outward: values
+      beyond it saturate at +-448 x scale).
+    """
+
+    format: str = "fp8"
+    dynamic: bool = True
+    observer: str = "absmax"
+    clip_percentile: float = 99.99
+
+    def validate(self) -> ActQuantConfig:
+        if self.format != "fp8":
+            raise ValueError(f"[quantize] ActQuantConfig.format must be 'fp8', got {self.format!r}")
+        if not isinstance(self.dynamic, bool):
+            raise ValueError(f"[quantize] ActQuantConfig.dynamic must be a bool, got {self.dynamic!r}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(
+                f"[quantize] ActQuantConfig.observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}"
+            )
+        if self.dynamic and self.observer != "absmax":
+            raise ValueError(
+                f"[quantize] observer {self.observer!r} chooses static scales; fp8-dynamic computes one per token "
+                f"at run time (use --scheme fp8)"
+            )
+        p = self.clip_percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
+            raise ValueError(f"[quantize] ActQuantConfig.clip_percentile must be in (50, 100], got {p!r}")
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        return not self.dynamic
+
+    def to_dict(self) -> dict:
+        d = {"format": self.format, "dynamic": self.dynamic, "observer": None if self.dynamic else self.observer}
+        if self.observer == "percentile":
+            d["clip_percentile"] = self.clip_percentile
+        return d
+
+
+def scheme_configs(
+    name: str, *, observer: str = "absmax", clip_percentile: float = 99.99
+) -> tuple[RTNConfig, ActQuantConfig]:
+    """``(weight config, activation config)`` of the scheme ``name`` (see the module docstring);
+    ``observer`` / ``clip_percentile``: how ``fp8``'s static scales are chosen (:class:`ActQuantConfig`)."""
+    if name not in SCHEMES:
+        raise ValueError(f"[quantize] unknown scheme {name!r}; choose from {', '.join(SCHEMES)}")
+    weights = RTNConfig(bits=8, group_size=-1, sym=True, format="fp8")
+    act = ActQuantConfig(
+        format="fp8", dynamic=name == "fp8-dynamic", observer=observer, clip_percentile=clip_percentile
+    )
+    return weights, act
+
+
+def check_kv_cache(kv_cache) -> str | None:
+    if kv_cache is not None and kv_cache not in KV_CACHE_FORMATS:
+        raise ValueError(
+            f"[quantize] kv_cache must be one of {', '.join(KV_CACHE_FORMATS)} (or None), got {kv_cache!r}"
+        )
+    return kv_cache
+
+
+__all__ = ["SCHEMES", "OBSERVERS", "KV_CACHE_FORMATS", "ActQuantConfig", "scheme_configs", "check_kv_cache"]
