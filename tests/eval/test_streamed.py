@@ -133,6 +133,15 @@ def test_streamed_compressed_tensors_export_equals_transformers_loading_it(ct_ex
     assert _close(layered.ppl, whole.ppl), (layered.ppl, whole.ppl)
 
 
+@pytest.mark.parametrize("scheme", ["int4-asym", "nvfp4"])
+def test_exports_transformers_cannot_load_in_float32_stream_by_default(ct_exports, scheme, streamed_calls, capsys):
+    """NVFP4 (compressed-tensors decompresses to bf16 only) and asymmetric int (transformers rejects its
+    zero points): `calibra eval` without --stream reads them layer by layer instead of failing."""
+    r = calibra.evaluate(ct_exports[scheme, "compressed-tensors"], **PROTOCOL)
+    assert streamed_calls["passes"] == 1 and math.isfinite(r.ppl)
+    assert "evaluating it layer by layer" in capsys.readouterr().err
+
+
 def test_compressed_tensors_schemes_it_cannot_rebuild_are_refused(ct_exports, tmp_path, monkeypatch):
     """An export with activation quantization (say) is refused before a weight is read, naming why."""
     import shutil

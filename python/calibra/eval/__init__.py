@@ -146,7 +146,11 @@ def _open_streamed(spec, dtype, device, read, *, force: bool):
     cfg = AutoConfig.from_pretrained(folder.path, local_files_only=True, **remote)
     dt = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or torch.float32)
     dt = dt if isinstance(dt, torch.dtype) else torch.float32
-    if not force:
+    unloadable = _whole_load_problem(cfg, dt)
+    if not force and unloadable:
+        msg = f"[eval] {spec}: {unloadable}: evaluating it layer by layer (its weights dequantized here)"
+        print(msg, file=sys.stderr)
+    elif not force:
         shapes = weightless_model(cfg, bool(remote))
         need = sum(p.numel() for p in shapes.parameters()) * torch.empty((), dtype=dt).element_size()
         avail = proc_kib("/proc/meminfo", "MemAvailable")
@@ -166,6 +170,24 @@ def _open_streamed(spec, dtype, device, read, *, force: bool):
         return None
     tok = AutoTokenizer.from_pretrained(folder.path, local_files_only=True)
     return StreamedLM(streamed, _auto_device(device), label=str(spec)), tok
+
+
+def _whole_load_problem(cfg, dtype) -> str | None:
+    """Why transformers + compressed-tensors cannot evaluate this compressed-tensors export whole on the
+    CPU at ``dtype`` (the layer-by-layer reader can), or None."""
+    import torch
+
+    q = getattr(cfg, "quantization_config", None)
+    q = q.to_dict() if q is not None and not isinstance(q, dict) else q
+    if not q or q.get("quant_method") != "compressed-tensors":
+        return None
+    for g in (q.get("config_groups") or {}).values():
+        fmt, w = g.get("format") or q.get("format"), g.get("weights") or {}
+        if fmt == "nvfp4-pack-quantized" and dtype != torch.bfloat16:
+            return f"compressed-tensors decompresses NVFP4 weights to bfloat16 only, not {str(dtype)[6:]}"
+        if fmt == "pack-quantized" and w.get("symmetric") is False:
+            return "transformers 5.23+ rejects the shape of its packed zero points (FORMATS.md 2.6)"
+    return None
 
 
 def _streamed_source(spec, folder, cfg, dtype, quantized: bool, trust_remote_code: bool):
