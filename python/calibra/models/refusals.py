@@ -2,7 +2,7 @@
 any weight is read (FAULTS row 1).
 
 Every other causal-LM ``model_type`` of the installed transformers is accepted: an explicit adapter
-(``registry.ADAPTERS``) where a family's semantics need one, the structural adapter
+(``explicit.ADAPTERS``) where a family's semantics need one, the structural adapter
 (``structural.StructuralAdapter``) for the rest, which then checks the module tree itself (still on a
 weightless copy) and refuses with its own reason when it finds no decoder layer stack.
 
@@ -54,7 +54,7 @@ def refusal(model_type: str | None, config: dict | None = None) -> str | None:
         return REASONS["encoder-decoder"]
     if model_type in ENCODER_TYPES and not (config or {}).get("is_decoder"):
         return REASONS["encoder-only"]
-    from calibra.models.registry import ADAPTERS
+    from calibra.models.explicit import ADAPTERS
 
     if model_type in ADAPTERS:
         return None

@@ -10,17 +10,7 @@ Every other causal-LM type of the installed transformers gets the structural ada
 from __future__ import annotations
 
 from calibra.models.adapter import ModelAdapter
-
-ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "llama": ModelAdapter,
-    "mistral": ModelAdapter,
-    "qwen2": ModelAdapter,
-    "qwen3": ModelAdapter,
-    "mixtral": ModelAdapter,
-    "qwen2_moe": ModelAdapter,
-    "qwen3_moe": ModelAdapter,
-}
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+from calibra.models.explicit import ADAPTERS
 
 
 def supported_architectures() -> list[str]:

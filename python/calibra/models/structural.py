@@ -1,6 +1,6 @@
 """The structural adapter: what calibra needs to know about a decoder model, read off its module tree.
 
-Families without an explicit adapter (``registry.ADAPTERS``) are handled by discovery, not by a table:
+Families without an explicit adapter (``explicit.ADAPTERS``) are handled by discovery, not by a table:
 
 * **the layer stack** -- the ``nn.ModuleList`` of repeated blocks that each hold Linear-like modules,
   outside any vision/audio tower; among several, the one as long as the text config's
@@ -256,7 +256,7 @@ class StructuralAdapter(ModelAdapter):
 
 
 def _explicit_types() -> list[str]:
-    from calibra.models.registry import ADAPTERS
+    from calibra.models.explicit import ADAPTERS
 
     return sorted(ADAPTERS)
 
