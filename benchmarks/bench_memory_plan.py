@@ -1,4 +1,4 @@
-"""The memory planner against reality: predicted peak host memory (calibra.plan) vs the measured peak RSS
+"""The memory planner against reality: predicted peak host memory (calibra.jobs.plan) vs the measured peak RSS
 (VmHWM) of a fresh process running the same `calibra.quantize` job (GPTQ, CPU, no evaluation).
 
     PYTHONPATH=python python benchmarks/bench_memory_plan.py [--quick]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from calibra.job import calibration_input, model_config_of, read_model, tokenized_meta
+from calibra.jobs.common import calibration_input, model_config_of, read_model, tokenized_meta
 
 _HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -78,7 +78,7 @@ def calibrate(
         on_layer, feed_compressed: see ``calibra.calib.LayerRunner`` (compression hooks).
         echo: where the memory estimate, coverage table and notes are printed (``None``: silent).
         allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
-        dry_run: check everything, print the memory plan (``calibra.plan``) and return None without loading
+        dry_run: check everything, print the memory plan (``calibra.jobs.plan``) and return None without loading
             a weight.
     """
     from calibra.calib import LayerRunner, coverage_table, refresh_coverage, select_samples_for_coverage
@@ -102,7 +102,7 @@ def calibrate(
         config, _ = resolve_config(
             config, model_config, dtype=load_dtype, observers=est_obs, echo=say, print_estimate=False, hessian_dtype=hd
         )
-    from calibra.plan import plan_job, weight_files_bytes
+    from calibra.jobs.plan import plan_job, weight_files_bytes
 
     plan = plan_job(
         model_config,

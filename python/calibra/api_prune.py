@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
-from calibra.rss import PhasePeaks
 
 REPORT_FORMAT = "calibra-prune-report"
 _QUANTIZED_HINT = " (joint pruning + quantization: method 'sparsegpt' with quantize=JointQuant(...) / --bits)"
@@ -38,7 +36,7 @@ def _check_config(config):
 
 def _shapes(model_config, model=None) -> dict[str, tuple[int, int]]:
     """Every prunable target's ``(out, in)``, from a weightless meta copy when no model is loaded."""
-    from calibra.job import all_targets, meta_model
+    from calibra.jobs.common import all_targets, meta_model
     from calibra.models import get_adapter
 
     shape_model = model if model is not None else meta_model(model_config)
@@ -116,7 +114,7 @@ def prune(
         device: compute device for one layer at a time (default: CUDA if available, else CPU).
         dtype: dtype to load a model given by name/folder in (default float32).
         allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
-        dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
+        dry_run: check everything, print the memory plan (``calibra.jobs.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
         checkpoint: commit every finished layer into a work folder beside ``output``
             (``calibra.prune.resume``; default: on when ``output`` is given); removed once the output is written.
@@ -134,7 +132,8 @@ def prune(
     """
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
-    from calibra.job import model_config_of, read_model, refuse_quantized
+    from calibra.jobs.common import read_model
+    from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
@@ -142,8 +141,22 @@ def prune(
     from calibra.prune.patterns import NM
     from calibra.prune.stages import PruningStage as S
 
-    t_start = time.perf_counter()
-    say = echo or (lambda *a, **k: None)
+    job = Job(
+        "prune",
+        model,
+        label="pruned",
+        reference_name="the dense model",
+        output=output,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        echo=echo,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        evaluation=EvalOptions(eval_dataset, eval_seq_len, eval_stride, eval_max_tokens, eval_top_k),
+    )
+    say = job.say
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config = _check_config(config)
     needs_data = config.requires_calibration()
@@ -163,11 +176,7 @@ def prune(
         raise ValueError("[prune] resume needs an output folder and checkpoints (output=DIR, checkpoint on)")
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
-    source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
-    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    model_config = model_config_of(model, component="prune", **read)
-    check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
-    refuse_quantized(model_config, source, "prune", _QUANTIZED_HINT)
+    model_config = job.open_config(_QUANTIZED_HINT)
     shapes = _shapes(model_config, None if isinstance(model, (str, Path)) else model)
     prune_names, dense = config.plan_layers(shapes)
     if save_24:
@@ -187,49 +196,20 @@ def prune(
             print_estimate=False,
             observers=list(_observers(config, measure_error)),
         )
-    do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
-    from calibra.plan import plan_job, weight_files_bytes
-
-    plan = plan_job(
-        model_config,
-        job="prune",
+    do_eval = evaluate if evaluate is not None else job.source.startswith("builtin:")
+    plan = job.choose_plan(
+        stream=stream,
+        unsupported=[
+            (save_24, "the compressed 2:4 file is not written by it yet: drop --save-24"),
+            (config.quantize is not None, "joint quantization is not implemented for it yet: drop --bits"),
+        ],
         observers=_observers(config, measure_error),
-        dtype=dtype,
-        device=device,
         calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
         needs_data=needs_data,
-        weight_files_bytes=weight_files_bytes(model),
-        output=output,
         checkpoint=checkpoint and output is not None,
         solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
     )
-    from calibra.job import choose_streaming, refuse_for_streaming
-
-    streaming = choose_streaming(stream, model, plan, say, "prune")
-    if streaming:
-        refuse_for_streaming(
-            "prune",
-            output=output,
-            unsupported=[
-                (save_24, "the compressed 2:4 file is not written by it yet: drop --save-24"),
-                (config.quantize is not None, "joint quantization is not implemented for it yet: drop --bits"),
-            ],
-        )
-        plan = plan_job(
-            model_config,
-            job="prune",
-            observers=_observers(config, measure_error),
-            dtype=dtype,
-            device=device,
-            calibration=calibration if needs_data and isinstance(calibration, CalibrationConfig) else None,
-            needs_data=needs_data,
-            weight_files_bytes=weight_files_bytes(model),
-            output=output,
-            checkpoint=checkpoint and output is not None,
-            solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
-            streaming=True,
-        )
-    say(str(plan))
+    streaming = job.streaming
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
@@ -248,44 +228,22 @@ def prune(
             echo=say,
         )
     if streaming:
-        try:
-            return _run_streamed(**locals())
-        except BaseException as e:
-            if ck is not None:
-                from calibra.job import on_failure
-
-                on_failure(ck, e)
-            raise
+        args = locals()
+        return job.guarded(ck, lambda: _run_streamed(**args))
 
     prog = _Progress(say, progress)
     tracker = StageTracker(on_change=prog)
     try:
         # -- 2. load ---------------------------------------------------------------------------------
-        meter = PhasePeaks()  # measured peak host memory by phase, beside the plan's in the report
+        meter = job.meter
         if isinstance(model, (str, Path)):
-            model, loaded_tok = read_model(model, dtype, **read)
+            model, loaded_tok = read_model(model, dtype, **job.read)
             tokenizer = tokenizer or loaded_tok
         model.eval()
         adapter = get_adapter(model)
         meter.mark("load")
         n_layers = len(adapter.layers)
-        ev = None
-        if do_eval:
-            from calibra.eval.session import EvalSession
-
-            say("[prune] evaluation: collecting the dense model's reference")
-            ev = EvalSession(
-                model,
-                tokenizer,
-                dataset=eval_dataset,
-                seq_len=eval_seq_len,
-                stride=eval_stride,
-                max_tokens=eval_max_tokens,
-                top_k=eval_top_k,
-                progress=progress,
-                label="pruned",
-                component="prune",
-            )
+        ev = job.reference(model, tokenizer) if do_eval else None
 
         # -- 3. prune layer by layer -------------------------------------------------------------------
         pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
@@ -318,7 +276,7 @@ def prune(
             else:
                 from calibra.calib import LayerRunner
                 from calibra.data.tokenize import fingerprint
-                from calibra.job import calibration_tokens
+                from calibra.jobs.common import calibration_tokens
 
                 tracker.advance(S.CALIBRATING, adapter.layer_name(0))
                 ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, model, say)
@@ -358,7 +316,7 @@ def prune(
 
         # -- 5. report, write --------------------------------------------------------------------------
         pm = psave.PrunedModel(
-            model=model, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source, dense=dense
+            model=model, tokenizer=tokenizer, layers=pruner.layers, config=config, source=job.source, dense=dense
         )
         report = _report(
             pm,
@@ -392,7 +350,7 @@ def prune(
             report["output"] = str(output)
             if ck is not None and ck.resumed_from:
                 report["resumed_from_layer"] = ck.resumed_from
-            report["timings"]["total"] = time.perf_counter() - t_start
+            report["timings"]["total"] = job.seconds()
             psave.write(
                 pm, output, overwrite=overwrite, save_24=save_24, report=report, max_shard_bytes=max_shard_bytes
             )
@@ -402,12 +360,12 @@ def prune(
         else:
             tracker.advance(S.COMPLETE)
             report["stages"] = tracker.to_dict()
-        report["timings"]["total"] = time.perf_counter() - t_start
+        report["timings"]["total"] = job.seconds()
     except BaseException as e:
         if not tracker.done:
             tracker.fail(f"{type(e).__name__}: {e}")
         if ck is not None:
-            from calibra.job import on_failure
+            from calibra.jobs.common import on_failure
 
             on_failure(ck, e)
         raise
@@ -426,32 +384,22 @@ def _run_streamed(
     dtype,
     tokenizer,
     progress,
-    read,
+    job,
     say,
-    t_start,
-    source,
     model_config,
     needs_data,
     dense,
     plan,
     ck,
     do_eval,
-    eval_dataset,
-    eval_seq_len,
-    eval_stride,
-    eval_max_tokens,
-    eval_top_k,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written pruned when finished (with
     checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner
-    from calibra.eval.session import EvalSession
-    from calibra.eval.streamed import StreamedLM
     from calibra.export.streamed import StreamedOutput
-    from calibra.io import inspect_model
-    from calibra.io.streamed import open_streamed, reopen
-    from calibra.job import StreamedLayers, calibration_tokens, data_fingerprint, open_streamed_job
+    from calibra.io.streamed import open_streamed
+    from calibra.jobs.common import StreamedLayers, calibration_tokens, data_fingerprint, open_streamed_job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
@@ -459,13 +407,19 @@ def _run_streamed(
     from calibra.prune.save import module_weight
     from calibra.prune.stages import PruningStage as S
 
-    meter = PhasePeaks()
-    weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "prune", tokenizer)
+    meter = job.meter
+    weights, tokenizer = open_streamed_job(model, model_config, dtype, job.read, job.source, "prune", tokenizer)
     m = weights.model
     adapter = get_adapter(m)
     n_layers = len(adapter.layers)
     prog = _Progress(say, progress)
     tracker = StageTracker(on_change=prog)
+
+    def reopen_pruned(info):
+        pruned, why = open_streamed(info, model_config, weights.dtype)
+        if pruned is None:  # pragma: no cover - the job's own shards, named as the input's
+            raise RuntimeError(f"[prune] the written output cannot be read back layer by layer: {why}")
+        return pruned
 
     def layer_tensors(name, pl):  # the pruned weight, at the checkpoint's stored dtype
         key = f"{name}.weight"
@@ -478,30 +432,16 @@ def _run_streamed(
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
     loop = StreamedLayers(weights, adapter, pruner, sink, ck)
     run_meta = ev = None
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
         if do_eval:
-            say("[prune] evaluation: collecting the dense model's reference (layer by layer)")
-            ev = EvalSession(
-                StreamedLM(reopen(weights), dev, label="the dense model"),
-                tokenizer,
-                dataset=eval_dataset,
-                seq_len=eval_seq_len,
-                stride=eval_stride,
-                max_tokens=eval_max_tokens,
-                top_k=eval_top_k,
-                progress=progress,
-                label="pruned",
-                component="prune",
-            )
-            meter.mark("evaluation reference")
+            ev = job.reference(None, tokenizer, streamed_weights=weights)
             t0 = time.perf_counter()
         if not needs_data:
             _restored(loop.resume(None), tracker, adapter, needs_data)
             loop.run_data_free(
                 pruner,
-                device=torch.device(device) if device is not None else None,
+                device=job.compute_device(),
                 progress=progress,
                 desc=f"{config.method_enum.value} (streamed)",
             )
@@ -528,7 +468,7 @@ def _run_streamed(
         meter.mark("layers")  # the capture (embeddings) included
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         pm = psave.PrunedModel(
-            model=m, tokenizer=tokenizer, layers=pruner.layers, config=config, source=source, dense=dense
+            model=m, tokenizer=tokenizer, layers=pruner.layers, config=config, source=job.source, dense=dense
         )
         report = _report(
             pm,
@@ -564,14 +504,9 @@ def _run_streamed(
             report["timings"]["write"] = time.perf_counter() - t_write
             psave.write_files(folder, pm, None)
             if ev is not None:  # the folder is complete but for the report: measure it, layer by layer
-                say("[prune] evaluation: the pruned model (layer by layer)")
-                info = inspect_model(folder, allow_quantized=True, check_tensors=False, component="prune")
-                pruned, why = open_streamed(info, model_config, weights.dtype)
-                if pruned is None:  # pragma: no cover - the job's own shards, named as the input's
-                    raise RuntimeError(f"[prune] the written output cannot be read back layer by layer: {why}")
-                report["eval"] = ev.finish(StreamedLM(pruned, dev, label="the pruned model"))
+                report["eval"] = job.evaluate_written(ev, folder, reopen_pruned)
                 report["timings"]["eval"] = ev.seconds
-            report["timings"]["total"] = time.perf_counter() - t_start
+            report["timings"]["total"] = job.seconds()
             psave.write_report(folder, report)
 
         sink.finish(write_files)

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 
 from calibra.data.tokenize import fingerprint
-from calibra.eval import check_protocol
 from calibra.eval.session import REPORT_EVAL_TOKENS
-from calibra.job import all_targets, calibration_tokens, choose_streaming, meta_model, on_failure, refuse_for_streaming
-from calibra.rss import PhasePeaks
+from calibra.jobs.common import (
+    all_targets,
+    calibration_tokens,
+    meta_model,
+)
 
 REPORT_FORMAT = "calibra-quantize-report"
 
@@ -178,7 +180,7 @@ def quantize(
             (``calibra.io.checkpoint``; default: on when ``output`` is given); removed once the output is written.
         resume: continue a killed or failed run from those checkpoints; refused when the model, the
             settings, the calibration data or the versions differ. The output equals an uninterrupted run's.
-        dry_run: check everything, print the memory plan (``calibra.plan``) and return ``(None, {"plan": ...})``
+        dry_run: check everything, print the memory plan (``calibra.jobs.plan``) and return ``(None, {"plan": ...})``
             without loading a weight.
         stream: read the model one decoder layer at a time from its safetensors shards and write the result
             layer by layer (``calibra.io.streamed``, ``calibra.export.streamed``), so host memory holds one
@@ -191,13 +193,27 @@ def quantize(
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
-    from calibra.job import model_config_of, refuse_quantized
+    from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.quant import RTNConfig, check_layers
     from calibra.quant import act_ranges as ar
 
-    t_start = time.perf_counter()
-    say = echo or (lambda *a, **k: None)
+    job = Job(
+        "quantize",
+        model,
+        label="quantized",
+        reference_name="the unquantized model",
+        output=output,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        echo=echo,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        evaluation=EvalOptions(eval_dataset, eval_seq_len, eval_stride, eval_max_tokens, eval_top_k),
+    )
+    say = job.say
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
     kv_cache = _check_kv_cache(kv_cache)
@@ -256,11 +272,7 @@ def quantize(
         check_target(output, overwrite, tag="quantize")
     if isinstance(calibration, CalibrationConfig):
         calibration.validate()
-    source = str(model) if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "") or "<model>"
-    read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    model_config = model_config_of(model, component="quantize", **read)
-    check_protocol(model_config, eval_seq_len, eval_stride, flag="--eval-seq-len")  # before any weight
-    refuse_quantized(model_config, source, "quantize")
+    model_config = job.open_config()
     if kv_cache is not None:
         from calibra.models.registry import ADAPTERS, supported_architectures
 
@@ -299,63 +311,35 @@ def quantize(
         calibration, _ = resolve_config(
             calibration or CalibrationConfig(), model_config, echo=say, print_estimate=False, observers=["hessian"]
         )
-    do_eval = evaluate if evaluate is not None else source.startswith("builtin:")
+    do_eval = evaluate if evaluate is not None else job.source.startswith("builtin:")
     checkpoint = output is not None if checkpoint is None else bool(checkpoint)
     if resume and (output is None or not checkpoint):
         raise ValueError("[quantize] resume needs an output folder and checkpoints (output=DIR, checkpoint on)")
-    from calibra.plan import plan_job, weight_files_bytes
+    from calibra.export.streamed import refuse_format
 
     data_pass = needs_data and stats is None
-    plan = plan_job(
-        model_config,
-        job="quantize",
+    plan = job.choose_plan(
+        stream=stream,
+        unsupported=[
+            (
+                act_ranges or ranges_file,
+                "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
+            ),
+            (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
+            (
+                act is not None or kv_cache is not None,
+                "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
+            ),
+        ],
+        check_streamed=lambda: refuse_format(export),
         calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None,
-        dtype=dtype,
-        device=device,
         group_size=getattr(config, "group_size", None),
         needs_data=data_pass,
         solver="rtn" if is_rtn else "gptq",
         replay=true_seq and not is_rtn and stats is None,
-        weight_files_bytes=weight_files_bytes(model),
         checkpoint=checkpoint and output is not None,
-        output=output,
     )
-    streaming = choose_streaming(stream, model, plan, say, "quantize")
-    if streaming:
-        from calibra.export.streamed import refuse_format
-
-        refuse_for_streaming(
-            "quantize",
-            output=output,
-            unsupported=[
-                (
-                    act_ranges or ranges_file,
-                    "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
-                ),
-                (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
-                (
-                    act is not None or kv_cache is not None,
-                    "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
-                ),
-            ],
-        )
-        refuse_format(export)
-        plan = plan_job(
-            model_config,
-            job="quantize",
-            calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None,
-            dtype=dtype,
-            device=device,
-            group_size=getattr(config, "group_size", None),
-            needs_data=data_pass,
-            solver="rtn" if is_rtn else "gptq",
-            replay=true_seq and not is_rtn and stats is None,
-            weight_files_bytes=weight_files_bytes(model),
-            checkpoint=checkpoint and output is not None,
-            output=output,
-            streaming=True,
-        )
-    say(str(plan))
+    streaming = job.streaming
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
@@ -382,12 +366,10 @@ def quantize(
             },
             echo=say,
         )
-    try:  # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
-        return _run_streamed(**locals()) if streaming else _run(**locals())
-    except BaseException as e:
-        if ck is not None:
-            on_failure(ck, e)
-        raise
+    # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
+    run = _run_streamed if streaming else _run
+    args = locals()
+    return job.guarded(ck, lambda: run(**args))
 
 
 def _run(
@@ -406,22 +388,14 @@ def _run(
     device,
     dtype,
     tokenizer,
-    eval_dataset,
-    eval_seq_len,
-    eval_stride,
-    eval_max_tokens,
-    eval_top_k,
     export,
     progress,
-    echo,
     ck,
-    read,
+    job,
     say,
-    t_start,
     is_rtn,
     ranges_file,
     true_seq,
-    source,
     model_config,
     needs_data,
     do_eval,
@@ -433,7 +407,7 @@ def _run(
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
-    from calibra.job import read_model
+    from calibra.jobs.common import read_model
     from calibra.models import get_adapter
     from calibra.quant import act_ranges as ar
     from calibra.quant import mixed as mp
@@ -442,32 +416,16 @@ def _run(
     from calibra.quant.model import QuantizedModel
 
     # -- 2. load -------------------------------------------------------------------------------------
-    meter = PhasePeaks()  # measured peak host memory by phase, beside the plan's in the report
+    meter = job.meter
     if isinstance(model, (str, Path)):
-        model, loaded_tok = read_model(model, dtype, **read)
+        model, loaded_tok = read_model(model, dtype, **job.read)
         tokenizer = tokenizer or loaded_tok
     model.eval()
-    if plan.placement.startswith("whole model"):  # it fits: no per-layer transfers (calibra.plan)
+    if plan.placement.startswith("whole model"):  # it fits: no per-layer transfers (calibra.jobs.plan)
         model.to(plan.device)
     adapter = get_adapter(model)
     meter.mark("load")
-    ev = None
-    if do_eval:
-        say("evaluation: collecting the unquantized model's reference")
-        from calibra.eval.session import EvalSession
-
-        ev = EvalSession(
-            model,
-            tokenizer,
-            dataset=eval_dataset,
-            seq_len=eval_seq_len,
-            stride=eval_stride,
-            max_tokens=eval_max_tokens,
-            top_k=eval_top_k,
-            progress=progress,
-            label="quantized",
-            component="quantize",
-        )
+    ev = job.reference(model, tokenizer) if do_eval else None
 
     tokens_cache = {}
 
@@ -619,7 +577,7 @@ def _run(
     if ev is not None:
         meter.mark("evaluation")
     report = _report(
-        source=source,
+        source=job.source,
         model=model,
         adapter=adapter,
         config=config,
@@ -652,14 +610,14 @@ def _run(
         "solve": t_solve,
         "eval": ev.seconds if ev else 0.0,
         "per_layer": quantizer.layer_seconds,
-        "total": time.perf_counter() - t_start,
+        "total": job.seconds(),
     }
     qm = QuantizedModel(
         model=model,
         tokenizer=tokenizer,
         layers=quantizer.layers,
         config=config,
-        source=source,
+        source=job.source,
         report=report,
         scheme=scheme,
         input_quant=input_quant,
@@ -667,7 +625,7 @@ def _run(
     )
     if output is not None:
         meter.into(report, "save")
-        report["timings"]["total"] = time.perf_counter() - t_start
+        report["timings"]["total"] = job.seconds()
         report["output"] = str(output)
         if ck is not None and ck.resumed_from:
             report["resumed_from_layer"] = ck.resumed_from
@@ -760,46 +718,35 @@ def _run_streamed(
     tokenizer,
     export,
     progress,
-    read,
+    job,
     say,
-    t_start,
     is_rtn,
     true_seq,
-    source,
     model_config,
     needs_data,
     plan,
     ck,
     do_eval,
-    eval_dataset,
-    eval_seq_len,
-    eval_stride,
-    eval_max_tokens,
-    eval_top_k,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
-    from calibra.eval.session import EvalSession
-    from calibra.eval.streamed import StreamedLM
     from calibra.export.streamed import StreamedOutput
-    from calibra.io import inspect_model
-    from calibra.io.streamed import reopen
-    from calibra.job import StreamedLayers, data_fingerprint, open_streamed_job
+    from calibra.jobs.common import StreamedLayers, data_fingerprint, open_streamed_job
     from calibra.models import get_adapter
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
     from calibra.quant.streamed_load import open_streamed_quantized
 
-    meter = PhasePeaks()
-    weights, tokenizer = open_streamed_job(model, model_config, dtype, read, source, "quantize", tokenizer)
+    meter = job.meter
+    weights, tokenizer = open_streamed_job(model, model_config, dtype, job.read, job.source, "quantize", tokenizer)
     m = weights.model
     adapter = get_adapter(m)
     if stats is not None:
         _check_stats_model(stats, model_identity(m, weights.first_values))
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = job.compute_device()
     if export:
         from calibra.export import compressed_tensors as fmt
 
@@ -821,20 +768,7 @@ def _run_streamed(
     try:
         ev = None
         if do_eval:
-            say("evaluation: collecting the unquantized model's reference (layer by layer)")
-            ev = EvalSession(
-                StreamedLM(reopen(weights), dev, label="the unquantized model"),
-                tokenizer,
-                dataset=eval_dataset,
-                seq_len=eval_seq_len,
-                stride=eval_stride,
-                max_tokens=eval_max_tokens,
-                top_k=eval_top_k,
-                progress=progress,
-                label="quantized",
-                component="quantize",
-            )
-            meter.mark("evaluation reference")
+            ev = job.reference(None, tokenizer, streamed_weights=weights)
             t0 = time.perf_counter()
         if is_rtn or stats is not None:
             loop.resume(None if stats is None else "stats")
@@ -869,7 +803,7 @@ def _run_streamed(
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
         meter.mark("layers")  # the capture (embeddings) included
         report = _report(
-            source=source,
+            source=job.source,
             model=m,
             adapter=adapter,
             config=config,
@@ -895,7 +829,7 @@ def _run_streamed(
         if loop.done:
             report["resumed_from_layer"] = loop.done
         qm = QuantizedModel(
-            model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=source, report=report
+            model=m, tokenizer=tokenizer, layers=quantizer.layers, config=config, source=job.source, report=report
         )
         t_write = time.perf_counter()
         meter.into(report, "rest of the output" + (" and its evaluation" if ev is not None else ""))
@@ -917,12 +851,11 @@ def _run_streamed(
             else:
                 fmt.write_files(folder, qm)
             if ev is not None:  # the folder is complete but for the report: measure it, layer by layer
-                say("evaluation: the quantized model (layer by layer)")
-                folder_info = inspect_model(folder, allow_quantized=True, check_tensors=False, component="quantize")
-                q = open_streamed_quantized(folder_info, model_config, weights.dtype)
-                report["eval"] = ev.finish(StreamedLM(q, dev, label="the quantized model"))
+                report["eval"] = job.evaluate_written(
+                    ev, folder, lambda info: open_streamed_quantized(info, model_config, weights.dtype)
+                )
                 report["timings"]["eval"] = ev.seconds
-            _stamp(report, weights, t_start, t_write)
+            _stamp(report, weights, job.t_start, t_write)
             write_report_html(folder, report)  # before report.json: it adds the measured peaks
             _write_json(folder / "report.json", report)
 

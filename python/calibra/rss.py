@@ -1,5 +1,5 @@
 """The process's own memory, measured: resident set size now, its high-water mark, and peaks per phase of a
-job (for the report beside the plan's prediction, ``calibra.plan``). Imports nothing from calibra, so the
+job (for the report beside the plan's prediction, ``calibra.jobs.plan``). Imports nothing from calibra, so the
 planner, the streamed output and the report all read memory the same way."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from calibra.cli import main
-from calibra.plan import plan_job
+from calibra.jobs.plan import plan_job
 
 
 @pytest.mark.parametrize(
@@ -45,9 +45,9 @@ def test_dry_run_prints_the_plan_and_loads_nothing(verb, extra, tmp_path, capsys
 def test_placement_follows_free_device_memory(monkeypatch):
     from transformers import AutoConfig
 
-    from calibra import plan
     from calibra.assets import resolve_model
     from calibra.data import CalibrationConfig
+    from calibra.jobs import plan
 
     cfg = AutoConfig.from_pretrained(resolve_model("builtin:tiny-llama"))
     cal = CalibrationConfig(num_samples=8, sequence_length=64)

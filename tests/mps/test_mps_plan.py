@@ -10,9 +10,9 @@ pytest.importorskip("transformers")
 def test_mps_plan_is_one_unified_pool(monkeypatch):
     from transformers import AutoConfig
 
-    from calibra import plan
     from calibra.assets import resolve_model
     from calibra.data import CalibrationConfig
+    from calibra.jobs import plan
 
     cfg = AutoConfig.from_pretrained(resolve_model("builtin:tiny-llama"))
     kw = dict(job="quantize", calibration=CalibrationConfig(num_samples=8, sequence_length=64), solver="gptq")

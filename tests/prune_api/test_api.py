@@ -175,7 +175,7 @@ def test_joint_quantization_grid_and_report(llama_dir, calib):
 
 
 def test_magnitude_reads_no_data(llama_dir, monkeypatch, tmp_path):
-    import calibra.job as job
+    import calibra.jobs.common as job
 
     def boom(*a, **k):
         raise AssertionError("magnitude pruning must not tokenize calibration data")

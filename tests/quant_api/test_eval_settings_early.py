@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import calibra.job as job
+import calibra.jobs.common as job
 from calibra.cli import main
 
 

@@ -132,7 +132,7 @@ def test_truncated_shard_mid_job_names_the_tensor_and_writes_nothing(tmp_path, m
 def test_planner_streaming_does_not_grow_with_depth():
     from transformers import LlamaConfig
 
-    from calibra.plan import plan_job
+    from calibra.jobs.plan import plan_job
 
     def peak(layers):
         cfg = LlamaConfig(

@@ -42,7 +42,7 @@ def _check_config(model, *, rank=None) -> object:
     model types have no calibra adapter, which would otherwise say only "unsupported architecture")."""
     import json
 
-    from calibra.job import model_config_of
+    from calibra.jobs.common import model_config_of
     from calibra.kv.plan import check_architecture
     from calibra.models.adapter import attention_kind
 

@@ -447,7 +447,7 @@ def memory(report: dict) -> Section | None:
     add_plot(
         s,
         lambda: _plots.memory(planned, phases, measured, series),
-        "planned host memory by phase (calibra.plan) against the measured peaks: each phase's high-water mark "
+        "planned host memory by phase (calibra.jobs.plan) against the measured peaks: each phase's high-water mark "
         "(VmHWM, reset between phases) and the process's peak over the whole job",
     )
     rows = [[f"{k}: planned", _bytes(v)] for k, v in planned.items()]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from calibra.data.memory import format_bytes
-from calibra.job import torch_dtype
+from calibra.jobs.common import torch_dtype
 from calibra.rss import current_rss, proc_kib
 
 JOBS = ("calibrate", "quantize", "prune")
@@ -123,7 +123,7 @@ class _Sizes:
 
 def _meta_sizes(model_config) -> _Sizes:
     """Exact sizes from a weightless meta-device copy of the model."""
-    from calibra.job import all_targets, meta_model
+    from calibra.jobs.common import all_targets, meta_model
     from calibra.models import get_adapter
 
     meta = meta_model(model_config)
