@@ -1,7 +1,7 @@
 """What every job (calibrate, quantize, prune, kv calibrate) does around its own work: the model's config
 read and checked without weights, the refusal of quantized inputs, the checked weight read, the
 calibration input in each accepted form, the run metadata, the weightless shape copy, and the
-checkpoint policy on failure. The verbs' modules (``api``, ``api_quantize``, ``api_prune``, ``plan``,
+checkpoint policy on failure. The verbs' modules (``jobs.calibrate``, ``jobs.quantize``, ``jobs.prune``, ``jobs.plan``,
 ``kv.api``) import from here; nothing here imports them, so imports flow one way.
 """
 

@@ -12,7 +12,7 @@ weight and its mask out.
 - :mod:`~calibra.prune.stages`: the PruningStage state machine behind progress display and the report.
 
 The package is callable: ``calibra.prune(model, config, calibration=...)`` is the model-level verb
-(:func:`calibra.api_prune.prune`). A Python package and a function cannot share the name
+(:func:`calibra.jobs.prune.prune`). A Python package and a function cannot share the name
 ``calibra.prune`` (importing the subpackage rebinds the attribute), so the package's module object
 forwards calls to the verb. That forward is the one import from here up to the API floor, done
 lazily at call time; nothing in this package depends on it.
@@ -62,8 +62,8 @@ __all__ = [
 
 class _CallablePackage(_types.ModuleType):
     def __call__(self, model, config, calibration=None, **kwargs):
-        """``calibra.prune(model, config, calibration=None, **kwargs)``: see :func:`calibra.api_prune.prune`."""
-        from calibra.api_prune import prune
+        """``calibra.prune(model, config, calibration=None, **kwargs)``: see :func:`calibra.jobs.prune.prune`."""
+        from calibra.jobs.prune import prune
 
         return prune(model, config, calibration, **kwargs)
 
