@@ -38,7 +38,7 @@ def add_stream_flags(p) -> None:
         default=None,
         help="read the model one decoder layer at a time from its shards and write the result layer by layer "
         "(host memory: one layer, not the model). Default: streamed only when the whole model does not fit "
-        "the memory plan. Streamed jobs run with --no-eval; --resume continues them (docs/streaming.md)",
+        "the memory plan. The evaluation streams too; --resume continues a streamed job (docs/streaming.md)",
     )
     st.add_argument(
         "--no-stream", dest="stream", action="store_const", const=False, help="load the whole model even if large"

@@ -239,13 +239,14 @@ def open_streamed_job(model, model_config, dtype, read: dict, source: str, compo
     return weights, tokenizer
 
 
-def stream_layers(
-    weights, adapter, on_layer, after_layer, *, device, progress: bool, desc: str, start: int = 0
+def layer_loop(
+    adapter, on_layer, after_layer, *, progress: bool, desc: str, start: int = 0, weights=None, device=None, on_bar=None
 ) -> None:
-    """A data-free streamed job's loop (RTN, magnitude pruning): each layer loaded, ``on_layer(i, layer,
-    None)``, the next layer read ahead while ``after_layer(i)`` writes this one, then released; a resumed
-    job ``start``s after its finished layers. Jobs with calibration data run the same steps inside
-    ``LayerRunner(weights=...)``."""
+    """A data-free job's loop (RTN, magnitude pruning, a statistics file): ``on_layer(i, layer, None)`` for
+    each layer from ``start`` (a resumed job's first unfinished one), then ``after_layer(i)`` (write /
+    commit it; may be None). With ``weights`` (a StreamedModel) each layer is loaded first, the next one
+    read ahead while this one is written, then released. ``on_bar(bar)`` receives the progress bar. Jobs with
+    calibration data run the same steps inside ``LayerRunner``."""
     from tqdm.auto import tqdm
 
     layers = adapter.layers
@@ -253,13 +254,19 @@ def stream_layers(
         bar = tqdm(
             range(start, len(layers)), desc=desc, unit="layer", disable=not progress, initial=start, total=len(layers)
         )
+        if on_bar is not None:
+            on_bar(bar)
         for i in bar:
-            weights.load(layers[i], device)
+            if weights is not None:
+                weights.load(layers[i], device)
             on_layer(i, layers[i], None)
-            if i + 1 < len(layers):
+            if weights is not None and i + 1 < len(layers):
                 weights.prefetch([layers[i + 1]])
-            after_layer(i)
-            weights.release(layers[i])
+            if after_layer is not None:
+                after_layer(i)
+            if weights is not None:
+                weights.release(layers[i])
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------- streamed checkpoints
@@ -298,38 +305,32 @@ def restore_streamed(ck, sink, compressor) -> int:
     return ck.resumed_from
 
 
-class StreamedLayers:
-    """The layer loop of a streamed job, shared by the verbs: ``compressor`` (a LayerQuantizer /
-    LayerPruner) solves each layer, ``sink`` (``StreamedOutput``) writes it, ``ck`` (or None) commits it.
+class _LayerLoop:
+    """The layer loop of a job, the same for both placements: :meth:`resume` checks the calibration data
+    against the checkpoints (a resume on other data is refused before any layer runs) and takes the
+    finished layers back; then :meth:`run_data_free` (RTN, magnitude, a statistics file) or
+    :meth:`run_calibrated` (a ``LayerRunner``) runs the rest, ``compressor`` (a LayerQuantizer /
+    LayerPruner: ``compressor(i, layer, stats)``, ``layers``, ``dense``, ``layer_seconds``) solving each
+    layer and ``after_layer(i, hidden=None)`` writing / committing it."""
 
-    :meth:`resume` checks the calibration data against the checkpoints (a resume on other data is refused
-    before any layer runs) and takes the finished layers back; then :meth:`run_data_free` (RTN, magnitude,
-    a statistics file) or :meth:`run_calibrated` (a ``LayerRunner`` over the StreamedModel) runs the rest."""
+    weights = None  # the StreamedModel the layers are read from (None: the model is in memory)
 
-    def __init__(self, weights, adapter, compressor, sink, ck=None):
-        self.weights, self.adapter, self.compressor, self.sink, self.ck = weights, adapter, compressor, sink, ck
-        self.after_layer = streamed_after_layer(sink, adapter, compressor, ck)
+    def __init__(self, adapter, compressor, ck=None):
+        self.adapter, self.compressor, self.ck = adapter, compressor, ck
+        self.after_layer = None
         self.done = 0
 
-    def resume(self, data_fingerprint) -> int:
-        """Record (or, resuming, compare) the data's fingerprint and restore the finished layers; call it
-        after the calibration tokens exist, as the whole-model job does (a checkpoint restores its layer's
-        RNG state). Returns the number of finished layers."""
-        if self.ck is not None:
-            self.ck.check_data(data_fingerprint)
-            self.done = restore_streamed(self.ck, self.sink, self.compressor)
-        return self.done
-
-    def run_data_free(self, on_layer, *, device, progress: bool, desc: str) -> None:
-        stream_layers(
-            self.weights,
+    def run_data_free(self, on_layer, *, progress: bool, desc: str, device=None, on_bar=None) -> None:
+        layer_loop(
             self.adapter,
             on_layer,
             self.after_layer,
-            device=device,
             progress=progress,
             desc=desc,
             start=self.done,
+            weights=self.weights,
+            device=device,
+            on_bar=on_bar,
         )
 
     def run_calibrated(self, runner, ids, mask, run_meta: dict, batch_size: int):
@@ -343,6 +344,44 @@ class StreamedLayers:
             start_hidden=self.ck.load_hidden(self.done - 1) if self.done else None,
             after_layer=self.after_layer,
         )
+
+
+class InMemoryLayers(_LayerLoop):
+    """A whole-model job's loop: the layers are in memory and the result is written at the end; with
+    checkpoints ``ck`` each finished layer's tensors are committed (``saver``: the verb's ``LayerSaver``)
+    and a resume puts them back (``restore``: the verb's ``restore``)."""
+
+    def __init__(self, adapter, compressor, ck=None, *, restore=None, saver=None):
+        super().__init__(adapter, compressor, ck)
+        self._restore, self._saver = restore, saver
+
+    def resume(self, data_fingerprint, runner=None) -> int:
+        """Record (or compare) the data's fingerprint, put the finished layers back (with the ``runner``'s
+        MoE routing state when calibrating); returns the number of finished layers."""
+        if self.ck is not None:
+            self.ck.check_data(data_fingerprint)
+            self.done = self._restore(self.ck, self.compressor, self.adapter, runner)
+            self.after_layer = self._saver(self.ck, self.compressor, self.adapter, runner)
+        return self.done
+
+
+class StreamedLayers(_LayerLoop):
+    """A streamed job's loop: each layer read from ``weights`` (a StreamedModel) when it is processed and
+    written by ``sink`` (``StreamedOutput``) when finished; with checkpoints ``ck`` committed too."""
+
+    def __init__(self, weights, adapter, compressor, sink, ck=None):
+        super().__init__(adapter, compressor, ck)
+        self.weights, self.sink = weights, sink
+        self.after_layer = streamed_after_layer(sink, adapter, compressor, ck)
+
+    def resume(self, data_fingerprint, runner=None) -> int:
+        """Record (or, resuming, compare) the data's fingerprint and take the finished layers' shards back;
+        call it after the calibration tokens exist, as the whole-model job does (a checkpoint restores its
+        layer's RNG state). Returns the number of finished layers."""
+        if self.ck is not None:
+            self.ck.check_data(data_fingerprint)
+            self.done = restore_streamed(self.ck, self.sink, self.compressor)
+        return self.done
 
 
 def data_fingerprint(ids, mask, run_meta: dict) -> str:

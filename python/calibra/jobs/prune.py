@@ -132,10 +132,11 @@ def prune(
     """
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
-    from calibra.jobs.common import read_model
+    from calibra.jobs.common import InMemoryLayers, read_model
     from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
+    from calibra.prune import resume as presume
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
     from calibra.prune.patterns import NM
@@ -214,8 +215,6 @@ def prune(
         return None, {"plan": plan.to_dict()}
     ck = None
     if checkpoint and output is not None:
-        from calibra.prune import resume as presume
-
         ck = presume.open_checkpoints(
             model,
             output,
@@ -249,34 +248,16 @@ def prune(
         pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
         t0 = time.perf_counter()
         run_meta = None
-        if ck is not None:
-            from calibra.prune.resume import LayerSaver, restore
+        loop = InMemoryLayers(adapter, pruner, ck, restore=presume.restore, saver=presume.LayerSaver)
         with torch.no_grad():
             if not needs_data:
-                from tqdm.auto import tqdm
-
-                if ck is not None:
-                    ck.check_data(None)
-                done = _restored(restore(ck, pruner, adapter) if ck is not None else 0, tracker, adapter, False)
-                saver = LayerSaver(ck, pruner, adapter) if ck is not None else None
-                bar = tqdm(
-                    range(done, n_layers),
-                    desc=f"{config.method_enum.value}",
-                    unit="layer",
-                    disable=not progress,
-                    initial=done,
-                    total=n_layers,
+                _restored(loop.resume(None), tracker, adapter, False)
+                loop.run_data_free(
+                    pruner, progress=progress, desc=config.method_enum.value, on_bar=lambda b: setattr(prog, "bar", b)
                 )
-                prog.bar = bar
-                for i in bar:
-                    pruner(i, adapter.layers[i], None)
-                    if saver is not None:
-                        saver(i)
-                bar.close()
             else:
                 from calibra.calib import LayerRunner
-                from calibra.data.tokenize import fingerprint
-                from calibra.jobs.common import calibration_tokens
+                from calibra.jobs.common import calibration_tokens, data_fingerprint
 
                 tracker.advance(S.CALIBRATING, adapter.layer_name(0))
                 ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, model, say)
@@ -292,16 +273,9 @@ def prune(
                 )
                 if config.gradual_steps > 1:
                     pruner.recollect = runner.recollect
-                resume_kw = {}
-                if ck is not None:  # a resume on other data is refused here, before any layer runs
-                    ck.check_data(run_meta.get("fingerprint") or fingerprint(ids, mask))
-                    done = _restored(restore(ck, pruner, adapter, runner), tracker, adapter, True)
-                    resume_kw = {
-                        "start_layer": done,
-                        "start_hidden": ck.load_hidden(done - 1) if done else None,
-                        "after_layer": LayerSaver(ck, pruner, adapter, runner),
-                    }
-                runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
+                # a resume on other data is refused here, before any layer runs
+                _restored(loop.resume(data_fingerprint(ids, mask, run_meta), runner), tracker, adapter, True)
+                loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         t_cal = max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0

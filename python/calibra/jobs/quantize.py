@@ -13,9 +13,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-
-from calibra.data.tokenize import fingerprint
 from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.jobs.common import (
     all_targets,
@@ -407,10 +404,11 @@ def _run(
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
-    from calibra.jobs.common import read_model
+    from calibra.jobs.common import InMemoryLayers, data_fingerprint, read_model
     from calibra.models import get_adapter
     from calibra.quant import act_ranges as ar
     from calibra.quant import mixed as mp
+    from calibra.quant import resume as qresume
     from calibra.quant import save as qsave
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
@@ -433,7 +431,7 @@ def _run(
         if "v" not in tokens_cache:
             tokens_cache["v"] = calibration_tokens(calibration or CalibrationConfig(), tokenizer, model, say)
             if ck is not None:  # a resume on other data is refused here, before any layer runs
-                ck.check_data(tokens_cache["v"][2].get("fingerprint") or fingerprint(*tokens_cache["v"][:2]))
+                ck.check_data(data_fingerprint(*tokens_cache["v"][:3]))
         return tokens_cache["v"]
 
     t_cal = 0.0
@@ -488,8 +486,7 @@ def _run(
     t0 = time.perf_counter()
     final_stats = stats
     run_meta = None
-    if ck is not None:
-        from calibra.quant.resume import LayerSaver, restore
+    loop = InMemoryLayers(adapter, quantizer, ck, restore=qresume.restore, saver=qresume.LayerSaver)
     input_quant = None
     if act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
         ids, mask, run_meta, bs = tokens()
@@ -497,25 +494,8 @@ def _run(
             model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act
         )
     elif is_rtn or stats is not None:
-        from tqdm.auto import tqdm
-
-        if ck is not None:
-            ck.check_data(None if stats is None else "stats")
-        done = restore(ck, quantizer, adapter) if ck is not None else 0
-        saver = LayerSaver(ck, quantizer, adapter) if ck is not None else None
-        with torch.no_grad():
-            for i in tqdm(
-                range(done, len(adapter.layers)),
-                desc="quantizing",
-                unit="layer",
-                disable=not progress,
-                initial=done,
-                total=len(adapter.layers),
-            ):
-                layer = adapter.layers[i]
-                quantizer(i, layer, stats)
-                if saver is not None:
-                    saver(i)
+        loop.resume(None if stats is None else "stats")
+        loop.run_data_free(lambda i, layer, _: quantizer(i, layer, stats), progress=progress, desc="quantizing")
     else:
         ids, mask, run_meta, bs = tokens()
         runner = LayerRunner(
@@ -536,15 +516,8 @@ def _run(
         # the runner drops each layer's statistics with the layer (keep_layer_stats=False): the solver may
         # work in their memory and in the weights' (the same numbers; no second copy of H or W)
         quantizer.consume, quantizer.release = True, runner.release
-        resume_kw = {}
-        if ck is not None:
-            done = restore(ck, quantizer, adapter, runner)
-            resume_kw = {
-                "start_layer": done,
-                "start_hidden": ck.load_hidden(done - 1) if done else None,
-                "after_layer": LayerSaver(ck, quantizer, adapter, runner),
-            }
-        final_stats = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]}, **resume_kw)
+        loop.resume(data_fingerprint(ids, mask, run_meta), runner)
+        final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
     t_cal += max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) or input_quant else 0.0
@@ -815,13 +788,8 @@ def _run_streamed(
             is_rtn=is_rtn,
             device=device,
             dtype=dtype,
-            act_ranges=False,
-            mixed_precision=None,
             quantizer=quantizer,
-            overrides={},
-            smoothed=[],
             plan=plan,
-            extra={},
         )
         if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
@@ -889,15 +857,18 @@ def _report(
     is_rtn,
     device,
     dtype,
-    act_ranges,
-    mixed_precision,
     quantizer,
-    overrides,
-    smoothed,
     plan,
-    extra,
+    act_ranges: bool = False,
+    mixed_precision=None,
+    overrides=None,
+    smoothed=(),
+    extra=None,
 ) -> dict:
-    """report.json without the evaluation, MoE coverage and timings (the caller adds those)."""
+    """report.json without the evaluation, MoE coverage and timings (the caller adds those); the streamed
+    job has no activation ranges, mixed precision or extra sections yet."""
+    overrides = overrides or {}
+    extra = extra or {}
     from calibra.data import CalibrationConfig
     from calibra.export.writer import versions
     from calibra.quant import mixed as mp
