@@ -1,0 +1,141 @@
+"""Quantized fused MoE experts written per expert, under the names the original checkpoint uses.
+
+transformers 5 holds a Mixtral / Qwen-MoE block's experts fused in memory: ``experts.gate_up_proj``
+``[E, 2I, H]`` and ``experts.down_proj`` ``[E, H, I]``. calibra quantizes each expert's 2-D slice as one
+layer, ``<block>.experts.<e>.gate_up_proj`` / ``.down_proj`` (``calibra.quant.apply``). Engines read
+the checkpoint layout instead -- one Linear per expert and projection: Mixtral
+``block_sparse_moe.experts.<e>.w1/w3/w2``, Qwen2/3-MoE ``mlp.experts.<e>.gate_proj/up_proj/down_proj``
+-- and so does transformers' own loader, which re-fuses them (its conversion mapping).
+
+The on-disk names, and which rows of a fused slice each one holds, are not tabulated here per family:
+they are read off transformers' own save-time conversion (``compat.transformers.saved_state``, the one
+``save_pretrained`` uses), run on a probe of the fused parameter whose every row holds its own
+(expert, row) index. Every ``<module>.weight`` the conversion yields is then a run of rows of one
+expert's slice, and the quantized slice is cut at the same rows. Codes, scales and zero points are per
+output row, so the cut is exact; the column groups (and an act-order ``g_idx``) are shared by the
+pieces. A family whose conversion transposes or interleaves the rows is refused by name rather than
+written wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import torch
+
+from calibra.export.writer import ExportError
+
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def _fused_param(name: str) -> tuple[str, int] | None:
+    """``(in-memory parameter key, expert index)`` of a quantized fused-expert slice, else None."""
+    m = _EXPERT.match(name)
+    return None if m is None else (f"{m.group('experts')}.{m.group('proj')}", int(m.group("e")))
+
+
+def pieces(model, key: str) -> dict[int, list[tuple[str, int, int]]]:
+    """``{expert: [(on-disk module name, first row, end row), ...]}`` of the fused parameter ``key``.
+
+    The probe is ``[E, R, 1]`` float64 holding ``e * R + r`` (exact integers): it costs E * R numbers,
+    whatever the width of the parameter."""
+    from calibra.compat.transformers import saved_state
+
+    n_exp, rows = model.get_parameter(key).shape[:2]
+    probe = torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)
+    out: dict[int, list[tuple[str, int, int]]] = {}
+    for disk_key, t in saved_state(model, {key: probe}).items():
+        ok = disk_key.endswith(".weight") and t.dim() == 2 and t.shape[1] == 1 and t.shape[0] >= 1
+        if ok:
+            first = int(t[0, 0])
+            e, r0 = divmod(first, rows)
+            # one expert's consecutive rows, in order
+            ok = torch.equal(t[:, 0].long(), torch.arange(first, first + t.shape[0])) and r0 + t.shape[0] <= rows
+        if not ok:
+            raise ExportError(
+                f"[export] transformers saves the fused experts {key} as {disk_key} {tuple(t.shape)}, which is not "
+                f"a run of rows of one expert; this layout cannot be written per expert here -- export 'dense'"
+            )
+        out.setdefault(e, []).append((disk_key[: -len(".weight")], r0, r0 + t.shape[0]))
+    for e in range(n_exp):
+        spans = sorted((a, b) for _, a, b in out.get(e, []))
+        if sum(b - a for a, b in spans) != rows or any(b != a2 for (_, b), (a2, _) in zip(spans, spans[1:])):
+            raise ExportError(
+                f"[export] transformers' save-time conversion of {key} does not split expert {e} into whole "
+                f"rows ({spans}); export 'dense'"
+            )
+    return out
+
+
+def fused_keys(qmodel) -> set[str]:
+    """In-memory keys of the fused expert parameters whose experts are quantized (written per expert, so
+    the dense remainder skips them). Every expert of a parameter must be quantized, or none."""
+    counts: dict[str, set[int]] = {}
+    for name in qmodel.layers:
+        hit = _fused_param(name)
+        if hit is not None:
+            counts.setdefault(hit[0], set()).add(hit[1])
+    for key, seen in counts.items():
+        n_exp = qmodel.model.get_parameter(key).shape[0]
+        if len(seen) != n_exp:
+            missing = sorted(set(range(n_exp)) - seen)
+            raise ExportError(
+                f"[export] {key}: {len(seen)} of {n_exp} experts are quantized (expert {missing[0]} is not); a "
+                f"checkpoint stores each fused tensor whole -- quantize all its experts, or export 'dense'"
+            )
+    return set(counts)
+
+
+def row_slice(layer, r0: int, r1: int, name: str):
+    """Rows ``r0:r1`` of a QuantizedLayer (per-row codes, scales and zero points; shared column groups)."""
+
+    def rows(t):
+        return None if t is None else t[r0:r1]
+
+    return dataclasses.replace(
+        layer,
+        name=name,
+        codes=rows(layer.codes),
+        scales=rows(layer.scales),
+        zeros=rows(layer.zeros),
+        weight=rows(layer.weight),
+    )
+
+
+def disk_layers(qmodel) -> Iterator[tuple[str, object]]:
+    """``(on-disk module name, QuantizedLayer)`` for every quantized weight: a Linear as it is, a fused
+    expert slice cut into the per-expert Linears the checkpoint holds."""
+    fused_keys(qmodel)  # refuse partly quantized fused tensors first
+    cut: dict[str, dict] = {}  # one probe per fused parameter
+    for name, layer in qmodel.layers.items():
+        hit = _fused_param(name)
+        if hit is None:
+            yield name, layer
+            continue
+        key, e = hit
+        if key not in cut:
+            cut[key] = pieces(qmodel.model, key)
+        for disk, r0, r1 in cut[key][e]:
+            yield disk, row_slice(layer, r0, r1, disk)
+
+
+def router_names(model) -> list[str]:
+    """On-disk module names of the MoE routers (``gate``): they stay dense, and compressed-tensors lists them
+    in ``ignore`` as vLLM's MoE loaders and llm-compressor's recipes expect."""
+    from calibra.compat.transformers import saved_state
+    from calibra.models import get_adapter
+
+    adapter = get_adapter(model)
+    by_id = {id(m): n for n, m in model.named_modules()}
+    names = []
+    for layer in adapter.layers:
+        for block in adapter.moe_blocks(layer):
+            name = by_id.get(id(block.router))
+            weight = getattr(block.router, "weight", None)
+            if name is None or not isinstance(weight, torch.Tensor):
+                continue
+            disk = next(iter(saved_state(model, {f"{name}.weight": weight.new_zeros(1)})), f"{name}.weight")
+            names.append(disk[: -len(".weight")] if disk.endswith(".weight") else name)
+    return names
