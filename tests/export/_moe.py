@@ -22,8 +22,18 @@ def tiny_moe(model_type: str, dtype=torch.float32):
     return model.to(dtype) if dtype != torch.float32 else model
 
 
-def quantize(model, tok, config, *, source: str, seed: int = 0) -> QuantizedModel:
-    """Quantize every target of every decoder layer (fused experts included) in place."""
+def _solve(w, config, name, seed):
+    if isinstance(config, GPTQConfig):
+        h, n = Q._hessian(w.shape[1], seed)
+        return gptq_quantize(w, h, n, config, name=name)
+    return rtn_quantize(w, config, name=name)
+
+
+def quantize(model, tok, config, *, source: str, seed: int = 0, experts: bool = True) -> QuantizedModel:
+    """Quantize every target of every decoder layer in place (``experts=False``: leave the fused experts
+    dense). Fused experts the adapter does not list yet (families without an explicit adapter) are
+    quantized slice by slice under the same names ``calibra.quant.apply`` gives them."""
+    from calibra.compat.transformers import is_fused_experts
     from calibra.models import get_adapter
     from calibra.quant.apply import layer_targets
 
@@ -31,14 +41,21 @@ def quantize(model, tok, config, *, source: str, seed: int = 0) -> QuantizedMode
     layers = {}
     for i, layer in enumerate(adapter.layers):
         for j, t in enumerate(layer_targets(adapter, i, layer)):
+            if t.expert and not experts:
+                continue
             w = t.weight()
-            if isinstance(config, GPTQConfig):
-                h, n = Q._hessian(w.shape[1], seed + 100 * i + j)
-                ql = gptq_quantize(w, h, n, config, name=t.name)
-            else:
-                ql = rtn_quantize(w, config, name=t.name)
+            ql = _solve(w, config, t.name, seed + 100 * i + j)
             t.store(ql.dense().to(w.dtype))
             layers[t.name] = ql
+    for path, mod in model.named_modules() if experts else ():
+        if not is_fused_experts(mod):
+            continue
+        for e in range(mod.gate_up_proj.shape[0]):
+            for j, proj in enumerate(("gate_up_proj", "down_proj")):
+                name, param = f"{path}.{e}.{proj}", getattr(mod, proj)
+                if name not in layers:
+                    layers[name] = ql = _solve(param.data[e], config, name, seed + 7 * e + j)
+                    param.data[e].copy_(ql.dense())
     return QuantizedModel(
         model=model, tokenizer=tok, layers=layers, config=config, source=source, report={"seed": seed}
     )

@@ -165,8 +165,8 @@ def quantization_config(qmodel) -> dict:
     s = scheme(qmodel)
     quantized = set(qmodel.layers)
     ignore = [n for n in _common.linear_names(qmodel.model) if n not in quantized]
-    if experts.fused_keys(qmodel):  # routers stay dense; vLLM's MoE loaders read them from `ignore`
-        ignore += [n for n in experts.router_names(qmodel.model) if n not in ignore]
+    # MoE routers and unquantized fused experts, under their on-disk names (vLLM's MoE loaders read them)
+    ignore += [n for n in experts.dense_names(qmodel) if n not in ignore]
     return {
         "quant_method": "compressed-tensors",
         "format": s["format"],

@@ -121,21 +121,38 @@ def disk_layers(qmodel) -> Iterator[tuple[str, object]]:
             yield disk, row_slice(layer, r0, r1, disk)
 
 
-def router_names(model) -> list[str]:
-    """On-disk module names of the MoE routers (``gate``): they stay dense, and compressed-tensors lists them
-    in ``ignore`` as vLLM's MoE loaders and llm-compressor's recipes expect."""
-    from calibra.compat.transformers import saved_state
-    from calibra.models import get_adapter
+def _fused_modules(model) -> Iterator[tuple[str, torch.nn.Module]]:
+    from calibra.compat.transformers import is_fused_experts
 
-    adapter = get_adapter(model)
-    by_id = {id(m): n for n, m in model.named_modules()}
-    names = []
-    for layer in adapter.layers:
-        for block in adapter.moe_blocks(layer):
-            name = by_id.get(id(block.router))
-            weight = getattr(block.router, "weight", None)
-            if name is None or not isinstance(weight, torch.Tensor):
-                continue
-            disk = next(iter(saved_state(model, {f"{name}.weight": weight.new_zeros(1)})), f"{name}.weight")
-            names.append(disk[: -len(".weight")] if disk.endswith(".weight") else name)
+    return ((n, m) for n, m in model.named_modules() if is_fused_experts(m))
+
+
+def _disk_module(model, name: str, weight: torch.Tensor) -> str:
+    """The on-disk module name of the in-memory module ``name`` (transformers' save-time renaming, e.g.
+    Mixtral's ``mlp`` -> ``block_sparse_moe``)."""
+    from calibra.compat.transformers import saved_state
+
+    disk = next(iter(saved_state(model, {f"{name}.weight": weight.new_zeros(1)})), f"{name}.weight")
+    return disk[: -len(".weight")] if disk.endswith(".weight") else name
+
+
+def dense_names(qmodel) -> list[str]:
+    """On-disk module names that an MoE checkpoint keeps dense and compressed-tensors lists in ``ignore``
+    (vLLM's MoE loaders and llm-compressor's recipes read it so): the routers -- each fused experts
+    module's sibling with a ``[num_experts, hidden]`` weight (``gate``, ``router``) -- and the experts of
+    a fused tensor left unquantized, per expert. Empty for a model without fused experts."""
+    model = qmodel.model
+    quantized = fused_keys(qmodel)
+    names: list[str] = []
+    for path, mod in _fused_modules(model):
+        block = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        n_exp = mod.gate_up_proj.shape[0]
+        for child_name, child in block.named_children():
+            w = getattr(child, "weight", None)
+            if child is not mod and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n_exp:
+                names.append(_disk_module(model, f"{path.rpartition('.')[0]}.{child_name}".lstrip("."), w))
+        for proj in ("gate_up_proj", "down_proj"):
+            key = f"{path}.{proj}"
+            if key not in quantized:
+                names += [disk for cut in pieces(model, key).values() for disk, _, _ in cut]
     return names
