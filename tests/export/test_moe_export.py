@@ -347,3 +347,28 @@ def test_builtin_tiny_moe_quantize_exports_both(tmp_path):
     assert len(want) == n_layers * n_exp * 3
     for name, w in want.items():
         torch.testing.assert_close(_gptq_dequant(t, name, 4, True), w.float(), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [RTNConfig(bits=4, group_size=32, sym=False), RTNConfig(bits=4, group_size=16, format="nvfp4")],
+    ids=["int4-asym-g32", "nvfp4"],
+)
+def test_moe_ct_export_evaluates_layer_by_layer(tmp_path, cfg, capsys):
+    """The exports transformers cannot load (asymmetric, NVFP4 experts) are evaluated by calibra's own
+    layer-by-layer reader -- its default for them -- which re-fuses the per-expert tensors at transformers'
+    rows: the perplexity of calibra's simulated model."""
+    import calibra
+
+    protocol = dict(max_tokens=512, seq_len=128, progress=False)
+    qm, _ = calibra.quantize(
+        "builtin:tiny-moe", cfg, output=str(tmp_path / "q"), export="compressed-tensors", evaluate=False,
+        progress=False, echo=None,
+    )  # fmt: skip
+    layered = calibra.evaluate(str(tmp_path / "q"), **protocol)  # stream=None: layer by layer for these
+    assert "evaluating it layer by layer" in capsys.readouterr().err
+    simulated = calibra.evaluate(qm.model, tokenizer=qm.tokenizer, **protocol)
+    assert layered.tokens == simulated.tokens
+    assert abs(layered.ppl - simulated.ppl) <= 1e-5 * simulated.ppl, (layered.ppl, simulated.ppl)
+    unquantized = calibra.evaluate("builtin:tiny-moe", **protocol)
+    assert abs(unquantized.ppl - simulated.ppl) > 1e-3 * simulated.ppl  # the check can fail

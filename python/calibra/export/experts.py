@@ -37,36 +37,14 @@ def _fused_param(name: str) -> tuple[str, int] | None:
 
 
 def pieces(model, key: str) -> dict[int, list[tuple[str, int, int]]]:
-    """``{expert: [(on-disk module name, first row, end row), ...]}`` of the fused parameter ``key``.
+    """``{expert: [(on-disk module name, first row, end row), ...]}`` of the fused parameter ``key``
+    (``compat.transformers.fused_expert_layout``), or ExportError naming the layout."""
+    from calibra.compat.transformers import fused_expert_layout
 
-    The probe is ``[E, R, 1]`` float64 holding ``e * R + r`` (exact integers): it costs E * R numbers,
-    whatever the width of the parameter."""
-    from calibra.compat.transformers import saved_state
-
-    n_exp, rows = model.get_parameter(key).shape[:2]
-    probe = torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)
-    out: dict[int, list[tuple[str, int, int]]] = {}
-    for disk_key, t in saved_state(model, {key: probe}).items():
-        ok = disk_key.endswith(".weight") and t.dim() == 2 and t.shape[1] == 1 and t.shape[0] >= 1
-        if ok:
-            first = int(t[0, 0])
-            e, r0 = divmod(first, rows)
-            # one expert's consecutive rows, in order
-            ok = torch.equal(t[:, 0].long(), torch.arange(first, first + t.shape[0])) and r0 + t.shape[0] <= rows
-        if not ok:
-            raise ExportError(
-                f"[export] transformers saves the fused experts {key} as {disk_key} {tuple(t.shape)}, which is not "
-                f"a run of rows of one expert; this layout cannot be written per expert here -- export 'dense'"
-            )
-        out.setdefault(e, []).append((disk_key[: -len(".weight")], r0, r0 + t.shape[0]))
-    for e in range(n_exp):
-        spans = sorted((a, b) for _, a, b in out.get(e, []))
-        if sum(b - a for a, b in spans) != rows or any(b != a2 for (_, b), (a2, _) in zip(spans, spans[1:])):
-            raise ExportError(
-                f"[export] transformers' save-time conversion of {key} does not split expert {e} into whole "
-                f"rows ({spans}); export 'dense'"
-            )
-    return out
+    try:
+        return fused_expert_layout(model, key)
+    except ValueError as e:
+        raise ExportError(f"[export] {e}: this layout cannot be written per expert here -- export 'dense'") from e
 
 
 def fused_keys(qmodel) -> set[str]:
@@ -130,9 +108,9 @@ def _fused_modules(model) -> Iterator[tuple[str, torch.nn.Module]]:
 def _disk_module(model, name: str, weight: torch.Tensor) -> str:
     """The on-disk module name of the in-memory module ``name`` (transformers' save-time renaming, e.g.
     Mixtral's ``mlp`` -> ``block_sparse_moe``)."""
-    from calibra.compat.transformers import saved_state
+    from calibra.compat.transformers import disk_name
 
-    disk = next(iter(saved_state(model, {f"{name}.weight": weight.new_zeros(1)})), f"{name}.weight")
+    disk = disk_name(model, f"{name}.weight", tuple(weight.shape)) or f"{name}.weight"
     return disk[: -len(".weight")] if disk.endswith(".weight") else name
 
 
