@@ -8,8 +8,8 @@ the checkpoint layout instead -- one Linear per expert and projection: Mixtral
 -- and so does transformers' own loader, which re-fuses them (its conversion mapping).
 
 The on-disk names, and which rows of a fused slice each one holds, are not tabulated here per family:
-they are read off transformers' own save-time conversion (``compat.transformers.saved_state``, the one
-``save_pretrained`` uses), run on a probe of the fused parameter whose every row holds its own
+they are read off transformers' own save-time conversion (the one ``save_pretrained`` uses;
+``compat.transformers.fused_expert_layout``), run on a probe of the fused parameter whose every row holds its own
 (expert, row) index. Every ``<module>.weight`` the conversion yields is then a run of rows of one
 expert's slice, and the quantized slice is cut at the same rows. Codes, scales and zero points are per
 output row, so the cut is exact; the column groups (and an act-order ``g_idx``) are shared by the
