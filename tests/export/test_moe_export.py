@@ -299,6 +299,27 @@ def test_dense_experts_are_listed_in_ignore(tmp_path, tok):
     assert torch.equal(got["model.layers.0.mlp.experts.1.up_proj"], fused[fused.shape[0] // 2 :])
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
+def test_experts_saved_fused_stay_dense_or_are_refused(tmp_path, tok, family):
+    """gpt-oss and GraniteMoE checkpoints store their experts fused (transposed/interleaved, or as one
+    3-D ``input_linear``): with the attention quantized and the experts dense, the compressed-tensors export
+    loads in transformers with calibra's logits; quantized experts there are refused, naming the layout."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = RTNConfig(bits=4, group_size=16)
+    qm = M.quantize(M.tiny_moe(family), tok, cfg, source=f"test:{family}", experts=False)
+    p = E.export(qm, tmp_path / "ct", "compressed-tensors")[0]
+    x = Q.ids()
+    diff = float(
+        (Q.logits(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32), x) - Q.logits(qm.model, x)).abs().max()
+    )
+    assert diff <= TOL, diff
+    qm = M.quantize(M.tiny_moe(family), tok, cfg, source=f"test:{family}")
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(E.ExportError, match="not a run of rows of one expert"):
+            E.export(qm, tmp_path / fmt, fmt)
+
+
 def test_partly_quantized_fused_experts_are_refused(tmp_path, tok):
     model = M.tiny_moe("mixtral")
     qm = M.quantize(model, tok, RTNConfig(bits=4, group_size=32), source="test:mixtral")

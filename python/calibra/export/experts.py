@@ -118,7 +118,10 @@ def dense_names(qmodel) -> list[str]:
     """On-disk module names that an MoE checkpoint keeps dense and compressed-tensors lists in ``ignore``
     (vLLM's MoE loaders and llm-compressor's recipes read it so): the routers -- each fused experts
     module's sibling with a ``[num_experts, hidden]`` weight (``gate``, ``router``) -- and the experts of
-    a fused tensor left unquantized, per expert. Empty for a model without fused experts."""
+    a fused tensor left unquantized, per expert (when the checkpoint stores them per expert). Empty for a
+    model without fused experts."""
+    from calibra.compat.transformers import fused_expert_layout
+
     model = qmodel.model
     quantized = fused_keys(qmodel)
     names: list[str] = []
@@ -131,6 +134,11 @@ def dense_names(qmodel) -> list[str]:
                 names.append(_disk_module(model, f"{path.rpartition('.')[0]}.{child_name}".lstrip("."), w))
         for proj in ("gate_up_proj", "down_proj"):
             key = f"{path}.{proj}"
-            if key not in quantized:
-                names += [disk for cut in pieces(model, key).values() for disk, _, _ in cut]
+            if key in quantized:
+                continue
+            try:
+                layout = fused_expert_layout(model, key)
+            except ValueError:  # saved fused (gpt-oss, GraniteMoE, Llama 4): no per-expert Linear to list
+                continue
+            names += [disk for cut in layout.values() for disk, _, _ in cut]
     return names
