@@ -88,9 +88,10 @@ def _expected_slices(qm, family):
     [
         RTNConfig(bits=4, group_size=32, sym=True),
         RTNConfig(bits=8, group_size=-1, sym=True),
+        RTNConfig(bits=3, group_size=32, sym=True),
         GPTQConfig(bits=4, group_size=32),
     ],
-    ids=["int4-g32", "int8-channel", "gptq-int4-g32"],
+    ids=["int4-g32", "int8-channel", "int3-g32", "gptq-int4-g32"],
 )
 def test_ct_moe_loads_in_transformers_and_matches(tmp_path, tok, family, cfg):
     from transformers import AutoModelForCausalLM
