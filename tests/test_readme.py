@@ -5,7 +5,7 @@ The commands are taken from the README's ```bash blocks: every line that starts 
 lines (`pip ...`, `pytest ...`, `tools/...`) are not run. Every command runs as written; the commands of
 the section "One example per verb" also run with the other built-in model in place of the one they name,
 so every verb's example is shown to work on both `builtin:tiny-llama` and `builtin:tiny-moe`. (The
-Quickstart exports compressed-tensors, which refuses quantized MoE experts, so it names tiny-llama only.)
+Quickstart quotes tiny-llama's numbers, so it names tiny-llama only.)
 The commands of one model run in order in one temporary folder, because later commands read what earlier
 ones wrote (eval reads the quantized model).
 

@@ -141,6 +141,30 @@ def test_saved_state_splits_fused_experts_to_disk_names():
     assert "model.layers.0.self_attn.q_proj.weight" in disk
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_fused_experts_are_saved_as_row_runs_of_one_expert(arch):
+    """``fused_expert_layout`` reads where each expert's rows go on disk; the real save of a real
+    tensor puts exactly those rows there (gate rows first, then up)."""
+    model = build(arch)
+    experts = next(m for n, m in model.named_modules() if compat.is_fused_experts(m))
+    path = next(n for n, m in model.named_modules() if m is experts)
+    for proj in ("gate_up_proj", "down_proj"):
+        key = f"{path}.{proj}"
+        layout = compat.fused_expert_layout(model, key)
+        disk = compat.saved_state(model, {key: getattr(experts, proj).detach()})
+        fused = getattr(experts, proj)
+        assert sorted(layout) == list(range(fused.shape[0]))
+        for e, cut in layout.items():
+            assert [r0 for _, r0, _ in sorted(cut, key=lambda c: c[1])][0] == 0
+            for name, r0, r1 in cut:
+                assert torch.equal(disk[f"{name}.weight"], fused[e, r0:r1])
+        if proj == "gate_up_proj":  # two pieces per expert: gate then up
+            assert all(len(cut) == 2 for cut in layout.values())
+    router = next(n for n, _ in model.named_parameters() if n.endswith("gate.weight"))
+    want = router.replace(".mlp.", ".block_sparse_moe.") if arch == "mixtral" else router  # Mixtral's renaming
+    assert compat.disk_name(model, router, tuple(model.get_parameter(router).shape)) == want
+
+
 def test_saved_state_keeps_dense_models_unchanged(llama):
     sd = llama.state_dict()
     assert set(compat.saved_state(llama, sd)) == set(sd)

@@ -117,15 +117,24 @@ def test_mixed_precision_budget_checked(llama_folder, tmp_path, no_load):
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "mlx"])
 def test_export_refusals_that_need_no_weights_come_before_load(moe_folder, llama_folder, tmp_path, no_load, fmt):
-    """Fused MoE experts and MR-GPTQ's rotation are refused by the engine formats whatever the weights:
-    before the model loads, not after its calibration."""
+    """MR-GPTQ's rotation (every engine format) and fused MoE experts (formats that do not write them per
+    expert: mlx, gguf) are refused whatever the weights: before the model loads, not after calibration."""
     from calibra.export import ExportError
 
-    with pytest.raises(ExportError, match=rf"\[export\] {fmt}: quantized fused MoE expert weights"):
-        _q(moe_folder, GPTQConfig(group_size=32), tmp_path / "o", export=fmt)
+    if fmt == "mlx":
+        with pytest.raises(ExportError, match=rf"\[export\] {fmt}: quantized fused MoE expert weights"):
+            _q(moe_folder, GPTQConfig(group_size=32), tmp_path / "o", export=fmt)
     with pytest.raises(ExportError, match="Hadamard rotation"):
         _q(llama_folder, MRGPTQConfig(), tmp_path / "o", export=fmt)
     assert not (tmp_path / "o").exists()
+
+
+def test_moe_engine_exports_pass_the_precheck():
+    """compressed-tensors and GPTQ write fused experts per expert: the pre-load check lets them through."""
+    from calibra.export import precheck
+
+    names = ["model.layers.0.mlp.experts.0.gate_up_proj", "model.layers.0.mlp.experts.0.down_proj"]
+    assert precheck("compressed-tensors,gptq", names, rotated=False) == ["compressed-tensors", "gptq"]
 
 
 def test_the_executable_prints_user_errors_and_keeps_tracebacks_for_bugs(llama_folder, tmp_path, capsys, monkeypatch):

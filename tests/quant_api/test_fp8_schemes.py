@@ -176,6 +176,9 @@ def test_moe_experts_get_finite_recorded_scales(moe_folder, tmp_path):
     aq = rep["activation_quant"]
     assert aq["not_simulated"] == []  # fused experts too: their per-expert linears are quantized
     assert aq["fallbacks"] == sorted(n for n in experts if qm.input_quant[n].fallback)
+    # transformers would load these experts dense and run them on unquantized inputs: not exported
+    with pytest.raises(calibra.export.ExportError, match="activation quantization of fused MoE experts"):
+        calibra.export(qm, tmp_path / "ct", "compressed-tensors")
 
 
 def test_fused_experts_inputs_simulated_per_expert(moe_folder):

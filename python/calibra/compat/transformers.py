@@ -22,7 +22,8 @@ The assumptions:
 3. **RoPE reaches the attention as ``position_embeddings=(cos, sin)``**, computed once per forward by
    ``model.model.rotary_emb(x, position_ids)`` with ``cos``/``sin`` of shape ``[batch, seq, head_dim]``.
 4. **Save-time renaming** (``transformers.core_model_loading.revert_weight_conversion``): transformers 5
-   fuses some tensors in memory (MoE experts) and saves them under their on-disk names.
+   fuses some tensors in memory (MoE experts) and saves them under their on-disk names; a fused expert
+   tensor is saved as runs of consecutive rows of one expert (:func:`fused_expert_layout`).
 5. **MoE routers** return either ``(logits, scores, top_k_index)`` (the 5.x ``TopKRouter`` modules;
    raw logits from 5.6 on -- before, the first element was already soft-maxed) or plain logits (an
    ``nn.Linear`` gate, soft-maxed and top-k'd by the caller).
@@ -123,6 +124,41 @@ def saved_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     from transformers.core_model_loading import revert_weight_conversion
 
     return dict(revert_weight_conversion(model, state))
+
+
+def disk_name(model, name: str, shape: tuple[int, ...] = (1,)) -> str | None:
+    """The on-disk key of the in-memory tensor ``name`` when ``save_pretrained`` writes it whole under one
+    name (a rename, e.g. Mixtral's ``mlp.`` -> ``block_sparse_moe.``); None when it is split."""
+    out = saved_state(model, {name: torch.empty(shape, device="meta")})
+    return next(iter(out)) if len(out) == 1 else None
+
+
+def fused_expert_layout(model, key: str) -> dict[int, list[tuple[str, int, int]]]:
+    """``{expert: [(on-disk module, first row, end row), ...]}``: where ``save_pretrained`` writes each
+    expert of the fused parameter ``key`` ``[E, R, C]`` (e.g. ``experts.gate_up_proj`` -> ``experts.<e>.w1``
+    rows ``0:I`` and ``.w3`` rows ``I:2I``). Learned from the save-time conversion itself, run on a probe
+    ``[E, R, 1]`` holding ``e * R + r`` (exact in float64, E * R numbers whatever the width); ValueError
+    when a piece is not a run of consecutive rows of one expert (a transposing or interleaving layout)."""
+    n_exp, rows = model.get_parameter(key).shape[:2]
+    probe = torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)
+    out: dict[int, list[tuple[str, int, int]]] = {}
+    for disk_key, t in saved_state(model, {key: probe}).items():
+        ok = disk_key.endswith(".weight") and t.dim() == 2 and t.shape[1] == 1 and t.shape[0] >= 1
+        if ok:
+            first = int(t[0, 0])
+            e, r0 = divmod(first, rows)
+            ok = torch.equal(t[:, 0].long(), torch.arange(first, first + t.shape[0])) and r0 + t.shape[0] <= rows
+        if not ok:
+            raise ValueError(
+                f"transformers saves the fused experts {key} as {disk_key} {tuple(t.shape)}, which is not a run "
+                f"of rows of one expert"
+            )
+        out.setdefault(e, []).append((disk_key[: -len(".weight")], r0, r0 + t.shape[0]))
+    for e in range(n_exp):
+        spans = sorted((a, b) for _, a, b in out.get(e, []))
+        if sum(b - a for a, b in spans) != rows or any(b != a2 for (_, b), (a2, _) in zip(spans, spans[1:])):
+            raise ValueError(f"transformers' save-time conversion of {key} does not split expert {e} into rows {spans}")
+    return out
 
 
 # -- 5. routers ---------------------------------------------------------------------------------------------

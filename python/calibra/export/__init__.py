@@ -77,7 +77,8 @@ def precheck(format, names, *, rotated: bool, transposed=()) -> list[str]:
     for f in fmts:
         if f != "dense":
             _common.refuse_rotation(stub, f)
-            _common.refuse_experts(stub, f)
+            if not getattr(_MODULES[f], "WRITES_EXPERTS", False):
+                _common.refuse_experts(stub, f)
             _common.refuse_transposed(transposed, f)
     return fmts
 

@@ -33,8 +33,8 @@ def refuse_experts(qmodel, fmt: str) -> None:
     if experts:
         raise ExportError(
             f"[export] {fmt}: quantized fused MoE expert weights ({len(experts)}, e.g. {experts[0]}) are not "
-            f"written by this exporter yet (no loader of transformers 5.23 was verified to load them quantized); "
-            f"export 'dense', or quantize the attention/dense layers only"
+            f"written by this exporter; export 'compressed-tensors' or 'gptq' (per-expert weights under the "
+            f"checkpoint's names), or 'dense'"
         )
 
 

@@ -25,24 +25,26 @@ unsigned zero through the signed packer (that adds the offset twice).
   ``initialize_attn_qparams``; the names vLLM reads).
 
 Refused (FAULTS row 12): act-order with dynamic groups (compressed-tensors removed ``actorder:
-group``), MR-GPTQ rotations, MXFP4 layers (not verified here), fused MoE experts.
+group``), MR-GPTQ rotations, MXFP4 layers (not verified here). Fused MoE experts are written per expert
+under the checkpoint's names (``calibra.export.experts``), their routers listed in ``ignore``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from calibra.export import _common
+from calibra.export import _common, experts
 from calibra.export.writer import ExportError
 from calibra.ops import pack
 
 NAME = "compressed-tensors"
+WRITES_EXPERTS = True  # fused MoE experts, per expert (export/experts.py)
 CT_VERSION = "0.20.0"
 
 
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
-    _common.refuse_experts(qmodel, NAME)
+    fused = experts.fused_keys(qmodel)  # fused MoE experts are written per expert (export/experts.py)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt not in ("int", "nvfp4", "fp8"):
         raise ExportError(
@@ -61,6 +63,14 @@ def check(qmodel) -> None:
         if len(kinds) != 1 or set(iq) != set(qmodel.layers):
             raise ExportError(
                 f"[export] {NAME}: every quantized layer must share one activation scheme (static or dynamic)"
+            )
+        if fused:
+            # transformers 5.25 loads fused experts dequantized and runs them on unquantized inputs, so the
+            # checkpoint would compute something else than the simulation (|dlogits| 1e-2 on a tiny Mixtral)
+            raise ExportError(
+                f"[export] {NAME}: activation quantization of fused MoE experts is not exported (transformers "
+                f"loads the experts dense and would run them without the input quantization); quantize "
+                f"weight-only, or export 'dense'"
             )
     for name, l in qmodel.layers.items():
         if not _common.trivial_g_idx(l):
@@ -158,6 +168,8 @@ def quantization_config(qmodel) -> dict:
     s = scheme(qmodel)
     quantized = set(qmodel.layers)
     ignore = [n for n in _common.linear_names(qmodel.model) if n not in quantized]
+    # MoE routers and unquantized fused experts, under their on-disk names (vLLM's MoE loaders read them)
+    ignore += [n for n in experts.dense_names(qmodel) if n not in ignore]
     return {
         "quant_method": "compressed-tensors",
         "format": s["format"],
@@ -217,8 +229,8 @@ def write_streamed_files(qmodel, folder) -> None:
 
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
-    out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel))
-    for name, l in qmodel.layers.items():
+    out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel))
+    for name, l in experts.disk_layers(qmodel):
         out.update(layer_tensors(name, l))
     for name, iq in (getattr(qmodel, "input_quant", None) or {}).items():
         if not iq.dynamic:

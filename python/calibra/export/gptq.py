@@ -15,25 +15,26 @@ GPTQModel.load refuses v1 asymmetric). The label always matches the zeros: a v2 
 
 The fp16 scales round calibra's scales once (float32/bfloat16 models), so a GPTQ export differs from
 the simulated model by that rounding; a scale beyond fp16's range is refused.
-Refused: non-int layers, bits other than 2/3/4/8, widths not divisible by 32, MR-GPTQ rotations,
-fused MoE experts.
+Refused: non-int layers, bits other than 2/3/4/8, widths not divisible by 32, MR-GPTQ rotations.
+Fused MoE experts are written per expert under the checkpoint's names (``calibra.export.experts``):
+``experts.<e>.w1.qweight`` etc., the layout vLLM's GPTQ MoE loaders and GPTQModel's model definitions read.
 """
 
 from __future__ import annotations
 
 import torch
 
-from calibra.export import _common
+from calibra.export import _common, experts
 from calibra.export.writer import ExportError, write_json
 from calibra.ops import pack
 
 NAME = "gptq"
+WRITES_EXPERTS = True  # fused MoE experts, per expert (export/experts.py)
 _BITS = (2, 3, 4, 8)
 
 
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
-    _common.refuse_experts(qmodel, NAME)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt != "int":
         raise ExportError(
@@ -45,9 +46,9 @@ def check(qmodel) -> None:
             f"[export] {NAME} supports bits {_BITS}, the model has {bits}-bit layers; use "
             f"'compressed-tensors' or re-quantize"
         )
-    bad = [
+    bad = [  # the Linears as written: fused MoE experts cut per expert (export/experts.py)
         f"{n} {tuple(l.codes.shape)}"
-        for n, l in qmodel.layers.items()
+        for n, l in experts.disk_layers(qmodel)
         if l.codes.shape[0] % 32 or l.codes.shape[1] % 32
     ]
     if bad:
@@ -115,8 +116,8 @@ def quantize_config(qmodel) -> dict:
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
     ckpt = checkpoint_format(qmodel)
-    out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel))
-    for name, l in qmodel.layers.items():
+    out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel))
+    for name, l in experts.disk_layers(qmodel):
         out.update(layer_tensors(name, l, ckpt))
     return out
 

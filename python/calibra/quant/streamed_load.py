@@ -192,6 +192,67 @@ class CompressedTensorsStore:
         return self.raw.bytes_read
 
 
+class CheckpointNames:
+    """A store's tensors under the model's in-memory names when the checkpoint holds transformers' on-disk
+    ones (an engine export of an MoE model): a renamed tensor (Mixtral's ``block_sparse_moe.gate``) is read
+    under its disk name, and a fused expert tensor (``experts.gate_up_proj [E, 2I, H]``) is assembled from
+    the per-expert ``.weight`` tensors -- dequantized by the inner store when they are quantized -- at the
+    rows transformers' own conversion puts them (``compat.transformers.fused_expert_layout``)."""
+
+    def __init__(self, inner, model):
+        self.inner, self.model, self.folder = inner, model, inner.folder
+        self._where: dict[str, object] = {}
+
+    def _tensor(self, name: str):
+        owner, _, attr = name.rpartition(".")
+        try:
+            mod = self.model.get_submodule(owner) if owner else self.model
+        except AttributeError:
+            return None, None
+        return mod, getattr(mod, attr, None)
+
+    def _source(self, name: str):
+        """``name`` itself, its on-disk name, a fused expert layout, or None (not in the checkpoint)."""
+        if name in self._where:
+            return self._where[name]
+        from calibra.compat.transformers import disk_name, fused_expert_layout, is_fused_experts
+
+        src = name if name in self.inner else None
+        mod, t = self._tensor(name) if src is None else (None, None)
+        if isinstance(t, torch.Tensor) and is_fused_experts(mod) and name.endswith(("gate_up_proj", "down_proj")):
+            try:
+                layout = fused_expert_layout(self.model, name)
+            except ValueError:
+                layout = None
+            if layout and all(f"{d}.weight" in self.inner for cut in layout.values() for d, _, _ in cut):
+                src = layout
+        elif isinstance(t, torch.Tensor):
+            disk = disk_name(self.model, name, tuple(t.shape))
+            src = disk if disk is not None and disk in self.inner else None
+        self._where[name] = src
+        return src
+
+    def __contains__(self, name: str) -> bool:
+        return self._source(name) is not None
+
+    def read(self, name: str, count: int | None = None) -> torch.Tensor:
+        src = self._source(name)
+        if not isinstance(src, dict):
+            return self.inner.read(name if src is None else src, count)
+        out = None
+        for e, cut in src.items():
+            for disk, r0, r1 in cut:
+                w = self.inner.read(f"{disk}.weight")
+                if out is None:
+                    out = torch.empty(tuple(self.model.get_parameter(name).shape), dtype=w.dtype)
+                out[e, r0:r1] = w
+        return out if count is None else out.reshape(-1)[:count]
+
+    @property
+    def bytes_read(self) -> int:
+        return self.inner.bytes_read
+
+
 def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtype) -> StreamedModel:
     """The streamed simulated model of a quantized ``folder`` -- calibra's own or a weight-only
     compressed-tensors export (:func:`ct_weight_scheme`) -- its weights dequantized as each module loads."""
@@ -211,7 +272,7 @@ def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtyp
         transposed = frozenset(n for n, m in model.named_modules() if is_conv1d(m))
         store = DequantizedStore(folder, manifest, transposed)
     elif qcfg:  # (engine exports refuse GPT-2's Conv1D, so nothing is transposed here)
-        store = CompressedTensorsStore(folder, qcfg, dtype)
+        store = CheckpointNames(CompressedTensorsStore(folder, qcfg, dtype), model)
     else:
         raise ValueError(f"[eval] {folder.path}: neither calibra's quantized folder nor a quantized checkpoint")
     return StreamedModel(model, store, dtype)
@@ -229,4 +290,10 @@ def _without_quantization(model_config):
     return cfg
 
 
-__all__ = ["CompressedTensorsStore", "DequantizedStore", "ct_weight_scheme", "open_streamed_quantized"]
+__all__ = [
+    "CheckpointNames",
+    "CompressedTensorsStore",
+    "DequantizedStore",
+    "ct_weight_scheme",
+    "open_streamed_quantized",
+]
