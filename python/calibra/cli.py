@@ -111,6 +111,13 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if run_selftest(device=args.device, verbose=True) else 1
 
 
+def _writer_rank() -> bool:
+    """False on the ranks of a torch.distributed job that do not write (they print no summary either)."""
+    from calibra.jobs.distributed import current_world
+
+    return current_world().writer
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import os
     import time
@@ -141,7 +148,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         **_read_opts(args),
     )
-    if args.dry_run:
+    if args.dry_run or not _writer_rank():
         return 0
     seconds = time.perf_counter() - t0
     size = os.path.getsize(args.output)
@@ -944,16 +951,20 @@ def _user_errors() -> tuple:
 def run(argv: list[str] | None = None) -> int:
     """The ``calibra`` executable: :func:`main`, with a user error printed as one ``calibra: error:`` line
     (exit 2) instead of a traceback, and Ctrl-C as exit 130. ``CALIBRA_TRACEBACK=1`` shows tracebacks."""
+    from calibra.jobs.distributed import rank_label, shutdown
+
     try:
         return main(argv)
     except KeyboardInterrupt as e:
-        print(f"calibra: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"calibra{rank_label()}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("CALIBRA_TRACEBACK") or not isinstance(e, _user_errors()):
             raise
-        print(f"calibra: error: {e}", file=sys.stderr)
+        print(f"calibra{rank_label()}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

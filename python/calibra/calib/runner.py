@@ -232,6 +232,7 @@ class LayerRunner:
         keep_layer_stats: bool = True,
         collect_on_demand: bool = False,
         weights=None,
+        combine: Callable | None = None,
     ):
         if adapter is None:
             from calibra.models import get_adapter
@@ -255,6 +256,9 @@ class LayerRunner:
         self.check, self.progress, self.desc = check_finite, progress, desc
         self.keep_layer_stats = keep_layer_stats
         self.weights = weights
+        # data parallelism: combine(holders, select) merges the statistics a pass collected with the
+        # other ranks' before anything reads them (calibra.calib.distributed.all_reduce_statistics)
+        self.combine = combine
         self.seconds = 0.0
         # per-batch context read by the hooks
         self._mask: torch.Tensor | None = None
@@ -570,20 +574,7 @@ class LayerRunner:
             )
         _, hidden, kwargs, masks, ids_of, tokens, extra = ctx
         only = None if modules is None else set(modules)
-        if only is None:
-            prefix = self.adapter.layer_name(index) + "."
-
-            def stale(k):
-                return prefix in k
-        else:
-            _, blocks = self._hooked_keys(index, layer, only)
-            block_keys = [k for k, _ in blocks]
-
-            def stale(k):
-                return k.split("/")[-1] in only or any(
-                    k.split("/")[-1] == b or b + ".experts." in k for b in block_keys
-                )
-
+        stale = self._selector(index, layer, only)
         for o in list(self.observers) + ([self.moe] if self.moe is not None else []):
             for k in [k for k in o.tensors if stale(k)]:
                 del o.tensors[k]
@@ -594,6 +585,18 @@ class LayerRunner:
                 del self.moe.sample_counts[k]
         self._forward_layer(index, layer, hidden, kwargs, masks, ids_of, keep=False, only=only)
         return self.stats(tokens, extra)
+
+    def _selector(self, index: int, layer: nn.Module, only: set[str] | None) -> Callable[[str], bool]:
+        """Which statistics names (``kind/field/key``, counts ``kind/key``) a pass over layer ``index``
+        writes: all of the layer's, or ``only``'s modules' (an MoE block's: its experts' too)."""
+        if only is None:
+            prefix = self.adapter.layer_name(index) + "."
+            return lambda k: prefix in k
+        _, blocks = self._hooked_keys(index, layer, only)
+        block_keys = [k for k, _ in blocks]
+        return lambda k: (
+            k.split("/")[-1] in only or any(k.split("/")[-1] == b or b + ".experts." in k for b in block_keys)
+        )
 
     def input_groups(self, index: int, layer: nn.Module) -> list[list[str]]:
         """Inside ``on_layer`` of layer ``index``: the statistics keys of the layer's Linear-like modules in
@@ -702,6 +705,9 @@ class LayerRunner:
                 if keep:
                     self._guard(out, f"output of {self.adapter.layer_name(i)}")
                     outs.append(out.to("cpu"))
+            if self.combine is not None and (keys or self.moe is not None):
+                holders = list(self.observers) + ([self.moe] if self.moe is not None else [])
+                self.combine(holders, self._selector(i, layer, only))
         finally:
             self._pending = None
             self._last_input = self._last_checked = None  # a batch's input can be 235 MB (8B's down_proj)

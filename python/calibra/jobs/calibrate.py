@@ -78,13 +78,31 @@ def calibrate(
         allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
         dry_run: check everything, print the memory plan (``calibra.jobs.plan``) and return None without loading
             a weight.
+
+    Under ``torchrun`` (or inside an initialized process group) the samples are split over the ranks and
+    every layer's statistics are summed across them in float64 (``calibra.jobs.distributed``); every rank
+    returns the statistics of the whole set, rank 0 writes ``output``.
     """
     from calibra.calib import LayerRunner, coverage_table, refresh_coverage, select_samples_for_coverage
     from calibra.data import CalibrationConfig, CalibrationDataset, resolve_config, tokenize_calibration
     from calibra.data.config import model_max_positions
+    from calibra.jobs.distributed import current_world, refuse
 
     say = echo or (lambda *a, **k: None)
     obs, hd = _check_args(observers, hessian_dtype, moe_quota, moe_tau, moe_pool)
+    world = current_world("calibrate")
+    refuse(
+        world,
+        "calibrate",
+        [
+            (moe_quota is not None, "router-guided sample selection (--moe-quota) is not distributed yet"),
+            (on_layer is not None, "an on_layer callback is not distributed yet"),
+        ],
+    )
+    if world.distributed:
+        hd = torch.float64  # the sums across ranks do not depend on the number of ranks (module docstring)
+        if not world.writer:
+            say = lambda *a, **k: None  # noqa: E731 - one rank speaks
     calibration = CalibrationConfig() if calibration is None else calibration
     read = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     model_config = model_config_of(model, **read)
@@ -169,6 +187,9 @@ def calibrate(
             selected_indices=selection.indices,
         )
     t0 = time.perf_counter()
+    sample_ids = None
+    if world.distributed:
+        ids, mask, sample_ids = world.shard(ids, mask, "calibrate")
     runner = LayerRunner(
         model,
         device=device,
@@ -176,15 +197,19 @@ def calibrate(
         hessian_dtype=hd,
         on_layer=on_layer,
         feed_compressed=feed_compressed,
-        progress=progress,
+        progress=progress and world.writer,
+        combine=world.combine(),
     )
-    stats = runner.run(ids, mask, batch_size=batch_size, sample_ids=None, extra_metadata={"runs": [run_meta]})
+    stats = runner.run(ids, mask, batch_size=batch_size, sample_ids=sample_ids, extra_metadata={"runs": [run_meta]})
     stats.metadata["seconds"] = round(time.perf_counter() - t0, 3)
+    if world.distributed:
+        stats.metadata["token_count"] = world.total(stats.metadata["token_count"])
+        stats.metadata["distributed"] = world.to_dict()
     if "moe" in stats.metadata:
         stats.metadata["moe"].update({"quota": moe_quota, "tau": float(moe_tau)})
         refresh_coverage(stats)
         say(coverage_table(stats))
-    if output is not None:
+    if output is not None and world.writer:
         stats.save(output)
         from calibra.report import write_stats_html  # NAME.report.html beside NAME.safetensors
 

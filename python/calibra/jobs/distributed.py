@@ -1,0 +1,124 @@
+"""A job across the ranks of ``torch.distributed`` (``torchrun --nproc-per-node N -m calibra ...``, or the
+Python API inside an initialized process group): data parallelism over the calibration samples.
+
+- The process group: the one already initialized, else one started from torchrun's environment
+  (``WORLD_SIZE`` > 1): NCCL when CUDA is there (each rank on its ``LOCAL_RANK``'s GPU), gloo on the CPU,
+  with a timeout (``CALIBRA_DIST_TIMEOUT`` seconds, default 1800) so that a rank that died does not leave
+  the others waiting for ever.
+- The samples: rank r takes samples r, r + N, r + 2N, ... (a fixed split that keeps every rank's share of
+  long and short samples alike); every rank needs at least one.
+- The statistics: every pass over a layer ends with ``calib.distributed.all_reduce_statistics``
+  (``LayerRunner(combine=...)``), summed in float64, so each rank's solver reads the statistics of the
+  whole calibration set and solves exactly what the others solve (every rank runs every solve: the
+  solver-parallel split of issue 19 is not built yet); each rank then propagates its own samples through
+  the compressed layer.
+- One writer: rank 0 writes the output, the checkpoints and the report and runs the evaluation; the
+  other ranks write nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+TIMEOUT_ENV = "CALIBRA_DIST_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: ``rank`` of ``size`` ranks over ``backend`` (None: one process)."""
+
+    rank: int = 0
+    size: int = 1
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def writer(self) -> bool:
+        """The rank that writes files and evaluates."""
+        return self.rank == 0
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.size, "backend": self.backend}
+
+    def shard(self, ids: torch.Tensor, mask: torch.Tensor, component: str):
+        """This rank's calibration samples: ``(input_ids, attention_mask, global sample indices)``."""
+        n = int(ids.shape[0])
+        if n < self.size:
+            raise ValueError(
+                f"[{component}] {n} calibration sample(s) cannot be split over {self.size} ranks: give at least "
+                f"{self.size} (--samples) or run fewer ranks"
+            )
+        rows = list(range(self.rank, n, self.size))
+        return ids[rows], mask[rows], rows
+
+    def combine(self):
+        """The ``LayerRunner(combine=...)`` callback of this world (None in one process)."""
+        if not self.distributed:
+            return None
+        from calibra.calib.distributed import all_reduce_statistics
+
+        return all_reduce_statistics
+
+    def total(self, value: int) -> int:
+        """``value`` summed over the ranks (token counts for the report)."""
+        if not self.distributed:
+            return int(value)
+        import torch.distributed as dist
+
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def current_world(component: str = "calibrate") -> World:
+    """The job's world: the initialized process group, else torchrun's environment, else one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1:
+        return World()
+    if not dist.is_available():
+        raise RuntimeError(f"[{component}] WORLD_SIZE={size} but this torch build has no torch.distributed")
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return World(dist.get_rank(), dist.get_world_size(), backend)
+
+
+def refuse(world: World, component: str, unsupported) -> None:
+    """What a distributed job cannot do yet, refused on every rank before any weight is read."""
+    if not world.distributed:
+        return
+    why = next((msg for asked, msg in unsupported if asked), None)
+    if why:
+        raise ValueError(f"[{component}] this job runs on {world.size} ranks (torch.distributed); {why}")
+
+
+def rank_label() -> str:
+    """`` (rank R of N)`` inside a process group (for messages), else empty."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f" (rank {dist.get_rank()} of {dist.get_world_size()})"
+    return ""
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a command (a rank that raised leaves without waiting; torchrun
+    then stops the others)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,83 @@
+"""Data parallelism on torch.distributed (gloo on the CPU), launched as users launch it:
+``torchrun --nproc-per-node 2 -m calibra ...``. Every statistic summed across the ranks must equal the
+one-process run's (float64 sums: equal to rounding), counts exactly; one writer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on a two-core machine
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _calibra(args: list[str], ranks: int) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "calibra", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        cmd += ["-m", "calibra", *args]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _stats(path: Path):
+    from calibra.calib import CalibrationStats
+
+    return CalibrationStats.load(path)
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-llama", "builtin:tiny-moe"])
+def test_calibrate_on_two_ranks_equals_one_process(tmp_path, model):
+    """Dense: equal to float64 rounding (each row's float32 activations do not depend on which rows share
+    its batch). MoE: an expert's rows are gathered from the batch, and a float32 matmul over other rows
+    rounds differently (about 1e-7 relative), so the tolerance is float32's there; the counts are exact."""
+    args = ["calibrate", "--input", model, "--samples", "6", "--seq-len", "64", "--seed", "3"]
+    args += ["--observers", "hessian,norms,ranges", "--hessian-dtype", "float64"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _calibra([*args, "--output", str(one)], ranks=1)
+    _calibra([*args, "--output", str(two)], ranks=2)
+    a, b = _stats(one), _stats(two)
+    assert sorted(a.tensors) == sorted(b.tensors)
+    assert a.counts == b.counts  # tokens per module (and per expert), summed over the ranks
+    assert b.metadata["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert a.metadata["token_count"] == b.metadata["token_count"]
+    moe = model.endswith("moe")
+    tol = 1e-5 if moe else 1e-12
+    for name, ta in a.tensors.items():
+        tb = b.tensors[name]
+        assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
+        if "/hist/" in name:  # the same values counted, a value at a bin edge may move one bin with rounding
+            assert ta.sum() == tb.sum(), name
+            assert (ta - tb).abs().sum() <= (4 if moe else 0), name
+        elif name.startswith("moe/tokens"):
+            assert torch.equal(ta, tb), name  # routing of every token is the same
+        else:
+            torch.testing.assert_close(tb, ta, rtol=tol, atol=tol * float(ta.abs().max()), msg=name)
+    if moe:
+        assert any(".experts." in n for n in a.tensors)  # per-expert Hessians went through the sum too
+
+
+def test_more_ranks_than_samples_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "calibra"]
+    cmd += ["calibrate", "--input", "builtin:tiny-llama", "--samples", "1", "--seq-len", "32"]
+    cmd += ["--output", str(tmp_path / "s.safetensors")]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "cannot be split over 2 ranks" in r.stdout + r.stderr
+    assert not (tmp_path / "s.safetensors").exists()
