@@ -420,6 +420,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         device=args.device,
         dtype=args.dtype,
+        hessian_dtype=args.hessian_dtype,
         eval_max_tokens=args.eval_max_tokens or None,
         eval_seq_len=args.eval_seq_len,
         export=args.export,
@@ -430,7 +431,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         stream=args.stream,
         **_read_opts(args),
     )
-    if args.dry_run:
+    if args.dry_run or not _writer_rank():
         return 0
     _print_quant_summary(report)
     return 0
@@ -617,6 +618,12 @@ def _add_quantize(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
+    q.add_argument(
+        "--hessian-dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="Hessian sums (float64 under torchrun: the sum over ranks does not depend on their number)",
+    )
     add_stream_flags(q)
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(q)
@@ -724,7 +731,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         stream=args.stream,
         **_read_opts(args),
     )
-    if args.dry_run:
+    if args.dry_run or not _writer_rank():
         return 0
     _print_prune_summary(report)
     return 0

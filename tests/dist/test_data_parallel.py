@@ -81,3 +81,66 @@ def test_more_ranks_than_samples_is_refused(tmp_path):
     assert r.returncode != 0
     assert "cannot be split over 2 ranks" in r.stdout + r.stderr
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_gptq_on_two_ranks_writes_what_one_process_writes(tmp_path):
+    """GPTQ (true-sequential: statistics re-collected group by group, each collection combined) on two
+    ranks writes the same quantized tensors, byte for byte, as one process with float64 Hessians."""
+    from safetensors.torch import load_file
+
+    args = ["quantize", "--input", "builtin:tiny-llama", "--method", "gptq", "--samples", "6", "--seq-len", "64"]
+    args += ["--no-eval", "--no-progress", "--hessian-dtype", "float64"]
+    _calibra([*args, "--output", str(tmp_path / "one")], ranks=1)
+    r = _calibra([*args, "--output", str(tmp_path / "two")], ranks=2)
+    a = load_file(tmp_path / "one" / "quantized.safetensors")
+    b = load_file(tmp_path / "two" / "quantized.safetensors")
+    assert a.keys() == b.keys()
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    import json
+
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["settings"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert report["settings"]["hessian_dtype"] == "float64"
+    assert r.stdout.count("modules quantized") == 1  # one rank prints the summary
+
+
+def test_streamed_gptq_on_two_ranks_writes_what_one_process_writes(tmp_path):
+    """Streamed (each rank reads one layer at a time from the shards; rank 0 writes): the same bytes."""
+    from safetensors.torch import load_file
+
+    args = ["quantize", "--input", "builtin:tiny-llama", "--method", "gptq", "--samples", "4", "--seq-len", "64"]
+    args += ["--no-eval", "--no-progress", "--hessian-dtype", "float64", "--stream"]
+    _calibra([*args, "--output", str(tmp_path / "one")], ranks=1)
+    _calibra([*args, "--output", str(tmp_path / "two")], ranks=2)
+    one, two = sorted((tmp_path / "one").glob("*.safetensors")), sorted((tmp_path / "two").glob("*.safetensors"))
+    assert [f.name for f in one] == [f.name for f in two] and one
+    for fa, fb in zip(one, two):
+        a, b = load_file(fa), load_file(fb)
+        assert a.keys() == b.keys()
+        assert [n for n in a if not torch.equal(a[n], b[n])] == [], fa.name
+
+
+def test_resume_under_torchrun_is_refused_by_every_rank(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "calibra"]
+    cmd += ["quantize", "--input", "builtin:tiny-llama", "--method", "rtn", "--resume", "--no-eval"]
+    cmd += ["--output", str(tmp_path / "q")]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "--resume is not distributed yet" in r.stderr
+    assert "(rank 0 of 2)" in r.stderr and "(rank 1 of 2)" in r.stderr  # every rank names itself
+    assert not (tmp_path / "q").exists()
+
+
+def test_wanda_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
+    """Wanda's channel norms are float64 sums in every run: two ranks keep exactly the same weights."""
+    from safetensors.torch import load_file
+
+    args = ["prune", "--input", "builtin:tiny-llama", "--method", "wanda", "--pattern", "2:4"]
+    args += ["--samples", "6", "--seq-len", "64", "--no-eval", "--no-progress"]
+    _calibra([*args, "--output", str(tmp_path / "one")], ranks=1)
+    _calibra([*args, "--output", str(tmp_path / "two")], ranks=2)
+    (fa,) = sorted((tmp_path / "one").glob("*.safetensors"))
+    (fb,) = sorted((tmp_path / "two").glob("*.safetensors"))
+    a, b = load_file(fa), load_file(fb)
+    assert a.keys() == b.keys()
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []

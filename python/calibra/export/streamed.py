@@ -238,6 +238,26 @@ class StreamedOutput:
 
 
 # ------------------------------------------------------------------------------------- slim records as JSON
+class DiscardedOutput:
+    """What a distributed job's non-writing ranks put where the writer has its :class:`StreamedOutput`: the
+    layers' results are slimmed as the writer's are, nothing is written (rank 0 writes the output)."""
+
+    def __init__(self):
+        self.rss_after_layer: list[int] = []
+
+    def layer_done(self, module: torch.nn.Module, layer_name: str, results: dict) -> dict:
+        prefix = layer_name + "."
+        for n in [n for n in results if n.startswith(prefix)]:
+            results[n] = results[n].slim()
+        return {}
+
+    def finish(self, write_files) -> None:
+        pass
+
+    def abort(self, exc: BaseException) -> None:
+        pass
+
+
 def result_record(result) -> dict:
     """A slim result (``QuantizedLayer.slim()``, ``PrunedLayer.slim()``) as JSON: its dataclass, its fields,
     each tensor as its dtype and shape (they are on the meta device: nothing else is kept)."""

@@ -133,6 +133,7 @@ def prune(
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
     from calibra.jobs.common import InMemoryLayers, read_model
+    from calibra.jobs.distributed import refuse as refuse_distributed
     from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -158,6 +159,8 @@ def prune(
         evaluation=EvalOptions(eval_dataset, eval_seq_len, eval_stride, eval_max_tokens, eval_top_k),
     )
     say = job.say
+    world = job.world
+    progress = progress and world.writer  # one rank draws the bars
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config = _check_config(config)
     needs_data = config.requires_calibration()
@@ -211,6 +214,15 @@ def prune(
         solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
     )
     streaming = job.streaming
+    refuse_distributed(
+        world,
+        "prune",
+        [
+            (resume, "--resume is not distributed yet"),
+        ],
+    )
+    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
+        output, checkpoint, do_eval = None, False, False
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
@@ -257,10 +269,9 @@ def prune(
                 )
             else:
                 from calibra.calib import LayerRunner
-                from calibra.jobs.common import calibration_tokens, data_fingerprint
 
                 tracker.advance(S.CALIBRATING, adapter.layer_name(0))
-                ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, model, say)
+                ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration, tokenizer, model)
                 runner = LayerRunner(
                     model,
                     adapter,
@@ -268,13 +279,15 @@ def prune(
                     observers=_observers(config, measure_error),
                     on_layer=pruner,
                     feed_compressed=True,
-                    progress=progress,
+                    progress=progress and world.writer,
                     desc=config.method_enum.value,
+                    hessian_dtype=torch.float64 if world.distributed else torch.float32,
+                    combine=world.combine(),
                 )
                 if config.gradual_steps > 1:
                     pruner.recollect = runner.recollect
                 # a resume on other data is refused here, before any layer runs
-                _restored(loop.resume(data_fingerprint(ids, mask, run_meta), runner), tracker, adapter, True)
+                _restored(loop.resume(fp, runner), tracker, adapter, True)
                 loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
@@ -304,6 +317,8 @@ def prune(
             measure_error=measure_error,
         )
         report["plan"] = plan.to_dict()
+        if world.distributed:
+            report["settings"]["distributed"] = world.to_dict()
         if eval_block is not None:
             report["eval"] = eval_block
         report["timings"] = {
@@ -371,9 +386,8 @@ def _run_streamed(
     """The streamed job: layers read from disk one at a time, each written pruned when finished (with
     checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner
-    from calibra.export.streamed import StreamedOutput
     from calibra.io.streamed import open_streamed
-    from calibra.jobs.common import StreamedLayers, calibration_tokens, data_fingerprint, open_streamed_job
+    from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
@@ -400,7 +414,7 @@ def _run_streamed(
         return {key: module_weight(m, name).to(weights.store.dtype(key))}
 
     staging = ck.folder / "output" if ck is not None else None
-    sink = StreamedOutput(
+    sink = job.streamed_output(
         output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
     )
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
@@ -421,8 +435,8 @@ def _run_streamed(
             )
         else:
             tracker.advance(S.CALIBRATING, adapter.layer_name(0))
-            ids, mask, run_meta, bs = calibration_tokens(calibration, tokenizer, m, say)
-            _restored(loop.resume(data_fingerprint(ids, mask, run_meta)), tracker, adapter, needs_data)
+            ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration, tokenizer, m)
+            _restored(loop.resume(fp), tracker, adapter, needs_data)
             runner = LayerRunner(
                 m,
                 adapter,
@@ -434,6 +448,8 @@ def _run_streamed(
                 desc=f"{config.method_enum.value} (streamed)",
                 keep_layer_stats=False,
                 weights=weights,
+                hessian_dtype=torch.float64 if job.world.distributed else torch.float32,
+                combine=job.world.combine(),
             )
             if config.gradual_steps > 1:
                 pruner.recollect = runner.recollect
@@ -457,6 +473,8 @@ def _run_streamed(
         )
         report["plan"] = plan.to_dict()
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer, "dense_dtype": "stored"}
+        if job.world.distributed:
+            report["settings"]["distributed"] = job.world.to_dict()
         report["timings"] = {
             "calibration": max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0,
             "solve": t_solve,

@@ -13,10 +13,11 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.jobs.common import (
     all_targets,
-    calibration_tokens,
     meta_model,
 )
 
@@ -128,6 +129,7 @@ def quantize(
     mixed_precision: float | None = None,
     device=None,
     dtype="float32",
+    hessian_dtype="float32",
     tokenizer=None,
     eval_dataset="builtin",
     eval_seq_len: int | None = None,
@@ -173,6 +175,10 @@ def quantize(
         export: engine format(s) for ``output`` (``calibra.export.FORMATS``: compressed-tensors, gptq, mlx,
             gguf-q4_0, gguf-q8_0, dense; comma-separated for several); ``None`` writes calibra's own folder.
         allow_pickle, trust_remote_code: see ``calibra.io.inspect_model`` (both refused by default).
+        hessian_dtype: ``"float32"`` (default) or ``"float64"`` Hessian sums. Under ``torchrun`` (or in an
+            initialized process group) the calibration samples are split over the ranks, each layer's
+            statistics summed across them in float64 before every rank solves it, and rank 0 writes and
+            evaluates (``calibra.jobs.distributed``; whole-model GPTQ / MR-GPTQ / RTN jobs for now).
         checkpoint: commit every finished layer into a work folder beside ``output``
             (``calibra.io.checkpoint``; default: on when ``output`` is given); removed once the output is written.
         resume: continue a killed or failed run from those checkpoints; refused when the model, the
@@ -190,6 +196,7 @@ def quantize(
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
+    from calibra.jobs.distributed import refuse as refuse_distributed
     from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.quant import RTNConfig, check_layers
@@ -211,6 +218,12 @@ def quantize(
         evaluation=EvalOptions(eval_dataset, eval_seq_len, eval_stride, eval_max_tokens, eval_top_k),
     )
     say = job.say
+    world = job.world
+    progress = progress and world.writer  # one rank draws the bars
+    if str(hessian_dtype).replace("torch.", "") not in ("float32", "float64"):
+        raise ValueError(f"[quantize] hessian_dtype must be float32 or float64, got {hessian_dtype!r}")
+    # float64 sums across ranks: the total does not depend on how the samples were split
+    hessian_dtype = torch.float64 if world.distributed or str(hessian_dtype).endswith("float64") else torch.float32
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
     kv_cache = _check_kv_cache(kv_cache)
@@ -337,6 +350,18 @@ def quantize(
         checkpoint=checkpoint and output is not None,
     )
     streaming = job.streaming
+    refuse_distributed(
+        world,
+        "quantize",
+        [
+            (resume, "--resume is not distributed yet"),
+            (act_ranges or ranges_file, "activation ranges / smoothing are not distributed yet"),
+            (mixed_precision is not None, "mixed precision is not distributed yet"),
+            (act is not None or kv_cache is not None, "--scheme / --kv-cache are not distributed yet"),
+        ],
+    )
+    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
+        output, checkpoint, do_eval = None, False, False
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
@@ -389,6 +414,8 @@ def _run(
     progress,
     ck,
     job,
+    world,
+    hessian_dtype,
     say,
     is_rtn,
     ranges_file,
@@ -404,7 +431,7 @@ def _run(
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
-    from calibra.jobs.common import InMemoryLayers, data_fingerprint, read_model
+    from calibra.jobs.common import InMemoryLayers, read_model
     from calibra.models import get_adapter
     from calibra.quant import act_ranges as ar
     from calibra.quant import mixed as mp
@@ -427,12 +454,13 @@ def _run(
 
     tokens_cache = {}
 
-    def tokens():
+    def tokens():  # (a distributed job's: this rank's share of the samples)
         if "v" not in tokens_cache:
-            tokens_cache["v"] = calibration_tokens(calibration or CalibrationConfig(), tokenizer, model, say)
+            ids, mask, meta, bs, fp = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, model)
             if ck is not None:  # a resume on other data is refused here, before any layer runs
-                ck.check_data(data_fingerprint(*tokens_cache["v"][:3]))
-        return tokens_cache["v"]
+                ck.check_data(fp)
+            tokens_cache["v"] = (ids, mask, meta, bs, fp)
+        return tokens_cache["v"][:4]
 
     t_cal = 0.0
     report_extra: dict = {}
@@ -509,6 +537,8 @@ def _run(
             desc=f"{config.method}",
             keep_layer_stats=False,  # each layer's Hessians are consumed by on_layer
             collect_on_demand=true_seq,
+            hessian_dtype=hessian_dtype,
+            combine=world.combine(),
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
@@ -516,7 +546,7 @@ def _run(
         # the runner drops each layer's statistics with the layer (keep_layer_stats=False): the solver may
         # work in their memory and in the weights' (the same numbers; no second copy of H or W)
         quantizer.consume, quantizer.release = True, runner.release
-        loop.resume(data_fingerprint(ids, mask, run_meta), runner)
+        loop.resume(tokens_cache["v"][4], runner)
         final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
@@ -572,6 +602,9 @@ def _run(
     )
     report["settings"]["scheme"] = scheme
     report["settings"]["kv_cache"] = kv_cache
+    report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
+    if world.distributed:
+        report["settings"]["distributed"] = world.to_dict()
     if final_stats is not None and "moe" in final_stats.metadata:
         refresh_coverage(final_stats)
         report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
@@ -700,14 +733,14 @@ def _run_streamed(
     plan,
     ck,
     do_eval,
+    hessian_dtype,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
-    from calibra.export.streamed import StreamedOutput
-    from calibra.jobs.common import StreamedLayers, data_fingerprint, open_streamed_job
+    from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
@@ -729,7 +762,7 @@ def _run_streamed(
 
         prefix, layer_tensors = "quantized", fmt.layer_tensors
     staging = ck.folder / "output" if ck is not None else None
-    sink = StreamedOutput(
+    sink = job.streamed_output(
         output, overwrite=overwrite, prefix=prefix, layer_tensors=layer_tensors, weights=weights, staging=staging
     )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
@@ -752,8 +785,8 @@ def _run_streamed(
                 desc="quantizing (streamed)",
             )
         else:
-            ids, mask, run_meta, bs = calibration_tokens(calibration or CalibrationConfig(), tokenizer, m, say)
-            loop.resume(data_fingerprint(ids, mask, run_meta))
+            ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
+            loop.resume(fp)
             runner = LayerRunner(
                 m,
                 adapter,
@@ -766,6 +799,8 @@ def _run_streamed(
                 keep_layer_stats=False,
                 collect_on_demand=true_seq,
                 weights=weights,
+                hessian_dtype=hessian_dtype,
+                combine=job.world.combine(),
             )
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
@@ -794,6 +829,9 @@ def _run_streamed(
         if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
         report["output"] = str(output)
+        report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
+        if job.world.distributed:
+            report["settings"]["distributed"] = job.world.to_dict()
         if loop.done:
             report["resumed_from_layer"] = loop.done
         qm = QuantizedModel(

@@ -70,6 +70,11 @@ class Job:
         self.plan = None
         self.streaming = False
         self.meter = PhasePeaks()  # measured peak host memory by phase, beside the plan's in the report
+        from calibra.jobs.distributed import current_world
+
+        self.world = current_world(component)  # one process, or this rank of a torch.distributed job
+        if not self.world.writer:
+            self.say = lambda *a, **k: None  # one rank speaks
 
     # -- open ------------------------------------------------------------------------------------------
     def open_config(self, quantized_hint: str = ""):
@@ -113,6 +118,24 @@ class Job:
             self.plan = plan(True)
         self.say(str(self.plan))
         return self.plan
+
+    def calibration_tokens(self, calibration, tokenizer, model):
+        """``(input_ids, attention_mask, run metadata, batch size, fingerprint)`` of the calibration data;
+        in a distributed job the ids and mask are this rank's share (the fingerprint is the whole set's)."""
+        from calibra.jobs.common import calibration_tokens, data_fingerprint
+
+        ids, mask, meta, bs = calibration_tokens(calibration, tokenizer, model, self.say)
+        fp = data_fingerprint(ids, mask, meta)
+        if self.world.distributed:
+            ids, mask, _ = self.world.shard(ids, mask, self.component)
+        return ids, mask, meta, bs, fp
+
+    def streamed_output(self, output, **kw):
+        """The streamed job's writer (``export.streamed.StreamedOutput``), or on a distributed job's
+        other ranks one that keeps the slim results and writes nothing."""
+        from calibra.export.streamed import DiscardedOutput, StreamedOutput
+
+        return StreamedOutput(output, **kw) if self.world.writer else DiscardedOutput()
 
     def compute_device(self) -> torch.device:
         """Where the layers run: the ``device`` asked for, else CUDA when there is one, else the CPU."""
