@@ -16,7 +16,10 @@ quantized and the rebuilt model holds exactly the dequantized codes; the rebuilt
 and close to the original's (relative error below ``REL_TOL``, or below ``RTN_FACTOR`` times what plain
 round-to-nearest of the same modules does: W4 of random weights moves logits, a solve on wrong
 activations or a mis-stored weight moves them by far more); and the layer-by-layer replay the runner does (the
-captured layer calls, then the final norm and the head) reproduces the model's own logits (``REPLAY_TOL``).
+captured layer calls, then the final norm and the head) reproduces the model's own logits (``REPLAY_TOL``);
+and the quantized model exported to compressed-tensors and reloaded by transformers (+ compressed-tensors)
+gives calibra's simulated model's logits within ``EXPORT_TOL``, and a model with quantized MoE experts
+does the same through a GPTQ export (:func:`export_checks`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 REL_TOL = 0.5
 RTN_FACTOR = 1.5  # GPTQ may not move the logits much more than round-to-nearest of the same modules
 REPLAY_TOL = 1e-3
+EXPORT_TOL = 1e-3  # max |logits| difference of a reloaded export from calibra's simulated model
 CAL = {"num_samples": 2, "sequence_length": 16}
 
 
@@ -40,6 +44,7 @@ class Cell:
     detail: str = ""
     quantized: int = 0
     adapter: str = ""
+    export: str = ""  # the export step: "ok: ..." or "refused: <calibra's reason>" (a pass either way)
 
 
 def _tokenizer(vocab: int):
@@ -109,6 +114,48 @@ def _rtn_error(model, names: list[str], ids, ref) -> float:
             store_weight(mod, rtn_quantize(weight_view(mod).clone(), RTNConfig(bits=4, group_size=-1)).weight)
     got = _logits(m, ids)
     return float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+
+
+def _reloaded_logits(model_cls, folder: Path, ids) -> torch.Tensor:
+    return _logits(model_cls.from_pretrained(folder, dtype=torch.float32), ids)
+
+
+def export_checks(qm, workdir: Path, ids) -> tuple[bool, str]:
+    """Export ``qm`` to compressed-tensors and reload it with transformers (+ compressed-tensors): the
+    logits must equal calibra's simulated quantized model within ``EXPORT_TOL``. A model with quantized MoE
+    experts also exports GPTQ, read back by ``tests/export/_gptq.py`` (transformers' GPTQ loader needs
+    optimum + gptqmodel) into a dense checkpoint that transformers loads, re-fusing the experts: its logits
+    must equal calibra's with GPTQ's float16 scales. An export calibra refuses before writing (an
+    ``ExportError`` naming why: GPT-2's Conv1D layers, widths GPTQ's kernels cannot take) is recorded as
+    refused. Returns ``(held, what)``."""
+    import json
+
+    import calibra.export as E
+    from calibra.export.writer import ExportError
+    from tests.export import _gptq as G
+
+    model_cls = type(qm.model)
+    simulated = _logits(qm.model, ids)
+    try:
+        ct = E.export(qm, workdir / "ct", "compressed-tensors")[0]
+    except ExportError as e:
+        return True, f"compressed-tensors refused: {_short(e)}"
+    diff = float((_reloaded_logits(model_cls, ct, ids) - simulated).abs().max())
+    if not diff <= EXPORT_TOL:
+        return False, f"compressed-tensors reload differs from calibra's simulated model by {diff:.2e}"
+    done = f"ok: compressed-tensors reload max diff {diff:.0e}"
+    if not any(".experts." in n for n in qm.layers):
+        return True, done
+    try:
+        gp = E.export(qm, workdir / "gptq", "gptq")[0]
+    except ExportError as e:
+        return True, f"{done}; GPTQ refused: {_short(e)}"
+    qc = json.loads((gp / "config.json").read_text())["quantization_config"]
+    dense = G.gptq_as_dense(gp, workdir / "gptq-dense", qc["bits"], qc.get("checkpoint_format") == "gptq")
+    diff = float((_reloaded_logits(model_cls, dense, ids) - _logits(G.with_half_scales(qm), ids)).abs().max())
+    if not diff <= EXPORT_TOL:
+        return False, f"GPTQ export (experts re-fused by transformers) differs from calibra by {diff:.2e}"
+    return True, f"{done}; MoE GPTQ reload max diff {diff:.0e}"
 
 
 def run_type(model_type: str, workdir: Path) -> Cell:
@@ -192,8 +239,12 @@ def run_type(model_type: str, workdir: Path) -> Cell:
         if not rel < max(REL_TOL, RTN_FACTOR * rtn):
             why = f"logits moved by {rel:.2f} (relative; RTN of the same modules: {rtn:.2f})"
             return Cell(model_type, "fail", why, len(qm.layers), kind)
+        held, exported = export_checks(qm, workdir, ids)
+        if not held:
+            return Cell(model_type, "fail", exported, len(qm.layers), kind, exported)
         note = "" if replay is not None else "no final-norm match: evaluated whole only"
-        return Cell(model_type, "pass", (f"rel. logit change {rel:.3f} " + note).strip(), len(qm.layers), kind)
+        detail = (f"rel. logit change {rel:.3f} " + note).strip()
+        return Cell(model_type, "pass", detail, len(qm.layers), kind, exported)
     except Exception as e:  # noqa: BLE001
         msg = _short(e)
         if "unsupported architecture" in msg or "[models]" in msg:

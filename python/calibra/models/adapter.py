@@ -65,6 +65,26 @@ class MoEBlock:
     fused: bool
     norm_topk_prob: bool
     act_fn: object = field(repr=False, default=None)
+    routed_at_experts: bool = False
+    """The routing is read from the experts module's own call (the structural adapter: whatever rule the
+    family's block uses to choose experts -- grouped top-k, score-correction biases, sparse mixers --
+    the runner sees its result) instead of recomputed by :meth:`route`."""
+
+    @property
+    def hook_module(self) -> nn.Module:
+        """The module whose calls the runner observes: the block (its input, routed by :meth:`route`), or the
+        experts when the routing is read from their call (:func:`compat.transformers.experts_call_routing`)."""
+        return self.experts if self.routed_at_experts else self.module
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's softmax probabilities ``[n, E]`` float32 for tokens ``x [n, H]`` (the coverage table's
+        probability mass; a router that scores more columns than there are experts -- "zero" experts -- is cut
+        to the real ones)."""
+        if not self.routed_at_experts:
+            return self.route(x)[0]
+        out = self.router(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        return torch.softmax(logits.float().reshape(x.shape[0], -1), dim=-1)[:, : self.num_experts]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [n, E] float32, top_k index [n, k] int64)`` for tokens ``x [n, H]`` under the
