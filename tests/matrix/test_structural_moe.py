@@ -124,3 +124,18 @@ def test_quantize_export_reload_and_coverage(model_type, tmp_path):
     ids = torch.randint(3, 300, (2, 12))
     held, what = export_checks(qm, tmp_path, ids)
     assert held and what.startswith("ok") and "MoE GPTQ reload" in what, what
+
+
+def test_router_that_needs_its_block_counts_the_choices():
+    """AFMoE's router takes its block's expert bias as an argument, so it cannot score tokens alone: the
+    coverage's probability mass is then each chosen expert's 1/k share, and the counts still follow the
+    experts' call."""
+    model = tiny_model("afmoe")
+    a = get_adapter(model)
+    i, _, (b,) = _moe_layers(a)[0]
+    ids = torch.randint(3, 300, (2, 8))
+    stats = LayerRunner(model, a, device="cpu", observers=("hessian",), progress=False).run(ids)
+    key = f"{a.layer_name(i)}.{b.name}"
+    tokens, mass = stats.tensors[f"moe/tokens/{key}"], stats.tensors[f"moe/prob_mass/{key}"]
+    assert int(tokens.sum()) == ids.numel() * b.top_k
+    torch.testing.assert_close(mass, tokens.double() / b.top_k)

@@ -60,7 +60,7 @@ class MoERecorder:
         with the block's router here. Indices outside ``0..E-1`` (a router's "zero" experts) count for none."""
         E = block.num_experts
         self.blocks.setdefault(key, {"num_experts": E, "top_k": block.top_k, "fused": block.fused})
-        probs, index = block.route(x) if index is None else (block.probs(x), index)
+        probs, index = block.route(x) if index is None else (block.probs(x, index), index)
         index = index.long()
         tokens = torch.bincount(index[(index >= 0) & (index < E)], minlength=E).cpu()
         if mps_semantics(probs.device):  # MPS has no float64: the mass is summed on the CPU
