@@ -17,7 +17,8 @@ and close to the original's (relative error below ``REL_TOL``, or below ``RTN_FA
 round-to-nearest of the same modules does: W4 of random weights moves logits, a solve on wrong
 activations or a mis-stored weight moves them by far more); and the layer-by-layer replay the runner does (the
 captured layer calls, then the final norm and the head) reproduces the model's own logits (``REPLAY_TOL``);
-and the quantized model exported to compressed-tensors and reloaded by transformers (+ compressed-tensors)
+a model with quantized MoE experts has a coverage row per expert (:func:`coverage_issue`); and the
+quantized model exported to compressed-tensors and reloaded by transformers (+ compressed-tensors)
 gives calibra's simulated model's logits within ``EXPORT_TOL``, and a model with quantized MoE experts
 does the same through a GPTQ export (:func:`export_checks`).
 """
@@ -114,6 +115,32 @@ def _rtn_error(model, names: list[str], ids, ref) -> float:
             store_weight(mod, rtn_quantize(weight_view(mod).clone(), RTNConfig(bits=4, group_size=-1)).weight)
     got = _logits(m, ids)
     return float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+
+
+def coverage_issue(qm, report) -> str | None:
+    """For a model with quantized MoE experts: the report's coverage table must hold a row per expert of
+    every block whose experts were quantized, and each block must have seen every calibration token routed
+    at least once (per-expert counts from the family's own routing). None when it does."""
+    import re
+
+    blocks: dict[str, set[int]] = {}
+    for name in qm.layers:
+        m = re.match(r"^(.+)\.experts\.(\d+)\.(gate_up_proj|down_proj)$", name)
+        if m:
+            blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not blocks:
+        return None
+    rows = report.get("moe_coverage") or []
+    have = {(r["block"], r["expert"]) for r in rows}
+    want = {(b, e) for b, es in blocks.items() for e in es}
+    if not want <= have:
+        return f"MoE coverage rows missing for {sorted(want - have)[:3]}"
+    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
+    for b in blocks:
+        routed = sum(r["tokens"] for r in rows if r["block"] == b)
+        if routed < n_tokens:
+            return f"MoE coverage of {b}: {routed} routed tokens for {n_tokens} calibration tokens"
+    return None
 
 
 def _reloaded_logits(model_cls, folder: Path, ids, compressed: bool = False) -> tuple[torch.Tensor, str]:
@@ -214,7 +241,7 @@ def run_type(model_type: str, workdir: Path) -> Cell:
             if not err < REPLAY_TOL:
                 why = f"layer-by-layer replay differs from the model (rel {err:.2e})"
                 return Cell(model_type, "fail", why, 0, kind)
-        qm, _ = calibra.quantize(
+        qm, report = calibra.quantize(
             str(folder),
             GPTQConfig(bits=4, group_size=-1),
             CalibrationConfig(**CAL),
@@ -228,6 +255,9 @@ def run_type(model_type: str, workdir: Path) -> Cell:
         per_layer = {name[len(prefix) + 1 :].split(".", 1)[0] for name in qm.layers}
         if len(per_layer) != n_layers:
             return Cell(model_type, "fail", f"quantized Linears in {len(per_layer)} of {n_layers} layers", 0, kind)
+        why = coverage_issue(qm, report)
+        if why:
+            return Cell(model_type, "fail", why, len(qm.layers), kind)
         rebuilt, man = load(out)
         from safetensors.torch import load_file
 
