@@ -206,3 +206,40 @@ def test_plain_linear_router_is_softmaxed_and_topked():
     probs, index = compat.router_probs_and_topk(logits, 2)
     torch.testing.assert_close(probs, torch.softmax(logits, -1))
     assert index.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "deepseek_v3", "phimoe", "jamba"])
+def test_standard_fused_experts_compute_the_routed_sum(model_type):
+    """Assumption 6 for the families without an explicit adapter: the experts module called with the
+    block's routing ``(hidden, top_k_index, top_k_weights)`` computes the weighted sum of each chosen
+    expert's ``down(act(gate(x)) * up(x))`` from the fused slices, and ``experts_call_routing`` reads the
+    tokens and choices from that call, by position or keyword."""
+    from tests.matrix.tiny_configs import tiny_model
+
+    model = tiny_model(model_type)
+    experts = next(m for n, m in model.named_modules() if n.endswith(".experts") and compat.is_fused_experts(m))
+    assert compat.standard_fused_experts_issue(experts) is None
+    n_exp, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+    torch.manual_seed(0)
+    x = torch.randn(7, hidden)
+    index = torch.stack([torch.randperm(n_exp)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2)
+    with torch.no_grad():
+        got = experts(x, index, weights)
+        want = torch.zeros_like(x)
+        for t in range(7):
+            for j in range(2):
+                g, u, d = compat.fused_expert_weights(experts, int(index[t, j]))
+                want[t] += weights[t, j] * F.linear(experts.act_fn(F.linear(x[t], g)) * F.linear(x[t], u), d)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for args, kwargs in (((x, index, weights), {}), ((x,), {"top_k_index": index, "top_k_weights": weights})):
+        xs, idx = compat.experts_call_routing(args, kwargs)
+        assert torch.equal(xs, x) and torch.equal(idx, index)
+
+
+def test_other_expert_layouts_are_named():
+    from tests.matrix.tiny_configs import tiny_model
+
+    gpt_oss = tiny_model("gpt_oss").model.layers[0].mlp.experts
+    assert "gate_up_proj_bias" in compat.standard_fused_experts_issue(gpt_oss)
+    assert "not fused" in compat.standard_fused_experts_issue(torch.nn.Linear(2, 2))

@@ -31,8 +31,8 @@ def _solve(w, config, name, seed):
 
 def quantize(model, tok, config, *, source: str, seed: int = 0, experts: bool = True) -> QuantizedModel:
     """Quantize every target of every decoder layer in place (``experts=False``: leave the fused experts
-    dense). Fused experts the adapter does not list yet (families without an explicit adapter) are
-    quantized slice by slice under the same names ``calibra.quant.apply`` gives them."""
+    dense). Fused experts the adapter does not list (a layout it keeps dense) are quantized slice by
+    slice under the same names ``calibra.quant.apply`` gives them."""
     from calibra.compat.transformers import is_fused_experts
     from calibra.models import get_adapter
     from calibra.quant.apply import layer_targets

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import calibra.export as E
-from calibra.ops import unpack
 from calibra.quant import GPTQConfig, RTNConfig
+from tests.export import _gptq as G
 from tests.export import _moe as M
 from tests.export import _qmodel as Q
 
@@ -45,8 +44,8 @@ NAMES = {
 }
 
 
-# more families transformers 5.25 fuses the same way; calibra's explicit adapter does not list their
-# experts yet, so the test helper quantizes their fused slices under calibra's names (tests/export/_moe.py)
+# more families transformers 5.25 fuses the same way, without an explicit adapter: the structural adapter
+# lists their experts (tests/matrix/test_structural_moe.py runs them through calibra.quantize as well)
 MORE_FAMILIES = ("olmoe", "deepseek_v3", "glm4_moe", "phimoe", "qwen3_next", "minimax", "jamba")
 
 
@@ -195,20 +194,6 @@ def test_ct_moe_decompressed_by_compressed_tensors(tmp_path, tok, family, cfg, d
             torch.testing.assert_close(got[name].to(l.weight.dtype), l.dequantize(), rtol=0, atol=0)
 
 
-def _gptq_dequant(t, name, bits, v1):
-    qweight, qzeros, scales, g_idx = (t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx"))
-    n, out = g_idx.numel(), scales.shape[1]
-    q = unpack(qweight, bits, length=n, dim=0).long()  # [in, out]
-    z = unpack(qzeros, bits, length=out, dim=1).long() + (1 if v1 else 0)  # [G, out]
-    g = g_idx.long()
-    return (scales.float()[g] * (q - z[g])).T  # [out, in]
-
-
-def _half_scales(l):
-    """calibra's dequantized weight with its scales rounded to float16 (GPTQ's one rounding)."""
-    return dataclasses.replace(l, scales=l.scales.half().float()).dequantize().float()
-
-
 @pytest.mark.parametrize("family", M.FAMILIES)
 @pytest.mark.parametrize(
     "cfg,v1",
@@ -230,42 +215,12 @@ def test_gptq_moe_layout(tmp_path, tok, family, cfg, v1):
     want = _expected_slices(dataclasses.replace(qm, layers=rounded), family)
     for name, w in want.items():
         assert f"{name}.weight" not in t
-        torch.testing.assert_close(_gptq_dequant(t, name, cfg.bits, v1), w.float(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(G.gptq_dequant(t, name, cfg.bits, v1), w.float(), rtol=0, atol=0, msg=name)
     for name, l in qm.layers.items():
         if ".experts." not in name:
-            torch.testing.assert_close(_gptq_dequant(t, name, cfg.bits, v1), _half_scales(l), rtol=0, atol=0)
+            torch.testing.assert_close(G.gptq_dequant(t, name, cfg.bits, v1), G.half_scales(l), rtol=0, atol=0)
     # the routers stay dense, under the checkpoint's names
     assert all(f"model.layers.{i}.{NAMES[family][0]}.gate.weight" in t for i in range(2))
-
-
-def _gptq_as_dense(folder, out_dir, bits, v1):
-    """A dense checkpoint of the GPTQ export's dequantized weights, under the export's own names."""
-    from safetensors.torch import save_file
-
-    t = _tensors(folder)
-    dense = {k: v for k, v in t.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
-    for k in t:
-        if k.endswith(".qweight"):
-            name = k[: -len(".qweight")]
-            dense[f"{name}.weight"] = _gptq_dequant(t, name, bits, v1).contiguous()
-    out_dir.mkdir()
-    save_file(dense, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("quantization_config")
-    (out_dir / "config.json").write_text(json.dumps(cfg))
-    return out_dir
-
-
-def _with_half_scales(qm):
-    """calibra's simulated model with every quantized weight's scales rounded to float16 (GPTQ's rounding)."""
-    for name, l in qm.layers.items():
-        w = _half_scales(l).to(l.weight.dtype)
-        m = re.match(r"^(.+\.experts)\.(\d+)\.(gate_up_proj|down_proj)$", name)
-        if m:
-            getattr(qm.model.get_submodule(m.group(1)), m.group(3)).data[int(m.group(2))].copy_(w)
-        else:
-            qm.model.get_submodule(name).weight.data.copy_(w)
-    return qm.model
 
 
 # deepseek_v3's tiny MLA projections are 48 wide, which GPTQ's 32-multiple rule refuses
@@ -277,9 +232,9 @@ def test_gptq_moe_dequantized_loads_in_transformers(tmp_path, tok, family):
 
     qm = M.quantize(M.tiny_moe(family), tok, RTNConfig(bits=4, group_size=32, sym=False), source=f"test:{family}")
     p = E.export(qm, tmp_path / "gptq", "gptq")[0]
-    loaded = AutoModelForCausalLM.from_pretrained(_gptq_as_dense(p, tmp_path / "dense", 4, False), dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(G.gptq_as_dense(p, tmp_path / "dense", 4, False), dtype=torch.float32)
     x = Q.ids()
-    diff = float((Q.logits(loaded, x) - Q.logits(_with_half_scales(qm), x)).abs().max())
+    diff = float((Q.logits(loaded, x) - Q.logits(G.with_half_scales(qm), x)).abs().max())
     assert diff <= TOL, diff
 
 
@@ -368,7 +323,7 @@ def test_builtin_tiny_moe_quantize_exports_both(tmp_path):
     want = _expected_slices(dataclasses.replace(qm, layers=rounded), "mixtral")
     assert len(want) == n_layers * n_exp * 3
     for name, w in want.items():
-        torch.testing.assert_close(_gptq_dequant(t, name, 4, True), w.float(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(G.gptq_dequant(t, name, 4, True), w.float(), rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(

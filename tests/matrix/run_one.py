@@ -16,7 +16,11 @@ quantized and the rebuilt model holds exactly the dequantized codes; the rebuilt
 and close to the original's (relative error below ``REL_TOL``, or below ``RTN_FACTOR`` times what plain
 round-to-nearest of the same modules does: W4 of random weights moves logits, a solve on wrong
 activations or a mis-stored weight moves them by far more); and the layer-by-layer replay the runner does (the
-captured layer calls, then the final norm and the head) reproduces the model's own logits (``REPLAY_TOL``).
+captured layer calls, then the final norm and the head) reproduces the model's own logits (``REPLAY_TOL``);
+a model with quantized MoE experts has a coverage row per expert (:func:`coverage_issue`); and the
+quantized model exported to compressed-tensors and reloaded by transformers (+ compressed-tensors)
+gives calibra's simulated model's logits within ``EXPORT_TOL``, and a model with quantized MoE experts
+does the same through a GPTQ export (:func:`export_checks`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 REL_TOL = 0.5
 RTN_FACTOR = 1.5  # GPTQ may not move the logits much more than round-to-nearest of the same modules
 REPLAY_TOL = 1e-3
+EXPORT_TOL = 1e-3  # max |logits| difference of a reloaded export from calibra's simulated model
 CAL = {"num_samples": 2, "sequence_length": 16}
 
 
@@ -40,6 +45,7 @@ class Cell:
     detail: str = ""
     quantized: int = 0
     adapter: str = ""
+    export: str = ""  # the export step: "ok: ..." or "refused: <calibra's reason>" (a pass either way)
 
 
 def _tokenizer(vocab: int):
@@ -111,6 +117,88 @@ def _rtn_error(model, names: list[str], ids, ref) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-6))
 
 
+def coverage_issue(qm, report) -> str | None:
+    """For a model with quantized MoE experts: the report's coverage table must hold a row per expert of
+    every block whose experts were quantized, and each block must have seen every calibration token routed
+    at least once (per-expert counts from the family's own routing). None when it does."""
+    import re
+
+    blocks: dict[str, set[int]] = {}
+    for name in qm.layers:
+        m = re.match(r"^(.+)\.experts\.(\d+)\.(gate_up_proj|down_proj)$", name)
+        if m:
+            blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not blocks:
+        return None
+    rows = report.get("moe_coverage") or []
+    have = {(r["block"], r["expert"]) for r in rows}
+    want = {(b, e) for b, es in blocks.items() for e in es}
+    if not want <= have:
+        return f"MoE coverage rows missing for {sorted(want - have)[:3]}"
+    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
+    for b in blocks:
+        routed = sum(r["tokens"] for r in rows if r["block"] == b)
+        if routed < n_tokens:
+            return f"MoE coverage of {b}: {routed} routed tokens for {n_tokens} calibration tokens"
+    return None
+
+
+def _reloaded_logits(model_cls, folder: Path, ids, compressed: bool = False) -> tuple[torch.Tensor, str]:
+    """The logits of ``folder`` loaded by transformers, and how it loaded. A compressed-tensors checkpoint
+    loads compressed first (transformers swaps each ``nn.Linear``'s forward for compressed-tensors' own);
+    a family whose Linear subclass computes from ``.weight`` itself (Falcon's ``FalconLinear``) fails that
+    way and is loaded again decompressed (``CompressedTensorsConfig(run_compressed=False)``)."""
+    try:
+        return _logits(model_cls.from_pretrained(folder, dtype=torch.float32), ids), ""
+    except (AttributeError, RuntimeError, TypeError) as e:
+        if not compressed:
+            raise
+        from transformers import CompressedTensorsConfig
+
+        qc = CompressedTensorsConfig(run_compressed=False)
+        loaded = model_cls.from_pretrained(folder, dtype=torch.float32, quantization_config=qc)
+        return _logits(loaded, ids), f" (decompressed on load: the compressed load failed with {_short(e)[:80]})"
+
+
+def export_checks(qm, workdir: Path, ids) -> tuple[bool, str]:
+    """Export ``qm`` to compressed-tensors and reload it with transformers (+ compressed-tensors): the
+    logits must equal calibra's simulated quantized model within ``EXPORT_TOL``. A model with quantized MoE
+    experts also exports GPTQ, read back by ``tests/export/_gptq.py`` (transformers' GPTQ loader needs
+    optimum + gptqmodel) into a dense checkpoint that transformers loads, re-fusing the experts: its logits
+    must equal calibra's with GPTQ's float16 scales. An export calibra refuses before writing (an
+    ``ExportError`` naming why: GPT-2's Conv1D layers, widths GPTQ's kernels cannot take) is recorded as
+    refused. Returns ``(held, what)``."""
+    import json
+
+    import calibra.export as E
+    from calibra.export.writer import ExportError
+    from tests.export import _gptq as G
+
+    model_cls = type(qm.model)
+    simulated = _logits(qm.model, ids)
+    try:
+        ct = E.export(qm, workdir / "ct", "compressed-tensors")[0]
+    except ExportError as e:
+        return True, f"compressed-tensors refused: {_short(e)}"
+    got, how = _reloaded_logits(model_cls, ct, ids, compressed=True)
+    diff = float((got - simulated).abs().max())
+    if not diff <= EXPORT_TOL:
+        return False, f"compressed-tensors reload{how} differs from calibra's simulated model by {diff:.2e}"
+    done = f"ok: compressed-tensors reload max diff {diff:.0e}{how}"
+    if not any(".experts." in n for n in qm.layers):
+        return True, done
+    try:
+        gp = E.export(qm, workdir / "gptq", "gptq")[0]
+    except ExportError as e:
+        return True, f"{done}; GPTQ refused: {_short(e)}"
+    qc = json.loads((gp / "config.json").read_text())["quantization_config"]
+    dense = G.gptq_as_dense(gp, workdir / "gptq-dense", qc["bits"], qc.get("checkpoint_format") == "gptq")
+    diff = float((_reloaded_logits(model_cls, dense, ids)[0] - _logits(G.with_half_scales(qm), ids)).abs().max())
+    if not diff <= EXPORT_TOL:
+        return False, f"GPTQ export (experts re-fused by transformers) differs from calibra by {diff:.2e}"
+    return True, f"{done}; MoE GPTQ reload max diff {diff:.0e}"
+
+
 def run_type(model_type: str, workdir: Path) -> Cell:
     import calibra
     from calibra.data import CalibrationConfig
@@ -153,7 +241,7 @@ def run_type(model_type: str, workdir: Path) -> Cell:
             if not err < REPLAY_TOL:
                 why = f"layer-by-layer replay differs from the model (rel {err:.2e})"
                 return Cell(model_type, "fail", why, 0, kind)
-        qm, _ = calibra.quantize(
+        qm, report = calibra.quantize(
             str(folder),
             GPTQConfig(bits=4, group_size=-1),
             CalibrationConfig(**CAL),
@@ -167,6 +255,9 @@ def run_type(model_type: str, workdir: Path) -> Cell:
         per_layer = {name[len(prefix) + 1 :].split(".", 1)[0] for name in qm.layers}
         if len(per_layer) != n_layers:
             return Cell(model_type, "fail", f"quantized Linears in {len(per_layer)} of {n_layers} layers", 0, kind)
+        why = coverage_issue(qm, report)
+        if why:
+            return Cell(model_type, "fail", why, len(qm.layers), kind)
         rebuilt, man = load(out)
         from safetensors.torch import load_file
 
@@ -192,8 +283,12 @@ def run_type(model_type: str, workdir: Path) -> Cell:
         if not rel < max(REL_TOL, RTN_FACTOR * rtn):
             why = f"logits moved by {rel:.2f} (relative; RTN of the same modules: {rtn:.2f})"
             return Cell(model_type, "fail", why, len(qm.layers), kind)
+        held, exported = export_checks(qm, workdir, ids)
+        if not held:
+            return Cell(model_type, "fail", exported, len(qm.layers), kind, exported)
         note = "" if replay is not None else "no final-norm match: evaluated whole only"
-        return Cell(model_type, "pass", (f"rel. logit change {rel:.3f} " + note).strip(), len(qm.layers), kind)
+        detail = (f"rel. logit change {rel:.3f} " + note).strip()
+        return Cell(model_type, "pass", detail, len(qm.layers), kind, exported)
     except Exception as e:  # noqa: BLE001
         msg = _short(e)
         if "unsupported architecture" in msg or "[models]" in msg:

@@ -1,7 +1,9 @@
 """The model matrix's in-suite sample: tiny random models of representative families (explicit adapters,
-GPT-2's Conv1D, parallel blocks, ALiBi, sliding windows, MLA, MoE with dense experts, a hybrid, a
-vision-language model) through quantize -> rebuild -> compare (``run_one.run_type``), and refusals
-that name their reason. ``tools/model_matrix.py`` runs every type and writes docs/model_matrix.md."""
+GPT-2's Conv1D, parallel blocks, ALiBi, sliding windows, MLA, MoE with experts quantized per expert
+and with experts kept dense, a hybrid, a vision-language model) through quantize -> rebuild -> compare ->
+export compressed-tensors (+ GPTQ for MoE) -> reload with transformers -> logits equal to calibra's
+simulated model (``run_one.run_type``), and refusals that name their reason. ``tools/model_matrix.py``
+runs every type and writes docs/model_matrix.md."""
 
 from __future__ import annotations
 
@@ -30,13 +32,16 @@ SAMPLE = [
     "olmo2",
     "granite",
     "cohere2",  # sliding-window layers
-    "deepseek_v3",  # MLA, MoE
-    "olmoe",
-    "gpt_oss",
+    "deepseek_v3",  # MLA, MoE with shared experts (structural)
+    "olmoe",  # MoE (structural)
+    "gpt_oss",  # MoE whose experts stay dense (expert biases, interleaved gate/up)
     "smollm3",
     "bamba",  # hybrid: Mamba-2 and attention layers
 ]
 REFUSED = ["bert", "xlnet"]
+# export refused by calibra with its reason: GPT-2-style Conv1D layers load in no engine as nn.Linear
+EXPORT_REFUSED = {"gpt2"}
+MOE_QUANTIZED = {"mixtral", "deepseek_v3", "olmoe"}
 
 
 @pytest.mark.parametrize("model_type", SAMPLE)
@@ -44,6 +49,11 @@ def test_family_quantizes_and_rebuilds(model_type, tmp_path):
     cell = run_type(model_type, tmp_path)
     assert cell.status == "pass", cell.detail
     assert cell.quantized > 0
+    if model_type in EXPORT_REFUSED:
+        assert cell.export.startswith("compressed-tensors refused:"), cell.export
+    else:
+        assert cell.export.startswith("ok: compressed-tensors reload"), cell.export
+    assert ("MoE GPTQ reload" in cell.export) == (model_type in MOE_QUANTIZED), cell.export
 
 
 @pytest.mark.parametrize("model_type", REFUSED)

@@ -44,7 +44,16 @@ _INTER_KEYS = (
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 _HEAD_DIM_KEYS = ("mamba_d_head", "head_dim", "attention_head_dim", "kv_channels", "head_size")
 # multi-head latent attention (DeepSeek-V2/V3 and relatives)
-_MLA = {"kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16}
+# (every projection width a multiple of 32, as GPTQ's kernels require: the matrix exports GPTQ too)
+# (a sparse-attention indexer's head holds the rotary part and more: DeepSeek-V3.2, GLM-MoE-DSA)
+_MLA = {
+    "kv_lora_rank": 32,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 32,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+    "index_head_dim": 64,
+}
 _SMALL = {
     "num_experts_per_tok": 2,
     "moe_k": 2,

@@ -46,14 +46,23 @@ class MoERecorder:
         self.sample_counts: dict[str, dict[int, torch.Tensor]] = {}
 
     def observe(
-        self, key: str, block, x: torch.Tensor, row_ids: torch.Tensor, sample_ids: list[int], observers
+        self,
+        key: str,
+        block,
+        x: torch.Tensor,
+        row_ids: torch.Tensor,
+        sample_ids: list[int],
+        observers,
+        index: torch.Tensor | None = None,
     ) -> None:
-        """``x [n, H]``: the block's unpadded input tokens; ``row_ids [n]``: their batch rows."""
+        """``x [n, H]``: the block's unpadded input tokens; ``row_ids [n]``: their batch rows; ``index
+        [n, k]``: the experts the model chose for them (read from the experts' call), or None to route ``x``
+        with the block's router here. Indices outside ``0..E-1`` (a router's "zero" experts) count for none."""
         E = block.num_experts
         self.blocks.setdefault(key, {"num_experts": E, "top_k": block.top_k, "fused": block.fused})
-        probs, index = block.route(x)
+        probs, index = block.route(x) if index is None else (block.probs(x, index), index)
         index = index.long()
-        tokens = torch.bincount(index.reshape(-1), minlength=E).cpu()
+        tokens = torch.bincount(index[(index >= 0) & (index < E)], minlength=E).cpu()
         if mps_semantics(probs.device):  # MPS has no float64: the mass is summed on the CPU
             with on_host():
                 mass = probs.cpu().double().sum(0)
@@ -67,7 +76,7 @@ class MoERecorder:
             per = self.sample_counts.setdefault(key, {})
             for r in row_ids.unique().tolist():
                 sel = index[row_ids == r]
-                c = torch.bincount(sel.reshape(-1), minlength=E).cpu()
+                c = torch.bincount(sel[(sel >= 0) & (sel < E)], minlength=E).cpu()
                 s = sample_ids[r]
                 per[s] = c if s not in per else per[s] + c
         if not observers:

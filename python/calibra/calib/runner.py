@@ -43,7 +43,7 @@ from torch import nn
 from calibra.calib.moe import DEFAULT_TAU, MoERecorder
 from calibra.calib.observers import Observer, check_activations_finite, make_observers
 from calibra.calib.stats import CalibrationStats, model_identity
-from calibra.compat.transformers import drop_cache_kwargs
+from calibra.compat.transformers import drop_cache_kwargs, experts_call_routing
 
 
 class _StopCapture(Exception):
@@ -342,6 +342,19 @@ class LayerRunner:
             return x.reshape(-1, *x.shape[2:]) if self._all_real else x[m]
         return x.reshape(-1, x.shape[-1])
 
+    def _select_routed(self, key: str, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real tokens of an experts call's flattened ``x [batch*seq, H]`` and their ``index [., k]``."""
+        m = self._mask
+        if m is None or self._all_real:
+            return x, index
+        if x.shape[0] != m.numel():
+            raise RuntimeError(
+                f"[calibrate] the experts of {key} were called with {x.shape[0]} tokens for a batch of {m.numel()}; "
+                f"their padding cannot be told apart"
+            )
+        keep = m.reshape(-1)
+        return x[keep], index[keep]
+
     def _guard(self, x: torch.Tensor, where: str) -> None:
         # q/k/v (and gate/up) receive the very same input tensor: check it once, not once per Linear
         if self.check and x is not self._last_checked:
@@ -395,13 +408,17 @@ class LayerRunner:
                 handles.append(mod.register_forward_pre_hook(pre_hook))
         for key, block in blocks:
 
-            def moe_hook(module, args, key=key, block=block):
-                x = args[0]
-                self._guard(x, f"input of {key}")
-                self.moe.observe(key, block, self._select(x), self._rows, self._samples, linear_obs)
+            def moe_hook(module, args, kwargs, key=key, block=block):
+                if block.routed_at_experts:  # the experts' call: the tokens and the experts the model chose
+                    x, index = self._select_routed(key, *experts_call_routing(args, kwargs))
+                    self._guard(x, f"input of {key}")
+                else:
+                    self._guard(args[0], f"input of {key}")
+                    x, index = self._select(args[0]), None
+                self.moe.observe(key, block, x, self._rows, self._samples, linear_obs, index=index)
                 self._seen(key)
 
-            handles.append(block.module.register_forward_pre_hook(moe_hook))
+            handles.append(block.hook_module.register_forward_pre_hook(moe_hook, with_kwargs=True))
         kv_obs = [o for o in self.observers if o.kind == "kv"]
         if kv_obs and only is None:
             k_src, v_src = self.adapter.key_value_sources(layer)

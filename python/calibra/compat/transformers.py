@@ -28,7 +28,9 @@ The assumptions:
    raw logits from 5.6 on -- before, the first element was already soft-maxed) or plain logits (an
    ``nn.Linear`` gate, soft-maxed and top-k'd by the caller).
 6. **Fused experts** hold ``gate_up_proj [E, 2*I, H]`` (gate rows first, then up) and
-   ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``.
+   ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``; the MoE block calls
+   them as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` with the routing
+   it chose (:func:`standard_fused_experts_issue` says when a module is not of that kind).
 """
 
 from __future__ import annotations
@@ -184,3 +186,42 @@ def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, t
     (views, no copies)."""
     gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
     return gate, up, experts.down_proj[e]
+
+
+_EXPERTS_CALL = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def standard_fused_experts_issue(experts) -> str | None:
+    """None when ``experts`` is transformers 5's standard fused experts module (assumption 6: the two 3-D
+    parameters and nothing else, gate rows then up rows, ``act_fn``, called with the block's routing);
+    otherwise why not (GPT-OSS: transposed, interleaved gate/up with biases and a clamped activation;
+    Llama 4: transposed and called without the routing)."""
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
+        return "experts are not fused as 3-D gate_up_proj / down_proj parameters"
+    extra = sorted(n for n, _ in experts.named_parameters() if n not in ("gate_up_proj", "down_proj"))
+    if extra:
+        return f"experts carry parameters beyond gate_up_proj / down_proj ({', '.join(extra)})"
+    e, two_i, h = gu.shape
+    if down.shape[0] != e or down.shape[1] != h or two_i != 2 * down.shape[2]:
+        return (
+            f"fused expert shapes gate_up_proj {tuple(gu.shape)} / down_proj {tuple(down.shape)} are not "
+            f"[E, 2I, H] / [E, H, I]"
+        )
+    if not callable(getattr(experts, "act_fn", None)):
+        return "experts have no act_fn"
+    try:
+        params = tuple(inspect.signature(experts.forward).parameters)[:3]
+    except (TypeError, ValueError):
+        params = ()
+    if params != _EXPERTS_CALL:
+        return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
+    return None
+
+
+def experts_call_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden_states [T, H], top_k_index [T, k])`` of one call of a standard fused experts module."""
+    vals = dict(zip(_EXPERTS_CALL, args))
+    vals.update({k: v for k, v in kwargs.items() if k in _EXPERTS_CALL})
+    x = vals["hidden_states"]
+    return x.reshape(-1, x.shape[-1]), vals["top_k_index"].reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)

@@ -65,6 +65,35 @@ class MoEBlock:
     fused: bool
     norm_topk_prob: bool
     act_fn: object = field(repr=False, default=None)
+    routed_at_experts: bool = False
+    """The routing is read from the experts module's own call (the structural adapter: whatever rule the
+    family's block uses to choose experts -- grouped top-k, score-correction biases, sparse mixers --
+    the runner sees its result) instead of recomputed by :meth:`route`."""
+
+    @property
+    def hook_module(self) -> nn.Module:
+        """The module whose calls the runner observes: the block (its input, routed by :meth:`route`), or the
+        experts when the routing is read from their call (:func:`compat.transformers.experts_call_routing`)."""
+        return self.experts if self.routed_at_experts else self.module
+
+    def probs(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The router's softmax probabilities ``[n, E]`` float32 for tokens ``x [n, H]`` routed to ``index
+        [n, k]`` (the coverage table's probability mass; a router that scores more columns than there are
+        experts -- "zero" experts -- is cut to the real ones). A router that cannot be called on its own
+        (AFMoE's takes its block's expert bias as an argument) gives each chosen expert ``1/k`` instead."""
+        if not self.routed_at_experts:
+            return self.route(x)[0]
+        try:
+            out = self.router(x)
+            logits = (out[0] if isinstance(out, tuple) else out).float().reshape(x.shape[0], -1)
+            return torch.softmax(logits, dim=-1)[:, : self.num_experts]
+        except (TypeError, RuntimeError):
+            share = torch.zeros(x.shape[0], self.num_experts + 1, device=x.device)
+            k = index.shape[-1]
+            share.scatter_add_(
+                1, index.long().clamp(0, self.num_experts), torch.full(index.shape, 1.0 / k, device=x.device)
+            )
+            return share[:, : self.num_experts]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [n, E] float32, top_k index [n, k] int64)`` for tokens ``x [n, H]`` under the

@@ -13,10 +13,18 @@ Families without an explicit adapter (``explicit.ADAPTERS``) are handled by disc
 * **the pre-layer modules** -- everything under the base that is neither the stack nor one of its
   ancestors (embeddings, positional and rotary embeddings, the final norm);
 * **the Linear-like modules of a block** -- ``nn.Linear`` and GPT-2's transposed ``Conv1D``
-  (``models.linear``), except what must stay dense: MoE experts (whatever their layout: their tokens are
-  routed by family-specific rules this adapter does not model), routers (a ``gate``/``router`` beside an
-  ``experts`` module, or any module with one output), and everything that is not Linear-like (norms,
-  state-space parameters, convolutions);
+  (``models.linear``), except what must stay dense: MoE experts (quantized per expert through the MoE
+  blocks below, or kept dense), routers (a ``gate``/``router`` beside an ``experts`` module, or any module
+  with one output), and everything that is not Linear-like (norms, state-space parameters, convolutions);
+* **the MoE blocks** -- a module with an ``experts`` child that is transformers 5's standard fused experts
+  module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, ``act_fn``, called as ``experts(hidden,
+  top_k_index, top_k_weights)``) and a router beside it. The routing is not re-implemented: the runner reads
+  the tokens and the experts the family's own block chose from the experts' call (DeepSeek's grouped top-k
+  with correction biases, PhiMoE's sparse mixer, Jamba's router all arrive as ``top_k_index``), so the
+  per-expert statistics, coverage and shrinkage are those of the explicit adapters. Shared experts are
+  ordinary Linears of the block. Other expert layouts (GPT-OSS: transposed, interleaved gate/up with expert
+  biases and a clamped activation; Llama 4: transposed and called without the routing; ModuleLists) stay
+  dense, and :meth:`StructuralAdapter.dense_linears` names them with the reason;
 * **the final norm** -- the norm-like module of the base named as families name it (``norm``, ``ln_f``,
   ``final_layer_norm``, ...), when nothing else with weights runs between the stack and the head;
   otherwise :meth:`StructuralAdapter.final_norm` raises (a layer-by-layer evaluation refuses then).
@@ -24,8 +32,8 @@ Families without an explicit adapter (``explicit.ADAPTERS``) are handled by disc
 Which Linears read the same input (q/k/v, gate/up) is not guessed from names: the runner compares the
 input tensors its hooks see (``LayerRunner.input_groups``) and the quantizer solves the groups in that
 execution order. The structural adapter names no roles (every Linear is ``"other"``), freezes no
-attention block, observes no K/V, and lists no MoE blocks -- those need a family's semantics, which is
-what the explicit adapters are for.
+attention block and observes no K/V -- those need a family's semantics, which is what the explicit
+adapters are for.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import inspect
 
 from torch import nn
 
-from calibra.models.adapter import ModelAdapter
+from calibra.models.adapter import ModelAdapter, MoEBlock
 from calibra.models.linear import in_out, is_linear_like
 
 # module-path words of towers that are not the language model (kept dense, never the layer stack)
@@ -62,6 +70,15 @@ def _unhandled_logit_settings(config) -> list[str]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
                 out.append(k)
     return out
+
+
+def _router(block: nn.Module) -> nn.Module | None:
+    """The router of an MoE block: its child named as families name routers."""
+    for n in _ROUTER_NAMES:
+        mod = getattr(block, n, None)
+        if isinstance(mod, nn.Module) and n != "shared_expert_gate":
+            return mod
+    return None
 
 
 def _has_linear(mod: nn.Module) -> bool:
@@ -217,8 +234,55 @@ class StructuralAdapter(ModelAdapter):
         return attention_kind(text_config(self.config))
 
     # -- inside a layer ----------------------------------------------------------------------------
-    def moe_blocks(self, layer: nn.Module) -> list:
-        return []  # experts stay dense (see the module docstring)
+    def _expert_modules(self, layer: nn.Module) -> list[tuple[str, nn.Module, nn.Module, str | None]]:
+        """``(block path, block, experts, why they stay dense or None)`` for every module of the layer with an
+        ``experts`` child."""
+        from calibra.compat.transformers import standard_fused_experts_issue
+
+        out = []
+        for name, mod in layer.named_modules():
+            experts = getattr(mod, "experts", None)
+            if not isinstance(experts, nn.Module) or name.endswith("experts"):
+                continue
+            why = standard_fused_experts_issue(experts)
+            if why is None and _router(mod) is None:
+                why = f"no router found beside the experts (none of {', '.join(_ROUTER_NAMES)})"
+            out.append((name, mod, experts, why))
+        return out
+
+    def moe_blocks(self, layer: nn.Module) -> list[MoEBlock]:
+        """The layer's MoE blocks whose experts are transformers 5's standard fused experts: quantized per
+        expert, with per-expert statistics fed the tokens the family's own routing sends them (read from the
+        experts' call, so grouped top-k, correction biases or sparse mixers need no code here). Other
+        layouts stay dense (:meth:`dense_linears` names them and why)."""
+        cfg = text_config(self.config)
+        blocks = []
+        for name, mod, experts, why in self._expert_modules(layer):
+            if why is not None:
+                continue
+            router = _router(mod)
+            top_k = (
+                getattr(router, "top_k", None)
+                or getattr(mod, "top_k", None)
+                or getattr(cfg, "num_experts_per_tok", None)
+                or getattr(cfg, "moe_topk", None)
+                or 1
+            )
+            blocks.append(
+                MoEBlock(
+                    name=name,
+                    module=mod,
+                    router=router,
+                    experts=experts,
+                    num_experts=int(experts.gate_up_proj.shape[0]),
+                    top_k=int(top_k),
+                    fused=True,
+                    norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", True)),
+                    act_fn=experts.act_fn,
+                    routed_at_experts=True,
+                )
+            )
+        return blocks
 
     def dense_linears(self, layer: nn.Module) -> dict[str, str]:
         """Linear-like modules of a block that stay dense, with the reason (for reports and tests)."""
@@ -234,6 +298,9 @@ class StructuralAdapter(ModelAdapter):
                 out[name] = "scalar gate"
             elif any("router" in p for p in parts) or (hasattr(parent, "experts") and parts[-1] in _ROUTER_NAMES):
                 out[name] = "MoE router"
+        for name, _, _, why in self._expert_modules(layer):
+            if why is not None:
+                out[f"{name}.experts"] = f"MoE experts: {why}"
         return out
 
     def linear_modules(self, layer: nn.Module) -> dict[str, nn.Module]:

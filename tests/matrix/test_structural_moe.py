@@ -1,0 +1,141 @@
+"""MoE blocks found by the structural adapter: transformers 5's standard fused experts of families without
+an explicit adapter are quantized per expert, their statistics fed the tokens the family's own routing
+sends them (read from the experts' call), with coverage and shrinkage; other expert layouts stay dense
+with the reason; and the quantized model exports to compressed-tensors and GPTQ that transformers reloads
+with calibra's logits (``tests/matrix/run_one.export_checks``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from calibra.calib.runner import LayerRunner  # noqa: E402
+from calibra.models import get_adapter  # noqa: E402
+from calibra.models.structural import StructuralAdapter  # noqa: E402
+from tests.matrix.tiny_configs import EXPERTS, tiny_model  # noqa: E402
+
+# families with standard fused experts and no explicit adapter (shared experts: deepseek_v3, glm4_moe,
+# qwen3_next, ernie4_5_moe; hybrids: qwen3_next, jamba)
+FAMILIES = ("olmoe", "deepseek_v3", "glm4_moe", "phimoe", "qwen3_next", "minimax", "jamba", "ernie4_5_moe")
+
+
+def _moe_layers(a):
+    return [(i, layer, a.moe_blocks(layer)) for i, layer in enumerate(a.layers) if a.moe_blocks(layer)]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_fused_experts_are_discovered(model_type):
+    model = tiny_model(model_type)
+    a = get_adapter(model)
+    assert isinstance(a, StructuralAdapter)
+    found = _moe_layers(a)
+    assert found, "no MoE block found"
+    for _, layer, blocks in found:
+        (b,) = blocks
+        assert b.fused and b.routed_at_experts and b.hook_module is b.experts
+        assert b.num_experts == EXPERTS and b.experts is layer.get_submodule(f"{b.name}.experts")
+        lin = a.linear_modules(layer)
+        assert not any(n.startswith(f"{b.name}.experts") for n in lin)  # observed per expert, not as Linears
+        router = [n for n, m in layer.named_modules() if m is b.router]
+        assert router and not any(n.startswith(router[0]) for n in lin)  # the router stays dense
+        shared = [n for n in lin if n.startswith(f"{b.name}.shared_expert")]
+        if hasattr(b.module, "shared_experts") or hasattr(b.module, "shared_expert"):
+            assert shared, "shared experts are ordinary Linears of the block"
+
+
+@pytest.mark.parametrize(("model_type", "why"), [("gpt_oss", "gate_up_proj_bias"), ("llama4_text", "not [E, 2I, H]")])
+def test_other_expert_layouts_stay_dense_with_reason(model_type, why):
+    a = get_adapter(tiny_model(model_type))
+    layer = a.layers[0]
+    assert a.moe_blocks(layer) == []
+    dense = a.dense_linears(layer)
+    reasons = [r for n, r in dense.items() if n.endswith("experts")]
+    assert reasons and why in reasons[0], dense
+
+
+def test_statistics_follow_the_familys_own_routing():
+    """DeepSeek-V3 routes by grouped top-k over sigmoid scores plus correction biases (not a softmax top-k):
+    the per-expert token counts and Hessians must be those of the tokens its own router sends to each
+    expert, padding excluded."""
+    model = tiny_model("deepseek_v3")
+    a = get_adapter(model)
+    i, layer, (b,) = _moe_layers(a)[0]
+    with torch.no_grad():  # biases that move the choice away from the plain top-k of the logits
+        b.router.e_score_correction_bias.copy_(torch.linspace(-1.0, 1.0, b.num_experts))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (3, 10))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 7:] = False
+    seen = []
+    h = b.module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask.long())
+    h.remove()
+    x = seen[0][mask]  # the block's real tokens
+    _, _, index = b.router(x)
+    plain_choice = torch.topk(torch.nn.functional.linear(x, b.router.weight), b.top_k).indices  # no groups, no biases
+    assert not torch.equal(index.sort(-1).values, plain_choice.sort(-1).values)  # the test can tell them apart
+    stats = LayerRunner(model, a, device="cpu", observers=("hessian",), progress=False).run(ids, mask)
+    key = f"{a.layer_name(i)}.{b.name}"
+    want = torch.bincount(index.reshape(-1), minlength=b.num_experts)
+    assert torch.equal(stats.tensors[f"moe/tokens/{key}"], want)
+    for e in range(b.num_experts):
+        xe = x[(index == e).any(-1)].double()
+        got = stats.tensors[f"hessian/sum/{key}.experts.{e}.gate_up_proj"].double()
+        torch.testing.assert_close(got, xe.T @ xe, rtol=1e-4, atol=1e-4)
+        assert stats.count("hessian", f"{key}.experts.{e}.gate_up_proj") == xe.shape[0]
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "phimoe"])
+def test_quantize_export_reload_and_coverage(model_type, tmp_path):
+    """calibrate -> GPTQ W4 -> calibra's folder, compressed-tensors and GPTQ exports reloaded by transformers
+    with calibra's logits (run_one's checks), every expert quantized, and a coverage row per expert."""
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.quant import GPTQConfig
+
+    from .run_one import CAL, _tokenizer, export_checks
+
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, report = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    a = get_adapter(qm.model)
+    blocks = [(f"{a.layer_name(i)}.{bs[0].name}", bs[0]) for i, _, bs in _moe_layers(a)]
+    for key, b in blocks:
+        for e in range(b.num_experts):
+            assert {f"{key}.experts.{e}.gate_up_proj", f"{key}.experts.{e}.down_proj"} <= set(qm.layers)
+    rows = report["moe_coverage"]
+    assert {(r["block"], r["expert"]) for r in rows} == {(k, e) for k, b in blocks for e in range(b.num_experts)}
+    tokens = 2 * CAL["num_samples"] * CAL["sequence_length"]  # top-2 of every calibration token
+    assert all(sum(r["tokens"] for r in rows if r["block"] == k) == tokens for k, _ in blocks)
+    assert all(0 < r["lambda"] <= 1 for r in rows)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 12))
+    held, what = export_checks(qm, tmp_path, ids)
+    assert held and what.startswith("ok") and "MoE GPTQ reload" in what, what
+
+
+def test_router_that_needs_its_block_counts_the_choices():
+    """AFMoE's router takes its block's expert bias as an argument, so it cannot score tokens alone: the
+    coverage's probability mass is then each chosen expert's 1/k share, and the counts still follow the
+    experts' call."""
+    model = tiny_model("afmoe")
+    a = get_adapter(model)
+    i, _, (b,) = _moe_layers(a)[0]
+    ids = torch.randint(3, 300, (2, 8))
+    stats = LayerRunner(model, a, device="cpu", observers=("hessian",), progress=False).run(ids)
+    key = f"{a.layer_name(i)}.{b.name}"
+    tokens, mass = stats.tensors[f"moe/tokens/{key}"], stats.tensors[f"moe/prob_mass/{key}"]
+    assert int(tokens.sum()) == ids.numel() * b.top_k
+    torch.testing.assert_close(mass, tokens.double() / b.top_k)
