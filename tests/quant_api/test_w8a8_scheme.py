@@ -93,6 +93,10 @@ def test_searched_smoothing_is_recorded_and_folded(llama_folder):
     assert all(iq.format == "int8" and iq.dynamic for iq in qm.input_quant.values())
     assert set(qm.input_quant) == set(qm.layers)
     assert rep["settings"]["method"] == "gptq"
+    from calibra.report import render_report
+
+    html = render_report(rep)  # report.html shows the kept strength per group
+    assert "SmoothQuant search" in html and "model.layers.1.post_attention_layernorm" in html
 
 
 def test_smoothed_norms_change_only_where_smoothing_was_kept(llama_folder):
