@@ -75,8 +75,10 @@ def test_smoothed_inputs_have_the_transformed_hessian():
     assert torch.allclose(xs.T @ xs, h / s[:, None] / s[None, :], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("gptq", [False, True])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_search_keeps_the_measured_best_and_never_worse_than_off(dynamic):
+def test_search_keeps_the_measured_best_and_never_worse_than_off(dynamic, gptq):
+    from calibra.quant import GPTQConfig
     from calibra.quant.smoothquant import SmoothConfig, output_error, search
 
     g = torch.Generator().manual_seed(4)
@@ -84,12 +86,16 @@ def test_search_keeps_the_measured_best_and_never_worse_than_off(dynamic):
     x[:, 3] *= 60.0  # an outlier channel: the case SmoothQuant is for
     w = torch.randn(96, 64, generator=g) * 0.05
     amax = x.abs().amax(0)
-    alpha, s, errors = search(x, amax, w, SmoothConfig(), dynamic=dynamic)
+    # scored with GPTQ's weights (on each candidate's smoothed Hessian, as the job solves them) or RTN's
+    kw = dict(hessian=(x.T @ x, x.shape[0]), gptq=GPTQConfig(bits=8, group_size=-1, desc_act=True)) if gptq else {}
+    alpha, s, errors = search(x, amax, w, SmoothConfig(), dynamic=dynamic, **kw)
     assert set(errors) == {"off"} | {f"{a:g}" for a in SmoothConfig().alphas}
     kept = "off" if alpha is None else f"{alpha:g}"
     assert errors[kept] == min(errors.values())
     assert alpha is not None and errors[kept] < 0.5 * errors["off"]  # smoothing pays off with an outlier
-    assert output_error(x, w, s, dynamic=dynamic, act_amax=amax) == pytest.approx(errors[kept])
+    assert output_error(x, w, s, dynamic=dynamic, act_amax=amax, **kw) == pytest.approx(errors[kept])
+    if gptq:  # GPTQ's weights fit the calibration inputs better than RTN's
+        assert errors["off"] < output_error(x, w, None, dynamic=dynamic, act_amax=amax)
     # without outliers and with a flat weight, no smoothing may win; then nothing is folded
     alpha0, s0, errors0 = search(x[:, 4:], x[:, 4:].abs().amax(0), w[:, 4:], SmoothConfig(mode="off"), dynamic=dynamic)
     assert alpha0 is None and s0 is None and list(errors0) == ["off"]

@@ -14,10 +14,12 @@ So each smoothing group (q/k/v behind ``input_layernorm``; the dense MLP's gate/
   it divides every weight column by its max) and ``alpha`` in 0, 0.1, ..., 1;
 - each is scored by the **relative output error** of the group's quantized Linears on a sample of the
   group's calibration inputs ``X`` (at most ``sample_tokens`` unpadded tokens, evenly strided over the
-  calibration set): ``||Q_a(X / s) Q_w(W diag(s))^T - X W^T||^2 / ||X W^T||^2`` with ``Q_w`` int8 RTN per
-  output channel (a cheap stand-in for the GPTQ solve that follows) and ``Q_a`` the scheme's int8 input
-  quantization (per token, or one static per-tensor scale: absmax of the whole calibration set's smoothed
-  input, or that percentile of the sample's magnitudes);
+  calibration set): ``||Q_a(X / s) Q_w(W diag(s))^T - X W^T||^2 / ||X W^T||^2`` with ``Q_a`` the scheme's
+  int8 input quantization (per token, or one static per-tensor scale: absmax of the whole calibration
+  set's smoothed input, or that percentile of the sample's magnitudes) and ``Q_w`` the weights exactly as
+  the job will solve them: GPTQ on the candidate's smoothed Hessian ``diag(1/s) H diag(1/s)`` (from the
+  whole calibration set; the group's Linears stacked, since GPTQ solves rows independently), or int8 RTN
+  per output channel when no Hessian is given;
 - the candidate with the least error is kept; no smoothing wins ties, so the search never increases the
   measured error on the calibration data over the unsmoothed model.
 
@@ -99,8 +101,14 @@ def parse_smoothquant(value, act) -> SmoothConfig | None:
     return SmoothConfig(mode="fixed", alpha=alpha).validate()
 
 
-def _int8_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 RTN of ``w`` (calibra's one quantizer), dequantized."""
+def _int8_weight(w: torch.Tensor, hessian=None, gptq=None) -> torch.Tensor:
+    """``w`` quantized to int8 per output channel and dequantized: GPTQ with ``gptq`` (a GPTQConfig) on
+    ``hessian = (H sum, tokens)`` when given, else calibra's RTN."""
+    if hessian is not None and gptq is not None:
+        from calibra.quant.gptq import gptq_quantize
+
+        h, n = hessian
+        return gptq_quantize(w, h, n, gptq, name="smoothquant candidate").weight.float()
     from calibra import ops
 
     return ops.dequantize(ops.quantize(w, bits=8, group_size=-1, symmetric=True))
@@ -126,16 +134,21 @@ def output_error(
     act_amax: torch.Tensor,
     clip_percentile: float | None = None,
     reference: torch.Tensor | None = None,
+    hessian=None,
+    gptq=None,
 ) -> float:
     """Relative output error of the int8 group ``weights [out, in]`` (every Linear of the group stacked) on
     the sample ``x [n, in]`` smoothed by ``s [in]`` (None = unsmoothed); ``act_amax [in]``: each channel's
-    absmax over the whole calibration set (the static scale's input)."""
+    absmax over the whole calibration set (the static scale's input); ``hessian``: ``(H sum [in, in], tokens)``
+    of the unsmoothed inputs, with ``gptq`` a GPTQConfig, to score GPTQ's weights instead of RTN's."""
     x, w = x.float(), weights.float()
     ref = x @ w.T if reference is None else reference
     if s is not None:
         x, w, act_amax = x / s, w * s, act_amax / s
+        if hessian is not None:
+            hessian = (hessian[0].float() / s[:, None] / s[None, :], hessian[1])
     xq = _act_quant(x, dynamic, act_amax.max(), clip_percentile)
-    err = (xq @ _int8_weight(w).T - ref).pow(2).sum()
+    err = (xq @ _int8_weight(w, hessian, gptq).T - ref).pow(2).sum()
     return float(err / ref.pow(2).sum().clamp_min(1e-30))
 
 
@@ -147,10 +160,13 @@ def search(
     *,
     dynamic: bool,
     clip_percentile: float | None = None,
+    hessian=None,
+    gptq=None,
 ) -> tuple[float | None, torch.Tensor | None, dict]:
     """``(kept alpha or None, its factors s [in] or None, {candidate: relative error})`` for one group (see
     the module docstring). ``x``: the group's input sample; ``act_amax``: per-channel absmax over all
-    calibration tokens; ``weights``: the group's weights stacked ``[out, in]``."""
+    calibration tokens; ``weights``: the group's weights stacked ``[out, in]``; ``hessian``, ``gptq``: see
+    :func:`output_error`."""
     from calibra.calib.observers import smooth_factors
 
     x, w, amax = x.float(), weights.float(), act_amax.float()
@@ -159,7 +175,10 @@ def search(
     best = (None, None, float("inf"))
     for alpha in config.candidates:
         s = None if alpha is None else smooth_factors(amax, w, alpha)
-        e = output_error(x, w, s, dynamic=dynamic, act_amax=amax, clip_percentile=clip_percentile, reference=ref)
+        e = output_error(
+            x, w, s, dynamic=dynamic, act_amax=amax, clip_percentile=clip_percentile, reference=ref,
+            hessian=hessian, gptq=gptq,
+        )  # fmt: skip
         errors["off" if alpha is None else f"{alpha:g}"] = e
         if e < best[2]:  # strict: the earlier candidate (no smoothing first) wins a tie
             best = (alpha, s, e)

@@ -95,9 +95,11 @@ class W8A8Layers:
         amax = torch.maximum(stats.tensors[f"ranges/min/{key}"].abs(), stats.tensors[f"ranges/max/{key}"].abs())
         weights = torch.cat([m.weight.detach().float() for m in mods.values()], 0)
         clip = self.act.clip_percentile if (not self.act.dynamic and self.act.observer == "percentile") else None
+        # the candidates' weights as the job solves them: GPTQ on each candidate's smoothed Hessian
+        hessian = (stats.tensors[f"hessian/sum/{key}"].cpu(), stats.count("hessian", key))
         alpha, s, errors = sq.search(
             torch.cat(rows), amax.float().cpu(), weights.cpu(), self.smooth, dynamic=self.act.dynamic,
-            clip_percentile=clip,
+            clip_percentile=clip, hessian=hessian, gptq=self.quantizer.config,
         )  # fmt: skip
         entry = {
             "alpha": alpha,
