@@ -119,7 +119,8 @@ def test_smoothed_norms_change_only_where_smoothing_was_kept(llama_folder):
 def test_static_scales_and_calibra_folder_round_trip(llama_folder, tmp_path):
     from calibra.eval import _load_quantize_output
 
-    qm, rep = _q(llama_folder, tmp_path / "q", scheme="w8a8-static", act_observer="percentile")
+    qm, rep = _q(llama_folder, tmp_path / "q", scheme="w8a8-static", act_observer="percentile", kv_cache="fp8")
+    assert set(rep["kv_cache"]["scales"]) == {f"model.layers.{i}.self_attn" for i in range(2)}  # combines
     man = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert man["activations"]["scheme"] == "w8a8-static"
     mods = man["activations"]["modules"]
@@ -127,9 +128,10 @@ def test_static_scales_and_calibra_folder_round_trip(llama_folder, tmp_path):
     assert all(m["format"] == "int8" and not m["dynamic"] and m["scale"] > 0 and m["tokens"] > 0 for m in mods.values())
     loaded, _ = _load_quantize_output(tmp_path / "q", "float32", None)
     assert torch.equal(_logits(loaded), _logits(qm.model))  # same weights, norms and simulated inputs
-    from calibra.quant import activations
+    from calibra.quant import activations, kv_fp8
 
     activations.remove(loaded)
+    kv_fp8.remove(loaded)
     assert _rel(_logits(loaded), _logits(qm.model)) > 1e-5  # the simulation is on
 
 
