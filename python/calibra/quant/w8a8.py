@@ -96,11 +96,13 @@ class W8A8Layers:
         weights = torch.cat([m.weight.detach().float() for m in mods.values()], 0)
         clip = self.act.clip_percentile if (not self.act.dynamic and self.act.observer == "percentile") else None
         # the candidates' weights as the job solves them: GPTQ on each candidate's smoothed Hessian
-        hessian = (stats.tensors[f"hessian/sum/{key}"].cpu(), stats.count("hessian", key))
+        dev = weights.device  # the layer's compute device: 12 GPTQ solves per group
+        hessian = (stats.tensors[f"hessian/sum/{key}"].to(dev), stats.count("hessian", key))
         alpha, s, errors = sq.search(
-            torch.cat(rows), amax.float().cpu(), weights.cpu(), self.smooth, dynamic=self.act.dynamic,
+            torch.cat(rows).to(dev), amax.float().to(dev), weights, self.smooth, dynamic=self.act.dynamic,
             clip_percentile=clip, hessian=hessian, gptq=self.quantizer.config,
         )  # fmt: skip
+        s = None if s is None else s.cpu()
         entry = {
             "alpha": alpha,
             "modules": sorted(mods),
