@@ -411,6 +411,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         scheme=args.scheme,
         act_observer=args.act_observer,
         act_clip_percentile=args.act_clip_percentile,
+        smoothquant=args.smoothquant,
         kv_cache=args.kv_cache,
         stats=args.stats,
         output=args.output,
@@ -460,13 +461,13 @@ def scheme_check(args: argparse.Namespace) -> None:
     if (args.method is None) == (args.scheme is None):
         raise ValueError(
             "[quantize] give exactly one of --method (rtn, gptq, mr-gptq: weight-only) and --scheme (fp8, "
-            "fp8-dynamic: weights + activations)"
+            "fp8-dynamic, w8a8, w8a8-static: weights + activations)"
         )
     if args.scheme is not None:
         given = [flag for dest, flag, default in _WEIGHT_ONLY_FLAGS if getattr(args, dest) != default]
         if given:
             raise ValueError(
-                f"[quantize] --scheme {args.scheme} is a complete recipe (FP8 weights per channel): "
+                f"[quantize] --scheme {args.scheme} is a complete recipe (its weights included): "
                 f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it; drop "
                 f"{'it' if len(given) == 1 else 'them'}"
             )
@@ -497,16 +498,27 @@ def _add_quantize(sub) -> None:
     q.add_argument(
         "--scheme",
         default=None,
-        choices=["fp8", "fp8-dynamic"],
+        choices=["fp8", "fp8-dynamic", "w8a8", "int8", "w8a8-static"],
         help="an activation-quantized recipe instead of --method: fp8-dynamic = FP8 weights per channel + "
         "per-token FP8 inputs (data-free); fp8 = the same weights + static per-tensor FP8 input scales "
-        "calibrated on --calibration (docs/activation_quant.md)",
+        "calibrated on --calibration; w8a8 (alias int8) = int8 weights per channel by GPTQ + per-token int8 "
+        "inputs, SmoothQuant strength searched per layer (--smoothquant); w8a8-static = the same with static "
+        "per-tensor int8 input scales (docs/activation_quant.md)",
+    )
+    q.add_argument(
+        "--smoothquant",
+        default=None,
+        metavar="search|off|ALPHA",
+        help="--scheme w8a8 / w8a8-static: search (default) = per smoothing group (q/k/v, gate/up) the "
+        "migration strength with the least measured int8 output error on the calibration data, no "
+        "smoothing included; off = none; a number in [0, 1] = that fixed alpha everywhere",
     )
     q.add_argument(
         "--act-observer",
         default="absmax",
         choices=["absmax", "percentile"],
-        help="--scheme fp8: each static input scale from the absmax (default) or from the --act-clip-percentile "
+        help="--scheme fp8 / w8a8-static: each static input scale from the absmax (default) or from the "
+        "--act-clip-percentile "
         "percentile of the calibration inputs' magnitudes (larger values saturate)",
     )
     q.add_argument(

@@ -43,7 +43,7 @@ def _rel(a, b):
     "kw,match",
     [
         (dict(scheme="fp8", config=calibra.RTNConfig()), "either config or scheme"),
-        (dict(scheme="int8"), "unknown scheme"),
+        (dict(scheme="int4"), "unknown scheme"),
         (dict(kv_cache="int4", config=calibra.RTNConfig()), "kv_cache must be one of"),
         (dict(scheme="fp8", export="gptq"), "only compressed-tensors"),
         (dict(scheme="fp8-dynamic", mixed_precision=4.5), "--mixed-precision"),

@@ -20,6 +20,11 @@ unsigned zero through the signed packer (that adds the offset twice).
   ``[out, in]``, ``weight_scale`` ``[out, 1]`` in the model dtype; static activations add
   ``input_scale`` ``[1]`` (model dtype). The group's ``weights``/``input_activations`` are
   compressed-tensors' ``FP8_DYNAMIC`` preset, or its ``FP8`` preset with per-channel weights.
+- int8 W8A8 (``--scheme w8a8`` / ``w8a8-static``, format ``int-quantized``, compressed-tensors'
+  ``IntQuantizationCompressor``): ``weight`` int8 ``[out, in]`` = the signed codes ``codes - 128``,
+  ``weight_scale`` ``[out, 1]`` in the model dtype (no zero point: symmetric); static activations add
+  ``input_scale`` ``[1]``. The group's ``weights``/``input_activations`` are compressed-tensors' ``W8A8``
+  preset (per-token dynamic inputs), or the same weights with static per-tensor int8 inputs.
 - ``--kv-cache fp8``: ``kv_cache_scheme`` (8-bit float, per tensor, static) and per attention module
   ``<layer>.self_attn.k_scale`` / ``v_scale`` ``[1]`` in the model dtype (compressed-tensors'
   ``initialize_attn_qparams``; the names vLLM reads).
@@ -52,14 +57,16 @@ def check(qmodel) -> None:
             f"'mlx'/'dense', or quantize to nvfp4"
         )
     iq = getattr(qmodel, "input_quant", None)
-    if (fmt == "fp8") != (iq is not None):
+    act_fmt = _input_format(qmodel)
+    int8_w8a8 = act_fmt == "int8" and fmt == "int" and bits == 8 and sym and gs == -1
+    if (fmt == "fp8") != (act_fmt == "fp8") or (act_fmt == "int8" and not int8_w8a8):
         raise ExportError(
-            f"[export] {NAME}: fp8 weights are written with their activation scheme only (--scheme fp8 or "
-            f"fp8-dynamic), and activation quantization only with fp8 weights; got {fmt} weights and "
-            f"{'an' if iq is not None else 'no'} activation scheme"
+            f"[export] {NAME}: fp8 weights are written with fp8 inputs only (--scheme fp8 or fp8-dynamic), and "
+            f"int8 inputs with symmetric per-channel int8 weights only (--scheme w8a8); got {fmt} weights "
+            f"({bits}-bit, group {gs}) and {act_fmt or 'no'} activation quantization"
         )
     if iq is not None:
-        kinds = {d.dynamic for d in iq.values()}
+        kinds = {(d.dynamic, d.format) for d in iq.values()}
         if len(kinds) != 1 or set(iq) != set(qmodel.layers):
             raise ExportError(
                 f"[export] {NAME}: every quantized layer must share one activation scheme (static or dynamic)"
@@ -118,8 +125,49 @@ FP8_KV_CACHE = {
 }
 
 
+# compressed-tensors' W8A8 preset (quantization/quant_scheme.py: INT8_W8A8), field for field; static
+# inputs: the same arguments with one per-tensor scale (tests/quant_api/test_w8a8_scheme.py compares them)
+INT8_WEIGHTS = {
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "channel",
+    "dynamic": False,
+}
+INT8_INPUT_DYNAMIC = {
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "token",
+    "dynamic": True,
+}
+INT8_INPUT_STATIC = {
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "tensor",
+    "dynamic": False,
+}
+
+
+def _input_format(qmodel) -> str | None:
+    """The format of the model's quantized inputs ("fp8", "int8"), or None (weight-only)."""
+    iq = getattr(qmodel, "input_quant", None)
+    return next(iter(iq.values())).format if iq else None
+
+
 def scheme(qmodel) -> dict:
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
+    if _input_format(qmodel) == "int8":
+        dynamic = next(iter(qmodel.input_quant.values())).dynamic
+        return {
+            "format": "int-quantized",
+            "weights": dict(INT8_WEIGHTS),
+            "input_activations": dict(INT8_INPUT_DYNAMIC if dynamic else INT8_INPUT_STATIC),
+        }
     if fmt == "fp8":
         dynamic = next(iter(qmodel.input_quant.values())).dynamic
         return {
@@ -192,8 +240,12 @@ def quantization_config(qmodel) -> dict:
     }
 
 
-def layer_tensors(name: str, l) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one QuantizedLayer, keyed ``<name>.weight_*``."""
+def layer_tensors(name: str, l, int_quantized: bool = False) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one QuantizedLayer, keyed ``<name>.weight_*``; ``int_quantized``:
+    an int8 layer of a W8A8 model (unpacked signed int8 codes, the ``int-quantized`` format)."""
+    if int_quantized:
+        signed = (l.codes.to(torch.int16) - 128).to(torch.int8)  # calibra's unsigned code 128 is zero
+        return {f"{name}.weight": signed, f"{name}.weight_scale": l.scales.to(l.weight.dtype)}
     if l.format == "fp8":
         return {f"{name}.weight": l.codes, f"{name}.weight_scale": l.scales.to(l.weight.dtype)}
     if l.format == "nvfp4":
@@ -230,8 +282,9 @@ def write_streamed_files(qmodel, folder) -> None:
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
     out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel))
+    int_quantized = _input_format(qmodel) == "int8"
     for name, l in experts.disk_layers(qmodel):
-        out.update(layer_tensors(name, l))
+        out.update(layer_tensors(name, l, int_quantized))
     for name, iq in (getattr(qmodel, "input_quant", None) or {}).items():
         if not iq.dynamic:
             out[f"{name}.input_scale"] = iq.scale.reshape(1).to(qmodel.layers[name].weight.dtype)
@@ -261,6 +314,8 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
         if fmt == "nvfp4"
         else f"{qmodel.scheme}: fp8 weights per channel, fp8 inputs"
         if fmt == "fp8"
+        else f"{qmodel.scheme}: int8 weights per channel, int8 inputs"
+        if _input_format(qmodel) == "int8"
         else f"int{bits} {'symmetric' if sym else 'asymmetric'}, group {gs}"
     )
     if qc["kv_cache_scheme"] is not None:

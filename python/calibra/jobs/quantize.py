@@ -41,7 +41,9 @@ def _check_scheme(config, scheme, observer="absmax", clip_percentile=99.99):
     from calibra.quant.scheme import SCHEMES, scheme_configs
 
     if scheme is None and observer != "absmax":
-        raise ValueError(f"[quantize] act_observer {observer!r} chooses static input scales: it needs scheme='fp8'")
+        raise ValueError(
+            f"[quantize] act_observer {observer!r} chooses static input scales: it needs scheme='fp8' or 'w8a8-static'"
+        )
     if scheme is None:
         if config is None:
             raise ValueError(
@@ -56,6 +58,18 @@ def _check_scheme(config, scheme, observer="absmax", clip_percentile=99.99):
         )
     weights, act = scheme_configs(scheme, observer=observer, clip_percentile=clip_percentile)
     return weights, act.validate()
+
+
+def _resolve_scheme(scheme):
+    from calibra.quant.scheme import resolve_scheme
+
+    return resolve_scheme(scheme)
+
+
+def _check_smoothquant(value, act):
+    from calibra.quant.smoothquant import parse_smoothquant
+
+    return parse_smoothquant(value, act)
 
 
 def _check_kv_cache(kv_cache):
@@ -74,11 +88,11 @@ def _refuse_for_act_quant(
     refusals = [
         (
             scheme is not None and stats is not None,
-            "--stats (the scheme's weights are RTN; static scales come from its own calibration pass)",
+            "--stats (the scheme calibrates its weights, smoothing and static scales in its own pass)",
         ),
         (
             scheme is not None and (act_ranges or (isinstance(calibration, (str, Path)) and _is_ranges(calibration))),
-            "--act-ranges / an activation_ranges.json (SmoothQuant smoothing is not part of the FP8 schemes)",
+            "--act-ranges / an activation_ranges.json (RTN's smoothing; w8a8 searches its own, --smoothquant)",
         ),
         (scheme is not None and mixed_precision is not None, "--mixed-precision"),
         (stream is True, "--stream (a streamed job does not calibrate activation or KV-cache scales yet)"),
@@ -118,6 +132,7 @@ def quantize(
     scheme: str | None = None,
     act_observer: str = "absmax",
     act_clip_percentile: float = 99.99,
+    smoothquant=None,
     kv_cache: str | None = None,
     stats=None,
     output=None,
@@ -154,10 +169,14 @@ def quantize(
             before any weight loads. None when ``scheme`` is given.
         scheme: an activation-quantized recipe instead of ``config`` (``calibra.quant.scheme``): ``"fp8"``
             (FP8 weights per channel, static per-tensor FP8 input scales calibrated on ``calibration``) or
-            ``"fp8-dynamic"`` (the same weights, per-token FP8 inputs; data-free). The evaluation and the
+            ``"fp8-dynamic"`` (the same weights, per-token FP8 inputs; data-free), ``"w8a8"`` (alias
+            ``"int8"``: int8 weights per channel by GPTQ, per-token int8 inputs, SmoothQuant strength searched
+            per layer) or ``"w8a8-static"`` (static per-tensor int8 input scales). The evaluation and the
             saved model simulate the quantized inputs (and KV cache) as the engine computes them.
-        act_observer: ``"fp8"``'s static scales: ``"absmax"`` (default) or ``"percentile"`` (the
+        act_observer: a static scheme's scales: ``"absmax"`` (default) or ``"percentile"`` (the
             ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate).
+        smoothquant: the w8a8 schemes' SmoothQuant strength: ``"search"`` (default: per layer, the measured
+            best of none and alpha 0..1, ``calibra.quant.smoothquant``), ``"off"`` or a fixed alpha.
         kv_cache: ``"fp8"``: calibrate per-layer k/v scales (``calibra.quant.kv_fp8``) and quantize the KV
             cache with them; combines with any ``config`` or ``scheme`` (needs calibration data).
         calibration: a ``calibra.data.CalibrationConfig`` (default: 128 x min(context, 2048) tokens of builtin text), a
@@ -225,7 +244,9 @@ def quantize(
     # float64 sums across ranks: the total does not depend on how the samples were split
     hessian_dtype = torch.float64 if world.distributed or str(hessian_dtype).endswith("float64") else torch.float32
     # -- 1. everything that needs no weights ---------------------------------------------------------
+    scheme = _resolve_scheme(scheme)  # int8 -> w8a8
     config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
+    smooth = _check_smoothquant(smoothquant, act)
     kv_cache = _check_kv_cache(kv_cache)
     if act is not None or kv_cache is not None:
         checkpoint = _refuse_for_act_quant(
@@ -427,6 +448,7 @@ def _run(
     scheme,
     act,
     kv_cache,
+    smooth=None,
     **_,
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -516,7 +538,14 @@ def _run(
     run_meta = None
     loop = InMemoryLayers(adapter, quantizer, ck, restore=qresume.restore, saver=qresume.LayerSaver)
     input_quant = None
-    if act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
+    if smooth is not None:  # --scheme w8a8: smoothing searched, GPTQ and input scales in one pass
+        from calibra.quant import w8a8
+
+        ids, mask, run_meta, bs = tokens()
+        input_quant, final_stats, report_extra["smoothquant"] = w8a8.run(
+            model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act, smooth
+        )
+    elif act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
         ids, mask, run_meta, bs = tokens()
         input_quant, final_stats = _static_fp8_pass(
             model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act
@@ -551,7 +580,7 @@ def _run(
     t_quant = time.perf_counter() - t0
     t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
     t_cal += max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) or input_quant else 0.0
-    if act is not None and act.dynamic:
+    if act is not None and act.dynamic and input_quant is None:
         from calibra.quant.activations import dynamic_input_quant
 
         input_quant = dynamic_input_quant(quantizer.layers)

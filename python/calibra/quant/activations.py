@@ -3,7 +3,8 @@ and the simulation (forward pre-hooks that quantize-dequantize each input as the
 
 Static scales come from the ``ranges`` observer (``calibra.calib.observers.RangeObserver``): per module
 the per-channel min/max of every unpadded calibration token, reduced here to one absmax and
-``scale = absmax / 448`` in the model's dtype (``calibra.quant.fp8``).
+``scale = absmax / 448`` (FP8, ``calibra.quant.fp8``) or ``absmax / 127.5`` (INT8, ``calibra.quant.int8``)
+in the model's dtype. Each :class:`InputQuant` names its ``format``; the hooks use that format's math.
 
 MoE experts get their own scale when routing sent them tokens. An expert no calibration token reached
 gets a **recorded fallback**, never a NaN or zero scale: the largest scale among its block's experts that
@@ -26,8 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from calibra.quant.fp8 import fp8_fake_quant, fp8_fake_quant_dynamic, fp8_scale
+from calibra.quant.int8 import int8_fake_quant, int8_fake_quant_dynamic, int8_scale
 
 HOOKS_ATTR = "_calibra_input_quant_hooks"
+FORMATS = ("fp8", "int8")
+# format -> (scale of an absmax, static fake-quant, dynamic per-token fake-quant)
+_MATH = {
+    "fp8": (fp8_scale, fp8_fake_quant, fp8_fake_quant_dynamic),
+    "int8": (int8_scale, int8_fake_quant, int8_fake_quant_dynamic),
+}
 
 
 @dataclass
@@ -41,9 +49,12 @@ class InputQuant:
     """Calibration tokens behind a static scale (0 for dynamic, or for a fallback)."""
     fallback: str | None = None
     """Why a static scale is not the module's own (an expert without tokens), or None."""
+    format: str = "fp8"
+    """The input's number format: "fp8" (E4M3) or "int8" (symmetric)."""
 
     def to_dict(self) -> dict:
         return {
+            "format": self.format,
             "dynamic": self.dynamic,
             "scale": None if self.scale is None else float(self.scale.float().reshape(-1)[0]),
             "tokens": self.tokens,
@@ -53,7 +64,10 @@ class InputQuant:
     @classmethod
     def from_dict(cls, d: dict, dtype: torch.dtype) -> InputQuant:
         scale = None if d["scale"] is None else torch.tensor([d["scale"]], dtype=dtype)
-        return cls(dynamic=d["dynamic"], scale=scale, tokens=d.get("tokens", 0), fallback=d.get("fallback"))
+        fmt = d.get("format", "fp8")  # folders written before INT8 inputs existed hold FP8 only
+        if fmt not in FORMATS:
+            raise ValueError(f"[quantize] input quantization format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        return cls(dynamic=d["dynamic"], scale=scale, tokens=d.get("tokens", 0), fallback=d.get("fallback"), format=fmt)
 
 
 def _absmax_of(stats, key: str, clip_percentile: float | None = None) -> torch.Tensor | None:
@@ -79,11 +93,12 @@ def _expert_group(stats_key: str) -> tuple[str, str]:
 
 
 def static_input_quant(
-    stats, targets, dtype: torch.dtype, clip_percentile: float | None = None
+    stats, targets, dtype: torch.dtype, clip_percentile: float | None = None, format: str = "fp8"
 ) -> dict[str, InputQuant]:
     """Static per-tensor input scales of ``targets`` (``calibra.quant.apply.Target``) from ``stats`` (with
-    the ``ranges`` observer): absmax / 448, or with ``clip_percentile`` that percentile of the magnitudes
-    / 448; experts without tokens get the fallback of the module docstring."""
+    the ``ranges`` observer): absmax / 448 (``format`` "int8": / 127.5), or with ``clip_percentile`` that
+    percentile of the magnitudes; experts without tokens get the fallback of the module docstring."""
+    scale_of = _MATH[format][0]
     own: dict[str, tuple[torch.Tensor | None, int]] = {}
     for t in targets:
         own[t.name] = (_absmax_of(stats, t.stats_key, clip_percentile), stats.count("ranges", t.stats_key))
@@ -113,20 +128,23 @@ def static_input_quant(
                 f"no calibration token reached this expert: the largest {group[1]} input scale of the "
                 f"{len(peers)} experts of its block that saw tokens"
             )
-        out[t.name] = InputQuant(dynamic=False, scale=fp8_scale(amax.to(dtype).reshape(1)), tokens=tokens, fallback=why)
+        out[t.name] = InputQuant(
+            dynamic=False, scale=scale_of(amax.to(dtype).reshape(1)), tokens=tokens, fallback=why, format=format
+        )
     return out
 
 
-def dynamic_input_quant(names) -> dict[str, InputQuant]:
+def dynamic_input_quant(names, format: str = "fp8") -> dict[str, InputQuant]:
     """Per-token dynamic quantization for every module in ``names``."""
-    return {n: InputQuant(dynamic=True, scale=None) for n in names}
+    return {n: InputQuant(dynamic=True, scale=None, format=format) for n in names}
 
 
 def _pre_hook(iq: InputQuant):
+    _, fake_quant, fake_quant_dynamic = _MATH[iq.format]
     if iq.dynamic:
 
         def hook(module, args):
-            return (fp8_fake_quant_dynamic(args[0]),) + tuple(args[1:])
+            return (fake_quant_dynamic(args[0]),) + tuple(args[1:])
 
     else:
         cache = {}
@@ -136,7 +154,7 @@ def _pre_hook(iq: InputQuant):
             s = cache.get(x.device)
             if s is None:
                 s = cache[x.device] = iq.scale.to(x.device)
-            return (fp8_fake_quant(x, s),) + tuple(args[1:])
+            return (fake_quant(x, s),) + tuple(args[1:])
 
     return hook
 

@@ -412,10 +412,28 @@ def activation_quant(report: dict) -> Section | None:
                 add_plot(
                     s,
                     lambda: _plots.grouped_bars(groups, [str(li) for li in layers], "input scale", "act-scales"),
-                    "static FP8 input scale (absmax / 448 or the clipped percentile) per role and decoder layer",
+                    "static input scale (absmax / 448 for FP8, / 127.5 for INT8, or the clipped percentile) per "
+                    "role and decoder layer",
                 )
             rows = [[n, fmt(d.get("scale")), d.get("tokens")] for n, d in mods.items()]
             s.add(details("input scale per module", table(["module", "scale", "tokens"], rows)))
+    sq = report.get("smoothquant")
+    if sq:  # w8a8: the SmoothQuant strength kept per smoothing group, and what it measured
+        groups = sq.get("groups") or {}
+        s.add(
+            para(
+                f"SmoothQuant {sq.get('mode')}: {sq.get('smoothed_groups', 0)} of {len(groups)} groups smoothed "
+                "(alpha by the least measured int8 output error on the calibration data; - = no smoothing)."
+            )
+        )
+        rows = []
+        for norm, g in groups.items():
+            errs = g.get("errors") or {}
+            kept = "off" if g.get("alpha") is None else f"{g['alpha']:g}"
+            rows.append(
+                [norm, "-" if g.get("alpha") is None else g["alpha"], fmt(errs.get(kept)), fmt(errs.get("off"))]
+            )
+        s.add(table(["norm", "alpha", "output error (kept)", "output error (no smoothing)"], rows))
     if kv:
         sc = kv.get("scales") or {}
         rows = [[n, fmt(d.get("k_scale")), fmt(d.get("v_scale"))] for n, d in sc.items()]
