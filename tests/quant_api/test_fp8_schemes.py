@@ -10,33 +10,10 @@ import pytest
 import torch
 
 import calibra
-from calibra.data import CalibrationConfig
-from tests.quant_api.conftest import CAL_KW
-
-TOL = 1e-3  # relative, on the logits
-
-
-def _q(folder, out=None, **kw):
-    return calibra.quantize(
-        str(folder),
-        calibration=CalibrationConfig(**CAL_KW),
-        output=None if out is None else str(out),
-        evaluate=False,
-        progress=False,
-        echo=None,
-        **kw,
-    )
-
-
-def _logits(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 250, (2, 24), generator=g)
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
+from tests.quant_api._schemes import TOL
+from tests.quant_api._schemes import logits as _logits
+from tests.quant_api._schemes import quantize_quiet as _q
+from tests.quant_api._schemes import rel as _rel
 
 
 @pytest.mark.parametrize(
