@@ -14,12 +14,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _env() -> dict:
+    import calibra
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH", "")) if p)
+    # the ranks import the calibra these tests import (installed, or the tree on PYTHONPATH)
+    pkg_parent = str(Path(calibra.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     env["OMP_NUM_THREADS"] = "1"  # two ranks on a two-core machine
     env.pop("WORLD_SIZE", None)
     return env
