@@ -106,18 +106,23 @@ def candidate_scales(act: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+def _trace(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(D H D^T)``: the product in float32 (the search's inner loop: float64 matmuls are many times slower
+    on GPUs and CPUs alike), the sum in float64. Every candidate, alpha = 0 included, is scored the same way."""
+    return float(((d.float() @ h) * d.float()).double().sum())
+
+
 def group_loss(weights: list[torch.Tensor], configs: list, h: torch.Tensor, s: torch.Tensor) -> float:
-    """``sum_i tr(dW_i H dW_i^T)``, ``dW_i = Q(W_i diag(s)) / s - W_i``, in float64 (a Linear whose config is
-    None stays dense: no error)."""
-    h64 = h.double()
+    """``sum_i tr(dW_i H dW_i^T)``, ``dW_i = Q(W_i diag(s)) / s - W_i`` (scaling in float64; a Linear whose
+    config is None stays dense: no error)."""
+    h32 = h.float()
     total = 0.0
     for w, cfg in zip(weights, configs):
         if cfg is None:
             continue
         w64 = w.double()
         q = fake_quant((w64 * s[None, :]).float(), cfg).double() / s[None, :]
-        d = q - w64
-        total += float(((d @ h64) * d).sum())
+        total += _trace(q - w64, h32)
     return total
 
 
@@ -127,15 +132,14 @@ def solver_loss(weights: list[torch.Tensor], configs: list, h: torch.Tensor, n: 
     from calibra.quant.gptq import gptq_quantize
 
     hs = scaled_hessian(h.float(), s)
-    h64 = h.double()
+    h32 = h.float()
     total = 0.0
     for w, cfg in zip(weights, configs):
         if cfg is None:
             continue
         w64 = w.double()
         q = gptq_quantize((w64 * s[None, :]).float(), hs, n, cfg, name="awq-search").dense().double() / s[None, :]
-        d = q - w64
-        total += float(((d @ h64) * d).sum())
+        total += _trace(q - w64, h32)
     return total
 
 
@@ -155,16 +159,16 @@ def search(
     alpha = 0 are solved with GPTQ and the one with the lower GPTQ loss is kept (``solver_loss`` and
     ``solver_loss_unscaled`` in the result): scales that help rounding can hurt GPTQ, whose error feedback
     already protects the salient columns, and this check keeps AWQ + GPTQ from raising GPTQ's own loss."""
-    h64 = h.double()
-    act = (h64.diagonal().clamp(min=0) / max(n, 1)).sqrt()
-    ref = sum(float(((w.double() @ h64) * w.double()).sum()) for w, c in zip(weights, configs) if c is not None)
+    h32 = h.float()
+    act = (h.double().diagonal().clamp(min=0) / max(n, 1)).sqrt()
+    ref = sum(_trace(w, h32) for w, c in zip(weights, configs) if c is not None)
     ref = ref if ref > 0 else 1.0
     best = None
     losses = []
     for k in range(grid):
         alpha = k / grid
         s = candidate_scales(act, alpha)
-        loss = group_loss(weights, configs, h64, s) / ref
+        loss = group_loss(weights, configs, h32, s) / ref
         losses.append(loss)
         if best is None or loss < best[1]:  # strictly lower: alpha = 0 (first) wins ties
             best = (alpha, loss, s)
