@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma-separated grid filter, e.g. 'W4 g128'")
+    ap.add_argument("--methods", default=None, help="comma-separated method filter, e.g. 'GPTQ,AWQ + GPTQ'")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     only = args.only.split(",") if args.only else None
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
         print(f"{spec}: {ref.tokens} tokens scored, FP ppl {base:.4f}", file=sys.stderr)
         runs.append({"model": spec, "grid": "-", "method": "FP", "seed": None, "ppl": base, "kl": 0.0})
         for grid, method, cfg in rows(only):
+            if args.methods and method not in args.methods.split(","):
+                continue
             for seed in [None] if method == "RTN" else args.seeds:
                 cal = CalibrationConfig(
                     num_samples=args.samples, sequence_length=args.seq_len, seed=seed or 0, batch_size=8

@@ -108,7 +108,7 @@ def test_search_never_raises_the_rtn_loss(bits, gs, fmt, seed):
 def test_search_with_the_solver_check_never_raises_the_gptq_loss(seed):
     w, h, n, _ = layer(out=48, n=128, seed=seed, outliers=seed != 2)
     cfg = GPTQConfig(bits=3, group_size=32)
-    r = search([w, 0.5 * w.flip(0)], [cfg, cfg], h, n, check_solver=True)
+    r = search([w, 0.5 * w.flip(0)], [cfg, cfg], h, n, solver=True)
     assert r["solver_loss"] <= r["solver_loss_unscaled"]
     # alpha = 0 under the check is plain GPTQ on the unscaled Hessian
     ref = sum(float(((v.double() @ h.double()) * v.double()).sum()) for v in (w, 0.5 * w.flip(0)))
