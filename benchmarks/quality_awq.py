@@ -73,39 +73,42 @@ def main(argv=None) -> int:
         base = math.exp(ref.nll())
         print(f"{spec}: {ref.tokens} tokens scored, FP ppl {base:.4f}", file=sys.stderr)
         runs.append({"model": spec, "grid": "-", "method": "FP", "seed": None, "ppl": base, "kl": 0.0})
-        for grid, method, cfg in rows(only):
-            if args.methods and method not in args.methods.split(","):
-                continue
-            for seed in [None] if method == "RTN" else args.seeds:
-                cal = CalibrationConfig(
-                    num_samples=args.samples, sequence_length=args.seq_len, seed=seed or 0, batch_size=8
-                )
-                t0 = time.perf_counter()
-                qm, rep = calibra.quantize(spec, cfg, cal, evaluate=False, progress=False, echo=None)
-                r = compare(qm.model, ref, ids, progress=False)
-                run = {
-                    "model": spec,
-                    "grid": grid,
-                    "method": method,
-                    "seed": seed,
-                    "ppl": r.ppl_compressed,
-                    "dppl": r.ppl_compressed - base,
-                    "kl": r.kl_ref_cmp["mean"],
-                    "quant_seconds": rep["timings"]["total"],
-                    "seconds": time.perf_counter() - t0,
-                }
-                if "awq" in rep:
-                    run["awq"] = rep["awq"]["groups"]
-                runs.append(run)
-                print(
-                    f"  {grid} {method:11s} seed {seed}: dppl {run['dppl']:+.4f} KL {run['kl']:.5f} "
-                    f"({run['quant_seconds']:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if args.json:  # after every run: a long table survives an interruption
-                    with open(args.json, "w", encoding="utf-8") as f:
-                        json.dump(runs, f, indent=1)
+        # seed-major: an interrupted table still holds every method for the seeds it reached
+        todo = [
+            (grid, method, cfg, seed)
+            for seed in args.seeds
+            for grid, method, cfg in rows(only)
+            if not (args.methods and method not in args.methods.split(","))
+            and not (method == "RTN" and seed != args.seeds[0])
+        ]
+        for grid, method, cfg, seed in todo:
+            cal = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=seed, batch_size=8)
+            t0 = time.perf_counter()
+            qm, rep = calibra.quantize(spec, cfg, cal, evaluate=False, progress=False, echo=None)
+            r = compare(qm.model, ref, ids, progress=False)
+            run = {
+                "model": spec,
+                "grid": grid,
+                "method": method,
+                "seed": seed,
+                "ppl": r.ppl_compressed,
+                "dppl": r.ppl_compressed - base,
+                "kl": r.kl_ref_cmp["mean"],
+                "quant_seconds": rep["timings"]["total"],
+                "seconds": time.perf_counter() - t0,
+            }
+            if "awq" in rep:
+                run["awq"] = rep["awq"]["groups"]
+            runs.append(run)
+            print(
+                f"  {grid} {method:11s} seed {seed}: dppl {run['dppl']:+.4f} KL {run['kl']:.5f} "
+                f"({run['quant_seconds']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if args.json:  # after every run: a long table survives an interruption
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(runs, f, indent=1)
     print(table(runs))
     return 0
 
