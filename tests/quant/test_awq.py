@@ -183,3 +183,17 @@ def test_refusals_before_loading():
         calibra.quantize(
             "builtin:tiny-llama", GPTQConfig(awq=True), output="/nonexistent/x", resume=True, progress=False, echo=None
         )
+
+
+def test_cli_awq_flag():
+    from calibra.cli import _quant_config, build_parser
+
+    def cfg(*flags):
+        args = build_parser().parse_args(["quantize", "--input", "x", "--output", "y", *flags])
+        return _quant_config(args)
+
+    assert cfg("--method", "rtn", "--awq").awq is True and isinstance(cfg("--method", "rtn", "--awq"), RTNConfig)
+    assert cfg("--method", "gptq", "--awq").awq is True
+    assert cfg("--method", "gptq").awq is False
+    with pytest.raises(ValueError, match="not mr-gptq"):
+        cfg("--method", "mr-gptq", "--format", "nvfp4", "--awq")
