@@ -285,7 +285,12 @@ def _quant_config(args: argparse.Namespace):
         clip = "mse"
     mse_clip = clip in ("mse", "output-mse")
     clip_metric = "output" if clip == "output-mse" else "weight"
+    awq = bool(getattr(args, "awq", False))
     if args.method == "mr-gptq":
+        if awq:
+            raise ValueError(
+                "[quantize] --awq works with --method rtn or gptq, not mr-gptq (its rotation mixes channels)"
+            )
         if fmt == "int":
             raise ValueError("[quantize] --method mr-gptq needs --format mxfp4 or nvfp4 (it rotates onto an FP4 grid)")
         mr_clip = {} if clip is None else {"mse": mse_clip, "clip_metric": clip_metric}
@@ -307,7 +312,13 @@ def _quant_config(args: argparse.Namespace):
     bits = 4 if fmt != "int" else args.bits
     if args.method == "rtn":
         return RTNConfig(
-            bits=bits, group_size=group, sym=not args.asym, format=fmt, mse_clip=mse_clip, clip_metric=clip_metric
+            bits=bits,
+            group_size=group,
+            sym=not args.asym,
+            format=fmt,
+            mse_clip=mse_clip,
+            clip_metric=clip_metric,
+            awq=awq,
         )
     return GPTQConfig(
         bits=bits,
@@ -321,6 +332,7 @@ def _quant_config(args: argparse.Namespace):
         format=fmt,
         mse_clip=mse_clip,
         clip_metric=clip_metric,
+        awq=awq,
     )
 
 
@@ -445,6 +457,7 @@ _WEIGHT_ONLY_FLAGS = (
     ("format", "--format", "int"),
     ("asym", "--asym", False),
     ("mse_clip", "--mse-clip", False),
+    ("awq", "--awq", False),
     ("desc_act", "--desc-act", False),
     ("static_groups", "--static-groups", False),
     ("damp", "--damp", 0.01),
@@ -553,6 +566,13 @@ def _add_quantize(sub) -> None:
         "(RTN then calibrates too)",
     )
     q.add_argument("--mse-clip", action="store_true", help="the same as --clip mse")
+    q.add_argument(
+        "--awq",
+        action="store_true",
+        help="rtn/gptq: AWQ -- per-channel scales searched per layer on the calibration Hessians and folded into "
+        "the preceding norm / v_proj / up_proj before solving (the output stays an ordinary checkpoint; RTN then "
+        "calibrates too); per group the alpha and the loss before/after go to report.json",
+    )
     q.add_argument(
         "--rotate-all",
         action="store_true",

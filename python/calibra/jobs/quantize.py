@@ -263,6 +263,10 @@ def quantize(
             calibration = None
         else:
             calibration = CalibrationConfig(dataset=str(calibration))
+    if getattr(config, "awq", False):  # AWQ (calibra.quant.awq): what it does not combine with yet
+        from calibra.quant.awq import refuse_for_awq
+
+        refuse_for_awq(resume=resume, act_ranges=bool(act_ranges or ranges_file))
     if (act_ranges or ranges_file) and isinstance(config, RTNConfig) and config.needs_hessian:
         raise ValueError(
             "[quantize] activation ranges / smoothing and clip_metric 'output' are not combined (the clip "
@@ -357,6 +361,7 @@ def quantize(
                 "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
             ),
             (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
+            (getattr(config, "awq", False), "AWQ is not implemented for it yet: drop --awq"),
             (
                 act is not None or kv_cache is not None,
                 "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
@@ -602,6 +607,8 @@ def _run(
         from calibra.quant import kv_fp8
 
         report_extra["kv_cache"] = {"format": kv_cache, "scales": kv_fp8.scales_to_dict(adapter, kv_scales)}
+    if quantizer.awq is not None:  # AWQ: per group, the alpha chosen and the output loss before/after
+        report_extra["awq"] = quantizer.awq.report()
     meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------

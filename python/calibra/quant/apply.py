@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from calibra.models.linear import in_out, is_conv1d, store_weight, weight_view
+from calibra.quant.awq import AWQ
 from calibra.quant.config import GPTQConfig, MRGPTQConfig, RTNConfig
 from calibra.quant.gptq import SharedFactorizations, gptq_quantize
 from calibra.quant.mr_gptq import mr_gptq_quantize
@@ -150,7 +151,7 @@ def solve(
     memory of the target's weight and Hessian (no later target reads them). ``shared``: the group's
     factorizations (targets that read one Hessian factor it once)."""
     w = target.weight()
-    if isinstance(config, RTNConfig) and not config.needs_hessian:
+    if isinstance(config, RTNConfig) and not config.clip_on_output:
         return rtn_quantize(w, config, name=target.name, layer=layer)
     h, n, tokens = hessian_for(stats, target)
     h = h.to(w.device)
@@ -225,6 +226,8 @@ class LayerQuantizer:
         structural one), the layer's Linear keys in execution order, grouped by shared input -- the
         true-sequential groups. Without it such a layer is solved as one group."""
         self.on_module = on_module
+        self.awq = AWQ(config, adapter, self.overrides) if getattr(config, "awq", False) else None
+        """AWQ's scale search + fold before each layer's solve (``config.awq``); its ``records`` go to the report."""
         self.layers: dict[str, QuantizedLayer] = {}
         self.dense: list[str] = []
         self.layer_seconds: list[float] = []
@@ -235,6 +238,8 @@ class LayerQuantizer:
 
     def __call__(self, index: int, layer: nn.Module, stats) -> None:
         t0 = time.perf_counter()
+        if self.awq is not None:  # scales folded first; stats then fit the folded layer (calibra.quant.awq)
+            stats = self.awq(index, layer, stats, collect=self.collect if self.true_sequential else None)
         targets = layer_targets(self.adapter, index, layer)
         attn_left = self._attention_targets(index, layer, targets) if self.freeze is not None else None
         for members in self._groups(index, layer, targets):

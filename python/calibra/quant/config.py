@@ -72,6 +72,15 @@ def _check_grid(
         _fail(cls, "clip_metric 'output' ranks the clipping search's candidates: it needs mse_clip=True")
 
 
+def _check_awq(cls: str, awq, awq_grid, format: str) -> None:
+    if not isinstance(awq, bool):
+        _fail(cls, f"awq must be a bool, got {awq!r}")
+    if not _is_int(awq_grid) or not 1 <= awq_grid <= 1000:
+        _fail(cls, f"awq_grid must be an int in [1, 1000] (alphas k / grid), got {awq_grid!r}; 20 is usual")
+    if awq and format == "fp8":
+        _fail(cls, "awq is not implemented for fp8 (per-channel E4M3); use format 'int', 'mxfp4' or 'nvfp4'")
+
+
 def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: str = "int") -> list[float]:
     """Clipping candidates p = 1 - k / grid for k < maxshrink * grid (AutoGPTQ's grid); [1.0] without
     the search. The candidate with the least squared error per group wins (ties: the first).
@@ -97,7 +106,9 @@ class RTNConfig:
     """Round-to-nearest: integer 2..8 bits (sym/asym, groups) or FP4 (MXFP4/NVFP4), optionally with
     MSE-searched clipping (per group, the shrink factor of the range with the least squared error).
     ``clip_metric="output"`` ranks the clips by the Hessian-diagonal-weighted error instead (RTN then
-    needs calibration Hessians: :attr:`needs_hessian`)."""
+    needs calibration Hessians: :attr:`needs_hessian`). ``awq``: AWQ's per-channel scales searched per layer
+    on calibration Hessians (``awq_grid`` alphas) and folded into the model before rounding
+    (:mod:`calibra.quant.awq`; also needs Hessians)."""
 
     bits: int = 4
     group_size: int = 128
@@ -107,6 +118,8 @@ class RTNConfig:
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
     clip_metric: str = "weight"
+    awq: bool = False
+    awq_grid: int = 20
 
     method = "rtn"
 
@@ -122,12 +135,19 @@ class RTNConfig:
             self.mse_maxshrink,
             self.clip_metric,
         )
+        _check_awq("RTNConfig", self.awq, self.awq_grid, self.format)
         return self
 
     @property
-    def needs_hessian(self) -> bool:
-        """True when the solve reads calibration Hessians (the output-error clipping search)."""
+    def clip_on_output(self) -> bool:
+        """True when the clipping search ranks its candidates by the output error (reads the Hessian)."""
         return self.mse_clip and self.clip_metric == "output"
+
+    @property
+    def needs_hessian(self) -> bool:
+        """True when the job reads calibration Hessians (the output-error clipping search, or AWQ's scale
+        search: :mod:`calibra.quant.awq`)."""
+        return self.clip_on_output or self.awq
 
     def shrink(self) -> list[float]:
         return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink, self.format)
@@ -172,6 +192,8 @@ class GPTQConfig:
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
     clip_metric: str = "weight"
+    awq: bool = False
+    awq_grid: int = 20
 
     method = "gptq"
 
@@ -192,6 +214,7 @@ class GPTQConfig:
             self.mse_maxshrink,
             self.clip_metric,
         )
+        _check_awq(cls, self.awq, self.awq_grid, self.format)
         for f in ("desc_act", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
                 _fail(cls, f"{f} must be a bool, got {getattr(self, f)!r}")

@@ -38,7 +38,7 @@ def rtn_quantize(
     config.validate()
     t0 = time.perf_counter()
     check_weight(w, config, name)
-    if config.needs_hessian:
+    if config.clip_on_output:
         if h is None:
             raise ValueError(
                 f"[quantize] RTN with clip_metric 'output' needs the calibration Hessian of {name}; "
@@ -61,7 +61,7 @@ def rtn_quantize(
         gscale_f = nvfp4_global_scale(wf) if fmt == "nvfp4" else 1.0
         shrink = torch.tensor(config.shrink(), dtype=torch.float32)
         kw = dict(fmt=fmt, bits=config.bits, sym=config.sym, scale_dtype=w.dtype, global_scale=gscale_f, shrink=shrink)
-        if config.needs_hessian:
+        if config.clip_on_output:
             s, z = fit_groups_weighted(wf, config.group_size, column_energy(h, w.device), **kw)
         else:
             s, z = fit_groups(wf, config.group_size, **kw)
@@ -70,7 +70,7 @@ def rtn_quantize(
         scales = stored_scales(s, fmt, w.dtype)
         zeros = z.to(torch.uint8) if fmt == "int" else None
         gscale = torch.tensor([gscale_f], dtype=torch.float32, device=w.device) if fmt != "int" else None
-        if config.needs_hessian:
+        if config.clip_on_output:
             clip, out_err = "output", output_error(w, weight, h)
             plain = _plain(w, config)
             plain_err = output_error(w, plain[4], h)

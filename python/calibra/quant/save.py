@@ -38,6 +38,9 @@ INDEX = "quantized.safetensors.index.json"
 def config_dict(config) -> dict:
     d = dataclasses.asdict(config)
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    if not d.get("awq", True):  # absent means off: a job without AWQ writes the manifest it always wrote
+        d.pop("awq")
+        d.pop("awq_grid", None)
     return {"method": config.method, **d}
 
 
