@@ -101,7 +101,11 @@ def test_gptq_on_two_ranks_writes_what_one_process_writes(tmp_path):
     import json
 
     report = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert report["settings"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    dist = report["settings"]["distributed"]
+    assert (dist["world_size"], dist["backend"]) == (2, "gloo")
+    # the solves were split (q/k/v, gate/up across ranks; each result broadcast from its owner)
+    assert sum(dist["solves_per_rank"]) == report["summary"]["quantized_modules"]
+    assert min(dist["solves_per_rank"]) > 0
     assert report["settings"]["hessian_dtype"] == "float64"
     assert r.stdout.count("modules quantized") == 1  # one rank prints the summary
 
@@ -146,3 +150,7 @@ def test_wanda_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
     a, b = load_file(fa), load_file(fb)
     assert a.keys() == b.keys()
     assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    import json
+
+    dist = json.loads((tmp_path / "two" / "report.json").read_text())["settings"]["distributed"]
+    assert min(dist["solves_per_rank"]) > 0  # the modules were split over the ranks

@@ -9,9 +9,10 @@ Python API inside an initialized process group): data parallelism over the calib
   long and short samples alike); every rank needs at least one.
 - The statistics: every pass over a layer ends with ``calib.distributed.all_reduce_statistics``
   (``LayerRunner(combine=...)``), summed in float64, so each rank's solver reads the statistics of the
-  whole calibration set and solves exactly what the others solve (every rank runs every solve: the
-  solver-parallel split of issue 19 is not built yet); each rank then propagates its own samples through
-  the compressed layer.
+  whole calibration set.
+- The solves: a group's solves are assigned to ranks by cost (:meth:`World.owners`) and each result is
+  broadcast from its owner (:meth:`World.share`, through ``LayerQuantizer.parallel`` /
+  ``LayerPruner.parallel``); every rank then propagates its own samples through the compressed layer.
 - One writer: rank 0 writes the output, the checkpoints and the report and runs the evaluation; the
   other ranks write nothing.
 """
@@ -65,6 +66,29 @@ class World:
         from calibra.calib.distributed import all_reduce_statistics
 
         return all_reduce_statistics
+
+    def owners(self, costs: list[float]) -> list[int]:
+        """Each job's rank: the costliest first, each to the least-loaded rank (ties: the lower rank), the
+        same on every rank (the same costs in the same order)."""
+        load = [0.0] * self.size
+        owner = [0] * len(costs)
+        for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+            r = min(range(self.size), key=lambda r: (load[r], r))
+            owner[j] = r
+            load[r] += costs[j]
+        return owner
+
+    def solves(self, solved_by: dict) -> list[int]:
+        """How many solves each rank did (``LayerQuantizer.solved_by``), for the report."""
+        return [sum(1 for r in solved_by.values() if r == rank) for rank in range(self.size)]
+
+    def share(self, obj, owner: int):
+        """``obj`` of rank ``owner``, on every rank (the others pass None)."""
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=owner)
+        return box[0]
 
     def total(self, value: int) -> int:
         """``value`` summed over the ranks (token counts for the report)."""

@@ -258,6 +258,7 @@ def prune(
 
         # -- 3. prune layer by layer -------------------------------------------------------------------
         pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
+        pruner.parallel = job.world if job.world.distributed else None  # a layer's solves split over the ranks
         t0 = time.perf_counter()
         run_meta = None
         loop = InMemoryLayers(adapter, pruner, ck, restore=presume.restore, saver=presume.LayerSaver)
@@ -318,7 +319,7 @@ def prune(
         )
         report["plan"] = plan.to_dict()
         if world.distributed:
-            report["settings"]["distributed"] = world.to_dict()
+            report["settings"]["distributed"] = dict(world.to_dict(), solves_per_rank=world.solves(pruner.solved_by))
         if eval_block is not None:
             report["eval"] = eval_block
         report["timings"] = {
@@ -418,6 +419,7 @@ def _run_streamed(
         output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
     )
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
+    pruner.parallel = job.world if job.world.distributed else None  # a layer's solves split over the ranks
     loop = StreamedLayers(weights, adapter, pruner, sink, ck)
     run_meta = ev = None
     t0 = time.perf_counter()
@@ -474,7 +476,9 @@ def _run_streamed(
         report["plan"] = plan.to_dict()
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer, "dense_dtype": "stored"}
         if job.world.distributed:
-            report["settings"]["distributed"] = job.world.to_dict()
+            report["settings"]["distributed"] = dict(
+                job.world.to_dict(), solves_per_rank=job.world.solves(pruner.solved_by)
+            )
         report["timings"] = {
             "calibration": max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0,
             "solve": t_solve,

@@ -538,6 +538,7 @@ def _run(
 
     # -- 5. quantize layer by layer ------------------------------------------------------------------
     quantizer = LayerQuantizer(config, adapter, overrides=overrides)
+    quantizer.parallel = world if world.distributed else None  # a group's solves split over the ranks
     t0 = time.perf_counter()
     final_stats = stats
     run_meta = None
@@ -640,7 +641,7 @@ def _run(
     report["settings"]["kv_cache"] = kv_cache
     report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
     if world.distributed:
-        report["settings"]["distributed"] = world.to_dict()
+        report["settings"]["distributed"] = dict(world.to_dict(), solves_per_rank=world.solves(quantizer.solved_by))
     if final_stats is not None and "moe" in final_stats.metadata:
         refresh_coverage(final_stats)
         report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
@@ -803,6 +804,7 @@ def _run_streamed(
     )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
     quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
+    quantizer.parallel = job.world if job.world.distributed else None  # a group's solves split over the ranks
     run_meta = final_stats = None
     loop = StreamedLayers(weights, adapter, quantizer, sink, ck)
 
@@ -867,7 +869,9 @@ def _run_streamed(
         report["output"] = str(output)
         report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
         if job.world.distributed:
-            report["settings"]["distributed"] = job.world.to_dict()
+            report["settings"]["distributed"] = dict(
+                job.world.to_dict(), solves_per_rank=job.world.solves(quantizer.solved_by)
+            )
         if loop.done:
             report["resumed_from_layer"] = loop.done
         qm = QuantizedModel(

@@ -137,7 +137,11 @@ class LayerPruner:
         self.num_layers = num_layers
         self.calibrating = calibrating
         self.on_module = on_module
+        self.parallel = None
+        """Solver parallelism across the ranks of a distributed job (``calibra.jobs.distributed.World``, as
+        ``LayerQuantizer.parallel``); not used by the gradual mode, whose steps re-collect statistics."""
         self.layers: dict[str, PrunedLayer] = {}
+        self.solved_by: dict[str, int] = {}  # module -> the rank that pruned it (with ``parallel``)
         self.dense: list[str] = []
         self.layer_seconds: list[float] = []
 
@@ -171,34 +175,15 @@ class LayerPruner:
             work.append((t, *target_stats(stats, t)))
         self._advance(PruningStage.PRUNING, lname)
         shared = SharedFactorizations()  # q/k/v (gate/up) read one Hessian: SparseGPT factors it once
-        for t, ls, tokens in work:
-            w = t.weight().detach().clone()
-            if self.config.gradual_steps > 1:
-                res = prune_gradually(w, self.config, self._gradual(index, layer, t), name=t.name)
-            else:
-                res = prune_weight(w, self.config, ls, name=t.name, shared=shared)
+        owners = self._owners(work)
+        for k, (t, ls, tokens) in enumerate(work):
+            res = None
+            if owners is None or owners[k] == self.parallel.rank:
+                res = self._prune(index, layer, t, ls, tokens, shared)
+            if owners is not None:
+                res = self.parallel.share(res, owners[k])  # the owner's result, on every rank
+                self.solved_by[t.name] = owners[k]
             t.store(res.weight)
-            # keep the mask and the log only: the pruned weight lives in the model (no second copy of every
-            # weight in memory), and joint-quantization codes are summarized in the log
-            # zero_fraction >= achieved_sparsity: a kept weight can also be 0 (dead channel, or joint
-            # quantization rounding it to the zero point)
-            res.extra = {
-                **res.extra,
-                "samples": tokens,
-                "weight_error": weight_error(w, res.weight),
-                "zero_fraction": float((res.weight == 0).sum()) / res.weight.numel(),
-                "shape": [t.out_features, t.in_features],
-                "expert": t.expert,
-            }
-            if res.quantized is not None:
-                q = res.quantized
-                res.extra["quantized_bits"] = q.bits
-                res.extra["joint_quantization"] = {
-                    "bits": q.bits,
-                    "group_size": q.group_size,
-                    "symmetric": q.symmetric,
-                    "format": q.format,
-                }
             res.mask = res.mask.cpu()
             res.weight = None
             res.quantized = None
@@ -208,6 +193,48 @@ class LayerPruner:
         if self.calibrating and index + 1 < self.num_layers:
             self._advance(PruningStage.CALIBRATING, self.adapter.layer_name(index + 1))
         self.layer_seconds.append(time.perf_counter() - t0)
+
+    def _owners(self, work: list) -> list[int] | None:
+        """The rank that prunes each target (distributed jobs), by estimated cost: SparseGPT's sweep and
+        factorization about out x in^2 + in^3, a scoring method out x in."""
+        if self.parallel is None or self.config.gradual_steps > 1:
+            return None
+        sweep = self.config.method_enum.value == "sparsegpt"
+        costs = []
+        for t, _, _ in work:
+            out_f, in_f = float(t.out_features), float(t.in_features)
+            costs.append(out_f * in_f * in_f + in_f**3 if sweep else out_f * in_f)
+        return self.parallel.owners(costs)
+
+    def _prune(self, index: int, layer: nn.Module, t: Target, ls, tokens, shared) -> PrunedLayer:
+        """One target pruned (its result still holding the pruned weight), with the log's extras."""
+        w = t.weight().detach().clone()
+        if self.config.gradual_steps > 1:
+            res = prune_gradually(w, self.config, self._gradual(index, layer, t), name=t.name)
+        else:
+            res = prune_weight(w, self.config, ls, name=t.name, shared=shared)
+        # the caller keeps the mask and the log only: the pruned weight lives in the model (no second copy of
+        # every weight in memory), and joint-quantization codes are summarized in the log
+        # zero_fraction >= achieved_sparsity: a kept weight can also be 0 (dead channel, or joint
+        # quantization rounding it to the zero point)
+        res.extra = {
+            **res.extra,
+            "samples": tokens,
+            "weight_error": weight_error(w, res.weight),
+            "zero_fraction": float((res.weight == 0).sum()) / res.weight.numel(),
+            "shape": [t.out_features, t.in_features],
+            "expert": t.expert,
+        }
+        if res.quantized is not None:
+            q = res.quantized
+            res.extra["quantized_bits"] = q.bits
+            res.extra["joint_quantization"] = {
+                "bits": q.bits,
+                "group_size": q.group_size,
+                "symmetric": q.symmetric,
+                "format": q.format,
+            }
+        return res
 
 
 __all__ = ["LayerPruner", "target_stats", "expert_sumsq", "weight_error"]

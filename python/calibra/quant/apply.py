@@ -226,9 +226,14 @@ class LayerQuantizer:
         structural one), the layer's Linear keys in execution order, grouped by shared input -- the
         true-sequential groups. Without it such a layer is solved as one group."""
         self.on_module = on_module
+        self.parallel = None
+        """Solver parallelism across the ranks of a distributed job (``calibra.jobs.distributed.World``):
+        ``parallel.owners(costs)`` assigns each solve of a group to a rank, ``parallel.rank`` is this one,
+        ``parallel.share(result, owner)`` gives every rank the owner's result. None: this process solves all."""
         self.awq = AWQ(config, adapter, self.overrides) if getattr(config, "awq", False) else None
         """AWQ's scale search + fold before each layer's solve (``config.awq``); its ``records`` go to the report."""
         self.layers: dict[str, QuantizedLayer] = {}
+        self.solved_by: dict[str, int] = {}  # module -> the rank that solved it (with ``parallel``)
         self.dense: list[str] = []
         self.layer_seconds: list[float] = []
 
@@ -248,12 +253,18 @@ class LayerQuantizer:
             if needs and self.true_sequential:
                 stats = self.collect(index, layer, needs)
             shared = SharedFactorizations()  # q/k/v (gate/up) read one Hessian: factored once, dropped after
+            owners = self._owners(group, stats)
             for k, (t, cfg) in enumerate(group):
                 if cfg is None or self._never_called(t, cfg, stats):
                     self.dense.append(t.name)
                     continue
                 last = self._last_reader(t, group[k + 1 :], stats)
-                ql = solve(t, cfg, stats, index, consume=self.consume and last, shared=shared)
+                ql = None
+                if owners is None or owners[k] == self.parallel.rank:
+                    ql = solve(t, cfg, stats, index, consume=self.consume and last, shared=shared)
+                if owners is not None:
+                    ql = self.parallel.share(ql, owners[k])  # the owner's result, on every rank
+                    self.solved_by[t.name] = owners[k]
                 t.store(ql.dense())
                 if not self.keep_dense:  # the layer holds the effective weight now; the codes say the rest
                     ql.weight = ql.weight.to("meta")
@@ -270,6 +281,22 @@ class LayerQuantizer:
                 if not attn_left:  # attention is final: later passes replay its output
                     self.freeze(index, self.adapter.attention(layer))
         self.layer_seconds.append(time.perf_counter() - t0)
+
+    def _owners(self, group: list, stats) -> list[int] | None:
+        """The rank that solves each target of ``group`` (distributed jobs), by estimated cost: a solve
+        over a Hessian costs about out x in^2 (the sweep) + in^3 (the factorization), a data-free one
+        out x in."""
+        if self.parallel is None:
+            return None
+        costs = []
+        for t, cfg in group:
+            if cfg is None or self._never_called(t, cfg, stats):
+                costs.append(0.0)
+                continue
+            w = t.weight()
+            out_f, in_f = int(w.shape[0]), int(w.shape[-1])
+            costs.append(float(out_f) * in_f * in_f + float(in_f) ** 3 if reads_hessian(cfg) else float(out_f) * in_f)
+        return self.parallel.owners(costs)
 
     def _groups(self, index: int, layer: nn.Module, targets: list[Target]) -> list[list[Target]]:
         """The layer's targets in solve order: by role (q/k/v, o, gate/up, down) for an explicit adapter; in
