@@ -35,6 +35,24 @@ from tests.export import _moe as M
 from tests.export import _qmodel as Q
 
 pytest.importorskip("compressed_tensors")
+
+
+def _transformers_version():
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__)
+
+
+# The client side: transformers' compressed-tensors loader puts per-expert quantized weights into its fused
+# expert modules in the version the suite is written against (5.25, tested); transformers 5.6 (the floor
+# lane's) leaves them out and initializes the experts anew, and saves GraniteMoE's experts per expert.
+# Versions in between are untested. The files themselves are checked on every version by the layout,
+# decompression and GPTQ tests below.
+needs_moe_ct_loader = pytest.mark.skipif(
+    _transformers_version().release < (5, 25),
+    reason="transformers < 5.25 does not load quantized compressed-tensors experts (5.6 initializes them anew)",
+)
 TOL = 1e-3
 # the per-expert names of each family's original checkpoints: (block, gate, up, down)
 NAMES = {
@@ -92,6 +110,7 @@ def _expected_slices(qm, family):
     ],
     ids=["int4-g32", "int8-channel", "int3-g32", "gptq-int4-g32"],
 )
+@needs_moe_ct_loader
 def test_ct_moe_loads_in_transformers_and_matches(tmp_path, tok, family, cfg):
     from transformers import AutoModelForCausalLM
 
@@ -114,6 +133,7 @@ def test_ct_moe_loads_in_transformers_and_matches(tmp_path, tok, family, cfg):
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
+@needs_moe_ct_loader
 def test_ct_moe_more_families_load_in_transformers(tmp_path, tok, family):
     from transformers import AutoModelForCausalLM
 
@@ -256,6 +276,7 @@ def test_dense_experts_are_listed_in_ignore(tmp_path, tok):
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
+@needs_moe_ct_loader
 def test_experts_saved_fused_stay_dense_or_are_refused(tmp_path, tok, family):
     """gpt-oss and GraniteMoE checkpoints store their experts fused (transposed/interleaved, or as one
     3-D ``input_linear``): with the attention quantized and the experts dense, the compressed-tensors export
@@ -293,6 +314,7 @@ def test_formats_without_experts_still_refuse(tmp_path, tok, fmt):
         E.export(qm, tmp_path / "o", fmt)
 
 
+@needs_moe_ct_loader
 def test_builtin_tiny_moe_quantize_exports_both(tmp_path):
     """The whole pipeline on builtin:tiny-moe (Mixtral, 8 experts): calibrate -> GPTQ W4 g32 -> export
     compressed-tensors and GPTQ in one run; transformers loads the first with calibra's logits, the second

@@ -139,13 +139,14 @@ def fused_expert_layout(model, key: str) -> dict[int, list[tuple[str, int, int]]
     """``{expert: [(on-disk module, first row, end row), ...]}``: where ``save_pretrained`` writes each
     expert of the fused parameter ``key`` ``[E, R, C]`` (e.g. ``experts.gate_up_proj`` -> ``experts.<e>.w1``
     rows ``0:I`` and ``.w3`` rows ``I:2I``). Learned from the save-time conversion itself, run on a probe
-    ``[E, R, 1]`` holding ``e * R + r`` (exact in float64, E * R numbers whatever the width); ValueError
+    ``[E, R, 2]`` holding ``e * R + r`` in both columns (exact in float64, E * R numbers whatever the width;
+    two columns, not one: transformers 5.6's conversion squeezes a trailing dimension of size 1); ValueError
     when a piece is not a run of consecutive rows of one expert (a transposing or interleaving layout)."""
     n_exp, rows = model.get_parameter(key).shape[:2]
-    probe = torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)
+    probe = torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1).expand(n_exp, rows, 2).clone()
     out: dict[int, list[tuple[str, int, int]]] = {}
     for disk_key, t in saved_state(model, {key: probe}).items():
-        ok = disk_key.endswith(".weight") and t.dim() == 2 and t.shape[1] == 1 and t.shape[0] >= 1
+        ok = disk_key.endswith(".weight") and t.dim() == 2 and t.shape[1] == 2 and t.shape[0] >= 1
         if ok:
             first = int(t[0, 0])
             e, r0 = divmod(first, rows)
