@@ -25,6 +25,7 @@ does the same through a GPTQ export (:func:`export_checks`).
 
 from __future__ import annotations
 
+import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,4 +294,6 @@ def run_type(model_type: str, workdir: Path) -> Cell:
         msg = _short(e)
         if "unsupported architecture" in msg or "[models]" in msg:
             return Cell(model_type, "refused", msg, 0, kind)
-        return Cell(model_type, "fail", msg + " @ " + traceback.format_exc().strip().splitlines()[-3].strip(), 0, kind)
+        where = traceback.format_exc().strip().splitlines()[-3].strip()
+        where = re.sub(r'"[^"]*/site-packages/', '"', where)  # no machine-specific path in the table
+        return Cell(model_type, "fail", msg + " @ " + where, 0, kind)
