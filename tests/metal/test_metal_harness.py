@@ -20,52 +20,10 @@ import torch
 
 from calibra import _metal
 from calibra.ops import _ref
-from tests.metal.harness_exec import ROOT, HarnessExecutor, build
+from tests.metal.checks import assert_same, gen
+from tests.metal.harness_exec import ROOT, HarnessExecutor
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(scope="session")
-def harness_lib():
-    # tools/metal_harness_sanitizers.sh points these at a sanitizer build
-    build_dir = os.environ.get("CALIBRA_METAL_HARNESS_BUILD")
-    sanitize = os.environ.get("CALIBRA_METAL_SANITIZE", "")
-    # A build failure (a .metal compile error, no cmake or C++ compiler) is an error of every test here, not
-    # a skip: these tests are the Metal kernels' only check off a Mac. CALIBRA_SKIP_METAL_HARNESS=1 opts out
-    # explicitly (CI's required-test list still fails on that skip).
-    if os.environ.get("CALIBRA_SKIP_METAL_HARNESS") == "1":
-        pytest.skip("CALIBRA_SKIP_METAL_HARNESS=1: the Metal CPU harness was deselected")
-    try:
-        return build(Path(build_dir), sanitize) if build_dir else build()
-    except RuntimeError as e:
-        pytest.fail(f"cannot build the Metal CPU harness: {e}", pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def executor(harness_lib):
-    return HarnessExecutor(harness_lib)
-
-
-@pytest.fixture(scope="session")
-def metal(executor):
-    return _metal.Backend(executor)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    if got.is_floating_point():
-        g, w = got.float(), want.float()
-        same = (g == w) | (torch.isnan(g) & torch.isnan(w))
-    else:
-        same = got == want
-    if not bool(same.all()):
-        bad = (~same).nonzero()[0].tolist()
-        raise AssertionError(f"{int((~same).sum())} of {same.numel()} differ, first at {bad}: "
-                             f"{got[tuple(bad)]} vs {want[tuple(bad)]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,28 +178,6 @@ def test_hessian_fp64_falls_back(metal):
 
 
 # ---------------------------------------------------------------------------------------------
-# W4A16
-
-@pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("sym,gs", [(True, 128), (False, 64)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-def test_w4a16(metal, executor, m, sym, gs, dtype):
-    n, k = 37, 256
-    w = torch.randn(n, k, generator=gen(10)).to(dtype)
-    codes, scales, zeros = _ref.quantize_int(w, 4, gs, sym)
-    qweight = _ref.pack(codes, 4, 1, torch.int32)
-    x = torch.randn(m, k, generator=gen(11)).to(dtype)
-    y = metal.w4a16_linear(x, qweight, scales, None if sym else zeros, gs)
-    assert executor.kernels[-1] == ("cal_w4a16_gemv" if m == 1 else "cal_w4a16_gemm")
-    deq = _ref.dequantize_int(codes, scales, zeros, gs, torch.float32)
-    want = x.float() @ deq.T
-    assert y.shape == (m, n) and y.dtype == dtype
-    eps = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    err = (y.float() - want).abs().max() / want.abs().max()
-    assert float(err) <= eps
-
-
-# ---------------------------------------------------------------------------------------------
 # the harness catches a missing barrier
 
 def test_missing_barrier_is_caught(harness_lib):
@@ -277,7 +213,7 @@ def test_every_kernel_is_in_the_harness(executor):
     names = set()
     for f in SOURCES:
         names |= set(re.findall(r"kernel\s+void\s+(\w+)\s*\(", f.read_text()))
-    assert len(names) == 15
+    assert len(names) == 17
     # +1: the barrier-less copy of cal_hadamard
     assert executor.lib.mh_kernel_count() == len(names) + 1
 
@@ -313,7 +249,7 @@ def test_library_source_is_self_contained():
     includes = re.findall(r"#include\s*(\S+)", src)
     assert set(includes) == {"<metal_stdlib>"}
     assert src.count("struct HadamardArgs") == 1
-    assert len(re.findall(r"kernel\s+void\s+\w+", src)) == 15
+    assert len(re.findall(r"kernel\s+void\s+\w+", src)) == 17
 
 
 def test_mps_data_checks_raise_the_reference_errors():
