@@ -77,6 +77,29 @@ KARGS = {
 }
 SWEEP_FORMATS = {"int": 0, "mxfp4": 1, "nvfp4": 2, "none": 3}  # calibra::SweepFormat
 
+# The kernels behind each op of the Metal backend (tests/metal checks this against the sources and against
+# the launches the harness sees); `calibra selftest` lists them.
+OP_KERNELS = {
+    "hadamard": ("cal_hadamard",),
+    "quantize_int": ("cal_quantize_int",),
+    "dequantize_int": ("cal_dequantize_int",),
+    "quantize_fp4": ("cal_fp4_amax_partial", "cal_fp4_amax_final", "cal_quantize_fp4"),
+    "dequantize_fp4": ("cal_dequantize_fp4",),
+    "pack": ("cal_pack",),
+    "unpack": ("cal_unpack",),
+    "nm_mask": ("cal_nm_mask",),
+    "compress_24": ("cal_compress_24",),
+    "decompress_24": ("cal_decompress_24",),
+    "hessian_accumulate": ("cal_hessian",),
+    "gptq_block_sweep": ("cal_gptq_sweep",),
+    "sparsegpt_block_sweep": ("cal_gptq_sweep",),
+    "w4a16_repack": ("cal_w4a16_repack",),
+    "w4a16_gemm": ("cal_w4a16_gemv", "cal_w4a16_gemm"),
+}
+# Kernels whose results have been checked on Apple hardware (an MPS run of tests/ops). None yet: every
+# kernel above is verified only by the CPU harness (tests/metal). Add a name here only with the run's record.
+RUN_ON_APPLE_HARDWARE: frozenset[str] = frozenset()
+
 
 def source_dir() -> Path:
     """The folder with the .metal sources: ``calibra/metal`` in a wheel, ``metal/`` in a source tree."""
@@ -378,8 +401,24 @@ class Backend:
         return None
 
     # ---- GPTQ / SparseGPT block sweep -------------------------------------------------------
-    def _sweep(self, w, u, scales, zeros, group, fit, mask, shrink, nm, bits, symmetric, format, scale_dtype,
-               global_scale, outs):
+    def _sweep(
+        self,
+        w,
+        u,
+        scales,
+        zeros,
+        group,
+        fit,
+        mask,
+        shrink,
+        nm,
+        bits,
+        symmetric,
+        format,
+        scale_dtype,
+        global_scale,
+        outs,
+    ):
         q, codes, err, scales_out, zeros_out = outs[:5]
         rows, cols = w.shape
         if rows == 0 or cols == 0:
@@ -408,21 +447,68 @@ class Backend:
         )
         # the rows' working values, column-major so that neighbouring threads (rows) read neighbouring floats
         xt = torch.empty((cols, rows), dtype=torch.float32, device=dev)
-        bufs = [w.contiguous(), u.contiguous(), scales.contiguous(), zeros.contiguous(), group.contiguous(),
-                fit.contiguous(), mask.contiguous() if has_mask else dummy, shrink.contiguous(), xt, q, codes, err,
-                scales_out, zeros_out, prune, a]
+        bufs = [
+            w.contiguous(),
+            u.contiguous(),
+            scales.contiguous(),
+            zeros.contiguous(),
+            group.contiguous(),
+            fit.contiguous(),
+            mask.contiguous() if has_mask else dummy,
+            shrink.contiguous(),
+            xt,
+            q,
+            codes,
+            err,
+            scales_out,
+            zeros_out,
+            prune,
+            a,
+        ]
         self._run([Launch("cal_gptq_sweep", bufs, (_blocks(rows, 64), 1, 1), (64, 1, 1))])
         return None
 
-    def gptq_block_sweep(self, w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype,
-                         global_scale, *outs):
-        return self._sweep(w, u, scales, zeros, group, fit, mask, shrink, None, bits, symmetric, format,
-                           scale_dtype, global_scale, outs)
+    def gptq_block_sweep(
+        self, w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype, global_scale, *outs
+    ):
+        return self._sweep(
+            w,
+            u,
+            scales,
+            zeros,
+            group,
+            fit,
+            mask,
+            shrink,
+            None,
+            bits,
+            symmetric,
+            format,
+            scale_dtype,
+            global_scale,
+            outs,
+        )
 
-    def sparsegpt_block_sweep(self, w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format,
-                              scale_dtype, global_scale, *outs):
-        return self._sweep(w, u, scales, zeros, group, fit, None, shrink, (n, m), bits, symmetric, format,
-                           scale_dtype, global_scale, outs)
+    def sparsegpt_block_sweep(
+        self, w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format, scale_dtype, global_scale, *outs
+    ):
+        return self._sweep(
+            w,
+            u,
+            scales,
+            zeros,
+            group,
+            fit,
+            None,
+            shrink,
+            (n, m),
+            bits,
+            symmetric,
+            format,
+            scale_dtype,
+            global_scale,
+            outs,
+        )
 
     # ---- W4A16 inference --------------------------------------------------------------------
     def w4a16_repack(self, qweight, out):
@@ -430,8 +516,9 @@ class Backend:
         if n * kw == 0:
             return None
         a = kargs("W4A16Args", qweight.device, m=0, n=n, k=8 * kw, group=8 * kw, groups=1, has_zeros=0, dtype=0)
-        self._run([Launch("cal_w4a16_repack", [qweight.contiguous(), out, a], (_blocks(out.numel(), 256), 1, 1),
-                          (256, 1, 1))])
+        self._run(
+            [Launch("cal_w4a16_repack", [qweight.contiguous(), out, a], (_blocks(out.numel(), 256), 1, 1), (256, 1, 1))]
+        )
         return None
 
     def w4a16_gemm(self, x, tiled, scales, zeros, group_size, out):

@@ -18,5 +18,6 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
         same = got == want
     if not bool(same.all()):
         bad = (~same).nonzero()[0].tolist()
-        raise AssertionError(f"{int((~same).sum())} of {same.numel()} differ, first at {bad}: "
-                             f"{got[tuple(bad)]} vs {want[tuple(bad)]}")
+        raise AssertionError(
+            f"{int((~same).sum())} of {same.numel()} differ, first at {bad}: {got[tuple(bad)]} vs {want[tuple(bad)]}"
+        )

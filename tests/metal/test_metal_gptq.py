@@ -43,11 +43,15 @@ def _run(metal, name, args):
 @pytest.mark.parametrize("fmt,bits,sym,sdt", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_sweep_equals_reference(metal, fmt, bits, sym, sdt):
     gs = 32 if fmt == "mxfp4" else 16
-    for (rows, c), shrink, masked in itertools.product([(37, 64), (65, 32), (3, 96)], ([1.0], [1.0, 0.9, 0.75]),
-                                                       (False, True)):
+    for (rows, c), shrink, masked in itertools.product(
+        [(37, 64), (65, 32), (3, 96)], ([1.0], [1.0, 0.9, 0.75]), (False, True)
+    ):
         args = _args(rows, c, fmt, bits, sym, sdt, shrink, masked, gs)
-        _same_outputs(_run(metal, "gptq_block_sweep", args), _ref.gptq_block_sweep(*args),
-                      f"{fmt} bits={bits} sym={sym} {sdt} {rows}x{c} shrink={shrink} masked={masked}")
+        _same_outputs(
+            _run(metal, "gptq_block_sweep", args),
+            _ref.gptq_block_sweep(*args),
+            f"{fmt} bits={bits} sym={sym} {sdt} {rows}x{c} shrink={shrink} masked={masked}",
+        )
 
 
 def test_sweep_static_act_order_table(metal):
@@ -56,8 +60,21 @@ def test_sweep_static_act_order_table(metal):
     group = torch.tensor([(i * 7) % 5 for i in range(40)], dtype=torch.int32)
     scales = torch.rand(23, 5) * 0.2 + 0.05
     zeros = torch.randint(0, 16, (23, 5)).float()
-    args = (w, u, scales, zeros, group, torch.zeros(40, dtype=torch.int32), torch.empty(0, dtype=torch.uint8),
-            torch.ones(1), 4, False, "int", torch.float32, 1.0)
+    args = (
+        w,
+        u,
+        scales,
+        zeros,
+        group,
+        torch.zeros(40, dtype=torch.int32),
+        torch.empty(0, dtype=torch.uint8),
+        torch.ones(1),
+        4,
+        False,
+        "int",
+        torch.float32,
+        1.0,
+    )
     got = _run(metal, "gptq_block_sweep", args)
     _same_outputs(got, _ref.gptq_block_sweep(*args), "static table")
     assert torch.equal(got[3], scales) and torch.equal(got[4], zeros)  # an unfitted table passes through
@@ -68,15 +85,32 @@ def test_sweep_per_row_fit_over_the_block(metal):
     w, u = _block(9, 24, seed=5)
     fit = torch.zeros(24, dtype=torch.int32)
     fit[0] = 24
-    args = (w, u, torch.zeros(9, 1), torch.zeros(9, 1), torch.zeros(24, dtype=torch.int32), fit,
-            torch.empty(0, dtype=torch.uint8), torch.tensor([1.0, 0.8]), 3, False, "int", torch.bfloat16, 1.0)
+    args = (
+        w,
+        u,
+        torch.zeros(9, 1),
+        torch.zeros(9, 1),
+        torch.zeros(24, dtype=torch.int32),
+        fit,
+        torch.empty(0, dtype=torch.uint8),
+        torch.tensor([1.0, 0.8]),
+        3,
+        False,
+        "int",
+        torch.bfloat16,
+        1.0,
+    )
     _same_outputs(_run(metal, "gptq_block_sweep", args), _ref.gptq_block_sweep(*args), "per-row fit")
 
 
 @pytest.mark.parametrize("n,m,fmt,gs", NM_CASES + [(5, 32, "int", 32)], ids=lambda v: str(v))
 def test_nm_sweep_equals_reference(metal, n, m, fmt, gs):
-    for rows, c, sym, ties in ((37, 64, True, False), (5, 32, False, False), (16, 64, True, True),
-                               (67, 32, False, True)):
+    for rows, c, sym, ties in (
+        (37, 64, True, False),
+        (5, 32, False, False),
+        (16, 64, True, True),
+        (67, 32, False, True),
+    ):
         if c % gs or c % m:
             continue
         args = _nm_args(rows, c, n, m, fmt, gs, sym=sym, ties=ties)

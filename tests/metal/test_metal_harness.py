@@ -8,6 +8,7 @@ reference's exact operation sequence (Hadamard, dequantize); accumulations (Hess
 compared within a stated relative tolerance. What this cannot show: that Apple's compiler accepts the
 source, or how fast it runs (see the README section "Metal backend").
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,18 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 # hadamard
 
-@pytest.mark.parametrize("shape,block,dtype", [
-    ((3, 64), -1, torch.float32), ((5, 96), 32, torch.float32), ((2, 3, 256), -1, torch.float16),
-    ((7, 40), 8, torch.bfloat16), ((3, 6), 2, torch.float32), ((1, 4096), -1, torch.float32),
-])
+
+@pytest.mark.parametrize(
+    "shape,block,dtype",
+    [
+        ((3, 64), -1, torch.float32),
+        ((5, 96), 32, torch.float32),
+        ((2, 3, 256), -1, torch.float16),
+        ((7, 40), 8, torch.bfloat16),
+        ((3, 6), 2, torch.float32),
+        ((1, 4096), -1, torch.float32),
+    ],
+)
 def test_hadamard(metal, shape, block, dtype):
     x = torch.randn(shape, generator=gen(1)).to(dtype)
     out = torch.empty_like(x)
@@ -42,12 +51,15 @@ def test_hadamard(metal, shape, block, dtype):
 
 def test_hadamard_unsupported_cases_fall_back(metal):
     assert metal.hadamard(torch.zeros(1, 8192), -1, torch.empty(1, 8192)) is _metal.UNSUPPORTED
-    assert metal.hadamard(torch.zeros(2, 8, dtype=torch.float64), -1,
-                          torch.empty(2, 8, dtype=torch.float64)) is _metal.UNSUPPORTED
+    assert (
+        metal.hadamard(torch.zeros(2, 8, dtype=torch.float64), -1, torch.empty(2, 8, dtype=torch.float64))
+        is _metal.UNSUPPORTED
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # quantize
+
 
 def _weight(shape, dtype, seed):
     w = torch.randn(shape, generator=gen(seed)) * torch.logspace(-3, 1, shape[1])
@@ -55,11 +67,17 @@ def _weight(shape, dtype, seed):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("shape,bits,gs,sym,dtype", [
-    ((7, 96), 4, 32, True, torch.float32), ((7, 96), 4, 32, False, torch.float32),
-    ((5, 100), 3, -1, False, torch.float16), ((9, 64), 2, 16, True, torch.bfloat16),
-    ((3, 384), 8, 128, False, torch.bfloat16), ((4, 160), 5, 160, True, torch.float16),
-])
+@pytest.mark.parametrize(
+    "shape,bits,gs,sym,dtype",
+    [
+        ((7, 96), 4, 32, True, torch.float32),
+        ((7, 96), 4, 32, False, torch.float32),
+        ((5, 100), 3, -1, False, torch.float16),
+        ((9, 64), 2, 16, True, torch.bfloat16),
+        ((3, 384), 8, 128, False, torch.bfloat16),
+        ((4, 160), 5, 160, True, torch.float16),
+    ],
+)
 def test_quantize_dequantize_int(metal, shape, bits, gs, sym, dtype):
     w = _weight(shape, dtype, 2)
     want = _ref.quantize_int(w, bits, gs, sym)
@@ -97,19 +115,21 @@ def test_nvfp4_amax_over_many_partials(metal):
     w = torch.randn(33, 2048, generator=gen(4))
     w[31, 2000] = 77.0
     gscale = torch.empty(1)
-    metal.quantize_fp4(w, "nvfp4", torch.empty(33, 2048, dtype=torch.uint8),
-                       torch.empty(33, 128, dtype=torch.float8_e4m3fn), gscale)
+    metal.quantize_fp4(
+        w, "nvfp4", torch.empty(33, 2048, dtype=torch.uint8), torch.empty(33, 128, dtype=torch.float8_e4m3fn), gscale
+    )
     assert_same(gscale, _ref.quantize_fp4(w, "nvfp4")[2])
 
 
 # ---------------------------------------------------------------------------------------------
 # pack
 
+
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("word", [torch.int32, torch.uint8])
 def test_pack_unpack(metal, bits, dim, word):
-    codes = torch.randint(0, 2 ** bits, (7, 37), dtype=torch.uint8, generator=gen(bits))
+    codes = torch.randint(0, 2**bits, (7, 37), dtype=torch.uint8, generator=gen(bits))
     want = _ref.pack(codes, bits, dim, word)
     out = torch.empty_like(want)
     metal.pack(codes, bits, dim, word, out)
@@ -123,9 +143,15 @@ def test_pack_unpack(metal, bits, dim, word):
 # ---------------------------------------------------------------------------------------------
 # sparsity
 
-@pytest.mark.parametrize("shape,n,m,dtype", [
-    ((3, 5, 24), 2, 4, torch.float32), ((7, 24), 3, 8, torch.float16), ((2, 96), 5, 32, torch.bfloat16),
-])
+
+@pytest.mark.parametrize(
+    "shape,n,m,dtype",
+    [
+        ((3, 5, 24), 2, 4, torch.float32),
+        ((7, 24), 3, 8, torch.float16),
+        ((2, 96), 5, 32, torch.bfloat16),
+    ],
+)
 def test_nm_mask(metal, shape, n, m, dtype):
     s = torch.randint(-3, 4, shape, generator=gen(5)).to(dtype)  # many ties
     s.view(-1)[::7] = -0.0
@@ -157,8 +183,10 @@ def test_compress_decompress_24(metal, dtype):
 # ---------------------------------------------------------------------------------------------
 # hessian: fp32 accumulation vs the fp64 reference
 
-@pytest.mark.parametrize("n,d,dtype", [(37, 70, torch.float32), (5, 33, torch.float16), (50, 31, torch.bfloat16),
-                                       (1, 1, torch.float32)])
+
+@pytest.mark.parametrize(
+    "n,d,dtype", [(37, 70, torch.float32), (5, 33, torch.float16), (50, 31, torch.bfloat16), (1, 1, torch.float32)]
+)
 def test_hessian(metal, n, d, dtype):
     x = torch.randn(n, d, generator=gen(8)).to(dtype)
     A = torch.randn(d, d, generator=gen(9))
@@ -180,6 +208,7 @@ def test_hessian_fp64_falls_back(metal):
 # ---------------------------------------------------------------------------------------------
 # the harness catches a missing barrier
 
+
 def test_missing_barrier_is_caught(harness_lib):
     """cal_hadamard_nobarrier is cal_hadamard compiled with CALIBRA_TEST_DROP_BARRIER (the barrier
     between loading the block into threadgroup memory and the first butterfly removed). With a skewed
@@ -192,8 +221,14 @@ def test_missing_barrier_is_caught(harness_lib):
     def run(kernel):
         out = torch.full_like(x, float("nan"))
         b = 256
-        a = _metal.kargs("HadamardArgs", "cpu", blocks=4, block=b, dtype=0,
-                         scale_bits=_metal._f32_bits(float(torch.tensor(1 / math.sqrt(b)))))
+        a = _metal.kargs(
+            "HadamardArgs",
+            "cpu",
+            blocks=4,
+            block=b,
+            dtype=0,
+            scale_bits=_metal._f32_bits(float(torch.tensor(1 / math.sqrt(b)))),
+        )
         skewed.run(_metal.Launch(kernel, [x, out, a], (4, 1, 1), (64, 1, 1)))
         return out
 
@@ -254,6 +289,7 @@ def test_library_source_is_self_contained():
 
 def test_mps_data_checks_raise_the_reference_errors():
     from calibra.ops import _mps
+
     w = torch.zeros(2, 32)
     w[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"\[quantize\] w contains NaN/Inf \(first at row 1, col 3\)"):
@@ -266,3 +302,44 @@ def test_mps_data_checks_raise_the_reference_errors():
         _mps.DATA_CHECKS["nm_mask"](torch.tensor([[1.0, float("nan")]]), 1, 2)
     with pytest.raises(ValueError, match=r"\[decompress_24\]"):
         _mps.DATA_CHECKS["decompress_24"](torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------
+# which kernels serve which op (what `calibra selftest` lists)
+
+
+def test_op_kernel_table_matches_sources_and_backend():
+    from calibra.ops import OPS
+
+    in_sources = set()
+    for f in SOURCES:
+        in_sources |= set(re.findall(r"kernel\s+void\s+(\w+)\s*\(", f.read_text()))
+    listed = {k for ks in _metal.OP_KERNELS.values() for k in ks}
+    assert listed == in_sources
+    backend_ops = {n for n in OPS if hasattr(_metal.Backend, n)}
+    assert set(_metal.OP_KERNELS) == backend_ops
+    assert _metal.RUN_ON_APPLE_HARDWARE <= listed
+
+
+def test_each_op_example_launches_only_its_kernels(metal, executor):
+    from calibra.ops import OPS
+    from calibra.ops._registry import _mps_call
+
+    for name, kernels in _metal.OP_KERNELS.items():
+        op = OPS[name]
+        args = op.example("cpu")
+        before = len(executor.kernels)
+        _mps_call(op, getattr(metal, name), args, op.alloc(*args))
+        launched = set(executor.kernels[before:])
+        assert launched and launched <= set(kernels), (name, launched)
+
+
+def test_selftest_lists_the_metal_kernels_as_never_run_on_apple_hardware(capsys):
+    from calibra.selftest import run_selftest
+
+    assert run_selftest("cpu", verbose=True)
+    out = capsys.readouterr().out
+    assert "Metal kernels" in out and "not runnable here" in out
+    for name, kernels in _metal.OP_KERNELS.items():
+        line = next(ln for ln in out.splitlines() if ln.split()[:2] == [name, "metal"])
+        assert all(k in line for k in kernels) and "never run on Apple hardware" in line
