@@ -343,3 +343,16 @@ def test_selftest_lists_the_metal_kernels_as_never_run_on_apple_hardware(capsys)
     for name, kernels in _metal.OP_KERNELS.items():
         line = next(ln for ln in out.splitlines() if ln.split()[:2] == [name, "metal"])
         assert all(k in line for k in kernels) and "never run on Apple hardware" in line
+
+
+def test_every_source_is_built_and_shipped():
+    # the Mac build (metallib) and the wheel's sources list the files by hand: a new kernel file must be in both
+    assert sorted(_metal.KERNEL_FILES) == sorted(f.name for f in SOURCES)
+    stems = re.search(r"set\(_metal_kernels ([\w ]+)\)", (ROOT / "cmake" / "calibra_metal.cmake").read_text())
+    assert sorted(stems.group(1).split()) == sorted(f.stem for f in SOURCES)
+    install = re.search(
+        r"install\(FILES (metal/[^)]*)DESTINATION calibra/metal\)", (ROOT / "CMakeLists.txt").read_text()
+    )
+    assert sorted(install.group(1).split()) == sorted(
+        ["metal/kargs.h", "metal/calibra_common.h"] + [f"metal/{f.name}" for f in SOURCES]
+    )
