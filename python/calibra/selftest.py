@@ -49,9 +49,10 @@ def metal_kernel_lines() -> list[str]:
     not run (on a Mac, ``calibra selftest --device mps`` runs them in the lines above)."""
     from calibra import _metal, _native
 
-    here = "not runnable here"
     if _native.load("mps") is None:
-        here += f" ({_native.load_failure('mps') or 'no MPS device'})"
+        here = f"not runnable here ({_native.load_failure('mps') or 'no MPS device'})"
+    else:
+        here = "runnable here: `calibra selftest --device mps` runs them"
     lines = [f"  Metal kernels (metal/*.metal, for mps tensors on Apple Silicon): {here}"]
     for name, kernels in sorted(_metal.OP_KERNELS.items()):
         apple = all(k in _metal.RUN_ON_APPLE_HARDWARE for k in kernels)
