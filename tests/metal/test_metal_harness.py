@@ -12,9 +12,7 @@ source, or how fast it runs (see the README section "Metal backend").
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -67,3 +67,16 @@ def test_gemm_leading_dims(metal):
     exact = x.reshape(6, 128).double() @ w.double().T
     lowp = G.w4a16_gemm(x, tiled, scales, zeros, 64).reshape(6, 64)
     assert_close_2x(y.reshape(6, 64), exact, lowp, atol=1e-3 * float(exact.abs().max()), what="leading dims")
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_gemm_under_a_skewed_thread_start(harness_lib, m):
+    # high thread indices start first: a threadgroup read not ordered by a barrier would see stale data
+    from calibra import _metal
+    from tests.metal.harness_exec import HarnessExecutor
+
+    skewed = _metal.Backend(HarnessExecutor(harness_lib, skew_us=40))
+    _q, tiled, scales, zeros = quantized_operands(64, 128, 32, False, torch.float16, seed=11)
+    x = torch.randn(m, 128, generator=gen(12)).half()
+    y = _run(skewed, "w4a16_gemm", (x, tiled, scales, zeros, 32))
+    assert_same(y, _run(_metal.Backend(HarnessExecutor(harness_lib)), "w4a16_gemm", (x, tiled, scales, zeros, 32)))
