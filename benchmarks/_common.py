@@ -62,7 +62,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
     p.add_argument(
         "--repeat", type=int, default=7, help="timed runs per measurement; the median is reported (default: 7)"
     )
@@ -75,5 +75,7 @@ def machine_line(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}"
+    if device == "mps":
+        return f"device: mps ({platform.platform()}) | torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     return f"device: {cpu}, {torch.get_num_threads()} threads | torch {torch.__version__}"

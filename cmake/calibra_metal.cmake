@@ -10,7 +10,7 @@
 # NOT RUN YET: no Mac has executed this file (see README, "Metal backend: what was verified where").
 find_program(CALIBRA_XCRUN xcrun REQUIRED)
 set(_metal_dir "${PROJECT_SOURCE_DIR}/metal")
-set(_metal_kernels hadamard quantize pack sparsity hessian w4a16)
+set(_metal_kernels hadamard quantize pack sparsity hessian w4a16 gptq)
 set(_metal_headers "${_metal_dir}/kargs.h" "${_metal_dir}/calibra_common.h")
 set(_metal_air "")
 foreach(k IN LISTS _metal_kernels)

@@ -62,9 +62,22 @@ struct HessianArgs {
 };
 
 struct W4A16Args {
-  long m, n, k;     // x [m, k], W [n, k] as packed int32 [n, k / 8], y [m, n]
-  long group;       // columns per scale group (a multiple of 8)
+  long m, n, k;     // x [m, k], W [n, k] in the op's tile layout int32 [k / 16, 2 n], y [m, n]
+  long group;       // columns per scale group (a multiple of 16; k for per-channel)
   long groups;      // k / group
   long has_zeros;   // 0: symmetric, zero point 8
-  long dtype;       // x, scales and y
+  long dtype;       // x, scales, zeros and y
+};
+
+struct GptqSweepArgs {
+  long rows, cols;   // w [R, C]
+  long groups;       // G: columns of the parameter table
+  long nshrink;      // clipping candidates
+  long nm_n, nm_m;   // sparsegpt_block_sweep: keep n of every m; nm_m == 0 for gptq_block_sweep
+  long has_mask;     // gptq_block_sweep: 1 when mask [R, C] is given
+  long bits;         // format int: 2..8
+  long symmetric;
+  long format;       // 0 int, 1 mxfp4, 2 nvfp4, 3 none (calibra::SweepFormat)
+  long scale_dtype;  // int scales are rounded to this dtype when fitted
+  long global_scale_bits;  // fp32 bits of NVFP4's global scale (1 otherwise)
 };

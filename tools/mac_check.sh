@@ -10,11 +10,14 @@
 #   ops        tests/ops and tests/metal on this machine (the mps parametrizations run on a Mac)
 #   guard      tests/mps: the MPS-guard lane (runs on any machine; on a Mac it must still pass)
 #   quantize   one GPTQ quantize of each builtin model with --device mps
-# Not yet written (reported as "todo", never as passed): the Metal benchmarks (W4A16 GEMV against the chip's
-# memory bandwidth, quantize vs torch.clone).
+#   bench_w4a16_gemv         benchmarks/bench_w4a16_gemv.py --device mps: the Metal GEMV (batch 1) against the
+#                            chip's nominal memory bandwidth and torch.clone's measured rate
+#   bench_quantize_vs_clone  benchmarks/bench_quantize.py --device mps: the Metal quantize kernels vs torch.clone
+# The benchmark tables are in their logs; their numbers (with the chip named) belong in docs/backends.md.
 #
 # --dry-run (CI, Linux): nothing needs a Mac; each step's command is checked instead (its scripts and paths
-# exist, the CLI accepts the flags, pytest collects the selections; CI runs tests/mps itself).
+# exist, the CLI and the benchmarks accept the flags, pytest collects the selections, the GEMV benchmark's
+# driver runs on the CPU with a small shape; CI runs tests/mps itself).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -53,6 +56,13 @@ step() {
 }
 
 exists() { for p in "$@"; do [ -e "$p" ] || { echo "missing: $p"; return 1; }; done; }
+# accepts SCRIPT FLAG...: the script's own --help names every flag the real step passes it
+accepts() {
+  local script="$1" help f; shift
+  help="$("$PY" "$script" --help)" || return 1
+  for f in "$@"; do grep -q -- "$f" <<<"$help" || { echo "$script does not accept $f"; return 1; }; done
+  echo "$script accepts $*"
+}
 BUILD="${CALIBRA_MAC_CHECK_BUILD_DIR:-build/mac-check}"
 
 step build bash -c "cmake -S . -B $BUILD -DCALIBRA_METAL=ON -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j" \
@@ -65,8 +75,11 @@ for m in tiny-llama tiny-moe; do
   step "quantize_$m" "$PY" -m calibra quantize "builtin:$m" --method gptq --device mps --output "$OUT/q-$m" \
     -- "$PY" -m calibra quantize --help
 done
-record bench_w4a16_gemv "todo (not written)"
-record bench_quantize_vs_clone "todo (not written)"
+step bench_w4a16_gemv "$PY" benchmarks/bench_w4a16_gemv.py --device mps --repeat 20 \
+  -- bash -c "$(declare -f accepts); PY=$(printf %q "$PY"); accepts benchmarks/bench_w4a16_gemv.py --device --repeat \
+  && \$PY benchmarks/bench_w4a16_gemv.py --device cpu --quick --repeat 1 --chip 'Apple M2'"
+step bench_quantize_vs_clone "$PY" benchmarks/bench_quantize.py --device mps --repeat 7 \
+  -- bash -c "$(declare -f accepts); PY=$(printf %q "$PY"); accepts benchmarks/bench_quantize.py --device --repeat"
 
 "$PY" - "$OUT" "$DRY" <<'PYEOF'
 import json, sys

@@ -13,6 +13,7 @@
 #include "../sparsity.metal"
 #include "../hessian.metal"
 #include "../w4a16.metal"
+#include "../gptq.metal"
 
 #undef kernel
 #undef device
@@ -74,13 +75,22 @@ Register r_d24("cal_decompress_24", [](void** b, const Pos& p) {
 Register r_hess("cal_hessian", [](void** b, const Pos& p) {
   cal_hessian(B<float>(b, 0), B<const u8>(b, 1), A<HessianArgs>(b, 2), p.group_pos.x, p.tid);
 });
+Register r_repack("cal_w4a16_repack", [](void** b, const Pos& p) {
+  cal_w4a16_repack(B<const unsigned>(b, 0), B<unsigned>(b, 1), A<W4A16Args>(b, 2), p.grid_pos.x);
+});
 Register r_gemv("cal_w4a16_gemv", [](void** b, const Pos& p) {
   cal_w4a16_gemv(B<const u8>(b, 0), B<const unsigned>(b, 1), B<const u8>(b, 2), B<const u8>(b, 3), B<u8>(b, 4),
-                 A<W4A16Args>(b, 5), p.group_pos.x, p.lane, p.simd);
+                 A<W4A16Args>(b, 5), p.group_pos.x, p.tid);
 });
 Register r_gemm("cal_w4a16_gemm", [](void** b, const Pos& p) {
   cal_w4a16_gemm(B<const u8>(b, 0), B<const unsigned>(b, 1), B<const u8>(b, 2), B<const u8>(b, 3), B<u8>(b, 4),
                  A<W4A16Args>(b, 5), metal::uint2(p.group_pos.x, p.group_pos.y), p.tid);
+});
+Register r_sweep("cal_gptq_sweep", [](void** b, const Pos& p) {
+  cal_gptq_sweep(B<const float>(b, 0), B<const float>(b, 1), B<const float>(b, 2), B<const float>(b, 3),
+                 B<const int>(b, 4), B<const int>(b, 5), B<const u8>(b, 6), B<const float>(b, 7), B<float>(b, 8),
+                 B<float>(b, 9), B<u8>(b, 10), B<float>(b, 11), B<float>(b, 12), B<float>(b, 13), B<u8>(b, 14),
+                 A<GptqSweepArgs>(b, 15), p.grid_pos.x);
 });
 }  // namespace
 }  // namespace mh

@@ -37,7 +37,15 @@ from pathlib import Path
 import torch
 
 UNSUPPORTED = object()
-KERNEL_FILES = ("hadamard.metal", "quantize.metal", "pack.metal", "sparsity.metal", "hessian.metal", "w4a16.metal")
+KERNEL_FILES = (
+    "hadamard.metal",
+    "quantize.metal",
+    "pack.metal",
+    "sparsity.metal",
+    "hessian.metal",
+    "w4a16.metal",
+    "gptq.metal",
+)
 HADAMARD_MAX = 4096  # CAL_HADAMARD_MAX: the block lives in 16 KiB of threadgroup memory
 _FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # enum CalibraDType in kargs.h
 
@@ -52,7 +60,45 @@ KARGS = {
     "Sparse24Args": ("rows", "k", "dtype"),
     "HessianArgs": ("n", "d", "tiles", "dtype"),
     "W4A16Args": ("m", "n", "k", "group", "groups", "has_zeros", "dtype"),
+    "GptqSweepArgs": (
+        "rows",
+        "cols",
+        "groups",
+        "nshrink",
+        "nm_n",
+        "nm_m",
+        "has_mask",
+        "bits",
+        "symmetric",
+        "format",
+        "scale_dtype",
+        "global_scale_bits",
+    ),
 }
+SWEEP_FORMATS = {"int": 0, "mxfp4": 1, "nvfp4": 2, "none": 3}  # calibra::SweepFormat
+
+# The kernels behind each op of the Metal backend (tests/metal checks this against the sources and against
+# the launches the harness sees); `calibra selftest` lists them.
+OP_KERNELS = {
+    "hadamard": ("cal_hadamard",),
+    "quantize_int": ("cal_quantize_int",),
+    "dequantize_int": ("cal_dequantize_int",),
+    "quantize_fp4": ("cal_fp4_amax_partial", "cal_fp4_amax_final", "cal_quantize_fp4"),
+    "dequantize_fp4": ("cal_dequantize_fp4",),
+    "pack": ("cal_pack",),
+    "unpack": ("cal_unpack",),
+    "nm_mask": ("cal_nm_mask",),
+    "compress_24": ("cal_compress_24",),
+    "decompress_24": ("cal_decompress_24",),
+    "hessian_accumulate": ("cal_hessian",),
+    "gptq_block_sweep": ("cal_gptq_sweep",),
+    "sparsegpt_block_sweep": ("cal_gptq_sweep",),
+    "w4a16_repack": ("cal_w4a16_repack",),
+    "w4a16_gemm": ("cal_w4a16_gemv", "cal_w4a16_gemm"),
+}
+# Kernels whose results have been checked on Apple hardware (an MPS run of tests/ops). None yet: every
+# kernel above is verified only by the CPU harness (tests/metal). Add a name here only with the run's record.
+RUN_ON_APPLE_HARDWARE: frozenset[str] = frozenset()
 
 
 def source_dir() -> Path:
@@ -354,48 +400,156 @@ class Backend:
         self._run([Launch("cal_hessian", [H, X, a], (tiles * (tiles + 1) // 2, 1, 1), (256, 1, 1))])
         return None
 
-    # ---- W4A16 inference (not a registry op: Metal only) ------------------------------------
-    def w4a16_linear(self, x, qweight, scales, zeros, group_size):
-        """``y = x @ dequant(W)^T`` for ``qweight = calibra.ops.pack(codes, 4)`` (int32 ``[n, k/8]``),
-        ``scales [n, k/group]`` in x's dtype and ``zeros`` uint8 ``[n, k/group]`` or None (symmetric,
-        zero point 8). ``x [..., k]``; returns ``[..., n]`` in x's dtype."""
+    # ---- GPTQ / SparseGPT block sweep -------------------------------------------------------
+    def _sweep(
+        self,
+        w,
+        u,
+        scales,
+        zeros,
+        group,
+        fit,
+        mask,
+        shrink,
+        nm,
+        bits,
+        symmetric,
+        format,
+        scale_dtype,
+        global_scale,
+        outs,
+    ):
+        q, codes, err, scales_out, zeros_out = outs[:5]
+        rows, cols = w.shape
+        if rows == 0 or cols == 0:
+            scales_out.copy_(scales)
+            zeros_out.copy_(zeros)
+            return None
+        dev = w.device
+        dummy = torch.zeros(1, dtype=torch.uint8, device=dev)
+        prune = outs[5].view(torch.uint8) if nm is not None else dummy
+        has_mask = nm is None and mask.numel() > 0
+        a = kargs(
+            "GptqSweepArgs",
+            dev,
+            rows=rows,
+            cols=cols,
+            groups=scales.shape[1],
+            nshrink=shrink.shape[0],
+            nm_n=nm[0] if nm else 0,
+            nm_m=nm[1] if nm else 0,
+            has_mask=int(has_mask),
+            bits=bits,
+            symmetric=int(symmetric),
+            format=SWEEP_FORMATS[format],
+            scale_dtype=_FLOAT_CODES[scale_dtype],
+            global_scale_bits=_f32_bits(global_scale),
+        )
+        # the rows' working values, column-major so that neighbouring threads (rows) read neighbouring floats
+        xt = torch.empty((cols, rows), dtype=torch.float32, device=dev)
+        bufs = [
+            w.contiguous(),
+            u.contiguous(),
+            scales.contiguous(),
+            zeros.contiguous(),
+            group.contiguous(),
+            fit.contiguous(),
+            mask.contiguous() if has_mask else dummy,
+            shrink.contiguous(),
+            xt,
+            q,
+            codes,
+            err,
+            scales_out,
+            zeros_out,
+            prune,
+            a,
+        ]
+        self._run([Launch("cal_gptq_sweep", bufs, (_blocks(rows, 64), 1, 1), (64, 1, 1))])
+        return None
+
+    def gptq_block_sweep(
+        self, w, u, scales, zeros, group, fit, mask, shrink, bits, symmetric, format, scale_dtype, global_scale, *outs
+    ):
+        return self._sweep(
+            w,
+            u,
+            scales,
+            zeros,
+            group,
+            fit,
+            mask,
+            shrink,
+            None,
+            bits,
+            symmetric,
+            format,
+            scale_dtype,
+            global_scale,
+            outs,
+        )
+
+    def sparsegpt_block_sweep(
+        self, w, u, scales, zeros, group, fit, shrink, n, m, bits, symmetric, format, scale_dtype, global_scale, *outs
+    ):
+        return self._sweep(
+            w,
+            u,
+            scales,
+            zeros,
+            group,
+            fit,
+            None,
+            shrink,
+            (n, m),
+            bits,
+            symmetric,
+            format,
+            scale_dtype,
+            global_scale,
+            outs,
+        )
+
+    # ---- W4A16 inference --------------------------------------------------------------------
+    def w4a16_repack(self, qweight, out):
+        n, kw = qweight.shape
+        if n * kw == 0:
+            return None
+        a = kargs("W4A16Args", qweight.device, m=0, n=n, k=8 * kw, group=8 * kw, groups=1, has_zeros=0, dtype=0)
+        self._run(
+            [Launch("cal_w4a16_repack", [qweight.contiguous(), out, a], (_blocks(out.numel(), 256), 1, 1), (256, 1, 1))]
+        )
+        return None
+
+    def w4a16_gemm(self, x, tiled, scales, zeros, group_size, out):
+        """``out = x @ dequant(W)^T`` in the op's layout (calibra.ops.w4a16_gemm): GEMV for one row of x
+        (decode), the tiled GEMM for more (prefill)."""
         k = x.shape[-1]
-        n = qweight.shape[0]
-        if x.dtype not in _FLOAT_CODES or scales.dtype != x.dtype:
-            raise TypeError(
-                f"[w4a16] x and scales must share a float16/bfloat16/float32 dtype, got {x.dtype} and {scales.dtype}"
-            )
-        if k % group_size or group_size % 8 or tuple(qweight.shape) != (n, k // 8) or qweight.dtype != torch.int32:
-            raise ValueError(
-                f"[w4a16] need int32 qweight [n, k/8] = [{n}, {k // 8}] and a group size dividing "
-                f"k = {k} and divisible by 8; got qweight {tuple(qweight.shape)}, group {group_size}"
-            )
-        groups = k // group_size
-        if tuple(scales.shape) != (n, groups) or (zeros is not None and tuple(zeros.shape) != (n, groups)):
-            raise ValueError(f"[w4a16] scales (and zeros) must be [{n}, {groups}], got {tuple(scales.shape)}")
+        n = tiled.shape[1] // 2
         X = x.reshape(-1, k).contiguous()
         m = X.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        z = zeros.contiguous() if zeros is not None else torch.zeros(1, dtype=torch.uint8, device=x.device)
+        if m * n == 0:
+            return None
+        gs = k if group_size == -1 else group_size
+        z = zeros.contiguous() if zeros is not None else torch.zeros(1, dtype=x.dtype, device=x.device)
         a = kargs(
             "W4A16Args",
             x.device,
             m=m,
             n=n,
             k=k,
-            group=group_size,
-            groups=groups,
+            group=gs,
+            groups=k // gs,
             has_zeros=int(zeros is not None),
             dtype=_FLOAT_CODES[x.dtype],
         )
-        bufs = [X, qweight.contiguous(), scales.contiguous(), z, y, a]
+        bufs = [X, tiled.contiguous(), scales.contiguous(), z, out, a]
         if m == 1:
-            launch = Launch("cal_w4a16_gemv", bufs, (_blocks(n, 4), 1, 1), (128, 1, 1))
+            launch = Launch("cal_w4a16_gemv", bufs, (n // 64, 1, 1), (256, 1, 1))
         else:
-            launch = Launch("cal_w4a16_gemm", bufs, (_blocks(n, 32), _blocks(m, 32), 1), (256, 1, 1))
-        if m * n:
-            self._run([launch])
-        return y.reshape(*x.shape[:-1], n)
+            launch = Launch("cal_w4a16_gemm", bufs, (n // 64, _blocks(m, 32), 1), (256, 1, 1))
+        self._run([launch])
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,4 +38,24 @@ def run_selftest(device: str = "cpu", verbose: bool = False) -> bool:
         ok &= good
         if verbose:
             print(f"  {name:22s} {impl:5s} {'ok' if good else 'MISMATCH' if impl == device else 'NOT NATIVE'}")
+    if verbose and device != "mps":
+        for line in metal_kernel_lines():
+            print(line)
     return ok
+
+
+def metal_kernel_lines() -> list[str]:
+    """The Metal kernels of each op, for machines where they cannot run here: what exists, and that it has
+    not run (on a Mac, ``calibra selftest --device mps`` runs them in the lines above)."""
+    from calibra import _metal, _native
+
+    if _native.load("mps") is None:
+        here = f"not runnable here ({_native.load_failure('mps') or 'no MPS device'})"
+    else:
+        here = "runnable here: `calibra selftest --device mps` runs them"
+    lines = [f"  Metal kernels (metal/*.metal, for mps tensors on Apple Silicon): {here}"]
+    for name, kernels in sorted(_metal.OP_KERNELS.items()):
+        apple = all(k in _metal.RUN_ON_APPLE_HARDWARE for k in kernels)
+        status = "run on Apple hardware" if apple else "never run on Apple hardware (CPU harness only)"
+        lines.append(f"  {name:22s} metal {', '.join(kernels)}: {status}")
+    return lines

@@ -1,4 +1,5 @@
 """Builds the CPU harness of the Metal kernels (metal/harness) and runs calibra._metal's launches on it."""
+
 from __future__ import annotations
 
 import ctypes
@@ -20,8 +21,15 @@ def build(build_dir: Path = BUILD, sanitize: str = "") -> Path:
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         raise RuntimeError("no C++ compiler")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    cfg = ["cmake", "-S", str(ROOT / "metal" / "harness"), "-B", str(build_dir), *gen,
-           f"-DCALIBRA_METAL_SANITIZE={sanitize}"]
+    cfg = [
+        "cmake",
+        "-S",
+        str(ROOT / "metal" / "harness"),
+        "-B",
+        str(build_dir),
+        *gen,
+        f"-DCALIBRA_METAL_SANITIZE={sanitize}",
+    ]
     for cmd in (cfg, ["cmake", "--build", str(build_dir), "-j2"]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
@@ -38,8 +46,14 @@ class HarnessExecutor:
     def __init__(self, lib_path: Path, skew_us: int = 0) -> None:
         self.lib = ctypes.CDLL(str(lib_path))
         self.lib.mh_launch.restype = ctypes.c_int
-        self.lib.mh_launch.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
-                                       *[ctypes.c_uint] * 7, ctypes.c_char_p, ctypes.c_int]
+        self.lib.mh_launch.argtypes = [
+            ctypes.c_char_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_int,
+            *[ctypes.c_uint] * 7,
+            ctypes.c_char_p,
+            ctypes.c_int,
+        ]
         self.lib.mh_kernel_count.restype = ctypes.c_int
         self.skew_us = skew_us
         self.kernels: list[str] = []  # every kernel launched, for coverage checks
@@ -52,8 +66,16 @@ class HarnessExecutor:
         before = [_raw(b) for b in launch.buffers] if record else None
         ptrs = (ctypes.c_void_p * len(launch.buffers))(*[b.data_ptr() for b in launch.buffers])
         err = ctypes.create_string_buffer(512)
-        rc = self.lib.mh_launch(launch.kernel.encode(), ptrs, len(launch.buffers), *launch.groups, *launch.threads,
-                                self.skew_us, err, len(err))
+        rc = self.lib.mh_launch(
+            launch.kernel.encode(),
+            ptrs,
+            len(launch.buffers),
+            *launch.groups,
+            *launch.threads,
+            self.skew_us,
+            err,
+            len(err),
+        )
         if rc:
             raise RuntimeError(f"[harness] {launch.kernel}: {err.value.decode()}")
         self.kernels.append(launch.kernel)
@@ -76,5 +98,3 @@ def _record(folder: Path, launch, before: list, after: list) -> None:
             f.write(f"{len(b)}\n".encode())
             f.write(b)
             f.write(a)
-
-

@@ -8,73 +8,38 @@ reference's exact operation sequence (Hadamard, dequantize); accumulations (Hess
 compared within a stated relative tolerance. What this cannot show: that Apple's compiler accepts the
 source, or how fast it runs (see the README section "Metal backend").
 """
+
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from calibra import _metal
 from calibra.ops import _ref
-from tests.metal.harness_exec import ROOT, HarnessExecutor, build
+from tests.metal.checks import assert_same, gen
+from tests.metal.harness_exec import ROOT, HarnessExecutor
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(scope="session")
-def harness_lib():
-    # tools/metal_harness_sanitizers.sh points these at a sanitizer build
-    build_dir = os.environ.get("CALIBRA_METAL_HARNESS_BUILD")
-    sanitize = os.environ.get("CALIBRA_METAL_SANITIZE", "")
-    # A build failure (a .metal compile error, no cmake or C++ compiler) is an error of every test here, not
-    # a skip: these tests are the Metal kernels' only check off a Mac. CALIBRA_SKIP_METAL_HARNESS=1 opts out
-    # explicitly (CI's required-test list still fails on that skip).
-    if os.environ.get("CALIBRA_SKIP_METAL_HARNESS") == "1":
-        pytest.skip("CALIBRA_SKIP_METAL_HARNESS=1: the Metal CPU harness was deselected")
-    try:
-        return build(Path(build_dir), sanitize) if build_dir else build()
-    except RuntimeError as e:
-        pytest.fail(f"cannot build the Metal CPU harness: {e}", pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def executor(harness_lib):
-    return HarnessExecutor(harness_lib)
-
-
-@pytest.fixture(scope="session")
-def metal(executor):
-    return _metal.Backend(executor)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    if got.is_floating_point():
-        g, w = got.float(), want.float()
-        same = (g == w) | (torch.isnan(g) & torch.isnan(w))
-    else:
-        same = got == want
-    if not bool(same.all()):
-        bad = (~same).nonzero()[0].tolist()
-        raise AssertionError(f"{int((~same).sum())} of {same.numel()} differ, first at {bad}: "
-                             f"{got[tuple(bad)]} vs {want[tuple(bad)]}")
 
 
 # ---------------------------------------------------------------------------------------------
 # hadamard
 
-@pytest.mark.parametrize("shape,block,dtype", [
-    ((3, 64), -1, torch.float32), ((5, 96), 32, torch.float32), ((2, 3, 256), -1, torch.float16),
-    ((7, 40), 8, torch.bfloat16), ((3, 6), 2, torch.float32), ((1, 4096), -1, torch.float32),
-])
+
+@pytest.mark.parametrize(
+    "shape,block,dtype",
+    [
+        ((3, 64), -1, torch.float32),
+        ((5, 96), 32, torch.float32),
+        ((2, 3, 256), -1, torch.float16),
+        ((7, 40), 8, torch.bfloat16),
+        ((3, 6), 2, torch.float32),
+        ((1, 4096), -1, torch.float32),
+    ],
+)
 def test_hadamard(metal, shape, block, dtype):
     x = torch.randn(shape, generator=gen(1)).to(dtype)
     out = torch.empty_like(x)
@@ -84,12 +49,15 @@ def test_hadamard(metal, shape, block, dtype):
 
 def test_hadamard_unsupported_cases_fall_back(metal):
     assert metal.hadamard(torch.zeros(1, 8192), -1, torch.empty(1, 8192)) is _metal.UNSUPPORTED
-    assert metal.hadamard(torch.zeros(2, 8, dtype=torch.float64), -1,
-                          torch.empty(2, 8, dtype=torch.float64)) is _metal.UNSUPPORTED
+    assert (
+        metal.hadamard(torch.zeros(2, 8, dtype=torch.float64), -1, torch.empty(2, 8, dtype=torch.float64))
+        is _metal.UNSUPPORTED
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # quantize
+
 
 def _weight(shape, dtype, seed):
     w = torch.randn(shape, generator=gen(seed)) * torch.logspace(-3, 1, shape[1])
@@ -97,11 +65,17 @@ def _weight(shape, dtype, seed):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("shape,bits,gs,sym,dtype", [
-    ((7, 96), 4, 32, True, torch.float32), ((7, 96), 4, 32, False, torch.float32),
-    ((5, 100), 3, -1, False, torch.float16), ((9, 64), 2, 16, True, torch.bfloat16),
-    ((3, 384), 8, 128, False, torch.bfloat16), ((4, 160), 5, 160, True, torch.float16),
-])
+@pytest.mark.parametrize(
+    "shape,bits,gs,sym,dtype",
+    [
+        ((7, 96), 4, 32, True, torch.float32),
+        ((7, 96), 4, 32, False, torch.float32),
+        ((5, 100), 3, -1, False, torch.float16),
+        ((9, 64), 2, 16, True, torch.bfloat16),
+        ((3, 384), 8, 128, False, torch.bfloat16),
+        ((4, 160), 5, 160, True, torch.float16),
+    ],
+)
 def test_quantize_dequantize_int(metal, shape, bits, gs, sym, dtype):
     w = _weight(shape, dtype, 2)
     want = _ref.quantize_int(w, bits, gs, sym)
@@ -139,19 +113,21 @@ def test_nvfp4_amax_over_many_partials(metal):
     w = torch.randn(33, 2048, generator=gen(4))
     w[31, 2000] = 77.0
     gscale = torch.empty(1)
-    metal.quantize_fp4(w, "nvfp4", torch.empty(33, 2048, dtype=torch.uint8),
-                       torch.empty(33, 128, dtype=torch.float8_e4m3fn), gscale)
+    metal.quantize_fp4(
+        w, "nvfp4", torch.empty(33, 2048, dtype=torch.uint8), torch.empty(33, 128, dtype=torch.float8_e4m3fn), gscale
+    )
     assert_same(gscale, _ref.quantize_fp4(w, "nvfp4")[2])
 
 
 # ---------------------------------------------------------------------------------------------
 # pack
 
+
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("word", [torch.int32, torch.uint8])
 def test_pack_unpack(metal, bits, dim, word):
-    codes = torch.randint(0, 2 ** bits, (7, 37), dtype=torch.uint8, generator=gen(bits))
+    codes = torch.randint(0, 2**bits, (7, 37), dtype=torch.uint8, generator=gen(bits))
     want = _ref.pack(codes, bits, dim, word)
     out = torch.empty_like(want)
     metal.pack(codes, bits, dim, word, out)
@@ -165,9 +141,15 @@ def test_pack_unpack(metal, bits, dim, word):
 # ---------------------------------------------------------------------------------------------
 # sparsity
 
-@pytest.mark.parametrize("shape,n,m,dtype", [
-    ((3, 5, 24), 2, 4, torch.float32), ((7, 24), 3, 8, torch.float16), ((2, 96), 5, 32, torch.bfloat16),
-])
+
+@pytest.mark.parametrize(
+    "shape,n,m,dtype",
+    [
+        ((3, 5, 24), 2, 4, torch.float32),
+        ((7, 24), 3, 8, torch.float16),
+        ((2, 96), 5, 32, torch.bfloat16),
+    ],
+)
 def test_nm_mask(metal, shape, n, m, dtype):
     s = torch.randint(-3, 4, shape, generator=gen(5)).to(dtype)  # many ties
     s.view(-1)[::7] = -0.0
@@ -199,8 +181,10 @@ def test_compress_decompress_24(metal, dtype):
 # ---------------------------------------------------------------------------------------------
 # hessian: fp32 accumulation vs the fp64 reference
 
-@pytest.mark.parametrize("n,d,dtype", [(37, 70, torch.float32), (5, 33, torch.float16), (50, 31, torch.bfloat16),
-                                       (1, 1, torch.float32)])
+
+@pytest.mark.parametrize(
+    "n,d,dtype", [(37, 70, torch.float32), (5, 33, torch.float16), (50, 31, torch.bfloat16), (1, 1, torch.float32)]
+)
 def test_hessian(metal, n, d, dtype):
     x = torch.randn(n, d, generator=gen(8)).to(dtype)
     A = torch.randn(d, d, generator=gen(9))
@@ -220,29 +204,8 @@ def test_hessian_fp64_falls_back(metal):
 
 
 # ---------------------------------------------------------------------------------------------
-# W4A16
-
-@pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("sym,gs", [(True, 128), (False, 64)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-def test_w4a16(metal, executor, m, sym, gs, dtype):
-    n, k = 37, 256
-    w = torch.randn(n, k, generator=gen(10)).to(dtype)
-    codes, scales, zeros = _ref.quantize_int(w, 4, gs, sym)
-    qweight = _ref.pack(codes, 4, 1, torch.int32)
-    x = torch.randn(m, k, generator=gen(11)).to(dtype)
-    y = metal.w4a16_linear(x, qweight, scales, None if sym else zeros, gs)
-    assert executor.kernels[-1] == ("cal_w4a16_gemv" if m == 1 else "cal_w4a16_gemm")
-    deq = _ref.dequantize_int(codes, scales, zeros, gs, torch.float32)
-    want = x.float() @ deq.T
-    assert y.shape == (m, n) and y.dtype == dtype
-    eps = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    err = (y.float() - want).abs().max() / want.abs().max()
-    assert float(err) <= eps
-
-
-# ---------------------------------------------------------------------------------------------
 # the harness catches a missing barrier
+
 
 def test_missing_barrier_is_caught(harness_lib):
     """cal_hadamard_nobarrier is cal_hadamard compiled with CALIBRA_TEST_DROP_BARRIER (the barrier
@@ -256,8 +219,14 @@ def test_missing_barrier_is_caught(harness_lib):
     def run(kernel):
         out = torch.full_like(x, float("nan"))
         b = 256
-        a = _metal.kargs("HadamardArgs", "cpu", blocks=4, block=b, dtype=0,
-                         scale_bits=_metal._f32_bits(float(torch.tensor(1 / math.sqrt(b)))))
+        a = _metal.kargs(
+            "HadamardArgs",
+            "cpu",
+            blocks=4,
+            block=b,
+            dtype=0,
+            scale_bits=_metal._f32_bits(float(torch.tensor(1 / math.sqrt(b)))),
+        )
         skewed.run(_metal.Launch(kernel, [x, out, a], (4, 1, 1), (64, 1, 1)))
         return out
 
@@ -277,7 +246,7 @@ def test_every_kernel_is_in_the_harness(executor):
     names = set()
     for f in SOURCES:
         names |= set(re.findall(r"kernel\s+void\s+(\w+)\s*\(", f.read_text()))
-    assert len(names) == 15
+    assert len(names) == 17
     # +1: the barrier-less copy of cal_hadamard
     assert executor.lib.mh_kernel_count() == len(names) + 1
 
@@ -313,11 +282,12 @@ def test_library_source_is_self_contained():
     includes = re.findall(r"#include\s*(\S+)", src)
     assert set(includes) == {"<metal_stdlib>"}
     assert src.count("struct HadamardArgs") == 1
-    assert len(re.findall(r"kernel\s+void\s+\w+", src)) == 15
+    assert len(re.findall(r"kernel\s+void\s+\w+", src)) == 17
 
 
 def test_mps_data_checks_raise_the_reference_errors():
     from calibra.ops import _mps
+
     w = torch.zeros(2, 32)
     w[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"\[quantize\] w contains NaN/Inf \(first at row 1, col 3\)"):
@@ -330,3 +300,57 @@ def test_mps_data_checks_raise_the_reference_errors():
         _mps.DATA_CHECKS["nm_mask"](torch.tensor([[1.0, float("nan")]]), 1, 2)
     with pytest.raises(ValueError, match=r"\[decompress_24\]"):
         _mps.DATA_CHECKS["decompress_24"](torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------
+# which kernels serve which op (what `calibra selftest` lists)
+
+
+def test_op_kernel_table_matches_sources_and_backend():
+    from calibra.ops import OPS
+
+    in_sources = set()
+    for f in SOURCES:
+        in_sources |= set(re.findall(r"kernel\s+void\s+(\w+)\s*\(", f.read_text()))
+    listed = {k for ks in _metal.OP_KERNELS.values() for k in ks}
+    assert listed == in_sources
+    backend_ops = {n for n in OPS if hasattr(_metal.Backend, n)}
+    assert set(_metal.OP_KERNELS) == backend_ops
+    assert _metal.RUN_ON_APPLE_HARDWARE <= listed
+
+
+def test_each_op_example_launches_only_its_kernels(metal, executor):
+    from calibra.ops import OPS
+    from calibra.ops._registry import _mps_call
+
+    for name, kernels in _metal.OP_KERNELS.items():
+        op = OPS[name]
+        args = op.example("cpu")
+        before = len(executor.kernels)
+        _mps_call(op, getattr(metal, name), args, op.alloc(*args))
+        launched = set(executor.kernels[before:])
+        assert launched and launched <= set(kernels), (name, launched)
+
+
+def test_selftest_lists_the_metal_kernels_as_never_run_on_apple_hardware(capsys):
+    from calibra.selftest import run_selftest
+
+    assert run_selftest("cpu", verbose=True)
+    out = capsys.readouterr().out
+    assert "Metal kernels" in out and "not runnable here" in out
+    for name, kernels in _metal.OP_KERNELS.items():
+        line = next(ln for ln in out.splitlines() if ln.split()[:2] == [name, "metal"])
+        assert all(k in line for k in kernels) and "never run on Apple hardware" in line
+
+
+def test_every_source_is_built_and_shipped():
+    # the Mac build (metallib) and the wheel's sources list the files by hand: a new kernel file must be in both
+    assert sorted(_metal.KERNEL_FILES) == sorted(f.name for f in SOURCES)
+    stems = re.search(r"set\(_metal_kernels ([\w ]+)\)", (ROOT / "cmake" / "calibra_metal.cmake").read_text())
+    assert sorted(stems.group(1).split()) == sorted(f.stem for f in SOURCES)
+    install = re.search(
+        r"install\(FILES (metal/[^)]*)DESTINATION calibra/metal\)", (ROOT / "CMakeLists.txt").read_text()
+    )
+    assert sorted(install.group(1).split()) == sorted(
+        ["metal/kargs.h", "metal/calibra_common.h"] + [f"metal/{f.name}" for f in SOURCES]
+    )

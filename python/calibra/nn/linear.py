@@ -5,8 +5,9 @@
 - :class:`Sparse24Linear`: a 2:4-sparse weight (calibra's pruners with ``pattern="2:4"``) on sparse
   tensor cores.
 
-On CUDA tensors ``forward`` calls ``calibra.ops.w4a16_gemm`` / ``sparse24_gemm`` (native kernels). Anywhere
-else it runs the reference path: rebuild the dense weight exactly (the same bits
+On CUDA tensors ``forward`` calls ``calibra.ops.w4a16_gemm`` / ``sparse24_gemm`` (native kernels), and so
+does W4A16Linear on MPS tensors (the Metal GEMV/GEMM, never run on Apple hardware yet). Anywhere else it
+runs the reference path: rebuild the dense weight exactly (the same bits
 ``calibra.ops.dequantize`` / ``decompress_24`` give) and ``torch.nn.functional.linear`` -- so on a CPU the
 module's output equals the original (dequantized / pruned) Linear's output bit for bit.
 """
@@ -27,8 +28,9 @@ from calibra.ops._ref.sparsity import decompress_24
 _ACT = (torch.float16, torch.bfloat16)
 
 
-def _cuda_native(op: str, x: torch.Tensor) -> bool:
-    return x.is_cuda and op in _registry.native_ops("cuda")
+def _gpu_native(op: str, x: torch.Tensor) -> bool:
+    """True where a GPU backend (CUDA, or Metal on MPS) serves ``op`` for ``x``'s device."""
+    return x.device.type in ("cuda", "mps") and op in _registry.native_ops(x.device.type)
 
 
 def _compute_dtype(dtype: torch.dtype | None, fallback: torch.dtype) -> torch.dtype:
@@ -126,7 +128,7 @@ class W4A16Linear(nn.Module):
         return _gref.w4a16_dequantize(self.tiled, self.scales, self.zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _cuda_native("w4a16_gemm", x):
+        if _gpu_native("w4a16_gemm", x):
             y = _gemm.w4a16_gemm(x.to(self.dtype), self.tiled, self.scales, self.zeros, self.group_size)
             if self.bias is not None:
                 y = y + self.bias
@@ -183,7 +185,7 @@ class Sparse24Linear(nn.Module):
         return decompress_24(self.values, _gref.sparse24_unreorder_meta(self.meta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _cuda_native("sparse24_gemm", x):
+        if _gpu_native("sparse24_gemm", x):
             y = _gemm.sparse24_gemm(x.to(self.dtype), self.values, self.meta)
             if self.bias is not None:
                 y = y + self.bias

@@ -9,6 +9,7 @@ messages.
 
 import torch
 
+from calibra.ops._ref.gptq import _check_data
 from calibra.ops._ref.pack import check_codes
 from calibra.ops._ref.quantize import check_weight_finite
 from calibra.ops._ref.sparsity import bad_meta_message, nan_error_message, not_24_message
@@ -46,6 +47,17 @@ def _valid_meta(values, meta) -> None:
         raise ValueError(bad_meta_message(br, bj, int(word[br, bj]), bg))
 
 
+def _sweep_tables(w, u, scales, zeros, group, fit, *args) -> None:
+    _check_data(group.cpu(), fit.cpu(), scales.shape[1])
+
+
+def _nm_sweep_tables(*args) -> None:
+    try:
+        _sweep_tables(*args)
+    except ValueError as e:  # the reference's message, named for this op
+        raise ValueError(str(e).replace("[gptq_block_sweep]", "[sparsegpt_block_sweep]", 1)) from None
+
+
 DATA_CHECKS = {
     "quantize_int": _finite_w,
     "quantize_fp4": _finite_w,
@@ -53,6 +65,8 @@ DATA_CHECKS = {
     "nm_mask": _no_nan_scores,
     "compress_24": _is_24,
     "decompress_24": _valid_meta,
+    "gptq_block_sweep": _sweep_tables,
+    "sparsegpt_block_sweep": _nm_sweep_tables,
 }
 MPS_DATA_CHECKS.update(DATA_CHECKS)
 
