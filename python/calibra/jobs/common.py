@@ -163,12 +163,17 @@ def calibration_tokens(calibration, tokenizer, model, echo):
 
 
 def on_failure(ck, e) -> None:
-    """Out of memory or an interrupt keeps the finished layers for --resume; other errors (bad data, a
-    solver failure) would recur on resume, so their checkpoints are removed."""
+    """Out of memory, an interrupt or another rank's failure keeps the finished layers for --resume; other
+    errors (bad data, a solver failure) would recur on resume, so their checkpoints are removed."""
     from calibra.calib.runner import CalibrationOOMError
+    from calibra.jobs.distributed import SharedCheckpoints, peer_failed
 
+    if isinstance(ck, SharedCheckpoints):  # a distributed job: rank 0 holds the files
+        ck = ck.local
+        if ck is None:
+            return
     oom = isinstance(e, (CalibrationOOMError, MemoryError, KeyboardInterrupt)) or type(e).__name__ == "OutOfMemoryError"
-    if oom and any(ck.folder.glob("layer-*.json")):
+    if (oom or peer_failed(e)) and any(ck.folder.glob("layer-*.json")):
         ck.release()
         e.args = (
             (e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "

@@ -133,7 +133,6 @@ def prune(
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
     from calibra.jobs.common import InMemoryLayers, read_model
-    from calibra.jobs.distributed import refuse as refuse_distributed
     from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -214,20 +213,11 @@ def prune(
         solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
     )
     streaming = job.streaming
-    refuse_distributed(
-        world,
-        "prune",
-        [
-            (resume, "--resume is not distributed yet"),
-        ],
-    )
-    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
-        output, checkpoint, do_eval = None, False, False
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
     if checkpoint and output is not None:
-        ck = presume.open_checkpoints(
+        open_ck = lambda: presume.open_checkpoints(  # noqa: E731
             model,
             output,
             config,
@@ -235,9 +225,18 @@ def prune(
             resume=resume,
             overwrite=overwrite,
             # a streamed job checkpoints records of its shards, not the tensors
-            options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24, "streamed": streaming},
+            options={
+                "dtype": dtype,
+                "measure_error": measure_error,
+                "save_24": save_24,
+                "streamed": streaming,
+                **world.fingerprint(),
+            },
             echo=say,
         )
+        ck = world.checkpoints(open_ck, "prune")
+    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
+        output, do_eval = None, False
     if streaming:
         args = locals()
         return job.guarded(ck, lambda: _run_streamed(**args))
@@ -414,7 +413,7 @@ def _run_streamed(
         key = f"{name}.weight"
         return {key: module_weight(m, name).to(weights.store.dtype(key))}
 
-    staging = ck.folder / "output" if ck is not None else None
+    staging = ck.folder / "output" if ck is not None and job.world.writer else None
     sink = job.streamed_output(
         output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
     )

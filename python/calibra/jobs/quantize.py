@@ -380,21 +380,18 @@ def quantize(
         world,
         "quantize",
         [
-            (resume, "--resume is not distributed yet"),
             (act_ranges or ranges_file, "activation ranges / smoothing are not distributed yet"),
             (mixed_precision is not None, "mixed precision is not distributed yet"),
             (act is not None or kv_cache is not None, "--scheme / --kv-cache are not distributed yet"),
         ],
     )
-    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
-        output, checkpoint, do_eval = None, False, False
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
     if checkpoint and output is not None:
         from calibra.quant import resume as qresume
 
-        ck = qresume.open_checkpoints(
+        open_ck = lambda: qresume.open_checkpoints(  # noqa: E731
             model,
             output,
             config,
@@ -411,9 +408,13 @@ def quantize(
                 "smooth_alpha": smooth_alpha,
                 "act_percentile": act_percentile,
                 "streamed": streaming,  # a streamed job checkpoints records of its shards, not the tensors
+                **world.fingerprint(),
             },
             echo=say,
         )
+        ck = world.checkpoints(open_ck, "quantize")
+    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
+        output, do_eval = None, False
     # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
     run = _run_streamed if streaming else _run
     args = locals()
@@ -798,7 +799,7 @@ def _run_streamed(
         from calibra.quant import save as fmt
 
         prefix, layer_tensors = "quantized", fmt.layer_tensors
-    staging = ck.folder / "output" if ck is not None else None
+    staging = ck.folder / "output" if ck is not None and job.world.writer else None
     sink = job.streamed_output(
         output, overwrite=overwrite, prefix=prefix, layer_tensors=layer_tensors, weights=weights, staging=staging
     )
