@@ -106,6 +106,9 @@ def test_gptq_on_two_ranks_writes_what_one_process_writes(tmp_path):
     # the solves were split (q/k/v, gate/up across ranks; each result broadcast from its owner)
     assert sum(dist["solves_per_rank"]) == report["summary"]["quantized_modules"]
     assert min(dist["solves_per_rank"]) > 0
+    # each rank's time and peak memory, gathered to the writer
+    assert len(dist["per_rank"]) == 2
+    assert all(r["peak_rss"] > 0 and 0 < r["layer_seconds"] < r["seconds"] for r in dist["per_rank"])
     assert report["settings"]["hessian_dtype"] == "float64"
     assert r.stdout.count("modules quantized") == 1  # one rank prints the summary
 

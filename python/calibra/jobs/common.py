@@ -197,10 +197,10 @@ def choose_streaming(stream, model, plan, say, component: str) -> bool:
     if stream is not None:
         return bool(stream)
     avail = plan.host_available
-    if avail is None or plan.peak_host - plan.host.get("process before loading", 0) <= _FIT * avail:
+    if avail is None or plan.host_needed - plan.host.get("process before loading", 0) <= _FIT * avail:
         return False
     say(
-        f"[plan] the whole model would need about {plan.peak_host / 2**30:.1f} GiB of host memory, more than "
+        f"[plan] the whole model would need about {plan.host_needed / 2**30:.1f} GiB of host memory, more than "
         f"{_FIT:.0%} of the {avail / 2**30:.1f} GiB available: streaming it one layer at a time"
     )
     return True

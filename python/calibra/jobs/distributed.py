@@ -52,6 +52,20 @@ class World:
         """What a checkpointed run records of its world (a resume needs the same number of ranks)."""
         return {"world_size": self.size}
 
+    def plan_args(self, calibration) -> dict:
+        """``plan_job``'s arguments for one rank of this world: its share of the calibration samples, the
+        world size, and how many ranks share this host's memory (torchrun's ``LOCAL_WORLD_SIZE``)."""
+        import dataclasses
+
+        args = {"ranks": self.size, "ranks_on_host": int(os.environ.get("LOCAL_WORLD_SIZE", self.size) or self.size)}
+        if calibration is not None:
+            n = -(-int(calibration.num_samples) // self.size)
+            bs = calibration.batch_size
+            args["calibration"] = dataclasses.replace(
+                calibration, num_samples=n, batch_size=None if bs is None else min(int(bs), n)
+            )
+        return args
+
     def checkpoints(self, opener, component: str):
         """The job's layer checkpoints: ``opener()`` in one process; on several ranks the
         :class:`SharedCheckpoints` around rank 0's."""
@@ -100,6 +114,16 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=owner)
         return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` in rank order, on rank 0 (None on the others); ``[obj]`` in one process."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size if self.writer else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def total(self, value: int) -> int:
         """``value`` summed over the ranks (token counts for the report)."""
