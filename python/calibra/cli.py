@@ -650,12 +650,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     q.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     q.add_argument("--dtype", default="float32", help="dtype the model is loaded and run in")
-    q.add_argument(
-        "--hessian-dtype",
-        default="float32",
-        choices=["float32", "float64"],
-        help="Hessian sums (float64 under torchrun: the sum over ranks does not depend on their number)",
-    )
+    _add_hessian_dtype(q)
     add_stream_flags(q)
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(q)
@@ -761,12 +756,23 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint=not args.no_checkpoint,
         stream=args.stream,
+        hessian_dtype=args.hessian_dtype,
         **_read_opts(args),
     )
     if args.dry_run or not _writer_rank():
         return 0
     _print_prune_summary(report)
     return 0
+
+
+def _add_hessian_dtype(parser) -> None:
+    parser.add_argument(
+        "--hessian-dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="Hessian (and channel-norm) sums; float64 under torchrun, where the sum over the ranks then does "
+        "not depend on their number",
+    )
 
 
 def _add_prune(sub) -> None:
@@ -860,6 +866,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (whole)")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1); default cuda if available")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded, pruned and saved in")
+    _add_hessian_dtype(p)
     add_stream_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_dry_run(p)

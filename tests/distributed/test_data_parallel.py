@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,9 @@ def test_gptq_on_two_ranks_writes_what_one_process_writes(tmp_path):
     # the solves were split (q/k/v, gate/up across ranks; each result broadcast from its owner)
     assert sum(dist["solves_per_rank"]) == report["summary"]["quantized_modules"]
     assert min(dist["solves_per_rank"]) > 0
+    # each rank's time and peak memory, gathered to the writer
+    assert len(dist["per_rank"]) == 2
+    assert all(r["peak_rss"] > 0 and 0 < r["layer_seconds"] < r["seconds"] for r in dist["per_rank"])
     assert report["settings"]["hessian_dtype"] == "float64"
     assert r.stdout.count("modules quantized") == 1  # one rank prints the summary
 
@@ -126,15 +130,25 @@ def test_streamed_gptq_on_two_ranks_writes_what_one_process_writes(tmp_path):
         assert [n for n in a if not torch.equal(a[n], b[n])] == [], fa.name
 
 
-def test_resume_under_torchrun_is_refused_by_every_rank(tmp_path):
+def test_a_refusal_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 holds the checkpoints; when it refuses (here: an earlier run's checkpoints without --resume),
+    every rank stops with the reason instead of waiting in a collective."""
+    from calibra.io.checkpoint import work_dir
+
+    out = tmp_path / "q"
+    work = work_dir(out)
+    work.mkdir()
+    (work / "layer-00000.json").write_text("{}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "calibra"]
-    cmd += ["quantize", "--input", "builtin:tiny-llama", "--method", "rtn", "--resume", "--no-eval"]
-    cmd += ["--output", str(tmp_path / "q")]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    cmd += ["quantize", "--input", "builtin:tiny-llama", "--method", "rtn", "--no-eval", "--output", str(out)]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=dict(_env(), CALIBRA_DIST_TIMEOUT="900"), capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
-    assert "--resume is not distributed yet" in r.stderr
-    assert "(rank 0 of 2)" in r.stderr and "(rank 1 of 2)" in r.stderr  # every rank names itself
-    assert not (tmp_path / "q").exists()
+    assert time.monotonic() - t0 < 300, "no rank waited for the collective timeout"
+    assert "(rank 0 of 2)" in r.stderr and "pass --resume" in r.stderr
+    # rank 1 stops with rank 0's reason, unless torchrun has stopped it first (rank 0 exited)
+    assert "rank 0 failed: ResumeError" in r.stderr or "SIGTERM" in r.stderr
+    assert not out.exists() and (work / "layer-00000.json").exists()
 
 
 def test_wanda_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
@@ -154,3 +168,24 @@ def test_wanda_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
 
     dist = json.loads((tmp_path / "two" / "report.json").read_text())["settings"]["distributed"]
     assert min(dist["solves_per_rank"]) > 0  # the modules were split over the ranks
+
+
+def test_sparsegpt_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
+    """SparseGPT with float64 Hessians (--hessian-dtype float64 in the one-process run; always under
+    torchrun): the same mask and the same compensated weights, byte for byte."""
+    from safetensors.torch import load_file
+
+    args = ["prune", "--input", "builtin:tiny-llama", "--method", "sparsegpt", "--sparsity", "0.5"]
+    args += ["--samples", "6", "--seq-len", "64", "--no-eval", "--no-progress", "--hessian-dtype", "float64"]
+    _calibra([*args, "--output", str(tmp_path / "one")], ranks=1)
+    _calibra([*args, "--output", str(tmp_path / "two")], ranks=2)
+    (fa,) = sorted((tmp_path / "one").glob("*.safetensors"))
+    (fb,) = sorted((tmp_path / "two").glob("*.safetensors"))
+    a, b = load_file(fa), load_file(fb)
+    assert a.keys() == b.keys()
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    import json
+
+    settings = json.loads((tmp_path / "two" / "report.json").read_text())["settings"]
+    assert settings["hessian_dtype"] == "float64"
+    assert min(settings["distributed"]["solves_per_rank"]) > 0

@@ -251,6 +251,11 @@ class DiscardedOutput:
             results[n] = results[n].slim()
         return {}
 
+    def restore(self, record: dict, results: dict) -> None:
+        """A layer a killed run finished (the writer's record, shared by rank 0): its slim results only."""
+        for n, doc in record.get("results", {}).items():
+            results[n] = result_from_record(doc)
+
     def finish(self, write_files) -> None:
         pass
 

@@ -334,6 +334,10 @@ class LayerCheckpoints:
         extra["tensors"] = {k[len("extra/") :]: v for k, v in t.items() if k.startswith("extra/")}
         return layers, list(doc["dense"]), extra
 
+    def extra_of(self, i: int) -> dict:
+        """The small extras committed with layer ``i`` (no tensor read)."""
+        return dict(json.loads(self._json(i).read_text(encoding="utf-8")).get("extra") or {})
+
     def load_hidden(self, i: int) -> list:
         doc = json.loads(self._json(i).read_text(encoding="utf-8"))
         t = self._read_checked(self.folder / f"hidden-{i:05d}.safetensors", doc["hidden_sha256"])

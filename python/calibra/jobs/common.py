@@ -163,12 +163,17 @@ def calibration_tokens(calibration, tokenizer, model, echo):
 
 
 def on_failure(ck, e) -> None:
-    """Out of memory or an interrupt keeps the finished layers for --resume; other errors (bad data, a
-    solver failure) would recur on resume, so their checkpoints are removed."""
+    """Out of memory, an interrupt or another rank's failure keeps the finished layers for --resume; other
+    errors (bad data, a solver failure) would recur on resume, so their checkpoints are removed."""
     from calibra.calib.runner import CalibrationOOMError
+    from calibra.jobs.distributed import SharedCheckpoints, peer_failed
 
+    if isinstance(ck, SharedCheckpoints):  # a distributed job: rank 0 holds the files
+        ck = ck.local
+        if ck is None:
+            return
     oom = isinstance(e, (CalibrationOOMError, MemoryError, KeyboardInterrupt)) or type(e).__name__ == "OutOfMemoryError"
-    if oom and any(ck.folder.glob("layer-*.json")):
+    if (oom or peer_failed(e)) and any(ck.folder.glob("layer-*.json")):
         ck.release()
         e.args = (
             (e.args[0] if e.args else str(e)) + f" The finished layers are checkpointed in {ck.folder}: "
@@ -192,10 +197,10 @@ def choose_streaming(stream, model, plan, say, component: str) -> bool:
     if stream is not None:
         return bool(stream)
     avail = plan.host_available
-    if avail is None or plan.peak_host - plan.host.get("process before loading", 0) <= _FIT * avail:
+    if avail is None or plan.host_needed - plan.host.get("process before loading", 0) <= _FIT * avail:
         return False
     say(
-        f"[plan] the whole model would need about {plan.peak_host / 2**30:.1f} GiB of host memory, more than "
+        f"[plan] the whole model would need about {plan.host_needed / 2**30:.1f} GiB of host memory, more than "
         f"{_FIT:.0%} of the {avail / 2**30:.1f} GiB available: streaming it one layer at a time"
     )
     return True

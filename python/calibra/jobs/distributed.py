@@ -48,6 +48,31 @@ class World:
     def to_dict(self) -> dict:
         return {"world_size": self.size, "backend": self.backend}
 
+    def fingerprint(self) -> dict:
+        """What a checkpointed run records of its world (a resume needs the same number of ranks)."""
+        return {"world_size": self.size}
+
+    def plan_args(self, calibration) -> dict:
+        """``plan_job``'s arguments for one rank of this world: its share of the calibration samples, the
+        world size, and how many ranks share this host's memory (torchrun's ``LOCAL_WORLD_SIZE``)."""
+        import dataclasses
+
+        args = {"ranks": self.size, "ranks_on_host": int(os.environ.get("LOCAL_WORLD_SIZE", self.size) or self.size)}
+        if calibration is not None:
+            n = -(-int(calibration.num_samples) // self.size)
+            bs = calibration.batch_size
+            args["calibration"] = dataclasses.replace(
+                calibration, num_samples=n, batch_size=None if bs is None else min(int(bs), n)
+            )
+        return args
+
+    def checkpoints(self, opener, component: str):
+        """The job's layer checkpoints: ``opener()`` in one process; on several ranks the
+        :class:`SharedCheckpoints` around rank 0's."""
+        if not self.distributed:
+            return opener()
+        return SharedCheckpoints.open(self, opener, component)
+
     def shard(self, ids: torch.Tensor, mask: torch.Tensor, component: str):
         """This rank's calibration samples: ``(input_ids, attention_mask, global sample indices)``."""
         n = int(ids.shape[0])
@@ -89,6 +114,16 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=owner)
         return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` in rank order, on rank 0 (None on the others); ``[obj]`` in one process."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size if self.writer else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def total(self, value: int) -> int:
         """``value`` summed over the ranks (token counts for the report)."""
@@ -146,3 +181,109 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank died or timed out (the job can be
+    resumed), not an error of this rank's own work."""
+    import torch.distributed as dist
+
+    if dist.is_available() and isinstance(e, dist.DistError):
+        return True
+    # gloo reports a dead peer or a timeout as a plain RuntimeError raised from its transport's sources
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("/gloo/", "NCCL"))
+
+
+def on_writer(world: World, work, component: str):
+    """``work()`` on rank 0, its result returned there; on every other rank None. A failure on rank 0 is
+    raised on every rank (the others with its message), so no rank is left waiting in a collective."""
+    failure, value = None, None
+    if world.writer:
+        try:
+            value = work()
+        except Exception as e:  # the writer re-raises its own below; the others get its message
+            failure = e
+    message = world.share(None if failure is None else f"{type(failure).__name__}: {failure}", 0)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"[{component}] rank 0 failed: {message}")
+    return value
+
+
+class SharedCheckpoints:
+    """The layer checkpoints (``calibra.io.checkpoint.LayerCheckpoints``) of a job on several ranks.
+
+    Rank 0 holds the files (``local``); the other ranks hold None. Every rank calls the same methods at
+    the same points of the job (each method is a collective), and:
+
+    - what rank 0 finds (the finished layers, a refused resume) reaches every rank, a refusal raising on
+      every rank;
+    - each rank's next-layer inputs (the inputs of its own samples) are gathered into rank 0's checkpoint,
+      in rank order, and on ``--resume`` each rank gets its own back; so a resume needs the same world size,
+      which is part of the run's fingerprint (a different one is refused, naming both sizes);
+    - a finished layer read back on resume (its results, extras and RNG state) is rank 0's, on every rank.
+    """
+
+    def __init__(self, world: World, local, component: str):
+        self.world, self.local, self.component = world, local, component
+        self.folder = None if local is None else local.folder
+        self.resumed_from = world.share(None if local is None else local.resumed_from, 0)
+
+    @classmethod
+    def open(cls, world: World, opener, component: str) -> SharedCheckpoints:
+        """``opener()`` (the verb's ``open_checkpoints``) on rank 0; every rank gets the shared view."""
+        return cls(world, on_writer(world, opener, component), component)
+
+    def check_data(self, data_fingerprint) -> None:
+        on_writer(self.world, lambda: self.local.check_data(data_fingerprint), self.component)
+
+    def save_layer(self, i: int, layers: dict, dense: list, *, hidden: list | None = None, extra=None) -> None:
+        import torch.distributed as dist
+
+        extra = dict(extra or {})
+        if hidden is not None:
+            parts = [None] * self.world.size if self.world.writer else None
+            dist.gather_object([h.cpu() for h in hidden], parts, dst=0)
+            if self.world.writer:
+                hidden = [h for part in parts for h in part]
+                extra["hidden_per_rank"] = [len(part) for part in parts]
+        on_writer(
+            self.world, lambda: self.local.save_layer(i, layers, dense, hidden=hidden, extra=extra), self.component
+        )
+
+    def load_layer(self, i: int):
+        loaded = on_writer(self.world, lambda: (self.local.load_layer(i), torch.get_rng_state()), self.component)
+        (layers, dense, extra), rng = self.world.share(loaded, 0)
+        torch.set_rng_state(rng)
+        return layers, dense, extra
+
+    def load_hidden(self, i: int) -> list:
+        import torch.distributed as dist
+
+        def read():
+            counts = self.local.extra_of(i).get("hidden_per_rank")
+            if counts is None or len(counts) != self.world.size:
+                raise ValueError(
+                    f"[{self.component}] the checkpoints in {self.folder} hold the layer inputs of "
+                    f"{1 if counts is None else len(counts)} rank(s), not {self.world.size}: resume with that many "
+                    f"ranks, or pass --overwrite to start over"
+                )
+            flat, parts, at = self.local.load_hidden(i), [], 0
+            for n in counts:
+                parts.append(flat[at : at + n])
+                at += n
+            return parts
+
+        parts = on_writer(self.world, read, self.component)
+        mine = [None]
+        dist.scatter_object_list(mine, parts, src=0)
+        return mine[0]
+
+    def finish(self) -> None:
+        if self.local is not None:
+            self.local.finish()
+
+    def release(self) -> None:
+        if self.local is not None:
+            self.local.release()

@@ -75,6 +75,15 @@ class MemoryPlan:
     host_available: int | None = None
     disk_free: int | None = None
     warnings: list = field(default_factory=list)
+    ranks: int = 1
+    """ranks of a torch.distributed job (the figures above are one rank's: its share of the samples)"""
+    ranks_on_host: int = 1
+    """of them on this host (their host memory adds up; each has its own device)"""
+
+    @property
+    def host_needed(self) -> int:
+        """Host memory all of this host's ranks need at their peaks."""
+        return self.peak_host * self.ranks_on_host
 
     @property
     def offload(self) -> bool:
@@ -96,13 +105,23 @@ class MemoryPlan:
                 f(self.peak_host) + (f" of {f(self.host_available)} available" if self.host_available else ""),
             ),
             ("  " + ", ".join(f"{k} {f(v)}" for k, v in self.host.items() if v), ""),
+        ]
+        if self.ranks > 1:
+            rows.append(
+                (
+                    f"host memory of this host's {self.ranks_on_host} rank(s)",
+                    f(self.host_needed) + (f" of {f(self.host_available)} available" if self.host_available else ""),
+                )
+            )
+        rows += [
             ("disk: output", f(self.disk_output)),
             ("disk: layer checkpoints (peak)", f(self.disk_checkpoints)),
             ("disk free at the output", f(self.disk_free) if self.disk_free is not None else "?"),
         ]
         w = max(len(k) for k, v in rows if v)
         where = "streamed from disk" if self.placement.startswith("streamed") else "in host memory"
-        lines = [f"[plan] {self.job}: memory and disk plan (model {f(self.model_bytes)} {where})"]
+        per_rank = f"; per rank of {self.ranks}, each with its share of the samples" if self.ranks > 1 else ""
+        lines = [f"[plan] {self.job}: memory and disk plan (model {f(self.model_bytes)} {where}{per_rank})"]
         lines += [f"  {k:<{w}}  {v}" if v else f"  {k}" for k, v in rows]
         lines += [f"  warning: {m}" for m in self.warnings]
         return "\n".join(lines)
@@ -200,6 +219,8 @@ def plan_job(
     baseline_rss: int | None = None,
     replay: bool = False,
     streaming: bool = False,
+    ranks: int = 1,
+    ranks_on_host: int = 1,
 ) -> MemoryPlan:
     """Predict a job's memory and disk (see the module docstring). ``calibration`` is a resolved
     ``CalibrationConfig`` (concrete sequence length) or None for data-free jobs. ``solver``: ``"gptq"``
@@ -209,7 +230,9 @@ def plan_job(
     layer by layer (``calibra.export.streamed``): the phases are the capture (embeddings loaded), the layers
     (one layer loaded; then either its solves, with the statistics consumed as they are solved, or the next
     layer read ahead at its stored size while this one's output is written) and the rest of the output (the
-    largest tensor outside the layers, read and written straight from its memory)."""
+    largest tensor outside the layers, read and written straight from its memory). ``ranks``,
+    ``ranks_on_host``: a torch.distributed job's world (``calibration`` is then one rank's share); the host
+    checks count every rank on this host."""
     from calibra.data.memory import _dtype_bytes, estimate_memory
 
     if job not in JOBS:
@@ -357,19 +380,22 @@ def plan_job(
         device_free=free,
         host_available=host_available(),
         disk_free=disk_free,
+        ranks=ranks,
+        ranks_on_host=ranks_on_host,
     )
+    base *= ranks_on_host  # every rank on this host has its own process before loading
     if free is not None and peak_dev > free:
         plan.warnings.append(
             f"one layer's working set ({format_bytes(layer_dev)}) exceeds the free device memory: "
             f"lower --batch-size or --seq-len, or use --device cpu"
         )
     avail = plan.host_available
-    if device.type == "mps" and avail is not None and plan.peak_host - base + peak_dev > avail:
+    if device.type == "mps" and avail is not None and plan.host_needed - base + peak_dev > avail:
         plan.warnings.append(
-            f"host and device peaks together ({format_bytes(plan.peak_host - base + peak_dev)}) exceed the "
+            f"host and device peaks together ({format_bytes(plan.host_needed - base + peak_dev)}) exceed the "
             f"available unified memory ({format_bytes(avail)}): lower --samples or --seq-len, or use --stream"
         )
-    if avail is not None and plan.peak_host - base > avail:
+    if avail is not None and plan.host_needed - base > avail:
         plan.warnings.append(
             f"the host peak exceeds the available memory ({format_bytes(avail)}): lower "
             f"--samples or --seq-len, or use a machine with more memory"

@@ -94,6 +94,7 @@ def prune(
     resume: bool = False,
     checkpoint: bool | None = None,
     stream: bool | None = None,
+    hessian_dtype="float32",
 ):
     """Prune ``model`` with ``config``; return ``(model, report)``.
 
@@ -126,6 +127,8 @@ def prune(
             whole-model job writes ``dtype``; the shards go to the checkpoint work folder layer by layer, so
             ``resume`` continues it too); no evaluation, --save-24 or joint quantization yet. The returned
             model is the weightless one.
+        hessian_dtype: ``"float32"`` (default) or ``"float64"`` Hessian and channel-norm sums; float64 under
+            ``torchrun`` (the sum over the ranks then does not depend on their number).
 
     Returns ``(model, report)``: the pruned model (dense weights with zeros) and the report dict
     (the content of ``report.json``; the written path under ``report["output"]``).
@@ -133,7 +136,6 @@ def prune(
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
     from calibra.jobs.common import InMemoryLayers, read_model
-    from calibra.jobs.distributed import refuse as refuse_distributed
     from calibra.jobs.skeleton import EvalOptions, Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -161,6 +163,7 @@ def prune(
     say = job.say
     world = job.world
     progress = progress and world.writer  # one rank draws the bars
+    hessian_dtype = job.hessian_dtype(hessian_dtype)
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config = _check_config(config)
     needs_data = config.requires_calibration()
@@ -214,20 +217,11 @@ def prune(
         solver="gptq" if config.method_enum.value == "sparsegpt" else "rtn",
     )
     streaming = job.streaming
-    refuse_distributed(
-        world,
-        "prune",
-        [
-            (resume, "--resume is not distributed yet"),
-        ],
-    )
-    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
-        output, checkpoint, do_eval = None, False, False
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
     if checkpoint and output is not None:
-        ck = presume.open_checkpoints(
+        open_ck = lambda: presume.open_checkpoints(  # noqa: E731
             model,
             output,
             config,
@@ -235,9 +229,19 @@ def prune(
             resume=resume,
             overwrite=overwrite,
             # a streamed job checkpoints records of its shards, not the tensors
-            options={"dtype": dtype, "measure_error": measure_error, "save_24": save_24, "streamed": streaming},
+            options={
+                "dtype": dtype,
+                "measure_error": measure_error,
+                "save_24": save_24,
+                "streamed": streaming,
+                "hessian_dtype": str(hessian_dtype),
+                **world.fingerprint(),
+            },
             echo=say,
         )
+        ck = world.checkpoints(open_ck, "prune")
+    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
+        output, do_eval = None, False
     if streaming:
         args = locals()
         return job.guarded(ck, lambda: _run_streamed(**args))
@@ -282,7 +286,7 @@ def prune(
                     feed_compressed=True,
                     progress=progress and world.writer,
                     desc=config.method_enum.value,
-                    hessian_dtype=torch.float64 if world.distributed else torch.float32,
+                    hessian_dtype=hessian_dtype,
                     combine=world.combine(),
                 )
                 if config.gradual_steps > 1:
@@ -318,8 +322,7 @@ def prune(
             measure_error=measure_error,
         )
         report["plan"] = plan.to_dict()
-        if world.distributed:
-            report["settings"]["distributed"] = dict(world.to_dict(), solves_per_rank=world.solves(pruner.solved_by))
+        job.record_run(report, pruner, hessian_dtype)
         if eval_block is not None:
             report["eval"] = eval_block
         report["timings"] = {
@@ -382,6 +385,7 @@ def _run_streamed(
     plan,
     ck,
     do_eval,
+    hessian_dtype,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written pruned when finished (with
@@ -414,7 +418,7 @@ def _run_streamed(
         key = f"{name}.weight"
         return {key: module_weight(m, name).to(weights.store.dtype(key))}
 
-    staging = ck.folder / "output" if ck is not None else None
+    staging = ck.folder / "output" if ck is not None and job.world.writer else None
     sink = job.streamed_output(
         output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
     )
@@ -450,7 +454,7 @@ def _run_streamed(
                 desc=f"{config.method_enum.value} (streamed)",
                 keep_layer_stats=False,
                 weights=weights,
-                hessian_dtype=torch.float64 if job.world.distributed else torch.float32,
+                hessian_dtype=hessian_dtype,
                 combine=job.world.combine(),
             )
             if config.gradual_steps > 1:
@@ -475,10 +479,7 @@ def _run_streamed(
         )
         report["plan"] = plan.to_dict()
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer, "dense_dtype": "stored"}
-        if job.world.distributed:
-            report["settings"]["distributed"] = dict(
-                job.world.to_dict(), solves_per_rank=job.world.solves(pruner.solved_by)
-            )
+        job.record_run(report, pruner, hessian_dtype)
         report["timings"] = {
             "calibration": max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0,
             "solve": t_solve,

@@ -13,8 +13,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-
 from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.jobs.common import (
     all_targets,
@@ -239,10 +237,7 @@ def quantize(
     say = job.say
     world = job.world
     progress = progress and world.writer  # one rank draws the bars
-    if str(hessian_dtype).replace("torch.", "") not in ("float32", "float64"):
-        raise ValueError(f"[quantize] hessian_dtype must be float32 or float64, got {hessian_dtype!r}")
-    # float64 sums across ranks: the total does not depend on how the samples were split
-    hessian_dtype = torch.float64 if world.distributed or str(hessian_dtype).endswith("float64") else torch.float32
+    hessian_dtype = job.hessian_dtype(hessian_dtype)
     # -- 1. everything that needs no weights ---------------------------------------------------------
     scheme = _resolve_scheme(scheme)  # int8 -> w8a8
     config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
@@ -380,21 +375,18 @@ def quantize(
         world,
         "quantize",
         [
-            (resume, "--resume is not distributed yet"),
             (act_ranges or ranges_file, "activation ranges / smoothing are not distributed yet"),
             (mixed_precision is not None, "mixed precision is not distributed yet"),
             (act is not None or kv_cache is not None, "--scheme / --kv-cache are not distributed yet"),
         ],
     )
-    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
-        output, checkpoint, do_eval = None, False, False
     if dry_run:
         return None, {"plan": plan.to_dict()}
     ck = None
     if checkpoint and output is not None:
         from calibra.quant import resume as qresume
 
-        ck = qresume.open_checkpoints(
+        open_ck = lambda: qresume.open_checkpoints(  # noqa: E731
             model,
             output,
             config,
@@ -411,9 +403,14 @@ def quantize(
                 "smooth_alpha": smooth_alpha,
                 "act_percentile": act_percentile,
                 "streamed": streaming,  # a streamed job checkpoints records of its shards, not the tensors
+                "hessian_dtype": str(hessian_dtype),
+                **world.fingerprint(),
             },
             echo=say,
         )
+        ck = world.checkpoints(open_ck, "quantize")
+    if not world.writer:  # rank 0 writes, checkpoints and evaluates; the others only compute
+        output, do_eval = None, False
     # the work itself is in _run, so that a failure can keep (OOM) or drop the checkpoints
     run = _run_streamed if streaming else _run
     args = locals()
@@ -639,9 +636,7 @@ def _run(
     )
     report["settings"]["scheme"] = scheme
     report["settings"]["kv_cache"] = kv_cache
-    report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
-    if world.distributed:
-        report["settings"]["distributed"] = dict(world.to_dict(), solves_per_rank=world.solves(quantizer.solved_by))
+    job.record_run(report, quantizer, hessian_dtype)
     if final_stats is not None and "moe" in final_stats.metadata:
         refresh_coverage(final_stats)
         report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
@@ -798,7 +793,7 @@ def _run_streamed(
         from calibra.quant import save as fmt
 
         prefix, layer_tensors = "quantized", fmt.layer_tensors
-    staging = ck.folder / "output" if ck is not None else None
+    staging = ck.folder / "output" if ck is not None and job.world.writer else None
     sink = job.streamed_output(
         output, overwrite=overwrite, prefix=prefix, layer_tensors=layer_tensors, weights=weights, staging=staging
     )
@@ -867,11 +862,7 @@ def _run_streamed(
         if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
         report["output"] = str(output)
-        report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
-        if job.world.distributed:
-            report["settings"]["distributed"] = dict(
-                job.world.to_dict(), solves_per_rank=job.world.solves(quantizer.solved_by)
-            )
+        job.record_run(report, quantizer, hessian_dtype)
         if loop.done:
             report["resumed_from_layer"] = loop.done
         qm = QuantizedModel(

@@ -76,6 +76,28 @@ class Job:
         if not self.world.writer:
             self.say = lambda *a, **k: None  # one rank speaks
 
+    def hessian_dtype(self, asked) -> torch.dtype:
+        """The dtype of the Hessian sums: ``asked`` (``"float32"`` / ``"float64"``), float64 on several ranks
+        (summed in float64, the total does not depend on how the samples were split)."""
+        name = str(asked).replace("torch.", "")
+        if name not in ("float32", "float64"):
+            raise ValueError(f"[{self.component}] hessian_dtype must be float32 or float64, got {asked!r}")
+        return torch.float64 if self.world.distributed or name == "float64" else torch.float32
+
+    def record_run(self, report: dict, compressor, hessian_dtype: torch.dtype | None) -> None:
+        """Into the report's settings: the Hessian sums' dtype and, on several ranks, the world (size,
+        backend), how many solves each rank did (``compressor.solved_by``) and each rank's seconds so far,
+        seconds in its layers and peak RSS (a collective: every rank calls it)."""
+        from calibra.rss import peak_rss
+
+        if hessian_dtype is not None:
+            report["settings"]["hessian_dtype"] = str(hessian_dtype).replace("torch.", "")
+        if self.world.distributed:
+            mine = {"seconds": self.seconds(), "layer_seconds": sum(compressor.layer_seconds), "peak_rss": peak_rss()}
+            ranks = self.world.gather(mine)
+            solves = self.world.solves(compressor.solved_by)
+            report["settings"]["distributed"] = dict(self.world.to_dict(), solves_per_rank=solves, per_rank=ranks)
+
     # -- open ------------------------------------------------------------------------------------------
     def open_config(self, quantized_hint: str = ""):
         """The model's config, read and checked without a weight (FAULTS rows 1-10), the evaluation
@@ -96,6 +118,9 @@ class Job:
         is read. Prints the plan; returns it."""
         from calibra.jobs.common import choose_streaming, refuse_for_streaming
         from calibra.jobs.plan import plan_job, weight_files_bytes
+
+        if self.world.distributed:
+            plan_kw = dict(plan_kw, **self.world.plan_args(plan_kw.get("calibration")))
 
         def plan(streaming: bool):
             return plan_job(
