@@ -51,7 +51,7 @@ def test_calibrate_on_two_ranks_equals_one_process(tmp_path, model):
     its batch). MoE: an expert's rows are gathered from the batch, and a float32 matmul over other rows
     rounds differently (about 1e-7 relative), so the tolerance is float32's there; the counts are exact."""
     args = ["calibrate", "--input", model, "--samples", "6", "--seq-len", "64", "--seed", "3"]
-    args += ["--observers", "hessian,norms,ranges", "--hessian-dtype", "float64"]
+    args += ["--observers", "hessian,norms,ranges,kv", "--hessian-dtype", "float64"]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     _calibra([*args, "--output", str(one)], ranks=1)
     _calibra([*args, "--output", str(two)], ranks=2)
@@ -74,6 +74,28 @@ def test_calibrate_on_two_ranks_equals_one_process(tmp_path, model):
             torch.testing.assert_close(tb, ta, rtol=tol, atol=tol * float(ta.abs().max()), msg=name)
     if moe:
         assert any(".experts." in n for n in a.tensors)  # per-expert Hessians went through the sum too
+    assert any(n.startswith("kv/") for n in a.tensors)  # the K/V covariances (per layer) were summed too
+
+
+def test_kv_calibrate_on_two_ranks_equals_one_process(tmp_path):
+    """``calibra kv calibrate``: the K/V covariances summed over the ranks give the same PCA bases (to float
+    rounding of the eigen-decomposition); rank 0 writes the preset."""
+    from safetensors.torch import load_file
+
+    args = ["kv", "calibrate", "--input", "builtin:tiny-llama", "--rank", "8", "--targets", "kv"]
+    args += ["--samples", "6", "--seq-len", "64", "--no-eval", "--no-progress"]
+    _calibra([*args, "--output", str(tmp_path / "one.json")], ranks=1)
+    r = _calibra([*args, "--output", str(tmp_path / "two.json")], ranks=2)
+    assert r.stdout.count("calibra kv calibrate:") == 1  # one rank prints
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and a
+    for name, ta in a.items():
+        torch.testing.assert_close(b[name], ta, rtol=1e-6, atol=1e-6 * float(ta.abs().max()), msg=name)
+    import json
+
+    doc = json.loads((tmp_path / "two.json").read_text())
+    assert doc["calibration"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert doc["calibration"]["tokens"] == json.loads((tmp_path / "one.json").read_text())["calibration"]["tokens"]
 
 
 def test_more_ranks_than_samples_is_refused(tmp_path):

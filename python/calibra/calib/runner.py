@@ -607,8 +607,10 @@ class LayerRunner:
         """Which statistics names (``kind/field/key``, counts ``kind/key``) a pass over layer ``index``
         writes: all of the layer's, or ``only``'s modules' (an MoE block's: its experts' too)."""
         if only is None:
-            prefix = self.adapter.layer_name(index) + "."
-            return lambda k: prefix in k
+            name = self.adapter.layer_name(index)
+            prefix = name + "."
+            # a module's statistics (``kind/field/<layer>.<module>``) or the layer's own (K/V: ``kv/field/<layer>``)
+            return lambda k: prefix in k or k.endswith("/" + name)
         _, blocks = self._hooked_keys(index, layer, only)
         block_keys = [k for k, _ in blocks]
         return lambda k: (
@@ -722,7 +724,7 @@ class LayerRunner:
                 if keep:
                     self._guard(out, f"output of {self.adapter.layer_name(i)}")
                     outs.append(out.to("cpu"))
-            if self.combine is not None and (keys or self.moe is not None):
+            if self.combine is not None and (keys or kv_hooked or self.moe is not None):
                 holders = list(self.observers) + ([self.moe] if self.moe is not None else [])
                 self.combine(holders, self._selector(i, layer, only))
         finally:

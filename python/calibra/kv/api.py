@@ -158,6 +158,12 @@ def calibrate(
         raise ValueError(f"[kv] tune_max_tokens must be >= 2, got {tune_max_tokens}")
     if output is not None:
         check_output(output, overwrite)
+    from calibra.jobs.distributed import current_world
+
+    world = current_world("kv")  # under torchrun: the samples split, the statistics summed, rank 0 writes
+    if not world.writer:
+        output, evaluate, progress, echo = None, False, False, None
+        say = lambda *a, **k: None  # noqa: E731
     cfg = _check_config(model, rank=rank)
     source = _spec_name(model)
     eval_seq_len = eval_seq_len or default_eval_seq_len(model)
@@ -240,6 +246,7 @@ def calibrate(
             "fingerprint": run.get("fingerprint"),
             "observer": "kv (sum x x^T, sum x per layer and KV head; keys before RoPE)",
             "seconds": timings,
+            **({"distributed": world.to_dict()} if world.distributed else {}),
         },
         quality=quality,
         autotune=report,

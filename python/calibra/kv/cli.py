@@ -69,6 +69,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(str(e))
         print(f"no preset written (exit status {EXIT_NO_FIT})")
         return EXIT_NO_FIT
+    from calibra.jobs.distributed import current_world
+
+    if not current_world().writer:  # the other ranks of a torch.distributed job print nothing
+        return 0
     print(
         f"calibra kv calibrate: {args.input}, targets {preset.targets}, wrote {args.output} (+ "
         f"{preset.path.with_suffix('.safetensors').name})"
