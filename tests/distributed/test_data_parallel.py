@@ -173,41 +173,49 @@ def test_a_refusal_on_rank_0_stops_every_rank(tmp_path):
     assert not out.exists() and (work / "layer-00000.json").exists()
 
 
-def test_wanda_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
-    """Wanda's channel norms are float64 sums in every run: two ranks keep exactly the same weights."""
-    from safetensors.torch import load_file
-
-    args = ["prune", "--input", "builtin:tiny-llama", "--method", "wanda", "--pattern", "2:4"]
-    args += ["--samples", "6", "--seq-len", "64", "--no-eval", "--no-progress"]
-    _calibra([*args, "--output", str(tmp_path / "one")], ranks=1)
-    _calibra([*args, "--output", str(tmp_path / "two")], ranks=2)
-    (fa,) = sorted((tmp_path / "one").glob("*.safetensors"))
-    (fb,) = sorted((tmp_path / "two").glob("*.safetensors"))
-    a, b = load_file(fa), load_file(fb)
-    assert a.keys() == b.keys()
-    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+def _one_and_two_ranks_write_the_same(tmp_path, args: list[str]) -> dict:
+    """Run ``args`` in one process and on two ranks; every file but the report must be byte-identical.
+    Returns the two-rank run's report."""
     import json
 
-    dist = json.loads((tmp_path / "two" / "report.json").read_text())["settings"]["distributed"]
-    assert min(dist["solves_per_rank"]) > 0  # the modules were split over the ranks
+    one, two = tmp_path / "one", tmp_path / "two"
+    _calibra([*args, "--output", str(one)], ranks=1)
+    _calibra([*args, "--output", str(two)], ranks=2)
+    files = sorted(p.name for p in one.iterdir() if not p.name.startswith("report."))
+    assert files == sorted(p.name for p in two.iterdir() if not p.name.startswith("report."))
+    assert any(f.endswith(".safetensors") for f in files)
+    assert [f for f in files if (one / f).read_bytes() != (two / f).read_bytes()] == []
+    return json.loads((two / "report.json").read_text())
+
+
+PRUNE = ["--input", "builtin:tiny-llama", "--samples", "6", "--seq-len", "64", "--no-eval", "--no-progress"]
+
+
+def test_wanda_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
+    """Wanda's channel norms are float64 sums in every run: two ranks keep exactly the same weights."""
+    report = _one_and_two_ranks_write_the_same(tmp_path, ["prune", *PRUNE, "--method", "wanda", "--pattern", "2:4"])
+    assert min(report["settings"]["distributed"]["solves_per_rank"]) > 0  # the modules were split over the ranks
 
 
 def test_sparsegpt_on_two_ranks_prunes_what_one_process_prunes(tmp_path):
     """SparseGPT with float64 Hessians (--hessian-dtype float64 in the one-process run; always under
     torchrun): the same mask and the same compensated weights, byte for byte."""
-    from safetensors.torch import load_file
-
-    args = ["prune", "--input", "builtin:tiny-llama", "--method", "sparsegpt", "--sparsity", "0.5"]
-    args += ["--samples", "6", "--seq-len", "64", "--no-eval", "--no-progress", "--hessian-dtype", "float64"]
-    _calibra([*args, "--output", str(tmp_path / "one")], ranks=1)
-    _calibra([*args, "--output", str(tmp_path / "two")], ranks=2)
-    (fa,) = sorted((tmp_path / "one").glob("*.safetensors"))
-    (fb,) = sorted((tmp_path / "two").glob("*.safetensors"))
-    a, b = load_file(fa), load_file(fb)
-    assert a.keys() == b.keys()
-    assert [n for n in a if not torch.equal(a[n], b[n])] == []
-    import json
-
-    settings = json.loads((tmp_path / "two" / "report.json").read_text())["settings"]
+    args = ["prune", *PRUNE, "--method", "sparsegpt", "--sparsity", "0.5", "--hessian-dtype", "float64"]
+    settings = _one_and_two_ranks_write_the_same(tmp_path, args)["settings"]
     assert settings["hessian_dtype"] == "float64"
     assert min(settings["distributed"]["solves_per_rank"]) > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--method", "rtn", "--act-ranges"],
+        ["--method", "gptq", "--mixed-precision", "4.5", "--hessian-dtype", "float64"],
+    ],
+    ids=["act-ranges", "mixed-precision"],
+)
+def test_quantize_options_with_a_calibration_pass_of_their_own(tmp_path, options):
+    """Activation ranges (+ SmoothQuant folding) and mixed precision's sensitivity pass combine their
+    statistics across the ranks too: the same ranges file, the same promoted modules, the same bytes."""
+    report = _one_and_two_ranks_write_the_same(tmp_path, ["quantize", *PRUNE, *options])
+    assert report["settings"]["distributed"]["world_size"] == 2

@@ -375,8 +375,6 @@ def quantize(
         world,
         "quantize",
         [
-            (act_ranges or ranges_file, "activation ranges / smoothing are not distributed yet"),
-            (mixed_precision is not None, "mixed precision is not distributed yet"),
             (act is not None or kv_cache is not None, "--scheme / --kv-cache are not distributed yet"),
         ],
     )
@@ -498,7 +496,13 @@ def _run(
             t0 = time.perf_counter()
             ids, mask, meta, bs = tokens()
             rstats = LayerRunner(
-                model, adapter, device=device, observers=("ranges",), progress=progress, desc="activation ranges"
+                model,
+                adapter,
+                device=device,
+                observers=("ranges",),
+                progress=progress,
+                desc="activation ranges",
+                combine=world.combine(),
             ).run(ids, mask, batch_size=bs)
             doc = ar.build(rstats, model, adapter, percentile=act_percentile, alpha=smooth_alpha)
             doc["calibration"] = meta
@@ -519,7 +523,14 @@ def _run(
         if mstats is None:
             ids, mask, meta, bs = tokens()
             mstats = LayerRunner(
-                model, adapter, device=device, observers=("hessian",), progress=progress, desc="sensitivity"
+                model,
+                adapter,
+                device=device,
+                observers=("hessian",),
+                progress=progress,
+                desc="sensitivity",
+                hessian_dtype=hessian_dtype,
+                combine=world.combine(),
             ).run(ids, mask, batch_size=bs)
         targets = all_targets(model, adapter)
         base = mp.base_rtn(config)
