@@ -136,7 +136,7 @@ def prune(
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
     from calibra.jobs.common import InMemoryLayers, read_model
-    from calibra.jobs.skeleton import EvalOptions, Job
+    from calibra.jobs.skeleton import Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import resume as presume
@@ -145,24 +145,9 @@ def prune(
     from calibra.prune.patterns import NM
     from calibra.prune.stages import PruningStage as S
 
-    job = Job(
-        "prune",
-        model,
-        label="pruned",
-        reference_name="the dense model",
-        output=output,
-        overwrite=overwrite,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-        echo=echo,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        evaluation=EvalOptions(eval_dataset, eval_seq_len, eval_stride, eval_max_tokens, eval_top_k),
-    )
-    say = job.say
-    world = job.world
-    progress = progress and world.writer  # one rank draws the bars
+    job = Job.for_call("prune", locals(), label="pruned", reference_name="the dense model")
+    say, world = job.say, job.world
+    progress = job.bars  # one rank draws the bars
     hessian_dtype = job.hessian_dtype(hessian_dtype)
     # -- 1. everything that needs no weights ---------------------------------------------------------
     config = _check_config(config)

@@ -214,29 +214,14 @@ def quantize(
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
     from calibra.jobs.distributed import refuse as refuse_distributed
-    from calibra.jobs.skeleton import EvalOptions, Job
+    from calibra.jobs.skeleton import Job
     from calibra.models import get_adapter
     from calibra.quant import RTNConfig, check_layers
     from calibra.quant import act_ranges as ar
 
-    job = Job(
-        "quantize",
-        model,
-        label="quantized",
-        reference_name="the unquantized model",
-        output=output,
-        overwrite=overwrite,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-        echo=echo,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        evaluation=EvalOptions(eval_dataset, eval_seq_len, eval_stride, eval_max_tokens, eval_top_k),
-    )
-    say = job.say
-    world = job.world
-    progress = progress and world.writer  # one rank draws the bars
+    job = Job.for_call("quantize", locals(), label="quantized", reference_name="the unquantized model")
+    say, world = job.say, job.world
+    progress = job.bars  # one rank draws the bars
     hessian_dtype = job.hessian_dtype(hessian_dtype)
     # -- 1. everything that needs no weights ---------------------------------------------------------
     scheme = _resolve_scheme(scheme)  # int8 -> w8a8

@@ -76,6 +76,29 @@ class Job:
         if not self.world.writer:
             self.say = lambda *a, **k: None  # one rank speaks
 
+    @classmethod
+    def for_call(cls, component: str, arguments: dict, *, label: str, reference_name: str) -> Job:
+        """The job of a verb called with ``arguments`` (the verb's ``locals()`` on entry): the options every
+        verb takes under the same names (model, output, overwrite, device, dtype, progress, echo, the read
+        permissions and the ``eval_*`` protocol)."""
+        shared = ("output", "overwrite", "device", "dtype", "progress", "echo", "allow_pickle", "trust_remote_code")
+        evaluation = EvalOptions(
+            *(arguments[k] for k in ("eval_dataset", "eval_seq_len", "eval_stride", "eval_max_tokens", "eval_top_k"))
+        )
+        return cls(
+            component,
+            arguments["model"],
+            label=label,
+            reference_name=reference_name,
+            evaluation=evaluation,
+            **{k: arguments[k] for k in shared},
+        )
+
+    @property
+    def bars(self) -> bool:
+        """Whether this process draws progress bars (asked for, and one rank of a distributed job)."""
+        return self.progress and self.world.writer
+
     def hessian_dtype(self, asked) -> torch.dtype:
         """The dtype of the Hessian sums: ``asked`` (``"float32"`` / ``"float64"``), float64 on several ranks
         (summed in float64, the total does not depend on how the samples were split)."""
