@@ -257,3 +257,18 @@ def test_moe_gptq_on_two_ranks_differs_no_more_than_another_batch_size(tmp_path)
         [(c["expert"], c["tokens"]) for c in r["moe_coverage"] if c["block"] == "model.layers.0.mlp"] for r in (ra, rb)
     ]
     assert first[0] and first[0] == first[1]
+
+
+def test_router_guided_selection_on_two_ranks_selects_what_one_process_selects(tmp_path):
+    """``calibrate --moe-quota``: each rank routes its share of the candidate pool, the per-sample counts are
+    exchanged, and every rank selects the same samples as one process (then splits them)."""
+    args = ["calibrate", "--input", "builtin:tiny-moe", "--observers", "hessian", "--samples", "2"]
+    args += ["--seq-len", "64", "--moe-quota", "3", "--hessian-dtype", "float64", "--no-progress"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _calibra([*args, "--output", str(one)], ranks=1)
+    _calibra([*args, "--output", str(two)], ranks=2)
+    a, b = _stats(one), _stats(two)
+    picked = a.metadata["runs"][0]["selected_indices"]
+    assert 2 < len(picked) < a.metadata["runs"][0]["selected_from_pool"]  # some candidates added, not all
+    assert b.metadata["runs"][0]["selected_indices"] == picked
+    assert a.counts == b.counts

@@ -41,6 +41,7 @@ def select_samples_for_coverage(
     device=None,
     batch_size: int = 1,
     progress: bool = False,
+    world=None,
 ) -> CoverageSelection:
     """Greedy router-guided selection over a candidate pool ``input_ids [P, L]`` (in seeded order).
 
@@ -48,6 +49,9 @@ def select_samples_for_coverage(
     candidate is added, in order, if it routes at least one token (normal routing, measured layer by
     layer with the full model, no compression) to an expert still below ``quota``; stops when every
     expert of every MoE layer has ``quota`` tokens or the pool is exhausted.
+
+    ``world`` (a ``calibra.jobs.distributed.World`` of several ranks): each rank routes its share of the pool
+    and the per-sample counts are exchanged, so every rank makes the same selection from the whole pool.
     """
     if quota <= 0:
         raise ValueError(f"[moe] quota must be a positive token count, got {quota}")
@@ -55,8 +59,16 @@ def select_samples_for_coverage(
     runner = LayerRunner(
         model, adapter=adapter, device=device, observers=(), moe=rec, progress=progress, desc="routing candidates"
     )
-    runner.run(input_ids, attention_mask, batch_size=batch_size)
     P = input_ids.shape[0]
+    if world is not None and world.distributed:
+        ids, mask, rows = world.shard(input_ids, attention_mask, "calibrate")
+        runner.run(ids, mask, batch_size=min(batch_size, ids.shape[0]), sample_ids=rows)
+        for counts, blocks_seen in world.everyone((rec.sample_counts, rec.blocks)):
+            rec.blocks.update(blocks_seen)
+            for b, per_sample in counts.items():
+                rec.sample_counts.setdefault(b, {}).update(per_sample)
+    else:
+        runner.run(input_ids, attention_mask, batch_size=batch_size)
     blocks = sorted(rec.sample_counts, key=_natural)
     E = {b: rec.blocks[b]["num_experts"] for b in blocks}
     zero = {b: torch.zeros(E[b], dtype=torch.int64) for b in blocks}

@@ -95,7 +95,6 @@ def calibrate(
         world,
         "calibrate",
         [
-            (moe_quota is not None, "router-guided sample selection (--moe-quota) is not distributed yet"),
             (on_layer is not None, "an on_layer callback is not distributed yet"),
         ],
     )
@@ -170,7 +169,8 @@ def calibrate(
             base=min(base, ids.shape[0]),
             device=device,
             batch_size=batch_size,
-            progress=progress,
+            progress=progress and world.writer,
+            world=world,
         )
         say(selection.summary())
         idx = torch.tensor(selection.indices, dtype=torch.long)

@@ -125,6 +125,16 @@ class World:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def everyone(self, obj) -> list:
+        """Every rank's ``obj`` in rank order, on every rank (``[obj]`` in one process)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     def total(self, value: int) -> int:
         """``value`` summed over the ranks (token counts for the report)."""
         if not self.distributed:
