@@ -243,3 +243,24 @@ def test_other_expert_layouts_are_named():
     gpt_oss = tiny_model("gpt_oss").model.layers[0].mlp.experts
     assert "gate_up_proj_bias" in compat.standard_fused_experts_issue(gpt_oss)
     assert "not fused" in compat.standard_fused_experts_issue(torch.nn.Linear(2, 2))
+
+
+def test_llama4_experts_are_swapped_on_a_compressed_tensors_load():
+    """Assumption 7: transformers swaps Llama 4's fused experts for per-expert Linears on a
+    compressed-tensors load; the per-expert tensors calibra writes make that replacement compute what the
+    fused module computes."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as table
+
+    from tests.matrix.tiny_configs import tiny_model
+
+    model = tiny_model("llama4_text")
+    paths = compat.swapped_on_quantized_load(model)
+    assert paths == [f"model.layers.{i}.feed_forward.experts" for i in range(len(model.model.layers))]
+    assert compat.swapped_on_quantized_load(model, "gptq") == []
+    experts = model.get_submodule(paths[0])
+    seq = table["Llama4TextExperts"]["module_name"](model.config.get_text_config())
+    seq.load_state_dict(compat.per_expert_tensors(experts), strict=True)
+    torch.manual_seed(0)
+    x = torch.randn(experts.num_experts * 5, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x).reshape(x.shape), experts(x), rtol=1e-5, atol=1e-6)

@@ -37,6 +37,8 @@ SAMPLE = [
     "gpt_oss",  # MoE whose experts stay dense (expert biases, interleaved gate/up)
     "smollm3",
     "bamba",  # hybrid: Mamba-2 and attention layers
+    "llama4_text",  # dense fused experts that transformers swaps for per-expert Linears on a quantized load
+    "nemotron_h",  # dense experts that transformers' compressed-tensors load drops (checked decompressed)
 ]
 REFUSED = ["bert", "xlnet"]
 # export refused by calibra with its reason: GPT-2-style Conv1D layers load in no engine as nn.Linear

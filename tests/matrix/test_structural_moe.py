@@ -139,3 +139,49 @@ def test_router_that_needs_its_block_counts_the_choices():
     tokens, mass = stats.tensors[f"moe/tokens/{key}"], stats.tensors[f"moe/prob_mass/{key}"]
     assert int(tokens.sum()) == ids.numel() * b.top_k
     torch.testing.assert_close(mass, tokens.double() / b.top_k)
+
+
+def test_llama4_experts_written_as_the_quantized_loader_expects(tmp_path):
+    """transformers swaps Llama 4's fused experts for per-expert Linears (SequentialLlama4TextExperts) when it
+    loads a compressed-tensors checkpoint: the export writes the dense experts as those Linears' weights,
+    lists them in ``ignore``, and the compressed load (no fallback) gives calibra's logits."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.quant import GPTQConfig
+
+    from .run_one import CAL, _tokenizer, export_checks
+
+    model = tiny_model("llama4_text")
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, _ = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 12))
+    held, what = export_checks(qm, tmp_path, ids)
+    assert held and what.startswith("ok") and "decompressed" not in what, what
+    tensors = {}
+    for f in (tmp_path / "ct").glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    experts = qm.model.model.layers[0].feed_forward.experts
+    p = "model.layers.0.feed_forward.experts"
+    assert f"{p}.gate_up_proj" not in tensors and f"{p}.down_proj" not in tensors
+    inter = experts.down_proj.shape[1]
+    for e in range(experts.num_experts):  # [out, in] Linear weights of the fused [E, H, 2I] / [E, I, H] ones
+        assert torch.equal(tensors[f"{p}.{e}.gate_proj.weight"], experts.gate_up_proj[e, :, :inter].T)
+        assert torch.equal(tensors[f"{p}.{e}.up_proj.weight"], experts.gate_up_proj[e, :, inter:].T)
+        assert torch.equal(tensors[f"{p}.{e}.down_proj.weight"], experts.down_proj[e].T)
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    projs = ("gate_proj", "up_proj", "down_proj")
+    assert {f"{p}.{e}.{proj}" for e in range(experts.num_experts) for proj in projs} <= set(ignore)

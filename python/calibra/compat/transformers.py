@@ -31,6 +31,10 @@ The assumptions:
    ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``; the MoE block calls
    them as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` with the routing
    it chose (:func:`standard_fused_experts_issue` says when a module is not of that kind).
+7. **Modules swapped on a quantized load** (``transformers.quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION``):
+   loading a compressed-tensors checkpoint, transformers replaces Llama 4's fused ``Llama4TextExperts``
+   with a ModuleList of per-expert ``Llama4TextMLP`` Linears before it reads the weights
+   (:func:`swapped_on_quantized_load`), so such a checkpoint stores those experts per expert.
 """
 
 from __future__ import annotations
@@ -226,3 +230,51 @@ def experts_call_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch
     vals.update({k: v for k, v in kwargs.items() if k in _EXPERTS_CALL})
     x = vals["hidden_states"]
     return x.reshape(-1, x.shape[-1]), vals["top_k_index"].reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)
+
+
+# -- 7. modules swapped on a quantized load -------------------------------------------------------------------
+def swapped_on_quantized_load(model, quant_method: str = "compressed-tensors") -> list[str]:
+    """Paths of the modules transformers replaces before reading a ``quant_method`` checkpoint (its
+    ``MODULES_TO_PATCH_FOR_QUANTIZATION``; a transformers without that table swaps nothing). Only swaps
+    calibra can write the replacement's tensors for are listed (:func:`per_expert_tensors`); another is
+    a ValueError naming it, so an export never writes what the loader would not fill."""
+    try:
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as table
+    except ImportError:
+        return []
+    out = []
+    for path, mod in model.named_modules():
+        entry = table.get(type(mod).__name__)
+        if entry is None or quant_method not in [str(getattr(m, "value", m)) for m in entry["quantization_methods"]]:
+            continue
+        if type(mod).__name__ not in _PER_EXPERT:
+            raise ValueError(
+                f"transformers replaces {path} ({type(mod).__name__}) by {entry['module_name'].__name__} when it "
+                f"loads a {quant_method} checkpoint, a layout calibra does not write"
+            )
+        out.append(path)
+    return out
+
+
+def _llama4_per_expert(experts) -> dict[str, torch.Tensor]:
+    # Llama 4 holds its experts transposed (x @ W): gate_up_proj [E, H, 2I] with the gate columns first,
+    # down_proj [E, I, H]; the replacement's Llama4TextMLP holds nn.Linear weights [out, in].
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    inter = down.shape[1]
+    out = {}
+    for e in range(gate_up.shape[0]):
+        out[f"{e}.gate_proj.weight"] = gate_up[e, :, :inter].t().contiguous()
+        out[f"{e}.up_proj.weight"] = gate_up[e, :, inter:].t().contiguous()
+        out[f"{e}.down_proj.weight"] = down[e].t().contiguous()
+    return out
+
+
+# The replacement's tensors, relative to the swapped module, per swapped class (explicit: each family's
+# fused layout is its own, and no save-time conversion of transformers describes it).
+_PER_EXPERT = {"Llama4TextExperts": _llama4_per_expert}
+
+
+def per_expert_tensors(module) -> dict[str, torch.Tensor]:
+    """The dense tensors of the per-expert replacement of a swapped experts module
+    (:func:`swapped_on_quantized_load`), keyed relative to the module (``<e>.gate_proj.weight``)."""
+    return _PER_EXPERT[type(module).__name__](module)

@@ -50,6 +50,8 @@ CT_VERSION = "0.20.0"
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
     fused = experts.fused_keys(qmodel)  # fused MoE experts are written per expert (export/experts.py)
+    if getattr(qmodel, "model", None) is not None:
+        experts.swapped_on_load(qmodel)  # experts the loader swaps for Linears: refused when quantized
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt not in ("int", "nvfp4", "fp8"):
         raise ExportError(
@@ -218,6 +220,8 @@ def quantization_config(qmodel) -> dict:
     ignore = [n for n in _common.linear_names(qmodel.model) if n not in quantized]
     # MoE routers and unquantized fused experts, under their on-disk names (vLLM's MoE loaders read them)
     ignore += [n for n in experts.dense_names(qmodel) if n not in ignore]
+    # experts transformers' loader swaps for per-expert Linears (Llama 4), written dense
+    ignore += [n for n in experts.swapped_on_load(qmodel).modules if n not in ignore]
     return {
         "quant_method": "compressed-tensors",
         "format": s["format"],
@@ -282,6 +286,8 @@ def write_streamed_files(qmodel, folder) -> None:
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
     out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel))
+    swapped = experts.swapped_on_load(qmodel)
+    out = {k: v for k, v in out.items() if k not in swapped.drop} | swapped.tensors
     int_quantized = _input_format(qmodel) == "int8"
     for name, l in experts.disk_layers(qmodel):
         out.update(layer_tensors(name, l, int_quantized))
