@@ -245,7 +245,7 @@ def swapped_on_quantized_load(model, quant_method: str = "compressed-tensors") -
     out = []
     for path, mod in model.named_modules():
         entry = table.get(type(mod).__name__)
-        if entry is None or quant_method not in [str(getattr(m, "value", m)) for m in entry["quantization_methods"]]:
+        if entry is None or quant_method not in [str(getattr(m, "value", m)) for m in entry.get("quantization_methods", ())]:
             continue
         if type(mod).__name__ not in _PER_EXPERT:
             raise ValueError(
