@@ -34,7 +34,7 @@ SAMPLE = [
     "cohere2",  # sliding-window layers
     "deepseek_v3",  # MLA, MoE with shared experts (structural)
     "olmoe",  # MoE (structural)
-    "gpt_oss",  # MoE whose experts stay dense (expert biases, interleaved gate/up)
+    "gpt_oss",  # MoE with expert biases and interleaved gate/up, quantized per expert; stored fused on disk
     "smollm3",
     "bamba",  # hybrid: Mamba-2 and attention layers
     "llama4_text",  # dense fused experts that transformers swaps for per-expert Linears on a quantized load
@@ -42,7 +42,7 @@ SAMPLE = [
 ]
 REFUSED = ["bert", "xlnet"]
 # export refused by calibra with its reason: GPT-2-style Conv1D layers load in no engine as nn.Linear
-EXPORT_REFUSED = {"gpt2"}
+EXPORT_REFUSED = {"gpt2", "gpt_oss"}  # and gpt-oss's quantized experts, which its checkpoint stores fused
 MOE_QUANTIZED = {"mixtral", "deepseek_v3", "olmoe"}
 
 

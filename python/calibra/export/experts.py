@@ -44,7 +44,10 @@ def pieces(model, key: str) -> dict[int, list[tuple[str, int, int]]]:
     try:
         return fused_expert_layout(model, key)
     except ValueError as e:
-        raise ExportError(f"[export] {e}: this layout cannot be written per expert here -- export 'dense'") from e
+        raise ExportError(
+            f"[export] {e}: quantized experts of this layout cannot be written per expert here -- export 'dense' "
+            f"(the effective weights)"
+        ) from e
 
 
 def fused_keys(qmodel) -> set[str]:
