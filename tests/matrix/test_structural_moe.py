@@ -257,5 +257,11 @@ def test_gpt_oss_experts_quantized_per_expert(tmp_path):
     rebuilt, _ = load(tmp_path / "q")
     ids = torch.randint(3, 300, (2, 12))
     assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
-    with pytest.raises(ExportError, match="gate_up_proj whole"):
-        E.export(qm, tmp_path / "ct", "compressed-tensors")
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="gate_up_proj whole"):
+            E.export(qm, tmp_path / fmt, fmt)
+    from transformers import AutoModelForCausalLM
+
+    dense = E.export(qm, tmp_path / "dense", "dense")[0]  # the effective weights, fused as the checkpoint keeps them
+    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
