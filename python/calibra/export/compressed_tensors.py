@@ -313,6 +313,11 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
     wrote them layer by layer, ``calibra.export.streamed``), write the config, card and the rest."""
     if not tensors_written:
         check(qmodel)
+    elif experts.swapped_on_load(qmodel).modules:  # the shards hold the stored (fused) tensors
+        raise ExportError(
+            f"[export] {NAME}: a streamed job wrote the experts as stored, but transformers loads them as "
+            f"per-expert Linears; export compressed-tensors from calibra's folder"
+        )
     qc = quantization_config(qmodel)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     label = (
