@@ -63,3 +63,22 @@ def test_family_refused_with_reason(model_type, tmp_path):
     cell = run_type(model_type, tmp_path)
     assert cell.status == "refused" and cell.detail, cell
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize(("model_type", "merged"), [("olmo_hybrid", ".linear_attn.conv1d.weight"), ("llama", None)])
+def test_dense_tensors_transformers_merges_on_load_are_named(model_type, merged, tmp_path):
+    """A compressed-tensors export whose dense tensors transformers' loader must merge back (OLMo-Hybrid's
+    q/k/v_conv1d -> conv1d), which its compressed-tensors load drops, names them in the manifest and says so
+    in the model card; a model without such tensors says nothing."""
+    import json
+
+    cell = run_type(model_type, tmp_path)
+    assert cell.export.startswith("ok"), cell.export
+    man = json.loads((tmp_path / "ct" / "calibra_manifest.json").read_text())
+    card = (tmp_path / "ct" / "README.md").read_text()
+    if merged is None:
+        assert "merged_on_load" not in man["checkpoint"] and "merges on load" not in card
+    else:
+        names = man["checkpoint"]["merged_on_load"]
+        assert names and all(k.endswith(merged) for k in names)
+        assert "merges on load" in card

@@ -346,6 +346,18 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
             'model = AutoModelForCausalLM.from_pretrained("<this folder>", '
             "quantization_config=CompressedTensorsConfig(dequantize=True))\n```"
         )
+    swapped = experts.swapped_on_load(qmodel).drop
+    skip = _common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel)
+    dense_keys = [k for k in qmodel.model.state_dict() if k not in skip and k not in swapped]
+    merged = _common.merged_on_load(qmodel.model, dense_keys)
+    if merged:
+        body += (
+            f"\n\nNote: {len(merged)} dense tensor(s) of this model (e.g. `{merged[0]}`) are stored under the "
+            "original checkpoint's names, which transformers' loader merges on load; transformers (5.25) drops "
+            "such dense tensors when it loads a compressed-tensors checkpoint (an error, or parameters "
+            "initialized anew: check the load report). Engines that read the checkpoint's names (vLLM) are "
+            "not affected; compressed-tensors' own decompression reads every tensor."
+        )
     tags = ["compressed-tensors", "calibra", f"{bits}-bit" if fmt == "int" else fmt]
     _common.write_hf_folder(
         folder,
@@ -361,4 +373,7 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
         },
         max_shard_bytes=max_shard_bytes,
     )
-    return {"checkpoint": {"format": qc["format"], "bits": bits, "group_size": gs, "symmetric": sym}}
+    checkpoint = {"format": qc["format"], "bits": bits, "group_size": gs, "symmetric": sym}
+    if merged:  # dense tensors transformers' compressed-tensors load drops (the card says so)
+        checkpoint["merged_on_load"] = merged
+    return {"checkpoint": checkpoint}
