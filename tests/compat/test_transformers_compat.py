@@ -240,6 +240,52 @@ def test_standard_fused_experts_compute_the_routed_sum(model_type):
 def test_other_expert_layouts_are_named():
     from tests.matrix.tiny_configs import tiny_model
 
-    gpt_oss = tiny_model("gpt_oss").model.layers[0].mlp.experts
-    assert "gate_up_proj_bias" in compat.standard_fused_experts_issue(gpt_oss)
+    llama4 = tiny_model("llama4_text").model.layers[0].feed_forward.experts
+    assert "not [E, 2I, H]" in compat.standard_fused_experts_issue(llama4)
     assert "not fused" in compat.standard_fused_experts_issue(torch.nn.Linear(2, 2))
+
+
+def test_gpt_oss_experts_are_the_transposed_layout():
+    """Assumption 6, GPT-OSS: ``[E, H, 2I]`` / ``[E, I, H]`` applied as ``x @ W`` with biases and its own gate,
+    called with (hidden_states, router_indices, routing_weights); a standard module is not taken for it."""
+    from tests.matrix.tiny_configs import tiny_model
+
+    model = tiny_model("gpt_oss")
+    ex = model.model.layers[0].mlp.experts
+    assert compat.transposed_experts(ex) and compat.standard_fused_experts_issue(ex) is None
+    assert not compat.transposed_experts(tiny_model("olmoe").model.layers[0].mlp.experts)
+    seen = []
+    h = ex.register_forward_pre_hook(lambda m, a, k: seen.append(compat.experts_call_routing(a, k)), with_kwargs=True)
+    ids = torch.randint(3, 300, (2, 6))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    x, index = seen[0]
+    assert x.shape == (12, model.config.hidden_size) and index.shape == (12, model.config.num_experts_per_tok)
+    with torch.no_grad():
+        _, _, want = model.model.layers[0].mlp.router(x)
+    assert torch.equal(index, want)
+    w = torch.randn_like(compat.expert_slice(ex, "down_proj", 3))
+    compat.store_expert_slice(ex, "down_proj", 3, w)
+    assert torch.equal(ex.down_proj[3], w.T)
+
+
+def test_llama4_experts_are_swapped_on_a_compressed_tensors_load():
+    """Assumption 7: transformers swaps Llama 4's fused experts for per-expert Linears on a
+    compressed-tensors load; the per-expert tensors calibra writes make that replacement compute what the
+    fused module computes."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as table
+
+    from tests.matrix.tiny_configs import tiny_model
+
+    model = tiny_model("llama4_text")
+    paths = compat.swapped_on_quantized_load(model)
+    assert paths == [f"model.layers.{i}.feed_forward.experts" for i in range(len(model.model.layers))]
+    assert compat.swapped_on_quantized_load(model, "gptq") == []
+    experts = model.get_submodule(paths[0])
+    seq = table["Llama4TextExperts"]["module_name"](model.config.get_text_config())
+    seq.load_state_dict(compat.per_expert_tensors(experts), strict=True)
+    torch.manual_seed(0)
+    x = torch.randn(experts.num_experts * 5, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x).reshape(x.shape), experts(x), rtol=1e-5, atol=1e-6)

@@ -293,7 +293,7 @@ def test_experts_saved_fused_stay_dense_or_are_refused(tmp_path, tok, family):
     assert diff <= TOL, diff
     qm = M.quantize(M.tiny_moe(family), tok, cfg, source=f"test:{family}")
     for fmt in ("compressed-tensors", "gptq"):
-        with pytest.raises(E.ExportError, match="not a run of rows of one expert"):
+        with pytest.raises(E.ExportError, match="whole, as|not a run of rows of one expert"):
             E.export(qm, tmp_path / fmt, fmt)
 
 

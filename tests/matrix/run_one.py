@@ -144,21 +144,79 @@ def coverage_issue(qm, report) -> str | None:
     return None
 
 
+class _Dropped(RuntimeError):
+    """transformers loaded the checkpoint but initialized some of its parameters anew (a load report's MISSING)."""
+
+
+def _load(model_cls, folder: Path, **kw):
+    model, info = model_cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kw)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise _Dropped(f"{len(missing)} parameter(s) missing from the load, e.g. {missing[0]}")
+    return model
+
+
 def _reloaded_logits(model_cls, folder: Path, ids, compressed: bool = False) -> tuple[torch.Tensor, str]:
     """The logits of ``folder`` loaded by transformers, and how it loaded. A compressed-tensors checkpoint
     loads compressed first (transformers swaps each ``nn.Linear``'s forward for compressed-tensors' own);
     a family whose Linear subclass computes from ``.weight`` itself (Falcon's ``FalconLinear``) fails that
-    way and is loaded again decompressed (``CompressedTensorsConfig(run_compressed=False)``)."""
+    way and is loaded again decompressed (``CompressedTensorsConfig(run_compressed=False)``).
+
+    transformers' compressed-tensors loader prepends its dequantize step to every conversion of the family's
+    mapping, and that step keeps only packed tensors: a dense tensor the mapping merges (Nemotron-H's
+    unquantized experts, OLMo-hybrid / Kimi-Linear's ``q/k/v_conv1d`` -> ``conv1d``) is dropped -- an error,
+    or parameters left MISSING and initialized anew. Such a checkpoint is read with compressed-tensors' own
+    decompressor instead (:func:`ct_as_dense`) and loaded dense, every name as written."""
+    if not compressed:
+        return _logits(_load(model_cls, folder), ids), ""
     try:
-        return _logits(model_cls.from_pretrained(folder, dtype=torch.float32), ids), ""
+        return _logits(_load(model_cls, folder), ids), ""
     except (AttributeError, RuntimeError, TypeError) as e:
-        if not compressed:
-            raise
         from transformers import CompressedTensorsConfig
 
         qc = CompressedTensorsConfig(run_compressed=False)
-        loaded = model_cls.from_pretrained(folder, dtype=torch.float32, quantization_config=qc)
+        try:
+            loaded = _load(model_cls, folder, quantization_config=qc)
+        except RuntimeError as e2:
+            if not (isinstance(e2, _Dropped) or "conversion of the weights" in str(e2)):
+                raise
+            dense = ct_as_dense(folder, folder.parent / f"{folder.name}-dense")
+            how = " (transformers' compressed-tensors load drops dense tensors its conversion merges: decompressed by"
+            how += " compressed-tensors and loaded dense)"
+            return _logits(_load(model_cls, dense), ids), how
         return _logits(loaded, ids), f" (decompressed on load: the compressed load failed with {_short(e)[:80]})"
+
+
+def ct_as_dense(folder: Path, out_dir: Path) -> Path:
+    """A dense checkpoint of a compressed-tensors export: every packed weight decompressed by
+    compressed-tensors' own compressor for the checkpoint's scheme, every other tensor and name as written."""
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    (group,) = qc["config_groups"].values()
+    scheme = QuantizationScheme(**group)
+    compressor = BaseCompressor.get_value_from_registry(group.get("format") or qc["format"])
+    t: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        t.update(load_file(str(f)))
+    dense = {}
+    for k, v in t.items():
+        mod, _, local = k.rpartition(".")
+        if local != "weight_packed":
+            if not local.startswith("weight_") or f"{mod}.weight_packed" not in t:
+                dense[k] = v
+            continue
+        local_sd = {n[len(mod) + 1 :]: x for n, x in t.items() if n.startswith(f"{mod}.weight")}
+        dense[f"{mod}.weight"] = compressor.decompress(local_sd, scheme)["weight"].float().contiguous()
+    out_dir.mkdir()
+    save_file(dense, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    return out_dir
 
 
 def export_checks(qm, workdir: Path, ids) -> tuple[bool, str]:

@@ -34,13 +34,15 @@ SAMPLE = [
     "cohere2",  # sliding-window layers
     "deepseek_v3",  # MLA, MoE with shared experts (structural)
     "olmoe",  # MoE (structural)
-    "gpt_oss",  # MoE whose experts stay dense (expert biases, interleaved gate/up)
+    "gpt_oss",  # MoE with expert biases and interleaved gate/up, quantized per expert; stored fused on disk
     "smollm3",
     "bamba",  # hybrid: Mamba-2 and attention layers
+    "llama4_text",  # dense fused experts that transformers swaps for per-expert Linears on a quantized load
+    "nemotron_h",  # dense experts that transformers' compressed-tensors load drops (checked decompressed)
 ]
 REFUSED = ["bert", "xlnet"]
 # export refused by calibra with its reason: GPT-2-style Conv1D layers load in no engine as nn.Linear
-EXPORT_REFUSED = {"gpt2"}
+EXPORT_REFUSED = {"gpt2", "gpt_oss"}  # and gpt-oss's quantized experts, which its checkpoint stores fused
 MOE_QUANTIZED = {"mixtral", "deepseek_v3", "olmoe"}
 
 
@@ -61,3 +63,22 @@ def test_family_refused_with_reason(model_type, tmp_path):
     cell = run_type(model_type, tmp_path)
     assert cell.status == "refused" and cell.detail, cell
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize(("model_type", "merged"), [("olmo_hybrid", ".linear_attn.conv1d.weight"), ("llama", None)])
+def test_dense_tensors_transformers_merges_on_load_are_named(model_type, merged, tmp_path):
+    """A compressed-tensors export whose dense tensors transformers' loader must merge back (OLMo-Hybrid's
+    q/k/v_conv1d -> conv1d), which its compressed-tensors load drops, names them in the manifest and says so
+    in the model card; a model without such tensors says nothing."""
+    import json
+
+    cell = run_type(model_type, tmp_path)
+    assert cell.export.startswith("ok"), cell.export
+    man = json.loads((tmp_path / "ct" / "calibra_manifest.json").read_text())
+    card = (tmp_path / "ct" / "README.md").read_text()
+    if merged is None:
+        assert "merged_on_load" not in man["checkpoint"] and "merges on load" not in card
+    else:
+        names = man["checkpoint"]["merged_on_load"]
+        assert names and all(k.endswith(merged) for k in names)
+        assert "merges on load" in card

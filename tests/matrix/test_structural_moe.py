@@ -45,7 +45,7 @@ def test_fused_experts_are_discovered(model_type):
             assert shared, "shared experts are ordinary Linears of the block"
 
 
-@pytest.mark.parametrize(("model_type", "why"), [("gpt_oss", "gate_up_proj_bias"), ("llama4_text", "not [E, 2I, H]")])
+@pytest.mark.parametrize(("model_type", "why"), [("llama4_text", "not [E, 2I, H]")])
 def test_other_expert_layouts_stay_dense_with_reason(model_type, why):
     a = get_adapter(tiny_model(model_type))
     layer = a.layers[0]
@@ -139,3 +139,129 @@ def test_router_that_needs_its_block_counts_the_choices():
     tokens, mass = stats.tensors[f"moe/tokens/{key}"], stats.tensors[f"moe/prob_mass/{key}"]
     assert int(tokens.sum()) == ids.numel() * b.top_k
     torch.testing.assert_close(mass, tokens.double() / b.top_k)
+
+
+def test_llama4_experts_written_as_the_quantized_loader_expects(tmp_path):
+    """transformers swaps Llama 4's fused experts for per-expert Linears (SequentialLlama4TextExperts) when it
+    loads a compressed-tensors checkpoint: the export writes the dense experts as those Linears' weights,
+    lists them in ``ignore``, and the compressed load (no fallback) gives calibra's logits."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.quant import GPTQConfig
+
+    from .run_one import CAL, _tokenizer, export_checks
+
+    model = tiny_model("llama4_text")
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, _ = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 12))
+    held, what = export_checks(qm, tmp_path, ids)
+    assert held and what.startswith("ok") and "decompressed" not in what, what
+    tensors = {}
+    for f in (tmp_path / "ct").glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    experts = qm.model.model.layers[0].feed_forward.experts
+    p = "model.layers.0.feed_forward.experts"
+    assert f"{p}.gate_up_proj" not in tensors and f"{p}.down_proj" not in tensors
+    inter = experts.down_proj.shape[1]
+    for e in range(experts.num_experts):  # [out, in] Linear weights of the fused [E, H, 2I] / [E, I, H] ones
+        assert torch.equal(tensors[f"{p}.{e}.gate_proj.weight"], experts.gate_up_proj[e, :, :inter].T)
+        assert torch.equal(tensors[f"{p}.{e}.up_proj.weight"], experts.gate_up_proj[e, :, inter:].T)
+        assert torch.equal(tensors[f"{p}.{e}.down_proj.weight"], experts.down_proj[e].T)
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    projs = ("gate_proj", "up_proj", "down_proj")
+    assert {f"{p}.{e}.{proj}" for e in range(experts.num_experts) for proj in projs} <= set(ignore)
+
+
+def test_gpt_oss_experts_are_discovered_per_expert_with_their_own_gate():
+    """GPT-OSS's experts ([E, H, 2I] applied as x @ W, interleaved gate/up columns, biases, a clamped gate)
+    are an MoE block: each expert's weight is the transposed slice, gate and up are the even and odd
+    columns, and the down projection's input is what the module itself computes (biases included)."""
+    from calibra.compat.transformers import expert_down_input, expert_slice, fused_expert_weights
+    from calibra.quant.apply import layer_targets
+
+    model = tiny_model("gpt_oss")
+    a = get_adapter(model)
+    i, layer, (b,) = _moe_layers(a)[0]
+    ex = b.experts
+    assert b.routed_at_experts and b.num_experts == EXPERTS
+    gate, up, down = fused_expert_weights(ex, 1)
+    torch.testing.assert_close(gate, ex.gate_up_proj[1, :, 0::2].T)
+    torch.testing.assert_close(up, ex.gate_up_proj[1, :, 1::2].T)
+    assert expert_slice(ex, "gate_up_proj", 1).shape == (ex.gate_up_proj.shape[2], ex.gate_up_proj.shape[1])
+    assert down.shape == (ex.down_proj.shape[2], ex.down_proj.shape[1])
+    torch.manual_seed(0)
+    x = torch.randn(5, ex.gate_up_proj.shape[1])
+    with torch.no_grad():
+        want = ex(x, torch.full((5, 1), 2), torch.ones(5, 1))  # every token to expert 2, weight 1
+        got = expert_down_input(ex, 2, x) @ ex.down_proj[2] + ex.down_proj_bias[2]
+    torch.testing.assert_close(got, want)
+    names = {t.name for t in layer_targets(a, i, layer)}
+    key = f"{a.layer_name(i)}.{b.name}.experts"
+    assert {f"{key}.{e}.{p}" for e in range(EXPERTS) for p in ("gate_up_proj", "down_proj")} <= names
+    assert not any("bias" in n for n in names)  # biases stay dense
+
+
+def test_gpt_oss_experts_quantized_per_expert(tmp_path):
+    """calibrate -> GPTQ W4 quantizes every GPT-OSS expert (the routed tokens' statistics, a coverage row per
+    expert), writes the dequantized codes back transposed with the biases untouched, and calibra's folder
+    rebuilds the same model; compressed-tensors refuses by name (the checkpoint keeps the experts fused)."""
+    import calibra
+    import calibra.export as E
+    from calibra.data import CalibrationConfig
+    from calibra.export.writer import ExportError
+    from calibra.quant import GPTQConfig
+    from calibra.quant.save import load
+
+    from .run_one import CAL, _logits, _tokenizer
+
+    model = tiny_model("gpt_oss")
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, report = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    ex, orig = qm.model.model.layers[0].mlp.experts, model.model.layers[0].mlp.experts
+    key = "model.layers.0.mlp.experts"
+    for e in range(EXPERTS):
+        for proj in ("gate_up_proj", "down_proj"):
+            ql = qm.layers[f"{key}.{e}.{proj}"]
+            assert torch.equal(getattr(ex, proj)[e], ql.weight.T.to(ex.gate_up_proj.dtype))  # stored transposed
+            assert not torch.equal(getattr(ex, proj)[e], getattr(orig, proj)[e])
+    for bias in ("gate_up_proj_bias", "down_proj_bias"):
+        assert torch.equal(getattr(ex, bias), getattr(orig, bias))
+    rows = [r for r in report["moe_coverage"] if r["block"] == "model.layers.0.mlp"]
+    assert [r["expert"] for r in rows] == list(range(EXPERTS))
+    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
+    assert sum(r["tokens"] for r in rows) == qm.model.config.num_experts_per_tok * n_tokens
+    rebuilt, _ = load(tmp_path / "q")
+    ids = torch.randint(3, 300, (2, 12))
+    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="gate_up_proj whole"):
+            E.export(qm, tmp_path / fmt, fmt)
+    from transformers import AutoModelForCausalLM
+
+    dense = E.export(qm, tmp_path / "dense", "dense")[0]  # the effective weights, fused as the checkpoint keeps them
+    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5

@@ -256,3 +256,34 @@ def test_streamed_job_evaluates_layer_by_layer_as_the_whole_model_does(export, t
     assert a["perplexity"]["baseline"] == pytest.approx(b["perplexity"]["baseline"], rel=1e-5)
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["eval"]["kl_divergence"]["mean"] == a["kl_divergence"]["mean"]
+
+
+def test_streamed_compressed_tensors_of_swapped_experts_refused_before_any_read(tmp_path, monkeypatch):
+    """Llama 4: a streamed job writes the tensors as stored (fused experts), which compressed-tensors cannot
+    use (transformers swaps the experts for per-expert Linears on load): refused before any weight is read."""
+    pytest.importorskip("transformers")
+    from calibra.io import streamed
+    from tests.matrix.run_one import _tokenizer
+    from tests.matrix.tiny_configs import tiny_model
+
+    model = tiny_model("llama4_text")
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+
+    def boom(*a, **k):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(streamed.WeightStore, "read", boom)
+    with pytest.raises(ValueError, match="per-expert Linears transformers swaps in"):
+        calibra.quantize(
+            str(tmp_path / "m"),
+            GPTQConfig(bits=4, group_size=-1),
+            CalibrationConfig(num_samples=2, sequence_length=16),
+            output=tmp_path / "out",
+            export="compressed-tensors",
+            stream=True,
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
+    assert not (tmp_path / "out").exists()

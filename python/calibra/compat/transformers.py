@@ -30,7 +30,14 @@ The assumptions:
 6. **Fused experts** hold ``gate_up_proj [E, 2*I, H]`` (gate rows first, then up) and
    ``down_proj [E, H, I]`` as 3-D parameters, with the activation in ``act_fn``; the MoE block calls
    them as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` with the routing
-   it chose (:func:`standard_fused_experts_issue` says when a module is not of that kind).
+   it chose (:func:`standard_fused_experts_issue` says when a module is not of that kind). GPT-OSS's
+   experts are the one other fused layout calibra quantizes per expert (:func:`transposed_experts`:
+   ``[E, H, 2I]`` applied as ``x @ W``, interleaved gate/up, biases); every consumer of an expert's weight
+   goes through :func:`expert_slice` / :func:`store_expert_slice` / :func:`expert_down_input`.
+7. **Modules swapped on a quantized load** (``transformers.quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION``):
+   loading a compressed-tensors checkpoint, transformers replaces Llama 4's fused ``Llama4TextExperts``
+   with a ModuleList of per-expert ``Llama4TextMLP`` Linears before it reads the weights
+   (:func:`swapped_on_quantized_load`), so such a checkpoint stores those experts per expert.
 """
 
 from __future__ import annotations
@@ -151,6 +158,11 @@ def fused_expert_layout(model, key: str) -> dict[int, list[tuple[str, int, int]]
             first = int(t[0, 0])
             e, r0 = divmod(first, rows)
             ok = torch.equal(t[:, 0].long(), torch.arange(first, first + t.shape[0])) and r0 + t.shape[0] <= rows
+        if not ok and t.dim() == 3 and t.shape[:2] == (n_exp, rows):
+            raise ValueError(
+                f"transformers saves the fused experts {key} whole, as {disk_key} (the checkpoint holds no "
+                f"per-expert Linears, and transformers' loader reads the experts only so)"
+            )
         if not ok:
             raise ValueError(
                 f"transformers saves the fused experts {key} as {disk_key} {tuple(t.shape)}, which is not a run "
@@ -182,24 +194,83 @@ def is_fused_experts(experts) -> bool:
     return isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
 
 
+def transposed_experts(experts) -> bool:
+    """GPT-OSS's layout: ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]`` applied as ``x @ W`` (each
+    expert's Linear weight transposed), gate and up columns interleaved (``[..., ::2]`` / ``[..., 1::2]``),
+    per-expert biases ``gate_up_proj_bias [E, 2I]`` / ``down_proj_bias [E, H]`` and the family's own
+    clamped gate ``_apply_gate``. Explicit because the orientation cannot be told from the shapes alone."""
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    gb, db = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    if not all(isinstance(t, torch.Tensor) for t in (gu, down, gb, db)):
+        return False
+    if not callable(getattr(experts, "_apply_gate", None)):
+        return False
+    if gu.dim() != 3 or down.dim() != 3:
+        return False
+    e, h, two_i = gu.shape
+    return tuple(down.shape) == (e, two_i // 2, h) and tuple(gb.shape) == (e, two_i) and tuple(db.shape) == (e, h)
+
+
+def expert_slice(experts, proj: str, e: int) -> torch.Tensor:
+    """Expert ``e``'s ``proj`` (``gate_up_proj`` / ``down_proj``) as a Linear weight ``[out, in]`` (a view:
+    transposed for :func:`transposed_experts`)."""
+    w = getattr(experts, proj).data[e]
+    return w.t() if transposed_experts(experts) else w
+
+
+def store_expert_slice(experts, proj: str, e: int, w: torch.Tensor) -> None:
+    """Write a ``[out, in]`` weight back into expert ``e``'s ``proj`` in place."""
+    expert_slice(experts, proj, e).copy_(w)
+
+
 def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W_gate [I, H], W_up [I, H], W_down [H, I])`` of expert ``e`` of a fused experts module
-    (views, no copies)."""
+    (views, no copies; GPT-OSS's interleaved gate/up columns taken apart)."""
+    if transposed_experts(experts):
+        gu = experts.gate_up_proj[e]
+        return gu[:, ::2].t(), gu[:, 1::2].t(), experts.down_proj[e].t()
     gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
     return gate, up, experts.down_proj[e]
 
 
-_EXPERTS_CALL = ("hidden_states", "top_k_index", "top_k_weights")
+def expert_down_input(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """The input of expert ``e``'s down projection for its routed tokens ``x [n, H]``, computed as the
+    experts module computes it (GPT-OSS: its biased, clamped gate; otherwise ``act(x W_g^T) * (x W_u^T)``)."""
+    if transposed_experts(experts):
+        return experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
+    gate, up, _ = fused_expert_weights(experts, e)
+    return experts.act_fn(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
+
+
+# the call of a fused experts module: (hidden states, chosen experts, their weights) -- transformers 5's
+# standard names, and GPT-OSS's
+_EXPERTS_CALLS = (
+    ("hidden_states", "top_k_index", "top_k_weights"),
+    ("hidden_states", "router_indices", "routing_weights"),
+)
+_EXPERTS_CALL = _EXPERTS_CALLS[0]
+
+
+def _call_names(experts) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(experts.forward).parameters)[:3]
+    except (TypeError, ValueError):
+        return ()
 
 
 def standard_fused_experts_issue(experts) -> str | None:
-    """None when ``experts`` is transformers 5's standard fused experts module (assumption 6: the two 3-D
-    parameters and nothing else, gate rows then up rows, ``act_fn``, called with the block's routing);
-    otherwise why not (GPT-OSS: transposed, interleaved gate/up with biases and a clamped activation;
-    Llama 4: transposed and called without the routing)."""
+    """None when calibra quantizes ``experts`` per expert: transformers 5's standard fused experts module
+    (assumption 6: the two 3-D parameters and nothing else, gate rows then up rows, ``act_fn``, called with
+    the block's routing) or GPT-OSS's (:func:`transposed_experts`, its biases kept dense); otherwise why
+    not (Llama 4: transposed and called without the routing)."""
     gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return "experts are not fused as 3-D gate_up_proj / down_proj parameters"
+    params = _call_names(experts)
+    if transposed_experts(experts):
+        if params != _EXPERTS_CALLS[1]:
+            return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALLS[1])})"
+        return None
     extra = sorted(n for n, _ in experts.named_parameters() if n not in ("gate_up_proj", "down_proj"))
     if extra:
         return f"experts carry parameters beyond gate_up_proj / down_proj ({', '.join(extra)})"
@@ -211,18 +282,66 @@ def standard_fused_experts_issue(experts) -> str | None:
         )
     if not callable(getattr(experts, "act_fn", None)):
         return "experts have no act_fn"
-    try:
-        params = tuple(inspect.signature(experts.forward).parameters)[:3]
-    except (TypeError, ValueError):
-        params = ()
     if params != _EXPERTS_CALL:
         return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
     return None
 
 
 def experts_call_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden_states [T, H], top_k_index [T, k])`` of one call of a standard fused experts module."""
-    vals = dict(zip(_EXPERTS_CALL, args))
-    vals.update({k: v for k, v in kwargs.items() if k in _EXPERTS_CALL})
-    x = vals["hidden_states"]
-    return x.reshape(-1, x.shape[-1]), vals["top_k_index"].reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)
+    """``(hidden_states [T, H], top_k_index [T, k])`` of one call of a fused experts module (either naming
+    of :data:`_EXPERTS_CALLS`, positional or by keyword)."""
+    vals = dict(zip(range(3), args))
+    for names in _EXPERTS_CALLS:
+        vals.update({names.index(k): v for k, v in kwargs.items() if k in names})
+    x = vals[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2, vals[1].reshape(x2.shape[0], -1)
+
+
+# -- 7. modules swapped on a quantized load -------------------------------------------------------------------
+def swapped_on_quantized_load(model, quant_method: str = "compressed-tensors") -> list[str]:
+    """Paths of the modules transformers replaces before reading a ``quant_method`` checkpoint (its
+    ``MODULES_TO_PATCH_FOR_QUANTIZATION``; a transformers without that table swaps nothing). Only swaps
+    calibra can write the replacement's tensors for are listed (:func:`per_expert_tensors`); another is
+    a ValueError naming it, so an export never writes what the loader would not fill."""
+    try:
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as table
+    except ImportError:
+        return []
+    out = []
+    for path, mod in model.named_modules():
+        entry = table.get(type(mod).__name__)
+        methods = [str(getattr(m, "value", m)) for m in (entry or {}).get("quantization_methods", ())]
+        if quant_method not in methods:
+            continue
+        if type(mod).__name__ not in _PER_EXPERT:
+            raise ValueError(
+                f"transformers replaces {path} ({type(mod).__name__}) by {entry['module_name'].__name__} when it "
+                f"loads a {quant_method} checkpoint, a layout calibra does not write"
+            )
+        out.append(path)
+    return out
+
+
+def _llama4_per_expert(experts) -> dict[str, torch.Tensor]:
+    # Llama 4 holds its experts transposed (x @ W): gate_up_proj [E, H, 2I] with the gate columns first,
+    # down_proj [E, I, H]; the replacement's Llama4TextMLP holds nn.Linear weights [out, in].
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    inter = down.shape[1]
+    out = {}
+    for e in range(gate_up.shape[0]):
+        out[f"{e}.gate_proj.weight"] = gate_up[e, :, :inter].t().contiguous()
+        out[f"{e}.up_proj.weight"] = gate_up[e, :, inter:].t().contiguous()
+        out[f"{e}.down_proj.weight"] = down[e].t().contiguous()
+    return out
+
+
+# The replacement's tensors, relative to the swapped module, per swapped class (explicit: each family's
+# fused layout is its own, and no save-time conversion of transformers describes it).
+_PER_EXPERT = {"Llama4TextExperts": _llama4_per_expert}
+
+
+def per_expert_tensors(module) -> dict[str, torch.Tensor]:
+    """The dense tensors of the per-expert replacement of a swapped experts module
+    (:func:`swapped_on_quantized_load`), keyed relative to the module (``<e>.gate_proj.weight``)."""
+    return _PER_EXPERT[type(module).__name__](module)

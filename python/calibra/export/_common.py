@@ -109,6 +109,20 @@ def dense_state(qmodel, *, skip: set[str] = frozenset()) -> dict[str, torch.Tens
     return saved_state(model, sd)
 
 
+def merged_on_load(model, keys) -> list[str]:
+    """The in-memory tensors among ``keys`` (dense ones a checkpoint writes) that ``save_pretrained`` splits
+    into several checkpoint tensors, which transformers' loader merges back (OLMo-Hybrid's ``conv1d`` from
+    ``q/k/v_conv1d``, unquantized fused experts from per-expert Linears). transformers (5.25) drops such
+    dense tensors when it loads a compressed-tensors checkpoint (docs/export.md, MoE models)."""
+    sd = model.state_dict()
+    out = []
+    for k in keys:
+        t = sd.get(k)
+        if isinstance(t, torch.Tensor) and len(saved_state(model, {k: torch.empty(t.shape, device="meta")})) > 1:
+            out.append(k)
+    return out
+
+
 def linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 

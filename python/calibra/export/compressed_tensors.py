@@ -50,6 +50,8 @@ CT_VERSION = "0.20.0"
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
     fused = experts.fused_keys(qmodel)  # fused MoE experts are written per expert (export/experts.py)
+    if getattr(qmodel, "model", None) is not None:
+        experts.swapped_on_load(qmodel)  # experts the loader swaps for Linears: refused when quantized
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt not in ("int", "nvfp4", "fp8"):
         raise ExportError(
@@ -218,6 +220,8 @@ def quantization_config(qmodel) -> dict:
     ignore = [n for n in _common.linear_names(qmodel.model) if n not in quantized]
     # MoE routers and unquantized fused experts, under their on-disk names (vLLM's MoE loaders read them)
     ignore += [n for n in experts.dense_names(qmodel) if n not in ignore]
+    # experts transformers' loader swaps for per-expert Linears (Llama 4), written dense
+    ignore += [n for n in experts.swapped_on_load(qmodel).modules if n not in ignore]
     return {
         "quant_method": "compressed-tensors",
         "format": s["format"],
@@ -282,6 +286,8 @@ def write_streamed_files(qmodel, folder) -> None:
 
 def tensors(qmodel) -> dict[str, torch.Tensor]:
     out = _common.dense_state(qmodel, skip=_common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel))
+    swapped = experts.swapped_on_load(qmodel)
+    out = {k: v for k, v in out.items() if k not in swapped.drop} | swapped.tensors
     int_quantized = _input_format(qmodel) == "int8"
     for name, l in experts.disk_layers(qmodel):
         out.update(layer_tensors(name, l, int_quantized))
@@ -307,6 +313,11 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
     wrote them layer by layer, ``calibra.export.streamed``), write the config, card and the rest."""
     if not tensors_written:
         check(qmodel)
+    elif experts.swapped_on_load(qmodel).modules:  # the shards hold the stored (fused) tensors
+        raise ExportError(
+            f"[export] {NAME}: a streamed job wrote the experts as stored, but transformers loads them as "
+            f"per-expert Linears; export compressed-tensors from calibra's folder"
+        )
     qc = quantization_config(qmodel)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     label = (
@@ -335,6 +346,18 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
             'model = AutoModelForCausalLM.from_pretrained("<this folder>", '
             "quantization_config=CompressedTensorsConfig(dequantize=True))\n```"
         )
+    swapped = experts.swapped_on_load(qmodel).drop
+    skip = _common.quantized_weight_keys(qmodel) | experts.fused_keys(qmodel)
+    dense_keys = [k for k in qmodel.model.state_dict() if k not in skip and k not in swapped]
+    merged = _common.merged_on_load(qmodel.model, dense_keys)
+    if merged:
+        body += (
+            f"\n\nNote: {len(merged)} dense tensor(s) of this model (e.g. `{merged[0]}`) are stored under the "
+            "original checkpoint's names, which transformers' loader merges on load; transformers (5.25) drops "
+            "such dense tensors when it loads a compressed-tensors checkpoint (an error, or parameters "
+            "initialized anew: check the load report). Engines that read the checkpoint's names (vLLM) are "
+            "not affected; compressed-tensors' own decompression reads every tensor."
+        )
     tags = ["compressed-tensors", "calibra", f"{bits}-bit" if fmt == "int" else fmt]
     _common.write_hf_folder(
         folder,
@@ -350,4 +373,7 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
         },
         max_shard_bytes=max_shard_bytes,
     )
-    return {"checkpoint": {"format": qc["format"], "bits": bits, "group_size": gs, "symmetric": sym}}
+    checkpoint = {"format": qc["format"], "bits": bits, "group_size": gs, "symmetric": sym}
+    if merged:  # dense tensors transformers' compressed-tensors load drops (the card says so)
+        checkpoint["merged_on_load"] = merged
+    return {"checkpoint": checkpoint}

@@ -44,7 +44,10 @@ def pieces(model, key: str) -> dict[int, list[tuple[str, int, int]]]:
     try:
         return fused_expert_layout(model, key)
     except ValueError as e:
-        raise ExportError(f"[export] {e}: this layout cannot be written per expert here -- export 'dense'") from e
+        raise ExportError(
+            f"[export] {e}: quantized experts of this layout cannot be written per expert here -- export 'dense' "
+            f"(the effective weights)"
+        ) from e
 
 
 def fused_keys(qmodel) -> set[str]:
@@ -142,3 +145,44 @@ def dense_names(qmodel) -> list[str]:
                 continue
             names += [disk for cut in layout.values() for disk, _, _ in cut]
     return names
+
+
+@dataclasses.dataclass
+class Swapped:
+    """Experts modules transformers replaces by per-expert Linears when it loads a compressed-tensors
+    checkpoint (``compat.transformers.swapped_on_quantized_load``: Llama 4): their fused tensors are
+    written instead as the replacement's dense per-expert weights (``tensors``, on-disk names; ``drop``:
+    the fused keys they replace), listed in ``ignore`` (``modules``) so the loader keeps them dense."""
+
+    tensors: dict[str, torch.Tensor]
+    drop: set[str]
+    modules: list[str]
+
+
+def swapped_on_load(qmodel) -> Swapped:
+    from calibra.compat.transformers import disk_name, per_expert_tensors, swapped_on_quantized_load
+
+    model = qmodel.model
+    try:
+        paths = swapped_on_quantized_load(model)
+    except ValueError as e:
+        raise ExportError(f"[export] compressed-tensors: {e} -- export 'dense'") from e
+    out = Swapped({}, set(), [])
+    for path in paths:
+        quantized = [n for n in qmodel.layers if n.startswith(f"{path}.")]
+        if quantized:
+            raise ExportError(
+                f"[export] compressed-tensors: {path} holds quantized experts (e.g. {quantized[0]}), but "
+                f"transformers replaces this fused module by per-expert Linears on load, a layout calibra does not "
+                f"write quantized -- leave the experts dense or export 'dense'"
+            )
+        mod = model.get_submodule(path)
+        disk = path
+        for pname, p in mod.named_parameters(recurse=False):
+            key = disk_name(model, f"{path}.{pname}", tuple(p.shape)) or f"{path}.{pname}"
+            out.drop.add(key)
+            disk = key[: -len(f".{pname}")]
+        for rel, t in per_expert_tensors(mod).items():
+            out.tensors[f"{disk}.{rel}"] = t
+        out.modules += sorted({f"{disk}.{rel.rpartition('.')[0]}" for rel in per_expert_tensors(mod)})
+    return out

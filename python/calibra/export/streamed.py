@@ -37,10 +37,29 @@ from calibra.export import writer
 FORMATS = (None, "compressed-tensors")
 
 
-def refuse_format(formats) -> None:
-    """Before any weight is read: the output formats a streamed job can write."""
+def refuse_format(formats, skeleton=None) -> None:
+    """Before any weight is read: the output formats a streamed job can write (``skeleton()``: the weightless
+    model; compressed-tensors of a family whose experts transformers swaps on a quantized load needs them
+    rewritten, which a job writing the tensors as stored cannot do)."""
     if formats is None:
         return
+    if skeleton is not None and list(formats) == ["compressed-tensors"]:
+        from calibra.compat.transformers import swapped_on_quantized_load
+
+        try:
+            model = skeleton()
+        except Exception:  # noqa: BLE001 - no skeleton, no early check (the export refuses at its end)
+            model = None
+        try:
+            swapped = [] if model is None else swapped_on_quantized_load(model)
+        except ValueError as e:
+            swapped = [str(e)]
+        if swapped:
+            raise ValueError(
+                f"[quantize] a streamed job writes the checkpoint's tensors as stored, but compressed-tensors "
+                f"needs {swapped[0]} rewritten as the per-expert Linears transformers swaps in when it loads "
+                f"the checkpoint: quantize without --export, then export compressed-tensors from calibra's folder"
+            )
     if len(formats) != 1 or formats[0] not in FORMATS:
         raise ValueError(
             f"[quantize] a streamed job (the model is larger than the memory plan allows in one piece) writes "

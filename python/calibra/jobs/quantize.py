@@ -347,7 +347,7 @@ def quantize(
                 "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
             ),
         ],
-        check_streamed=lambda: refuse_format(export),
+        check_streamed=lambda: refuse_format(export, lambda: shape_model),
         calibration=calibration if data_pass and isinstance(calibration, CalibrationConfig) else None,
         group_size=getattr(config, "group_size", None),
         needs_data=data_pass,

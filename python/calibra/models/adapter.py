@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibra.compat.transformers import fused_expert_weights, is_fused_experts, router_probs_and_topk
+from calibra.compat.transformers import (
+    expert_down_input,
+    fused_expert_weights,
+    is_fused_experts,
+    router_probs_and_topk,
+)
 
 # role of a Linear by its attribute name (the last component of its module path)
 _ROLES = {
@@ -112,6 +117,8 @@ class MoEBlock:
 
     def down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """The input of expert ``e``'s down projection for its routed tokens ``x [n, H]``."""
+        if self.fused:  # as the experts module computes it (GPT-OSS: its biased, clamped gate)
+            return expert_down_input(self.experts, e, x)
         w_gate, w_up, _ = self.expert_weights(e)
         return self.act_fn(F.linear(x, w_gate)) * F.linear(x, w_up)
 

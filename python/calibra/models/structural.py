@@ -278,7 +278,7 @@ class StructuralAdapter(ModelAdapter):
                     top_k=int(top_k),
                     fused=True,
                     norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", True)),
-                    act_fn=experts.act_fn,
+                    act_fn=getattr(experts, "act_fn", None),
                     routed_at_experts=True,
                 )
             )

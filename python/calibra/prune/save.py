@@ -64,7 +64,9 @@ def module_weight(model, name: str) -> torch.Tensor:
         pass
     block, rest = name.rsplit(".experts.", 1)
     e, proj = rest.split(".", 1)
-    return getattr(model.get_submodule(f"{block}.experts"), proj).data[int(e)]
+    from calibra.compat.transformers import expert_slice
+
+    return expert_slice(model.get_submodule(f"{block}.experts"), proj, int(e))
 
 
 def sparsity_block(pm: PrunedModel) -> dict:

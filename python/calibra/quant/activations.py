@@ -204,7 +204,7 @@ class _FusedExpertInputs(torch.overrides.TorchFunctionMode):
 def _install_fused(mods: dict, names: list[str], quant: dict[str, InputQuant]) -> tuple[list, list[str]]:
     """Wrap the forward of every fused experts module some of ``names`` belong to; returns
     ``(undo callables, names left without simulation)``."""
-    from calibra.compat.transformers import is_fused_experts
+    from calibra.compat.transformers import is_fused_experts, transposed_experts
 
     groups: dict[str, dict] = {}
     left = []
@@ -215,7 +215,12 @@ def _install_fused(mods: dict, names: list[str], quant: dict[str, InputQuant]) -
         block, rest = name.rsplit(".experts.", 1)
         e, proj = rest.split(".", 1)
         experts = mods.get(f"{block}.experts")
-        if experts is None or not is_fused_experts(experts) or proj not in ("gate_up_proj", "down_proj"):
+        if (
+            experts is None
+            or not is_fused_experts(experts)
+            or transposed_experts(experts)  # GPT-OSS computes x @ W, not F.linear: no simulation here
+            or proj not in ("gate_up_proj", "down_proj")
+        ):
             left.append(name)
             continue
         groups.setdefault(f"{block}.experts", {})[(proj, int(e))] = quant[name]

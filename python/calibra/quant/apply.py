@@ -82,19 +82,21 @@ def _linear_target(name: str, stats_key: str, mod: nn.Module, expert: bool, role
     )
 
 
-def _slice_target(name: str, param: nn.Parameter, e: int, role: str) -> Target:
-    def store(w, param=param, e=e):
-        param.data[e].copy_(w)
+def _slice_target(name: str, experts: nn.Module, proj: str, e: int, role: str) -> Target:
+    """Expert ``e``'s 2-D slice of a fused ``proj`` as a Linear weight ``[out, in]`` (a transposed view for
+    GPT-OSS's ``x @ W`` layout, ``compat.transformers.expert_slice``), written back in place."""
+    from calibra.compat.transformers import expert_slice, store_expert_slice
 
+    out_f, in_f = expert_slice(experts, proj, e).shape
     return Target(
         name=name,
         stats_key=name,
         role=role,
-        in_features=param.shape[2],
-        out_features=param.shape[1],
+        in_features=in_f,
+        out_features=out_f,
         expert=True,
-        weight=lambda param=param, e=e: param.data[e],
-        store=store,
+        weight=lambda: expert_slice(experts, proj, e),
+        store=lambda w: store_expert_slice(experts, proj, e, w),
     )
 
 
@@ -111,8 +113,8 @@ def layer_targets(adapter, index: int, layer: nn.Module) -> list[Target]:
         for e in range(block.num_experts):
             if block.fused:
                 ex = block.experts
-                out.append(_slice_target(f"{pre}.{e}.gate_up_proj", ex.gate_up_proj, e, "gate_up"))
-                out.append(_slice_target(f"{pre}.{e}.down_proj", ex.down_proj, e, "down"))
+                out.append(_slice_target(f"{pre}.{e}.gate_up_proj", ex, "gate_up_proj", e, "gate_up"))
+                out.append(_slice_target(f"{pre}.{e}.down_proj", ex, "down_proj", e, "down"))
                 continue
             for n, m in block.experts[e].named_children():
                 if isinstance(m, nn.Linear):

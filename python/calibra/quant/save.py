@@ -200,7 +200,9 @@ def load(path, dtype=torch.float32):
             continue
         block, rest = name.rsplit(".experts.", 1)
         e, proj = rest.split(".", 1)
-        params[f"{block}.experts.{proj}"].data[int(e)].copy_(w.to(dtype))
+        from calibra.compat.transformers import store_expert_slice
+
+        store_expert_slice(model.get_submodule(f"{block}.experts"), proj, int(e), w.to(dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     simulate(model, man, dtype)
