@@ -286,6 +286,9 @@ def _quant_config(args: argparse.Namespace):
     mse_clip = clip in ("mse", "output-mse")
     clip_metric = "output" if clip == "output-mse" else "weight"
     awq = bool(getattr(args, "awq", False))
+    gptaq = bool(getattr(args, "gptaq", False))
+    if gptaq and args.method != "gptq":
+        raise ValueError(f"[quantize] --gptaq is an option of --method gptq, not {args.method}")
     if args.method == "mr-gptq":
         if awq:
             raise ValueError(
@@ -333,6 +336,7 @@ def _quant_config(args: argparse.Namespace):
         mse_clip=mse_clip,
         clip_metric=clip_metric,
         awq=awq,
+        gptaq=gptaq,
     )
 
 
@@ -458,6 +462,7 @@ _WEIGHT_ONLY_FLAGS = (
     ("asym", "--asym", False),
     ("mse_clip", "--mse-clip", False),
     ("awq", "--awq", False),
+    ("gptaq", "--gptaq", False),
     ("desc_act", "--desc-act", False),
     ("static_groups", "--static-groups", False),
     ("damp", "--damp", 0.01),
@@ -572,6 +577,13 @@ def _add_quantize(sub) -> None:
         help="rtn/gptq: AWQ -- per-channel scales searched per layer on the calibration Hessians and folded into "
         "the preceding norm / v_proj / up_proj before solving (the output stays an ordinary checkpoint; RTN then "
         "calibrates too); per group the alpha and the loss before/after go to report.json",
+    )
+    q.add_argument(
+        "--gptaq",
+        action="store_true",
+        help="gptq: GPTAQ (asymmetric calibration) -- each Linear's solve also corrects for the difference between "
+        "its inputs in the quantized and in the full-precision model (a second, full-precision stream runs beside "
+        "the calibration pass; MoE experts stay plain GPTQ)",
     )
     q.add_argument(
         "--rotate-all",

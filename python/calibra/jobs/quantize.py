@@ -267,6 +267,17 @@ def quantize(
         from calibra.quant.awq import refuse_for_awq
 
         refuse_for_awq(resume=resume, act_ranges=bool(act_ranges or ranges_file))
+    if getattr(config, "gptaq", False):  # GPTAQ (calibra.quant.gptaq) pairs two input streams of one pass
+        if resume:
+            raise ValueError(
+                "[quantize] --resume with GPTAQ is not implemented: the checkpoints hold the quantized model's "
+                "layer inputs, not the full-precision stream GPTAQ pairs them with; rerun without --resume"
+            )
+        if stats is not None:
+            raise ValueError(
+                "[quantize] GPTAQ needs the calibration pass itself (it pairs the full-precision and the quantized "
+                "model's inputs of every Linear); a statistics file has neither: drop --stats or --gptaq"
+            )
     if (act_ranges or ranges_file) and isinstance(config, RTNConfig) and config.needs_hessian:
         raise ValueError(
             "[quantize] activation ranges / smoothing and clip_metric 'output' are not combined (the clip "
@@ -362,6 +373,7 @@ def quantize(
             ),
             (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
             (getattr(config, "awq", False), "AWQ is not implemented for it yet: drop --awq"),
+            (getattr(config, "gptaq", False), "GPTAQ is not implemented for it yet: drop --gptaq"),
             (
                 act is not None or kv_cache is not None,
                 "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
@@ -381,6 +393,7 @@ def quantize(
         "quantize",
         [
             (resume, "--resume is not distributed yet"),
+            (getattr(config, "gptaq", False), "GPTAQ is not distributed yet"),
             (act_ranges or ranges_file, "activation ranges / smoothing are not distributed yet"),
             (mixed_precision is not None, "mixed precision is not distributed yet"),
             (act is not None or kv_cache is not None, "--scheme / --kv-cache are not distributed yet"),
@@ -574,6 +587,7 @@ def _run(
             collect_on_demand=true_seq,
             hessian_dtype=hessian_dtype,
             combine=world.combine(),
+            gptaq=bool(getattr(config, "gptaq", False)),  # the full-precision stream beside the quantized one
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
@@ -610,6 +624,14 @@ def _run(
         report_extra["kv_cache"] = {"format": kv_cache, "scales": kv_fp8.scales_to_dict(adapter, kv_scales)}
     if quantizer.awq is not None:  # AWQ: per group, the alpha chosen and the output loss before/after
         report_extra["awq"] = quantizer.awq.report()
+    if getattr(config, "gptaq", False):  # experts are solved as plain GPTQ (no pairing of routed tokens)
+        solved = [n for n, ql in quantizer.layers.items() if ql.method == "gptq"]
+        experts = [n for n in solved if ".experts." in n]
+        report_extra["gptaq"] = {
+            "alpha": config.gptaq_alpha,
+            "corrected_modules": len(solved) - len(experts),
+            "plain_gptq_experts": len(experts),
+        }
     meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------
