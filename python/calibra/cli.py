@@ -406,6 +406,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from calibra.api import quantize
     from calibra.data import CalibrationConfig
 
+    if getattr(args, "preset", None) is not None and args.scheme is None:
+        if args.method not in (None, "gptq"):
+            raise ValueError(
+                f"[quantize] --preset {args.preset} is a GPTQ recipe; it does not take --method {args.method}"
+            )
+        args.method = "gptq"
     scheme_check(args)
     config = None if args.scheme else _quant_config(args)
     calibration = CalibrationConfig(
@@ -446,6 +452,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         checkpoint=False if args.no_checkpoint else None,  # None: on when writing an output
         dry_run=args.dry_run,
         stream=args.stream,
+        preset=getattr(args, "preset", None),
         **_read_opts(args),
     )
     if args.dry_run or not _writer_rank():
@@ -577,6 +584,14 @@ def _add_quantize(sub) -> None:
         help="rtn/gptq: AWQ -- per-channel scales searched per layer on the calibration Hessians and folded into "
         "the preceding norm / v_proj / up_proj before solving (the output stays an ordinary checkpoint; RTN then "
         "calibrates too); per group the alpha and the loss before/after go to report.json",
+    )
+    q.add_argument(
+        "--preset",
+        default=None,
+        choices=["best"],
+        help="best: the combination measured best for int GPTQ (docs/quantize.md): GPTAQ, each Linear keeping "
+        "GPTAQ's or GPTQ's solve by its measured error against the full-precision model on the calibration "
+        "tokens (recorded per module); implies --method gptq and keeps --bits/--group-size/--desc-act...",
     )
     q.add_argument(
         "--gptaq",

@@ -164,3 +164,78 @@ def test_cli_gptaq_flag():
     assert cfg("--method", "gptq").gptaq is False
     with pytest.raises(ValueError, match="option of --method gptq"):
         cfg("--method", "rtn", "--gptaq")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_choice_keeps_the_lower_asymmetric_error(seed, noise):
+    """gptaq_choose: the kept solve is GPTAQ's or GPTQ's bit for bit, whichever has the lower measured error
+    against the full-precision output; with identical inputs the two tie and GPTQ is kept."""
+    from calibra.quant.gptaq import asymmetric_error
+
+    w, x, x_q = _inputs(seed, noise=noise)
+    if noise == 0.0:
+        x_q = x
+    n = x.shape[0]
+    h, c = x_q.T @ x_q, (x - x_q).T @ x_q
+    gptq = gptq_quantize(w, h, n, GPTQConfig())
+    asym = gptq_quantize(w, h, n, GPTQConfig(gptaq=True), cross=c)
+    kept = gptq_quantize(w, h, n, GPTQConfig(gptaq=True, gptaq_choose=True), cross=c)
+    choice = kept.log.choice
+    errs = {"gptq": asymmetric_error(w, gptq.weight, h, c), "gptaq": asymmetric_error(w, asym.weight, h, c)}
+    assert choice["kept"] == min(errs, key=lambda k: (errs[k], k != "gptq"))
+    assert choice["errors"]["gptq"] == pytest.approx(errs["gptq"]) and choice["errors"]["gptaq"] == pytest.approx(
+        errs["gptaq"]
+    )
+    assert torch.equal(kept.codes, (asym if choice["kept"] == "gptaq" else gptq).codes)
+    if noise:
+        assert choice["kept"] == "gptaq"
+    else:
+        assert choice["kept"] == "gptq"
+
+
+def test_preset_best():
+    from calibra.quant import MRGPTQConfig, RTNConfig
+    from calibra.quant.presets import apply_preset
+
+    cfg = apply_preset("best", GPTQConfig(bits=3, desc_act=True))
+    assert (cfg.gptaq, cfg.gptaq_choose, cfg.bits, cfg.desc_act) == (True, True, 3, True)
+    assert apply_preset("best") == GPTQConfig(gptaq=True, gptaq_choose=True)
+    for bad, match in [
+        (RTNConfig(), "int GPTQ only"),
+        (MRGPTQConfig(), "int GPTQ only"),
+        (GPTQConfig(format="nvfp4", group_size=16), "int formats only"),
+        (GPTQConfig(awq=True), "awq"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            apply_preset("best", bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        apply_preset("fastest")
+    with pytest.raises(ValueError, match="gptaq_choose"):
+        GPTQConfig(gptaq_choose=True).validate()
+
+
+def test_preset_best_records_the_choice_per_module(tmp_path):
+    import json
+
+    qm, rep = calibra.quantize(
+        "builtin:tiny-llama",
+        None,
+        CalibrationConfig(**CAL),
+        preset="best",
+        output=tmp_path / "o",
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    assert rep["preset"] == "best"
+    kept = rep["gptaq"]["kept"]
+    assert sum(kept.values()) == len(qm.layers) == 28
+    # layer 0's q/k/v see identical inputs in both streams: the two solves tie and GPTQ is kept
+    for p in "qkv":
+        assert qm.layers[f"model.layers.0.self_attn.{p}_proj"].log.choice["kept"] == "gptq"
+    assert kept["gptaq"] > 0
+    manifest = json.loads((tmp_path / "o" / "quantization.json").read_text())
+    assert manifest["config"]["gptaq_choose"] is True
+    mods = manifest["modules"]
+    assert {mods[n]["choice"] for n in qm.layers} <= {"gptaq", "gptq"}

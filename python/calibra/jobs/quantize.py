@@ -160,6 +160,7 @@ def quantize(
     checkpoint: bool | None = None,
     dry_run: bool = False,
     stream: bool | None = None,
+    preset: str | None = None,
 ):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
@@ -211,6 +212,8 @@ def quantize(
             go to the checkpoint work folder layer by layer, so ``resume`` continues it too), and does not
             yet evaluate, collect activation ranges or plan mixed precision; the returned QuantizedModel
             holds the weightless model and slim layer records (shapes and settings).
+        preset: ``"best"``: the combination measured best for int GPTQ, applied to ``config`` (default
+            ``GPTQConfig()``): GPTAQ with its per-Linear choice against GPTQ (``calibra.quant.presets``).
     """
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
@@ -245,6 +248,12 @@ def quantize(
     hessian_dtype = torch.float64 if world.distributed or str(hessian_dtype).endswith("float64") else torch.float32
     # -- 1. everything that needs no weights ---------------------------------------------------------
     scheme = _resolve_scheme(scheme)  # int8 -> w8a8
+    if preset is not None:
+        from calibra.quant.presets import apply_preset
+
+        if scheme is not None:
+            raise ValueError(f"[quantize] preset {preset!r} is a weight-only recipe; it does not take a scheme")
+        config = apply_preset(preset, config)
     config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
     smooth = _check_smoothquant(smoothquant, act)
     kv_cache = _check_kv_cache(kv_cache)
@@ -467,6 +476,7 @@ def _run(
     act,
     kv_cache,
     smooth=None,
+    preset=None,
     **_,
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -632,6 +642,11 @@ def _run(
             "corrected_modules": len(solved) - len(experts),
             "plain_gptq_experts": len(experts),
         }
+        if config.gptaq_choose:  # per Linear: the solve kept (each module's log row has both errors)
+            kept = [ql.log.choice["kept"] for ql in quantizer.layers.values() if ql.log.choice]
+            report_extra["gptaq"]["kept"] = {k: kept.count(k) for k in ("gptaq", "gptq")}
+    if preset is not None:
+        report_extra["preset"] = preset
     meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------

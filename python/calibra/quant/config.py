@@ -193,7 +193,9 @@ class GPTQConfig:
     - ``gptaq``: GPTAQ (Li et al., 2025; "GPTQv2"): the solve also corrects for the difference between
       the quantized model's inputs of the Linear and the full-precision model's, from the cross statistic
       the runner collects beside the Hessian (:mod:`calibra.quant.gptaq`). ``gptaq_alpha`` scales that
-      correction (the paper's 0.25).
+      correction (the paper's 0.25). ``gptaq_choose``: solve each Linear both ways (the factorization
+      shared) and keep whichever has the lower measured asymmetric error ``||Q X~ - W X||^2`` on the
+      calibration tokens, recorded per module (``ModuleLog.choice``; the ``best`` preset).
     """
 
     bits: int = 4
@@ -214,6 +216,7 @@ class GPTQConfig:
     awq_grid: int = 20
     gptaq: bool = False
     gptaq_alpha: float = 0.25
+    gptaq_choose: bool = False
 
     method = "gptq"
 
@@ -236,6 +239,10 @@ class GPTQConfig:
         )
         _check_awq(cls, self.awq, self.awq_grid, self.format)
         _check_gptaq(cls, self.gptaq, self.gptaq_alpha, self.awq)
+        if not isinstance(self.gptaq_choose, bool):
+            _fail(cls, f"gptaq_choose must be a bool, got {self.gptaq_choose!r}")
+        if self.gptaq_choose and not self.gptaq:
+            _fail(cls, "gptaq_choose chooses between GPTAQ and GPTQ per Linear: it needs gptaq=True")
         for f in ("desc_act", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
                 _fail(cls, f"{f} must be a bool, got {getattr(self, f)!r}")

@@ -54,4 +54,16 @@ def correct_target(wf: torch.Tensor, cross: torch.Tensor, n_tokens: int, fh, alp
     return wf
 
 
-__all__ = ["correct_target"]
+def asymmetric_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, cross: torch.Tensor) -> float:
+    """GPTAQ's objective ``||Q X~ - W X||^2`` on the calibration tokens up to a constant that does not
+    depend on Q, relative to ``tr(W H W^T)``: with D = Q - W, ``tr(D H D^T) - 2 tr(W C D^T)`` (``h``, ``cross``:
+    the summed ``X~^T X~`` and ``dX^T X~``). Lower is better; only differences between two Q mean anything."""
+    wd = w.detach().double()
+    d = q.detach().double().to(wd.device) - wd
+    h64, c64 = h.detach().double().to(wd.device), cross.detach().double().to(wd.device)
+    num = float(((d @ h64) * d).sum()) - 2.0 * float(((wd @ c64) * d).sum())
+    den = float(((wd @ h64) * wd).sum())
+    return num / den if den > 0 else num
+
+
+__all__ = ["correct_target", "asymmetric_error"]

@@ -288,6 +288,8 @@ def _gptaq_solve(w, h, n_tokens, config, cross, *, consume: bool, shared, **kw) 
     from calibra.quant.gptaq import correct_target
 
     t0 = time.perf_counter()
+    choose = bool(getattr(config, "gptaq_choose", False))
+    consume = consume and not choose  # the choice reads w and h after the solves
     shared = shared if shared is not None else SharedFactorizations()
     in_place = consume and w.dtype == torch.float32 and w.is_contiguous()
     wf = w.detach() if in_place else w.detach().float().clone()
@@ -295,13 +297,28 @@ def _gptaq_solve(w, h, n_tokens, config, cross, *, consume: bool, shared, **kw) 
     fh = factored_hessian(
         h, n_tokens, wf, config, subject=subject, act_order=config.desc_act, consume=consume, shared=shared
     )
+    w0 = wf.clone() if choose else None  # the full-precision weight (dead columns zeroed), for the choice
     correct_target(wf, cross, n_tokens, fh, float(config.gptaq_alpha))
-    if output_clip(config):
-        ql = guarded_solve(wf, h, n_tokens, config, shared=shared, **kw)
-    else:
-        ql = _solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
+    ql = _target_solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
+    if choose:
+        from calibra.quant.gptaq import asymmetric_error
+
+        plain = _target_solve(w0.clone(), h, n_tokens, config, consume=False, shared=shared, **kw)
+        e_asym = asymmetric_error(w0, ql.weight, h, cross)
+        e_plain = asymmetric_error(w0, plain.weight, h, cross)
+        kept = "gptaq" if e_asym < e_plain else "gptq"  # GPTQ on a tie
+        if kept == "gptq":
+            ql = plain
+        ql.log.choice = {"kept": kept, "errors": {"gptaq": e_asym, "gptq": e_plain}}
     ql.log.seconds = time.perf_counter() - t0
     return ql
+
+
+def _target_solve(wf, h, n_tokens, config, *, consume: bool, shared, **kw) -> QuantizedLayer:
+    """The GPTQ solve of the float32 target ``wf`` (with the output clip search's guard when configured)."""
+    if output_clip(config):
+        return guarded_solve(wf, h, n_tokens, config, shared=shared, **kw)
+    return _solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
 
 
 def output_clip(config) -> bool:

@@ -44,6 +44,7 @@ def config_dict(config) -> dict:
     if not d.get("gptaq", True):  # the same for GPTAQ
         d.pop("gptaq")
         d.pop("gptaq_alpha", None)
+        d.pop("gptaq_choose", None)
     return {"method": config.method, **d}
 
 
