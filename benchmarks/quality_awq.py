@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Beyond-GPTQ quality table: RTN, AWQ + RTN, GPTQ, AWQ + GPTQ and GPTAQ over several calibration seeds.
+"""Beyond-GPTQ quality table: RTN, AWQ + RTN, GPTQ, AWQ + GPTQ, GPTAQ and the ``best`` preset over several
+calibration seeds.
 
     PYTHONPATH=python python benchmarks/quality_awq.py --seeds 0 1 2 3 4 --samples 32 --eval-max-tokens 32768
     PYTHONPATH=python python benchmarks/quality_awq.py --models builtin:tiny-moe --only "W3 g128" --seeds 0 1
@@ -31,6 +32,7 @@ from calibra.data import CalibrationConfig
 from calibra.eval import collect_reference, compare, resolve_protocol
 from calibra.eval.windows import token_stream
 from calibra.quant import GPTQConfig, RTNConfig
+from calibra.quant.presets import apply_preset
 
 GRIDS = {"W4 g128": (4, 128), "W3 g128": (3, 128)}
 
@@ -46,6 +48,7 @@ def rows(only):
             (label, "GPTQ", GPTQConfig(bits=bits, group_size=g)),
             (label, "AWQ + GPTQ", GPTQConfig(bits=bits, group_size=g, awq=True)),
             (label, "GPTAQ", GPTQConfig(bits=bits, group_size=g, gptaq=True)),
+            (label, "best", apply_preset("best", GPTQConfig(bits=bits, group_size=g))),
         ]
     return out
 
