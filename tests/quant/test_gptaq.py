@@ -239,3 +239,13 @@ def test_preset_best_records_the_choice_per_module(tmp_path):
     assert manifest["config"]["gptaq_choose"] is True
     mods = manifest["modules"]
     assert {mods[n]["choice"] for n in qm.layers} <= {"gptaq", "gptq"}
+
+
+def test_cli_preset_is_a_gptq_recipe():
+    from calibra.cli import _cmd_quantize, build_parser
+
+    args = build_parser().parse_args(
+        ["quantize", "--input", "x", "--output", "y", "--preset", "best", "--method", "rtn"]
+    )
+    with pytest.raises(ValueError, match="GPTQ recipe"):
+        _cmd_quantize(args)
