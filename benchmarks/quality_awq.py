@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""AWQ's quality table: RTN, AWQ + RTN, GPTQ and AWQ + GPTQ over several calibration seeds.
+"""Beyond-GPTQ quality table: RTN, AWQ + RTN, GPTQ, AWQ + GPTQ, GPTAQ and the ``best`` preset over several
+calibration seeds.
 
     PYTHONPATH=python python benchmarks/quality_awq.py --seeds 0 1 2 3 4 --samples 32 --eval-max-tokens 32768
     PYTHONPATH=python python benchmarks/quality_awq.py --models builtin:tiny-moe --only "W3 g128" --seeds 0 1
@@ -10,7 +11,8 @@ GPTQ true-sequential, damp 0.01; evaluation on the builtin held-out text (stride
 context, stride half of it, float32 logits), KL(unquantized || quantized) in nats per token from the top-k
 log-probs. The reference is collected once per model. Every row is mean and sample standard deviation
 over the seeds (RTN is data-free: one value). ``quant_seconds`` is calibra.quantize's own total (calibration
-+ AWQ search + solve), the time each method adds. Prints a Markdown table; ``--json`` writes every run.
++ AWQ search + solve); "× GPTQ" is each run's time over plain GPTQ's with the same seed in the same process
+(on a shared machine only these ratios mean anything). Prints a Markdown table; ``--json`` writes every run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from calibra.data import CalibrationConfig
 from calibra.eval import collect_reference, compare, resolve_protocol
 from calibra.eval.windows import token_stream
 from calibra.quant import GPTQConfig, RTNConfig
+from calibra.quant.presets import apply_preset
 
 GRIDS = {"W4 g128": (4, 128), "W3 g128": (3, 128)}
 
@@ -44,6 +47,8 @@ def rows(only):
             (label, "AWQ + RTN", RTNConfig(bits=bits, group_size=g, awq=True)),
             (label, "GPTQ", GPTQConfig(bits=bits, group_size=g)),
             (label, "AWQ + GPTQ", GPTQConfig(bits=bits, group_size=g, awq=True)),
+            (label, "GPTAQ", GPTQConfig(bits=bits, group_size=g, gptaq=True)),
+            (label, "best", apply_preset("best", GPTQConfig(bits=bits, group_size=g))),
         ]
     return out
 
@@ -122,12 +127,14 @@ def _ms(vals, fmt):
 def table(runs) -> str:
     """Mean ± sample std over seeds per (model, grid, method)."""
     keys = list(dict.fromkeys((r["model"], r["grid"], r["method"]) for r in runs if r["grid"] != "-"))
-    lines = ["| model | grid | method | seeds | Δppl | KL | seconds |", "|---|---|---|---:|---:|---:|---:|"]
+    gptq = {(r["model"], r["grid"], r["seed"]): r["quant_seconds"] for r in runs if r["method"] == "GPTQ"}
+    lines = ["| model | grid | method | seeds | Δppl | KL | × GPTQ time |", "|---|---|---|---:|---:|---:|---:|"]
     for m, g, meth in keys:
         rs = [r for r in runs if (r["model"], r["grid"], r["method"]) == (m, g, meth)]
+        ratios = [r["quant_seconds"] / gptq[m, g, r["seed"]] for r in rs if (m, g, r["seed"]) in gptq]
         lines.append(
             f"| {m.removeprefix('builtin:')} | {g} | {meth} | {len(rs)} | {_ms([r['dppl'] for r in rs], '{:+.3f}')} "
-            f"| {_ms([r['kl'] for r in rs], '{:.5f}')} | {_ms([r['quant_seconds'] for r in rs], '{:.1f}')} |"
+            f"| {_ms([r['kl'] for r in rs], '{:.5f}')} | {_ms(ratios, '{:.2f}') if ratios else '-'} |"
         )
     return "\n".join(lines)
 

@@ -286,6 +286,9 @@ def _quant_config(args: argparse.Namespace):
     mse_clip = clip in ("mse", "output-mse")
     clip_metric = "output" if clip == "output-mse" else "weight"
     awq = bool(getattr(args, "awq", False))
+    gptaq = bool(getattr(args, "gptaq", False))
+    if gptaq and args.method != "gptq":
+        raise ValueError(f"[quantize] --gptaq is an option of --method gptq, not {args.method}")
     if args.method == "mr-gptq":
         if awq:
             raise ValueError(
@@ -333,6 +336,7 @@ def _quant_config(args: argparse.Namespace):
         mse_clip=mse_clip,
         clip_metric=clip_metric,
         awq=awq,
+        gptaq=gptaq,
     )
 
 
@@ -402,6 +406,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from calibra.api import quantize
     from calibra.data import CalibrationConfig
 
+    if getattr(args, "preset", None) is not None and args.scheme is None:
+        if args.method not in (None, "gptq"):
+            raise ValueError(
+                f"[quantize] --preset {args.preset} is a GPTQ recipe; it does not take --method {args.method}"
+            )
+        args.method = "gptq"
     scheme_check(args)
     config = None if args.scheme else _quant_config(args)
     calibration = CalibrationConfig(
@@ -442,6 +452,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         checkpoint=False if args.no_checkpoint else None,  # None: on when writing an output
         dry_run=args.dry_run,
         stream=args.stream,
+        preset=getattr(args, "preset", None),
         **_read_opts(args),
     )
     if args.dry_run or not _writer_rank():
@@ -458,6 +469,7 @@ _WEIGHT_ONLY_FLAGS = (
     ("asym", "--asym", False),
     ("mse_clip", "--mse-clip", False),
     ("awq", "--awq", False),
+    ("gptaq", "--gptaq", False),
     ("desc_act", "--desc-act", False),
     ("static_groups", "--static-groups", False),
     ("damp", "--damp", 0.01),
@@ -572,6 +584,21 @@ def _add_quantize(sub) -> None:
         help="rtn/gptq: AWQ -- per-channel scales searched per layer on the calibration Hessians and folded into "
         "the preceding norm / v_proj / up_proj before solving (the output stays an ordinary checkpoint; RTN then "
         "calibrates too); per group the alpha and the loss before/after go to report.json",
+    )
+    q.add_argument(
+        "--preset",
+        default=None,
+        choices=["best"],
+        help="best: the combination measured best for int GPTQ (docs/quantize.md): GPTAQ, each Linear keeping "
+        "GPTAQ's or GPTQ's solve by its measured error against the full-precision model on the calibration "
+        "tokens (recorded per module); implies --method gptq and keeps --bits/--group-size/--desc-act...",
+    )
+    q.add_argument(
+        "--gptaq",
+        action="store_true",
+        help="gptq: GPTAQ (asymmetric calibration) -- each Linear's solve also corrects for the difference between "
+        "its inputs in the quantized and in the full-precision model (a second, full-precision stream runs beside "
+        "the calibration pass; MoE experts stay plain GPTQ)",
     )
     q.add_argument(
         "--rotate-all",

@@ -27,6 +27,11 @@ Keys in ``CalibrationStats.tensors`` are ``<kind>/<field>/<module path>``; token
   ``[Hkv, d, d]`` = ``sum k k^T``, ``kv/k_sum/<layer>`` ``[Hkv, d]`` (and the same for v), float64;
   the covariance is ``outer/n - mean mean^T``. Keys are taken before RoPE (see
   ``ModelAdapter.key_value_sources``).
+* ``CrossObserver`` -- ``gptaq/cross/<m>``: ``sum_t (x_fp_t - x_t) x_t^T`` (``[in, in]``, float32 or
+  float64 as the Hessian) between Linear ``m``'s input in the full-precision model (``x_fp``) and in the
+  model as quantized so far (``x``, the Hessian's rows); GPTAQ's C (``calibra.quant.gptaq``). The runner
+  records the full-precision rows (``LayerRunner(gptaq=True)``) and hands them over by ``fp_rows``; a
+  module without them (an MoE expert) gets no cross statistic.
 * ``check_activations_finite`` -- the NaN/Inf guard (FAULTS row 17): raises naming the layer, module
   and the calibration sample before the value reaches any statistic.
 """
@@ -137,6 +142,45 @@ class HessianObserver(Observer):
         if H is None and self.counts.get(f"{self.kind}/{src_key}") == x.shape[0]:
             self.tensors[name] = self.tensors[src]
         elif H is None or H is not self.tensors[src]:
+            return self.linear(key, x)
+        self._count(key, x.shape[0])
+
+
+class CrossObserver(Observer):
+    kind = "gptaq"
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dtype = dtype
+        self.fp_rows = lambda key: None
+        """``fp_rows(key)``: the full-precision model's input rows of ``key`` for the batch being observed
+        (the same tokens, in the same order, as the ``x`` the hooks pass), or None."""
+
+    def linear(self, key: str, x: torch.Tensor) -> None:
+        x_fp = self.fp_rows(key)
+        if x_fp is None:
+            return
+        if tuple(x_fp.shape) != tuple(x.shape):
+            raise RuntimeError(
+                f"[calibrate] full-precision inputs of {key} are {list(x_fp.shape)}, the quantized model's "
+                f"{list(x.shape)}: the two streams are not aligned"
+            )
+        name = f"gptaq/cross/{key}"
+        c = self.tensors.get(name)
+        if c is None:
+            c = self.tensors[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
+        if x.shape[0]:
+            xq = x.to(self.dtype)
+            c.addmm_((x_fp.to(x.device, self.dtype) - xq).t(), xq)
+        self._count(key, x.shape[0])
+
+    def linear_shared(self, key: str, src_key: str, x: torch.Tensor) -> None:
+        # the same input and the same full-precision input: one sum, aliased (as the Hessian's)
+        name, src = f"gptaq/cross/{key}", f"gptaq/cross/{src_key}"
+        c = self.tensors.get(name)
+        if c is None and src in self.tensors and self.counts.get(f"{self.kind}/{src_key}") == x.shape[0]:
+            self.tensors[name] = self.tensors[src]
+        elif c is None or c is not self.tensors.get(src):
             return self.linear(key, x)
         self._count(key, x.shape[0])
 

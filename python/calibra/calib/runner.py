@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from calibra.calib.moe import DEFAULT_TAU, MoERecorder
-from calibra.calib.observers import Observer, check_activations_finite, make_observers
+from calibra.calib.observers import CrossObserver, Observer, check_activations_finite, make_observers
 from calibra.calib.stats import CalibrationStats, model_identity
 from calibra.compat.transformers import drop_cache_kwargs, experts_call_routing
 
@@ -213,6 +213,13 @@ class LayerRunner:
             (and the embeddings, for the capture) is loaded just before it runs, the next layer is read
             ahead while ``after_layer`` writes this one (not during its solves, the job's memory peak), and
             the layer is emptied again afterwards.
+        gptaq: also propagate the full-precision model's hidden states beside the compressed ones (GPTAQ's
+            asymmetric calibration, ``calibra.quant.gptaq``): before ``on_layer`` each layer runs once,
+            uncompressed, on them, recording every Linear's input, and the statistics gain
+            ``gptaq/cross/<m>`` (:class:`~calibra.calib.observers.CrossObserver`) wherever a Hessian is
+            collected. Host memory: one more ``S x L x hidden`` stream, and the layer's Linear inputs (one per
+            distinct input: ``S x L x (3 hidden + intermediate)`` for a Llama layer). Not with ``weights``
+            (streaming) or a resumed run.
     """
 
     def __init__(
@@ -233,6 +240,7 @@ class LayerRunner:
         collect_on_demand: bool = False,
         weights=None,
         combine: Callable | None = None,
+        gptaq: bool = False,
     ):
         if adapter is None:
             from calibra.models import get_adapter
@@ -247,6 +255,21 @@ class LayerRunner:
             [o for o in obs if not isinstance(o, Observer)], hessian_dtype
         )
         self.hessian_dtype = hessian_dtype
+        self.cross: CrossObserver | None = None
+        if gptaq:
+            if weights is not None:
+                raise ValueError(
+                    "[calibrate] gptaq (the full-precision stream) is not implemented for a streamed model yet"
+                )
+            if not feed_compressed:
+                raise ValueError(
+                    "[calibrate] gptaq pairs full-precision and compressed inputs: it needs feed_compressed"
+                )
+            self.cross = CrossObserver(hessian_dtype)
+            self.cross.fp_rows = self._fp_rows_of
+            self.observers.append(self.cross)
+        self._fp_hidden: list[torch.Tensor] | None = None  # the full-precision stream (gptaq)
+        self._fp_inputs: dict[str, list[torch.Tensor]] = {}  # key -> per batch, this layer's fp input rows
         has_moe = any(adapter.moe_blocks(layer) for layer in adapter.layers)
         self.moe = moe if moe is not None else (MoERecorder() if has_moe else None)
         self.on_layer, self.feed_compressed = on_layer, feed_compressed
@@ -522,6 +545,10 @@ class LayerRunner:
         tokens = int(attention_mask.sum())
         try:
             hidden, kwargs = self._capture(batches)
+            if self.cross is not None:
+                if start_hidden is not None or start_layer:
+                    raise ValueError("[calibrate] gptaq cannot resume: the full-precision stream is not checkpointed")
+                self._fp_hidden = list(hidden)
             if start_hidden is not None:
                 if len(start_hidden) != len(hidden) or any(a.shape != b.shape for a, b in zip(start_hidden, hidden)):
                     raise ValueError("[calibrate] resumed hidden states do not match the calibration batches")
@@ -566,6 +593,7 @@ class LayerRunner:
         finally:
             self.model.train(was_training)
             self._mask = self._rows = self._last_checked = self._last_input = None
+            self._fp_hidden, self._fp_inputs = None, {}
         self.seconds = time.perf_counter() - t0
         return self.stats(tokens, extra_metadata)
 
@@ -740,9 +768,55 @@ class LayerRunner:
             return self._compress_layer(i, layer, hidden, kwargs, masks, ids_of, tokens, extra)
         finally:
             self._unfreeze()
+            self._fp_inputs = {}  # this layer's full-precision inputs are not read again
+
+    def _fp_rows_of(self, key: str) -> torch.Tensor | None:
+        """The full-precision input rows of ``key`` for the batch being run (CrossObserver.fp_rows)."""
+        rows = self._fp_inputs.get(key)
+        row = None if rows is None else rows[self._batch]
+        return None if row is None else row.to(self.device)
+
+    def _full_precision_pass(self, i, layer, kwargs, masks, ids_of) -> None:
+        """GPTAQ: run the still uncompressed layer ``i`` on the full-precision stream; record each Linear's
+        input rows per batch (one copy per distinct input tensor: q/k/v share theirs) and advance the stream
+        to the layer's full-precision outputs. No observer sees this pass."""
+        dev = self.device
+        linears, _ = self._hooked_keys(i, layer, None)
+        records: dict[str, list[torch.Tensor]] = {k: [] for k, _ in linears}
+        last: list = [None, None]  # (input tensor, its rows on the host) of the batch's last hook
+
+        def hook(module, args, key):
+            x = args[0]
+            if x is not last[0]:
+                last[0], last[1] = x, self._select(x).to("cpu")
+            records[key].append(last[1])
+
+        handles = [m.register_forward_pre_hook(lambda mod, args, key=k: hook(mod, args, key)) for k, m in linears]
+        outs = []
+        try:
+            for b, x in enumerate(self._fp_hidden):
+                self._set_batch(masks[b], ids_of[b])
+                last[0] = last[1] = None
+                before = {k: len(v) for k, v in records.items()}
+                out = kwargs[b][i].mapped(lambda t: t.to(dev), {})(layer, x.to(dev))
+                self._guard(out, f"output of {self.adapter.layer_name(i)} (full precision)")
+                outs.append(out.to("cpu"))
+                for k, v in records.items():  # a Linear not called on this batch (or called twice): no pairing
+                    if len(v) != before[k] + 1:
+                        del v[before[k] :]
+                        v.append(None)
+        finally:
+            for h in handles:
+                h.remove()
+            last[0] = last[1] = None
+            self._last_checked = None
+        self._fp_inputs = {k: v for k, v in records.items() if any(r is not None for r in v)}
+        self._fp_hidden = outs
 
     def _compress_layer(self, i, layer, hidden, kwargs, masks, ids_of, tokens, extra):
         dev = self.device
+        if self.cross is not None:  # before anything compresses the layer
+            self._full_precision_pass(i, layer, kwargs, masks, ids_of)
         keep_first = not (self.feed_compressed and self.on_layer is not None)
         # on demand, on_layer collects what it needs itself (collect()): no pass before it
         outs = (

@@ -158,6 +158,7 @@ def quantize(
     checkpoint: bool | None = None,
     dry_run: bool = False,
     stream: bool | None = None,
+    preset: str | None = None,
 ):
     """Quantize ``model`` with ``config``; return ``(QuantizedModel, report)``.
 
@@ -209,6 +210,8 @@ def quantize(
             go to the checkpoint work folder layer by layer, so ``resume`` continues it too), and does not
             yet evaluate, collect activation ranges or plan mixed precision; the returned QuantizedModel
             holds the weightless model and slim layer records (shapes and settings).
+        preset: ``"best"``: the combination measured best for int GPTQ, applied to ``config`` (default
+            ``GPTQConfig()``): GPTAQ with its per-Linear choice against GPTQ (``calibra.quant.presets``).
     """
     from calibra.calib import CalibrationStats
     from calibra.data import CalibrationConfig
@@ -225,6 +228,12 @@ def quantize(
     hessian_dtype = job.hessian_dtype(hessian_dtype)
     # -- 1. everything that needs no weights ---------------------------------------------------------
     scheme = _resolve_scheme(scheme)  # int8 -> w8a8
+    if preset is not None:
+        from calibra.quant.presets import apply_preset
+
+        if scheme is not None:
+            raise ValueError(f"[quantize] preset {preset!r} is a weight-only recipe; it does not take a scheme")
+        config = apply_preset(preset, config)
     config, act = _check_scheme(config, scheme, act_observer, act_clip_percentile)
     smooth = _check_smoothquant(smoothquant, act)
     kv_cache = _check_kv_cache(kv_cache)
@@ -247,6 +256,17 @@ def quantize(
         from calibra.quant.awq import refuse_for_awq
 
         refuse_for_awq(resume=resume, act_ranges=bool(act_ranges or ranges_file))
+    if getattr(config, "gptaq", False):  # GPTAQ (calibra.quant.gptaq) pairs two input streams of one pass
+        if resume:
+            raise ValueError(
+                "[quantize] --resume with GPTAQ is not implemented: the checkpoints hold the quantized model's "
+                "layer inputs, not the full-precision stream GPTAQ pairs them with; rerun without --resume"
+            )
+        if stats is not None:
+            raise ValueError(
+                "[quantize] GPTAQ needs the calibration pass itself (it pairs the full-precision and the quantized "
+                "model's inputs of every Linear); a statistics file has neither: drop --stats or --gptaq"
+            )
     if (act_ranges or ranges_file) and isinstance(config, RTNConfig) and config.needs_hessian:
         raise ValueError(
             "[quantize] activation ranges / smoothing and clip_metric 'output' are not combined (the clip "
@@ -342,6 +362,7 @@ def quantize(
             ),
             (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
             (getattr(config, "awq", False), "AWQ is not implemented for it yet: drop --awq"),
+            (getattr(config, "gptaq", False), "GPTAQ is not implemented for it yet: drop --gptaq"),
             (
                 act is not None or kv_cache is not None,
                 "activation / KV-cache quantization (--scheme, --kv-cache) is not implemented for it yet",
@@ -360,6 +381,7 @@ def quantize(
         world,
         "quantize",
         [
+            (getattr(config, "gptaq", False), "GPTAQ is not distributed yet"),
             (act is not None or kv_cache is not None, "--scheme / --kv-cache are not distributed yet"),
         ],
     )
@@ -434,6 +456,7 @@ def _run(
     act,
     kv_cache,
     smooth=None,
+    preset=None,
     **_,
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -567,6 +590,7 @@ def _run(
             collect_on_demand=true_seq,
             hessian_dtype=hessian_dtype,
             combine=world.combine(),
+            gptaq=bool(getattr(config, "gptaq", False)),  # the full-precision stream beside the quantized one
         )  # true-sequential: each group's when it is solved
         if true_seq:
             quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
@@ -603,6 +627,19 @@ def _run(
         report_extra["kv_cache"] = {"format": kv_cache, "scales": kv_fp8.scales_to_dict(adapter, kv_scales)}
     if quantizer.awq is not None:  # AWQ: per group, the alpha chosen and the output loss before/after
         report_extra["awq"] = quantizer.awq.report()
+    if getattr(config, "gptaq", False):  # experts are solved as plain GPTQ (no pairing of routed tokens)
+        solved = [n for n, ql in quantizer.layers.items() if ql.method == "gptq"]
+        experts = [n for n in solved if ".experts." in n]
+        report_extra["gptaq"] = {
+            "alpha": config.gptaq_alpha,
+            "corrected_modules": len(solved) - len(experts),
+            "plain_gptq_experts": len(experts),
+        }
+        if config.gptaq_choose:  # per Linear: the solve kept (each module's log row has both errors)
+            kept = [ql.log.choice["kept"] for ql in quantizer.layers.values() if ql.log.choice]
+            report_extra["gptaq"]["kept"] = {k: kept.count(k) for k in ("gptaq", "gptq")}
+    if preset is not None:
+        report_extra["preset"] = preset
     meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)
 
     # -- 6. evaluate, report, write --------------------------------------------------------------------

@@ -25,6 +25,7 @@ This module imports no calibration code: statistics arrive as a duck-typed ``Cal
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,6 +163,19 @@ def solve(
     elif isinstance(config, MRGPTQConfig):
         ql = mr_gptq_quantize(w, h, n, config, name=target.name, layer=layer)
     elif isinstance(config, GPTQConfig):
+        cross = None
+        if getattr(config, "gptaq", False):
+            cross = None if target.expert else stats.tensors.get(f"gptaq/cross/{target.stats_key}")
+            if cross is None:
+                if not target.expert:
+                    raise ValueError(
+                        f"[quantize] gptaq needs the cross statistic of {target.name} (gptaq/cross/...), which "
+                        f"the calibration runner collects with gptaq=True; it is missing"
+                    )
+                # an expert's tokens are routed by each model on its own: no pairing, plain GPTQ
+                config = dataclasses.replace(config, gptaq=False)
+            else:
+                cross = cross.to(w.device)
         ql = gptq_quantize(
             w,
             h,
@@ -171,6 +185,7 @@ def solve(
             layer=layer,
             consume=consume and not target.expert,
             shared=None if target.expert else shared,  # an expert's shrunk Hessian is its own
+            cross=cross,
         )
     else:
         raise TypeError(f"[quantize] config must be RTNConfig, GPTQConfig or MRGPTQConfig, got {type(config).__name__}")

@@ -81,6 +81,20 @@ def _check_awq(cls: str, awq, awq_grid, format: str) -> None:
         _fail(cls, "awq is not implemented for fp8 (per-channel E4M3); use format 'int', 'mxfp4' or 'nvfp4'")
 
 
+def _check_gptaq(cls: str, gptaq, alpha, awq: bool) -> None:
+    if not isinstance(gptaq, bool):
+        _fail(cls, f"gptaq must be a bool, got {gptaq!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+        _fail(
+            cls,
+            f"gptaq_alpha must be in (0, 1] (the share of the correction), got {alpha!r}; 0.25 is usual",
+        )
+    if gptaq and awq:
+        # AWQ folds its scales into the layer inside the solve step, after the full-precision inputs were
+        # recorded: the two input streams would then be in different scalings
+        _fail(cls, "gptaq and awq are not combined yet (AWQ rescales the inputs the cross statistic pairs); use one")
+
+
 def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: str = "int") -> list[float]:
     """Clipping candidates p = 1 - k / grid for k < maxshrink * grid (AutoGPTQ's grid); [1.0] without
     the search. The candidate with the least squared error per group wins (ties: the first).
@@ -176,6 +190,12 @@ class GPTQConfig:
       ranked by its error weighted per column (diag H for tables fitted before the sweep, GPTQ's
       1 / U[j, j]^2 inside it), and the layer keeps the unclipped solve when that has the lower measured
       output error (:mod:`calibra.quant.clip_search`).
+    - ``gptaq``: GPTAQ (Li et al., 2025; "GPTQv2"): the solve also corrects for the difference between
+      the quantized model's inputs of the Linear and the full-precision model's, from the cross statistic
+      the runner collects beside the Hessian (:mod:`calibra.quant.gptaq`). ``gptaq_alpha`` scales that
+      correction (the paper's 0.25). ``gptaq_choose``: solve each Linear both ways (the factorization
+      shared) and keep whichever has the lower measured asymmetric error ``||Q X~ - W X||^2`` on the
+      calibration tokens, recorded per module (``ModuleLog.choice``; the ``best`` preset).
     """
 
     bits: int = 4
@@ -194,6 +214,9 @@ class GPTQConfig:
     clip_metric: str = "weight"
     awq: bool = False
     awq_grid: int = 20
+    gptaq: bool = False
+    gptaq_alpha: float = 0.25
+    gptaq_choose: bool = False
 
     method = "gptq"
 
@@ -215,6 +238,11 @@ class GPTQConfig:
             self.clip_metric,
         )
         _check_awq(cls, self.awq, self.awq_grid, self.format)
+        _check_gptaq(cls, self.gptaq, self.gptaq_alpha, self.awq)
+        if not isinstance(self.gptaq_choose, bool):
+            _fail(cls, f"gptaq_choose must be a bool, got {self.gptaq_choose!r}")
+        if self.gptaq_choose and not self.gptaq:
+            _fail(cls, "gptaq_choose chooses between GPTAQ and GPTQ per Linear: it needs gptaq=True")
         for f in ("desc_act", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
                 _fail(cls, f"{f} must be a bool, got {getattr(self, f)!r}")

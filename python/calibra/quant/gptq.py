@@ -243,6 +243,7 @@ def gptq_quantize(
     sweep: SweepFn | None = None,
     consume: bool = False,
     shared: SharedFactorizations | None = None,
+    cross: torch.Tensor | None = None,
 ) -> QuantizedLayer:
     """Quantize ``w [out, in]`` with GPTQ given the Hessian sum ``h = X^T X`` over ``n_tokens`` tokens.
 
@@ -257,15 +258,67 @@ def gptq_quantize(
     weight in w's dtype, and the log row (loss, samples, damp used, ladder steps, seconds).
     ``clip_metric="output"``: see :func:`guarded_solve` (``consume`` is then ignored: the guard reads
     w and h after the solve).
+    ``cross``: with ``config.gptaq``, the summed ``dX^T X~`` of the Linear's full-precision and quantized-model
+    inputs (the runner's ``gptaq/cross`` statistic): the sweep then solves for GPTAQ's corrected target
+    (:mod:`calibra.quant.gptaq`); with C = 0 that is exactly this solve without it.
     """
     config.validate()
     check_weight(w, config, name)
     check_hessian(h, n_tokens, w.shape[1], name)
+    if cross is not None and not getattr(config, "gptaq", False):
+        raise ValueError(f"[gptq] a cross statistic was given for {name} but the config has gptaq=False")
+    if getattr(config, "gptaq", False) and cross is None:
+        raise ValueError(
+            f"[gptq] gptaq=True needs the cross statistic of {name} (dX^T X~, collected by the calibration runner "
+            f"with gptaq=True); none was given"
+        )
     kw = dict(name=name, layer=layer, out_dtype=w.dtype, sweep=sweep, method="gptq", shared=shared)
-    if output_clip(config):
+    clip_guard = output_clip(config)
+    if cross is not None:
+        return _gptaq_solve(w, h, n_tokens, config, cross, consume=consume and not clip_guard, **kw)
+    if clip_guard:
         return guarded_solve(w.detach().float(), h, n_tokens, config, **kw)
     in_place = consume and w.dtype == torch.float32 and w.is_contiguous()
     return _solve(w.detach() if in_place else w.detach().float().clone(), h, n_tokens, config, consume=consume, **kw)
+
+
+def _gptaq_solve(w, h, n_tokens, config, cross, *, consume: bool, shared, **kw) -> QuantizedLayer:
+    """GPTAQ: the factorization first (shared with the sweep, so nothing is factored twice), GPTQ's target
+    corrected by it (:func:`calibra.quant.gptaq.correct_target`), then the ordinary solve of that target."""
+    from calibra.quant.gptaq import correct_target
+
+    t0 = time.perf_counter()
+    choose = bool(getattr(config, "gptaq_choose", False))
+    consume = consume and not choose  # the choice reads w and h after the solves
+    shared = shared if shared is not None else SharedFactorizations()
+    in_place = consume and w.dtype == torch.float32 and w.is_contiguous()
+    wf = w.detach() if in_place else w.detach().float().clone()
+    subject = f"[gptq] Hessian of {kw['name']}"
+    fh = factored_hessian(
+        h, n_tokens, wf, config, subject=subject, act_order=config.desc_act, consume=consume, shared=shared
+    )
+    w0 = wf.clone() if choose else None  # the full-precision weight (dead columns zeroed), for the choice
+    correct_target(wf, cross, n_tokens, fh, float(config.gptaq_alpha))
+    ql = _target_solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
+    if choose:
+        from calibra.quant.gptaq import asymmetric_error
+
+        plain = _target_solve(w0.clone(), h, n_tokens, config, consume=False, shared=shared, **kw)
+        e_asym = asymmetric_error(w0, ql.weight, h, cross)
+        e_plain = asymmetric_error(w0, plain.weight, h, cross)
+        kept = "gptaq" if e_asym < e_plain else "gptq"  # GPTQ on a tie
+        if kept == "gptq":
+            ql = plain
+        ql.log.choice = {"kept": kept, "errors": {"gptaq": e_asym, "gptq": e_plain}}
+    ql.log.seconds = time.perf_counter() - t0
+    return ql
+
+
+def _target_solve(wf, h, n_tokens, config, *, consume: bool, shared, **kw) -> QuantizedLayer:
+    """The GPTQ solve of the float32 target ``wf`` (with the output clip search's guard when configured)."""
+    if output_clip(config):
+        return guarded_solve(wf, h, n_tokens, config, shared=shared, **kw)
+    return _solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
 
 
 def output_clip(config) -> bool:

@@ -41,6 +41,10 @@ def config_dict(config) -> dict:
     if not d.get("awq", True):  # absent means off: a job without AWQ writes the manifest it always wrote
         d.pop("awq")
         d.pop("awq_grid", None)
+    if not d.get("gptaq", True):  # the same for GPTAQ
+        d.pop("gptaq")
+        d.pop("gptaq_alpha", None)
+        d.pop("gptaq_choose", None)
     return {"method": config.method, **d}
 
 

@@ -1,0 +1,42 @@
+"""Named recipes over the weight-only configs: ``preset="best"`` (``--preset best``) turns on the
+combination measured best for int GPTQ (docs/quantize.md, "GPTAQ's quality": the table it was chosen from),
+keeping the bits, group size, symmetry and every AutoGPTQ option the caller gave.
+
+``best`` = GPTAQ with the per-Linear choice (``GPTQConfig(gptaq=True, gptaq_choose=True)``): each Linear is
+solved with GPTAQ and with GPTQ (one factorization) and keeps the solve with the lower measured error
+against the full-precision model's output on the calibration tokens; the choice is recorded per module
+(``report.json`` modules' ``choice``, ``quantization.json`` modules' ``choice``). About 2x GPTQ's solve time
+plus one full-precision forward per layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+PRESETS = ("best",)
+
+
+def apply_preset(preset: str, config=None):
+    """The config ``preset`` makes of ``config`` (default ``GPTQConfig()``); refused for what it was not
+    measured on."""
+    from calibra.quant.config import GPTQConfig, MRGPTQConfig, RTNConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"[quantize] unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if config is None:
+        config = GPTQConfig()
+    if isinstance(config, (RTNConfig, MRGPTQConfig)) or not isinstance(config, GPTQConfig):
+        raise ValueError(
+            f"[quantize] preset {preset!r} is measured for int GPTQ only (a GPTQConfig / --method gptq), "
+            f"not {type(config).__name__}"
+        )
+    if config.format != "int":
+        raise ValueError(
+            f"[quantize] preset {preset!r} is measured for int formats only, not {config.format}; use "
+            f"--method mr-gptq (its per-Linear choice) for FP4"
+        )
+    if config.awq:
+        raise ValueError(f"[quantize] preset {preset!r} does not take awq (GPTAQ and AWQ are not combined yet)")
+    return dataclasses.replace(config, gptaq=True, gptaq_choose=True)
+
+
+__all__ = ["PRESETS", "apply_preset"]
