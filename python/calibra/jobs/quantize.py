@@ -51,12 +51,12 @@ def _check_scheme(config, scheme, observer="absmax", clip_percentile=99.99):
                 f"({', '.join(SCHEMES)}; --scheme)"
             )
         return config, None
-    if config is not None:
-        raise ValueError(
-            f"[quantize] scheme {scheme!r} is a complete recipe (its weights included): give either config or "
-            f"scheme, not both (on the command line: --scheme without --method)"
-        )
     weights, act = scheme_configs(scheme, observer=observer, clip_percentile=clip_percentile)
+    if config is not None:  # only a W4A4 scheme takes its weights' solver (RTN or GPTQ) from a config
+        from calibra.quant.scheme import check_weights
+
+        check_weights(scheme, config)
+        weights = config
     return weights, act.validate()
 
 
@@ -551,6 +551,13 @@ def _run(
         input_quant, final_stats, report_extra["smoothquant"] = w8a8.run(
             model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act, smooth
         )
+    elif act is not None and not is_rtn:  # W4A4 with GPTQ weights: the w8a8 pass without smoothing
+        from calibra.quant import w8a8
+
+        ids, mask, run_meta, bs = tokens()
+        input_quant, final_stats, _ = w8a8.run(
+            model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act, None
+        )
     elif act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
         ids, mask, run_meta, bs = tokens()
         input_quant, final_stats = _static_fp8_pass(
@@ -589,7 +596,7 @@ def _run(
     if act is not None and act.dynamic and input_quant is None:
         from calibra.quant.activations import dynamic_input_quant
 
-        input_quant = dynamic_input_quant(quantizer.layers)
+        input_quant = dynamic_input_quant(quantizer.layers, format=act.format)
     sim = _simulate_inputs(model, input_quant) if input_quant is not None else {}
     kv_scales = None
     if kv_cache is not None:  # on the finished model: K/V as the quantized model writes them
@@ -682,9 +689,10 @@ def _run(
 
 
 def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act):
-    """One calibration pass that quantizes each layer's weights and calibrates its Linears' static FP8
-    input scales (``ranges`` observer), then simulates them at once, so every later layer calibrates on
-    what the deployed model feeds it. Returns ``({module: InputQuant}, final statistics)``."""
+    """One calibration pass that quantizes each layer's weights (RTN) and calibrates its Linears' static
+    input scales (``ranges`` observer; FP8, or NVFP4's global scales), then simulates them at once, so every
+    later layer calibrates on what the deployed model feeds it. Returns ``({module: InputQuant}, final
+    statistics)``."""
     from calibra.calib import LayerRunner
     from calibra.quant import activations
     from calibra.quant.apply import layer_targets
@@ -696,7 +704,7 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
         quantizer(i, layer, None)  # RTN: no statistics needed
         targets = [t for t in layer_targets(adapter, i, layer) if t.name in quantizer.layers]
         clip = act.clip_percentile if act.observer == "percentile" else None
-        input_quant.update(activations.static_input_quant(st, targets, dtype, clip))
+        input_quant.update(activations.static_input_quant(st, targets, dtype, clip, format=act.format))
         activations.install(model, input_quant)
 
     runner = LayerRunner(
@@ -707,7 +715,7 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
         on_layer=on_layer,
         feed_compressed=True,
         progress=progress,
-        desc="fp8 weights + input scales",
+        desc=f"{act.format} weights + input scales",
         keep_layer_stats=False,
     )
     final = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]})
