@@ -545,10 +545,11 @@ def _add_quantize(sub) -> None:
     q.add_argument(
         "--act-observer",
         default="absmax",
-        choices=["absmax", "percentile"],
-        help="--scheme fp8 / w8a8-static: each static input scale from the absmax (default) or from the "
-        "--act-clip-percentile "
-        "percentile of the calibration inputs' magnitudes (larger values saturate)",
+        choices=["absmax", "percentile", "mse"],
+        help="--scheme fp8 / w8a8-static: each static input scale from the absmax (default), from the "
+        "--act-clip-percentile percentile of the calibration inputs' magnitudes (larger values saturate), or "
+        "mse: the shrink factor of the absmax (1, 0.95, ..., 0.25) with the least measured quantization error "
+        "on the calibration inputs",
     )
     q.add_argument(
         "--act-clip-percentile",

@@ -701,10 +701,16 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
     input_quant: dict = {}
 
     def on_layer(i, layer, st):
+        shrink = None
+        if act.observer == "mse":  # measured on the very inputs behind the ranges: before the weights round
+            from calibra.quant.act_mse import choose_shrink
+
+            targets = layer_targets(adapter, i, layer)
+            shrink, _ = choose_shrink(runner, i, layer, st, targets, dtype, act.format)
         quantizer(i, layer, None)  # RTN: no statistics needed
         targets = [t for t in layer_targets(adapter, i, layer) if t.name in quantizer.layers]
         clip = act.clip_percentile if act.observer == "percentile" else None
-        input_quant.update(activations.static_input_quant(st, targets, dtype, clip, format=act.format))
+        input_quant.update(activations.static_input_quant(st, targets, dtype, clip, format=act.format, shrink=shrink))
         activations.install(model, input_quant)
 
     runner = LayerRunner(

@@ -63,15 +63,20 @@ class InputQuant:
     """Why a static scale is not the module's own (an expert without tokens), or None."""
     format: str = "fp8"
     """The input's number format: "fp8" (E4M3), "int8" (symmetric), "nvfp4" or "mxfp4" (E2M1 groups)."""
+    clip: float | None = None
+    """``--act-observer mse``: the kept shrink factor of the absmax (``calibra.quant.act_mse``), else None."""
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": self.format,
             "dynamic": self.dynamic,
             "scale": None if self.scale is None else float(self.scale.float().reshape(-1)[0]),
             "tokens": self.tokens,
             "fallback": self.fallback,
         }
+        if self.clip is not None:
+            d["clip"] = self.clip
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, dtype: torch.dtype) -> InputQuant:
@@ -79,7 +84,14 @@ class InputQuant:
         if fmt not in FORMATS:
             raise ValueError(f"[quantize] input quantization format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         scale = None if d["scale"] is None else torch.tensor([d["scale"]], dtype=SCALE_DTYPE.get(fmt, dtype))
-        return cls(dynamic=d["dynamic"], scale=scale, tokens=d.get("tokens", 0), fallback=d.get("fallback"), format=fmt)
+        return cls(
+            dynamic=d["dynamic"],
+            scale=scale,
+            tokens=d.get("tokens", 0),
+            fallback=d.get("fallback"),
+            format=fmt,
+            clip=d.get("clip"),
+        )
 
 
 def _absmax_of(stats, key: str, clip_percentile: float | None = None) -> torch.Tensor | None:
@@ -105,14 +117,23 @@ def _expert_group(stats_key: str) -> tuple[str, str]:
 
 
 def static_input_quant(
-    stats, targets, dtype: torch.dtype, clip_percentile: float | None = None, format: str = "fp8"
+    stats,
+    targets,
+    dtype: torch.dtype,
+    clip_percentile: float | None = None,
+    format: str = "fp8",
+    shrink: dict[str, float] | None = None,
 ) -> dict[str, InputQuant]:
     """Static per-tensor input scales of ``targets`` (``calibra.quant.apply.Target``) from ``stats`` (with
     the ``ranges`` observer): absmax / 448 (``format`` "int8": / 127.5), or with ``clip_percentile`` that
-    percentile of the magnitudes; experts without tokens get the fallback of the module docstring."""
+    percentile of the magnitudes, or with ``shrink`` (stats key -> factor, ``calibra.quant.act_mse``) that
+    fraction of the absmax; experts without tokens get the fallback of the module docstring."""
     own: dict[str, tuple[torch.Tensor | None, int]] = {}
     for t in targets:
-        own[t.name] = (_absmax_of(stats, t.stats_key, clip_percentile), stats.count("ranges", t.stats_key))
+        amax = _absmax_of(stats, t.stats_key, clip_percentile)
+        if amax is not None and shrink and t.stats_key in shrink:
+            amax = amax * shrink[t.stats_key]
+        own[t.name] = (amax, stats.count("ranges", t.stats_key))
     siblings: dict[tuple[str, str], list[torch.Tensor]] = {}
     for t in targets:
         if t.expert and own[t.name][0] is not None:
@@ -140,7 +161,12 @@ def static_input_quant(
                 f"{len(peers)} experts of its block that saw tokens"
             )
         out[t.name] = InputQuant(
-            dynamic=False, scale=static_scale(amax, dtype, format), tokens=tokens, fallback=why, format=format
+            dynamic=False,
+            scale=static_scale(amax, dtype, format),
+            tokens=tokens,
+            fallback=why,
+            format=format,
+            clip=None if shrink is None or why else shrink.get(t.stats_key, 1.0),
         )
     return out
 

@@ -41,7 +41,7 @@ SCHEMES = ("fp8", "fp8-dynamic", "w8a8", "w8a8-static", "nvfp4", "mxfp4")
 ALIASES = {"int8": "w8a8"}
 STATIC_SCHEMES = ("fp8", "w8a8-static")  # one static scale per input, chosen by an observer
 FP4_SCHEMES = ("nvfp4", "mxfp4")  # W4A4: the weights' solver may be chosen (RTN or GPTQ)
-OBSERVERS = ("absmax", "percentile")
+OBSERVERS = ("absmax", "percentile", "mse")
 KV_CACHE_FORMATS = ("fp8",)
 
 
@@ -55,7 +55,9 @@ class ActQuantConfig:
     - ``observer``: how a static scale is chosen from the calibration statistics: "absmax" (the largest
       magnitude the module's input reached) or "percentile" (the ``clip_percentile``-th percentile of the
       input's magnitudes, from the range observer's histogram, to 1/16 octave, rounded outward: values
-      beyond it saturate at +-448 x scale).
+      beyond it saturate at +-448 x scale) or "mse" (per input, the shrink factor of the absmax whose
+      quantize-dequantize has the least measured squared error on the calibration inputs:
+      ``calibra.quant.act_mse``).
     """
 
     format: str = "fp8"
@@ -97,6 +99,10 @@ class ActQuantConfig:
         d = {"format": self.format, "dynamic": self.dynamic, "observer": None if self.dynamic else self.observer}
         if self.observer == "percentile":
             d["clip_percentile"] = self.clip_percentile
+        if self.observer == "mse" and not self.dynamic:
+            from calibra.quant.act_mse import SHRINK_GRID
+
+            d["shrink_grid"] = list(SHRINK_GRID)
         return d
 
 

@@ -127,7 +127,13 @@ class W8A8Layers:
         else:
             targets = [t for t in layer_targets(self.adapter, index, layer) if t.name in names]
             clip = self.act.clip_percentile if self.act.observer == "percentile" else None
-            new = activations.static_input_quant(self._stats, targets, self.dtype, clip, format=fmt)
+            shrink = None
+            if self.act.observer == "mse":  # a group's inputs do not depend on its own (now solved) weights
+                from calibra.quant.act_mse import choose_shrink
+
+                keys = sorted({t.stats_key for t in targets})
+                shrink, _ = choose_shrink(self.runner, index, layer, self._stats, targets, self.dtype, fmt, keys)
+            new = activations.static_input_quant(self._stats, targets, self.dtype, clip, format=fmt, shrink=shrink)
         self.input_quant.update(new)
         activations.install(self.model, self.input_quant)
 
