@@ -89,6 +89,9 @@ def test_mse_observer_end_to_end(llama_folder, tmp_path, scheme):
     assert {n: m["clip"] for n, m in man["activations"]["modules"].items()} == {
         n: iq.clip for n, iq in qm.input_quant.items()
     }
+    from calibra.report import render_report
+
+    assert "<th>clip</th>" in render_report(rep)  # the kept factor per module in report.html
     loaded, _ = _load_quantize_output(tmp_path / "q", "float32", None)
     assert torch.equal(_logits(loaded), _logits(qm.model))
 

@@ -69,6 +69,10 @@ def test_calibra_folder_round_trip(llama_folder, tmp_path, scheme):
                    for m in mods.values())  # fmt: skip
     else:  # data-free: per-32 scales at run time
         assert all(m["format"] == "mxfp4" and m["dynamic"] and m["scale"] is None for m in mods.values())
+    from calibra.report import render_report
+
+    html = render_report(rep)
+    assert ("global scale" in html) is (scheme == "nvfp4") and ("per-32 E8M0 scales" in html) is (scheme == "mxfp4")
     loaded, _ = _load_quantize_output(tmp_path / "q", "float32", None)
     assert torch.equal(_logits(loaded), _logits(qm.model))
     from calibra.quant import activations
