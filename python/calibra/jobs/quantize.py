@@ -166,15 +166,19 @@ def quantize(
     Args:
         model: ``"builtin:NAME"``, a local Hugging Face folder, or a loaded ``*ForCausalLM`` (modified in place).
         config: ``RTNConfig``, ``GPTQConfig`` or ``MRGPTQConfig`` -- validated, with every layer's shape,
-            before any weight loads. None when ``scheme`` is given.
+            before any weight loads. None when ``scheme`` is given (or, with ``scheme="nvfp4"`` / ``"mxfp4"``,
+            an RTNConfig or GPTQConfig of that format: the solver of the scheme's weights).
         scheme: an activation-quantized recipe instead of ``config`` (``calibra.quant.scheme``): ``"fp8"``
             (FP8 weights per channel, static per-tensor FP8 input scales calibrated on ``calibration``) or
             ``"fp8-dynamic"`` (the same weights, per-token FP8 inputs; data-free), ``"w8a8"`` (alias
             ``"int8"``: int8 weights per channel by GPTQ, per-token int8 inputs, SmoothQuant strength searched
-            per layer) or ``"w8a8-static"`` (static per-tensor int8 input scales). The evaluation and the
-            saved model simulate the quantized inputs (and KV cache) as the engine computes them.
-        act_observer: a static scheme's scales: ``"absmax"`` (default) or ``"percentile"`` (the
-            ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate).
+            per layer), ``"w8a8-static"`` (static per-tensor int8 input scales), ``"nvfp4"`` (W4A4: NVFP4
+            weights, NVFP4 inputs with per-16 scales under a calibrated global scale) or ``"mxfp4"`` (W4A4:
+            MXFP4 weights and dynamic MXFP4 inputs). The evaluation and the saved model simulate the
+            quantized inputs (and KV cache) as the engine computes them.
+        act_observer: a static scheme's scales: ``"absmax"`` (default), ``"percentile"`` (the
+            ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate) or
+            ``"mse"`` (the shrink factor of the absmax with the least measured error, ``calibra.quant.act_mse``).
         smoothquant: the w8a8 schemes' SmoothQuant strength: ``"search"`` (default: per layer, the measured
             best of none and alpha 0..1, ``calibra.quant.smoothquant``), ``"off"`` or a fixed alpha.
         kv_cache: ``"fp8"``: calibrate per-layer k/v scales (``calibra.quant.kv_fp8``) and quantize the KV

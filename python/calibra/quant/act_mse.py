@@ -48,10 +48,8 @@ def _observer(candidates: dict[str, torch.Tensor], format: str):
             scales = candidates.get(key)
             if scales is None or x.shape[0] == 0:
                 return
-            s = scales.to(x.device)
-            err = torch.stack(
-                [(fake_quant(x, s[k : k + 1]).double() - x.double()).pow(2).sum() for k in range(s.numel())]
-            )
+            s, xd = scales.to(x.device), x.double()
+            err = torch.stack([(fake_quant(x, s[k : k + 1]).double() - xd).pow(2).sum() for k in range(s.numel())])
             name = f"{self.kind}/sum/{key}"
             self.tensors[name] = err if name not in self.tensors else self.tensors[name] + err
             self._count(key, x.shape[0])
