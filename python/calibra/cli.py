@@ -413,7 +413,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             )
         args.method = "gptq"
     scheme_check(args)
-    config = None if args.scheme else _quant_config(args)
+    config = None if args.scheme and args.method is None else _quant_config(args)
     calibration = CalibrationConfig(
         num_samples=args.samples,
         sequence_length=args.seq_len,
@@ -481,21 +481,35 @@ _WEIGHT_ONLY_FLAGS = (
 )
 
 
+# what --scheme nvfp4 / mxfp4 with --method (its weights' solver) still refuses: the format is the scheme's
+_FP4_SCHEME_FIXED = ("bits", "group_size", "format", "asym", "awq", "stats", "act_ranges", "mixed_precision")
+
+
 def scheme_check(args: argparse.Namespace) -> None:
-    """--method xor --scheme, and no weight-only flag with --scheme: refused before anything loads."""
-    if (args.method is None) == (args.scheme is None):
+    """--method xor --scheme (but a W4A4 scheme may name its weights' solver), and no weight-only flag with
+    --scheme: refused before anything loads."""
+    fp4 = args.scheme in ("nvfp4", "mxfp4")
+    if args.scheme is None and args.method is None or (args.method is not None and args.scheme and not fp4):
         raise ValueError(
             "[quantize] give exactly one of --method (rtn, gptq, mr-gptq: weight-only) and --scheme (fp8, "
-            "fp8-dynamic, w8a8, w8a8-static: weights + activations)"
+            "fp8-dynamic, w8a8, w8a8-static, nvfp4, mxfp4: weights + activations; --scheme nvfp4 / mxfp4 "
+            "also take --method rtn or gptq for their weights)"
         )
     if args.scheme is not None:
-        given = [flag for dest, flag, default in _WEIGHT_ONLY_FLAGS if getattr(args, dest) != default]
+        fixed = _FP4_SCHEME_FIXED if args.method is not None else None
+        given = [
+            flag
+            for dest, flag, default in _WEIGHT_ONLY_FLAGS
+            if getattr(args, dest) != default and (fixed is None or dest in fixed)
+        ]
         if given:
             raise ValueError(
                 f"[quantize] --scheme {args.scheme} is a complete recipe (its weights included): "
                 f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it; drop "
                 f"{'it' if len(given) == 1 else 'them'}"
             )
+        if fp4 and args.method is not None:
+            args.format = args.scheme  # the solver's grid is the scheme's (config built by _quant_config)
 
 
 def _add_quantize(sub) -> None:
@@ -523,12 +537,14 @@ def _add_quantize(sub) -> None:
     q.add_argument(
         "--scheme",
         default=None,
-        choices=["fp8", "fp8-dynamic", "w8a8", "int8", "w8a8-static"],
+        choices=["fp8", "fp8-dynamic", "w8a8", "int8", "w8a8-static", "nvfp4", "mxfp4"],
         help="an activation-quantized recipe instead of --method: fp8-dynamic = FP8 weights per channel + "
         "per-token FP8 inputs (data-free); fp8 = the same weights + static per-tensor FP8 input scales "
         "calibrated on --calibration; w8a8 (alias int8) = int8 weights per channel by GPTQ + per-token int8 "
         "inputs, SmoothQuant strength searched per layer (--smoothquant); w8a8-static = the same with static "
-        "per-tensor int8 input scales (docs/activation_quant.md)",
+        "per-tensor int8 input scales; nvfp4 = NVFP4 W4A4 (NVFP4 weights, NVFP4 inputs with per-16 scales "
+        "under a calibrated global scale); mxfp4 = MXFP4 W4A4 (dynamic MXFP4 inputs); the W4A4 schemes take "
+        "--method rtn (default) or gptq for their weights (docs/activation_quant.md)",
     )
     q.add_argument(
         "--smoothquant",
@@ -541,10 +557,11 @@ def _add_quantize(sub) -> None:
     q.add_argument(
         "--act-observer",
         default="absmax",
-        choices=["absmax", "percentile"],
-        help="--scheme fp8 / w8a8-static: each static input scale from the absmax (default) or from the "
-        "--act-clip-percentile "
-        "percentile of the calibration inputs' magnitudes (larger values saturate)",
+        choices=["absmax", "percentile", "mse"],
+        help="--scheme fp8 / w8a8-static: each static input scale from the absmax (default), from the "
+        "--act-clip-percentile percentile of the calibration inputs' magnitudes (larger values saturate), or "
+        "mse: the shrink factor of the absmax (1, 0.95, ..., 0.25) with the least measured quantization error "
+        "on the calibration inputs",
     )
     q.add_argument(
         "--act-clip-percentile",

@@ -25,13 +25,20 @@ unsigned zero through the signed packer (that adds the offset twice).
   ``weight_scale`` ``[out, 1]`` in the model dtype (no zero point: symmetric); static activations add
   ``input_scale`` ``[1]``. The group's ``weights``/``input_activations`` are compressed-tensors' ``W8A8``
   preset (per-token dynamic inputs), or the same weights with static per-tensor int8 inputs.
+- NVFP4 W4A4 (``--scheme nvfp4``, format ``nvfp4-pack-quantized``, compressed-tensors' ``NVFP4`` preset):
+  the nvfp4 weight tensors above plus ``input_global_scale`` float32 ``[1]`` per Linear (448 * 6 / the
+  calibrated input absmax; the per-16 input scales are computed at run time).
+- MXFP4 W4A4 (``--scheme mxfp4``, format ``mxfp4-pack-quantized``, compressed-tensors' ``MXFP4`` preset):
+  ``weight_packed`` uint8 ``[out, in/2]`` (as nvfp4), ``weight_scale`` uint8 ``[out, in/32]`` (E8M0: the
+  exponent + 127); no global scale, dynamic inputs (nothing stored).
 - ``--kv-cache fp8``: ``kv_cache_scheme`` (8-bit float, per tensor, static) and per attention module
   ``<layer>.self_attn.k_scale`` / ``v_scale`` ``[1]`` in the model dtype (compressed-tensors'
   ``initialize_attn_qparams``; the names vLLM reads).
 
 Refused (FAULTS row 12): act-order with dynamic groups (compressed-tensors removed ``actorder:
-group``), MR-GPTQ rotations, MXFP4 layers (not verified here). Fused MoE experts are written per expert
-under the checkpoint's names (``calibra.export.experts``), their routers listed in ``ignore``.
+group``), MR-GPTQ rotations, weight-only MXFP4 layers (only the W4A4 scheme's are written). Fused MoE
+experts are written per expert under the checkpoint's names (``calibra.export.experts``), their routers
+listed in ``ignore``.
 """
 
 from __future__ import annotations
@@ -53,18 +60,20 @@ def check(qmodel) -> None:
     if getattr(qmodel, "model", None) is not None:
         experts.swapped_on_load(qmodel)  # experts the loader swaps for Linears: refused when quantized
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
-    if fmt not in ("int", "nvfp4", "fp8"):
+    act_fmt = _input_format(qmodel)
+    if fmt not in ("int", "nvfp4", "fp8") and not (fmt == "mxfp4" and act_fmt == "mxfp4"):
         raise ExportError(
-            f"[export] {NAME}: {fmt} layers are not supported (int, nvfp4 and fp8 are); use format "
-            f"'mlx'/'dense', or quantize to nvfp4"
+            f"[export] {NAME}: {fmt} layers are not supported (int, nvfp4 and fp8 are, and mxfp4 with MXFP4 "
+            f"inputs: --scheme mxfp4); use format 'mlx'/'dense', or quantize to nvfp4"
         )
     iq = getattr(qmodel, "input_quant", None)
-    act_fmt = _input_format(qmodel)
     int8_w8a8 = act_fmt == "int8" and fmt == "int" and bits == 8 and sym and gs == -1
-    if (fmt == "fp8") != (act_fmt == "fp8") or (act_fmt == "int8" and not int8_w8a8):
+    fp4_w4a4 = act_fmt not in ("nvfp4", "mxfp4") or fmt == act_fmt
+    if (fmt == "fp8") != (act_fmt == "fp8") or (act_fmt == "int8" and not int8_w8a8) or not fp4_w4a4:
         raise ExportError(
-            f"[export] {NAME}: fp8 weights are written with fp8 inputs only (--scheme fp8 or fp8-dynamic), and "
-            f"int8 inputs with symmetric per-channel int8 weights only (--scheme w8a8); got {fmt} weights "
+            f"[export] {NAME}: fp8 weights are written with fp8 inputs only (--scheme fp8 or fp8-dynamic), "
+            f"int8 inputs with symmetric per-channel int8 weights only (--scheme w8a8), and FP4 inputs with "
+            f"weights of the same FP4 format (--scheme nvfp4 / mxfp4); got {fmt} weights "
             f"({bits}-bit, group {gs}) and {act_fmt or 'no'} activation quantization"
         )
     if iq is not None:
@@ -155,6 +164,42 @@ INT8_INPUT_STATIC = {
 }
 
 
+# compressed-tensors' NVFP4 and MXFP4 (W4A4) presets (quantization/quant_scheme.py), field for field;
+# tests/quant_api/test_fp4_schemes.py compares them with the installed package's
+NVFP4_WEIGHTS = {
+    "num_bits": 4,
+    "type": "float",
+    "symmetric": True,
+    "group_size": 16,
+    "strategy": "tensor_group",
+    "dynamic": False,
+    "scale_dtype": "torch.float8_e4m3fn",
+    "zp_dtype": "torch.float8_e4m3fn",
+}
+NVFP4_INPUT = {
+    "num_bits": 4,
+    "type": "float",
+    "symmetric": True,
+    "group_size": 16,
+    "strategy": "tensor_group",
+    "dynamic": "local",
+    "observer": "static_minmax",
+    "scale_dtype": "torch.float8_e4m3fn",
+    "zp_dtype": "torch.float8_e4m3fn",
+}
+MXFP4_WEIGHTS = {
+    "num_bits": 4,
+    "type": "float",
+    "symmetric": True,
+    "group_size": 32,
+    "strategy": "group",
+    "dynamic": False,
+    "scale_dtype": "torch.uint8",
+    "zp_dtype": "torch.uint8",
+}
+MXFP4_INPUT = dict(MXFP4_WEIGHTS, dynamic=True)
+
+
 def _input_format(qmodel) -> str | None:
     """The format of the model's quantized inputs ("fp8", "int8"), or None (weight-only)."""
     iq = getattr(qmodel, "input_quant", None)
@@ -163,6 +208,18 @@ def _input_format(qmodel) -> str | None:
 
 def scheme(qmodel) -> dict:
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
+    if _input_format(qmodel) == "nvfp4":
+        return {
+            "format": "nvfp4-pack-quantized",
+            "weights": dict(NVFP4_WEIGHTS),
+            "input_activations": dict(NVFP4_INPUT),
+        }
+    if _input_format(qmodel) == "mxfp4":
+        return {
+            "format": "mxfp4-pack-quantized",
+            "weights": dict(MXFP4_WEIGHTS),
+            "input_activations": dict(MXFP4_INPUT),
+        }
     if _input_format(qmodel) == "int8":
         dynamic = next(iter(qmodel.input_quant.values())).dynamic
         return {
@@ -252,6 +309,8 @@ def layer_tensors(name: str, l, int_quantized: bool = False) -> dict[str, torch.
         return {f"{name}.weight": signed, f"{name}.weight_scale": l.scales.to(l.weight.dtype)}
     if l.format == "fp8":
         return {f"{name}.weight": l.codes, f"{name}.weight_scale": l.scales.to(l.weight.dtype)}
+    if l.format == "mxfp4":  # calibra's scale bytes are E8M0 already (2^(byte - 127))
+        return {f"{name}.weight_packed": pack(l.codes, 4, word=torch.uint8), f"{name}.weight_scale": l.scales}
     if l.format == "nvfp4":
         return {
             f"{name}.weight_packed": pack(l.codes, 4, word=torch.uint8),
@@ -292,7 +351,9 @@ def tensors(qmodel) -> dict[str, torch.Tensor]:
     for name, l in experts.disk_layers(qmodel):
         out.update(layer_tensors(name, l, int_quantized))
     for name, iq in (getattr(qmodel, "input_quant", None) or {}).items():
-        if not iq.dynamic:
+        if iq.format == "nvfp4":  # a divisor of the per-16 scales, float32 as compressed-tensors keeps it
+            out[f"{name}.input_global_scale"] = iq.scale.reshape(1).float()
+        elif not iq.dynamic:
             out[f"{name}.input_scale"] = iq.scale.reshape(1).to(qmodel.layers[name].weight.dtype)
     kv = getattr(qmodel, "kv_scales", None)
     if kv is not None:
@@ -320,8 +381,11 @@ def write(qmodel, folder, *, max_shard_bytes=None, tensors_written: bool = False
         )
     qc = quantization_config(qmodel)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
+    act_fmt = _input_format(qmodel)
     label = (
-        "nvfp4"
+        f"{fmt} W4A4: {fmt} weights, {fmt} inputs"
+        if act_fmt in ("nvfp4", "mxfp4")
+        else "nvfp4"
         if fmt == "nvfp4"
         else f"{qmodel.scheme}: fp8 weights per channel, fp8 inputs"
         if fmt == "fp8"

@@ -49,12 +49,12 @@ def _check_scheme(config, scheme, observer="absmax", clip_percentile=99.99):
                 f"({', '.join(SCHEMES)}; --scheme)"
             )
         return config, None
-    if config is not None:
-        raise ValueError(
-            f"[quantize] scheme {scheme!r} is a complete recipe (its weights included): give either config or "
-            f"scheme, not both (on the command line: --scheme without --method)"
-        )
     weights, act = scheme_configs(scheme, observer=observer, clip_percentile=clip_percentile)
+    if config is not None:  # only a W4A4 scheme takes its weights' solver (RTN or GPTQ) from a config
+        from calibra.quant.scheme import check_weights
+
+        check_weights(scheme, config)
+        weights = config
     return weights, act.validate()
 
 
@@ -165,15 +165,19 @@ def quantize(
     Args:
         model: ``"builtin:NAME"``, a local Hugging Face folder, or a loaded ``*ForCausalLM`` (modified in place).
         config: ``RTNConfig``, ``GPTQConfig`` or ``MRGPTQConfig`` -- validated, with every layer's shape,
-            before any weight loads. None when ``scheme`` is given.
+            before any weight loads. None when ``scheme`` is given (or, with ``scheme="nvfp4"`` / ``"mxfp4"``,
+            an RTNConfig or GPTQConfig of that format: the solver of the scheme's weights).
         scheme: an activation-quantized recipe instead of ``config`` (``calibra.quant.scheme``): ``"fp8"``
             (FP8 weights per channel, static per-tensor FP8 input scales calibrated on ``calibration``) or
             ``"fp8-dynamic"`` (the same weights, per-token FP8 inputs; data-free), ``"w8a8"`` (alias
             ``"int8"``: int8 weights per channel by GPTQ, per-token int8 inputs, SmoothQuant strength searched
-            per layer) or ``"w8a8-static"`` (static per-tensor int8 input scales). The evaluation and the
-            saved model simulate the quantized inputs (and KV cache) as the engine computes them.
-        act_observer: a static scheme's scales: ``"absmax"`` (default) or ``"percentile"`` (the
-            ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate).
+            per layer), ``"w8a8-static"`` (static per-tensor int8 input scales), ``"nvfp4"`` (W4A4: NVFP4
+            weights, NVFP4 inputs with per-16 scales under a calibrated global scale) or ``"mxfp4"`` (W4A4:
+            MXFP4 weights and dynamic MXFP4 inputs). The evaluation and the saved model simulate the
+            quantized inputs (and KV cache) as the engine computes them.
+        act_observer: a static scheme's scales: ``"absmax"`` (default), ``"percentile"`` (the
+            ``act_clip_percentile``-th percentile of each input's magnitudes; larger values saturate) or
+            ``"mse"`` (the shrink factor of the absmax with the least measured error, ``calibra.quant.act_mse``).
         smoothquant: the w8a8 schemes' SmoothQuant strength: ``"search"`` (default: per layer, the measured
             best of none and alpha 0..1, ``calibra.quant.smoothquant``), ``"off"`` or a fixed alpha.
         kv_cache: ``"fp8"``: calibrate per-layer k/v scales (``calibra.quant.kv_fp8``) and quantize the KV
@@ -567,6 +571,13 @@ def _run(
         input_quant, final_stats, report_extra["smoothquant"] = w8a8.run(
             model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act, smooth
         )
+    elif act is not None and not is_rtn:  # W4A4 with GPTQ weights: the w8a8 pass without smoothing
+        from calibra.quant import w8a8
+
+        ids, mask, run_meta, bs = tokens()
+        input_quant, final_stats, _ = w8a8.run(
+            model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act, None
+        )
     elif act is not None and not act.dynamic:  # static scales: calibrated while the weights are quantized
         ids, mask, run_meta, bs = tokens()
         input_quant, final_stats = _static_fp8_pass(
@@ -606,7 +617,7 @@ def _run(
     if act is not None and act.dynamic and input_quant is None:
         from calibra.quant.activations import dynamic_input_quant
 
-        input_quant = dynamic_input_quant(quantizer.layers)
+        input_quant = dynamic_input_quant(quantizer.layers, format=act.format)
     sim = _simulate_inputs(model, input_quant) if input_quant is not None else {}
     kv_scales = None
     if kv_cache is not None:  # on the finished model: K/V as the quantized model writes them
@@ -710,9 +721,10 @@ def _run(
 
 
 def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act):
-    """One calibration pass that quantizes each layer's weights and calibrates its Linears' static FP8
-    input scales (``ranges`` observer), then simulates them at once, so every later layer calibrates on
-    what the deployed model feeds it. Returns ``({module: InputQuant}, final statistics)``."""
+    """One calibration pass that quantizes each layer's weights (RTN) and calibrates its Linears' static
+    input scales (``ranges`` observer; FP8, or NVFP4's global scales), then simulates them at once, so every
+    later layer calibrates on what the deployed model feeds it. Returns ``({module: InputQuant}, final
+    statistics)``."""
     from calibra.calib import LayerRunner
     from calibra.quant import activations
     from calibra.quant.apply import layer_targets
@@ -721,10 +733,16 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
     input_quant: dict = {}
 
     def on_layer(i, layer, st):
+        shrink = None
+        if act.observer == "mse":  # measured on the very inputs behind the ranges: before the weights round
+            from calibra.quant.act_mse import choose_shrink
+
+            targets = layer_targets(adapter, i, layer)
+            shrink, _ = choose_shrink(runner, i, layer, st, targets, dtype, act.format)
         quantizer(i, layer, None)  # RTN: no statistics needed
         targets = [t for t in layer_targets(adapter, i, layer) if t.name in quantizer.layers]
         clip = act.clip_percentile if act.observer == "percentile" else None
-        input_quant.update(activations.static_input_quant(st, targets, dtype, clip))
+        input_quant.update(activations.static_input_quant(st, targets, dtype, clip, format=act.format, shrink=shrink))
         activations.install(model, input_quant)
 
     runner = LayerRunner(
@@ -735,7 +753,7 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
         on_layer=on_layer,
         feed_compressed=True,
         progress=progress,
-        desc="fp8 weights + input scales",
+        desc=f"{act.format} weights + input scales",
         keep_layer_stats=False,
     )
     final = runner.run(ids, mask, batch_size=bs, extra_metadata={"runs": [run_meta]})

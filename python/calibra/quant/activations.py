@@ -26,16 +26,27 @@ from dataclasses import dataclass
 
 import torch
 
+from calibra.quant.fp4_act import mxfp4_fake_quant, nvfp4_fake_quant, nvfp4_global_scale
 from calibra.quant.fp8 import fp8_fake_quant, fp8_fake_quant_dynamic, fp8_scale
 from calibra.quant.int8 import int8_fake_quant, int8_fake_quant_dynamic, int8_scale
 
 HOOKS_ATTR = "_calibra_input_quant_hooks"
-FORMATS = ("fp8", "int8")
-# format -> (scale of an absmax, static fake-quant, dynamic per-token fake-quant)
+FORMATS = ("fp8", "int8", "nvfp4", "mxfp4")
+# format -> (static scale of an absmax, static fake-quant, dynamic fake-quant); None where the format has no
+# such variant. nvfp4's static "scale" is its global scale (a float32 divisor, 448 * 6 / absmax) under
+# dynamic per-16 local scales; mxfp4 is dynamic only (per-32 E8M0 scales at run time)
 _MATH = {
     "fp8": (fp8_scale, fp8_fake_quant, fp8_fake_quant_dynamic),
     "int8": (int8_scale, int8_fake_quant, int8_fake_quant_dynamic),
+    "nvfp4": (nvfp4_global_scale, nvfp4_fake_quant, None),
+    "mxfp4": (None, None, mxfp4_fake_quant),
 }
+SCALE_DTYPE = {"nvfp4": torch.float32}  # a static scale's dtype where it is not the model's
+
+
+def static_scale(amax: torch.Tensor, dtype: torch.dtype, format: str) -> torch.Tensor:
+    """The static input scale ``[1]`` of the magnitude ``amax`` in ``format`` (model dtype ``dtype``)."""
+    return _MATH[format][0](amax.to(SCALE_DTYPE.get(format, dtype)).reshape(1))
 
 
 @dataclass
@@ -44,30 +55,43 @@ class InputQuant:
 
     dynamic: bool
     scale: torch.Tensor | None
-    """Static: the per-tensor scale, shape ``[1]``, in the model's dtype; None when dynamic."""
+    """Static: the per-tensor scale, shape ``[1]``, in the model's dtype (nvfp4: the float32 global scale
+    that divides the per-16 local scales, compressed-tensors' ``input_global_scale``); None when dynamic."""
     tokens: int = 0
     """Calibration tokens behind a static scale (0 for dynamic, or for a fallback)."""
     fallback: str | None = None
     """Why a static scale is not the module's own (an expert without tokens), or None."""
     format: str = "fp8"
-    """The input's number format: "fp8" (E4M3) or "int8" (symmetric)."""
+    """The input's number format: "fp8" (E4M3), "int8" (symmetric), "nvfp4" or "mxfp4" (E2M1 groups)."""
+    clip: float | None = None
+    """``--act-observer mse``: the kept shrink factor of the absmax (``calibra.quant.act_mse``), else None."""
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": self.format,
             "dynamic": self.dynamic,
             "scale": None if self.scale is None else float(self.scale.float().reshape(-1)[0]),
             "tokens": self.tokens,
             "fallback": self.fallback,
         }
+        if self.clip is not None:
+            d["clip"] = self.clip
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, dtype: torch.dtype) -> InputQuant:
-        scale = None if d["scale"] is None else torch.tensor([d["scale"]], dtype=dtype)
         fmt = d.get("format", "fp8")  # folders written before INT8 inputs existed hold FP8 only
         if fmt not in FORMATS:
             raise ValueError(f"[quantize] input quantization format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return cls(dynamic=d["dynamic"], scale=scale, tokens=d.get("tokens", 0), fallback=d.get("fallback"), format=fmt)
+        scale = None if d["scale"] is None else torch.tensor([d["scale"]], dtype=SCALE_DTYPE.get(fmt, dtype))
+        return cls(
+            dynamic=d["dynamic"],
+            scale=scale,
+            tokens=d.get("tokens", 0),
+            fallback=d.get("fallback"),
+            format=fmt,
+            clip=d.get("clip"),
+        )
 
 
 def _absmax_of(stats, key: str, clip_percentile: float | None = None) -> torch.Tensor | None:
@@ -93,15 +117,23 @@ def _expert_group(stats_key: str) -> tuple[str, str]:
 
 
 def static_input_quant(
-    stats, targets, dtype: torch.dtype, clip_percentile: float | None = None, format: str = "fp8"
+    stats,
+    targets,
+    dtype: torch.dtype,
+    clip_percentile: float | None = None,
+    format: str = "fp8",
+    shrink: dict[str, float] | None = None,
 ) -> dict[str, InputQuant]:
     """Static per-tensor input scales of ``targets`` (``calibra.quant.apply.Target``) from ``stats`` (with
     the ``ranges`` observer): absmax / 448 (``format`` "int8": / 127.5), or with ``clip_percentile`` that
-    percentile of the magnitudes; experts without tokens get the fallback of the module docstring."""
-    scale_of = _MATH[format][0]
+    percentile of the magnitudes, or with ``shrink`` (stats key -> factor, ``calibra.quant.act_mse``) that
+    fraction of the absmax; experts without tokens get the fallback of the module docstring."""
     own: dict[str, tuple[torch.Tensor | None, int]] = {}
     for t in targets:
-        own[t.name] = (_absmax_of(stats, t.stats_key, clip_percentile), stats.count("ranges", t.stats_key))
+        amax = _absmax_of(stats, t.stats_key, clip_percentile)
+        if amax is not None and shrink and t.stats_key in shrink:
+            amax = amax * shrink[t.stats_key]
+        own[t.name] = (amax, stats.count("ranges", t.stats_key))
     siblings: dict[tuple[str, str], list[torch.Tensor]] = {}
     for t in targets:
         if t.expert and own[t.name][0] is not None:
@@ -129,7 +161,12 @@ def static_input_quant(
                 f"{len(peers)} experts of its block that saw tokens"
             )
         out[t.name] = InputQuant(
-            dynamic=False, scale=scale_of(amax.to(dtype).reshape(1)), tokens=tokens, fallback=why, format=format
+            dynamic=False,
+            scale=static_scale(amax, dtype, format),
+            tokens=tokens,
+            fallback=why,
+            format=format,
+            clip=None if shrink is None or why else shrink.get(t.stats_key, 1.0),
         )
     return out
 

@@ -14,26 +14,34 @@
                    ``W8A8`` preset.
 ``w8a8-static``    the same weights and smoothing; every input quantized to int8 with one *static*
                    per-tensor scale calibrated on the smoothed inputs (absmax / 127.5, or a percentile).
+``nvfp4``          NVFP4 W4A4: NVFP4 weights (E2M1, group 16, E4M3 group scales under a per-tensor global
+                   scale; RTN, or GPTQ when a GPTQConfig is given); every input quantized to NVFP4 with
+                   per-16 E4M3 scales computed at run time under one *static* global scale per Linear,
+                   calibrated (448 * 6 / absmax of the calibration inputs). compressed-tensors' ``NVFP4``.
+``mxfp4``          MXFP4 W4A4: MXFP4 weights (E2M1, group 32, E8M0 scales; RTN or GPTQ); every input
+                   quantized to MXFP4 with per-32 E8M0 scales computed at run time (data-free with RTN).
+                   compressed-tensors' ``MXFP4``.
 =================  =====================================================================================
 
 ``kv_cache="fp8"`` (``--kv-cache fp8``) is separate and combines with any weight scheme: calibrated
 per-layer ``k_scale`` / ``v_scale`` (absmax / 448 of the keys and values as written to the cache, after
 RoPE), and K/V quantize-dequantized with them in the simulation (``calibra.quant.kv_fp8``).
 
-Every field is validated before a weight loads; the math lives in ``calibra.quant.fp8`` and
-``calibra.quant.int8``.
+Every field is validated before a weight loads; the math lives in ``calibra.quant.fp8``,
+``calibra.quant.int8`` and ``calibra.quant.fp4_act``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calibra.quant.config import GPTQConfig, RTNConfig
+from calibra.quant.config import FP4_GROUP, GPTQConfig, RTNConfig
 
-SCHEMES = ("fp8", "fp8-dynamic", "w8a8", "w8a8-static")
+SCHEMES = ("fp8", "fp8-dynamic", "w8a8", "w8a8-static", "nvfp4", "mxfp4")
 ALIASES = {"int8": "w8a8"}
-STATIC_SCHEMES = ("fp8", "w8a8-static")
-OBSERVERS = ("absmax", "percentile")
+STATIC_SCHEMES = ("fp8", "w8a8-static")  # one static scale per input, chosen by an observer
+FP4_SCHEMES = ("nvfp4", "mxfp4")  # W4A4: the weights' solver may be chosen (RTN or GPTQ)
+OBSERVERS = ("absmax", "percentile", "mse")
 KV_CACHE_FORMATS = ("fp8",)
 
 
@@ -47,7 +55,9 @@ class ActQuantConfig:
     - ``observer``: how a static scale is chosen from the calibration statistics: "absmax" (the largest
       magnitude the module's input reached) or "percentile" (the ``clip_percentile``-th percentile of the
       input's magnitudes, from the range observer's histogram, to 1/16 octave, rounded outward: values
-      beyond it saturate at +-448 x scale).
+      beyond it saturate at +-448 x scale) or "mse" (per input, the shrink factor of the absmax whose
+      quantize-dequantize has the least measured squared error on the calibration inputs:
+      ``calibra.quant.act_mse``).
     """
 
     format: str = "fp8"
@@ -56,8 +66,15 @@ class ActQuantConfig:
     clip_percentile: float = 99.99
 
     def validate(self) -> ActQuantConfig:
-        if self.format not in ("fp8", "int8"):
-            raise ValueError(f"[quantize] ActQuantConfig.format must be 'fp8' or 'int8', got {self.format!r}")
+        if self.format not in ("fp8", "int8", "nvfp4", "mxfp4"):
+            raise ValueError(
+                f"[quantize] ActQuantConfig.format must be 'fp8', 'int8', 'nvfp4' or 'mxfp4', got {self.format!r}"
+            )
+        if self.format == "nvfp4" and self.dynamic or self.format == "mxfp4" and not self.dynamic:
+            raise ValueError(
+                "[quantize] ActQuantConfig: nvfp4 inputs have a static global scale (dynamic=False), mxfp4 inputs "
+                "are dynamic only (dynamic=True)"
+            )
         if not isinstance(self.dynamic, bool):
             raise ValueError(f"[quantize] ActQuantConfig.dynamic must be a bool, got {self.dynamic!r}")
         if self.observer not in OBSERVERS:
@@ -82,6 +99,10 @@ class ActQuantConfig:
         d = {"format": self.format, "dynamic": self.dynamic, "observer": None if self.dynamic else self.observer}
         if self.observer == "percentile":
             d["clip_percentile"] = self.clip_percentile
+        if self.observer == "mse" and not self.dynamic:
+            from calibra.quant.act_mse import SHRINK_GRID
+
+            d["shrink_grid"] = list(SHRINK_GRID)
         return d
 
 
@@ -100,6 +121,15 @@ def scheme_configs(
     if name not in SCHEMES:
         names = ", ".join(SCHEMES + tuple(ALIASES))
         raise ValueError(f"[quantize] unknown scheme {name!r}; choose from {names}")
+    if name in FP4_SCHEMES:
+        if observer != "absmax":
+            raise ValueError(
+                f"[quantize] observer {observer!r} chooses a static per-tensor scale (--scheme "
+                f"{' or '.join(STATIC_SCHEMES)}); {name}'s inputs have per-group scales computed at run time "
+                f"(nvfp4's global scale is the absmax: its local scales absorb the range)"
+            )
+        weights = RTNConfig(bits=4, group_size=FP4_GROUP[name], sym=True, format=name)
+        return weights, ActQuantConfig(format=name, dynamic=name == "mxfp4")
     if name.startswith("w8a8"):
         # per-channel int8 by GPTQ: act-order costs nothing in the layout with one group per row
         weights = GPTQConfig(bits=8, group_size=-1, sym=True, desc_act=True, true_sequential=True)
@@ -110,6 +140,35 @@ def scheme_configs(
         format=fmt, dynamic=name not in STATIC_SCHEMES, observer=observer, clip_percentile=clip_percentile
     )
     return weights, act
+
+
+def check_weights(name: str, config) -> None:
+    """A W4A4 scheme's weights given as a config (``--method``): the scheme's own format, RTN or GPTQ."""
+    from calibra.quant.config import MRGPTQConfig
+
+    if name not in FP4_SCHEMES:
+        raise ValueError(
+            f"[quantize] scheme {name!r} is a complete recipe (its weights included): give either config or "
+            f"scheme, not both (on the command line: --scheme without --method; only --scheme "
+            f"{' / '.join(FP4_SCHEMES)} takes --method rtn or gptq for its weights)"
+        )
+    if isinstance(config, MRGPTQConfig):
+        raise ValueError(
+            f"[quantize] --scheme {name} with MR-GPTQ is not implemented: its Hadamard rotation would have to be "
+            f"applied to the inputs online before their FP4 quantization (neither simulated nor exportable "
+            f"yet); use --method rtn or gptq"
+        )
+    if not isinstance(config, (RTNConfig, GPTQConfig)) or config.format != name:
+        raise ValueError(
+            f"[quantize] --scheme {name} quantizes its weights to {name}: give an RTNConfig or GPTQConfig with "
+            f"format={name!r} (on the command line --method rtn|gptq; --format, --bits and --group-size are "
+            f"the scheme's), got {type(config).__name__} with format {getattr(config, 'format', None)!r}"
+        )
+    if getattr(config, "awq", False) or getattr(config, "needs_hessian", False) and isinstance(config, RTNConfig):
+        raise ValueError(
+            f"[quantize] --scheme {name}: AWQ and clip_metric 'output' are not combined with activation "
+            f"quantization yet (they read unquantized inputs); drop --awq / use --clip mse"
+        )
 
 
 def check_kv_cache(kv_cache) -> str | None:
@@ -124,10 +183,12 @@ __all__ = [
     "SCHEMES",
     "ALIASES",
     "STATIC_SCHEMES",
+    "FP4_SCHEMES",
     "OBSERVERS",
     "KV_CACHE_FORMATS",
     "ActQuantConfig",
     "resolve_scheme",
     "scheme_configs",
+    "check_weights",
     "check_kv_cache",
 ]

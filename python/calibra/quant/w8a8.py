@@ -1,5 +1,7 @@
-"""The INT8 W8A8 job (``--scheme w8a8`` / ``w8a8-static``): one calibration pass that, layer by layer and
-group by group (q/k/v, o, gate/up, down: GPTQ's true-sequential order),
+"""The INT8 W8A8 job (``--scheme w8a8`` / ``w8a8-static``), and the W4A4 jobs with GPTQ weights
+(``--scheme nvfp4`` / ``mxfp4`` with a GPTQConfig: the same pass without smoothing, their input format
+instead of int8): one calibration pass that, layer by layer and group by group (q/k/v, o, gate/up, down:
+GPTQ's true-sequential order),
 
 1. for a smoothing group (``act_ranges.smoothing_groups``), collects the group's input ranges and a sample
    of its inputs, searches the SmoothQuant strength (``calibra.quant.smoothquant``) and folds the kept
@@ -30,13 +32,13 @@ from calibra.quant.apply import layer_targets
 class W8A8Layers:
     """The runner's ``on_layer`` callback (see the module docstring). ``runner``: the ``LayerRunner`` (made
     with ``collect_on_demand=True``); ``quantizer``: a ``LayerQuantizer`` with the scheme's GPTQConfig;
-    ``act``: the ``ActQuantConfig``; ``smooth``: the ``SmoothConfig``; ``total_tokens``: unpadded
-    calibration tokens (the sample's stride)."""
+    ``act``: the ``ActQuantConfig``; ``smooth``: the ``SmoothConfig`` (None: no smoothing groups at all, the
+    W4A4 schemes); ``total_tokens``: unpadded calibration tokens (the sample's stride)."""
 
     def __init__(self, model, adapter, quantizer, runner, act, smooth, total_tokens: int):
         self.model, self.adapter, self.quantizer, self.runner = model, adapter, quantizer, runner
         self.act, self.smooth = act, smooth
-        self.stride = max(1, math.ceil(total_tokens / smooth.sample_tokens))
+        self.stride = max(1, math.ceil(total_tokens / smooth.sample_tokens)) if smooth is not None else 1
         self.dtype = next(model.parameters()).dtype
         self.input_quant: dict = {}
         self.smoothing: dict = {}  # norm path -> what the search measured and kept
@@ -48,9 +50,8 @@ class W8A8Layers:
         quantizer.on_module = lambda ql: self._pending.append(ql.name)
 
     def __call__(self, index: int, layer, stats) -> None:
-        self._groups = {
-            frozenset(mods): (norm, mods) for norm, _, mods in ar.smoothing_groups(self.adapter, index, layer)
-        }
+        groups = ar.smoothing_groups(self.adapter, index, layer) if self.smooth is not None else []
+        self._groups = {frozenset(mods): (norm, mods) for norm, _, mods in groups}
         self._stats = stats
         self.quantizer(index, layer, stats)
         self._finish(index, layer)
@@ -120,16 +121,25 @@ class W8A8Layers:
             return
         names = set(self._pending)
         self._pending = []
+        fmt = self.act.format
         if self.act.dynamic:
-            new = activations.dynamic_input_quant(sorted(names), format="int8")
+            new = activations.dynamic_input_quant(sorted(names), format=fmt)
         else:
             targets = [t for t in layer_targets(self.adapter, index, layer) if t.name in names]
             clip = self.act.clip_percentile if self.act.observer == "percentile" else None
-            new = activations.static_input_quant(self._stats, targets, self.dtype, clip, format="int8")
+            shrink = None
+            if self.act.observer == "mse":  # a group's inputs do not depend on its own (now solved) weights
+                from calibra.quant.act_mse import choose_shrink
+
+                keys = sorted({t.stats_key for t in targets})
+                shrink, _ = choose_shrink(self.runner, index, layer, self._stats, targets, self.dtype, fmt, keys)
+            new = activations.static_input_quant(self._stats, targets, self.dtype, clip, format=fmt, shrink=shrink)
         self.input_quant.update(new)
         activations.install(self.model, self.input_quant)
 
-    def report(self, smooth) -> dict:
+    def report(self, smooth) -> dict | None:
+        if smooth is None:
+            return None
         kept = [e["alpha"] for e in self.smoothing.values()]
         return {
             **smooth.to_dict(),
@@ -140,7 +150,7 @@ class W8A8Layers:
 
 def run(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, act, smooth):
     """The W8A8 calibration pass (module docstring). Returns ``({module: InputQuant}, final statistics,
-    the report's smoothing block)``."""
+    the report's smoothing block or None without smoothing)``."""
     from calibra.calib import LayerRunner
 
     runner = LayerRunner(
@@ -152,7 +162,7 @@ def run(model, adapter, quantizer, ids, mask, bs, run_meta, device, progress, ac
         collect_on_demand=True,
         on_layer=lambda *a: None,  # replaced below (the callback needs the runner)
         progress=progress,
-        desc=f"w8a8 (smoothquant {smooth.mode}) + gptq",
+        desc=f"w8a8 (smoothquant {smooth.mode}) + gptq" if smooth is not None else f"{act.format} inputs + gptq",
         keep_layer_stats=False,
     )
     total = int(mask.sum()) if mask is not None else int(ids.numel())

@@ -386,10 +386,16 @@ def activation_quant(report: dict) -> Section | None:
     s = Section("activations", "Activation and KV-cache quantization")
     if aq:
         mods = aq.get("modules") or {}
+        how = {
+            "nvfp4": "per-16 E4M3 scales at run time under a static global scale per module (448 * 6 / absmax)",
+            "mxfp4": "per-32 E8M0 scales at run time",
+        }.get(aq.get("format"))
+        if how is None:
+            how = "one scale per token at run time" if aq.get("dynamic") else f"static scales ({aq.get('observer')})"
         s.add(
             para(
                 f"scheme {aq.get('scheme')}: {aq.get('format')} inputs, "
-                + ("one scale per token at run time" if aq.get("dynamic") else f"static scales ({aq.get('observer')})")
+                + how
                 + f"; {len(mods)} modules, {len(aq.get('fallbacks') or [])} with a fallback scale (an expert no "
                 "calibration token reached), "
                 f"{len(aq.get('not_simulated') or [])} not simulated."
@@ -398,7 +404,7 @@ def activation_quant(report: dict) -> Section | None:
         fb = [[n, fmt(mods[n].get("scale")), mods[n].get("fallback")] for n in aq.get("fallbacks") or [] if n in mods]
         if fb:
             s.add(table(["module", "scale", "fallback"], fb))
-        if not aq.get("dynamic"):
+        if not aq.get("dynamic") and aq.get("format") != "nvfp4":
             # the largest input scale of each role per decoder layer (experts: the largest over the block)
             by_role: dict[str, dict[int, float]] = {}
             for n, d in mods.items():
@@ -415,8 +421,14 @@ def activation_quant(report: dict) -> Section | None:
                     "static input scale (absmax / 448 for FP8, / 127.5 for INT8, or the clipped percentile) per "
                     "role and decoder layer",
                 )
-            rows = [[n, fmt(d.get("scale")), d.get("tokens")] for n, d in mods.items()]
-            s.add(details("input scale per module", table(["module", "scale", "tokens"], rows)))
+        if not aq.get("dynamic"):
+            clip = any("clip" in d for d in mods.values())  # --act-observer mse: the kept shrink factor
+            rows = [
+                [n, fmt(d.get("scale")), d.get("tokens")] + ([fmt(d.get("clip"))] if clip else [])
+                for n, d in mods.items()
+            ]
+            head = ["module", "global scale" if aq.get("format") == "nvfp4" else "scale", "tokens"]
+            s.add(details("input scale per module", table(head + (["clip"] if clip else []), rows)))
     sq = report.get("smoothquant")
     if sq:  # w8a8: the SmoothQuant strength kept per smoothing group, and what it measured
         groups = sq.get("groups") or {}
