@@ -58,7 +58,17 @@ def fused_keys(qmodel) -> set[str]:
         hit = _fused_param(name)
         if hit is not None:
             counts.setdefault(hit[0], set()).add(hit[1])
+    from calibra.compat.transformers import stacked_glu_experts
+
     for key, seen in counts.items():
+        experts = qmodel.model.get_submodule(key.rpartition(".")[0])
+        if stacked_glu_experts(experts):
+            raise ExportError(
+                f"[export] {key.rpartition('.')[0]} ({type(experts).__name__}) holds every expert's gate, up and "
+                f"down rows in 2-D mlp.w1 / mlp.v1 / mlp.w2 parameters that the checkpoint stores whole, and "
+                f"transformers' loader reads them only so (no per-expert Linears): its quantized experts cannot "
+                f"be written per expert -- export 'dense' (the effective weights)"
+            )
         n_exp = qmodel.model.get_parameter(key).shape[0]
         if len(seen) != n_exp:
             missing = sorted(set(range(n_exp)) - seen)
