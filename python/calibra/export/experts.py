@@ -64,10 +64,9 @@ def fused_keys(qmodel) -> set[str]:
         experts = qmodel.model.get_submodule(key.rpartition(".")[0])
         if stacked_glu_experts(experts):
             raise ExportError(
-                f"[export] {key.rpartition('.')[0]} ({type(experts).__name__}) holds every expert's gate, up and "
-                f"down rows in 2-D mlp.w1 / mlp.v1 / mlp.w2 parameters that the checkpoint stores whole, and "
-                f"transformers' loader reads them only so (no per-expert Linears): its quantized experts cannot "
-                f"be written per expert -- export 'dense' (the effective weights)"
+                f"[export] {key.rpartition('.')[0]} ({type(experts).__name__}): quantized experts export 'dense' "
+                f"only (the effective weights) -- the checkpoint stores every expert's rows whole in 2-D mlp.w1 / "
+                f"mlp.v1 / mlp.w2 and transformers' loader reads them only so (no per-expert Linears to quantize)"
             )
         n_exp = qmodel.model.get_parameter(key).shape[0]
         if len(seen) != n_exp:
