@@ -327,6 +327,10 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
         n_tokens = CAL["num_samples"] * CAL["sequence_length"]
         assert sum(r["tokens"] for r in rows) == qm.model.config.ffn_config.moe_top_k * n_tokens
         assert all(0 < r["lambda"] <= 1 for r in rows)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "q" / "quantized.safetensors"))
+    assert not any(".experts.mlp." in k for k in stored)  # the experts as codes only, no dense copy beside them
     rebuilt, _ = load(tmp_path / "q")
     ids = torch.randint(3, 300, (2, 12))
     assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
