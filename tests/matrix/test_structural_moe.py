@@ -342,3 +342,60 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
     dense = E.export(qm, tmp_path / "dense", "dense")[0]
     reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
     assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
+
+
+def test_jetmoe_experts_quantized_per_expert(tmp_path):
+    """JetMoE's MoE block holds its experts itself (``input_linear [E, 2I, H]`` / ``output_linear [E, H, I]``,
+    called with the tokens sorted by expert): calibrate -> GPTQ W4 quantizes every expert from the tokens the
+    router's top-k sends it (a coverage row per expert), writes the codes back into the block's weights,
+    calibra's folder rebuilds the same model, compressed-tensors / GPTQ refuse by name and the dense export
+    reloads in transformers with calibra's logits. Its mixture-of-attention experts stay dense, with the reason."""
+    import calibra
+    import calibra.export as E
+    from calibra.data import CalibrationConfig
+    from calibra.export.writer import ExportError
+    from calibra.quant import GPTQConfig
+    from calibra.quant.save import load
+
+    from .run_one import CAL, _logits, _tokenizer
+
+    model = tiny_model("jetmoe")
+    a = get_adapter(model)
+    i, layer, (b,) = _moe_layers(a)[0]
+    assert b.experts is b.module is layer.mlp and not b.routed_at_experts and b.router is layer.mlp.router.layer
+    assert "not fused" in a.dense_linears(layer)["self_attention.experts"]
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, report = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
+    for j, layer_q in enumerate(qm.model.model.layers):
+        key = f"model.layers.{j}.mlp"
+        mlp, orig = layer_q.mlp, model.model.layers[j].mlp
+        for e in range(EXPERTS):
+            gu, down = qm.layers[f"{key}.experts.{e}.gate_up_proj"], qm.layers[f"{key}.experts.{e}.down_proj"]
+            assert torch.equal(mlp.input_linear.weight[e], gu.weight.to(mlp.input_linear.weight.dtype))
+            assert torch.equal(mlp.output_linear.weight[e], down.weight.to(mlp.output_linear.weight.dtype))
+            assert not torch.equal(mlp.input_linear.weight[e], orig.input_linear.weight[e])
+        rows = [r for r in report["moe_coverage"] if r["block"] == key]
+        assert [r["expert"] for r in rows] == list(range(EXPERTS))
+        assert sum(r["tokens"] for r in rows) == b.top_k * n_tokens
+        assert all(0 < r["lambda"] <= 1 for r in rows)
+    rebuilt, _ = load(tmp_path / "q")
+    ids = torch.randint(3, 300, (2, 12))
+    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="export 'dense' only"):
+            E.export(qm, tmp_path / fmt, fmt)
+    from transformers import AutoModelForCausalLM
+
+    dense = E.export(qm, tmp_path / "dense", "dense")[0]
+    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5

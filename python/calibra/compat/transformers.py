@@ -35,7 +35,8 @@ The assumptions:
    ``[E, H, 2I]`` applied as ``x @ W``, interleaved gate/up, biases); every consumer of an expert's weight
    goes through :func:`expert_slice` / :func:`store_expert_slice` / :func:`expert_down_input`. DBRX's
    experts (:func:`stacked_glu_experts`: 2-D ``w1``/``v1``/``w2`` ``[E*I, H]`` viewed per expert, ``w2``
-   applied transposed) are quantized per expert through the same functions.
+   applied transposed) and JetMoE's (:func:`parallel_experts`: the block's own ``input_linear`` /
+   ``output_linear`` 3-D weights) are quantized per expert through the same functions.
 7. **Modules swapped on a quantized load** (``transformers.quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION``):
    loading a compressed-tensors checkpoint, transformers replaces Llama 4's fused ``Llama4TextExperts``
    with a ModuleList of per-expert ``Llama4TextMLP`` Linears before it reads the weights
@@ -228,6 +229,34 @@ def stacked_glu_experts(experts) -> bool:
     return all(tuple(t.shape) == (n_exp * inter, ws[0].shape[1]) for t in ws)
 
 
+def parallel_experts(block) -> bool:
+    """JetMoE's MoE block: it holds its experts itself, as ``input_linear.weight [E, 2I, H]`` (gate rows then
+    up rows) and ``output_linear.weight [E, H, I]`` (``JetMoeParallelExperts``, called with the tokens sorted
+    by expert and the per-expert counts), its activation in ``activation``, routed by ``router.layer``'s
+    top-k. Calibra addresses these experts as ``<block>.experts`` (:func:`experts_module`). JetMoE's
+    mixture-of-attention block (no ``activation``, query/output projections as experts) is not one."""
+    wi = getattr(getattr(block, "input_linear", None), "weight", None)
+    wo = getattr(getattr(block, "output_linear", None), "weight", None)
+    if not (isinstance(wi, torch.Tensor) and isinstance(wo, torch.Tensor) and wi.dim() == 3 and wo.dim() == 3):
+        return False
+    if not callable(getattr(block, "activation", None)):
+        return False
+    e, two_i, h = wi.shape
+    return two_i % 2 == 0 and tuple(wo.shape) == (e, h, two_i // 2)
+
+
+def experts_module(model, path: str):
+    """The module that holds the experts calibra names ``<path>.<e>.<proj>`` (``path`` ends in ``.experts``):
+    that submodule, or a :func:`parallel_experts` block (JetMoE) that holds its experts itself."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        parent = model.get_submodule(path.rpartition(".")[0])
+        if path.endswith(".experts") and parallel_experts(parent):
+            return parent
+        raise
+
+
 def _stacked_rows(experts, name: str, e: int) -> torch.Tensor:
     inter = experts.ffn_hidden_size
     return getattr(experts.mlp, name).data[e * inter : (e + 1) * inter]
@@ -237,6 +266,8 @@ def fused_expert_count(experts) -> int:
     """How many experts a fused experts module holds (any layout calibra quantizes per expert)."""
     if stacked_glu_experts(experts):
         return int(experts.num_experts)
+    if parallel_experts(experts):
+        return int(experts.input_linear.weight.shape[0])
     return int(experts.gate_up_proj.shape[0])
 
 
@@ -245,6 +276,8 @@ def expert_params(experts, proj: str) -> list[str]:
     DBRX's ``mlp.w1`` + ``mlp.v1`` (gate_up) / ``mlp.w2`` (down)."""
     if stacked_glu_experts(experts):
         return ["mlp.w1", "mlp.v1"] if proj == "gate_up_proj" else ["mlp.w2"]
+    if parallel_experts(experts):
+        return ["input_linear.weight" if proj == "gate_up_proj" else "output_linear.weight"]
     return [proj]
 
 
@@ -256,6 +289,8 @@ def expert_slice(experts, proj: str, e: int) -> torch.Tensor:
         if proj == "gate_up_proj":
             return torch.cat([_stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e)])
         return _stacked_rows(experts, "w2", e).t()
+    if parallel_experts(experts):
+        return (experts.input_linear if proj == "gate_up_proj" else experts.output_linear).weight.data[e]
     w = getattr(experts, proj).data[e]
     return w.t() if transposed_experts(experts) else w
 
@@ -275,6 +310,9 @@ def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, t
     (views, no copies; GPT-OSS's interleaved gate/up columns taken apart)."""
     if stacked_glu_experts(experts):
         return _stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e), _stacked_rows(experts, "w2", e).t()
+    if parallel_experts(experts):
+        gate, up = experts.input_linear.weight[e].chunk(2, dim=0)
+        return gate, up, experts.output_linear.weight[e]
     if transposed_experts(experts):
         gu = experts.gate_up_proj[e]
         return gu[:, ::2].t(), gu[:, 1::2].t(), experts.down_proj[e].t()
@@ -290,6 +328,8 @@ def expert_down_input(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     gate, up, _ = fused_expert_weights(experts, e)
     if stacked_glu_experts(experts):
         return experts.mlp.activation_fn(x @ gate.T) * (x @ up.T)
+    if parallel_experts(experts):
+        return experts.activation(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
     return experts.act_fn(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
 
 

@@ -58,15 +58,16 @@ def fused_keys(qmodel) -> set[str]:
         hit = _fused_param(name)
         if hit is not None:
             counts.setdefault(hit[0], set()).add(hit[1])
-    from calibra.compat.transformers import stacked_glu_experts
+    from calibra.compat.transformers import expert_params, experts_module, parallel_experts, stacked_glu_experts
 
     for key, seen in counts.items():
-        experts = qmodel.model.get_submodule(key.rpartition(".")[0])
-        if stacked_glu_experts(experts):
+        experts = experts_module(qmodel.model, key.rpartition(".")[0])
+        if stacked_glu_experts(experts) or parallel_experts(experts):
             raise ExportError(
                 f"[export] {key.rpartition('.')[0]} ({type(experts).__name__}): quantized experts export 'dense' "
-                f"only (the effective weights) -- the checkpoint stores every expert's rows whole in 2-D mlp.w1 / "
-                f"mlp.v1 / mlp.w2 and transformers' loader reads them only so (no per-expert Linears to quantize)"
+                f"only (the effective weights) -- the checkpoint stores all experts whole in "
+                f"{' / '.join(p for pr in ('gate_up_proj', 'down_proj') for p in expert_params(experts, pr))} and "
+                f"transformers' loader reads them only so (no per-expert Linears to quantize)"
             )
         n_exp = qmodel.model.get_parameter(key).shape[0]
         if len(seen) != n_exp:

@@ -256,10 +256,29 @@ class StructuralAdapter(ModelAdapter):
         expert, with per-expert statistics fed the tokens the family's own routing sends them (read from the
         experts' call, so grouped top-k, correction biases or sparse mixers need no code here). Other
         layouts stay dense (:meth:`dense_linears` names them and why)."""
-        from calibra.compat.transformers import fused_expert_count
+        from calibra.compat.transformers import fused_expert_count, parallel_experts
 
         cfg = text_config(self.config)
         blocks = []
+        for name, mod in layer.named_modules():
+            router = getattr(getattr(mod, "router", None), "layer", None)
+            if parallel_experts(mod) and isinstance(router, nn.Linear) and isinstance(mod.router.top_k, int):
+                # JetMoE: the block holds its experts and sorts the tokens by expert before calling them, so
+                # the runner routes the block's input with the router's Linear: top-k of softmax(logits) is
+                # JetMoE's own top-k of the logits
+                blocks.append(
+                    MoEBlock(
+                        name=name,
+                        module=mod,
+                        router=router,
+                        experts=mod,
+                        num_experts=fused_expert_count(mod),
+                        top_k=mod.router.top_k,
+                        fused=True,
+                        norm_topk_prob=True,
+                        act_fn=mod.activation,
+                    )
+                )
         for name, mod, experts, why in self._expert_modules(layer):
             if why is not None:
                 continue

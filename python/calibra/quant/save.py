@@ -48,14 +48,14 @@ def _quantized_params(qm) -> tuple[set, dict]:
     """(state-dict names of 2-D weights fully replaced by codes, {fused param name: (set of expert indices,
     number of experts)}) -- a fused param is the 3-D ``gate_up_proj`` / ``down_proj`` or, for DBRX, the 2-D
     ``mlp.w1`` / ``mlp.v1`` / ``mlp.w2`` holding every expert's rows (``compat.transformers.expert_params``)."""
-    from calibra.compat.transformers import expert_params, fused_expert_count
+    from calibra.compat.transformers import expert_params, experts_module, fused_expert_count
 
     full, slices = set(), {}
     for name in qm.layers:
         if ".experts." in name and (name.endswith(".gate_up_proj") or name.endswith(".down_proj")):
             block, rest = name.rsplit(".experts.", 1)
             e, proj = rest.split(".", 1)
-            experts = qm.model.get_submodule(f"{block}.experts")
+            experts = experts_module(qm.model, f"{block}.experts")
             for p in expert_params(experts, proj):
                 seen, _ = slices.setdefault(f"{block}.experts.{p}", (set(), fused_expert_count(experts)))
                 seen.add(int(e))
@@ -207,9 +207,9 @@ def load(path, dtype=torch.float32):
             continue
         block, rest = name.rsplit(".experts.", 1)
         e, proj = rest.split(".", 1)
-        from calibra.compat.transformers import store_expert_slice
+        from calibra.compat.transformers import experts_module, store_expert_slice
 
-        store_expert_slice(model.get_submodule(f"{block}.experts"), proj, int(e), w.to(dtype))
+        store_expert_slice(experts_module(model, f"{block}.experts"), proj, int(e), w.to(dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     simulate(model, man, dtype)
