@@ -270,6 +270,48 @@ def test_gpt_oss_experts_are_the_transposed_layout():
     assert torch.equal(ex.down_proj[3], w.T)
 
 
+def test_dbrx_and_jetmoe_expert_layouts():
+    """Assumption 6, DBRX: ``mlp.w1`` / ``v1`` / ``w2`` ``[E*I, H]`` with expert ``e`` in rows ``e*I:(e+1)*I``,
+    ``w2`` applied transposed, called with the block's routing; JetMoE: the block's own ``input_linear [E, 2I,
+    H]`` (gate rows first) / ``output_linear [E, H, I]``. For each, the routed sum computed from calibra's
+    ``[out, in]`` slices equals the module's output, and a stored slice lands in the expert's own rows."""
+    from tests.matrix.tiny_configs import tiny_model
+
+    torch.manual_seed(0)
+    dbrx = tiny_model("dbrx").transformer.blocks[0].ffn.experts
+    jet = tiny_model("jetmoe").model.layers[0].mlp
+    assert compat.stacked_glu_experts(dbrx) and compat.standard_fused_experts_issue(dbrx) is None
+    assert compat.parallel_experts(jet) and not compat.parallel_experts(
+        tiny_model("jetmoe").model.layers[0].self_attention.experts
+    )
+    for ex in (dbrx, jet):
+        assert not compat.stacked_glu_experts(jet) and not compat.parallel_experts(dbrx)
+        n = compat.fused_expert_count(ex)
+        x = torch.randn(6, compat.expert_slice(ex, "gate_up_proj", 0).shape[1])
+        with torch.no_grad():
+            if ex is dbrx:  # every token to expert n-1 with weight 1
+                want = ex(x, torch.full((6, 1), n - 1), torch.ones(6, 1)).reshape(6, -1)
+            else:  # JetMoE's experts take the tokens sorted by expert and the per-expert counts
+                sizes = [0] * (n - 1) + [6]
+                gate, up = ex.input_linear(x, sizes).chunk(2, dim=-1)
+                want = ex.output_linear(ex.activation(gate) * up, sizes)
+            got = F.linear(compat.expert_down_input(ex, n - 1, x), compat.expert_slice(ex, "down_proj", n - 1))
+        torch.testing.assert_close(got, want)
+        for proj in ("gate_up_proj", "down_proj"):
+            w = torch.randn_like(compat.expert_slice(ex, proj, 1))
+            before = {k: v.clone() for k, v in ex.state_dict().items()}
+            compat.store_expert_slice(ex, proj, 1, w)
+            assert torch.equal(compat.expert_slice(ex, proj, 1), w)
+            for k in before:  # only expert 1's rows of proj's own parameters changed
+                changed = (ex.state_dict()[k] != before[k]).nonzero()
+                if k.removesuffix(".weight") not in [p.removesuffix(".weight") for p in compat.expert_params(ex, proj)]:
+                    assert changed.numel() == 0, k
+                elif ex is dbrx:
+                    assert changed[:, 0].div(ex.ffn_hidden_size, rounding_mode="floor").unique().tolist() == [1], k
+                else:
+                    assert changed[:, 0].unique().tolist() == [1], k
+
+
 def test_llama4_experts_are_swapped_on_a_compressed_tensors_load():
     """Assumption 7: transformers swaps Llama 4's fused experts for per-expert Linears on a
     compressed-tensors load; the per-expert tensors calibra writes make that replacement compute what the

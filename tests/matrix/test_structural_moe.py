@@ -265,3 +265,137 @@ def test_gpt_oss_experts_quantized_per_expert(tmp_path):
     dense = E.export(qm, tmp_path / "dense", "dense")[0]  # the effective weights, fused as the checkpoint keeps them
     reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
     assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
+
+
+def test_dbrx_experts_quantized_per_expert(tmp_path):
+    """DBRX's experts (2-D ``w1`` / ``v1`` / ``w2`` ``[E*I, H]`` viewed per expert, ``w2`` applied transposed)
+    are an MoE block: calibrate -> GPTQ W4 quantizes every expert from the tokens its router sends it (a
+    coverage row per expert), writes the dequantized codes back into the expert's rows, calibra's folder
+    rebuilds the same model, compressed-tensors / GPTQ refuse by name (the checkpoint stores the experts
+    whole) and the dense export reloads in transformers with calibra's simulated logits."""
+    import calibra
+    import calibra.export as E
+    from calibra.compat.transformers import expert_down_input, expert_slice
+    from calibra.data import CalibrationConfig
+    from calibra.export.writer import ExportError
+    from calibra.quant import GPTQConfig
+    from calibra.quant.save import load
+
+    from .run_one import CAL, _logits, _tokenizer
+
+    model = tiny_model("dbrx")
+    a = get_adapter(model)
+    i, _, (b,) = _moe_layers(a)[0]
+    ex = b.experts
+    assert (
+        b.routed_at_experts
+        and b.num_experts == EXPERTS
+        and a.dense_linears(a.layers[i]) == {f"{b.name}.router.layer": "MoE router"}
+    )
+    torch.manual_seed(0)
+    x = torch.randn(5, model.config.d_model)
+    with torch.no_grad():  # every token to expert 2, weight 1: the module's output from calibra's [out, in] slices
+        want = ex(x, torch.full((5, 1), 2), torch.ones(5, 1)).reshape(5, -1)
+        got = torch.nn.functional.linear(expert_down_input(ex, 2, x), expert_slice(ex, "down_proj", 2))
+    torch.testing.assert_close(got, want)
+
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, report = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    qa = get_adapter(qm.model)
+    inter = qm.model.config.ffn_config.ffn_hidden_size
+    blocks = [f"{qa.layer_name(j)}.{bs[0].name}" for j, _, bs in _moe_layers(qa)]
+    assert len(blocks) == qm.model.config.n_layers
+    for key in blocks:
+        mlp, orig = qm.model.get_submodule(f"{key}.experts.mlp"), model.get_submodule(f"{key}.experts.mlp")
+        for e in range(EXPERTS):
+            rows = slice(e * inter, (e + 1) * inter)
+            gu, down = qm.layers[f"{key}.experts.{e}.gate_up_proj"], qm.layers[f"{key}.experts.{e}.down_proj"]
+            assert torch.equal(torch.cat([mlp.w1[rows], mlp.v1[rows]]), gu.weight.to(mlp.w1.dtype))
+            assert torch.equal(mlp.w2[rows], down.weight.T.to(mlp.w2.dtype))  # stored transposed
+            assert not torch.equal(mlp.w1[rows], orig.w1[rows]) and not torch.equal(mlp.w2[rows], orig.w2[rows])
+        rows = [r for r in report["moe_coverage"] if r["block"] == key]
+        assert [r["expert"] for r in rows] == list(range(EXPERTS))
+        n_tokens = CAL["num_samples"] * CAL["sequence_length"]
+        assert sum(r["tokens"] for r in rows) == qm.model.config.ffn_config.moe_top_k * n_tokens
+        assert all(0 < r["lambda"] <= 1 for r in rows)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "q" / "quantized.safetensors"))
+    assert not any(".experts.mlp." in k for k in stored)  # the experts as codes only, no dense copy beside them
+    rebuilt, _ = load(tmp_path / "q")
+    ids = torch.randint(3, 300, (2, 12))
+    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="export 'dense' only"):
+            E.export(qm, tmp_path / fmt, fmt)
+    from transformers import AutoModelForCausalLM
+
+    dense = E.export(qm, tmp_path / "dense", "dense")[0]
+    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
+
+
+def test_jetmoe_experts_quantized_per_expert(tmp_path):
+    """JetMoE's MoE block holds its experts itself (``input_linear [E, 2I, H]`` / ``output_linear [E, H, I]``,
+    called with the tokens sorted by expert): calibrate -> GPTQ W4 quantizes every expert from the tokens the
+    router's top-k sends it (a coverage row per expert), writes the codes back into the block's weights,
+    calibra's folder rebuilds the same model, compressed-tensors / GPTQ refuse by name and the dense export
+    reloads in transformers with calibra's logits. Its mixture-of-attention experts stay dense, with the reason."""
+    import calibra
+    import calibra.export as E
+    from calibra.data import CalibrationConfig
+    from calibra.export.writer import ExportError
+    from calibra.quant import GPTQConfig
+    from calibra.quant.save import load
+
+    from .run_one import CAL, _logits, _tokenizer
+
+    model = tiny_model("jetmoe")
+    a = get_adapter(model)
+    i, layer, (b,) = _moe_layers(a)[0]
+    assert b.experts is b.module is layer.mlp and not b.routed_at_experts and b.router is layer.mlp.router.layer
+    assert "not fused" in a.dense_linears(layer)["self_attention.experts"]
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    qm, report = calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
+    for j, layer_q in enumerate(qm.model.model.layers):
+        key = f"model.layers.{j}.mlp"
+        mlp, orig = layer_q.mlp, model.model.layers[j].mlp
+        for e in range(EXPERTS):
+            gu, down = qm.layers[f"{key}.experts.{e}.gate_up_proj"], qm.layers[f"{key}.experts.{e}.down_proj"]
+            assert torch.equal(mlp.input_linear.weight[e], gu.weight.to(mlp.input_linear.weight.dtype))
+            assert torch.equal(mlp.output_linear.weight[e], down.weight.to(mlp.output_linear.weight.dtype))
+            assert not torch.equal(mlp.input_linear.weight[e], orig.input_linear.weight[e])
+        rows = [r for r in report["moe_coverage"] if r["block"] == key]
+        assert [r["expert"] for r in rows] == list(range(EXPERTS))
+        assert sum(r["tokens"] for r in rows) == b.top_k * n_tokens
+        assert all(0 < r["lambda"] <= 1 for r in rows)
+    rebuilt, _ = load(tmp_path / "q")
+    ids = torch.randint(3, 300, (2, 12))
+    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="export 'dense' only"):
+            E.export(qm, tmp_path / fmt, fmt)
+    from transformers import AutoModelForCausalLM
+
+    dense = E.export(qm, tmp_path / "dense", "dense")[0]
+    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5

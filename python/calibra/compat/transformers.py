@@ -33,7 +33,10 @@ The assumptions:
    it chose (:func:`standard_fused_experts_issue` says when a module is not of that kind). GPT-OSS's
    experts are the one other fused layout calibra quantizes per expert (:func:`transposed_experts`:
    ``[E, H, 2I]`` applied as ``x @ W``, interleaved gate/up, biases); every consumer of an expert's weight
-   goes through :func:`expert_slice` / :func:`store_expert_slice` / :func:`expert_down_input`.
+   goes through :func:`expert_slice` / :func:`store_expert_slice` / :func:`expert_down_input`. DBRX's
+   experts (:func:`stacked_glu_experts`: 2-D ``w1``/``v1``/``w2`` ``[E*I, H]`` viewed per expert, ``w2``
+   applied transposed) and JetMoE's (:func:`parallel_experts`: the block's own ``input_linear`` /
+   ``output_linear`` 3-D weights) are quantized per expert through the same functions.
 7. **Modules swapped on a quantized load** (``transformers.quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION``):
    loading a compressed-tensors checkpoint, transformers replaces Llama 4's fused ``Llama4TextExperts``
    with a ModuleList of per-expert ``Llama4TextMLP`` Linears before it reads the weights
@@ -211,21 +214,105 @@ def transposed_experts(experts) -> bool:
     return tuple(down.shape) == (e, two_i // 2, h) and tuple(gb.shape) == (e, two_i) and tuple(db.shape) == (e, h)
 
 
+def stacked_glu_experts(experts) -> bool:
+    """DBRX's layout: ``experts.mlp`` holds ``w1`` (gate), ``v1`` (up) and ``w2`` (down, stored transposed:
+    applied as ``h @ w2``) as 2-D ``[E*I, H]`` parameters, expert ``e`` in rows ``e*I:(e+1)*I``
+    (``experts.num_experts`` / ``ffn_hidden_size``), its activation in ``mlp.activation_fn``. Explicit
+    because nothing in the shapes says where one expert ends or that ``w2`` is transposed."""
+    mlp = getattr(experts, "mlp", None)
+    ws = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    n_exp, inter = getattr(experts, "num_experts", None), getattr(experts, "ffn_hidden_size", None)
+    if not (isinstance(n_exp, int) and isinstance(inter, int) and callable(getattr(mlp, "activation_fn", None))):
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in ws):
+        return False
+    return all(tuple(t.shape) == (n_exp * inter, ws[0].shape[1]) for t in ws)
+
+
+def parallel_experts(block) -> bool:
+    """JetMoE's MoE block: it holds its experts itself, as ``input_linear.weight [E, 2I, H]`` (gate rows then
+    up rows) and ``output_linear.weight [E, H, I]`` (``JetMoeParallelExperts``, called with the tokens sorted
+    by expert and the per-expert counts), its activation in ``activation``, routed by ``router.layer``'s
+    top-k. Calibra addresses these experts as ``<block>.experts`` (:func:`experts_module`). JetMoE's
+    mixture-of-attention block (no ``activation``, query/output projections as experts) is not one."""
+    wi = getattr(getattr(block, "input_linear", None), "weight", None)
+    wo = getattr(getattr(block, "output_linear", None), "weight", None)
+    if not (isinstance(wi, torch.Tensor) and isinstance(wo, torch.Tensor) and wi.dim() == 3 and wo.dim() == 3):
+        return False
+    if not callable(getattr(block, "activation", None)):
+        return False
+    e, two_i, h = wi.shape
+    return two_i % 2 == 0 and tuple(wo.shape) == (e, h, two_i // 2)
+
+
+def experts_module(model, path: str):
+    """The module that holds the experts calibra names ``<path>.<e>.<proj>`` (``path`` ends in ``.experts``):
+    that submodule, or a :func:`parallel_experts` block (JetMoE) that holds its experts itself."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        parent = model.get_submodule(path.rpartition(".")[0])
+        if path.endswith(".experts") and parallel_experts(parent):
+            return parent
+        raise
+
+
+def _stacked_rows(experts, name: str, e: int) -> torch.Tensor:
+    inter = experts.ffn_hidden_size
+    return getattr(experts.mlp, name).data[e * inter : (e + 1) * inter]
+
+
+def fused_expert_count(experts) -> int:
+    """How many experts a fused experts module holds (any layout calibra quantizes per expert)."""
+    if stacked_glu_experts(experts):
+        return int(experts.num_experts)
+    if parallel_experts(experts):
+        return int(experts.input_linear.weight.shape[0])
+    return int(experts.gate_up_proj.shape[0])
+
+
+def expert_params(experts, proj: str) -> list[str]:
+    """The parameters (relative to ``experts``) that expert slices of ``proj`` live in: ``[proj]``, or
+    DBRX's ``mlp.w1`` + ``mlp.v1`` (gate_up) / ``mlp.w2`` (down)."""
+    if stacked_glu_experts(experts):
+        return ["mlp.w1", "mlp.v1"] if proj == "gate_up_proj" else ["mlp.w2"]
+    if parallel_experts(experts):
+        return ["input_linear.weight" if proj == "gate_up_proj" else "output_linear.weight"]
+    return [proj]
+
+
 def expert_slice(experts, proj: str, e: int) -> torch.Tensor:
     """Expert ``e``'s ``proj`` (``gate_up_proj`` / ``down_proj``) as a Linear weight ``[out, in]`` (a view:
-    transposed for :func:`transposed_experts`)."""
+    transposed for :func:`transposed_experts`; for :func:`stacked_glu_experts` the gate_up weight is a copy,
+    gate rows then up rows, since they live in two parameters -- write it back with :func:`store_expert_slice`)."""
+    if stacked_glu_experts(experts):
+        if proj == "gate_up_proj":
+            return torch.cat([_stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e)])
+        return _stacked_rows(experts, "w2", e).t()
+    if parallel_experts(experts):
+        return (experts.input_linear if proj == "gate_up_proj" else experts.output_linear).weight.data[e]
     w = getattr(experts, proj).data[e]
     return w.t() if transposed_experts(experts) else w
 
 
 def store_expert_slice(experts, proj: str, e: int, w: torch.Tensor) -> None:
     """Write a ``[out, in]`` weight back into expert ``e``'s ``proj`` in place."""
+    if stacked_glu_experts(experts) and proj == "gate_up_proj":
+        inter = experts.ffn_hidden_size
+        _stacked_rows(experts, "w1", e).copy_(w[:inter])
+        _stacked_rows(experts, "v1", e).copy_(w[inter:])
+        return
     expert_slice(experts, proj, e).copy_(w)
 
 
 def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W_gate [I, H], W_up [I, H], W_down [H, I])`` of expert ``e`` of a fused experts module
     (views, no copies; GPT-OSS's interleaved gate/up columns taken apart)."""
+    if stacked_glu_experts(experts):
+        return _stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e), _stacked_rows(experts, "w2", e).t()
+    if parallel_experts(experts):
+        gate, up = experts.input_linear.weight[e].chunk(2, dim=0)
+        return gate, up, experts.output_linear.weight[e]
     if transposed_experts(experts):
         gu = experts.gate_up_proj[e]
         return gu[:, ::2].t(), gu[:, 1::2].t(), experts.down_proj[e].t()
@@ -239,6 +326,10 @@ def expert_down_input(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     if transposed_experts(experts):
         return experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
     gate, up, _ = fused_expert_weights(experts, e)
+    if stacked_glu_experts(experts):
+        return experts.mlp.activation_fn(x @ gate.T) * (x @ up.T)
+    if parallel_experts(experts):
+        return experts.activation(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
     return experts.act_fn(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
 
 
@@ -262,7 +353,12 @@ def standard_fused_experts_issue(experts) -> str | None:
     """None when calibra quantizes ``experts`` per expert: transformers 5's standard fused experts module
     (assumption 6: the two 3-D parameters and nothing else, gate rows then up rows, ``act_fn``, called with
     the block's routing) or GPT-OSS's (:func:`transposed_experts`, its biases kept dense); otherwise why
-    not (Llama 4: transposed and called without the routing)."""
+    not (Llama 4: transposed and called without the routing). DBRX's :func:`stacked_glu_experts` too."""
+    if stacked_glu_experts(experts):
+        params = _call_names(experts)
+        if params != _EXPERTS_CALL:
+            return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
+        return None
     gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return "experts are not fused as 3-D gate_up_proj / down_proj parameters"

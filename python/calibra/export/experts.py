@@ -58,7 +58,17 @@ def fused_keys(qmodel) -> set[str]:
         hit = _fused_param(name)
         if hit is not None:
             counts.setdefault(hit[0], set()).add(hit[1])
+    from calibra.compat.transformers import expert_params, experts_module, parallel_experts, stacked_glu_experts
+
     for key, seen in counts.items():
+        experts = experts_module(qmodel.model, key.rpartition(".")[0])
+        if stacked_glu_experts(experts) or parallel_experts(experts):
+            raise ExportError(
+                f"[export] {key.rpartition('.')[0]} ({type(experts).__name__}): quantized experts export 'dense' "
+                f"only (the effective weights) -- the checkpoint stores all experts whole in "
+                f"{' / '.join(p for pr in ('gate_up_proj', 'down_proj') for p in expert_params(experts, pr))} and "
+                f"transformers' loader reads them only so (no per-expert Linears to quantize)"
+            )
         n_exp = qmodel.model.get_parameter(key).shape[0]
         if len(seen) != n_exp:
             missing = sorted(set(range(n_exp)) - seen)

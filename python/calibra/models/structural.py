@@ -22,9 +22,12 @@ Families without an explicit adapter (``explicit.ADAPTERS``) are handled by disc
   the tokens and the experts the family's own block chose from the experts' call (DeepSeek's grouped top-k
   with correction biases, PhiMoE's sparse mixer, Jamba's router all arrive as ``top_k_index``), so the
   per-expert statistics, coverage and shrinkage are those of the explicit adapters. Shared experts are
-  ordinary Linears of the block. Other expert layouts (GPT-OSS: transposed, interleaved gate/up with expert
-  biases and a clamped activation; Llama 4: transposed and called without the routing; ModuleLists) stay
-  dense, and :meth:`StructuralAdapter.dense_linears` names them with the reason;
+  ordinary Linears of the block. GPT-OSS's experts (transposed, interleaved gate/up, expert biases, a clamped
+  activation) and DBRX's (2-D ``w1``/``v1``/``w2`` ``[E*I, H]``) are quantized per expert too, through
+  ``compat.transformers.expert_slice``, and so are JetMoE's (the block's own ``input_linear`` /
+  ``output_linear``, routed at the block's input by its router's Linear). Other expert layouts (Llama 4:
+  transposed and called without the routing; ModuleLists; JetMoE's attention experts) stay dense, and
+  :meth:`StructuralAdapter.dense_linears` names them with the reason;
 * **the final norm** -- the norm-like module of the base named as families name it (``norm``, ``ln_f``,
   ``final_layer_norm``, ...), when nothing else with weights runs between the stack and the head;
   otherwise :meth:`StructuralAdapter.final_norm` raises (a layer-by-layer evaluation refuses then).
@@ -255,8 +258,29 @@ class StructuralAdapter(ModelAdapter):
         expert, with per-expert statistics fed the tokens the family's own routing sends them (read from the
         experts' call, so grouped top-k, correction biases or sparse mixers need no code here). Other
         layouts stay dense (:meth:`dense_linears` names them and why)."""
+        from calibra.compat.transformers import fused_expert_count, parallel_experts
+
         cfg = text_config(self.config)
         blocks = []
+        for name, mod in layer.named_modules():
+            router = getattr(getattr(mod, "router", None), "layer", None)
+            if parallel_experts(mod) and isinstance(router, nn.Linear) and isinstance(mod.router.top_k, int):
+                # JetMoE: the block holds its experts and sorts the tokens by expert before calling them, so
+                # the runner routes the block's input with the router's Linear: top-k of softmax(logits) is
+                # JetMoE's own top-k of the logits
+                blocks.append(
+                    MoEBlock(
+                        name=name,
+                        module=mod,
+                        router=router,
+                        experts=mod,
+                        num_experts=fused_expert_count(mod),
+                        top_k=mod.router.top_k,
+                        fused=True,
+                        norm_topk_prob=True,
+                        act_fn=mod.activation,
+                    )
+                )
         for name, mod, experts, why in self._expert_modules(layer):
             if why is not None:
                 continue
@@ -274,7 +298,7 @@ class StructuralAdapter(ModelAdapter):
                     module=mod,
                     router=router,
                     experts=experts,
-                    num_experts=int(experts.gate_up_proj.shape[0]),
+                    num_experts=fused_expert_count(experts),
                     top_k=int(top_k),
                     fused=True,
                     norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", True)),

@@ -64,9 +64,9 @@ def module_weight(model, name: str) -> torch.Tensor:
         pass
     block, rest = name.rsplit(".experts.", 1)
     e, proj = rest.split(".", 1)
-    from calibra.compat.transformers import expert_slice
+    from calibra.compat.transformers import expert_slice, experts_module
 
-    return expert_slice(model.get_submodule(f"{block}.experts"), proj, int(e))
+    return expert_slice(experts_module(model, f"{block}.experts"), proj, int(e))
 
 
 def sparsity_block(pm: PrunedModel) -> dict:

@@ -49,13 +49,20 @@ def config_dict(config) -> dict:
 
 
 def _quantized_params(qm) -> tuple[set, dict]:
-    """(state-dict names of 2-D weights fully replaced by codes, {3-D param name: set of expert indices})."""
+    """(state-dict names of 2-D weights fully replaced by codes, {fused param name: (set of expert indices,
+    number of experts)}) -- a fused param is the 3-D ``gate_up_proj`` / ``down_proj`` or, for DBRX, the 2-D
+    ``mlp.w1`` / ``mlp.v1`` / ``mlp.w2`` holding every expert's rows (``compat.transformers.expert_params``)."""
+    from calibra.compat.transformers import expert_params, experts_module, fused_expert_count
+
     full, slices = set(), {}
     for name in qm.layers:
         if ".experts." in name and (name.endswith(".gate_up_proj") or name.endswith(".down_proj")):
             block, rest = name.rsplit(".experts.", 1)
             e, proj = rest.split(".", 1)
-            slices.setdefault(f"{block}.experts.{proj}", set()).add(int(e))
+            experts = experts_module(qm.model, f"{block}.experts")
+            for p in expert_params(experts, proj):
+                seen, _ = slices.setdefault(f"{block}.experts.{p}", (set(), fused_expert_count(experts)))
+                seen.add(int(e))
         else:
             full.add(f"{name}.weight")
     return full, slices
@@ -77,7 +84,7 @@ def tensors_of(qm) -> dict[str, torch.Tensor]:
     for k, v in qm.model.state_dict().items():
         if k in full:
             continue
-        if k in slices and len(slices[k]) == v.shape[0]:
+        if k in slices and len(slices[k][0]) == slices[k][1]:
             continue
         key = (v.data_ptr(), tuple(v.shape))
         if key in seen:  # tied weights: stored once (config.json says they are tied)
@@ -204,9 +211,9 @@ def load(path, dtype=torch.float32):
             continue
         block, rest = name.rsplit(".experts.", 1)
         e, proj = rest.split(".", 1)
-        from calibra.compat.transformers import store_expert_slice
+        from calibra.compat.transformers import experts_module, store_expert_slice
 
-        store_expert_slice(model.get_submodule(f"{block}.experts"), proj, int(e), w.to(dtype))
+        store_expert_slice(experts_module(model, f"{block}.experts"), proj, int(e), w.to(dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     simulate(model, man, dtype)
