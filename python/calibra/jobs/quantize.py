@@ -770,7 +770,7 @@ def _run_streamed(
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
-    from calibra.calib import LayerRunner, model_identity
+    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
@@ -795,7 +795,13 @@ def _run_streamed(
         prefix, layer_tensors = "quantized", fmt.layer_tensors
     staging = ck.folder / "output" if ck is not None and job.world.writer else None
     sink = job.streamed_output(
-        output, overwrite=overwrite, prefix=prefix, layer_tensors=layer_tensors, weights=weights, staging=staging
+        output,
+        overwrite=overwrite,
+        prefix=prefix,
+        layer_tensors=layer_tensors,
+        weights=weights,
+        staging=staging,
+        disk_names=bool(export),  # engine formats: the checkpoint's names (per-expert Linears)
     )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
     quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
@@ -859,8 +865,10 @@ def _run_streamed(
             quantizer=quantizer,
             plan=plan,
         )
-        if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
+        if final_stats is not None and "moe" in final_stats.metadata:  # the routing each layer's experts saw
+            refresh_coverage(final_stats)
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
+            say(coverage_table(final_stats))
         report["output"] = str(output)
         job.record_run(report, quantizer, hessian_dtype)
         if loop.done:
