@@ -788,7 +788,7 @@ def _run_streamed(
     if export:
         from calibra.export import compressed_tensors as fmt
 
-        prefix, layer_tensors = "model", fmt.checked_layer_tensors
+        prefix, layer_tensors = "model", _checked_ct_tensors
     else:
         from calibra.quant import save as fmt
 
@@ -911,6 +911,20 @@ def _run_streamed(
     if ck is not None:
         ck.finish()
     return qm, report
+
+
+def _checked_ct_tensors(name: str, ql) -> dict:
+    """One quantized weight's compressed-tensors tensors, after the format's check of that one layer. A
+    fused expert's piece named like an expert slice (Qwen-MoE's ``experts.0.down_proj``) is checked under a
+    suffixed name, or the check would take it for a slice of a fused parameter of a model it is not given;
+    that every expert of a fused parameter is quantized is checked by ``StreamedOutput`` itself."""
+    from types import SimpleNamespace
+
+    from calibra.export import compressed_tensors as ct
+    from calibra.export.streamed import fused_slice
+
+    ct.check(SimpleNamespace(layers={name if fused_slice(name) is None else f"{name} (rows of fused experts)": ql}))
+    return ct.layer_tensors(name, ql)
 
 
 def _stamp(report, weights, t_start, t_write) -> None:
