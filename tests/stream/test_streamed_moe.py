@@ -259,3 +259,30 @@ def test_streamed_prune_of_a_converted_checkpoint_is_refused_before_any_read(tmp
     with pytest.raises(ValueError, match="per expert.*stream=False"):
         calibra.prune("builtin:tiny-moe", cfg, output=tmp_path / "out", stream=True, progress=False, echo=None)
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_moe_resume_keeps_the_routing_statistics(tmp_path, monkeypatch):
+    """A streamed GPTQ job on tiny-moe killed after layer 1's commit resumes byte-identical, and its report's
+    MoE coverage still covers the finished layers (their routing statistics are committed with them)."""
+    from calibra.io import checkpoint
+
+    from .test_streamed_quantize import _files
+
+    kw = dict(evaluate=False, progress=False, echo=None, stream=True, export="compressed-tensors")
+    cfg = GPTQConfig(bits=4, group_size=128)
+    _, ref = calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "ref", **kw)
+    real = checkpoint.LayerCheckpoints.save_layer
+
+    def interrupted(self, i, *a, **k):
+        real(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "out", **kw)
+    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    _, rep = calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "out", resume=True, **kw)
+    assert rep["resumed_from_layer"] == 2
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert rep["moe_coverage"] == ref["moe_coverage"] and ref["moe_coverage"]

@@ -825,7 +825,6 @@ def _run_streamed(
             )
         else:
             ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
-            loop.resume(fp)
             runner = LayerRunner(
                 m,
                 adapter,
@@ -841,6 +840,7 @@ def _run_streamed(
                 hessian_dtype=hessian_dtype,
                 combine=job.world.combine(),
             )
+            loop.resume(fp, runner)  # (the runner's MoE routing statistics of the finished layers back)
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
             quantizer.input_groups = runner.input_groups
