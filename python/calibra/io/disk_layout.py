@@ -142,7 +142,8 @@ class DiskLayout:
         """None when the store holds ``src`` with the shapes ``p`` needs, else why not."""
         if isinstance(src, str):
             if src not in store:
-                return f"the checkpoint has no tensor {name} (nor {src}, its name on disk)"
+                nor = "its tensors are named or fused differently" if src == name else f"nor {src}, its name on disk"
+                return f"the checkpoint has no tensor {name} ({nor})"
             got = tuple(store.entries[src][2].shape)
             if got != tuple(p.shape):
                 return f"tensor {src} is stored as {list(got)}, the model's parameter {name} is {list(p.shape)}"
