@@ -174,12 +174,31 @@ def test_auto_streams_only_when_the_model_does_not_fit(monkeypatch, streamed_cal
     assert streamed_calls["passes"] == 1
 
 
-def test_a_checkpoint_that_cannot_stream_is_named_or_loaded_whole(monkeypatch, capsys):
-    """tiny-moe stores its experts one by one and transformers fuses them at load time: forced streaming
-    says so before a weight is read; automatic streaming falls back to the whole model."""
-    import calibra.rss
+def test_moe_checkpoint_streams_layer_by_layer(streamed_calls):
+    """tiny-moe stores its experts one by one and transformers fuses them at load time: the streamed reader
+    fills the fused experts from the per-expert tensors (calibra.io.disk_layout), so the layer-by-layer
+    perplexity is the whole model's."""
+    whole = calibra.evaluate("builtin:tiny-moe", stream=False, **PROTOCOL)
+    layered = calibra.evaluate("builtin:tiny-moe", stream=True, **PROTOCOL)
+    assert streamed_calls["passes"] == 1 and streamed_calls["max_loaded"] == 1
+    assert _close(layered.ppl, whole.ppl), (layered.ppl, whole.ppl)
 
-    with pytest.raises(ValueError, match="cannot be evaluated layer by layer: .*named or fused differently"):
+
+def test_a_checkpoint_that_cannot_stream_is_named_or_loaded_whole(monkeypatch, capsys):
+    """A layout the reader cannot invert tensor by tensor (here: the fused-expert conversion reported as a
+    transposing one, as for GPT-OSS): forced streaming says so before a weight is read; automatic streaming
+    falls back to the whole model."""
+    import calibra.rss
+    from calibra.io import disk_layout
+
+    def transposing(model, name, param):
+        if name.endswith("gate_up_proj"):
+            raise ValueError(f"transformers saves the fused experts {name} transposed")
+        return real(model, name, param)
+
+    real = disk_layout._probe
+    monkeypatch.setattr(disk_layout, "_probe", transposing)
+    with pytest.raises(ValueError, match="cannot be evaluated layer by layer: .*cannot read back tensor by tensor"):
         calibra.evaluate("builtin:tiny-moe", stream=True, **PROTOCOL)
     monkeypatch.setattr(calibra.rss, "proc_kib", lambda path, field: 1 << 20)
     r = calibra.evaluate("builtin:tiny-moe", **PROTOCOL)

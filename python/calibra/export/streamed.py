@@ -168,10 +168,26 @@ class StreamedOutput:
         staging: write into this folder (created if missing; a resumed job's shards are there) instead of a
             temporary one; it becomes ``output`` at :meth:`finish`, and :meth:`abort` leaves it to its owner
             (the checkpoints, which keep it for ``--resume`` or remove it).
+        disk_names: write under the checkpoint's names, as engine formats do (``_common.dense_state``,
+            ``export.experts``): dense tensors as the source checkpoint stores them (Mixtral's
+            ``block_sparse_moe.gate``, per-expert Linears) and quantized fused-expert slices cut into the
+            checkpoint's per-expert Linears; otherwise the model's own names, as calibra's folder does (a
+            fused parameter whole, when not every expert of it is quantized).
     """
 
-    def __init__(self, output, *, overwrite: bool, prefix: str, layer_tensors, weights, staging: Path | None = None):
+    def __init__(
+        self,
+        output,
+        *,
+        overwrite: bool,
+        prefix: str,
+        layer_tensors,
+        weights,
+        staging: Path | None = None,
+        disk_names: bool = False,
+    ):
         self.layer_tensors, self.weights = layer_tensors, weights
+        self.disk_names = disk_names
         self.output, self.overwrite = output, overwrite
         self._stack = contextlib.ExitStack()
         if staging is None:
@@ -189,16 +205,56 @@ class StreamedOutput:
         """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets).
         Returns the layer's record for :meth:`restore` (its shard and the tensor names it covers)."""
         tensors, names = {}, []
+        slices: dict[str, dict[int, object]] = {}  # fused parameter -> its quantized experts
         for name, ql in qlayers.items():
-            tensors.update(self.layer_tensors(name, ql))
-            names.append(f"{name}.weight")
-        for name in self.weights.names(module):
+            hit = fused_slice(name)
+            if hit is None:
+                tensors.update(self.layer_tensors(name, ql))
+                names.append(f"{name}.weight")
+            else:
+                slices.setdefault(hit[0], {})[hit[1]] = (name, ql)
+        covered = set(names)
+        for key, experts in slices.items():
+            covered |= self._fused(key, experts, tensors, names)
+        names += sorted(covered - set(names))  # fused parameters replaced by their experts' tensors
+        dense = [n for n in self.weights.names(module) if n not in covered]
+        for name in self.weights.disk_names(dense) if self.disk_names else dense:
             if name not in self.written and name not in names:
                 tensors[name] = self.weights.read_stored(name)
                 names.append(name)
         part = self.shards.add(tensors)
         self.written.update(names)
         return {"part": part, "written": sorted(names)}
+
+    def _fused(self, key: str, experts: dict, tensors: dict, names: list) -> set[str]:
+        """Write the quantized experts ``{e: (name, QuantizedLayer)}`` of the fused parameter ``key``; returns the
+        model's names they replace (``key`` when every expert is quantized)."""
+        n_exp = self.weights.model.get_parameter(key).shape[0]
+        if not self.disk_names:  # calibra's folder: each slice under its own name (export.experts' key)
+            for e in sorted(experts):
+                tensors.update(self.layer_tensors(*experts[e]))
+            return {key} if len(experts) == n_exp else set()
+        from calibra.export.experts import pieces, row_slice
+        from calibra.export.writer import ExportError
+
+        if len(experts) != n_exp:
+            missing = min(set(range(n_exp)) - set(experts))
+            raise ExportError(
+                f"[export] {key}: {len(experts)} of {n_exp} experts are quantized (expert {missing} is not); a "
+                f"checkpoint stores each fused tensor whole -- quantize all its experts, or export 'dense'"
+            )
+        src = self.weights.layout.sources.get(key)
+        if src is not None and not isinstance(src, str):  # learned once per model (io.disk_layout)
+            cut: dict[int, list] = {}
+            for p in src.pieces:
+                cut.setdefault(p.expert, []).append((p.tensor[: -len(".weight")], p.r0, p.r1))
+        else:  # stored fused: the per-expert layout an engine reads, as the whole-model export finds it
+            cut = pieces(self.weights.model, key)
+        for e in sorted(experts):
+            for disk, r0, r1 in cut[e]:
+                tensors.update(self.layer_tensors(disk, row_slice(experts[e][1], r0, r1, disk)))
+                names.append(f"{disk}.weight")
+        return {key}
 
     def layer_done(self, module: torch.nn.Module, layer_name: str, results: dict) -> dict:
         """``after_layer`` for a compressor whose ``results`` (module path -> QuantizedLayer / PrunedLayer)
@@ -229,7 +285,8 @@ class StreamedOutput:
         """The tensors outside the decoder layers, one read at a time (the largest -- embeddings, head --
         each get their own shard; the small ones share one)."""
         small = {}
-        for name in sorted(self.weights.names(self.weights.model)):
+        names = self.weights.names(self.weights.model)
+        for name in sorted(self.weights.disk_names(names) if self.disk_names else names):
             if name in self.written:
                 continue
             t = self.weights.read_stored(name)
@@ -254,6 +311,16 @@ class StreamedOutput:
         """Remove the temporary folder (the output path is untouched); a staging folder is left to its
         owner."""
         self._stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def fused_slice(name: str) -> tuple[str, int] | None:
+    """``(fused parameter, expert)`` of a quantized fused-expert slice ``<block>.experts.<e>.<proj>`` (the
+    key ``calibra.quant.apply`` gives it), else None."""
+    block, sep, rest = name.rpartition(".experts.")
+    e, _, proj = rest.partition(".")
+    if not sep or not e.isdigit() or proj not in ("gate_up_proj", "down_proj"):
+        return None
+    return f"{block}.experts.{proj}", int(e)
 
 
 # ------------------------------------------------------------------------------------- slim records as JSON

@@ -11,9 +11,12 @@ parameters when asked (``load``), cast to the compute dtype, and empties them ag
 next decoder layer's tensors can be read on a background thread (``prefetch``) while the current one is
 solved, so disk reads and compute overlap; reads release the GIL.
 
-A checkpoint whose tensor names are not the model's parameter names (transformers renames or fuses some
-families' weights at load time, e.g. per-expert MoE tensors into 3-D parameters) cannot be streamed
-tensor by tensor: :func:`streamable` says why, and the job falls back to loading the whole model.
+A checkpoint whose tensor names are not the model's parameter names -- transformers 5 renames some
+families' tensors at load time and fuses per-expert MoE Linears into 3-D parameters -- is read through
+its :class:`~calibra.io.disk_layout.DiskLayout` (learned once per model from transformers' own save-time
+conversion): a renamed parameter is read under its disk name, a fused one is assembled from its experts'
+tensors at their rows. :func:`streamable` says why a checkpoint cannot be streamed (a tensor missing, of
+another shape, or a layout that cannot be inverted tensor by tensor).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from calibra.finite import all_finite
+from calibra.io.disk_layout import DiskLayout, Fused
 from calibra.io.model_reader import ModelFolder, ModelReadError
 from calibra.io.safetensors_header import CorruptShardError, TensorEntry
 
@@ -127,17 +131,9 @@ def weightless_model(model_config, trust_remote_code: bool = False):
 
 
 def streamable(model: nn.Module, store: WeightStore) -> str | None:
-    """None when every parameter of ``model`` is a tensor of the same shape in ``store``; else why not."""
-    tied = _tied_names(model)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if name in tied:
-            continue
-        if name not in store:
-            return f"the checkpoint has no tensor {name} (its tensors are named or fused differently)"
-        shape = tuple(store.entries[name][2].shape)
-        if shape != tuple(p.shape):
-            return f"tensor {name} is stored as {list(shape)}, the model's parameter is {list(p.shape)}"
-    return None
+    """None when every parameter of ``model`` is in ``store`` -- under its own name or, converted as
+    transformers saves it, renamed or split per expert (:class:`DiskLayout`) -- with its shape; else why not."""
+    return DiskLayout(model, store, skip=_tied_names(model)).missing
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -161,11 +157,22 @@ class StreamedModel:
         dtype: the compute dtype parameters are cast to while loaded.
         check_finite: refuse a NaN/Inf weight, naming the tensor (FAULTS: the whole-model load checks
             the same at load time).
+        layout: where the parameters the store does not hold under their own names are (learned from
+            ``model`` when not given; :func:`reopen` passes the first reader's on).
     """
 
-    def __init__(self, model: nn.Module, store: WeightStore, dtype: torch.dtype, *, check_finite: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        store: WeightStore,
+        dtype: torch.dtype,
+        *,
+        check_finite: bool = True,
+        layout: DiskLayout | None = None,
+    ):
         self.model, self.store, self.dtype = model, store, dtype
         self.check_finite = check_finite
+        self.layout = layout if layout is not None else DiskLayout(model, store, skip=_tied_names(model))
         self._prefetched: dict[str, torch.Tensor] = {}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -184,17 +191,26 @@ class StreamedModel:
         raise ValueError("[model] the module is not part of the streamed model")
 
     def names(self, module: nn.Module) -> list[str]:
-        """The checkpoint names of ``module``'s parameters (and stored persistent buffers)."""
+        """The model's names of ``module``'s parameters (and stored persistent buffers), a tied head under
+        the embeddings' name (the tensor the checkpoint stores)."""
         pre = self._prefix(module)
         out = [pre + n for n, _ in module.named_parameters(remove_duplicate=False)]
         out += [pre + n for n, _ in module.named_buffers() if pre + n in self.store]
         return [self._tied_to.get(n, n) for n in out]
 
+    def disk_names(self, names: list[str]) -> list[str]:
+        """The checkpoint tensors that hold the model's tensors ``names`` (a renamed one under its disk name,
+        a fused one as its experts' tensors); the same names for a checkpoint transformers does not convert."""
+        out = []
+        for n in names:
+            out += self.layout.disk_tensors(self._tied_to.get(n, n))
+        return out
+
     # -- reads ------------------------------------------------------------------------------------
     def prefetch(self, modules: list[nn.Module]) -> None:
         """Start reading ``modules``' tensors on a background thread (at their stored dtype)."""
         self.wait()
-        names = [n for m in modules for n in self.names(m)]
+        names = self.disk_names([n for m in modules for n in self.names(m)])
 
         def work():
             try:
@@ -220,16 +236,47 @@ class StreamedModel:
         return self.store.read(name) if t is None else t
 
     def read_stored(self, name: str) -> torch.Tensor:
-        """One tensor at its stored dtype (for writing it through unchanged)."""
+        """One tensor at its stored dtype (for writing it through unchanged): a checkpoint tensor by its
+        disk name, or a model tensor by the model's name (a fused one assembled from its experts')."""
         self.wait()
-        return self._take(name)
+        src = self.layout.sources.get(name)
+        if src is None:
+            return self._take(name)
+        return self._take(src) if isinstance(src, str) else self._assemble(name, src)
+
+    def _assemble(self, name: str, src: Fused) -> torch.Tensor:
+        """A fused parameter at its stored dtype, each expert's tensors copied into its rows (and checked)."""
+        out = None
+        for piece in src.pieces:
+            t = self._take(piece.tensor)
+            self._refuse_nonfinite(t, piece.tensor)
+            if out is None:
+                out = torch.empty(src.shape, dtype=t.dtype)
+            out[piece.expert, piece.r0 : piece.r1] = t
+            del t
+        return out
+
+    def _refuse_nonfinite(self, t: torch.Tensor, name: str) -> None:
+        if self.check_finite and not all_finite(t):
+            raise ModelReadError(
+                f"[model] tensor {name} of {self.store.folder.path} holds NaN or Inf values; the "
+                f"checkpoint is damaged (re-download it) or was saved from a diverged run"
+            )
 
     def first_values(self, name: str, count: int) -> torch.Tensor | None:
-        """The first ``count`` values of a parameter, in the compute dtype (for the model identity hash)."""
+        """The first ``count`` values of a parameter, in the compute dtype (for the model identity hash;
+        of a fused parameter, from its first experts' tensors only)."""
         name = self._tied_to.get(name, name)
-        if name not in self.store:
-            return None
-        return self.store.read(name, count).to(self.dtype)
+        src = self.layout.sources.get(name, name)
+        if isinstance(src, str):
+            return self.store.read(src, count).to(self.dtype) if src in self.store else None
+        parts, left = [], count
+        for piece in src.pieces:  # in the flat order of the fused tensor
+            if left <= 0:
+                break
+            parts.append(self.store.read(piece.tensor, left))
+            left -= parts[-1].numel()
+        return torch.cat(parts).to(self.dtype)
 
     # -- load / release ---------------------------------------------------------------------------
     def load(self, module: nn.Module, device=None) -> None:
@@ -241,12 +288,13 @@ class StreamedModel:
                 if p is None or p.device.type != "meta":
                     continue
                 full = f"{pre}{owner_name + '.' if owner_name else ''}{pname}"
-                t = self._take(self._tied_to.get(full, full))
-                if self.check_finite and not all_finite(t):
-                    raise ModelReadError(
-                        f"[model] tensor {full} of {self.store.folder.path} holds NaN or Inf values; the "
-                        f"checkpoint is damaged (re-download it) or was saved from a diverged run"
-                    )
+                name = self._tied_to.get(full, full)
+                src = self.layout.sources.get(name, name)
+                if isinstance(src, Fused):
+                    t = self._assemble(name, src)  # each expert's tensor checked by its own name
+                else:
+                    t = self._take(src)
+                    self._refuse_nonfinite(t, full if src == name else src)
                 if t.is_floating_point():
                     t = t.to(self.dtype)
                 if device is not None:
@@ -290,7 +338,11 @@ def reopen(streamed: StreamedModel) -> StreamedModel:
     counter): an evaluation pass beside a job that streams the same folder."""
     store = WeightStore(streamed.store.folder)
     return StreamedModel(
-        weightless_model(streamed.model.config), store, streamed.dtype, check_finite=streamed.check_finite
+        weightless_model(streamed.model.config),
+        store,
+        streamed.dtype,
+        check_finite=streamed.check_finite,
+        layout=streamed.layout,
     )
 
 
@@ -298,10 +350,10 @@ def open_streamed(folder: ModelFolder, model_config, dtype: torch.dtype, *, trus
     """``(StreamedModel, None)`` or ``(None, why streaming is impossible for this checkpoint)``."""
     store = WeightStore(folder)
     model = weightless_model(model_config, trust_remote_code)
-    why = streamable(model, store)
-    if why is not None:
-        return None, why
-    return StreamedModel(model, store, dtype), None
+    layout = DiskLayout(model, store, skip=_tied_names(model))  # learned once, shared with reopen()
+    if layout.missing is not None:
+        return None, layout.missing
+    return StreamedModel(model, store, dtype, layout=layout), None
 
 
 __all__ = [

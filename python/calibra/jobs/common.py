@@ -275,11 +275,14 @@ def layer_loop(
 
 
 # ---------------------------------------------------------------------------------- streamed checkpoints
-def streamed_after_layer(sink, adapter, compressor, ck=None):
+def streamed_after_layer(sink, adapter, compressor, ck=None, runner=lambda: None):
     """``after_layer(i, hidden=None)`` of a streamed job: write layer ``i`` (``StreamedOutput.layer_done``;
     ``compressor`` is the LayerQuantizer / LayerPruner, whose ``layers`` keep slim records) and, with
-    checkpoints ``ck``, commit it: the shard's record, the slim results, the modules kept dense and the
-    next layer's inputs ``hidden`` (``calibra.io.checkpoint``). A kill after the commit loses nothing."""
+    checkpoints ``ck``, commit it: the shard's record, the slim results, the modules kept dense, the
+    layer's MoE routing statistics (``runner()``: the job's LayerRunner, if any) and the next layer's
+    inputs ``hidden`` (``calibra.io.checkpoint``). A kill after the commit loses nothing."""
+    from calibra.quant.resume import moe_state
+
     dense_seen = [len(compressor.dense)]
 
     def after(i, hidden=None):
@@ -289,14 +292,18 @@ def streamed_after_layer(sink, adapter, compressor, ck=None):
         dense = compressor.dense[dense_seen[0] :]
         dense_seen[0] = len(compressor.dense)
         seconds = compressor.layer_seconds[-1] if compressor.layer_seconds else 0.0
-        ck.save_layer(i, {}, dense, hidden=hidden, extra={"streamed": record, "seconds": seconds})
+        extra = dict(moe_state(runner(), adapter.layer_name(i) + "."), streamed=record, seconds=seconds)
+        ck.save_layer(i, {}, dense, hidden=hidden, extra=extra)
 
     return after
 
 
-def restore_streamed(ck, sink, compressor) -> int:
+def restore_streamed(ck, sink, compressor, runner=None) -> int:
     """A resumed streamed job: the finished layers' shards back into ``sink``, their slim results into
-    ``compressor.layers``; returns the number of finished layers (the job continues with the next)."""
+    ``compressor.layers`` (their MoE routing statistics into ``runner``); returns the number of finished
+    layers (the job continues with the next)."""
+    from calibra.quant.resume import restore_moe
+
     for i in range(ck.resumed_from):
         _, dense, extra = ck.load_layer(i)
         if "streamed" not in extra:
@@ -305,6 +312,7 @@ def restore_streamed(ck, sink, compressor) -> int:
                 f"start over"
             )
         sink.restore(extra["streamed"], compressor.layers)
+        restore_moe(runner, extra)
         compressor.dense.extend(dense)
         compressor.layer_seconds.append(extra.get("seconds", 0.0))
     return ck.resumed_from
@@ -377,15 +385,18 @@ class StreamedLayers(_LayerLoop):
     def __init__(self, weights, adapter, compressor, sink, ck=None):
         super().__init__(adapter, compressor, ck)
         self.weights, self.sink = weights, sink
-        self.after_layer = streamed_after_layer(sink, adapter, compressor, ck)
+        self.runner = None
+        self.after_layer = streamed_after_layer(sink, adapter, compressor, ck, runner=lambda: self.runner)
 
     def resume(self, data_fingerprint, runner=None) -> int:
-        """Record (or, resuming, compare) the data's fingerprint and take the finished layers' shards back;
-        call it after the calibration tokens exist, as the whole-model job does (a checkpoint restores its
-        layer's RNG state). Returns the number of finished layers."""
+        """Record (or, resuming, compare) the data's fingerprint and take the finished layers' shards back
+        (with the ``runner``'s MoE routing state when calibrating); call it after the calibration tokens
+        exist, as the whole-model job does (a checkpoint restores its layer's RNG state). Returns the
+        number of finished layers."""
+        self.runner = runner
         if self.ck is not None:
             self.ck.check_data(data_fingerprint)
-            self.done = restore_streamed(self.ck, self.sink, self.compressor)
+            self.done = restore_streamed(self.ck, self.sink, self.compressor, runner)
         return self.done
 
 

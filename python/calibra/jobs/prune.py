@@ -387,6 +387,13 @@ def _run_streamed(
 
     meter = job.meter
     weights, tokenizer = open_streamed_job(model, model_config, dtype, job.read, job.source, "prune", tokenizer)
+    if weights.layout.sources:  # before any weight is read
+        example = next(iter(weights.layout.sources))
+        raise ValueError(
+            f"[prune] {job.source} cannot be streamed yet: its checkpoint stores some tensors under other names "
+            f"or per expert (e.g. {example}), which a streamed prune does not write back; pass stream=False "
+            f"(--no-stream)"
+        )
     m = weights.model
     adapter = get_adapter(m)
     n_layers = len(adapter.layers)

@@ -821,7 +821,7 @@ def _run_streamed(
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
-    from calibra.calib import LayerRunner, model_identity
+    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
@@ -839,14 +839,20 @@ def _run_streamed(
     if export:
         from calibra.export import compressed_tensors as fmt
 
-        prefix, layer_tensors = "model", fmt.checked_layer_tensors
+        prefix, layer_tensors = "model", _checked_ct_tensors
     else:
         from calibra.quant import save as fmt
 
         prefix, layer_tensors = "quantized", fmt.layer_tensors
     staging = ck.folder / "output" if ck is not None and job.world.writer else None
     sink = job.streamed_output(
-        output, overwrite=overwrite, prefix=prefix, layer_tensors=layer_tensors, weights=weights, staging=staging
+        output,
+        overwrite=overwrite,
+        prefix=prefix,
+        layer_tensors=layer_tensors,
+        weights=weights,
+        staging=staging,
+        disk_names=bool(export),  # engine formats: the checkpoint's names (per-expert Linears)
     )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
     quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
@@ -870,7 +876,6 @@ def _run_streamed(
             )
         else:
             ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
-            loop.resume(fp)
             runner = LayerRunner(
                 m,
                 adapter,
@@ -886,6 +891,7 @@ def _run_streamed(
                 hessian_dtype=hessian_dtype,
                 combine=job.world.combine(),
             )
+            loop.resume(fp, runner)  # (the runner's MoE routing statistics of the finished layers back)
             if true_seq:
                 quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
             quantizer.input_groups = runner.input_groups
@@ -910,8 +916,10 @@ def _run_streamed(
             quantizer=quantizer,
             plan=plan,
         )
-        if final_stats is not None and "moe" in final_stats.metadata:  # pragma: no cover - MoE is not streamed yet
+        if final_stats is not None and "moe" in final_stats.metadata:  # the routing each layer's experts saw
+            refresh_coverage(final_stats)
             report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
+            say(coverage_table(final_stats))
         report["output"] = str(output)
         job.record_run(report, quantizer, hessian_dtype)
         if loop.done:
@@ -954,6 +962,20 @@ def _run_streamed(
     if ck is not None:
         ck.finish()
     return qm, report
+
+
+def _checked_ct_tensors(name: str, ql) -> dict:
+    """One quantized weight's compressed-tensors tensors, after the format's check of that one layer. A
+    fused expert's piece named like an expert slice (Qwen-MoE's ``experts.0.down_proj``) is checked under a
+    suffixed name, or the check would take it for a slice of a fused parameter of a model it is not given;
+    that every expert of a fused parameter is quantized is checked by ``StreamedOutput`` itself."""
+    from types import SimpleNamespace
+
+    from calibra.export import compressed_tensors as ct
+    from calibra.export.streamed import fused_slice
+
+    ct.check(SimpleNamespace(layers={name if fused_slice(name) is None else f"{name} (rows of fused experts)": ql}))
+    return ct.layer_tensors(name, ql)
 
 
 def _stamp(report, weights, t_start, t_write) -> None:

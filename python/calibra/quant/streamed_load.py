@@ -14,6 +14,7 @@ for an export, the model an engine runs -- without ever holding it whole.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -37,30 +38,42 @@ class _Fields:
         return self.store.read(key) if key in self.store else default
 
 
+_EXPERT_SLICE = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
 class DequantizedStore:
-    """The tensors of a calibra quantized folder under the model's parameter names (see the module docstring)."""
+    """The tensors of a calibra quantized folder under the model's parameter names (see the module docstring).
+
+    A fused expert parameter (``<block>.experts.gate_up_proj [E, 2I, H]``) is assembled from its quantized
+    experts' slices (``<block>.experts.<e>.gate_up_proj``, dequantized), over the stored whole parameter
+    when some experts stayed dense -- as ``calibra.quant.save.load`` fills it."""
 
     def __init__(self, folder: ModelFolder, manifest: dict, transposed: frozenset = frozenset()):
         self.raw = WeightStore(folder)
         self.folder = folder
         self.transposed = transposed  # GPT-2 Conv1D modules: their parameter is [in, out]
         self.modules: dict[str, dict] = manifest["modules"]
-        experts = sorted(m for m in self.modules if ".experts." in m)
-        if experts:
-            raise ValueError(
-                f"[eval] {folder.path}: quantized experts ({experts[0]}, ...) are stored per expert and filled "
-                f"into the model's fused expert tensors; reading them layer by layer is not implemented yet. "
-                f"Evaluate this model whole (stream=False / --no-stream)"
-            )
+        self.fused: dict[str, dict[int, str]] = {}  # fused parameter -> {expert: its quantized slice}
+        for m in self.modules:
+            hit = _EXPERT_SLICE.match(m)
+            if hit is not None:
+                key = f"{hit.group('block')}.experts.{hit.group('proj')}"
+                self.fused.setdefault(key, {})[int(hit.group("e"))] = m
+        for key, experts in self.fused.items():
+            if key not in self.raw and sorted(experts) != list(range(len(experts))):
+                raise ValueError(f"[eval] {folder.path}: {key} is neither stored whole nor quantized for every expert")
 
     def _quantized(self, name: str) -> str | None:
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         return module if module in self.modules else None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.raw or self._quantized(name) is not None
+        return name in self.raw or self._quantized(name) is not None or name in self.fused
 
     def read(self, name: str, count: int | None = None) -> torch.Tensor:
+        if name in self.fused:
+            w = self._fused(name)
+            return w if count is None else w.reshape(-1)[:count]
         module = self._quantized(name)
         if module is None:
             return self.raw.read(name, count)
@@ -68,6 +81,18 @@ class DequantizedStore:
         if module in self.transposed:
             w = w.t().contiguous()
         return w if count is None else w.reshape(-1)[:count]
+
+    def _fused(self, name: str) -> torch.Tensor:
+        experts = self.fused[name]
+        out = self.raw.read(name) if name in self.raw else None
+        for e in sorted(experts):
+            w = dequantize_module(_Fields(self.raw), experts[e], self.modules[experts[e]])
+            if out is None:
+                out = torch.empty((len(experts), *w.shape), dtype=w.dtype)
+            elif out.dtype != w.dtype:  # the dense experts stored at the model dtype, cast as load() does
+                out = out.to(w.dtype)
+            out[e] = w
+        return out
 
     @property
     def bytes_read(self) -> int:
