@@ -43,7 +43,7 @@ GIB = 2**30
 
 def run(folder: Path, ranks: int, out: Path, args) -> dict:
     """One ``calibra quantize`` on ``ranks`` processes; its wall time and the report's per-rank figures."""
-    threads = max(1, (os.cpu_count() or 1) // ranks)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # torch's intra-op threads follow it
     env.pop("WORLD_SIZE", None)
     job = ["quantize", "--input", str(folder), "--output", str(out), "--method", "gptq", "--bits", "4"]
@@ -100,6 +100,13 @@ def main() -> int:
     ap.add_argument("--ranks", default="1,2,4", help="process counts to run, comma-separated (first: the baseline)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per process for every run (default: cores / processes); --threads 1 makes every process "
+        "compute the same float32 values, so the outputs can be compared byte for byte",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
