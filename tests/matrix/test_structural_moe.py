@@ -25,6 +25,28 @@ def _moe_layers(a):
     return [(i, layer, a.moe_blocks(layer)) for i, layer in enumerate(a.layers) if a.moe_blocks(layer)]
 
 
+def _gptq_of_saved(model, tmp_path):
+    """``(QuantizedModel, report)`` of GPTQ W4 per-channel on ``model`` saved as a folder (with a tokenizer)
+    under ``tmp_path / "m"``, written to ``tmp_path / "q"``."""
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.quant import GPTQConfig
+
+    from .run_one import CAL, _tokenizer
+
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    return calibra.quantize(
+        str(tmp_path / "m"),
+        GPTQConfig(bits=4, group_size=-1),
+        CalibrationConfig(**CAL),
+        output=str(tmp_path / "q"),
+        evaluate=False,
+        progress=False,
+        echo=None,
+    )
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_fused_experts_are_discovered(model_type):
     model = tiny_model(model_type)
@@ -92,24 +114,11 @@ def test_statistics_follow_the_familys_own_routing():
 def test_quantize_export_reload_and_coverage(model_type, tmp_path):
     """calibrate -> GPTQ W4 -> calibra's folder, compressed-tensors and GPTQ exports reloaded by transformers
     with calibra's logits (run_one's checks), every expert quantized, and a coverage row per expert."""
-    import calibra
-    from calibra.data import CalibrationConfig
-    from calibra.quant import GPTQConfig
 
-    from .run_one import CAL, _tokenizer, export_checks
+    from .run_one import CAL, export_checks
 
     model = tiny_model(model_type)
-    model.save_pretrained(tmp_path / "m")
-    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
-    qm, report = calibra.quantize(
-        str(tmp_path / "m"),
-        GPTQConfig(bits=4, group_size=-1),
-        CalibrationConfig(**CAL),
-        output=str(tmp_path / "q"),
-        evaluate=False,
-        progress=False,
-        echo=None,
-    )
+    qm, report = _gptq_of_saved(model, tmp_path)
     a = get_adapter(qm.model)
     blocks = [(f"{a.layer_name(i)}.{bs[0].name}", bs[0]) for i, _, bs in _moe_layers(a)]
     for key, b in blocks:
@@ -220,27 +229,14 @@ def test_gpt_oss_experts_quantized_per_expert(tmp_path):
     """calibrate -> GPTQ W4 quantizes every GPT-OSS expert (the routed tokens' statistics, a coverage row per
     expert), writes the dequantized codes back transposed with the biases untouched, and calibra's folder
     rebuilds the same model; compressed-tensors refuses by name (the checkpoint keeps the experts fused)."""
-    import calibra
     import calibra.export as E
-    from calibra.data import CalibrationConfig
     from calibra.export.writer import ExportError
-    from calibra.quant import GPTQConfig
     from calibra.quant.save import load
 
-    from .run_one import CAL, _logits, _tokenizer
+    from .run_one import CAL, _logits
 
     model = tiny_model("gpt_oss")
-    model.save_pretrained(tmp_path / "m")
-    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
-    qm, report = calibra.quantize(
-        str(tmp_path / "m"),
-        GPTQConfig(bits=4, group_size=-1),
-        CalibrationConfig(**CAL),
-        output=str(tmp_path / "q"),
-        evaluate=False,
-        progress=False,
-        echo=None,
-    )
+    qm, report = _gptq_of_saved(model, tmp_path)
     ex, orig = qm.model.model.layers[0].mlp.experts, model.model.layers[0].mlp.experts
     key = "model.layers.0.mlp.experts"
     for e in range(EXPERTS):
@@ -273,15 +269,12 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
     coverage row per expert), writes the dequantized codes back into the expert's rows, calibra's folder
     rebuilds the same model, compressed-tensors / GPTQ refuse by name (the checkpoint stores the experts
     whole) and the dense export reloads in transformers with calibra's simulated logits."""
-    import calibra
     import calibra.export as E
     from calibra.compat.transformers import expert_down_input, expert_slice
-    from calibra.data import CalibrationConfig
     from calibra.export.writer import ExportError
-    from calibra.quant import GPTQConfig
     from calibra.quant.save import load
 
-    from .run_one import CAL, _logits, _tokenizer
+    from .run_one import CAL, _logits
 
     model = tiny_model("dbrx")
     a = get_adapter(model)
@@ -299,17 +292,7 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
         got = torch.nn.functional.linear(expert_down_input(ex, 2, x), expert_slice(ex, "down_proj", 2))
     torch.testing.assert_close(got, want)
 
-    model.save_pretrained(tmp_path / "m")
-    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
-    qm, report = calibra.quantize(
-        str(tmp_path / "m"),
-        GPTQConfig(bits=4, group_size=-1),
-        CalibrationConfig(**CAL),
-        output=str(tmp_path / "q"),
-        evaluate=False,
-        progress=False,
-        echo=None,
-    )
+    qm, report = _gptq_of_saved(model, tmp_path)
     qa = get_adapter(qm.model)
     inter = qm.model.config.ffn_config.ffn_hidden_size
     blocks = [f"{qa.layer_name(j)}.{bs[0].name}" for j, _, bs in _moe_layers(qa)]
@@ -350,31 +333,18 @@ def test_jetmoe_experts_quantized_per_expert(tmp_path):
     router's top-k sends it (a coverage row per expert), writes the codes back into the block's weights,
     calibra's folder rebuilds the same model, compressed-tensors / GPTQ refuse by name and the dense export
     reloads in transformers with calibra's logits. Its mixture-of-attention experts stay dense, with the reason."""
-    import calibra
     import calibra.export as E
-    from calibra.data import CalibrationConfig
     from calibra.export.writer import ExportError
-    from calibra.quant import GPTQConfig
     from calibra.quant.save import load
 
-    from .run_one import CAL, _logits, _tokenizer
+    from .run_one import CAL, _logits
 
     model = tiny_model("jetmoe")
     a = get_adapter(model)
     i, layer, (b,) = _moe_layers(a)[0]
     assert b.experts is b.module is layer.mlp and not b.routed_at_experts and b.router is layer.mlp.router.layer
     assert "not fused" in a.dense_linears(layer)["self_attention.experts"]
-    model.save_pretrained(tmp_path / "m")
-    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
-    qm, report = calibra.quantize(
-        str(tmp_path / "m"),
-        GPTQConfig(bits=4, group_size=-1),
-        CalibrationConfig(**CAL),
-        output=str(tmp_path / "q"),
-        evaluate=False,
-        progress=False,
-        echo=None,
-    )
+    qm, report = _gptq_of_saved(model, tmp_path)
     n_tokens = CAL["num_samples"] * CAL["sequence_length"]
     for j, layer_q in enumerate(qm.model.model.layers):
         key = f"model.layers.{j}.mlp"
