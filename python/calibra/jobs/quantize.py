@@ -200,7 +200,8 @@ def quantize(
         hessian_dtype: ``"float32"`` (default) or ``"float64"`` Hessian sums. Under ``torchrun`` (or in an
             initialized process group) the calibration samples are split over the ranks, each layer's
             statistics summed across them in float64 before every rank solves it, and rank 0 writes and
-            evaluates (``calibra.jobs.distributed``; whole-model GPTQ / MR-GPTQ / RTN jobs for now).
+            evaluates (``calibra.jobs.distributed``; every method and placement but the activation schemes
+            and GPTAQ; ``resume`` needs the same number of ranks).
         checkpoint: commit every finished layer into a work folder beside ``output``
             (``calibra.io.checkpoint``; default: on when ``output`` is given); removed once the output is written.
         resume: continue a killed or failed run from those checkpoints; refused when the model, the
