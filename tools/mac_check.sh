@@ -34,7 +34,11 @@ done
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 2
 PY="${PYTHON:-python3}"
 unset CALIBRA_REQUIRED_TESTS CALIBRA_SKIP_REPORT
-export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+# The tree's package, built in place by the build step; a dry run builds nothing, so it imports the tree's
+# package only when that has its native module already (a developer's tree), else the installed calibra.
+if [ "$DRY" = 0 ] || compgen -G "$ROOT/python/calibra/_cpu*.so" >/dev/null; then
+  export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 : >"$OUT/steps.tsv"
 failed=0
 
