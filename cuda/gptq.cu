@@ -1,16 +1,18 @@
-// calibra::gptq_block_sweep on CUDA: one thread per output row (rows are independent in GPTQ's sweep;
-// H couples only columns). The thread keeps its row's working values in its row of `q` (column i is
-// overwritten by its quantized value once processed, later columns hold the error-updated weights),
-// and its parameter table in its rows of scales_out / zeros_out. Every U[i, j] read is the same
-// address across the warp, so it is one broadcast load. Same arithmetic as the CPU kernel and
-// calibra.ops._ref.gptq (__fdiv_rn / __fmul_rn / __fsub_rn, no FMA), so the results are meant to be
-// bit-identical. Compile-checked, not yet run on a GPU. A faster layout (a warp per 32 rows with the
-// block's U in shared memory, coalesced row tiles) is the obvious next step once it can be measured.
+// calibra::gptq_block_sweep on CUDA: one warp per output row (rows are independent in GPTQ's sweep; H
+// couples only columns). The warp keeps its row's working values in its row of `q` (column i is overwritten
+// by its quantized value once processed, later columns hold the error-updated weights), and its parameter
+// table in its rows of scales_out / zeros_out. Per column i, lane 0 does the serial part (the group's fit,
+// quantizing x[i], the scaled error e) and broadcasts e; then the 32 lanes update the later columns
+// j = i+1+lane, i+33+lane, ...: consecutive addresses of the row of q and of U's row i, so every access
+// is coalesced (the first kernel ran one thread per row: stride-C accesses and R/32 warps in all). Each
+// element still receives the same updates in the same order with the same arithmetic as the CPU kernel
+// and calibra.ops._ref.gptq (__fdiv_rn / __fmul_rn / __fsub_rn, no FMA), so the results are meant to be
+// bit-identical. Compile-checked, not yet run on a GPU.
 //
 // calibra::sparsegpt_block_sweep is the same kernel with N:M selection on (Args::nm_m > 0): at each
-// group's first column the thread ranks the group's m saliencies of its row (pairwise rule of
+// group's first column lane 0 ranks the group's m saliencies of its row (pairwise rule of
 // params/gptq.h; staged in the row's not-yet-written err entries, which keeps the kernel free of
-// register spills) into a 32-bit prune mask held in a register, and writes the chosen mask to `prune`.
+// register spills) into a 32-bit prune mask, broadcast to the warp, and writes the chosen mask to `prune`.
 #include <cstdint>
 
 #include "calibra/fp4.h"
@@ -22,7 +24,9 @@
 namespace calibra {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 128;  // 4 warps: 4 rows per block
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
 
 struct Args {
   const float* w;
@@ -154,48 +158,59 @@ __device__ __forceinline__ uint32_t select_nm(const Args& a, const float* x, flo
 }
 
 __global__ void __launch_bounds__(kThreads) sweep_kernel(Args a) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= a.rows) return;
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (r >= a.rows) return;  // the whole warp: r is the same on its 32 lanes
   const int64_t C = a.cols, G = a.groups;
   float* x = a.q + r * C;
-  for (int64_t c = 0; c < C; ++c) x[c] = a.w[r * C + c];
+  for (int64_t c = lane; c < C; c += kWarp) x[c] = a.w[r * C + c];
   float* S = a.scales_out + r * G;
   float* Z = a.zeros_out + r * G;
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = lane; g < G; g += kWarp) {
     S[g] = a.scales[r * G + g];
     Z[g] = a.zeros[r * G + g];
   }
+  __syncwarp();  // lane 0 reads what the other lanes copied
   uint32_t group_prune = 0;
   int gpos = 0;  // i % nm_m, kept as a counter (a 64-bit modulo would be a call)
   for (int64_t i = 0; i < C; ++i) {
     const int32_t g = a.group[i], f = a.fit[i];
-    if (g < 0 || g >= G || f < 0 || i + f > C) {
-      atomicMin(a.flag, static_cast<unsigned long long>(i));
+    if (g < 0 || g >= G || f < 0 || i + f > C) {  // the same on every lane: the warp leaves together
+      if (lane == 0) atomicMin(a.flag, static_cast<unsigned long long>(i));
       return;
     }
     bool pruned;
     if (a.prune != nullptr) {
-      if (gpos == 0) group_prune = select_nm(a, x + i, a.err + r * C + i, i);
+      if (gpos == 0) {
+        uint32_t bits = 0;
+        if (lane == 0) bits = select_nm(a, x + i, a.err + r * C + i, i);
+        group_prune = __shfl_sync(kFullMask, bits, 0);
+      }
       pruned = (group_prune >> gpos) & 1u;
-      a.prune[r * C + i] = pruned ? 1 : 0;
       gpos = gpos + 1 == a.nm_m ? 0 : gpos + 1;
     } else {
       pruned = a.mask != nullptr && a.mask[r * C + i];
     }
-    if (f > 0) fit_row(a, x + i, f, S + g, Z + g);
-    uint8_t code;
-    const float xi = x[i];
-    float v = quant(a, xi, S[g], Z[g], &code);
-    if (pruned) {
-      v = 0.0f;
-      code = a.format == static_cast<int>(SweepFormat::kInt) ? static_cast<uint8_t>(Z[g]) : 0;
+    float e = 0.0f;
+    if (lane == 0) {
+      if (a.prune != nullptr) a.prune[r * C + i] = pruned ? 1 : 0;
+      if (f > 0) fit_row(a, x + i, f, S + g, Z + g);
+      uint8_t code;
+      const float xi = x[i];
+      float v = quant(a, xi, S[g], Z[g], &code);
+      if (pruned) {
+        v = 0.0f;
+        code = a.format == static_cast<int>(SweepFormat::kInt) ? static_cast<uint8_t>(Z[g]) : 0;
+      }
+      e = __fdiv_rn(__fsub_rn(xi, v), a.u[i * C + i]);
+      x[i] = v;
+      a.codes[r * C + i] = code;
+      a.err[r * C + i] = e;
     }
-    const float e = __fdiv_rn(__fsub_rn(xi, v), a.u[i * C + i]);
-    x[i] = v;
-    a.codes[r * C + i] = code;
-    a.err[r * C + i] = e;
+    e = __shfl_sync(kFullMask, e, 0);
     const float* ui = a.u + i * C;
-    for (int64_t j = i + 1; j < C; ++j) x[j] = __fsub_rn(x[j], __fmul_rn(e, ui[j]));
+    for (int64_t j = i + 1 + lane; j < C; j += kWarp) x[j] = __fsub_rn(x[j], __fmul_rn(e, ui[j]));
+    __syncwarp();  // column i+1 (lane 0's next read) and the next fit's columns were written by other lanes
   }
 }
 
@@ -217,7 +232,7 @@ Status run_sweep(const GptqSweepParams& p, const char* op, int64_t nm_n, int64_t
          prune ? nm_n : 0, prune ? nm_m : 0,
          static_cast<float>((1 << p.bits) - 1), p.global_scale, static_cast<int>(p.format), p.symmetric ? 1 : 0,
          static_cast<int>(p.scale_dtype)};
-  const int64_t blocks = cuda::ceil_div(R, kThreads);
+  const int64_t blocks = cuda::ceil_div(R, kThreads / kWarp);
   sweep_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
   return cuda::launch_status(prune ? "sparsegpt_block_sweep" : "gptq_block_sweep");
 }

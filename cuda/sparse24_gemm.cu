@@ -66,9 +66,15 @@ sparse24_gemm_kernel(const T* __restrict__ x, const T* __restrict__ values, cons
     for (int c = threadIdx.x; c < (kBlockN / 16) * 8; c += kThreads) {  // metadata: 8 row tiles x 8 chunks
       const int rt = c / 8, q = c % 8;
       const int rtg = n0 / 16 + rt;
-      const bool ok = rtg * 16 < N;
-      const uint32_t* src = meta + static_cast<int64_t>(ok ? rtg : 0) * half_k + kt * 32 + q * 4;
-      gemm::cp_async16(Ms + rt * 32 + q * 4, src, ok ? 16 : 0);
+      if (rtg * 16 < N) {
+        gemm::cp_async16(Ms + rt * 32 + q * 4, meta + static_cast<int64_t>(rtg) * half_k + kt * 32 + q * 4, 16);
+      } else {
+        // A row tile past N (the block's last, partial 128 rows): its values are zero-filled, and its
+        // metadata must still be a valid ordered pair per group -- zeros would name index 0 twice, which
+        // mma.sp::ordered_metadata does not define. 0x4 per group (indices 0, 1), as Sparse24Linear's
+        // empty matrix; plain shared stores, visible after the __syncthreads before the tile is read.
+        for (int w = 0; w < 4; ++w) Ms[rt * 32 + q * 4 + w] = 0x44444444u;
+      }
     }
     for (int c = threadIdx.x; c < kRows * 8; c += kThreads) {  // x: kRows x 8 chunks
       const int r = c / 8, q = c % 8, m = m0 + r;

@@ -25,6 +25,7 @@ STEPS = [
     "bench_quantize",
     "bench_hadamard",
     "gptq_8b_layer",
+    "bench_gptq",
 ]
 
 
@@ -62,7 +63,7 @@ def test_dry_run_passes_and_writes_the_summary(dry_run):
         assert Path(s["log"]).is_file(), s
     for key in ("gpu", "torch", "torch_cuda", "git_commit", "dry_run"):
         assert key in summary["machine"], key
-    assert "12/12 steps ok" in proc.stdout
+    assert "13/13 steps ok" in proc.stdout
 
 
 def test_dry_run_logs_show_the_commands_and_the_cpu_rehearsals(dry_run):

@@ -181,6 +181,8 @@ step_benchmarks() {
   step bench_quantize 45 "$PY" benchmarks/bench_quantize.py --device cuda --repeat 5
   step bench_hadamard 45 "$PY" benchmarks/bench_hadamard.py --device cuda --repeat 5
   step gptq_8b_layer 90 "$PY" tools/gpu_check_kernels.py gptq --device cuda --shape 4096x14336 --reference
+  # the sweep's share of the solve, native (warp per row) vs the reference column loop, on the same layer
+  step bench_gptq 75 "$PY" benchmarks/bench_gptq.py --device cuda --repeat 3
 }
 
 echo "gpu_check: $ROOT -> $OUT ($([ $DRY -eq 1 ] && echo "dry run" || echo "budget ${BUDGET}s"))"
