@@ -163,7 +163,10 @@ class StreamedOutput:
         output: the final folder; ``overwrite`` as everywhere.
         prefix: shard name prefix (``model`` for engine formats, ``quantized`` for calibra's folder).
         layer_tensors: ``layer_tensors(name, QuantizedLayer) -> {tensor name: tensor}`` in the output format
-            (it raises, before anything of that layer is written, on a layer the format cannot express).
+            (it raises, before anything of that layer is written, on a layer the format cannot express);
+            None: the compressor changed the layer's weights in place (pruning), and the layer is written as
+            it is in memory, in the checkpoint's form (``StreamedModel.stored_tensors``: its names, fused
+            experts cut back per expert, the stored dtype; with ``disk_names``).
         weights: the job's ``StreamedModel`` (dense tensors are copied from its store).
         staging: write into this folder (created if missing; a resumed job's shards are there) instead of a
             temporary one; it becomes ``output`` at :meth:`finish`, and :meth:`abort` leaves it to its owner
@@ -204,6 +207,12 @@ class StreamedOutput:
     def layer(self, module: torch.nn.Module, qlayers: dict) -> dict:
         """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets).
         Returns the layer's record for :meth:`restore` (its shard and the tensor names it covers)."""
+        if self.layer_tensors is None:  # the compressor changed the module in place: write it as it is now
+            tensors = self.weights.stored_tensors(module)
+            names = [n for n in sorted(tensors) if n not in self.written]
+            part = self.shards.add({n: tensors[n] for n in names})
+            self.written.update(names)
+            return {"part": part, "written": names}
         tensors, names = {}, []
         slices: dict[str, dict[int, object]] = {}  # fused parameter -> its quantized experts
         for name, ql in qlayers.items():
