@@ -17,6 +17,7 @@ from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.jobs.common import (
     all_targets,
     meta_model,
+    report_moe_coverage,
 )
 
 REPORT_FORMAT = "calibra-quantize-report"
@@ -212,9 +213,10 @@ def quantize(
             layer by layer (``calibra.io.streamed``, ``calibra.export.streamed``), so host memory holds one
             layer, not the model. ``None`` (default): stream when the whole model would not fit the memory
             plan. A streamed job needs ``output``, writes calibra's folder or compressed-tensors (its shards
-            go to the checkpoint work folder layer by layer, so ``resume`` continues it too), and does not
-            yet evaluate, collect activation ranges or plan mixed precision; the returned QuantizedModel
-            holds the weightless model and slim layer records (shapes and settings).
+            go to the checkpoint work folder layer by layer, so ``resume`` continues it too), runs mixed
+            precision's sensitivity pass layer by layer from disk too, and does not yet collect activation
+            ranges or calibrate activation / KV-cache scales (``scheme``, ``kv_cache``); the returned
+            QuantizedModel holds the weightless model and slim layer records (shapes and settings).
         preset: ``"best"``: the combination measured best for int GPTQ, applied to ``config`` (default
             ``GPTQConfig()``): GPTAQ with its per-Linear choice against GPTQ (``calibra.quant.presets``).
     """
@@ -329,6 +331,15 @@ def quantize(
     if export is not None:  # what an engine format refuses whatever the weights: before loading them
         from calibra.export import precheck
         from calibra.quant import MRGPTQConfig
+        from calibra.quant import mixed as mp
+
+        one_scheme = [f for f in export if f in ("compressed-tensors", "gptq", "mlx")]
+        if mixed_precision is not None and one_scheme and mp.promoted(config) is not None:
+            raise ValueError(
+                f"[quantize] mixed precision promotes the most sensitive modules to int{mp.promoted(config).bits}, "
+                f"and --export {one_scheme[0]} writes one scheme per checkpoint: write calibra's folder (no "
+                f"--export) or drop --mixed-precision"
+            )
 
         precheck(
             export,
@@ -365,7 +376,6 @@ def quantize(
                 act_ranges or ranges_file,
                 "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
             ),
-            (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
             (getattr(config, "awq", False), "AWQ is not implemented for it yet: drop --awq"),
             (getattr(config, "gptaq", False), "GPTAQ is not implemented for it yet: drop --gptaq"),
             (
@@ -380,6 +390,7 @@ def quantize(
         solver="rtn" if is_rtn else "gptq",
         replay=true_seq and not is_rtn and stats is None,
         checkpoint=checkpoint and output is not None,
+        sensitivity=mixed_precision is not None and stats is None,
     )
     streaming = job.streaming
     refuse_distributed(
@@ -464,7 +475,7 @@ def _run(
     preset=None,
     **_,
 ):
-    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
+    from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import InMemoryLayers, read_model
     from calibra.models import get_adapter
@@ -545,16 +556,9 @@ def _run(
                 hessian_dtype=hessian_dtype,
                 combine=world.combine(),
             ).run(ids, mask, batch_size=bs)
-        targets = all_targets(model, adapter)
         base = mp.base_rtn(config)
-        sens = mp.sensitivities([(t, base) for t in targets], mstats)
-        mplan = mp.plan(targets, sens, config, float(mixed_precision))
-        overrides = mplan.pop("overrides")
-        report_extra["mixed_precision"] = mplan
-        say(
-            f"mixed precision: {len(mplan['promoted'])} of {len(targets)} modules promoted to "
-            f"{mplan['promoted_to']}; {mplan['avg_bits_per_weight']:.3f} bits/weight (budget {mixed_precision})"
-        )
+        sens = mp.sensitivities([(t, base) for t in all_targets(model, adapter)], mstats)
+        overrides, report_extra["mixed_precision"] = _mixed_plan(model, adapter, sens, config, mixed_precision, say)
         t_cal += time.perf_counter() - t0
 
     # -- 5. quantize layer by layer ------------------------------------------------------------------
@@ -682,10 +686,7 @@ def _run(
     report["settings"]["scheme"] = scheme
     report["settings"]["kv_cache"] = kv_cache
     job.record_run(report, quantizer, hessian_dtype)
-    if final_stats is not None and "moe" in final_stats.metadata:
-        refresh_coverage(final_stats)
-        report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
-        say(coverage_table(final_stats))
+    report_moe_coverage(report, final_stats, say)
     if eval_block is not None:
         report["eval"] = eval_block
     report["timings"] = {
@@ -761,6 +762,54 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
     return input_quant, final
 
 
+def _mixed_plan(model, adapter, sens: dict, config, budget, say) -> tuple[dict, dict]:
+    """``(overrides, the report's mixed_precision block)``: mixed precision's solve (``quant.mixed.plan``) on
+    every target's sensitivity ``sens``, the same for both placements."""
+    from calibra.quant import mixed as mp
+
+    targets = all_targets(model, adapter)
+    mplan = mp.plan(targets, sens, config, float(budget))
+    overrides = mplan.pop("overrides")
+    say(
+        f"mixed precision: {len(mplan['promoted'])} of {len(targets)} modules promoted to "
+        f"{mplan['promoted_to']}; {mplan['avg_bits_per_weight']:.3f} bits/weight (budget {budget})"
+    )
+    return overrides, mplan
+
+
+def _streamed_sensitivities(loop, runner_for, config, stats, tokens, *, device, progress) -> dict:
+    """Mixed precision's sensitivity pass, layer by layer from disk (``loop``: the job's StreamedLayers, whose
+    ``weights`` load each layer): every target of a layer scored (``quant.mixed.sensitivities``) on that
+    layer's statistics -- from a calibration pass over ``tokens()`` (``runner_for(on_layer)``: a LayerRunner
+    over the unquantized layers, each layer's statistics dropped with it) or from ``stats`` -- then the layer
+    released. The scores are the whole-model pass's, which scores every layer at the end."""
+    from calibra.jobs.common import layer_loop
+    from calibra.quant import mixed as mp
+    from calibra.quant.apply import layer_targets
+
+    base = mp.base_rtn(config)
+    sens: dict[str, float] = {}
+    adapter = loop.adapter
+
+    def score(i, layer, st):
+        sens.update(mp.sensitivities([(t, base) for t in layer_targets(adapter, i, layer)], st))
+
+    if stats is not None:
+        layer_loop(
+            adapter,
+            lambda i, layer, _: score(i, layer, stats),
+            None,
+            progress=progress,
+            desc="sensitivity (streamed)",
+            weights=loop.weights,
+            device=device,
+        )
+    else:
+        ids, mask, _, bs, _ = tokens()
+        runner_for(score).run(ids, mask, batch_size=bs)
+    return sens
+
+
 def _kv_scales_pass(model, adapter, ids, mask, bs, device, progress):
     """Per-layer FP8 k/v scales from one calibration pass over ``model`` as it is now (quantized,
     activations simulated): absmax of the keys and values each attention writes to its cache."""
@@ -818,11 +867,12 @@ def _run_streamed(
     ck,
     do_eval,
     hessian_dtype,
+    mixed_precision=None,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
-    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
+    from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
@@ -860,15 +910,56 @@ def _run_streamed(
     quantizer.parallel = job.world if job.world.distributed else None  # a group's solves split over the ranks
     run_meta = final_stats = None
     loop = StreamedLayers(weights, adapter, quantizer, sink, ck)
+    tokens_cache: dict = {}
+
+    def tokens():  # the calibration tokens, made once for the sensitivity pass and the layers
+        if "v" not in tokens_cache:
+            tokens_cache["v"] = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
+        return tokens_cache["v"]
+
+    def runner(on_layer, **kw):  # a calibration pass that reads each layer from disk and drops its statistics
+        return LayerRunner(
+            m,
+            adapter,
+            device=device,
+            observers=("hessian",),
+            on_layer=on_layer,
+            progress=progress,
+            keep_layer_stats=False,
+            weights=weights,
+            hessian_dtype=hessian_dtype,
+            combine=job.world.combine(),
+            **kw,
+        )
 
     t0 = time.perf_counter()
+    report_extra: dict = {}
+    overrides: dict = {}
+    t_sens = 0.0
     try:
         ev = None
         if do_eval:
             ev = job.reference(None, tokenizer, streamed_weights=weights)
             t0 = time.perf_counter()
+        if mixed_precision is not None:  # the sensitivity pass, then the solve, before any layer is quantized
+            if ck is not None and stats is None:  # a resume on other data is refused before the pass
+                ck.check_data(tokens()[4])
+            sens = _streamed_sensitivities(
+                loop,
+                lambda score: runner(score, desc="sensitivity (streamed)"),
+                config,
+                stats,
+                tokens,
+                device=dev,
+                progress=progress,
+            )
+            overrides, report_extra["mixed_precision"] = _mixed_plan(m, adapter, sens, config, mixed_precision, say)
+            quantizer.overrides = overrides
+            meter.mark("sensitivity")
+            t_sens = time.perf_counter() - t0
         if is_rtn or stats is not None:
-            loop.resume(None if stats is None else "stats")
+            # (RTN with mixed precision: its promotions depend on the calibration data)
+            loop.resume("stats" if stats is not None else tokens()[4] if mixed_precision is not None else None)
             loop.run_data_free(
                 lambda i, layer, _: quantizer(i, layer, stats),
                 device=dev,
@@ -876,28 +967,18 @@ def _run_streamed(
                 desc="quantizing (streamed)",
             )
         else:
-            ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
-            runner = LayerRunner(
-                m,
-                adapter,
-                device=device,
-                observers=("hessian",),
-                on_layer=quantizer,
-                feed_compressed=True,
-                progress=progress,
-                desc=f"{config.method} (streamed)",
-                keep_layer_stats=False,
-                collect_on_demand=true_seq,
-                weights=weights,
-                hessian_dtype=hessian_dtype,
-                combine=job.world.combine(),
+            ids, mask, run_meta, bs, fp = tokens()
+            qrunner = runner(
+                quantizer, feed_compressed=True, desc=f"{config.method} (streamed)", collect_on_demand=true_seq
             )
-            loop.resume(fp, runner)  # (the runner's MoE routing statistics of the finished layers back)
+            loop.resume(fp, qrunner)  # (the runner's MoE routing statistics of the finished layers back)
             if true_seq:
-                quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
-            quantizer.input_groups = runner.input_groups
-            quantizer.release = runner.release
-            final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
+                quantizer.collect, quantizer.freeze = qrunner.collect, qrunner.freeze
+            quantizer.input_groups = qrunner.input_groups
+            quantizer.release = qrunner.release
+            final_stats = loop.run_calibrated(qrunner, ids, mask, run_meta, bs)
+        if mixed_precision is not None and run_meta is None and stats is None:  # RTN: the data of its sensitivity
+            run_meta = tokens()[2]
         t_quant = time.perf_counter() - t0
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
         meter.mark("layers")  # the capture (embeddings) included
@@ -916,11 +997,11 @@ def _run_streamed(
             dtype=dtype,
             quantizer=quantizer,
             plan=plan,
+            mixed_precision=mixed_precision,
+            overrides=overrides,
+            extra=report_extra,
         )
-        if final_stats is not None and "moe" in final_stats.metadata:  # the routing each layer's experts saw
-            refresh_coverage(final_stats)
-            report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
-            say(coverage_table(final_stats))
+        report_moe_coverage(report, final_stats, say)  # the routing each layer's experts saw
         report["output"] = str(output)
         job.record_run(report, quantizer, hessian_dtype)
         if loop.done:
@@ -932,7 +1013,8 @@ def _run_streamed(
         meter.into(report, "rest of the output" + (" and its evaluation" if ev is not None else ""))
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer}
         report["timings"] = {
-            "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0,
+            "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else t_sens,
+            "sensitivity": t_sens,  # (part of the calibration)
             "solve": t_solve,
             "eval": 0.0,
             "per_layer": quantizer.layer_seconds,
