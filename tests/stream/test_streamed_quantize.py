@@ -79,11 +79,13 @@ def test_streamed_folder_loads_back(tmp_path):
     [
         (dict(output=None), "output=DIR"),
         (dict(export="gptq"), "compressed-tensors"),
-        (dict(config=RTNConfig(bits=4), act_ranges=True), "activation ranges"),
         (dict(config=None, scheme="fp8"), "--stream"),
+        (dict(config=None, scheme="fp8-dynamic"), "--stream"),
         (dict(config=None, scheme="w8a8"), "--stream"),
+        (dict(kv_cache="fp8"), "--stream"),
+        (dict(awq=True), "AWQ"),
     ],
-    ids=["no-output", "gptq-format", "act-ranges", "scheme-fp8", "scheme-w8a8"],
+    ids=["no-output", "gptq-format", "scheme-fp8", "scheme-fp8-dynamic", "scheme-w8a8", "kv-cache", "awq"],
 )
 def test_streamed_refusals_come_before_any_read(kw, needle, tmp_path, monkeypatch):
     from calibra.io import streamed
@@ -95,6 +97,8 @@ def test_streamed_refusals_come_before_any_read(kw, needle, tmp_path, monkeypatc
     args = dict(output=tmp_path / "out", evaluate=False, stream=True, config=GPTQConfig(bits=4))
     args.update(kw)
     cfg = args.pop("config")
+    if args.pop("awq", False):
+        cfg = GPTQConfig(bits=4, awq=True)
     with pytest.raises(ValueError, match="stream") as e:
         calibra.quantize("builtin:tiny-llama", cfg, _cal(), progress=False, echo=None, **args)
     assert needle in str(e.value)

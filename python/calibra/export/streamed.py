@@ -203,6 +203,9 @@ class StreamedOutput:
         self.shards = _Shards(self.tmp, prefix)
         self.written: set[str] = set()
         self.rss_after_layer: list[int] = []
+        # dense tensors the job changed in place (SmoothQuant's folded norms): written from the module, at
+        # the stored dtype, not copied from the checkpoint
+        self.changed: set[str] = set()
 
     def layer(self, module: torch.nn.Module, qlayers: dict) -> dict:
         """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets).
@@ -227,6 +230,14 @@ class StreamedOutput:
             covered |= self._fused(key, experts, tensors, names)
         names += sorted(covered - set(names))  # fused parameters replaced by their experts' tensors
         dense = [n for n in self.weights.names(module) if n not in covered]
+        for name in [n for n in dense if n in self.changed]:
+            disk = self.weights.layout.sources.get(name, name)
+            if not isinstance(disk, str):  # pragma: no cover - smoothing folds into norms, never fused experts
+                raise ValueError(f"[export] {name} was changed in place but is stored fused per expert")
+            t = self.weights.model.get_parameter(name).detach()
+            tensors[disk if self.disk_names else name] = t.to(self.weights.store.dtype(disk))
+            names.append(disk if self.disk_names else name)
+        dense = [n for n in dense if n not in self.changed]
         for name in self.weights.disk_names(dense) if self.disk_names else dense:
             if name not in self.written and name not in names:
                 tensors[name] = self.weights.read_stored(name)

@@ -220,6 +220,7 @@ def plan_job(
     replay: bool = False,
     streaming: bool = False,
     sensitivity: bool = False,
+    ranges: bool = False,
     ranks: int = 1,
     ranks_on_host: int = 1,
 ) -> MemoryPlan:
@@ -236,7 +237,8 @@ def plan_job(
     checks count every rank on this host. ``sensitivity``: mixed precision's sensitivity pass (a calibration
     pass before the layers are quantized, ``calibra.quant.mixed``): the whole-model job keeps every layer's
     Hessians from it until the end; a streamed job runs it as a phase of its own, one layer loaded and its
-    statistics scored and dropped, and reads the weights twice."""
+    statistics scored and dropped, and reads the weights twice. ``ranges``: RTN's activation-ranges pass
+    (``--act-ranges``), likewise a phase of its own when streamed (one layer and its ranges)."""
     from calibra.data.memory import _dtype_bytes, estimate_memory
 
     if job not in JOBS:
@@ -357,6 +359,19 @@ def plan_job(
                     }
                 }
                 if sensitivity
+                else {}
+            ),
+            **(
+                {
+                    "activation ranges": {
+                        "process before loading": base,
+                        "one layer": sizes.largest_layer * db,
+                        "hidden states": hidden,
+                        "attention arguments": kwargs,
+                        "layer activations": est.activations if est is not None else 0,
+                    }
+                }
+                if ranges
                 else {}
             ),
             "rest of the output": {

@@ -214,8 +214,8 @@ def quantize(
             layer, not the model. ``None`` (default): stream when the whole model would not fit the memory
             plan. A streamed job needs ``output``, writes calibra's folder or compressed-tensors (its shards
             go to the checkpoint work folder layer by layer, so ``resume`` continues it too), runs mixed
-            precision's sensitivity pass layer by layer from disk too, and does not yet collect activation
-            ranges or calibrate activation / KV-cache scales (``scheme``, ``kv_cache``); the returned
+            precision's sensitivity pass and RTN's activation-ranges pass layer by layer from disk too, and
+            does not yet calibrate activation / KV-cache scales (``scheme``, ``kv_cache``); the returned
             QuantizedModel holds the weightless model and slim layer records (shapes and settings).
         preset: ``"best"``: the combination measured best for int GPTQ, applied to ``config`` (default
             ``GPTQConfig()``): GPTAQ with its per-Linear choice against GPTQ (``calibra.quant.presets``).
@@ -372,10 +372,6 @@ def quantize(
     plan = job.choose_plan(
         stream=stream,
         unsupported=[
-            (
-                act_ranges or ranges_file,
-                "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
-            ),
             (getattr(config, "awq", False), "AWQ is not implemented for it yet: drop --awq"),
             (getattr(config, "gptaq", False), "GPTAQ is not implemented for it yet: drop --gptaq"),
             (
@@ -391,6 +387,7 @@ def quantize(
         replay=true_seq and not is_rtn and stats is None,
         checkpoint=checkpoint and output is not None,
         sensitivity=mixed_precision is not None and stats is None,
+        ranges=bool(act_ranges),
     )
     streaming = job.streaming
     refuse_distributed(
@@ -810,6 +807,58 @@ def _streamed_sensitivities(loop, runner_for, config, stats, tokens, *, device, 
     return sens
 
 
+def _streamed_ranges(loop, runner, tokens, ranges_file, percentile, alpha, sink, *, progress):
+    """``(activation-ranges document, smooth_layer(i, layer))`` of a streamed RTN job: the document from
+    ``ranges_file`` or from a streamed pass with the ``ranges`` observer (each layer's ranges and smoothing
+    factors taken while it is loaded, ``quant.act_ranges.module_ranges`` / ``layer_smoothing``: the
+    whole-model ``build``'s numbers); ``smooth_layer`` folds a loaded layer's factors into its norms and
+    Linears (``apply_smoothing``) and marks the norms for ``sink`` to write as changed. A file that names a
+    module outside the decoder layers is refused before any layer is read."""
+    from calibra.quant import act_ranges as ar
+
+    adapter = loop.adapter
+    names = [adapter.layer_name(i) + "." for i in range(len(adapter.layers))]
+
+    def layer_of(module: str) -> int:
+        i = next((k for k, pre in enumerate(names) if module.startswith(pre)), None)
+        if i is None:
+            raise ValueError(
+                f"[quantize] activation ranges name {module}, which this model lacks; calibrate the ranges on "
+                f"this model"
+            )
+        return i
+
+    if ranges_file:
+        doc = ar.load(ranges_file)
+        for norm in doc["smooth_factor"]:
+            layer_of(norm)
+    else:
+        ar.check_settings(percentile, alpha)
+        ranges: dict = {}
+        smooth: dict = {}
+
+        def collect(i, layer, st):
+            ranges.update(ar.module_ranges(st, percentile))
+            smooth.update(ar.layer_smoothing(st, adapter, i, layer, alpha))
+
+        ids, mask, meta, bs, _ = tokens()
+        runner(collect, observers=("ranges",), desc="activation ranges (streamed)").run(ids, mask, batch_size=bs)
+        doc = ar.document(ranges, smooth, percentile, alpha)
+        doc["calibration"] = meta
+    by_layer: dict[int, dict] = {}
+    for norm, entry in doc["smooth_factor"].items():
+        by_layer.setdefault(layer_of(norm), {})[norm] = entry
+    sink_changed = getattr(sink, "changed", set())  # (a distributed job's other ranks write nothing)
+
+    def smooth_layer(i, layer) -> None:
+        entries = by_layer.get(i)
+        if entries:
+            ar.apply_smoothing({"smooth_factor": entries}, loop.weights.model)
+            sink_changed.update(f"{norm}.weight" for norm in entries)
+
+    return doc, smooth_layer
+
+
 def _kv_scales_pass(model, adapter, ids, mask, bs, device, progress):
     """Per-layer FP8 k/v scales from one calibration pass over ``model`` as it is now (quantized,
     activations simulated): absmax of the keys and values each attention writes to its cache."""
@@ -868,6 +917,10 @@ def _run_streamed(
     do_eval,
     hessian_dtype,
     mixed_precision=None,
+    act_ranges=False,
+    ranges_file=None,
+    act_percentile=99.9,
+    smooth_alpha=0.5,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
@@ -876,6 +929,7 @@ def _run_streamed(
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
+    from calibra.quant import act_ranges as ar
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
     from calibra.quant.streamed_load import open_streamed_quantized
@@ -917,12 +971,12 @@ def _run_streamed(
             tokens_cache["v"] = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
         return tokens_cache["v"]
 
-    def runner(on_layer, **kw):  # a calibration pass that reads each layer from disk and drops its statistics
+    def runner(on_layer, observers=("hessian",), **kw):  # a pass reading each layer, dropping its statistics
         return LayerRunner(
             m,
             adapter,
+            observers=observers,
             device=device,
-            observers=("hessian",),
             on_layer=on_layer,
             progress=progress,
             keep_layer_stats=False,
@@ -935,15 +989,30 @@ def _run_streamed(
     t0 = time.perf_counter()
     report_extra: dict = {}
     overrides: dict = {}
+    files: dict = {}
+    smoothed: list[str] = []
+    smooth_layer = lambda i, layer: None  # noqa: E731 - no smoothing
     t_sens = 0.0
+    data_fp = None  # the data a data-free RTN job's own passes (ranges, sensitivity) read
     try:
         ev = None
         if do_eval:
             ev = job.reference(None, tokenizer, streamed_weights=weights)
             t0 = time.perf_counter()
+        if ck is not None and stats is None and (act_ranges or mixed_precision is not None):
+            data_fp = tokens()[4]
+            ck.check_data(data_fp)  # a resume on other data is refused before any pass reads a layer
+        if act_ranges or ranges_file:  # the ranges (a streamed pass, or the file), then SmoothQuant's folding
+            doc, smooth_layer = _streamed_ranges(
+                loop, runner, tokens, ranges_file, act_percentile, smooth_alpha, sink, progress=progress
+            )
+            smoothed = [n for entry in doc["smooth_factor"].values() for n in entry["modules"]]
+            files["activation_ranges.json"] = doc
+            report_extra["activation_ranges"] = dict(
+                ar.summary(doc), source=ranges_file or "collected", smoothed_modules=smoothed
+            )
+            meter.mark("activation ranges")
         if mixed_precision is not None:  # the sensitivity pass, then the solve, before any layer is quantized
-            if ck is not None and stats is None:  # a resume on other data is refused before the pass
-                ck.check_data(tokens()[4])
             sens = _streamed_sensitivities(
                 loop,
                 lambda score: runner(score, desc="sensitivity (streamed)"),
@@ -958,10 +1027,10 @@ def _run_streamed(
             meter.mark("sensitivity")
             t_sens = time.perf_counter() - t0
         if is_rtn or stats is not None:
-            # (RTN with mixed precision: its promotions depend on the calibration data)
-            loop.resume("stats" if stats is not None else tokens()[4] if mixed_precision is not None else None)
+            # (RTN with activation ranges or mixed precision depends on the calibration data too)
+            loop.resume("stats" if stats is not None else data_fp)
             loop.run_data_free(
-                lambda i, layer, _: quantizer(i, layer, stats),
+                lambda i, layer, _: (smooth_layer(i, layer), quantizer(i, layer, stats)),
                 device=dev,
                 progress=progress,
                 desc="quantizing (streamed)",
@@ -977,8 +1046,6 @@ def _run_streamed(
             quantizer.input_groups = qrunner.input_groups
             quantizer.release = qrunner.release
             final_stats = loop.run_calibrated(qrunner, ids, mask, run_meta, bs)
-        if mixed_precision is not None and run_meta is None and stats is None:  # RTN: the data of its sensitivity
-            run_meta = tokens()[2]
         t_quant = time.perf_counter() - t0
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
         meter.mark("layers")  # the capture (embeddings) included
@@ -999,6 +1066,8 @@ def _run_streamed(
             plan=plan,
             mixed_precision=mixed_precision,
             overrides=overrides,
+            act_ranges=bool(act_ranges or ranges_file),
+            smoothed=smoothed,
             extra=report_extra,
         )
         report_moe_coverage(report, final_stats, say)  # the routing each layer's experts saw
@@ -1027,8 +1096,10 @@ def _run_streamed(
             if export:
                 fmt.write_streamed_files(qm, folder)
                 report["export"] = {"formats": list(export), "streamed": True}
+                for name, obj in files.items():  # beside the export, outside its manifest (as _export does)
+                    _write_json(folder / name, obj)
             else:
-                fmt.write_files(folder, qm)
+                fmt.write_files(folder, qm, extra_files=files)
             if ev is not None:  # the folder is complete but for the report: measure it, layer by layer
                 report["eval"] = job.evaluate_written(
                     ev, folder, lambda info: open_streamed_quantized(info, model_config, weights.dtype)
