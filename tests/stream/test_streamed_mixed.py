@@ -148,3 +148,20 @@ def test_mixed_precision_with_a_one_scheme_export_is_refused_before_any_read(str
     with pytest.raises(ValueError, match="mixed precision.*one scheme per checkpoint"):
         _quantize("builtin:tiny-llama", tmp_path / "out", _cfg("gptq"), export="compressed-tensors", stream=stream)
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_mixed_precision_from_a_statistics_file_equals_whole_model(tmp_path):
+    """With ``stats``, each layer is scored from the file's statistics as it loads (no calibration pass):
+    the whole-model job's promotions and tensors (GPTQ solved from the same file)."""
+    cfg = GPTQConfig(bits=3, group_size=32, true_sequential=False)
+    stats = calibra.calibrate(
+        "builtin:tiny-llama", CalibrationConfig(num_samples=8, sequence_length=64, seed=0), progress=False, echo=None
+    )
+    _, whole = _quantize("builtin:tiny-llama", tmp_path / "whole", cfg, stats=stats)
+    _, rep = _quantize("builtin:tiny-llama", tmp_path / "streamed", cfg, stats=stats, stream=True)
+    assert rep["plan"]["placement"].startswith("streamed")
+    assert rep["mixed_precision"] == whole["mixed_precision"] and rep["mixed_precision"]["promoted"]
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k] if a[k].dtype == b[k].dtype else b[k].float()), k
