@@ -17,55 +17,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import calibra  # noqa: E402
-from calibra.assets import ASSETS_DIR, resolve_model  # noqa: E402
+from calibra.assets import resolve_model  # noqa: E402
 from calibra.data import CalibrationConfig  # noqa: E402
 from calibra.io.streamed import StreamedModel  # noqa: E402
 from calibra.quant import GPTQConfig, RTNConfig  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def qwen3_moe(tmp_path_factory):
-    """A tiny Qwen3-MoE saved by ``save_pretrained`` (bf16, six shards): layer 0 a dense MLP, layers 1-2
-    four experts each."""
-    folder = tmp_path_factory.mktemp("qwen3-moe")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=4096,
-        hidden_size=128,
-        intermediate_size=128,
-        moe_intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-        mlp_only_layers=[0],
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
-    with torch.no_grad():  # a router that spreads the tokens (its default init is near zero)
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(0, 0.5)
-    model.save_pretrained(folder, max_shard_size="400KB")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ASSETS_DIR / "models" / "tiny-moe" / f, folder / f)
-    assert len(list(folder.glob("model-*.safetensors"))) > 1
-    assert (
-        "model.layers.1.mlp.experts.3.gate_proj.weight"
-        in json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    )
-    return folder
-
-
-@pytest.fixture(params=["tiny-moe", "qwen3-moe"])
-def moe_folder(request):
-    if request.param == "tiny-moe":
-        return resolve_model("builtin:tiny-moe")
-    return request.getfixturevalue("qwen3_moe")
 
 
 def _open(folder):
@@ -247,17 +202,6 @@ def test_expert_tensor_truncated_mid_job_is_named_and_nothing_is_written(moe_cop
     monkeypatch.setattr(StreamedModel, "load", truncate_then_load)
     with pytest.raises(CorruptShardError, match=VICTIM.replace(".", r"\.")):
         _stream(moe_copy, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_streamed_prune_of_a_converted_checkpoint_is_refused_before_any_read(tmp_path, monkeypatch):
-    from calibra.io import streamed
-    from calibra.prune.config import PruningConfig
-
-    cfg = PruningConfig(method="magnitude", target_sparsity=0.5)
-    monkeypatch.setattr(streamed.WeightStore, "read", lambda *a, **k: pytest.fail("a weight was read"))
-    with pytest.raises(ValueError, match="per expert.*stream=False"):
-        calibra.prune("builtin:tiny-moe", cfg, output=tmp_path / "out", stream=True, progress=False, echo=None)
     assert not (tmp_path / "out").exists()
 
 

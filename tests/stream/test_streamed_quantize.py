@@ -78,9 +78,14 @@ def test_streamed_folder_loads_back(tmp_path):
     "kw,needle",
     [
         (dict(output=None), "output=DIR"),
-        (dict(mixed_precision=4.5), "mixed precision"),
         (dict(export="gptq"), "compressed-tensors"),
+        (dict(config=None, scheme="fp8"), "--stream"),
+        (dict(config=None, scheme="fp8-dynamic"), "--stream"),
+        (dict(config=None, scheme="w8a8"), "--stream"),
+        (dict(kv_cache="fp8"), "--stream"),
+        (dict(awq=True), "AWQ"),
     ],
+    ids=["no-output", "gptq-format", "scheme-fp8", "scheme-fp8-dynamic", "scheme-w8a8", "kv-cache", "awq"],
 )
 def test_streamed_refusals_come_before_any_read(kw, needle, tmp_path, monkeypatch):
     from calibra.io import streamed
@@ -89,10 +94,13 @@ def test_streamed_refusals_come_before_any_read(kw, needle, tmp_path, monkeypatc
         raise AssertionError("a weight was read")
 
     monkeypatch.setattr(streamed.WeightStore, "read", boom)
-    args = dict(output=tmp_path / "out", evaluate=False, stream=True)
+    args = dict(output=tmp_path / "out", evaluate=False, stream=True, config=GPTQConfig(bits=4))
     args.update(kw)
+    cfg = args.pop("config")
+    if args.pop("awq", False):
+        cfg = GPTQConfig(bits=4, awq=True)
     with pytest.raises(ValueError, match="stream") as e:
-        calibra.quantize("builtin:tiny-llama", GPTQConfig(bits=4), _cal(), progress=False, echo=None, **args)
+        calibra.quantize("builtin:tiny-llama", cfg, _cal(), progress=False, echo=None, **args)
     assert needle in str(e.value)
     assert not (tmp_path / "out").exists()
 

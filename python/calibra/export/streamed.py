@@ -163,7 +163,10 @@ class StreamedOutput:
         output: the final folder; ``overwrite`` as everywhere.
         prefix: shard name prefix (``model`` for engine formats, ``quantized`` for calibra's folder).
         layer_tensors: ``layer_tensors(name, QuantizedLayer) -> {tensor name: tensor}`` in the output format
-            (it raises, before anything of that layer is written, on a layer the format cannot express).
+            (it raises, before anything of that layer is written, on a layer the format cannot express);
+            None: the compressor changed the layer's weights in place (pruning), and the layer is written as
+            it is in memory, in the checkpoint's form (``StreamedModel.stored_tensors``: its names, fused
+            experts cut back per expert, the stored dtype; with ``disk_names``).
         weights: the job's ``StreamedModel`` (dense tensors are copied from its store).
         staging: write into this folder (created if missing; a resumed job's shards are there) instead of a
             temporary one; it becomes ``output`` at :meth:`finish`, and :meth:`abort` leaves it to its owner
@@ -200,10 +203,19 @@ class StreamedOutput:
         self.shards = _Shards(self.tmp, prefix)
         self.written: set[str] = set()
         self.rss_after_layer: list[int] = []
+        # dense tensors the job changed in place (SmoothQuant's folded norms): written from the module, at
+        # the stored dtype, not copied from the checkpoint
+        self.changed: set[str] = set()
 
     def layer(self, module: torch.nn.Module, qlayers: dict) -> dict:
         """Write one finished decoder layer: ``qlayers`` maps module path -> QuantizedLayer (its targets).
         Returns the layer's record for :meth:`restore` (its shard and the tensor names it covers)."""
+        if self.layer_tensors is None:  # the compressor changed the module in place: write it as it is now
+            tensors = self.weights.stored_tensors(module)
+            names = [n for n in sorted(tensors) if n not in self.written]
+            part = self.shards.add({n: tensors[n] for n in names})
+            self.written.update(names)
+            return {"part": part, "written": names}
         tensors, names = {}, []
         slices: dict[str, dict[int, object]] = {}  # fused parameter -> its quantized experts
         for name, ql in qlayers.items():
@@ -218,6 +230,14 @@ class StreamedOutput:
             covered |= self._fused(key, experts, tensors, names)
         names += sorted(covered - set(names))  # fused parameters replaced by their experts' tensors
         dense = [n for n in self.weights.names(module) if n not in covered]
+        for name in [n for n in dense if n in self.changed]:
+            disk = self.weights.layout.sources.get(name, name)
+            if not isinstance(disk, str):  # pragma: no cover - smoothing folds into norms, never fused experts
+                raise ValueError(f"[export] {name} was changed in place but is stored fused per expert")
+            t = self.weights.model.get_parameter(name).detach()
+            tensors[disk if self.disk_names else name] = t.to(self.weights.store.dtype(disk))
+            names.append(disk if self.disk_names else name)
+        dense = [n for n in dense if n not in self.changed]
         for name in self.weights.disk_names(dense) if self.disk_names else dense:
             if name not in self.written and name not in names:
                 tensors[name] = self.weights.read_stored(name)

@@ -256,6 +256,26 @@ class StreamedModel:
             del t
         return out
 
+    def stored_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s tensors as they are now (a job changed them in place: pruned weights), in the form the
+        checkpoint stores them -- the inverse of :meth:`load`: a renamed parameter under its disk name, a
+        fused one cut into its experts' tensors at their rows, each at its stored dtype. The module must be
+        loaded."""
+        pre = self._prefix(module)
+        current = dict(module.named_parameters(prefix=pre[:-1], remove_duplicate=False))
+        current.update((n, b) for n, b in module.named_buffers(prefix=pre[:-1]) if n in self.store)
+        out = {}
+        for full, t in current.items():
+            if t.device.type == "meta":
+                raise RuntimeError(f"[model] {full} is not loaded: there is nothing to write")
+            name = self._tied_to.get(full, full)
+            src = self.layout.sources.get(name, name)
+            pieces = src.pieces if isinstance(src, Fused) else [None]
+            for p in pieces:
+                disk, part = (src, t) if p is None else (p.tensor, t[p.expert, p.r0 : p.r1])
+                out[disk] = part.detach().to(self.store.dtype(disk)) if part.is_floating_point() else part.detach()
+        return out
+
     def _refuse_nonfinite(self, t: torch.Tensor, name: str) -> None:
         if self.check_finite and not all_finite(t):
             raise ModelReadError(

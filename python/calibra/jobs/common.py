@@ -400,6 +400,18 @@ class StreamedLayers(_LayerLoop):
         return self.done
 
 
+def report_moe_coverage(report: dict, final_stats, say) -> None:
+    """An MoE model's routing coverage (how many calibration tokens each expert of each layer saw) into
+    the report's ``moe_coverage``, and its table printed; nothing for a dense model or a data-free job."""
+    if final_stats is None or "moe" not in final_stats.metadata:
+        return
+    from calibra.calib import coverage_table, refresh_coverage
+
+    refresh_coverage(final_stats)
+    report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
+    say(coverage_table(final_stats))
+
+
 def data_fingerprint(ids, mask, run_meta: dict) -> str:
     """The calibration tokens' fingerprint for the checkpoints (the tokenizer's, or one of the ids)."""
     from calibra.data.tokenize import fingerprint

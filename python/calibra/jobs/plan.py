@@ -219,6 +219,8 @@ def plan_job(
     baseline_rss: int | None = None,
     replay: bool = False,
     streaming: bool = False,
+    sensitivity: bool = False,
+    ranges: bool = False,
     ranks: int = 1,
     ranks_on_host: int = 1,
 ) -> MemoryPlan:
@@ -232,7 +234,11 @@ def plan_job(
     layer read ahead at its stored size while this one's output is written) and the rest of the output (the
     largest tensor outside the layers, read and written straight from its memory). ``ranks``,
     ``ranks_on_host``: a torch.distributed job's world (``calibration`` is then one rank's share); the host
-    checks count every rank on this host."""
+    checks count every rank on this host. ``sensitivity``: mixed precision's sensitivity pass (a calibration
+    pass before the layers are quantized, ``calibra.quant.mixed``): the whole-model job keeps every layer's
+    Hessians from it until the end; a streamed job runs it as a phase of its own, one layer loaded and its
+    statistics scored and dropped, and reads the weights twice. ``ranges``: RTN's activation-ranges pass
+    (``--act-ranges``), likewise a phase of its own when streamed (one layer and its ranges)."""
     from calibra.data.memory import _dtype_bytes, estimate_memory
 
     if job not in JOBS:
@@ -287,6 +293,8 @@ def plan_job(
         results = 0
         out_bytes = est.hessians * n_layers if est is not None else 0
     kept_stats = out_bytes if job == "calibrate" else 0  # calibrate returns every layer's statistics
+    if sensitivity and est is not None and not streaming:  # the sensitivity pass's statistics, every layer's
+        kept_stats += est.hessians * n_layers
     on_cpu = device.type == "cpu"
     if consumed and on_cpu:
         work = _streamed_work(shapes, solver, est, hessian_bytes=_dtype_bytes(hessian_dtype))
@@ -336,6 +344,36 @@ def plan_job(
                     int(sizes.largest_layer * stored) + layer_out,
                 ),
             },
+            **(
+                {
+                    "sensitivity": {
+                        "process before loading": base,
+                        "one layer": sizes.largest_layer * db,
+                        "hidden states": hidden,
+                        "attention arguments": kwargs,
+                        # the layer's statistics, then one module's RTN error (W's working copy + result)
+                        "layer statistics and scoring": (
+                            est.activations + est.hessians + est.observer_state if est is not None else 0
+                        )
+                        + solver_workspace(shapes, "rtn"),
+                    }
+                }
+                if sensitivity
+                else {}
+            ),
+            **(
+                {
+                    "activation ranges": {
+                        "process before loading": base,
+                        "one layer": sizes.largest_layer * db,
+                        "hidden states": hidden,
+                        "attention arguments": kwargs,
+                        "layer activations": est.activations if est is not None else 0,
+                    }
+                }
+                if ranges
+                else {}
+            ),
             "rest of the output": {
                 "process before loading": base,
                 "largest tensor outside the layers": int(sizes.largest_outside * stored),

@@ -124,8 +124,9 @@ def prune(
         stream: read the model one decoder layer at a time from its shards and write each pruned layer as it
             is finished (``None``: when the whole model would not fit the memory plan; see
             ``calibra.quantize``). Pruned weights are written in their stored dtype (bf16 stays bf16; the
-            whole-model job writes ``dtype``; the shards go to the checkpoint work folder layer by layer, so
-            ``resume`` continues it too); no evaluation, --save-24 or joint quantization yet. The returned
+            whole-model job writes ``dtype``) under the checkpoint's names (an MoE checkpoint's experts per
+            expert, as the whole-model job saves them); the shards go to the checkpoint work folder layer by
+            layer, so ``resume`` continues it too; no --save-24 or joint quantization yet. The returned
             model is the weightless one.
         hessian_dtype: ``"float32"`` (default) or ``"float64"`` Hessian and channel-norm sums; float64 under
             ``torchrun`` (the sum over the ranks then does not depend on their number).
@@ -135,7 +136,7 @@ def prune(
     """
     from calibra.data import CalibrationConfig
     from calibra.export.writer import check_target
-    from calibra.jobs.common import InMemoryLayers, read_model
+    from calibra.jobs.common import InMemoryLayers, read_model, report_moe_coverage
     from calibra.jobs.skeleton import Job
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
@@ -249,7 +250,7 @@ def prune(
         pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
         pruner.parallel = job.world if job.world.distributed else None  # a layer's solves split over the ranks
         t0 = time.perf_counter()
-        run_meta = None
+        run_meta = final_stats = None
         loop = InMemoryLayers(adapter, pruner, ck, restore=presume.restore, saver=presume.LayerSaver)
         with torch.no_grad():
             if not needs_data:
@@ -278,7 +279,7 @@ def prune(
                     pruner.recollect = runner.recollect
                 # a resume on other data is refused here, before any layer runs
                 _restored(loop.resume(fp, runner), tracker, adapter, True)
-                loop.run_calibrated(runner, ids, mask, run_meta, bs)
+                final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_prune = time.perf_counter() - t0
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
         t_cal = max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0
@@ -308,6 +309,7 @@ def prune(
         )
         report["plan"] = plan.to_dict()
         job.record_run(report, pruner, hessian_dtype)
+        report_moe_coverage(report, final_stats, say)
         if eval_block is not None:
             report["eval"] = eval_block
         report["timings"] = {
@@ -377,23 +379,15 @@ def _run_streamed(
     checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
     from calibra.calib import LayerRunner
     from calibra.io.streamed import open_streamed
-    from calibra.jobs.common import StreamedLayers, open_streamed_job
+    from calibra.jobs.common import StreamedLayers, open_streamed_job, report_moe_coverage
     from calibra.models import get_adapter
     from calibra.prune import StageTracker
     from calibra.prune import save as psave
     from calibra.prune.apply import LayerPruner
-    from calibra.prune.save import module_weight
     from calibra.prune.stages import PruningStage as S
 
     meter = job.meter
     weights, tokenizer = open_streamed_job(model, model_config, dtype, job.read, job.source, "prune", tokenizer)
-    if weights.layout.sources:  # before any weight is read
-        example = next(iter(weights.layout.sources))
-        raise ValueError(
-            f"[prune] {job.source} cannot be streamed yet: its checkpoint stores some tensors under other names "
-            f"or per expert (e.g. {example}), which a streamed prune does not write back; pass stream=False "
-            f"(--no-stream)"
-        )
     m = weights.model
     adapter = get_adapter(m)
     n_layers = len(adapter.layers)
@@ -406,18 +400,22 @@ def _run_streamed(
             raise RuntimeError(f"[prune] the written output cannot be read back layer by layer: {why}")
         return pruned
 
-    def layer_tensors(name, pl):  # the pruned weight, at the checkpoint's stored dtype
-        key = f"{name}.weight"
-        return {key: module_weight(m, name).to(weights.store.dtype(key))}
-
     staging = ck.folder / "output" if ck is not None and job.world.writer else None
+    # the pruned layer is written as it is in memory, in the checkpoint's form (its names -- an MoE block's
+    # fused experts cut back into per-expert tensors -- at the stored dtype), as the whole-model job saves it
     sink = job.streamed_output(
-        output, overwrite=overwrite, prefix="model", layer_tensors=layer_tensors, weights=weights, staging=staging
+        output,
+        overwrite=overwrite,
+        prefix="model",
+        layer_tensors=None,
+        weights=weights,
+        staging=staging,
+        disk_names=True,
     )
     pruner = LayerPruner(config, adapter, dense=dense, tracker=tracker, num_layers=n_layers, calibrating=needs_data)
     pruner.parallel = job.world if job.world.distributed else None  # a layer's solves split over the ranks
     loop = StreamedLayers(weights, adapter, pruner, sink, ck)
-    run_meta = ev = None
+    run_meta = ev = final_stats = None
     t0 = time.perf_counter()
     try:
         if do_eval:
@@ -434,7 +432,6 @@ def _run_streamed(
         else:
             tracker.advance(S.CALIBRATING, adapter.layer_name(0))
             ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration, tokenizer, m)
-            _restored(loop.resume(fp), tracker, adapter, needs_data)
             runner = LayerRunner(
                 m,
                 adapter,
@@ -451,7 +448,9 @@ def _run_streamed(
             )
             if config.gradual_steps > 1:
                 pruner.recollect = runner.recollect
-            loop.run_calibrated(runner, ids, mask, run_meta, bs)
+            # the finished layers back, with their MoE routing statistics (the report's coverage)
+            _restored(loop.resume(fp, runner), tracker, adapter, needs_data)
+            final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
         t_prune = time.perf_counter() - t0
         meter.mark("layers")  # the capture (embeddings) included
         t_solve = sum(pl.seconds for pl in pruner.layers.values())
@@ -472,6 +471,7 @@ def _run_streamed(
         report["plan"] = plan.to_dict()
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer, "dense_dtype": "stored"}
         job.record_run(report, pruner, hessian_dtype)
+        report_moe_coverage(report, final_stats, say)
         report["timings"] = {
             "calibration": max(0.0, t_prune - sum(pruner.layer_seconds)) if needs_data else 0.0,
             "solve": t_solve,

@@ -17,6 +17,7 @@ from calibra.eval.session import REPORT_EVAL_TOKENS
 from calibra.jobs.common import (
     all_targets,
     meta_model,
+    report_moe_coverage,
 )
 
 REPORT_FORMAT = "calibra-quantize-report"
@@ -212,9 +213,10 @@ def quantize(
             layer by layer (``calibra.io.streamed``, ``calibra.export.streamed``), so host memory holds one
             layer, not the model. ``None`` (default): stream when the whole model would not fit the memory
             plan. A streamed job needs ``output``, writes calibra's folder or compressed-tensors (its shards
-            go to the checkpoint work folder layer by layer, so ``resume`` continues it too), and does not
-            yet evaluate, collect activation ranges or plan mixed precision; the returned QuantizedModel
-            holds the weightless model and slim layer records (shapes and settings).
+            go to the checkpoint work folder layer by layer, so ``resume`` continues it too), runs mixed
+            precision's sensitivity pass and RTN's activation-ranges pass layer by layer from disk too, and
+            does not yet calibrate activation / KV-cache scales (``scheme``, ``kv_cache``); the returned
+            QuantizedModel holds the weightless model and slim layer records (shapes and settings).
         preset: ``"best"``: the combination measured best for int GPTQ, applied to ``config`` (default
             ``GPTQConfig()``): GPTAQ with its per-Linear choice against GPTQ (``calibra.quant.presets``).
     """
@@ -329,6 +331,15 @@ def quantize(
     if export is not None:  # what an engine format refuses whatever the weights: before loading them
         from calibra.export import precheck
         from calibra.quant import MRGPTQConfig
+        from calibra.quant import mixed as mp
+
+        one_scheme = [f for f in export if f in ("compressed-tensors", "gptq", "mlx")]
+        if mixed_precision is not None and one_scheme and mp.promoted(config) is not None:
+            raise ValueError(
+                f"[quantize] mixed precision promotes the most sensitive modules to int{mp.promoted(config).bits}, "
+                f"and --export {one_scheme[0]} writes one scheme per checkpoint: write calibra's folder (no "
+                f"--export) or drop --mixed-precision"
+            )
 
         precheck(
             export,
@@ -361,11 +372,6 @@ def quantize(
     plan = job.choose_plan(
         stream=stream,
         unsupported=[
-            (
-                act_ranges or ranges_file,
-                "activation ranges / smoothing are not implemented for it yet: drop --act-ranges",
-            ),
-            (mixed_precision is not None, "mixed precision is not implemented for it yet: drop --mixed-precision"),
             (getattr(config, "awq", False), "AWQ is not implemented for it yet: drop --awq"),
             (getattr(config, "gptaq", False), "GPTAQ is not implemented for it yet: drop --gptaq"),
             (
@@ -380,6 +386,8 @@ def quantize(
         solver="rtn" if is_rtn else "gptq",
         replay=true_seq and not is_rtn and stats is None,
         checkpoint=checkpoint and output is not None,
+        sensitivity=mixed_precision is not None and stats is None,
+        ranges=bool(act_ranges),
     )
     streaming = job.streaming
     refuse_distributed(
@@ -464,7 +472,7 @@ def _run(
     preset=None,
     **_,
 ):
-    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
+    from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import InMemoryLayers, read_model
     from calibra.models import get_adapter
@@ -545,16 +553,9 @@ def _run(
                 hessian_dtype=hessian_dtype,
                 combine=world.combine(),
             ).run(ids, mask, batch_size=bs)
-        targets = all_targets(model, adapter)
         base = mp.base_rtn(config)
-        sens = mp.sensitivities([(t, base) for t in targets], mstats)
-        mplan = mp.plan(targets, sens, config, float(mixed_precision))
-        overrides = mplan.pop("overrides")
-        report_extra["mixed_precision"] = mplan
-        say(
-            f"mixed precision: {len(mplan['promoted'])} of {len(targets)} modules promoted to "
-            f"{mplan['promoted_to']}; {mplan['avg_bits_per_weight']:.3f} bits/weight (budget {mixed_precision})"
-        )
+        sens = mp.sensitivities([(t, base) for t in all_targets(model, adapter)], mstats)
+        overrides, report_extra["mixed_precision"] = _mixed_plan(model, adapter, sens, config, mixed_precision, say)
         t_cal += time.perf_counter() - t0
 
     # -- 5. quantize layer by layer ------------------------------------------------------------------
@@ -682,10 +683,7 @@ def _run(
     report["settings"]["scheme"] = scheme
     report["settings"]["kv_cache"] = kv_cache
     job.record_run(report, quantizer, hessian_dtype)
-    if final_stats is not None and "moe" in final_stats.metadata:
-        refresh_coverage(final_stats)
-        report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
-        say(coverage_table(final_stats))
+    report_moe_coverage(report, final_stats, say)
     if eval_block is not None:
         report["eval"] = eval_block
     report["timings"] = {
@@ -761,6 +759,106 @@ def _static_fp8_pass(model, adapter, quantizer, ids, mask, bs, run_meta, device,
     return input_quant, final
 
 
+def _mixed_plan(model, adapter, sens: dict, config, budget, say) -> tuple[dict, dict]:
+    """``(overrides, the report's mixed_precision block)``: mixed precision's solve (``quant.mixed.plan``) on
+    every target's sensitivity ``sens``, the same for both placements."""
+    from calibra.quant import mixed as mp
+
+    targets = all_targets(model, adapter)
+    mplan = mp.plan(targets, sens, config, float(budget))
+    overrides = mplan.pop("overrides")
+    say(
+        f"mixed precision: {len(mplan['promoted'])} of {len(targets)} modules promoted to "
+        f"{mplan['promoted_to']}; {mplan['avg_bits_per_weight']:.3f} bits/weight (budget {budget})"
+    )
+    return overrides, mplan
+
+
+def _streamed_sensitivities(loop, runner_for, config, stats, tokens, *, device, progress) -> dict:
+    """Mixed precision's sensitivity pass, layer by layer from disk (``loop``: the job's StreamedLayers, whose
+    ``weights`` load each layer): every target of a layer scored (``quant.mixed.sensitivities``) on that
+    layer's statistics -- from a calibration pass over ``tokens()`` (``runner_for(on_layer)``: a LayerRunner
+    over the unquantized layers, each layer's statistics dropped with it) or from ``stats`` -- then the layer
+    released. The scores are the whole-model pass's, which scores every layer at the end."""
+    from calibra.jobs.common import layer_loop
+    from calibra.quant import mixed as mp
+    from calibra.quant.apply import layer_targets
+
+    base = mp.base_rtn(config)
+    sens: dict[str, float] = {}
+    adapter = loop.adapter
+
+    def score(i, layer, st):
+        sens.update(mp.sensitivities([(t, base) for t in layer_targets(adapter, i, layer)], st))
+
+    if stats is not None:
+        layer_loop(
+            adapter,
+            lambda i, layer, _: score(i, layer, stats),
+            None,
+            progress=progress,
+            desc="sensitivity (streamed)",
+            weights=loop.weights,
+            device=device,
+        )
+    else:
+        ids, mask, _, bs, _ = tokens()
+        runner_for(score).run(ids, mask, batch_size=bs)
+    return sens
+
+
+def _streamed_ranges(loop, runner, tokens, ranges_file, percentile, alpha, sink, *, progress):
+    """``(activation-ranges document, smooth_layer(i, layer))`` of a streamed RTN job: the document from
+    ``ranges_file`` or from a streamed pass with the ``ranges`` observer (each layer's ranges and smoothing
+    factors taken while it is loaded, ``quant.act_ranges.module_ranges`` / ``layer_smoothing``: the
+    whole-model ``build``'s numbers); ``smooth_layer`` folds a loaded layer's factors into its norms and
+    Linears (``apply_smoothing``) and marks the norms for ``sink`` to write as changed. A file that names a
+    module outside the decoder layers is refused before any layer is read."""
+    from calibra.quant import act_ranges as ar
+
+    adapter = loop.adapter
+    names = [adapter.layer_name(i) + "." for i in range(len(adapter.layers))]
+
+    def layer_of(module: str) -> int:
+        i = next((k for k, pre in enumerate(names) if module.startswith(pre)), None)
+        if i is None:
+            raise ValueError(
+                f"[quantize] activation ranges name {module}, which this model lacks; calibrate the ranges on "
+                f"this model"
+            )
+        return i
+
+    if ranges_file:
+        doc = ar.load(ranges_file)
+        for norm in doc["smooth_factor"]:
+            layer_of(norm)
+    else:
+        ar.check_settings(percentile, alpha)
+        ranges: dict = {}
+        smooth: dict = {}
+
+        def collect(i, layer, st):
+            ranges.update(ar.module_ranges(st, percentile))
+            smooth.update(ar.layer_smoothing(st, adapter, i, layer, alpha))
+
+        ids, mask, meta, bs, _ = tokens()
+        runner(collect, observers=("ranges",), desc="activation ranges (streamed)").run(ids, mask, batch_size=bs)
+        doc = ar.document(ranges, smooth, percentile, alpha)
+        doc["calibration"] = meta
+    by_layer: dict[int, dict] = {}
+    for norm, entry in doc["smooth_factor"].items():
+        by_layer.setdefault(layer_of(norm), {})[norm] = entry
+    sink_changed = getattr(sink, "changed", set())  # (a distributed job's other ranks write nothing)
+
+    def smooth_layer(i, layer) -> None:
+        entries = by_layer.get(i)
+        if entries:
+            ar.apply_smoothing({"smooth_factor": entries}, loop.weights.model)
+            sink_changed.update(f"{norm}.weight" for norm in entries)
+
+    return doc, smooth_layer
+
+
 def _kv_scales_pass(model, adapter, ids, mask, bs, device, progress):
     """Per-layer FP8 k/v scales from one calibration pass over ``model`` as it is now (quantized,
     activations simulated): absmax of the keys and values each attention writes to its cache."""
@@ -818,14 +916,20 @@ def _run_streamed(
     ck,
     do_eval,
     hessian_dtype,
+    mixed_precision=None,
+    act_ranges=False,
+    ranges_file=None,
+    act_percentile=99.9,
+    smooth_alpha=0.5,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
     (with checkpoints ``ck``: into the work folder, committed layer by layer, so --resume continues)."""
-    from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
+    from calibra.calib import LayerRunner, model_identity
     from calibra.data import CalibrationConfig
     from calibra.jobs.common import StreamedLayers, open_streamed_job
     from calibra.models import get_adapter
+    from calibra.quant import act_ranges as ar
     from calibra.quant.apply import LayerQuantizer
     from calibra.quant.model import QuantizedModel
     from calibra.quant.streamed_load import open_streamed_quantized
@@ -860,44 +964,88 @@ def _run_streamed(
     quantizer.parallel = job.world if job.world.distributed else None  # a group's solves split over the ranks
     run_meta = final_stats = None
     loop = StreamedLayers(weights, adapter, quantizer, sink, ck)
+    tokens_cache: dict = {}
+
+    def tokens():  # the calibration tokens, made once for the sensitivity pass and the layers
+        if "v" not in tokens_cache:
+            tokens_cache["v"] = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
+        return tokens_cache["v"]
+
+    def runner(on_layer, observers=("hessian",), **kw):  # a pass reading each layer, dropping its statistics
+        return LayerRunner(
+            m,
+            adapter,
+            observers=observers,
+            device=device,
+            on_layer=on_layer,
+            progress=progress,
+            keep_layer_stats=False,
+            weights=weights,
+            hessian_dtype=hessian_dtype,
+            combine=job.world.combine(),
+            **kw,
+        )
 
     t0 = time.perf_counter()
+    report_extra: dict = {}
+    overrides: dict = {}
+    files: dict = {}
+    smoothed: list[str] = []
+    smooth_layer = lambda i, layer: None  # noqa: E731 - no smoothing
+    t_sens = 0.0
+    data_fp = None  # the data a data-free RTN job's own passes (ranges, sensitivity) read
     try:
         ev = None
         if do_eval:
             ev = job.reference(None, tokenizer, streamed_weights=weights)
             t0 = time.perf_counter()
+        if ck is not None and stats is None and (act_ranges or mixed_precision is not None):
+            data_fp = tokens()[4]
+            ck.check_data(data_fp)  # a resume on other data is refused before any pass reads a layer
+        if act_ranges or ranges_file:  # the ranges (a streamed pass, or the file), then SmoothQuant's folding
+            doc, smooth_layer = _streamed_ranges(
+                loop, runner, tokens, ranges_file, act_percentile, smooth_alpha, sink, progress=progress
+            )
+            smoothed = [n for entry in doc["smooth_factor"].values() for n in entry["modules"]]
+            files["activation_ranges.json"] = doc
+            report_extra["activation_ranges"] = dict(
+                ar.summary(doc), source=ranges_file or "collected", smoothed_modules=smoothed
+            )
+            meter.mark("activation ranges")
+        if mixed_precision is not None:  # the sensitivity pass, then the solve, before any layer is quantized
+            sens = _streamed_sensitivities(
+                loop,
+                lambda score: runner(score, desc="sensitivity (streamed)"),
+                config,
+                stats,
+                tokens,
+                device=dev,
+                progress=progress,
+            )
+            overrides, report_extra["mixed_precision"] = _mixed_plan(m, adapter, sens, config, mixed_precision, say)
+            quantizer.overrides = overrides
+            meter.mark("sensitivity")
+            t_sens = time.perf_counter() - t0
         if is_rtn or stats is not None:
-            loop.resume(None if stats is None else "stats")
+            # (RTN with activation ranges or mixed precision depends on the calibration data too)
+            loop.resume("stats" if stats is not None else data_fp)
             loop.run_data_free(
-                lambda i, layer, _: quantizer(i, layer, stats),
+                lambda i, layer, _: (smooth_layer(i, layer), quantizer(i, layer, stats)),
                 device=dev,
                 progress=progress,
                 desc="quantizing (streamed)",
             )
         else:
-            ids, mask, run_meta, bs, fp = job.calibration_tokens(calibration or CalibrationConfig(), tokenizer, m)
-            runner = LayerRunner(
-                m,
-                adapter,
-                device=device,
-                observers=("hessian",),
-                on_layer=quantizer,
-                feed_compressed=True,
-                progress=progress,
-                desc=f"{config.method} (streamed)",
-                keep_layer_stats=False,
-                collect_on_demand=true_seq,
-                weights=weights,
-                hessian_dtype=hessian_dtype,
-                combine=job.world.combine(),
+            ids, mask, run_meta, bs, fp = tokens()
+            qrunner = runner(
+                quantizer, feed_compressed=True, desc=f"{config.method} (streamed)", collect_on_demand=true_seq
             )
-            loop.resume(fp, runner)  # (the runner's MoE routing statistics of the finished layers back)
+            loop.resume(fp, qrunner)  # (the runner's MoE routing statistics of the finished layers back)
             if true_seq:
-                quantizer.collect, quantizer.freeze = runner.collect, runner.freeze
-            quantizer.input_groups = runner.input_groups
-            quantizer.release = runner.release
-            final_stats = loop.run_calibrated(runner, ids, mask, run_meta, bs)
+                quantizer.collect, quantizer.freeze = qrunner.collect, qrunner.freeze
+            quantizer.input_groups = qrunner.input_groups
+            quantizer.release = qrunner.release
+            final_stats = loop.run_calibrated(qrunner, ids, mask, run_meta, bs)
         t_quant = time.perf_counter() - t0
         t_solve = sum(ql.log.seconds for ql in quantizer.layers.values())
         meter.mark("layers")  # the capture (embeddings) included
@@ -916,11 +1064,13 @@ def _run_streamed(
             dtype=dtype,
             quantizer=quantizer,
             plan=plan,
+            mixed_precision=mixed_precision,
+            overrides=overrides,
+            act_ranges=bool(act_ranges or ranges_file),
+            smoothed=smoothed,
+            extra=report_extra,
         )
-        if final_stats is not None and "moe" in final_stats.metadata:  # the routing each layer's experts saw
-            refresh_coverage(final_stats)
-            report["moe_coverage"] = final_stats.metadata["moe"].get("coverage")
-            say(coverage_table(final_stats))
+        report_moe_coverage(report, final_stats, say)  # the routing each layer's experts saw
         report["output"] = str(output)
         job.record_run(report, quantizer, hessian_dtype)
         if loop.done:
@@ -932,7 +1082,8 @@ def _run_streamed(
         meter.into(report, "rest of the output" + (" and its evaluation" if ev is not None else ""))
         report["streaming"] = {"bytes_read": 0, "rss_after_layer": sink.rss_after_layer}
         report["timings"] = {
-            "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else 0.0,
+            "calibration": max(0.0, t_quant - t_solve) if not (is_rtn or stats is not None) else t_sens,
+            "sensitivity": t_sens,  # (part of the calibration)
             "solve": t_solve,
             "eval": 0.0,
             "per_layer": quantizer.layer_seconds,
@@ -945,8 +1096,10 @@ def _run_streamed(
             if export:
                 fmt.write_streamed_files(qm, folder)
                 report["export"] = {"formats": list(export), "streamed": True}
+                for name, obj in files.items():  # beside the export, outside its manifest (as _export does)
+                    _write_json(folder / name, obj)
             else:
-                fmt.write_files(folder, qm)
+                fmt.write_files(folder, qm, extra_files=files)
             if ev is not None:  # the folder is complete but for the report: measure it, layer by layer
                 report["eval"] = job.evaluate_written(
                     ev, folder, lambda info: open_streamed_quantized(info, model_config, weights.dtype)

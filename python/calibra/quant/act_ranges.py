@@ -62,13 +62,24 @@ def smoothing_groups(adapter, index: int, layer) -> list[tuple[str, torch.nn.Mod
 
 def build(stats, model, adapter, *, percentile: float = DEFAULT_PERCENTILE, alpha: float = DEFAULT_ALPHA) -> dict:
     """The activation-ranges document from a calibration with the ``ranges`` observer."""
-    from calibra.calib.observers import percentile as pct
-    from calibra.calib.observers import smooth_factors
+    check_settings(percentile, alpha)
+    smooth = {}
+    for i, layer in enumerate(adapter.layers):
+        smooth.update(layer_smoothing(stats, adapter, i, layer, alpha))
+    return document(module_ranges(stats, percentile), smooth, percentile, alpha)
 
+
+def check_settings(percentile: float, alpha: float) -> None:
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"[quantize] act-range percentile must be in (50, 100], got {percentile}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"[quantize] smoothing alpha must be in [0, 1], got {alpha}")
+
+
+def module_ranges(stats, percentile: float) -> dict:
+    """``layer_ranges`` of the document: every module of ``stats`` with a ``ranges`` statistic."""
+    from calibra.calib.observers import percentile as pct
+
     ranges = {}
     for m in stats.modules("ranges"):
         hist = stats.tensors[f"ranges/hist/{m}"]
@@ -79,14 +90,25 @@ def build(stats, model, adapter, *, percentile: float = DEFAULT_PERCENTILE, alph
             "p_hi": pct(hist, percentile),
             "tokens": stats.count("ranges", m),
         }
+    return ranges
+
+
+def layer_smoothing(stats, adapter, index: int, layer, alpha: float) -> dict:
+    """``smooth_factor`` entries of decoder layer ``index`` (its weights loaded), from its ranges in ``stats``
+    (a streamed job scores each layer while it is loaded)."""
+    from calibra.calib.observers import smooth_factors
+
     smooth = {}
-    for i, layer in enumerate(adapter.layers):
-        for norm_name, _, mods in smoothing_groups(adapter, i, layer):
-            first = next(iter(mods))
-            act = torch.maximum(stats.tensors[f"ranges/min/{first}"].abs(), stats.tensors[f"ranges/max/{first}"].abs())
-            w = torch.cat([m.weight.detach().float() for m in mods.values()], 0)
-            s = smooth_factors(act, w, alpha)
-            smooth[norm_name] = {"modules": list(mods), "scales": [float(v) for v in s]}
+    for norm_name, _, mods in smoothing_groups(adapter, index, layer):
+        first = next(iter(mods))
+        act = torch.maximum(stats.tensors[f"ranges/min/{first}"].abs(), stats.tensors[f"ranges/max/{first}"].abs())
+        w = torch.cat([m.weight.detach().float() for m in mods.values()], 0)
+        s = smooth_factors(act, w, alpha)
+        smooth[norm_name] = {"modules": list(mods), "scales": [float(v) for v in s]}
+    return smooth
+
+
+def document(ranges: dict, smooth: dict, percentile: float, alpha: float) -> dict:
     return {
         "format": FORMAT,
         "format_version": 1,
