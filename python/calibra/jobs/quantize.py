@@ -326,8 +326,9 @@ def quantize(
     shape_adapter = get_adapter(shape_model)
     targets = all_targets(shape_model, shape_adapter)
     check_layers(config, {t.name: t.in_features for t in targets})
+    export_dense: dict[str, str] = {}
     if export is not None:  # what an engine format refuses whatever the weights: before loading them
-        from calibra.export import precheck
+        from calibra.export import kept_dense, precheck
         from calibra.quant import MRGPTQConfig
 
         precheck(
@@ -336,6 +337,17 @@ def quantize(
             rotated=isinstance(config, MRGPTQConfig),
             transposed=[t.name for t in targets if t.transposed],
         )
+        # widths a format cannot hold (a ragged last group where its loader needs whole groups, GPTQ's and
+        # GGUF's multiples of 32): those Linears stay dense, recorded, instead of refusing the model
+        export_dense = kept_dense(
+            export, {t.name: (t.out_features, t.in_features) for t in targets}, getattr(config, "group_size", -1)
+        )
+        if export_dense:
+            say(
+                f"[quantize] {len(export_dense)} module(s) kept dense for --export {','.join(export)}: "
+                + "; ".join(f"{n} ({why})" for n, why in list(export_dense.items())[:3])
+                + (" ..." if len(export_dense) > 3 else "")
+            )
     needs_data = (
         (not is_rtn)
         or act_ranges
@@ -462,6 +474,7 @@ def _run(
     kv_cache,
     smooth=None,
     preset=None,
+    export_dense=None,
     **_,
 ):
     from calibra.calib import LayerRunner, coverage_table, model_identity, refresh_coverage
@@ -558,6 +571,7 @@ def _run(
         t_cal += time.perf_counter() - t0
 
     # -- 5. quantize layer by layer ------------------------------------------------------------------
+    overrides.update(dict.fromkeys(export_dense or {}))  # None: kept dense (widths an export format cannot hold)
     quantizer = LayerQuantizer(config, adapter, overrides=overrides)
     quantizer.parallel = world if world.distributed else None  # a group's solves split over the ranks
     t0 = time.perf_counter()
@@ -678,6 +692,7 @@ def _run(
         smoothed=smoothed,
         plan=plan,
         extra=report_extra,
+        export_dense=export_dense,
     )
     report["settings"]["scheme"] = scheme
     report["settings"]["kv_cache"] = kv_cache
@@ -818,6 +833,7 @@ def _run_streamed(
     ck,
     do_eval,
     hessian_dtype,
+    export_dense=None,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
@@ -856,7 +872,9 @@ def _run_streamed(
         disk_names=bool(export),  # engine formats: the checkpoint's names (per-expert Linears)
     )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
-    quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
+    quantizer = LayerQuantizer(
+        config, adapter, overrides=dict.fromkeys(export_dense or {}), keep_dense=False, consume=stats is None
+    )
     quantizer.parallel = job.world if job.world.distributed else None  # a group's solves split over the ranks
     run_meta = final_stats = None
     loop = StreamedLayers(weights, adapter, quantizer, sink, ck)
@@ -916,6 +934,7 @@ def _run_streamed(
             dtype=dtype,
             quantizer=quantizer,
             plan=plan,
+            export_dense=export_dense,
         )
         if final_stats is not None and "moe" in final_stats.metadata:  # the routing each layer's experts saw
             refresh_coverage(final_stats)
@@ -1007,6 +1026,7 @@ def _report(
     overrides=None,
     smoothed=(),
     extra=None,
+    export_dense=None,
 ) -> dict:
     """report.json without the evaluation, MoE coverage and timings (the caller adds those); the streamed
     job has no activation ranges, mixed precision or extra sections yet."""
@@ -1054,6 +1074,8 @@ def _report(
             "dense_modules": sorted(quantizer.dense),
             "quantized_weights": n_q,
             "avg_bits_per_weight": bits / n_q if n_q else None,
+            # module -> "<format>: <reason>": left dense because an --export format cannot hold its width
+            **({"export_dense": dict(export_dense)} if export_dense else {}),
         },
         "modules": rows,
         "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},
