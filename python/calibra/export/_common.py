@@ -145,7 +145,8 @@ def ragged_group(out_features: int, in_features: int, group_size: int) -> str | 
     """The width rule of a format whose loader needs whole groups (compressed-tensors, MLX): the reason a
     group that does not divide in_features (calibra's ragged last group) cannot be written, else None."""
     if group_size > 0 and in_features % group_size:
-        return f"in_features {in_features} leaves a ragged last group of {in_features % group_size} (group {group_size})"
+        tail = in_features % group_size
+        return f"in_features {in_features} leaves a ragged last group of {tail} (group {group_size})"
     return None
 
 
