@@ -123,3 +123,20 @@ def test_cli_summary_says_which_layers_stay_dense(ragged_folder, tmp_path, capsy
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if "kept dense for export" in ln)
     assert DOWN[0] in line and "ragged last group of 12" in line
+
+
+def test_streamed_job_keeps_the_same_layers_dense(ragged_folder, tmp_path):
+    """--stream decides from the same shapes: the same Linears dense, recorded in its manifest, and the
+    written checkpoint loads to the in-memory job's export."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    cfg = GPTQConfig(group_size=32)
+    _, rep = _q(ragged_folder, cfg, tmp_path / "s", export="compressed-tensors", stream=True)
+    _q(ragged_folder, cfg, tmp_path / "m", export="compressed-tensors")
+    assert sorted(rep["summary"]["export_dense"]) == DOWN
+    man = json.loads((tmp_path / "s" / "calibra_manifest.json").read_text())
+    assert sorted(man["kept_dense"]) == DOWN
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32)
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert float((_logits(streamed) - _logits(in_memory)).abs().max()) <= 1e-5

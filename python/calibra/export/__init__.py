@@ -142,9 +142,6 @@ def export(
             folder.mkdir(exist_ok=True)
             mod = _MODULES[f]
             extra = mod.write(qmodel, folder, max_shard_bytes=max_shard_bytes)
-            dense = ((getattr(qmodel, "report", None) or {}).get("summary") or {}).get("export_dense")
-            if dense:  # the Linears quantize kept dense because a format here cannot hold them
-                extra = dict(extra or {}, kept_dense=dict(dense))
             write_manifest(
                 folder, format=f, qmodel=qmodel, extra=extra, extra_versions=getattr(mod, "versions", lambda: {})()
             )
