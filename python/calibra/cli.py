@@ -593,7 +593,8 @@ def _add_quantize(sub) -> None:
         type=int,
         default=None,
         help="columns per scale group, -1 = one per row "
-        "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format)",
+        "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format); an int group "
+        "that does not divide a width leaves a ragged last group (kept dense for an --export that cannot hold it)",
     )
     q.add_argument("--format", default="int", choices=["int", "mxfp4", "nvfp4"], help="number format")
     q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero points); default symmetric")

@@ -123,6 +123,8 @@ def test_cli_summary_says_which_layers_stay_dense(ragged_folder, tmp_path, capsy
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if "kept dense for export" in ln)
     assert DOWN[0] in line and "ragged last group of 12" in line
+    html = (out / "report.html").read_text()
+    assert "kept dense for export" in html and "ragged last group of 12" in html
 
 
 def test_streamed_job_keeps_the_same_layers_dense(ragged_folder, tmp_path):
