@@ -340,6 +340,14 @@ def _quant_config(args: argparse.Namespace):
     )
 
 
+def _export_dense_line(dense: dict) -> str:
+    """report.json's ``summary.export_dense`` in one line: how many, the reasons, a few module names."""
+    names = sorted(dense)
+    reasons = sorted(set(dense.values()))
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    return f"{shown} -- {'; '.join(reasons[:2])}" + (" ..." if len(reasons) > 2 else "")
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -389,6 +397,10 @@ def _print_quant_summary(report: dict) -> None:
             "modules quantized",
             f"{s['quantized_modules']}" + (f" ({len(s['dense_modules'])} kept dense)" if s["dense_modules"] else ""),
         ),
+    ]
+    if s.get("export_dense"):  # widths an export format cannot hold: which, and why
+        rows.append(("kept dense for export", _export_dense_line(s["export_dense"])))
+    rows += [
         ("bits per weight", f"{s['avg_bits_per_weight']:.3f}" if s["avg_bits_per_weight"] else "-"),
         ("quantized weights", f"{_fmt_bytes(q * 2)} as fp16 -> {_fmt_bytes(q * (s['avg_bits_per_weight'] or 16) / 8)}"),
     ]
@@ -581,7 +593,8 @@ def _add_quantize(sub) -> None:
         type=int,
         default=None,
         help="columns per scale group, -1 = one per row "
-        "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format)",
+        "(per-channel); default 128 for int, 32 for mxfp4, 16 for nvfp4 (fixed by the format); an int group "
+        "that does not divide a width leaves a ragged last group (kept dense for an --export that cannot hold it)",
     )
     q.add_argument("--format", default="int", choices=["int", "mxfp4", "nvfp4"], help="number format")
     q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero points); default symmetric")

@@ -170,8 +170,9 @@ def test_dead_channel():
 
 def test_errors_name_the_module():
     w, h, tokens, _ = layer(out=4, n=96, seed=11)
-    with pytest.raises(ValueError, match=r"group_size 64 does not divide in_features 96 \(layer layers.1.mlp\)"):
-        gptq_quantize(w, h, tokens, GPTQConfig(group_size=64), name="layers.1.mlp")
+    with pytest.raises(ValueError, match=r"nvfp4 needs in_features divisible by its scale block 16, layer layers.1"):
+        fp4 = GPTQConfig(format="nvfp4", bits=4, group_size=16)
+        gptq_quantize(w[:, :88], h[:88, :88], tokens, fp4, name="layers.1.mlp")
     with pytest.raises(ValueError, match=r"Hessian of layers.1.mlp must be \[in, in\]"):
         gptq_quantize(w, h[:64, :64], tokens, GPTQConfig(group_size=32), name="layers.1.mlp")
     with pytest.raises(ValueError, match=r"layers.1.mlp needs a Hessian from at least one token"):

@@ -113,8 +113,9 @@ def test_check_layers_lists_every_bad_layer():
         "model.layers.0.mlp.up_proj": 1024,
         "model.layers.1.mlp.down_proj": 1000,
     }
+    check_layers(GPTQConfig(group_size=128), layers)  # int groups: a ragged last group, no refusal
     with pytest.raises(ValueError) as e:
-        check_layers(GPTQConfig(group_size=128), layers)
+        check_layers(GPTQConfig(format="nvfp4", bits=4, group_size=16), layers)
     text = str(e.value)
     assert text.startswith("[quantize] 2 layer(s)")
     assert "model.layers.0.mlp.down_proj" in text and "model.layers.1.mlp.down_proj" in text

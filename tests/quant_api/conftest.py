@@ -63,6 +63,13 @@ def llama_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ragged_folder(tmp_path_factory):
+    """The issue 21 example: intermediate_size 172, so groups of 32 leave down_proj a ragged last group of 12
+    (and FP4's blocks of 16/32 do not fit it)."""
+    return make_folder(tmp_path_factory.mktemp("q-ragged"), "llama", intermediate_size=172)
+
+
+@pytest.fixture(scope="session")
 def moe_folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("q-moe"), "mixtral")
 

@@ -23,14 +23,16 @@ def _q(folder, cfg, out, **kw):
     )
 
 
-def test_group_size_not_dividing_lists_every_layer_before_load(llama_folder, tmp_path, no_load):
+def test_fp4_block_not_dividing_lists_every_layer_before_load(ragged_folder, tmp_path, no_load):
+    """FAULTS row 11: an int group leaves a ragged last group, but FP4's fixed scale blocks cannot: every such
+    layer is listed before a weight loads."""
     out = tmp_path / "out"
     with pytest.raises(ValueError) as e:
-        _q(llama_folder, GPTQConfig(bits=4, group_size=48), out)
+        _q(ragged_folder, GPTQConfig(bits=4, group_size=16, format="nvfp4"), out)
     msg = str(e.value)
-    assert msg.startswith("[quantize] 14 layer(s)")
-    assert "group_size 48 does not divide in_features 64 (layer model.layers.0.self_attn.q_proj)" in msg
-    assert "in_features 128 (layer model.layers.1.mlp.down_proj)" in msg
+    assert msg.startswith("[quantize] 2 layer(s)")
+    assert "nvfp4 needs in_features divisible by its scale block 16, layer model.layers.0.mlp.down_proj has 172" in msg
+    assert "model.layers.1.mlp.down_proj" in msg and "q_proj" not in msg
     assert not out.exists()
 
 

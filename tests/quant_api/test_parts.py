@@ -180,20 +180,20 @@ def test_cli_every_method(llama_folder, tmp_path, capsys, flags, method):
         assert rep["settings"]["config"]["format"] == flags[-1]
 
 
-def test_cli_bad_group_size_writes_nothing(llama_folder, tmp_path):
+def test_cli_bad_group_size_writes_nothing(ragged_folder, tmp_path):
     out = tmp_path / "cli"
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="mxfp4 needs in_features divisible by its scale block 32"):
         main(
             [
                 "quantize",
                 "--input",
-                str(llama_folder),
+                str(ragged_folder),
                 "--output",
                 str(out),
                 "--method",
                 "gptq",
-                "--group-size",
-                "48",
+                "--format",
+                "mxfp4",
                 "--no-progress",
             ]
         )

@@ -83,6 +83,25 @@ def precheck(format, names, *, rotated: bool, transposed=()) -> list[str]:
     return fmts
 
 
+def kept_dense(format, shapes, group_size: int) -> dict[str, str]:
+    """Before any weight loads: the Linears (``shapes``: name -> ``(out_features, in_features)``) that one of
+    the engine formats cannot hold with ``group_size`` -- a ragged last group where the loader needs whole
+    groups (compressed-tensors, MLX), widths GPTQ kernels or GGUF blocks cannot take -- each with
+    ``"<format>: <reason>"``. ``calibra.quantize(..., export=...)`` keeps them dense (unquantized) and
+    records them (report.json ``summary.export_dense``, the export's manifest ``kept_dense``); calibra's own
+    folder and 'dense' hold every width."""
+    out: dict[str, str] = {}
+    for f in parse_formats(format):
+        rule = getattr(_MODULES[f], "width_problem", None)
+        if rule is None:
+            continue
+        for name, (o, i) in shapes.items():
+            why = None if name in out else rule(o, i, group_size)
+            if why is not None:
+                out[name] = f"{f}: {why}"
+    return out
+
+
 def check(qmodel, format) -> list[str]:
     """Raise ExportError if any of the formats cannot express ``qmodel``; returns the parsed formats."""
     from calibra.export import _common
@@ -139,4 +158,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["export", "check", "parse_formats", "FORMATS", "ExportError", "verify_manifest"]
+__all__ = ["export", "check", "kept_dense", "parse_formats", "FORMATS", "ExportError", "verify_manifest"]

@@ -141,6 +141,31 @@ def uniform(qmodel, fmt: str):
     return next(iter(schemes))
 
 
+def ragged_group(out_features: int, in_features: int, group_size: int) -> str | None:
+    """The width rule of a format whose loader needs whole groups (compressed-tensors, MLX): the reason a
+    group that does not divide in_features (calibra's ragged last group) cannot be written, else None."""
+    if group_size > 0 and in_features % group_size:
+        tail = in_features % group_size
+        return f"in_features {in_features} leaves a ragged last group of {tail} (group {group_size})"
+    return None
+
+
+def refuse_widths(qmodel, fmt: str, rule) -> None:
+    """A standalone export of a model quantized without this format in mind: the layers ``rule(out, in,
+    group_size)`` refuses are named, with the fixes (``quantize --export FORMAT`` keeps them dense)."""
+    bad = [
+        f"{n} ({why})"
+        for n, l in qmodel.layers.items()
+        if (why := rule(l.codes.shape[0], l.codes.shape[1], l.group_size)) is not None
+    ]
+    if bad:
+        raise ExportError(
+            f"[export] {fmt} cannot hold {len(bad)} quantized layer(s): {'; '.join(bad[:5])}. Quantize with "
+            f"--export {fmt} (those layers are then kept dense, recorded in report.json), or export 'dense' "
+            f"or calibra's own folder (which holds ragged groups)"
+        )
+
+
 def trivial_g_idx(layer) -> bool:
     """True when g_idx is absent or equals col // group_size (plain contiguous groups)."""
     if layer.g_idx is None:

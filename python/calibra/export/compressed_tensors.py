@@ -54,8 +54,17 @@ WRITES_EXPERTS = True  # fused MoE experts, per expert (export/experts.py)
 CT_VERSION = "0.20.0"
 
 
+def width_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why a Linear of this shape cannot be written with this group size, or None. compressed-tensors
+    (0.20) sizes a ragged last group's scales (ceil) but its dequantization reshapes the weight into whole
+    groups and raises ("tensor column shape must be divisible by the given group_size"), so transformers
+    cannot load such a layer: it is kept dense (docs/export.md)."""
+    return _common.ragged_group(out_features, in_features, group_size)
+
+
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
+    _common.refuse_widths(qmodel, NAME, width_problem)
     fused = experts.fused_keys(qmodel)  # fused MoE experts are written per expert (export/experts.py)
     if getattr(qmodel, "model", None) is not None:
         experts.swapped_on_load(qmodel)  # experts the loader swaps for Linears: refused when quantized

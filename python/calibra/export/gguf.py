@@ -84,10 +84,21 @@ def _rope_theta(cfg) -> float:
     return float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
+def width_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why a Linear of this shape cannot be stored as Q4_0/Q8_0, or None: llama.cpp's blocks are 32 values
+    of one row, so in_features must be a multiple of 32 (whatever calibra's own group was); such a layer is
+    kept dense (written F16/F32)."""
+    if in_features % 32:
+        return f"in_features {in_features}: GGUF Q4_0/Q8_0 blocks are 32 values of a row"
+    return None
+
+
 class _GGUFFormat:
     def __init__(self, qtype: str):
         self.qtype = qtype  # "Q4_0" / "Q8_0"
         self.NAME = f"gguf-{qtype.lower()}"
+
+    width_problem = staticmethod(width_problem)
 
     def versions(self) -> dict:
         return {"gguf": getattr(_gguf(), "__version__", None) or _pkg_version("gguf")}
@@ -125,10 +136,11 @@ class _GGUFFormat:
                 f"pre-tokenizer) are written, got model {tok.get('model', {}).get('type')} with "
                 f"pre-tokenizer {pre.get('type')}; export 'dense' and use llama.cpp's converter"
             )
-        bad = [n for n in qmodel.layers if qmodel.layers[n].codes.shape[1] % 32]
+        bad = [n for n, l in qmodel.layers.items() if width_problem(*l.codes.shape, l.group_size)]
         if bad:
             raise ExportError(
-                f"[export] {name}: {self.qtype} blocks need in_features divisible by 32; not: {', '.join(bad)}"
+                f"[export] {name}: {self.qtype} blocks need in_features divisible by 32; not: {', '.join(bad)}; "
+                f"quantize with --export {name} (those layers are then kept dense, recorded in report.json)"
             )
         unknown = [k for k in _common.dense_state(qmodel) if gguf_name(k) is None]
         if unknown:

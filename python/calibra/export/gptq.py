@@ -33,6 +33,17 @@ WRITES_EXPERTS = True  # fused MoE experts, per expert (export/experts.py)
 _BITS = (2, 3, 4, 8)
 
 
+def width_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why a Linear of this shape cannot be written, or None: GPTQ kernels (and qweight/qzeros' int32
+    packing) need in_features and out_features divisible by 32, so a ragged last group (in_features not a
+    multiple of the group) never reaches them unless the group is below 32; such layers are kept dense.
+    A ragged group in widths that are multiples of 32 (in 192, group 128) is kept dense too: AutoGPTQ's
+    layout sizes scales by ceil(in / group), but no GPTQ engine here proves such a file reloads."""
+    if out_features % 32 or in_features % 32:
+        return f"[out, in] = [{out_features}, {in_features}]: gptq kernels need both divisible by 32"
+    return _common.ragged_group(out_features, in_features, group_size)
+
+
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
@@ -54,8 +65,10 @@ def check(qmodel) -> None:
     if bad:
         raise ExportError(
             f"[export] {NAME} kernels need in_features and out_features divisible by 32; "
-            f"{len(bad)} layer(s) are not: {', '.join(bad[:5])}; leave them dense or use another format"
+            f"{len(bad)} layer(s) are not: {', '.join(bad[:5])}; quantize with --export {NAME} (those layers are "
+            f"then kept dense, recorded in report.json), or use another format"
         )
+    _common.refuse_widths(qmodel, NAME, _common.ragged_group)
     for n, l in qmodel.layers.items():
         if not bool(torch.isfinite(l.scales.to(torch.float16)).all()):
             raise ExportError(

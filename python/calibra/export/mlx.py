@@ -23,8 +23,16 @@ from calibra.ops import pack
 NAME = "mlx"
 
 
+def width_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why a Linear of this shape cannot be written, or None: MLX's affine layout packs whole groups of
+    32/64/128 along each row (``mx.quantize`` needs in_features divisible by the group), so a ragged last
+    group is kept dense."""
+    return _common.ragged_group(out_features, in_features, group_size)
+
+
 def check(qmodel) -> None:
     _common.refuse_rotation(qmodel, NAME)
+    _common.refuse_widths(qmodel, NAME, width_problem)
     _common.refuse_experts(qmodel, NAME)
     fmt, bits, gs, sym = _common.uniform(qmodel, NAME)
     if fmt != "int":

@@ -321,6 +321,9 @@ def write_manifest(
         "versions": versions(extra_versions),
         "files": files,
     }
+    dense = ((getattr(qmodel, "report", None) or {}).get("summary") or {}).get("export_dense")
+    if dense:  # the Linears quantize --export kept dense because a format cannot hold their widths
+        man["kept_dense"] = dict(dense)
     man.update(extra or {})
     write_json(folder / MANIFEST, man)
     return man

@@ -328,8 +328,9 @@ def quantize(
     shape_adapter = get_adapter(shape_model)
     targets = all_targets(shape_model, shape_adapter)
     check_layers(config, {t.name: t.in_features for t in targets})
+    export_dense: dict[str, str] = {}
     if export is not None:  # what an engine format refuses whatever the weights: before loading them
-        from calibra.export import precheck
+        from calibra.export import kept_dense, precheck
         from calibra.quant import MRGPTQConfig
         from calibra.quant import mixed as mp
 
@@ -347,6 +348,17 @@ def quantize(
             rotated=isinstance(config, MRGPTQConfig),
             transposed=[t.name for t in targets if t.transposed],
         )
+        # widths a format cannot hold (a ragged last group where its loader needs whole groups, GPTQ's and
+        # GGUF's multiples of 32): those Linears stay dense, recorded, instead of refusing the model
+        export_dense = kept_dense(
+            export, {t.name: (t.out_features, t.in_features) for t in targets}, getattr(config, "group_size", -1)
+        )
+        if export_dense:
+            say(
+                f"[quantize] {len(export_dense)} module(s) kept dense for --export {','.join(export)}: "
+                + "; ".join(f"{n} ({why})" for n, why in list(export_dense.items())[:3])
+                + (" ..." if len(export_dense) > 3 else "")
+            )
     needs_data = (
         (not is_rtn)
         or act_ranges
@@ -470,6 +482,7 @@ def _run(
     kv_cache,
     smooth=None,
     preset=None,
+    export_dense=None,
     **_,
 ):
     from calibra.calib import LayerRunner, model_identity
@@ -559,6 +572,7 @@ def _run(
         t_cal += time.perf_counter() - t0
 
     # -- 5. quantize layer by layer ------------------------------------------------------------------
+    overrides.update(dict.fromkeys(export_dense or {}))  # None: kept dense (widths an export format cannot hold)
     quantizer = LayerQuantizer(config, adapter, overrides=overrides)
     quantizer.parallel = world if world.distributed else None  # a group's solves split over the ranks
     t0 = time.perf_counter()
@@ -679,6 +693,7 @@ def _run(
         smoothed=smoothed,
         plan=plan,
         extra=report_extra,
+        export_dense=export_dense,
     )
     report["settings"]["scheme"] = scheme
     report["settings"]["kv_cache"] = kv_cache
@@ -921,6 +936,7 @@ def _run_streamed(
     ranges_file=None,
     act_percentile=99.9,
     smooth_alpha=0.5,
+    export_dense=None,
     **_,
 ):
     """The streamed job: layers read from disk one at a time, each written to the output when finished
@@ -960,7 +976,9 @@ def _run_streamed(
         disk_names=bool(export),  # engine formats: the checkpoint's names (per-expert Linears)
     )
     # the streamed runner drops each layer's statistics with the layer: the solver may consume them
-    quantizer = LayerQuantizer(config, adapter, keep_dense=False, consume=stats is None)
+    quantizer = LayerQuantizer(
+        config, adapter, overrides=dict.fromkeys(export_dense or {}), keep_dense=False, consume=stats is None
+    )
     quantizer.parallel = job.world if job.world.distributed else None  # a group's solves split over the ranks
     run_meta = final_stats = None
     loop = StreamedLayers(weights, adapter, quantizer, sink, ck)
@@ -988,7 +1006,7 @@ def _run_streamed(
 
     t0 = time.perf_counter()
     report_extra: dict = {}
-    overrides: dict = {}
+    overrides: dict = dict.fromkeys(export_dense or {})  # None: kept dense (widths an export format cannot hold)
     files: dict = {}
     smoothed: list[str] = []
     smooth_layer = lambda i, layer: None  # noqa: E731 - no smoothing
@@ -1023,6 +1041,7 @@ def _run_streamed(
                 progress=progress,
             )
             overrides, report_extra["mixed_precision"] = _mixed_plan(m, adapter, sens, config, mixed_precision, say)
+            overrides.update(dict.fromkeys(export_dense or {}))
             quantizer.overrides = overrides
             meter.mark("sensitivity")
             t_sens = time.perf_counter() - t0
@@ -1069,6 +1088,7 @@ def _run_streamed(
             act_ranges=bool(act_ranges or ranges_file),
             smoothed=smoothed,
             extra=report_extra,
+            export_dense=export_dense,
         )
         report_moe_coverage(report, final_stats, say)  # the routing each layer's experts saw
         report["output"] = str(output)
@@ -1160,6 +1180,7 @@ def _report(
     overrides=None,
     smoothed=(),
     extra=None,
+    export_dense=None,
 ) -> dict:
     """report.json without the evaluation, MoE coverage and timings (the caller adds those); the streamed
     job has no activation ranges, mixed precision or extra sections yet."""
@@ -1207,6 +1228,8 @@ def _report(
             "dense_modules": sorted(quantizer.dense),
             "quantized_weights": n_q,
             "avg_bits_per_weight": bits / n_q if n_q else None,
+            # module -> "<format>: <reason>": left dense because an --export format cannot hold its width
+            **({"export_dense": dict(export_dense)} if export_dense else {}),
         },
         "modules": rows,
         "quantization": {"dense_modules": sorted(quantizer.dense), "smoothed_modules": sorted(smoothed)},

@@ -47,7 +47,10 @@ def _check_group_size(op: str, group_size, n) -> None:
             f"[{op}] group_size must be -1 (one group per row) or a positive divisor of in_features, got {group_size}"
         )
     if n % group_size:
-        raise ValueError(f"[{op}] group_size {group_size} does not divide in_features {n}")
+        raise ValueError(
+            f"[{op}] group_size {group_size} does not divide in_features {n} (the op takes whole groups; "
+            f"calibra.ops.quantize / dequantize pad a ragged last group)"
+        )
 
 
 def _check_bits(op: str, bits) -> None:
@@ -69,6 +72,24 @@ def _check_out_dtype(op: str, dtype) -> None:
 
 def _ngroups(n, group_size: int):
     return 1 if group_size == -1 else n // group_size
+
+
+def n_groups(n: int, group_size: int) -> int:
+    """Groups of ``group_size`` columns over ``n`` columns, a ragged last one counted: ``ceil(n / group_size)``
+    (1 for group_size -1). Group ``g`` covers columns ``[g * group_size, min((g + 1) * group_size, n))``, the
+    reference GPTQ's layout (``g_idx = col // group_size``)."""
+    return 1 if group_size == -1 else -(-n // group_size)
+
+
+def ragged_pad(n: int, group_size: int) -> int:
+    """Columns of zeros that complete a ragged last group (0 when ``group_size`` divides ``n`` or is -1).
+
+    Padding a weight with zero columns is exact for every grid here: a zero never moves a group's range
+    (int: min is clamped to <= 0 and max to >= 0; FP4: amax, and NVFP4's tensor amax), it quantizes to
+    exactly 0 (the zero point's code; E2M1 code 0), so it adds no error to a clipping search either. The
+    ops below therefore keep their whole-group kernels and a ragged group is those kernels on the padded
+    weight, the padding cut off again."""
+    return 0 if group_size == -1 or n % group_size == 0 else group_size - n % group_size
 
 
 def _check_quantize_int(w, bits, group_size, symmetric) -> None:
@@ -220,8 +241,9 @@ class QuantizedTensor:
     ``q`` in ``[0, 2^bits - 1]``. FP4 formats: the E2M1 code ``sign << 3 | idx`` with idx indexing
     ``[0, .5, 1, 1.5, 2, 3, 4, 6]`` (zero is always code 0)."""
     scales: torch.Tensor
-    """Per-group scales ``[out, G]``, group ``g`` covering columns ``[g * group_size, (g + 1) * group_size)``.
-    ``int``: w's dtype, G = in / group_size (1 for group_size -1). ``mxfp4``: uint8 E8M0 (``2^(s - 127)``),
+    """Per-group scales ``[out, G]``, group ``g`` covering columns ``[g * group_size, (g + 1) * group_size)``
+    (the last one ragged, cut at ``in``, when group_size does not divide in: ``int`` only).
+    ``int``: w's dtype, G = ceil(in / group_size) (1 for group_size -1). ``mxfp4``: uint8 E8M0 (``2^(s - 127)``),
     G = in / 32. ``nvfp4``: torch.float8_e4m3fn, G = in / 16, to be divided by ``global_scale``."""
     zeros: torch.Tensor | None
     """``int`` only: uint8 ``[out, G]`` zero points (unsigned, GPTQ v2 / "zero" convention, not ``zero - 1``);
@@ -250,8 +272,9 @@ def quantize(
 
     Args:
         bits: 2..8 for ``format="int"``; must be 4 for ``"mxfp4"`` / ``"nvfp4"``.
-        group_size: columns per group along ``in``; -1 or None for one group per row (``int``). For FP4
-            it must be the format's own (32 for mxfp4, 16 for nvfp4) or None.
+        group_size: columns per group along ``in``; -1 or None for one group per row (``int``). A size
+            that does not divide ``in`` leaves a ragged last group (``int`` only; see :func:`ragged_pad`).
+            For FP4 it must be the format's own (32 for mxfp4, 16 for nvfp4) or None.
         symmetric: ``int`` only (FP4 formats are symmetric).
         format: ``"int"``, ``"mxfp4"`` or ``"nvfp4"``.
 
@@ -260,7 +283,11 @@ def quantize(
     """
     if format == "int":
         gs = -1 if group_size is None else group_size
-        codes, scales, zeros = torch.ops.calibra.quantize_int(w, bits, gs, symmetric)
+        pad = _ragged(w, gs)
+        wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+        codes, scales, zeros = torch.ops.calibra.quantize_int(wp, bits, gs, symmetric)
+        if pad:
+            codes = codes[:, : w.shape[1]].contiguous()
         return QuantizedTensor(codes, scales, zeros, None, bits, gs, symmetric, format, tuple(w.shape), w.dtype)
     if format not in FP4_GROUP:
         raise ValueError(f"[quantize] format must be one of 'int', 'mxfp4', 'nvfp4', got {format!r}")
@@ -281,8 +308,21 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"[dequantize] q must be a QuantizedTensor, got {type(q).__name__}")
     if q.format == "int":
-        return torch.ops.calibra.dequantize_int(q.codes, q.scales, q.zeros, q.group_size, q.dtype)
+        pad = _ragged(q.codes, q.group_size)
+        if not pad:
+            return torch.ops.calibra.dequantize_int(q.codes, q.scales, q.zeros, q.group_size, q.dtype)
+        # a ragged last group: pad with the zero point's code (value exactly 0), dequantize whole groups, cut
+        n = q.codes.shape[1]
+        codes = torch.cat([q.codes, q.zeros[:, -1:].expand(-1, pad)], 1)
+        return torch.ops.calibra.dequantize_int(codes, q.scales, q.zeros, q.group_size, q.dtype)[:, :n].contiguous()
     return torch.ops.calibra.dequantize_fp4(q.codes, q.scales, q.global_scale, q.format, q.dtype)
+
+
+def _ragged(t, group_size) -> int:
+    """ragged_pad of a well-formed 2-D argument (anything else goes to the op's own checks unpadded)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not isinstance(group_size, int) or group_size < 1:
+        return 0
+    return ragged_pad(t.shape[1], group_size)
 
 
 # CUDA kernels report NaN/Inf in w through the registry's data-error flag (row-major index).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from calibra.ops.gptq import fit_group_params, quantize_with_params
+from calibra.ops.quantize import ragged_pad
 
 
 def stored_scales(table: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
@@ -37,10 +38,12 @@ def fit_groups(
     global_scale: float,
     shrink: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(row, group) fp32 (scales, zeros) [out, G] of fp32 w fitted group by group in torch."""
+    """Per-(row, group) fp32 (scales, zeros) [out, G] of fp32 w fitted group by group in torch; a ragged last
+    group (group_size not dividing in) is fitted on its own columns (zero padding is exact: ragged_pad)."""
     out, n = w.shape
     gs = n if group_size == -1 else group_size
-    g = n // gs if n else 0
+    w = pad_columns(w, gs)
+    g = w.shape[1] // gs if n else 0
     s, z = fit_group_params(
         w.reshape(out * g, gs),
         format=fmt,
@@ -63,16 +66,23 @@ def quantize_groups(
     bits: int,
     global_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes uint8, values fp32) of w [out, in] with per-group fp32 tables [out, G]."""
+    """(codes uint8, values fp32) of w [out, in] with per-group fp32 tables [out, G] (G = ceil(in / group_size))."""
     out, n = w.shape
     g = scales.shape[1]
-    gs = n // g if g else n
+    gs = n if group_size == -1 else group_size
     codes, vals = quantize_with_params(
-        w.float().reshape(out, g, gs),
+        pad_columns(w.float(), gs).reshape(out, g, gs),
         scales[..., None],
         zeros[..., None],
         format=fmt,
         bits=bits,
         global_scale=global_scale,
     )
-    return codes.reshape(out, n), vals.reshape(out, n)
+    return codes.reshape(out, -1)[:, :n], vals.reshape(out, -1)[:, :n]
+
+
+def pad_columns(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w [R, n]`` with zero columns appended up to a whole number of groups (``w`` itself when none are
+    needed). Exact for fitting and quantizing: see :func:`calibra.ops.quantize.ragged_pad`."""
+    pad = ragged_pad(w.shape[1], group_size) if w.shape[1] else 0
+    return torch.nn.functional.pad(w, (0, pad)) if pad else w

@@ -26,6 +26,7 @@ import torch
 
 from calibra.mps import mps_semantics, on_host
 from calibra.ops.gptq import fit_group_params, quantize_with_params
+from calibra.quant._tables import pad_columns
 from calibra.quant.config import CLIP_METRICS
 
 
@@ -101,7 +102,10 @@ def fit_groups_weighted(
     batches (:data:`CHUNK` elements at a time)."""
     out, n = w.shape
     gs = n if group_size == -1 else group_size
-    g = n // gs if n else 0
+    # a ragged last group: zero columns of zero weight complete it (exact: calibra.ops.quantize.ragged_pad)
+    w = pad_columns(w.float(), gs)
+    col_weight = pad_columns(col_weight.float().reshape(1, -1), gs).reshape(-1)
+    g = w.shape[1] // gs if n else 0
     rows = out * g
     x = w.float().reshape(rows, gs)
     cw = col_weight.float().to(w.device).reshape(1, g, gs).expand(out, g, gs).reshape(rows, gs)

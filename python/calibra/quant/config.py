@@ -106,11 +106,14 @@ def shrink_factors(mse_clip: bool, mse_grid: int, mse_maxshrink: float, format: 
     return grid + [2.0] if format == "mxfp4" else grid
 
 
-def _group_problem(group_size: int, name: str, in_features: int) -> str | None:
-    if group_size != -1 and in_features % group_size:
+def _group_problem(group_size: int, name: str, in_features: int, format: str = "int") -> str | None:
+    """Integer groups that do not divide in_features leave a ragged last group (the reference GPTQ's
+    layout; docs/quantize.md), so only FP4's fixed scale blocks can refuse a width."""
+    if format in FP4_GROUP and in_features % group_size:
         return (
-            f"group_size {group_size} does not divide in_features {in_features} (layer {name}); "
-            f"use a group_size dividing it, or -1"
+            f"{format} needs in_features divisible by its scale block {group_size}, layer {name} has "
+            f"{in_features} (FP4 scale blocks are never ragged: engines' FP4 kernels read whole blocks); "
+            f"use format 'int' (a ragged last group is fine there) or leave this layer dense"
         )
     return None
 
@@ -167,7 +170,7 @@ class RTNConfig:
         return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink, self.format)
 
     def layer_problem(self, name: str, in_features: int) -> str | None:
-        return _group_problem(self.group_size, name, in_features)
+        return _group_problem(self.group_size, name, in_features, self.format)
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ class GPTQConfig:
         return shrink_factors(self.mse_clip, self.mse_grid, self.mse_maxshrink, self.format)
 
     def layer_problem(self, name: str, in_features: int) -> str | None:
-        return _group_problem(self.group_size, name, in_features)
+        return _group_problem(self.group_size, name, in_features, self.format)
 
 
 @dataclass(frozen=True)

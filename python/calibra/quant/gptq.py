@@ -430,7 +430,9 @@ def _solve(
             grp = torch.zeros(c, dtype=torch.int32, device=wf.device)
         else:
             fit[::gs] = gs
-            s_in = torch.zeros((out, c // gs), dtype=torch.float32, device=wf.device)
+            if c % gs:  # a ragged last group (gs does not divide in): fitted on the columns it has
+                fit[c - c % gs] = c % gs
+            s_in = torch.zeros((out, -(-c // gs)), dtype=torch.float32, device=wf.device)
             z_in = torch.zeros_like(s_in)
             grp = col_group[i1:i2] - i1 // gs
         res = sweep(

@@ -84,6 +84,9 @@ def summary(report: dict) -> Section:
                 f"{_bytes(n * b / 8)} at {b:.3f} bits/weight; dense modules: {len(summ.get('dense_modules') or [])}",
             ]
         )
+    if summ.get("export_dense"):  # widths an --export format cannot hold: those Linears stayed dense
+        kept = summ["export_dense"]
+        rows.append(["kept dense for export", "; ".join(f"{n}: {why}" for n, why in sorted(kept.items()))])
     if "achieved_sparsity" in summ:
         rows.append(
             [
