@@ -88,3 +88,27 @@ def test_experts_quantized_per_expert_and_exported(model_type, tmp_path):
         assert_dense_reloads(qm, tmp_path, ids)
     else:
         assert_refused_then_dense_reloads(qm, tmp_path, ids, match="whole")
+
+
+def test_moe_coverage_lists_only_the_documented_dense_experts():
+    """``tools/moe_coverage.py`` (the MoE table of docs/model_matrix.md): the layouts above and a standard one
+    are quantized per expert in every MoE layer, and what stays dense (Llama 4's experts, JetMoE's attention
+    experts) is a documented exception with its reason."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "moe_coverage.py"
+    spec = importlib.util.spec_from_file_location("moe_coverage", path)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool  # its dataclass looks its module up there
+    spec.loader.exec_module(tool)
+    rows = {t: tool.coverage(t) for t in (*sorted(LAYOUTS), "mixtral", "llama4_text", "jetmoe")}
+    for t in (*LAYOUTS, "mixtral"):
+        assert rows[t].blocks > 0 and rows[t].experts == EXPERTS and rows[t].dense == {}, rows[t]
+    llama4 = rows["llama4_text"]
+    assert llama4.blocks == 0 and "called as (hidden_states)" in llama4.dense["feed_forward.experts"]
+    assert rows["jetmoe"].blocks == 2 and set(rows["jetmoe"].dense) == {"self_attention.experts"}
+    assert all(not tool.unexpected(r) for r in rows.values())
+    assert tool.coverage("llama") is None  # no experts: not an MoE row
+    assert "| `nemotron_h` | 1 | 4 |  |" in tool.table(list(rows.values()))

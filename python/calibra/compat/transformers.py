@@ -465,9 +465,11 @@ def standard_fused_experts_issue(experts) -> str | None:
     extra = sorted(n for n, _ in experts.named_parameters() if n not in ("gate_up_proj", "down_proj"))
     if extra:
         return f"experts carry parameters beyond gate_up_proj / down_proj ({', '.join(extra)})"
+    if params != _EXPERTS_CALL:
+        # Llama 4: the block hands every expert every token, pre-scaled by its router score, and no routing:
+        # which tokens an expert serves is not in the call (and its checkpoint keeps the experts whole)
+        return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
     if transposed_glu_experts(experts):
-        if params != _EXPERTS_CALL:
-            return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
         return None
     e, two_i, h = gu.shape
     if down.shape[0] != e or down.shape[1] != h or two_i != 2 * down.shape[2]:
@@ -479,8 +481,6 @@ def standard_fused_experts_issue(experts) -> str | None:
         return "experts are flagged transposed (x @ W) with [E, 2I, H] / [E, H, I] shapes"
     if not callable(getattr(experts, "act_fn", None)) and _own_apply_gate(experts) is None:
         return "experts have neither an act_fn nor their own _apply_gate"
-    if params != _EXPERTS_CALL:
-        return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
     return None
 
 
