@@ -91,7 +91,7 @@ def test_experts_quantized_per_expert_and_exported(model_type, tmp_path):
 
 
 def test_moe_coverage_lists_only_the_documented_dense_experts():
-    """``tools/moe_coverage.py`` (the MoE table of docs/model_matrix.md): the layouts above and a standard one
+    """``tools/moe_coverage.py`` (the table of docs/moe_coverage.md): the layouts above and a standard one
     are quantized per expert in every MoE layer, and what stays dense (Llama 4's experts, JetMoE's attention
     experts) is a documented exception with its reason."""
     import importlib.util
