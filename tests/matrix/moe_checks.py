@@ -80,3 +80,21 @@ def assert_dense_reloads(qm, tmp_path, ids) -> None:
     dense = E.export(qm, tmp_path / "dense", "dense")[0]
     reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
     assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= DENSE_TOL
+
+
+def assert_folder_streams_the_experts(qm, folder) -> None:
+    """The layer-by-layer reader of calibra's folder (``quant.streamed_load.DequantizedStore``) assembles every
+    parameter the experts live in exactly as the simulated model holds it (slices placed in the family's own
+    layout: transposed, split rows, ``up_proj``)."""
+    from calibra.compat.transformers import expert_params, experts_module
+    from calibra.io import inspect_model
+    from calibra.quant.streamed_load import open_streamed_quantized
+
+    streamed = open_streamed_quantized(inspect_model(str(folder), allow_quantized=True), qm.model.config, torch.float32)
+    paths = {id(m): n for n, m in qm.model.named_modules()}
+    for key, _ in moe_blocks(get_adapter(qm.model)):
+        ex = experts_module(qm.model, f"{key}.experts")
+        for proj in ("gate_up_proj", "down_proj"):
+            for rel in expert_params(ex, proj):
+                name = f"{paths[id(ex)]}.{rel}"
+                assert torch.equal(streamed.store.read(name), qm.model.get_parameter(name).float()), name

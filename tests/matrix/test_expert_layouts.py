@@ -23,6 +23,7 @@ from .moe_checks import (  # noqa: E402
     assert_dense_reloads,
     assert_experts_quantized,
     assert_folder_rebuilds,
+    assert_folder_streams_the_experts,
     assert_refused_then_dense_reloads,
     moe_blocks,
 )
@@ -82,6 +83,7 @@ def test_experts_quantized_per_expert_and_exported(model_type, tmp_path):
     qm, report = _gptq_of_saved(model, tmp_path)
     assert_experts_quantized(qm, report, model)
     ids = assert_folder_rebuilds(qm, tmp_path / "q")
+    assert_folder_streams_the_experts(qm, tmp_path / "q")
     if model_type in PER_EXPERT_CHECKPOINT:
         held, what = export_checks(qm, tmp_path, ids)  # compressed-tensors and GPTQ, reloaded by transformers
         assert held and what.startswith("ok") and "MoE GPTQ reload" in what and "decompressed" not in what, what

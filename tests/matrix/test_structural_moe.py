@@ -16,7 +16,12 @@ from calibra.models import get_adapter  # noqa: E402
 from calibra.models.structural import StructuralAdapter  # noqa: E402
 from tests.matrix.tiny_configs import EXPERTS, tiny_model  # noqa: E402
 
-from .moe_checks import assert_experts_quantized, assert_folder_rebuilds, assert_refused_then_dense_reloads  # noqa: E402
+from .moe_checks import (  # noqa: E402
+    assert_experts_quantized,
+    assert_folder_rebuilds,
+    assert_folder_streams_the_experts,
+    assert_refused_then_dense_reloads,
+)
 
 # families with standard fused experts and no explicit adapter (shared experts: deepseek_v3, glm4_moe,
 # qwen3_next, ernie4_5_moe; hybrids: qwen3_next, jamba)
@@ -240,6 +245,7 @@ def test_gpt_oss_experts_quantized_per_expert(tmp_path):
     for bias in ("gate_up_proj_bias", "down_proj_bias"):
         assert torch.equal(getattr(ex, bias), getattr(orig, bias))
     ids = assert_folder_rebuilds(qm, tmp_path / "q")
+    assert_folder_streams_the_experts(qm, tmp_path / "q")  # transposed back by the layer-by-layer reader
     assert_refused_then_dense_reloads(qm, tmp_path, ids, match="gate_up_proj whole")
 
 
@@ -283,6 +289,7 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
     stored = load_file(str(tmp_path / "q" / "quantized.safetensors"))
     assert not any(".experts.mlp." in k for k in stored)  # the experts as codes only, no dense copy beside them
     ids = assert_folder_rebuilds(qm, tmp_path / "q")
+    assert_folder_streams_the_experts(qm, tmp_path / "q")  # w1 / v1 / w2 rows assembled by the streamed reader
     assert_refused_then_dense_reloads(qm, tmp_path, ids, match="export 'dense' only")
 
 

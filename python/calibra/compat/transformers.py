@@ -325,9 +325,15 @@ def experts_module(model, path: str):
         raise
 
 
-def _stacked_rows(experts, name: str, e: int) -> torch.Tensor:
+def _param(experts, name: str, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The parameter ``name`` (relative to ``experts``, as :func:`expert_params` names it), or its stand-in
+    in ``params`` (a reader assembling the parameter outside the module, e.g. from a quantized folder)."""
+    return experts.get_parameter(name).data if params is None else params[name]
+
+
+def _stacked_rows(experts, name: str, e: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     inter = experts.ffn_hidden_size
-    return getattr(experts.mlp, name).data[e * inter : (e + 1) * inter]
+    return _param(experts, f"mlp.{name}", params)[e * inter : (e + 1) * inter]
 
 
 def fused_expert_count(experts) -> int:
@@ -353,28 +359,32 @@ def expert_params(experts, proj: str) -> list[str]:
     return [proj]
 
 
-def expert_slice(experts, proj: str, e: int) -> torch.Tensor:
+def expert_slice(experts, proj: str, e: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Expert ``e``'s ``proj`` (``gate_up_proj`` / ``down_proj``) as a Linear weight ``[out, in]`` (a view:
-    transposed for :func:`transposed_experts`; for :func:`stacked_glu_experts` the gate_up weight is a copy,
-    gate rows then up rows, since they live in two parameters -- write it back with :func:`store_expert_slice`)."""
+    transposed for the ``x @ W`` layouts; for :func:`stacked_glu_experts` the gate_up weight is a copy,
+    gate rows then up rows, since they live in two parameters -- write it back with :func:`store_expert_slice`).
+    ``params``: stand-ins for the parameters, keyed as :func:`expert_params` names them (``experts`` may then
+    be a weightless module: only its layout is read)."""
     if stacked_glu_experts(experts):
         if proj == "gate_up_proj":
-            return torch.cat([_stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e)])
-        return _stacked_rows(experts, "w2", e).t()
-    if parallel_experts(experts):
-        return (experts.input_linear if proj == "gate_up_proj" else experts.output_linear).weight.data[e]
-    w = getattr(experts, expert_params(experts, proj)[0]).data[e]
+            return torch.cat([_stacked_rows(experts, "w1", e, params), _stacked_rows(experts, "v1", e, params)])
+        return _stacked_rows(experts, "w2", e, params).t()
+    (name,) = expert_params(experts, proj)
+    w = _param(experts, name, params)[e]
     return w.t() if expert_weights_transposed(experts) else w
 
 
-def store_expert_slice(experts, proj: str, e: int, w: torch.Tensor) -> None:
-    """Write a ``[out, in]`` weight back into expert ``e``'s ``proj`` in place."""
+def store_expert_slice(
+    experts, proj: str, e: int, w: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write a ``[out, in]`` weight back into expert ``e``'s ``proj`` in place (into ``params``' stand-ins
+    when given, see :func:`expert_slice`)."""
     if stacked_glu_experts(experts) and proj == "gate_up_proj":
         inter = experts.ffn_hidden_size
-        _stacked_rows(experts, "w1", e).copy_(w[:inter])
-        _stacked_rows(experts, "v1", e).copy_(w[inter:])
+        _stacked_rows(experts, "w1", e, params).copy_(w[:inter])
+        _stacked_rows(experts, "v1", e, params).copy_(w[inter:])
         return
-    expert_slice(experts, proj, e).copy_(w)
+    expert_slice(experts, proj, e, params).copy_(w)
 
 
 def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

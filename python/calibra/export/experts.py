@@ -40,8 +40,8 @@ def _fused_param(model, name: str) -> tuple[str, int] | None:
     from calibra.compat.transformers import expert_params, experts_module, ungated_experts
 
     proj = m.group("proj")
-    experts = experts_module(model, m.group("experts"))
-    if ungated_experts(experts):
+    experts = None if model is None else experts_module(model, m.group("experts"))
+    if experts is not None and ungated_experts(experts):  # (a layer-by-layer check has no model: calibra's name)
         (proj,) = expert_params(experts, proj)
     return f"{m.group('experts')}.{proj}", int(m.group("e"))
 
@@ -65,7 +65,7 @@ def fused_keys(qmodel) -> set[str]:
     the dense remainder skips them). Every expert of a parameter must be quantized, or none."""
     counts: dict[str, set[int]] = {}
     for name in qmodel.layers:
-        hit = _fused_param(qmodel.model, name)
+        hit = _fused_param(getattr(qmodel, "model", None), name)
         if hit is not None:
             counts.setdefault(hit[0], set()).add(hit[1])
     from calibra.compat.transformers import expert_params, experts_module, parallel_experts, stacked_glu_experts
@@ -111,7 +111,7 @@ def disk_layers(qmodel) -> Iterator[tuple[str, object]]:
     fused_keys(qmodel)  # refuse partly quantized fused tensors first
     cut: dict[str, dict] = {}  # one probe per fused parameter
     for name, layer in qmodel.layers.items():
-        hit = _fused_param(qmodel.model, name)
+        hit = _fused_param(getattr(qmodel, "model", None), name)
         if hit is None:
             yield name, layer
             continue
