@@ -114,3 +114,30 @@ def test_moe_coverage_lists_only_the_documented_dense_experts():
     assert all(not tool.unexpected(r) for r in rows.values())
     assert tool.coverage("llama") is None  # no experts: not an MoE row
     assert "| `nemotron_h` | 1 | 4 |  |" in tool.table(list(rows.values()))
+
+
+def test_nemotron_h_streamed_quantize_is_refused_before_any_work(tmp_path):
+    """Streamed quantization of Nemotron-H stays refused by name (its fused ``experts.up_proj`` is not read
+    tensor by tensor; and its checkpoint renames ``backbone.`` -> ``model.``, whose persistent router buffers
+    the streamed writer would not carry): the whole-model path quantizes it."""
+    import calibra
+    from calibra.data import CalibrationConfig
+    from calibra.quant import RTNConfig
+
+    from .run_one import CAL, _tokenizer
+
+    model = tiny_model("nemotron_h")
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="cannot be streamed"):
+        calibra.quantize(
+            str(tmp_path / "m"),
+            RTNConfig(bits=4, group_size=-1),
+            CalibrationConfig(**CAL),
+            output=tmp_path / "s",
+            stream=True,
+            evaluate=False,
+            progress=False,
+            echo=None,
+        )
+    assert not (tmp_path / "s").exists()
