@@ -241,7 +241,7 @@ def test_other_expert_layouts_are_named():
     from tests.matrix.tiny_configs import tiny_model
 
     llama4 = tiny_model("llama4_text").model.layers[0].feed_forward.experts
-    assert "not [E, 2I, H]" in compat.standard_fused_experts_issue(llama4)
+    assert "called as (hidden_states)" in compat.standard_fused_experts_issue(llama4)
     assert "not fused" in compat.standard_fused_experts_issue(torch.nn.Linear(2, 2))
 
 
@@ -313,6 +313,60 @@ def test_dbrx_and_jetmoe_expert_layouts():
                     assert changed[:, 0].div(ex.ffn_hidden_size, rounding_mode="floor").unique().tolist() == [1], k
                 else:
                     assert changed[:, 0].unique().tolist() == [1], k
+
+
+# family -> (path of an MoE block's experts in its tiny model, the layout predicate they satisfy)
+_FLAGGED_LAYOUTS = {
+    "aria_text": ("model.layers.0.mlp.experts", "transposed_glu_experts"),
+    "ergo": ("model.layers.1.mlp.experts", "ungated_experts"),
+    "nemotron_h": ("model.layers.1.mixer.experts", "ungated_experts"),
+    "minimax_m3_vl_text": ("model.layers.0.mlp.experts", "is_fused_experts"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_FLAGGED_LAYOUTS))
+def test_flagged_and_ungated_expert_layouts(model_type):
+    """Assumption 6, the layouts read off transformers' ``use_experts_implementation`` flags: Aria's
+    ``is_transposed`` gate/up ``[E, H, 2I]`` (gate columns first), Nemotron-H's and Ergo's ``has_gate=False``
+    ``up_proj`` (Ergo's transposed), MiniMax-M3's own ``_apply_gate``. The module's output for tokens all
+    routed to one expert equals calibra's ``[out, in]`` slices applied to its down-projection input, and a
+    stored slice lands in that expert alone, in the parameter the layout names."""
+    from transformers import CONFIG_MAPPING
+
+    from tests.matrix.tiny_configs import tiny_model
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    path, layout = _FLAGGED_LAYOUTS[model_type]
+    model = tiny_model(model_type)
+    try:
+        ex = model.get_submodule(path)
+    except AttributeError:
+        pytest.skip(f"this transformers' {model_type} keeps its experts elsewhere")
+    if model_type == "aria_text" and not isinstance(getattr(ex, "gate_up_proj", None), torch.Tensor):
+        # transformers 5.6's Aria runs grouped GEMM modules (fc1 / fc2), not fused parameters: dense, named
+        assert "not fused" in compat.standard_fused_experts_issue(ex)
+        return
+    assert getattr(compat, layout)(ex) and compat.standard_fused_experts_issue(ex) is None
+    assert compat.expert_weights_transposed(ex) == (getattr(ex, "is_transposed", False) is True)
+    n = compat.fused_expert_count(ex)
+    torch.manual_seed(0)
+    x = torch.randn(6, compat.expert_slice(ex, "gate_up_proj", 0).shape[1])
+    with torch.no_grad():
+        want = ex(x, torch.full((6, 1), n - 1), torch.ones(6, 1))
+        got = F.linear(compat.expert_down_input(ex, n - 1, x), compat.expert_slice(ex, "down_proj", n - 1))
+        if getattr(ex, "post_expert_norm", None) is not None:  # Ergo: each expert's norm after its down projection
+            got = ex.post_expert_norm(got, torch.full((6,), n - 1))
+    torch.testing.assert_close(got, want)
+    for proj in ("gate_up_proj", "down_proj"):
+        w = torch.randn_like(compat.expert_slice(ex, proj, 1))
+        before = {k: v.clone() for k, v in ex.state_dict().items()}
+        compat.store_expert_slice(ex, proj, 1, w)
+        assert torch.equal(compat.expert_slice(ex, proj, 1), w)
+        (param,) = compat.expert_params(ex, proj)
+        for k in before:  # only expert 1 of proj's own parameter changed
+            changed = (ex.state_dict()[k] != before[k]).nonzero()
+            assert changed[:, 0].unique().tolist() == ([1] if k == param else []), k
 
 
 def test_llama4_experts_are_swapped_on_a_compressed_tensors_load():

@@ -60,8 +60,10 @@ def with_half_scales(qm):
     for name, l in qm.layers.items():
         w = half_scales(l).to(l.weight.dtype)
         m = re.match(r"^(.+\.experts)\.(\d+)\.(gate_up_proj|down_proj)$", name)
-        if m:
-            getattr(qm.model.get_submodule(m.group(1)), m.group(3)).data[int(m.group(2))].copy_(w)
+        if m:  # an expert's slice of a fused parameter, in whichever layout the family keeps it
+            from calibra.compat.transformers import experts_module, store_expert_slice
+
+            store_expert_slice(experts_module(qm.model, m.group(1)), m.group(3), int(m.group(2)), w)
         else:  # nn.Linear or GPT-2's transposed Conv1D
             store_weight(qm.model.get_submodule(name), w)
     return qm.model

@@ -16,6 +16,13 @@ from calibra.models import get_adapter  # noqa: E402
 from calibra.models.structural import StructuralAdapter  # noqa: E402
 from tests.matrix.tiny_configs import EXPERTS, tiny_model  # noqa: E402
 
+from .moe_checks import (  # noqa: E402
+    assert_experts_quantized,
+    assert_folder_rebuilds,
+    assert_folder_streams_the_experts,
+    assert_refused_then_dense_reloads,
+)
+
 # families with standard fused experts and no explicit adapter (shared experts: deepseek_v3, glm4_moe,
 # qwen3_next, ernie4_5_moe; hybrids: qwen3_next, jamba)
 FAMILIES = ("olmoe", "deepseek_v3", "glm4_moe", "phimoe", "qwen3_next", "minimax", "jamba", "ernie4_5_moe")
@@ -67,7 +74,7 @@ def test_fused_experts_are_discovered(model_type):
             assert shared, "shared experts are ordinary Linears of the block"
 
 
-@pytest.mark.parametrize(("model_type", "why"), [("llama4_text", "not [E, 2I, H]")])
+@pytest.mark.parametrize(("model_type", "why"), [("llama4_text", "called as (hidden_states)")])
 def test_other_expert_layouts_stay_dense_with_reason(model_type, why):
     a = get_adapter(tiny_model(model_type))
     layer = a.layers[0]
@@ -229,38 +236,17 @@ def test_gpt_oss_experts_quantized_per_expert(tmp_path):
     """calibrate -> GPTQ W4 quantizes every GPT-OSS expert (the routed tokens' statistics, a coverage row per
     expert), writes the dequantized codes back transposed with the biases untouched, and calibra's folder
     rebuilds the same model; compressed-tensors refuses by name (the checkpoint keeps the experts fused)."""
-    import calibra.export as E
-    from calibra.export.writer import ExportError
-    from calibra.quant.save import load
-
-    from .run_one import CAL, _logits
-
     model = tiny_model("gpt_oss")
     qm, report = _gptq_of_saved(model, tmp_path)
+    assert_experts_quantized(qm, report, model)  # read back through expert_slice's transposed view
     ex, orig = qm.model.model.layers[0].mlp.experts, model.model.layers[0].mlp.experts
-    key = "model.layers.0.mlp.experts"
-    for e in range(EXPERTS):
-        for proj in ("gate_up_proj", "down_proj"):
-            ql = qm.layers[f"{key}.{e}.{proj}"]
-            assert torch.equal(getattr(ex, proj)[e], ql.weight.T.to(ex.gate_up_proj.dtype))  # stored transposed
-            assert not torch.equal(getattr(ex, proj)[e], getattr(orig, proj)[e])
+    ql = qm.layers["model.layers.0.mlp.experts.1.down_proj"]
+    assert torch.equal(ex.down_proj[1], ql.weight.T.to(ex.down_proj.dtype))  # stored transposed
     for bias in ("gate_up_proj_bias", "down_proj_bias"):
         assert torch.equal(getattr(ex, bias), getattr(orig, bias))
-    rows = [r for r in report["moe_coverage"] if r["block"] == "model.layers.0.mlp"]
-    assert [r["expert"] for r in rows] == list(range(EXPERTS))
-    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
-    assert sum(r["tokens"] for r in rows) == qm.model.config.num_experts_per_tok * n_tokens
-    rebuilt, _ = load(tmp_path / "q")
-    ids = torch.randint(3, 300, (2, 12))
-    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
-    for fmt in ("compressed-tensors", "gptq"):
-        with pytest.raises(ExportError, match="gate_up_proj whole"):
-            E.export(qm, tmp_path / fmt, fmt)
-    from transformers import AutoModelForCausalLM
-
-    dense = E.export(qm, tmp_path / "dense", "dense")[0]  # the effective weights, fused as the checkpoint keeps them
-    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
+    ids = assert_folder_rebuilds(qm, tmp_path / "q")
+    assert_folder_streams_the_experts(qm, tmp_path / "q")  # transposed back by the layer-by-layer reader
+    assert_refused_then_dense_reloads(qm, tmp_path, ids, match="gate_up_proj whole")
 
 
 def test_dbrx_experts_quantized_per_expert(tmp_path):
@@ -269,12 +255,7 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
     coverage row per expert), writes the dequantized codes back into the expert's rows, calibra's folder
     rebuilds the same model, compressed-tensors / GPTQ refuse by name (the checkpoint stores the experts
     whole) and the dense export reloads in transformers with calibra's simulated logits."""
-    import calibra.export as E
     from calibra.compat.transformers import expert_down_input, expert_slice
-    from calibra.export.writer import ExportError
-    from calibra.quant.save import load
-
-    from .run_one import CAL, _logits
 
     model = tiny_model("dbrx")
     a = get_adapter(model)
@@ -293,38 +274,23 @@ def test_dbrx_experts_quantized_per_expert(tmp_path):
     torch.testing.assert_close(got, want)
 
     qm, report = _gptq_of_saved(model, tmp_path)
-    qa = get_adapter(qm.model)
-    inter = qm.model.config.ffn_config.ffn_hidden_size
-    blocks = [f"{qa.layer_name(j)}.{bs[0].name}" for j, _, bs in _moe_layers(qa)]
+    blocks = assert_experts_quantized(qm, report, model)  # read back through expert_slice: w1/v1 rows, w2 transposed
     assert len(blocks) == qm.model.config.n_layers
-    for key in blocks:
-        mlp, orig = qm.model.get_submodule(f"{key}.experts.mlp"), model.get_submodule(f"{key}.experts.mlp")
+    inter = qm.model.config.ffn_config.ffn_hidden_size
+    for key, _ in blocks:  # the slices are the experts' own rows of the 2-D parameters
+        mlp = qm.model.get_submodule(f"{key}.experts.mlp")
         for e in range(EXPERTS):
             rows = slice(e * inter, (e + 1) * inter)
             gu, down = qm.layers[f"{key}.experts.{e}.gate_up_proj"], qm.layers[f"{key}.experts.{e}.down_proj"]
             assert torch.equal(torch.cat([mlp.w1[rows], mlp.v1[rows]]), gu.weight.to(mlp.w1.dtype))
             assert torch.equal(mlp.w2[rows], down.weight.T.to(mlp.w2.dtype))  # stored transposed
-            assert not torch.equal(mlp.w1[rows], orig.w1[rows]) and not torch.equal(mlp.w2[rows], orig.w2[rows])
-        rows = [r for r in report["moe_coverage"] if r["block"] == key]
-        assert [r["expert"] for r in rows] == list(range(EXPERTS))
-        n_tokens = CAL["num_samples"] * CAL["sequence_length"]
-        assert sum(r["tokens"] for r in rows) == qm.model.config.ffn_config.moe_top_k * n_tokens
-        assert all(0 < r["lambda"] <= 1 for r in rows)
     from safetensors.torch import load_file
 
     stored = load_file(str(tmp_path / "q" / "quantized.safetensors"))
     assert not any(".experts.mlp." in k for k in stored)  # the experts as codes only, no dense copy beside them
-    rebuilt, _ = load(tmp_path / "q")
-    ids = torch.randint(3, 300, (2, 12))
-    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
-    for fmt in ("compressed-tensors", "gptq"):
-        with pytest.raises(ExportError, match="export 'dense' only"):
-            E.export(qm, tmp_path / fmt, fmt)
-    from transformers import AutoModelForCausalLM
-
-    dense = E.export(qm, tmp_path / "dense", "dense")[0]
-    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
+    ids = assert_folder_rebuilds(qm, tmp_path / "q")
+    assert_folder_streams_the_experts(qm, tmp_path / "q")  # w1 / v1 / w2 rows assembled by the streamed reader
+    assert_refused_then_dense_reloads(qm, tmp_path, ids, match="export 'dense' only")
 
 
 def test_jetmoe_experts_quantized_per_expert(tmp_path):
@@ -333,39 +299,13 @@ def test_jetmoe_experts_quantized_per_expert(tmp_path):
     router's top-k sends it (a coverage row per expert), writes the codes back into the block's weights,
     calibra's folder rebuilds the same model, compressed-tensors / GPTQ refuse by name and the dense export
     reloads in transformers with calibra's logits. Its mixture-of-attention experts stay dense, with the reason."""
-    import calibra.export as E
-    from calibra.export.writer import ExportError
-    from calibra.quant.save import load
-
-    from .run_one import CAL, _logits
-
     model = tiny_model("jetmoe")
     a = get_adapter(model)
     i, layer, (b,) = _moe_layers(a)[0]
     assert b.experts is b.module is layer.mlp and not b.routed_at_experts and b.router is layer.mlp.router.layer
     assert "not fused" in a.dense_linears(layer)["self_attention.experts"]
     qm, report = _gptq_of_saved(model, tmp_path)
-    n_tokens = CAL["num_samples"] * CAL["sequence_length"]
-    for j, layer_q in enumerate(qm.model.model.layers):
-        key = f"model.layers.{j}.mlp"
-        mlp, orig = layer_q.mlp, model.model.layers[j].mlp
-        for e in range(EXPERTS):
-            gu, down = qm.layers[f"{key}.experts.{e}.gate_up_proj"], qm.layers[f"{key}.experts.{e}.down_proj"]
-            assert torch.equal(mlp.input_linear.weight[e], gu.weight.to(mlp.input_linear.weight.dtype))
-            assert torch.equal(mlp.output_linear.weight[e], down.weight.to(mlp.output_linear.weight.dtype))
-            assert not torch.equal(mlp.input_linear.weight[e], orig.input_linear.weight[e])
-        rows = [r for r in report["moe_coverage"] if r["block"] == key]
-        assert [r["expert"] for r in rows] == list(range(EXPERTS))
-        assert sum(r["tokens"] for r in rows) == b.top_k * n_tokens
-        assert all(0 < r["lambda"] <= 1 for r in rows)
-    rebuilt, _ = load(tmp_path / "q")
-    ids = torch.randint(3, 300, (2, 12))
-    assert torch.equal(_logits(rebuilt, ids), _logits(qm.model, ids))
-    for fmt in ("compressed-tensors", "gptq"):
-        with pytest.raises(ExportError, match="export 'dense' only"):
-            E.export(qm, tmp_path / fmt, fmt)
-    from transformers import AutoModelForCausalLM
-
-    dense = E.export(qm, tmp_path / "dense", "dense")[0]
-    reloaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    assert float((_logits(reloaded, ids) - _logits(qm.model, ids)).abs().max()) <= 1e-5
+    blocks = assert_experts_quantized(qm, report, model)  # read back from the block's input/output_linear
+    assert [k for k, _ in blocks] == [f"model.layers.{j}.mlp" for j in range(len(qm.model.model.layers))]
+    ids = assert_folder_rebuilds(qm, tmp_path / "q")
+    assert_refused_then_dense_reloads(qm, tmp_path, ids, match="export 'dense' only")

@@ -36,7 +36,12 @@ The assumptions:
    goes through :func:`expert_slice` / :func:`store_expert_slice` / :func:`expert_down_input`. DBRX's
    experts (:func:`stacked_glu_experts`: 2-D ``w1``/``v1``/``w2`` ``[E*I, H]`` viewed per expert, ``w2``
    applied transposed) and JetMoE's (:func:`parallel_experts`: the block's own ``input_linear`` /
-   ``output_linear`` 3-D weights) are quantized per expert through the same functions.
+   ``output_linear`` 3-D weights) are quantized per expert through the same functions, and so are Aria's
+   (:func:`transposed_glu_experts`: ``[E, H, 2I]`` applied as ``x @ W``, gate columns then up columns),
+   Nemotron-H's and Ergo's (:func:`ungated_experts`: ``up_proj`` / ``down_proj`` and no gate, Ergo's
+   transposed) and MiniMax-M3's (the standard layout with its own clamped ``_apply_gate`` instead of an
+   ``act_fn``). The orientation of a transposed layout is transformers' own ``is_transposed`` flag (set by
+   its ``use_experts_implementation`` decorator), since the shapes cannot tell it when ``H == 2I``.
 7. **Modules swapped on a quantized load** (``transformers.quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION``):
    loading a compressed-tensors checkpoint, transformers replaces Llama 4's fused ``Llama4TextExperts``
    with a ModuleList of per-expert ``Llama4TextMLP`` Linears before it reads the weights
@@ -245,6 +250,69 @@ def parallel_experts(block) -> bool:
     return two_i % 2 == 0 and tuple(wo.shape) == (e, h, two_i // 2)
 
 
+def _flagged_transposed(experts) -> bool:
+    """transformers' own record that ``experts`` holds ``[E, in, out]`` weights applied as ``x @ W``
+    (``use_experts_implementation(is_transposed=True)``; 5.6 and later)."""
+    return getattr(experts, "is_transposed", False) is True
+
+
+def transposed_glu_experts(experts) -> bool:
+    """Aria's layout: ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]`` applied as ``x @ W`` (each
+    expert's Linear weight transposed) with the gate columns first, then the up columns (not interleaved as
+    GPT-OSS's), an ``act_fn``, no biases. Explicit because only transformers' ``is_transposed`` flag tells
+    it from the standard ``[E, 2I, H]`` layout (the same shapes when ``H == 2I``). Llama 4's experts have
+    the same tensors but are called without the routing (:func:`standard_fused_experts_issue` refuses them)."""
+    if transposed_experts(experts) or not _flagged_transposed(experts):
+        return False
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
+        return False
+    e, h, two_i = gu.shape
+    return two_i % 2 == 0 and tuple(down.shape) == (e, two_i // 2, h) and callable(getattr(experts, "act_fn", None))
+
+
+def ungated_experts(experts) -> bool:
+    """Nemotron-H's and Ergo's layout: no gate projection, each expert computes ``act(x W_up^T) W_down^T``
+    from ``up_proj [E, I, H]`` / ``down_proj [E, H, I]`` (Ergo: ``[E, H, I]`` / ``[E, I, H]`` applied as
+    ``x @ W``, flagged ``is_transposed``) with an ``act_fn`` (transformers' ``has_gate=False``). Explicit
+    because calibra names an expert's input projection ``gate_up_proj`` everywhere (statistics, folders,
+    exports): here that name stands for ``up_proj`` (:func:`expert_params`). Ergo's per-expert norm after
+    the down projection (``post_expert_norm``) stays dense; it does not change the down projection's input."""
+    up, down = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
+    if getattr(experts, "has_gate", None) is not False or isinstance(
+        getattr(experts, "gate_up_proj", None), torch.Tensor
+    ):
+        return False
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3):
+        return False
+    if not callable(getattr(experts, "act_fn", None)):
+        return False
+    e, a, b = up.shape  # [E, I, H], or [E, H, I] transposed
+    return tuple(down.shape) == (e, b, a)
+
+
+def _own_apply_gate(experts):
+    """The experts class's own gate function (MiniMax-M3's clamped ``(up + 1) * gate * sigmoid(alpha gate)``
+    on ``x W_gate_up^T``, gate columns first), or None: transformers' decorator also installs a default one
+    that reads ``act_fn``, which is not the class's own."""
+    fn = getattr(type(experts), "_apply_gate", None)
+    if not callable(fn) or getattr(fn, "__name__", "") == "_default_apply_gate":
+        return None
+    return experts._apply_gate
+
+
+def expert_weights_transposed(experts) -> bool:
+    """Whether ``experts`` applies its weights as ``x @ W`` (GPT-OSS, Aria, Ergo): not through
+    ``F.linear``, so a hook on ``F.linear`` sees none of its projections."""
+    return transposed_experts(experts) or _flagged_transposed(experts)
+
+
+def holds_fused_experts(experts) -> bool:
+    """Whether ``experts`` holds its experts as 3-D parameters of a layout calibra quantizes per expert,
+    gated (:func:`is_fused_experts`) or not (:func:`ungated_experts`)."""
+    return is_fused_experts(experts) or ungated_experts(experts)
+
+
 def experts_module(model, path: str):
     """The module that holds the experts calibra names ``<path>.<e>.<proj>`` (``path`` ends in ``.experts``):
     that submodule, or a :func:`parallel_experts` block (JetMoE) that holds its experts itself."""
@@ -257,9 +325,15 @@ def experts_module(model, path: str):
         raise
 
 
-def _stacked_rows(experts, name: str, e: int) -> torch.Tensor:
+def _param(experts, name: str, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The parameter ``name`` (relative to ``experts``, as :func:`expert_params` names it), or its stand-in
+    in ``params`` (a reader assembling the parameter outside the module, e.g. from a quantized folder)."""
+    return experts.get_parameter(name).data if params is None else params[name]
+
+
+def _stacked_rows(experts, name: str, e: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     inter = experts.ffn_hidden_size
-    return getattr(experts.mlp, name).data[e * inter : (e + 1) * inter]
+    return _param(experts, f"mlp.{name}", params)[e * inter : (e + 1) * inter]
 
 
 def fused_expert_count(experts) -> int:
@@ -268,6 +342,8 @@ def fused_expert_count(experts) -> int:
         return int(experts.num_experts)
     if parallel_experts(experts):
         return int(experts.input_linear.weight.shape[0])
+    if ungated_experts(experts):
+        return int(experts.up_proj.shape[0])
     return int(experts.gate_up_proj.shape[0])
 
 
@@ -278,36 +354,43 @@ def expert_params(experts, proj: str) -> list[str]:
         return ["mlp.w1", "mlp.v1"] if proj == "gate_up_proj" else ["mlp.w2"]
     if parallel_experts(experts):
         return ["input_linear.weight" if proj == "gate_up_proj" else "output_linear.weight"]
+    if ungated_experts(experts) and proj == "gate_up_proj":
+        return ["up_proj"]
     return [proj]
 
 
-def expert_slice(experts, proj: str, e: int) -> torch.Tensor:
+def expert_slice(experts, proj: str, e: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Expert ``e``'s ``proj`` (``gate_up_proj`` / ``down_proj``) as a Linear weight ``[out, in]`` (a view:
-    transposed for :func:`transposed_experts`; for :func:`stacked_glu_experts` the gate_up weight is a copy,
-    gate rows then up rows, since they live in two parameters -- write it back with :func:`store_expert_slice`)."""
+    transposed for the ``x @ W`` layouts; for :func:`stacked_glu_experts` the gate_up weight is a copy,
+    gate rows then up rows, since they live in two parameters -- write it back with :func:`store_expert_slice`).
+    ``params``: stand-ins for the parameters, keyed as :func:`expert_params` names them (``experts`` may then
+    be a weightless module: only its layout is read)."""
     if stacked_glu_experts(experts):
         if proj == "gate_up_proj":
-            return torch.cat([_stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e)])
-        return _stacked_rows(experts, "w2", e).t()
-    if parallel_experts(experts):
-        return (experts.input_linear if proj == "gate_up_proj" else experts.output_linear).weight.data[e]
-    w = getattr(experts, proj).data[e]
-    return w.t() if transposed_experts(experts) else w
+            return torch.cat([_stacked_rows(experts, "w1", e, params), _stacked_rows(experts, "v1", e, params)])
+        return _stacked_rows(experts, "w2", e, params).t()
+    (name,) = expert_params(experts, proj)
+    w = _param(experts, name, params)[e]
+    return w.t() if expert_weights_transposed(experts) else w
 
 
-def store_expert_slice(experts, proj: str, e: int, w: torch.Tensor) -> None:
-    """Write a ``[out, in]`` weight back into expert ``e``'s ``proj`` in place."""
+def store_expert_slice(
+    experts, proj: str, e: int, w: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write a ``[out, in]`` weight back into expert ``e``'s ``proj`` in place (into ``params``' stand-ins
+    when given, see :func:`expert_slice`)."""
     if stacked_glu_experts(experts) and proj == "gate_up_proj":
         inter = experts.ffn_hidden_size
-        _stacked_rows(experts, "w1", e).copy_(w[:inter])
-        _stacked_rows(experts, "v1", e).copy_(w[inter:])
+        _stacked_rows(experts, "w1", e, params).copy_(w[:inter])
+        _stacked_rows(experts, "v1", e, params).copy_(w[inter:])
         return
-    expert_slice(experts, proj, e).copy_(w)
+    expert_slice(experts, proj, e, params).copy_(w)
 
 
 def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W_gate [I, H], W_up [I, H], W_down [H, I])`` of expert ``e`` of a fused experts module
-    (views, no copies; GPT-OSS's interleaved gate/up columns taken apart)."""
+    (views, no copies; GPT-OSS's interleaved gate/up columns taken apart; ``W_gate`` is None for
+    :func:`ungated_experts`)."""
     if stacked_glu_experts(experts):
         return _stacked_rows(experts, "w1", e), _stacked_rows(experts, "v1", e), _stacked_rows(experts, "w2", e).t()
     if parallel_experts(experts):
@@ -316,6 +399,11 @@ def fused_expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, t
     if transposed_experts(experts):
         gu = experts.gate_up_proj[e]
         return gu[:, ::2].t(), gu[:, 1::2].t(), experts.down_proj[e].t()
+    if ungated_experts(experts):
+        return None, expert_slice(experts, "gate_up_proj", e), expert_slice(experts, "down_proj", e)
+    if transposed_glu_experts(experts):
+        gate, up = experts.gate_up_proj[e].t().chunk(2, dim=0)
+        return gate, up, experts.down_proj[e].t()
     gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
     return gate, up, experts.down_proj[e]
 
@@ -325,6 +413,11 @@ def expert_down_input(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     experts module computes it (GPT-OSS: its biased, clamped gate; otherwise ``act(x W_g^T) * (x W_u^T)``)."""
     if transposed_experts(experts):
         return experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
+    if ungated_experts(experts):
+        return experts.act_fn(torch.nn.functional.linear(x, expert_slice(experts, "gate_up_proj", e)))
+    own_gate = None if callable(getattr(experts, "act_fn", None)) else _own_apply_gate(experts)
+    if own_gate is not None and is_fused_experts(experts):
+        return own_gate(torch.nn.functional.linear(x, expert_slice(experts, "gate_up_proj", e)))
     gate, up, _ = fused_expert_weights(experts, e)
     if stacked_glu_experts(experts):
         return experts.mlp.activation_fn(x @ gate.T) * (x @ up.T)
@@ -352,17 +445,29 @@ def _call_names(experts) -> tuple[str, ...]:
 def standard_fused_experts_issue(experts) -> str | None:
     """None when calibra quantizes ``experts`` per expert: transformers 5's standard fused experts module
     (assumption 6: the two 3-D parameters and nothing else, gate rows then up rows, ``act_fn``, called with
-    the block's routing) or GPT-OSS's (:func:`transposed_experts`, its biases kept dense); otherwise why
-    not (Llama 4: transposed and called without the routing). DBRX's :func:`stacked_glu_experts` too."""
+    the block's routing; or, instead of the ``act_fn``, the class's own ``_apply_gate``: MiniMax-M3) or
+    GPT-OSS's (:func:`transposed_experts`, its biases kept dense), Aria's (:func:`transposed_glu_experts`),
+    Nemotron-H's and Ergo's (:func:`ungated_experts`); otherwise why not (Llama 4: transposed and called
+    without the routing). DBRX's :func:`stacked_glu_experts` too."""
     if stacked_glu_experts(experts):
         params = _call_names(experts)
+        if params != _EXPERTS_CALL:
+            return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
+        return None
+    params = _call_names(experts)
+    if ungated_experts(experts):
+        # Ergo's per-expert norm runs after the down projection: dense, and not part of any expert's input
+        extra = sorted(
+            n for n, _ in experts.named_parameters() if n not in ("up_proj", "down_proj", "post_expert_norm.weight")
+        )
+        if extra:
+            return f"experts carry parameters beyond up_proj / down_proj ({', '.join(extra)})"
         if params != _EXPERTS_CALL:
             return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
         return None
     gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return "experts are not fused as 3-D gate_up_proj / down_proj parameters"
-    params = _call_names(experts)
     if transposed_experts(experts):
         if params != _EXPERTS_CALLS[1]:
             return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALLS[1])})"
@@ -370,16 +475,22 @@ def standard_fused_experts_issue(experts) -> str | None:
     extra = sorted(n for n, _ in experts.named_parameters() if n not in ("gate_up_proj", "down_proj"))
     if extra:
         return f"experts carry parameters beyond gate_up_proj / down_proj ({', '.join(extra)})"
+    if params != _EXPERTS_CALL:
+        # Llama 4: the block hands every expert every token, pre-scaled by its router score, and no routing:
+        # which tokens an expert serves is not in the call (and its checkpoint keeps the experts whole)
+        return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
+    if transposed_glu_experts(experts):
+        return None
     e, two_i, h = gu.shape
     if down.shape[0] != e or down.shape[1] != h or two_i != 2 * down.shape[2]:
         return (
             f"fused expert shapes gate_up_proj {tuple(gu.shape)} / down_proj {tuple(down.shape)} are not "
             f"[E, 2I, H] / [E, H, I]"
         )
-    if not callable(getattr(experts, "act_fn", None)):
-        return "experts have no act_fn"
-    if params != _EXPERTS_CALL:
-        return f"experts are called as ({', '.join(params)}), not with the block's ({', '.join(_EXPERTS_CALL)})"
+    if _flagged_transposed(experts):
+        return "experts are flagged transposed (x @ W) with [E, 2I, H] / [E, H, I] shapes"
+    if not callable(getattr(experts, "act_fn", None)) and _own_apply_gate(experts) is None:
+        return "experts have neither an act_fn nor their own _apply_gate"
     return None
 
 

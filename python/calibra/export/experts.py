@@ -30,10 +30,20 @@ from calibra.export.writer import ExportError
 _EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
 
 
-def _fused_param(name: str) -> tuple[str, int] | None:
-    """``(in-memory parameter key, expert index)`` of a quantized fused-expert slice, else None."""
+def _fused_param(model, name: str) -> tuple[str, int] | None:
+    """``(in-memory parameter key, expert index)`` of a quantized fused-expert slice, else None. The key is
+    the parameter the slice lives in: ``<experts>.<proj>``, or for experts without a gate (Nemotron-H) the
+    ``up_proj`` that calibra's ``gate_up_proj`` slice names (``compat.transformers.expert_params``)."""
     m = _EXPERT.match(name)
-    return None if m is None else (f"{m.group('experts')}.{m.group('proj')}", int(m.group("e")))
+    if m is None:
+        return None
+    from calibra.compat.transformers import expert_params, experts_module, ungated_experts
+
+    proj = m.group("proj")
+    experts = None if model is None else experts_module(model, m.group("experts"))
+    if experts is not None and ungated_experts(experts):  # (a layer-by-layer check has no model: calibra's name)
+        (proj,) = expert_params(experts, proj)
+    return f"{m.group('experts')}.{proj}", int(m.group("e"))
 
 
 def pieces(model, key: str) -> dict[int, list[tuple[str, int, int]]]:
@@ -55,7 +65,7 @@ def fused_keys(qmodel) -> set[str]:
     the dense remainder skips them). Every expert of a parameter must be quantized, or none."""
     counts: dict[str, set[int]] = {}
     for name in qmodel.layers:
-        hit = _fused_param(name)
+        hit = _fused_param(getattr(qmodel, "model", None), name)
         if hit is not None:
             counts.setdefault(hit[0], set()).add(hit[1])
     from calibra.compat.transformers import expert_params, experts_module, parallel_experts, stacked_glu_experts
@@ -101,7 +111,7 @@ def disk_layers(qmodel) -> Iterator[tuple[str, object]]:
     fused_keys(qmodel)  # refuse partly quantized fused tensors first
     cut: dict[str, dict] = {}  # one probe per fused parameter
     for name, layer in qmodel.layers.items():
-        hit = _fused_param(name)
+        hit = _fused_param(getattr(qmodel, "model", None), name)
         if hit is None:
             yield name, layer
             continue
@@ -113,9 +123,9 @@ def disk_layers(qmodel) -> Iterator[tuple[str, object]]:
 
 
 def _fused_modules(model) -> Iterator[tuple[str, torch.nn.Module]]:
-    from calibra.compat.transformers import is_fused_experts
+    from calibra.compat.transformers import holds_fused_experts
 
-    return ((n, m) for n, m in model.named_modules() if is_fused_experts(m))
+    return ((n, m) for n, m in model.named_modules() if holds_fused_experts(m))
 
 
 def _disk_module(model, name: str, weight: torch.Tensor) -> str:
@@ -133,19 +143,19 @@ def dense_names(qmodel) -> list[str]:
     module's sibling with a ``[num_experts, hidden]`` weight (``gate``, ``router``) -- and the experts of
     a fused tensor left unquantized, per expert (when the checkpoint stores them per expert). Empty for a
     model without fused experts."""
-    from calibra.compat.transformers import fused_expert_layout
+    from calibra.compat.transformers import expert_params, fused_expert_count, fused_expert_layout
 
     model = qmodel.model
     quantized = fused_keys(qmodel)
     names: list[str] = []
     for path, mod in _fused_modules(model):
         block = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-        n_exp = mod.gate_up_proj.shape[0]
+        n_exp = fused_expert_count(mod)
         for child_name, child in block.named_children():
             w = getattr(child, "weight", None)
             if child is not mod and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n_exp:
                 names.append(_disk_module(model, f"{path.rpartition('.')[0]}.{child_name}".lstrip("."), w))
-        for proj in ("gate_up_proj", "down_proj"):
+        for proj in (*expert_params(mod, "gate_up_proj"), "down_proj"):
             key = f"{path}.{proj}"
             if key in quantized:
                 continue

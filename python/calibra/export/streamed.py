@@ -219,7 +219,7 @@ class StreamedOutput:
         tensors, names = {}, []
         slices: dict[str, dict[int, object]] = {}  # fused parameter -> its quantized experts
         for name, ql in qlayers.items():
-            hit = fused_slice(name)
+            hit = fused_slice(name, self.weights.model)
             if hit is None:
                 tensors.update(self.layer_tensors(name, ql))
                 names.append(f"{name}.weight")
@@ -333,13 +333,20 @@ class StreamedOutput:
         self._stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def fused_slice(name: str) -> tuple[str, int] | None:
+def fused_slice(name: str, model=None) -> tuple[str, int] | None:
     """``(fused parameter, expert)`` of a quantized fused-expert slice ``<block>.experts.<e>.<proj>`` (the
-    key ``calibra.quant.apply`` gives it), else None."""
+    key ``calibra.quant.apply`` gives it), else None. With the ``model``, the parameter is the one the slice
+    lives in (Nemotron-H's ``up_proj`` for calibra's ``gate_up_proj``: ``compat.transformers.expert_params``)."""
     block, sep, rest = name.rpartition(".experts.")
     e, _, proj = rest.partition(".")
     if not sep or not e.isdigit() or proj not in ("gate_up_proj", "down_proj"):
         return None
+    if model is not None:
+        from calibra.compat.transformers import expert_params, experts_module, ungated_experts
+
+        experts = experts_module(model, f"{block}.experts")
+        if ungated_experts(experts):
+            (proj,) = expert_params(experts, proj)
     return f"{block}.experts.{proj}", int(e)
 
 

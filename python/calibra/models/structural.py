@@ -25,9 +25,10 @@ Families without an explicit adapter (``explicit.ADAPTERS``) are handled by disc
   ordinary Linears of the block. GPT-OSS's experts (transposed, interleaved gate/up, expert biases, a clamped
   activation) and DBRX's (2-D ``w1``/``v1``/``w2`` ``[E*I, H]``) are quantized per expert too, through
   ``compat.transformers.expert_slice``, and so are JetMoE's (the block's own ``input_linear`` /
-  ``output_linear``, routed at the block's input by its router's Linear). Other expert layouts (Llama 4:
+  ``output_linear``, routed at the block's input by its router's Linear), Aria's (transposed gate/up),
+  Nemotron-H's and Ergo's (no gate) and MiniMax-M3's (its own clamped gate). Other expert layouts (Llama 4:
   transposed and called without the routing; ModuleLists; JetMoE's attention experts) stay dense, and
-  :meth:`StructuralAdapter.dense_linears` names them with the reason;
+  :meth:`StructuralAdapter.dense_linears` names them with the reason (``tools/moe_coverage.py`` lists them);
 * **the final norm** -- the norm-like module of the base named as families name it (``norm``, ``ln_f``,
   ``final_layer_norm``, ...), when nothing else with weights runs between the stack and the head;
   otherwise :meth:`StructuralAdapter.final_norm` raises (a layer-by-layer evaluation refuses then).

@@ -241,7 +241,7 @@ class _FusedExpertInputs(torch.overrides.TorchFunctionMode):
 def _install_fused(mods: dict, names: list[str], quant: dict[str, InputQuant]) -> tuple[list, list[str]]:
     """Wrap the forward of every fused experts module some of ``names`` belong to; returns
     ``(undo callables, names left without simulation)``."""
-    from calibra.compat.transformers import is_fused_experts, transposed_experts
+    from calibra.compat.transformers import expert_weights_transposed, is_fused_experts
 
     groups: dict[str, dict] = {}
     left = []
@@ -255,7 +255,7 @@ def _install_fused(mods: dict, names: list[str], quant: dict[str, InputQuant]) -
         if (
             experts is None
             or not is_fused_experts(experts)
-            or transposed_experts(experts)  # GPT-OSS computes x @ W, not F.linear: no simulation here
+            or expert_weights_transposed(experts)  # GPT-OSS, Aria compute x @ W, not F.linear: no simulation here
             or proj not in ("gate_up_proj", "down_proj")
         ):
             left.append(name)

@@ -44,23 +44,35 @@ _EXPERT_SLICE = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_
 class DequantizedStore:
     """The tensors of a calibra quantized folder under the model's parameter names (see the module docstring).
 
-    A fused expert parameter (``<block>.experts.gate_up_proj [E, 2I, H]``) is assembled from its quantized
-    experts' slices (``<block>.experts.<e>.gate_up_proj``, dequantized), over the stored whole parameter
-    when some experts stayed dense -- as ``calibra.quant.save.load`` fills it."""
+    A fused expert parameter (``<block>.experts.gate_up_proj [E, 2I, H]``, or whatever parameters the family's
+    layout keeps its experts in: ``compat.transformers.expert_params``) is assembled from its quantized
+    experts' slices (``<block>.experts.<e>.gate_up_proj``, dequantized ``[out, in]``), placed as the layout
+    places them (``compat.transformers.store_expert_slice`` on the weightless ``model``'s experts module:
+    transposed, split into DBRX's rows, Nemotron-H's ``up_proj``), over the stored whole parameter when some
+    experts stayed dense -- as ``calibra.quant.save.load`` fills it."""
 
-    def __init__(self, folder: ModelFolder, manifest: dict, transposed: frozenset = frozenset()):
+    def __init__(self, folder: ModelFolder, manifest: dict, model, transposed: frozenset = frozenset()):
+        from calibra.compat.transformers import expert_params, experts_module, fused_expert_count
+
         self.raw = WeightStore(folder)
         self.folder = folder
         self.transposed = transposed  # GPT-2 Conv1D modules: their parameter is [in, out]
         self.modules: dict[str, dict] = manifest["modules"]
-        self.fused: dict[str, dict[int, str]] = {}  # fused parameter -> {expert: its quantized slice}
+        paths = {id(m): n for n, m in model.named_modules()}
+        # model parameter -> (experts module, its path, its name relative to it, {(proj, expert): slice module})
+        self.fused: dict[str, tuple] = {}
         for m in self.modules:
             hit = _EXPERT_SLICE.match(m)
-            if hit is not None:
-                key = f"{hit.group('block')}.experts.{hit.group('proj')}"
-                self.fused.setdefault(key, {})[int(hit.group("e"))] = m
-        for key, experts in self.fused.items():
-            if key not in self.raw and sorted(experts) != list(range(len(experts))):
+            if hit is None:
+                continue
+            experts = experts_module(model, f"{hit.group('block')}.experts")
+            for rel in expert_params(experts, hit.group("proj")):
+                key = f"{paths[id(experts)]}.{rel}"
+                entry = self.fused.setdefault(key, (experts, paths[id(experts)], rel, {}))
+                entry[3][(hit.group("proj"), int(hit.group("e")))] = m
+        for key, (experts, _, _, slices) in self.fused.items():
+            seen = {e for _, e in slices}
+            if key not in self.raw and len(seen) != fused_expert_count(experts):
                 raise ValueError(f"[eval] {folder.path}: {key} is neither stored whole nor quantized for every expert")
 
     def _quantized(self, name: str) -> str | None:
@@ -83,16 +95,21 @@ class DequantizedStore:
         return w if count is None else w.reshape(-1)[:count]
 
     def _fused(self, name: str) -> torch.Tensor:
-        experts = self.fused[name]
-        out = self.raw.read(name) if name in self.raw else None
-        for e in sorted(experts):
-            w = dequantize_module(_Fields(self.raw), experts[e], self.modules[experts[e]])
-            if out is None:
-                out = torch.empty((len(experts), *w.shape), dtype=w.dtype)
-            elif out.dtype != w.dtype:  # the dense experts stored at the model dtype, cast as load() does
-                out = out.to(w.dtype)
-            out[e] = w
-        return out
+        from calibra.compat.transformers import expert_params, store_expert_slice
+
+        experts, path, rel, slices = self.fused[name]
+        params: dict[str, torch.Tensor] = {}
+        for (proj, e), module in sorted(slices.items()):
+            w = dequantize_module(_Fields(self.raw), module, self.modules[module])
+            for p in expert_params(experts, proj):  # DBRX's gate_up slice spans two parameters
+                if p not in params:
+                    full = f"{path}.{p}"
+                    shape = tuple(experts.get_parameter(p).shape)
+                    params[p] = (
+                        self.raw.read(full).to(w.dtype) if full in self.raw else torch.empty(shape, dtype=w.dtype)
+                    )
+            store_expert_slice(experts, proj, e, w.to(params[expert_params(experts, proj)[0]].dtype), params)
+        return params[rel]
 
     @property
     def bytes_read(self) -> int:
@@ -295,7 +312,7 @@ def open_streamed_quantized(folder: ModelFolder, model_config, dtype: torch.dtyp
                 f"evaluate it whole (--no-stream)"
             )
         transposed = frozenset(n for n, m in model.named_modules() if is_conv1d(m))
-        store = DequantizedStore(folder, manifest, transposed)
+        store = DequantizedStore(folder, manifest, model, transposed)
     elif qcfg:  # (engine exports refuse GPT-2's Conv1D, so nothing is transposed here)
         store = CheckpointNames(CompressedTensorsStore(folder, qcfg, dtype), model)
     else:
