@@ -43,7 +43,7 @@ LANGS = ("en", "de", "fr", "es", "zh")
 ROLES = ("system", "user", "assistant")
 # The stdlib records copied into the mixed set: in the order of a hash of their source, until this many
 # bytes (about a third of the mixed set: the default must not cost code models anything; docs/calibration.md).
-CODE_BYTES = 96 * 1024
+CODE_BYTES = 112 * 1024
 AUTHORED = {
     "source": "written for calibra by its authors (tools/builtin_text/)",
     "licence": "Apache-2.0 (calibra's own licence)",
@@ -64,7 +64,7 @@ PYDOCS = (
     "howto/unicode",
     "tutorial/whatnow",
 )
-PYDOCS_BYTES = 64 * 1024
+PYDOCS_BYTES = 72 * 1024
 STDLIB = {
     "source": "CPython standard library source and docstrings (the builtin:code set, tools/train_builtin.py)",
     "licence": "PSF-2.0 (Python Software Foundation License)",
