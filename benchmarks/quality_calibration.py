@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 def _ms(vals, fmt):
     if len(vals) == 1:
         return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
 def table(runs) -> str:
@@ -134,9 +134,9 @@ def table(runs) -> str:
     for m, meth, cal in keys:
         cells, n = [], 0
         for e in evals:
-            rs = [r for r in runs if (r["model"], r["method"], r["calibration"], r["eval"]) == (m, meth, cal, e)]
+            rs = [r for r in runs if (r["model"], r["method"], r.get("calibration"), r["eval"]) == (m, meth, cal, e)]
             n = max(n, len(rs))
-            cells += [_ms([r["dppl"] for r in rs], "{:+.3f}"), _ms([r["kl"] for r in rs], "{:.4f}")] if rs else ["", ""]
+            cells += [_ms([r["dppl"] for r in rs], "{:+.3f}"), _ms([r["kl"] for r in rs], "{:.5f}")] if rs else ["", ""]
         lines.append(f"| {m.removeprefix('builtin:')} | {meth} | {cal} | {n} | " + " | ".join(cells) + " |")
     fps = "; ".join(f"{m.removeprefix('builtin:')} on {e}: {p:.3f}" for (m, e), p in fp.items())
     return "\n".join(lines) + f"\n\nUnquantized perplexity: {fps}."
