@@ -641,7 +641,7 @@ def _add_quantize(sub) -> None:
         "--calibration",
         default="builtin",
         help="calibration text: builtin (= builtin:calibration: mixed-domain text; "
-        "builtin:code: the Python-only set, the default up to 0.1.0), a .txt/.json/.jsonl file "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), a .txt/.json/.jsonl file "
         "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)",
     )
     add_sample_flags(q)
@@ -910,7 +910,7 @@ def _add_prune(sub) -> None:
         "--calibration",
         default="builtin",
         help="calibration text (wanda, sparsegpt): builtin (= builtin:calibration: mixed-domain text; "
-        "builtin:code: the Python-only set, the default up to 0.1.0), "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), "
         "a .txt/.json/.jsonl file or folder, or a hub set name",
     )
     add_sample_flags(p)
@@ -959,7 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         default="builtin",
         help="calibration text: builtin (= builtin:calibration: mixed-domain text; "
-        "builtin:code: the Python-only set, the default up to 0.1.0), "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), "
         "a .txt/.json/.jsonl file or folder, or a hub set name",
     )
     add_sample_flags(cal)

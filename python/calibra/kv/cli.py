@@ -174,7 +174,7 @@ def add_parser(sub) -> None:
         "--calibration",
         default="builtin",
         help="calibration text: builtin (= builtin:calibration: mixed-domain text; "
-        "builtin:code: the Python-only set, the default up to 0.1.0), "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), "
         "a .txt/.json/.jsonl file or folder, or a hub set name",
     )
     add_sample_flags(c)
