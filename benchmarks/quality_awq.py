@@ -5,8 +5,9 @@ calibration seeds.
     PYTHONPATH=python python benchmarks/quality_awq.py --seeds 0 1 2 3 4 --samples 32 --eval-max-tokens 32768
     PYTHONPATH=python python benchmarks/quality_awq.py --models builtin:tiny-moe --only "W3 g128" --seeds 0 1
 
-The protocol of ``benchmarks/quality_quantize.py`` (docs/quantize.md): calibration = builtin calibration
-text, --samples x --seq-len tokens, batch 8, one calibration draw per seed (``CalibrationConfig.seed``);
+The protocol of ``benchmarks/quality_quantize.py`` (docs/quantize.md): calibration = --calibration text
+(default: builtin, the mixed-domain set; builtin:code, the Python-only set, before 2026-12-07), --samples x
+--seq-len tokens, batch 8, one calibration draw per seed (``CalibrationConfig.seed``);
 GPTQ true-sequential, damp 0.01; evaluation on the builtin held-out text (strided windows of the model's
 context, stride half of it, float32 logits), KL(unquantized || quantized) in nats per token from the top-k
 log-probs. The reference is collected once per model. Every row is mean and sample standard deviation
@@ -60,6 +61,12 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample (default: context)")
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
+    ap.add_argument(
+        "--calibration",
+        default="builtin",
+        help="calibration text: builtin (the mixed-domain default), builtin:code (the Python-only set that "
+        "tables dated before 2026-12-07 used), a .txt/.json/.jsonl file or folder, or a hub set name",
+    )
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma-separated grid filter, e.g. 'W4 g128'")
     ap.add_argument("--methods", default=None, help="comma-separated method filter, e.g. 'GPTQ,AWQ + GPTQ'")
@@ -87,7 +94,13 @@ def main(argv=None) -> int:
             and not (method == "RTN" and seed != args.seeds[0])
         ]
         for grid, method, cfg, seed in todo:
-            cal = CalibrationConfig(num_samples=args.samples, sequence_length=args.seq_len, seed=seed, batch_size=8)
+            cal = CalibrationConfig(
+                num_samples=args.samples,
+                sequence_length=args.seq_len,
+                seed=seed,
+                batch_size=8,
+                dataset=args.calibration,
+            )
             t0 = time.perf_counter()
             qm, rep = calibra.quantize(spec, cfg, cal, evaluate=False, progress=False, echo=None)
             r = compare(qm.model, ref, ids, progress=False)

@@ -7,7 +7,8 @@
 Rows: FP16 (the unquantized model, evaluated in float32: the builtin models are stored in bf16),
 RTN / GPTQ / GPTQ act-order for W4 g128, W3 g128 and W8 per-channel (int, symmetric); RTN vs MR-GPTQ
 for MXFP4 and NVFP4. Every quantized model comes from ``calibra.quantize`` (GPTQ: true-sequential,
-damp 0.01, calibration = builtin calibration text, --samples x --seq-len tokens, seed 0).
+damp 0.01, calibration = --calibration text (default: the builtin mixed-domain set; builtin:code before
+2026-12-07), --samples x --seq-len tokens, seed 0).
 
 Protocol (stated under the table): the builtin held-out eval text (disjoint from training and
 calibration), tokenized as one stream, strided windows of seq_len (default: the model's context)
@@ -59,6 +60,12 @@ def main(argv=None) -> int:
         "--seq-len", type=int, default=None, help="calibration tokens per sample (default: the model's context)"
     )
     ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
+    ap.add_argument(
+        "--calibration",
+        default="builtin",
+        help="calibration text: builtin (the mixed-domain default), builtin:code (the Python-only set that "
+        "tables dated before 2026-12-07 used), a .txt/.json/.jsonl file or folder, or a hub set name",
+    )
     ap.add_argument("--eval-seq-len", type=int, default=None, help="eval window (default: the model's context)")
     ap.add_argument("--eval-max-tokens", type=int, default=None, help="cut the eval stream (default: all of it)")
     ap.add_argument("--top-k", type=int, default=64)
@@ -93,6 +100,7 @@ def main(argv=None) -> int:
                 sequence_length=args.seq_len,
                 seed=0,
                 batch_size=min(args.batch_size, args.samples),
+                dataset=args.calibration,
             )
             qm, rep = calibra.quantize(spec, cfg, cal, evaluate=False, progress=False, echo=None)
             r = compare(qm.model, ref, ids, progress=False)

@@ -84,7 +84,8 @@ def test_assets_import_does_not_pull_transformers():
 
 
 def test_builtin_texts_small_and_disjoint():
-    calib = assets.builtin_records("calibration")
+    # the stdlib sets (tools/train_builtin.py); the mixed-domain default: tests/test_builtin_text_sets.py
+    calib = assets.builtin_records("code")
     evals = assets.builtin_records("eval")
     assert len(calib) >= 128 and len(evals) >= 64
     total = sum(len(r["text"].encode()) for r in calib + evals)
@@ -94,14 +95,14 @@ def test_builtin_texts_small_and_disjoint():
     doc = lambda r: r["source"].rsplit("#", 1)[0]  # noqa: E731
     assert not ({doc(r) for r in calib} & {doc(r) for r in evals})
     assert assets.resolve_texts("builtin", "eval") == [r["text"] for r in evals]
-    assert assets.builtin_texts("calibration") == [r["text"] for r in calib]
+    assert assets.builtin_texts("code") == [r["text"] for r in calib]
 
 
 def test_heldout_documents_not_in_training_split():
     facts = assets.training_facts("tiny-llama")
     split = facts["corpus"]["split"]
     assert "eval < 6" in split and "calibration 6..11" in split
-    for split_name, lo, hi in (("eval", 0, 6), ("calibration", 6, 12)):
+    for split_name, lo, hi in (("eval", 0, 6), ("code", 6, 12)):
         for r in assets.builtin_records(split_name):
             doc_id = r["source"][len("stdlib:") :].rsplit("#", 1)[0]
             bucket = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % 100
@@ -188,7 +189,8 @@ def test_every_expert_used_on_calibration_text():
     model, tok = assets.load_model("builtin:tiny-moe")
     facts = assets.training_facts("tiny-moe")["expert_usage_calibration"]
     wins = {w for row in facts["first_window"] for w in row if w is not None}
-    counts = expert_usage(model, tok, assets.builtin_texts("calibration"), only_windows=wins)
+    # training.json's windows were recorded on the stdlib calibration set (now builtin:code)
+    counts = expert_usage(model, tok, assets.builtin_texts("code"), only_windows=wins)
     assert len(counts) == model.config.num_hidden_layers and all(len(r) == 8 for r in counts)
     for layer, row in enumerate(counts):
         assert sum(row) == 2 * 256 * len(wins)

@@ -26,7 +26,9 @@ text file (``*.txt``, ``*.rst``, ``README*``, ``LICENSE*``), and every topic of
 Each document has a stable id (its path relative to the stdlib, ``::topic`` for pydoc topics);
 ``sha256(id)`` puts it in ``eval`` (bucket < 6 of 100), ``calibration`` (6..11) or ``train`` (the
 rest), so the three splits are disjoint by construction; source and docstrings of one file share
-the file's id and therefore its split.
+the file's id and therefore its split. The calibration split is written as ``text/code.jsonl``
+(``builtin:code``); the default calibration set, ``text/mixed.jsonl``, is built from it and other text
+by ``tools/build_builtin_text.py``.
 """
 
 from __future__ import annotations
@@ -523,7 +525,9 @@ def main(argv=None):
         print(f"[corpus] {s}: {len(ds)} documents, {sum(len(d['text']) for d in ds) / 1e6:.2f} M chars")
     calib = text_set(docs, "calibration", CALIB_CHARS)
     evals = text_set(docs, "eval", EVAL_CHARS)
-    write_jsonl(args.out / "text" / "calibration.jsonl", calib)
+    # builtin:code; the default calibration set (mixed.jsonl) copies a share of it: rerun
+    # tools/build_builtin_text.py after this
+    write_jsonl(args.out / "text" / "code.jsonl", calib)
     write_jsonl(args.out / "text" / "eval.jsonl", evals)
     print(f"[texts] calibration {len(calib)} records, eval {len(evals)} records ({time.time() - t0:.0f}s)")
 

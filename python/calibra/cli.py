@@ -237,7 +237,12 @@ def _add_eval(sub) -> None:
     )
     ev.add_argument("--model", required=True, help="model folder or builtin:NAME")
     ev.add_argument("--metric", default="perplexity", choices=["perplexity", "kl-divergence"])
-    ev.add_argument("--dataset", default="builtin", help="builtin (held-out eval text), a .jsonl/.txt file or a folder")
+    ev.add_argument(
+        "--dataset",
+        default="builtin",
+        help="builtin (= builtin:eval, held-out Python text), builtin:eval-prose (held-out English prose), "
+        "a .jsonl/.txt file or a folder",
+    )
     ev.add_argument("--reference", default=None, help="reference model folder or builtin:NAME (KL, attribution)")
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: context, at most 2048)")
     ev.add_argument("--stride", type=int, default=None, help="window step (default: seq_len/2)")
@@ -648,7 +653,8 @@ def _add_quantize(sub) -> None:
     q.add_argument(
         "--calibration",
         default="builtin",
-        help="calibration text: builtin, a .txt/.json/.jsonl file "
+        help="calibration text: builtin (= builtin:calibration: mixed-domain text; "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), a .txt/.json/.jsonl file "
         "or folder, a hub set name; or an activation_ranges.json written by --act-ranges (RTN)",
     )
     add_sample_flags(q)
@@ -916,7 +922,9 @@ def _add_prune(sub) -> None:
     p.add_argument(
         "--calibration",
         default="builtin",
-        help="calibration text (wanda, sparsegpt): builtin, a .txt/.json/.jsonl file or folder, or a hub set name",
+        help="calibration text (wanda, sparsegpt): builtin (= builtin:calibration: mixed-domain text; "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), "
+        "a .txt/.json/.jsonl file or folder, or a hub set name",
     )
     add_sample_flags(p)
     _add_eval_flags(p)
@@ -963,7 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--calibration",
         default="builtin",
-        help="calibration text: builtin, a .txt/.json/.jsonl file or folder, or a hub set name",
+        help="calibration text: builtin (= builtin:calibration: mixed-domain text; "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), "
+        "a .txt/.json/.jsonl file or folder, or a hub set name",
     )
     add_sample_flags(cal)
     cal.add_argument("--observers", default="hessian", help="comma-separated: hessian,norms,ranges,kv")

@@ -23,7 +23,7 @@ def tiny_llama_folder(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        builtin_texts("calibration")[:40],
+        builtin_texts("code")[:40],
         trainers.BpeTrainer(
             vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),

@@ -25,7 +25,7 @@ def train_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(assets.builtin_texts("calibration")[:40], trainer)
+    tok.train_from_iterator(assets.builtin_texts("code")[:40], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 

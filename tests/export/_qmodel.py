@@ -29,7 +29,7 @@ def _tokenizer_json() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(builtin_texts("calibration")[:60], trainer)
+    tok.train_from_iterator(builtin_texts("code")[:60], trainer)
     return tok.to_str()
 
 

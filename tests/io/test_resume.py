@@ -217,7 +217,7 @@ def test_resume_refused_for_other_data(model4, tmp_path, monkeypatch):
     from calibra.assets import builtin_texts
 
     data = tmp_path / "cal.txt"
-    texts = builtin_texts("calibration")
+    texts = builtin_texts("code")
     data.write_text("\n\n".join(texts[:60]))
     cal = CalibrationConfig(**dict(CAL, dataset=str(data)))
     out = tmp_path / "out"

@@ -88,7 +88,7 @@ def test_real_model_autotune_meets_budget_on_tuning_stream():
     model = make_llama(len(tok), layers=2)
     full = plan_for(model, "kv")
     probe = QualityProbe(
-        model, tok, dataset=assets.builtin_texts("calibration")[:3], seq_len=64, max_tokens=128, progress=False
+        model, tok, dataset=assets.builtin_texts("code")[:3], seq_len=64, max_tokens=128, progress=False
     )
     plan, rep = autotune(probe, full, metric="kl", budget=0.002, progress=False, echo=None)
     again = probe.measure(plan)["kl_divergence"]["mean"]

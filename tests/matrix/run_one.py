@@ -59,7 +59,7 @@ def _tokenizer(vocab: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        builtin_texts("calibration")[:40],
+        builtin_texts("code")[:40],
         trainers.BpeTrainer(
             vocab_size=min(vocab, 300),
             special_tokens=["<eos>"],

@@ -15,15 +15,24 @@ Both are stored in bfloat16 (``"dtype": "bfloat16"`` in config.json); pass
 and ``training.json`` (how it was trained and what it measures: parameters, wall time,
 held-out perplexity trained vs untrained, and for tiny-moe the expert-usage histogram).
 
-Texts (``builtin`` as a calibration or evaluation source), in ``text/``:
+Texts, in ``text/`` (named ``builtin:NAME`` wherever a calibration or evaluation text is asked for;
+plain ``builtin`` is ``builtin:calibration`` for calibration and ``builtin:eval`` for evaluation)::
 
-* ``calibration.jsonl`` -- calibration set;
-* ``eval.jsonl`` -- held-out evaluation set.
+    builtin:calibration  mixed.jsonl       the default calibration set: English stories, dialogue, chats and
+                                           instructions, technical writing, worked mathematics, German,
+                                           French, Spanish and Chinese text, and a share of builtin:code
+    builtin:code         code.jsonl        Python standard-library source and docstrings (the default
+                                           calibration set of calibra 0.1.0 and before)
+    builtin:eval         eval.jsonl        held-out evaluation text, Python standard library
+    builtin:eval-prose   eval_prose.jsonl  held-out English prose (stories and essays)
 
-One JSON object per line: ``{"text": str, "source": str, "kind": "code"|"docstring"|"prose"}``,
-where ``source`` is ``stdlib:<path relative to the stdlib>[::<pydoc topic>]#<chunk>``. Both come
-from the Python standard library; the training, calibration and eval documents are disjoint
-(split by a hash of the document's path, see ``tools/train_builtin.py``, which rebuilds all of it).
+``MANIFEST.json`` next to them records each set's sources, licences and byte counts by kind and language
+(``tools/build_builtin_text.py`` rebuilds the mixed and prose sets, ``tools/train_builtin.py`` the code and
+eval sets). One JSON object per line: ``{"text": str, "source": str, "kind": str}`` or, for a chat,
+``{"messages": [{"role", "content"}, ...], "source", "kind": "chat"}``; the authored records also carry
+``"lang"``. The stdlib records' ``source`` is ``stdlib:<path relative to the stdlib>[::<pydoc topic>]#<chunk>``;
+the training, code and eval documents are disjoint (split by a hash of the document's path, see
+``tools/train_builtin.py``), and no document of the mixed set is in either eval set.
 
 This module is at the bottom of calibra's import graph: it imports nothing from calibra and
 neither torch nor transformers.
@@ -44,6 +53,8 @@ __all__ = [
     "resolve_model",
     "builtin_texts",
     "builtin_records",
+    "text_set_name",
+    "plain_chat",
     "resolve_texts",
     "training_facts",
     "load_model",
@@ -56,8 +67,10 @@ BUILTIN_MODELS: dict[str, str] = {
     "tiny-moe": "Mixtral-architecture sparse MoE causal LM (8 experts, top-2)",
 }
 BUILTIN_TEXTS: dict[str, str] = {
-    "calibration": "calibration.jsonl",
+    "calibration": "mixed.jsonl",
+    "code": "code.jsonl",
     "eval": "eval.jsonl",
+    "eval-prose": "eval_prose.jsonl",
 }
 
 
@@ -104,6 +117,21 @@ def training_facts(name: str) -> dict:
     )
 
 
+def text_set_name(spec, default: str = "calibration") -> str:
+    """The text set a ``builtin`` / ``builtin:NAME`` spec names (``default`` for plain ``builtin``).
+
+    Raises ``ValueError`` listing the known sets for an unknown name.
+    """
+    name = default if spec == "builtin" else str(spec)[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_TEXTS:
+        raise ValueError(
+            f"unknown built-in text set {spec!r}; available: "
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_TEXTS)
+            + " (plain 'builtin' = builtin:calibration for calibration, builtin:eval for evaluation)"
+        )
+    return name
+
+
 @cache
 def _records(split: str) -> tuple:
     if split not in BUILTIN_TEXTS:
@@ -113,30 +141,38 @@ def _records(split: str) -> tuple:
         return tuple(json.loads(line) for line in f if line.strip())
 
 
+def plain_chat(messages) -> str:
+    """A chat as plain text (``User: ...`` paragraphs), for tokenizers without a chat template and for
+    evaluation streams: the built-in models have no template, and a text set must still read as text."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
 def builtin_records(split: str) -> list[dict]:
-    """The records (``text``, ``source``, ``kind``) of the ``"calibration"`` or ``"eval"`` set."""
+    """The records (``text`` or ``messages``, ``source``, ``kind``) of a built-in text set."""
     return [dict(r) for r in _records(split)]
 
 
 def builtin_texts(split: str) -> list[str]:
-    """The texts of the ``"calibration"`` or ``"eval"`` set, in their fixed order."""
-    return [r["text"] for r in _records(split)]
+    """The texts of a built-in text set (``"calibration"``, ``"code"``, ``"eval"``, ``"eval-prose"``), in
+    their fixed order; a chat record comes as :func:`plain_chat` text."""
+    return [r["text"] if "text" in r else plain_chat(r["messages"]) for r in _records(split)]
 
 
 def resolve_texts(source, split: str) -> list[str]:
-    """Texts from a calibration/evaluation source: ``"builtin"`` (the built-in ``split``), a
-    ``.jsonl`` file (``"text"`` of every line), a ``.txt`` file (one text), or a folder of those."""
-    if source == "builtin":
-        return builtin_texts(split)
-    if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"text sources take plain 'builtin', not {source!r}")
+    """Texts from a calibration/evaluation source: ``"builtin"`` (the built-in ``split``), ``"builtin:NAME"``
+    (a named built-in set), a ``.jsonl`` file (``"text"`` of every line), a ``.txt`` file (one text), or a
+    folder of those."""
+    if is_builtin(source):
+        return builtin_texts(text_set_name(source, split))
     path = Path(source).expanduser()
     if path.is_dir():
         return [
             t for p in sorted(path.iterdir()) if p.suffix in (".jsonl", ".txt") for t in resolve_texts(str(p), split)
         ]
     if not path.is_file():
-        raise FileNotFoundError(f"text source {str(source)!r} is neither 'builtin' nor a file or folder")
+        raise FileNotFoundError(
+            f"text source {str(source)!r} is neither 'builtin', 'builtin:NAME' nor a file or folder"
+        )
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             return [json.loads(line)["text"] for line in f if line.strip()]

@@ -4,17 +4,19 @@ Sources:
 
 * programmatic: ``CalibrationDataset(samples=["text", ...], name=..., version=...)``; a sample may
   also be a chat conversation (a list of ``{"role", "content"}`` dicts);
-* ``CalibrationDataset.builtin()``: the calibration texts shipped in :mod:`calibra.assets`;
+* ``CalibrationDataset.builtin(name)``: a text set shipped in :mod:`calibra.assets` (``"calibration"``, the
+  mixed-domain default; ``"code"``, the Python-only set calibra calibrated on up to 0.1.0; ...);
 * ``CalibrationDataset.from_local(path)``: ``.txt`` (samples separated by blank lines), ``.json``
   (an array of strings) or ``.jsonl`` (``{"text": ...}`` or ``{"messages": [...]}`` per line), or a
   folder of such files;
 * ``CalibrationDataset.from_hub(name)``: c4, wikitext2, bartowski-v3, the-stack (see :mod:`.hub`);
 * ``CalibrationDataset.from_source(spec)``: any of the above from one string (the config's
-  ``dataset`` field).
+  ``dataset`` field: ``builtin``, ``builtin:NAME``, a path or a hub name).
 
 Chat rows are kept as conversations until a tokenizer is known: they are rendered with that
-tokenizer's chat template by :meth:`CalibrationDataset.texts`. Nothing here imports torch or
-transformers.
+tokenizer's chat template by :meth:`CalibrationDataset.texts`. The built-in set's chats also carry a
+plain-text form, used when the tokenizer has no template (the built-in models have none), so the
+default calibration runs on every model. Nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ class ChatSample:
     """A conversation to be rendered with the tokenizer's chat template.
 
     ``messages`` is a tuple of ``{"role": str, "content": str}`` dicts; ``origin`` says where it came
-    from (``"chats.jsonl:7"``), so a rendering error can name the file and line.
+    from (``"chats.jsonl:7"``), so a rendering error can name the file and line. ``plain``: the text to
+    use when the tokenizer has no chat template (``None``: such a tokenizer is an error).
     """
 
     messages: tuple
     origin: str
+    plain: str | None = None
 
     def to_json(self) -> list:
         return [dict(m) for m in self.messages]
@@ -189,6 +193,14 @@ def source_kind(spec) -> str:
         )
     if str(spec) == "builtin":
         return "builtin"
+    if str(spec).startswith("builtin:"):
+        from calibra.assets import text_set_name
+
+        try:
+            text_set_name(str(spec))
+        except ValueError as e:
+            raise ValueError(f"[data] {e}") from None
+        return "builtin"
     path = Path(spec).expanduser()
     if path.exists():
         return "local"
@@ -243,11 +255,20 @@ class CalibrationDataset:
 
     @classmethod
     def builtin(cls, split: str = "calibration") -> CalibrationDataset:
-        """The texts shipped with calibra (:func:`calibra.assets.builtin_texts`)."""
-        from calibra.assets import builtin_texts
+        """A text set shipped with calibra (:data:`calibra.assets.BUILTIN_TEXTS`): ``"calibration"`` (the
+        default, mixed-domain), ``"code"`` (Python stdlib, the default up to calibra 0.1.0), ``"eval"``,
+        ``"eval-prose"``. Chats stay conversations (rendered with the tokenizer's chat template, or as
+        plain text where it has none)."""
+        from calibra.assets import builtin_records, plain_chat
 
-        name = "builtin" if split == "calibration" else f"builtin-{split}"
-        return cls(builtin_texts(split), name=name, source=f"builtin:{split}")
+        samples = [
+            r["text"]
+            if "text" in r
+            else ChatSample(_check_messages(r["messages"], r["source"]), r["source"], plain_chat(r["messages"]))
+            for r in builtin_records(split)
+        ]
+        name = "builtin" if split == "calibration" else f"builtin:{split}"
+        return cls(samples, name=name, source=f"builtin:{split}")
 
     @classmethod
     def from_hub(
@@ -271,7 +292,9 @@ class CalibrationDataset:
             return spec
         kind = source_kind(spec)
         if kind == "builtin":
-            return cls.builtin()
+            from calibra.assets import text_set_name
+
+            return cls.builtin(text_set_name(str(spec)))
         if kind == "local":
             return cls.from_local(spec)
         return cls.from_hub(str(spec), **hub_kwargs)
@@ -305,9 +328,15 @@ class CalibrationDataset:
         for s in self._samples:
             if isinstance(s, str):
                 out.append((s, False))
+            elif s.plain is not None and not _has_template(tokenizer):
+                out.append((s.plain, False))
             else:
                 out.append((_render_chat(s, tokenizer), True))
         return out
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
 
 
 def _render_chat(sample: ChatSample, tokenizer) -> str:

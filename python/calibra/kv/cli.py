@@ -173,7 +173,9 @@ def add_parser(sub) -> None:
     c.add_argument(
         "--calibration",
         default="builtin",
-        help="calibration text: builtin, a .txt/.json/.jsonl file or folder, or a hub set name",
+        help="calibration text: builtin (= builtin:calibration: mixed-domain text; "
+        "builtin:code: the Python-only set calibra used up to 0.1.0), "
+        "a .txt/.json/.jsonl file or folder, or a hub set name",
     )
     add_sample_flags(c)
     c.add_argument(
@@ -209,7 +211,11 @@ def add_parser(sub) -> None:
     e.add_argument("--input", required=True, help="builtin:NAME or a local Hugging Face model folder")
     e.add_argument("--preset", required=True, help="preset JSON written by `calibra kv calibrate`")
     e.add_argument("--rank", type=int, default=None, help="override the preset's ranks with R everywhere")
-    e.add_argument("--dataset", default="builtin", help="eval text: builtin (held-out), a .jsonl/.txt file or folder")
+    e.add_argument(
+        "--dataset",
+        default="builtin",
+        help="eval text: builtin (= builtin:eval, held-out), builtin:eval-prose, a .jsonl/.txt file or folder",
+    )
     e.add_argument("--seq-len", type=int, default=None, help="window (default: a built-in model's trained length)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens (default all)")
     e.add_argument("--device", default=None, help="compute device (default cuda if available)")
