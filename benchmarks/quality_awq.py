@@ -54,6 +54,11 @@ def rows(only):
             (label, "GPTAQ act-order", GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True)),
             (
                 label,
+                "GPTAQ act-order static",
+                GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True, static_groups=True),
+            ),
+            (
+                label,
                 "GPTAQ act-order mse",
                 GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True, mse_clip=True),
             ),

@@ -45,6 +45,7 @@ def config_dict(config) -> dict:
         d.pop("gptaq")
         d.pop("gptaq_alpha", None)
         d.pop("gptaq_choose", None)
+        d.pop("gptaq_choose_clip", None)
     return {"method": config.method, **d}
 
 
