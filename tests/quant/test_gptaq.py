@@ -275,7 +275,7 @@ def test_preset_best_records_the_choice_per_module(tmp_path):
     mods = manifest["modules"]
     names = {"gptaq", "gptq", "gptaq+mse", "gptq+mse"}
     assert {mods[n]["choice"] for n in qm.layers} <= names
-    for n, ql in qm.layers.items():  # every candidate's error recorded, the least one kept
+    for ql in qm.layers.values():  # every candidate's error recorded, the least one kept
         errs = ql.log.choice["errors"]
         assert set(errs) == names and errs[ql.log.choice["kept"]] == min(errs.values())
 
