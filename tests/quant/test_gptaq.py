@@ -196,7 +196,7 @@ def test_choice_keeps_the_lower_asymmetric_error(seed, noise):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_wide_choice_keeps_the_least_error_of_four_solves(seed):
-    """gptaq_choose_clip: GPTQ and GPTAQ, each with and without the weight-MSE clip; the kept solve is the
+    """choose_clip: GPTQ and GPTAQ, each with and without the weight-MSE clip; the kept solve is the
     one of the four with the least measured asymmetric error, bit for bit, and every error is recorded."""
     from calibra.quant.gptaq import asymmetric_error
 
@@ -210,7 +210,7 @@ def test_wide_choice_keeps_the_least_error_of_four_solves(seed):
         "gptaq+mse": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, mse_clip=True, gptaq=True), cross=c),
     }
     errs = {k: asymmetric_error(w, v.weight, h, c) for k, v in solves.items()}
-    cfg = GPTQConfig(bits=3, group_size=32, gptaq=True, gptaq_choose=True, gptaq_choose_clip=True)
+    cfg = GPTQConfig(bits=3, group_size=32, gptaq=True, gptaq_choose=True, choose_clip=True)
     kept = gptq_quantize(w, h, n, cfg, cross=c)
     choice = kept.log.choice
     assert set(choice["errors"]) == set(errs)
@@ -219,8 +219,27 @@ def test_wide_choice_keeps_the_least_error_of_four_solves(seed):
     assert choice["kept"] == min(errs, key=errs.get)
     assert torch.equal(kept.codes, solves[choice["kept"]].codes)
     assert errs[choice["kept"]] <= min(errs["gptq"], errs["gptaq"])
-    with pytest.raises(ValueError, match="gptaq_choose_clip"):
-        GPTQConfig(gptaq=True, gptaq_choose_clip=True).validate()
+    with pytest.raises(ValueError, match="choose_clip"):
+        GPTQConfig(choose_clip=True, mse_clip=True, clip_metric="output").validate()
+
+
+def test_clip_choice_without_a_cross_statistic_keeps_the_lower_output_error():
+    """choose_clip on plain GPTQ (what MoE experts get under the best preset): GPTQ with and without the
+    weight-MSE clip, the lower tr((W-Q)H(W-Q)^T) kept bit for bit."""
+    from calibra.quant.clip_search import output_error
+
+    w, x, _ = _inputs(0, noise=0.0)
+    n = x.shape[0]
+    h = x.T @ x
+    solves = {
+        "gptq": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32)),
+        "gptq+mse": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, mse_clip=True)),
+    }
+    errs = {k: output_error(w, v.weight, h) for k, v in solves.items()}
+    kept = gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, choose_clip=True))
+    assert kept.log.choice["kept"] == min(errs, key=errs.get)
+    assert kept.log.choice["errors"] == pytest.approx(errs, rel=1e-9)
+    assert torch.equal(kept.codes, solves[kept.log.choice["kept"]].codes)
 
 
 def test_preset_best():
@@ -228,13 +247,13 @@ def test_preset_best():
     from calibra.quant.presets import apply_preset
 
     cfg = apply_preset("best", GPTQConfig(bits=3, group_size=64))
-    assert (cfg.gptaq, cfg.gptaq_choose, cfg.gptaq_choose_clip, cfg.bits, cfg.group_size) == (True, True, True, 3, 64)
+    assert (cfg.gptaq, cfg.gptaq_choose, cfg.choose_clip, cfg.bits, cfg.group_size) == (True, True, True, 3, 64)
     assert (cfg.desc_act, cfg.static_groups) == (True, True)  # act-order that every GPTQ export writes
-    want = GPTQConfig(gptaq=True, gptaq_choose=True, gptaq_choose_clip=True, desc_act=True, static_groups=True)
+    want = GPTQConfig(gptaq=True, gptaq_choose=True, choose_clip=True, desc_act=True, static_groups=True)
     assert apply_preset("best") == want
     # an output-MSE clip the caller asked for is kept, and the choice then does not toggle a weight clip
     out = apply_preset("best", GPTQConfig(mse_clip=True, clip_metric="output"))
-    assert (out.mse_clip, out.clip_metric, out.gptaq_choose_clip) == (True, "output", False)
+    assert (out.mse_clip, out.clip_metric, out.choose_clip) == (True, "output", False)
     out.validate()
     for bad, match in [
         (RTNConfig(), "int GPTQ only"),
@@ -271,7 +290,7 @@ def test_preset_best_records_the_choice_per_module(tmp_path):
         assert qm.layers[f"model.layers.0.self_attn.{p}_proj"].log.choice["kept"] in ("gptq", "gptq+mse")
     assert kept["gptaq"] + kept.get("gptaq+mse", 0) > 0
     manifest = json.loads((tmp_path / "o" / "quantization.json").read_text())
-    assert manifest["config"]["gptaq_choose"] is True and manifest["config"]["gptaq_choose_clip"] is True
+    assert manifest["config"]["gptaq_choose"] is True and manifest["config"]["choose_clip"] is True
     mods = manifest["modules"]
     names = {"gptaq", "gptq", "gptaq+mse", "gptq+mse"}
     assert {mods[n]["choice"] for n in qm.layers} <= names

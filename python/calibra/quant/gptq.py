@@ -276,6 +276,12 @@ def gptq_quantize(
     clip_guard = output_clip(config)
     if cross is not None:
         return _gptaq_solve(w, h, n_tokens, config, cross, consume=consume and not clip_guard, **kw)
+    if getattr(config, "choose_clip", False):  # no cross statistic (plain GPTQ, MoE experts): the clip choice
+        from calibra.quant.gptaq import choose_clip_solve
+
+        kw["shared"] = shared if shared is not None else SharedFactorizations()  # one factorization for both
+        wf = w.detach().float().clone()
+        return choose_clip_solve(wf, h, config, lambda t, c: _target_solve(t, h, n_tokens, c, consume=False, **kw))
     if clip_guard:
         return guarded_solve(w.detach().float(), h, n_tokens, config, **kw)
     in_place = consume and w.dtype == torch.float32 and w.is_contiguous()

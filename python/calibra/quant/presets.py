@@ -3,7 +3,7 @@ combination measured best for int GPTQ (docs/quantize.md, "GPTAQ's quality": the
 keeping the bits, group size, symmetry and every AutoGPTQ option the caller gave.
 
 ``best`` = act-order GPTAQ with a per-Linear choice (``GPTQConfig(gptaq=True, gptaq_choose=True,
-gptaq_choose_clip=True, desc_act=True, static_groups=True)``): each Linear is solved four ways -- GPTQ and
+choose_clip=True, desc_act=True, static_groups=True)``): each Linear is solved four ways -- GPTQ and
 GPTAQ, each with and without the weight-MSE clip search, one factorization -- and keeps the solve with the
 least measured error against the full-precision model's output on the calibration tokens; the choice is
 recorded per module (``report.json`` modules' ``choice``, ``quantization.json`` modules' ``choice``). Four
@@ -44,7 +44,7 @@ def apply_preset(preset: str, config=None):
         gptaq=True,
         gptaq_choose=True,
         # the weight-MSE clip toggled inside the choice (an output-MSE clip the caller asked for stays as it is)
-        gptaq_choose_clip=not output_clip,
+        choose_clip=not output_clip,
         # act-order with static groups: the columns by descending Hessian diagonal, the groups on the original
         # columns (a trivial g_idx), so every export that writes plain GPTQ writes this too
         desc_act=True,
