@@ -50,6 +50,24 @@ def rows(only):
             (label, "AWQ + GPTQ", GPTQConfig(bits=bits, group_size=g, awq=True)),
             (label, "GPTAQ", GPTQConfig(bits=bits, group_size=g, gptaq=True)),
             (label, "best", apply_preset("best", GPTQConfig(bits=bits, group_size=g))),
+            # the knobs `best` was screened over (docs/quantize.md, "The best preset")
+            (label, "GPTQ act-order", GPTQConfig(bits=bits, group_size=g, desc_act=True)),
+            (label, "GPTAQ act-order", GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True)),
+            (
+                label,
+                "GPTAQ act-order static",
+                GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True, static_groups=True),
+            ),
+            (
+                label,
+                "GPTAQ act-order mse",
+                GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True, mse_clip=True),
+            ),
+            (
+                label,
+                "GPTAQ act-order output-mse",
+                GPTQConfig(bits=bits, group_size=g, gptaq=True, desc_act=True, mse_clip=True, clip_metric="output"),
+            ),
         ]
     return out
 

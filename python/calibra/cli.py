@@ -624,9 +624,10 @@ def _add_quantize(sub) -> None:
         "--preset",
         default=None,
         choices=["best"],
-        help="best: the combination measured best for int GPTQ (docs/quantize.md): GPTAQ, each Linear keeping "
-        "GPTAQ's or GPTQ's solve by its measured error against the full-precision model on the calibration "
-        "tokens (recorded per module); implies --method gptq and keeps --bits/--group-size/--desc-act...",
+        help="best: the combination measured best for int GPTQ (docs/quantize.md): act-order (static groups) "
+        "GPTAQ, each Linear keeping the least of four solves (GPTQ, GPTAQ, each with and without the weight-MSE "
+        "clip) by its measured error against the full-precision model on the calibration tokens (recorded per "
+        "module); implies --method gptq, --desc-act --static-groups, and keeps --bits/--group-size...",
     )
     q.add_argument(
         "--gptaq",

@@ -121,6 +121,37 @@ def test_search_with_the_solver_check_never_raises_the_gptq_loss(seed):
         assert r["solver_loss"] == r["solver_loss_unscaled"]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_solver_search_includes_alpha_zero_and_keeps_the_least_measured_gptq_loss(seed):
+    """With margin 0 the kept alpha is the argmin of the measured GPTQ losses, alpha = 0 among them (plain
+    GPTQ); with the default margin a scaled alpha is kept only where it clears the margin, else alpha = 0."""
+    from calibra.quant.awq import SOLVER_MARGIN
+
+    w, h, n, _ = layer(out=48, n=128, seed=seed, outliers=True)
+    cfg = GPTQConfig(bits=3, group_size=32)
+    ws = [w, 0.5 * w.flip(0)]
+    r0 = search(ws, [cfg, cfg], h, n, solver=True, margin=0.0)
+    losses = r0["solver_losses"]
+    assert 0.0 in losses and len(losses) > 1
+    assert r0["solver_loss"] == min(losses.values()) == losses[r0["alpha"]]
+    assert r0["solver_loss_unscaled"] == losses[0.0]
+    # the kept scales, solved again, give the recorded loss: what is recorded is what is folded
+    from calibra.quant.awq import solver_loss
+
+    ref = sum(float(((v.float() @ h.float()) * v.float()).double().sum()) for v in ws)
+    assert solver_loss(ws, [cfg, cfg], h, n, r0["scales"]) / ref == pytest.approx(r0["solver_loss"], rel=1e-9)
+    r = search(ws, [cfg, cfg], h, n, solver=True)
+    assert r["solver_losses"] == losses
+    if min(losses.values()) < (1 - SOLVER_MARGIN) * losses[0.0]:
+        assert r["alpha"] == r0["alpha"]
+    else:
+        assert r["alpha"] == 0.0 and r["solver_loss"] == losses[0.0]
+        assert bool((r["scales"] == 1).all())
+    # a margin no gain can clear keeps plain GPTQ
+    r1 = search(ws, [cfg, cfg], h, n, solver=True, margin=1.0)
+    assert r1["alpha"] == 0.0 and r1["solver_loss"] == losses[0.0]
+
+
 CAL = dict(num_samples=4, sequence_length=64, seed=0, batch_size=4)
 
 

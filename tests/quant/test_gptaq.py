@@ -194,13 +194,67 @@ def test_choice_keeps_the_lower_asymmetric_error(seed, noise):
         assert choice["kept"] == "gptq"
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wide_choice_keeps_the_least_error_of_four_solves(seed):
+    """choose_clip: GPTQ and GPTAQ, each with and without the weight-MSE clip; the kept solve is the
+    one of the four with the least measured asymmetric error, bit for bit, and every error is recorded."""
+    from calibra.quant.gptaq import asymmetric_error
+
+    w, x, x_q = _inputs(seed, noise=0.3)
+    n = x.shape[0]
+    h, c = x_q.T @ x_q, (x - x_q).T @ x_q
+    solves = {
+        "gptq": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32)),
+        "gptaq": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, gptaq=True), cross=c),
+        "gptq+mse": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, mse_clip=True)),
+        "gptaq+mse": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, mse_clip=True, gptaq=True), cross=c),
+    }
+    errs = {k: asymmetric_error(w, v.weight, h, c) for k, v in solves.items()}
+    cfg = GPTQConfig(bits=3, group_size=32, gptaq=True, gptaq_choose=True, choose_clip=True)
+    kept = gptq_quantize(w, h, n, cfg, cross=c)
+    choice = kept.log.choice
+    assert set(choice["errors"]) == set(errs)
+    for k in errs:
+        assert choice["errors"][k] == pytest.approx(errs[k], rel=1e-9)
+    assert choice["kept"] == min(errs, key=errs.get)
+    assert torch.equal(kept.codes, solves[choice["kept"]].codes)
+    assert errs[choice["kept"]] <= min(errs["gptq"], errs["gptaq"])
+    with pytest.raises(ValueError, match="choose_clip"):
+        GPTQConfig(choose_clip=True, mse_clip=True, clip_metric="output").validate()
+
+
+def test_clip_choice_without_a_cross_statistic_keeps_the_lower_output_error():
+    """choose_clip on plain GPTQ (what MoE experts get under the best preset): GPTQ with and without the
+    weight-MSE clip, the lower tr((W-Q)H(W-Q)^T) kept bit for bit."""
+    from calibra.quant.clip_search import output_error
+
+    w, x, _ = _inputs(0, noise=0.0)
+    n = x.shape[0]
+    h = x.T @ x
+    solves = {
+        "gptq": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32)),
+        "gptq+mse": gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, mse_clip=True)),
+    }
+    errs = {k: output_error(w, v.weight, h) for k, v in solves.items()}
+    kept = gptq_quantize(w, h, n, GPTQConfig(bits=3, group_size=32, choose_clip=True))
+    assert kept.log.choice["kept"] == min(errs, key=errs.get)
+    assert kept.log.choice["errors"] == pytest.approx(errs, rel=1e-9)
+    assert torch.equal(kept.codes, solves[kept.log.choice["kept"]].codes)
+
+
 def test_preset_best():
     from calibra.quant import MRGPTQConfig, RTNConfig
     from calibra.quant.presets import apply_preset
 
-    cfg = apply_preset("best", GPTQConfig(bits=3, desc_act=True))
-    assert (cfg.gptaq, cfg.gptaq_choose, cfg.bits, cfg.desc_act) == (True, True, 3, True)
-    assert apply_preset("best") == GPTQConfig(gptaq=True, gptaq_choose=True)
+    cfg = apply_preset("best", GPTQConfig(bits=3, group_size=64))
+    assert (cfg.gptaq, cfg.gptaq_choose, cfg.choose_clip, cfg.bits, cfg.group_size) == (True, True, True, 3, 64)
+    assert (cfg.desc_act, cfg.static_groups) == (True, True)  # act-order that every GPTQ export writes
+    want = GPTQConfig(gptaq=True, gptaq_choose=True, choose_clip=True, desc_act=True, static_groups=True)
+    assert apply_preset("best") == want
+    # an output-MSE clip the caller asked for is kept, and the choice then does not toggle a weight clip
+    out = apply_preset("best", GPTQConfig(mse_clip=True, clip_metric="output"))
+    assert (out.mse_clip, out.clip_metric, out.choose_clip) == (True, "output", False)
+    out.validate()
     for bad, match in [
         (RTNConfig(), "int GPTQ only"),
         (MRGPTQConfig(), "int GPTQ only"),
@@ -231,14 +285,18 @@ def test_preset_best_records_the_choice_per_module(tmp_path):
     assert rep["preset"] == "best"
     kept = rep["gptaq"]["kept"]
     assert sum(kept.values()) == len(qm.layers) == 28
-    # layer 0's q/k/v see identical inputs in both streams: the two solves tie and GPTQ is kept
+    # layer 0's q/k/v see identical inputs in both streams: GPTAQ's solves tie GPTQ's and GPTQ's are kept
     for p in "qkv":
-        assert qm.layers[f"model.layers.0.self_attn.{p}_proj"].log.choice["kept"] == "gptq"
-    assert kept["gptaq"] > 0
+        assert qm.layers[f"model.layers.0.self_attn.{p}_proj"].log.choice["kept"] in ("gptq", "gptq+mse")
+    assert kept["gptaq"] + kept.get("gptaq+mse", 0) > 0
     manifest = json.loads((tmp_path / "o" / "quantization.json").read_text())
-    assert manifest["config"]["gptaq_choose"] is True
+    assert manifest["config"]["gptaq_choose"] is True and manifest["config"]["choose_clip"] is True
     mods = manifest["modules"]
-    assert {mods[n]["choice"] for n in qm.layers} <= {"gptaq", "gptq"}
+    names = {"gptaq", "gptq", "gptaq+mse", "gptq+mse"}
+    assert {mods[n]["choice"] for n in qm.layers} <= names
+    for ql in qm.layers.values():  # every candidate's error recorded, the least one kept
+        errs = ql.log.choice["errors"]
+        assert set(errs) == names and errs[ql.log.choice["kept"]] == min(errs.values())
 
 
 def test_cli_preset_is_a_gptq_recipe():

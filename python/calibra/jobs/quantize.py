@@ -664,7 +664,7 @@ def _run(
         }
         if config.gptaq_choose:  # per Linear: the solve kept (each module's log row has both errors)
             kept = [ql.log.choice["kept"] for ql in quantizer.layers.values() if ql.log.choice]
-            report_extra["gptaq"]["kept"] = {k: kept.count(k) for k in ("gptaq", "gptq")}
+            report_extra["gptaq"]["kept"] = {k: kept.count(k) for k in sorted(set(kept) | {"gptaq", "gptq"})}
     if preset is not None:
         report_extra["preset"] = preset
     meter.mark("layers")  # (with evaluation: the reference logits collected before the layers too)

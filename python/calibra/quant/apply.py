@@ -173,7 +173,7 @@ def solve(
                         f"the calibration runner collects with gptaq=True; it is missing"
                     )
                 # an expert's tokens are routed by each model on its own: no pairing, plain GPTQ
-                config = dataclasses.replace(config, gptaq=False)
+                config = dataclasses.replace(config, gptaq=False, gptaq_choose=False)
             else:
                 cross = cross.to(w.device)
         ql = gptq_quantize(

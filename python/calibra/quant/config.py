@@ -199,6 +199,10 @@ class GPTQConfig:
       correction (the paper's 0.25). ``gptaq_choose``: solve each Linear both ways (the factorization
       shared) and keep whichever has the lower measured asymmetric error ``||Q X~ - W X||^2`` on the
       calibration tokens, recorded per module (``ModuleLog.choice``; the ``best`` preset).
+    - ``choose_clip``: each Linear is also solved with the weight-MSE clip search toggled, and the solve with
+      the lower measured error is kept (the scales change, the layout not): with ``gptaq_choose`` four
+      candidates (``gptq``, ``gptaq``, ``gptq+mse``, ``gptaq+mse``) by the asymmetric error; without a cross
+      statistic (plain GPTQ, MoE experts under GPTAQ) two (``gptq``, ``gptq+mse``) by ``tr((W-Q)H(W-Q)^T)``.
     """
 
     bits: int = 4
@@ -220,6 +224,7 @@ class GPTQConfig:
     gptaq: bool = False
     gptaq_alpha: float = 0.25
     gptaq_choose: bool = False
+    choose_clip: bool = False
 
     method = "gptq"
 
@@ -246,6 +251,10 @@ class GPTQConfig:
             _fail(cls, f"gptaq_choose must be a bool, got {self.gptaq_choose!r}")
         if self.gptaq_choose and not self.gptaq:
             _fail(cls, "gptaq_choose chooses between GPTAQ and GPTQ per Linear: it needs gptaq=True")
+        if not isinstance(self.choose_clip, bool):
+            _fail(cls, f"choose_clip must be a bool, got {self.choose_clip!r}")
+        if self.choose_clip and (self.mse_clip and self.clip_metric == "output"):
+            _fail(cls, "choose_clip toggles the weight-MSE clip; it does not combine with clip_metric='output'")
         for f in ("desc_act", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
                 _fail(cls, f"{f} must be a bool, got {getattr(self, f)!r}")

@@ -66,4 +66,57 @@ def asymmetric_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, cross: t
     return num / den if den > 0 else num
 
 
-__all__ = ["correct_target", "asymmetric_error"]
+def choice_candidates(config) -> list[tuple[str, str, object]]:
+    """``(name, target, config)`` of each solve the per-Linear choice (``gptaq_choose``) compares, in tie
+    order (the first of equal errors is kept): plain GPTQ first, so a Linear whose two input streams agree
+    keeps GPTQ's bits; with ``choose_clip`` also each target with the weight-MSE clip toggled."""
+    import dataclasses
+
+    out = [("gptq", "plain", config), ("gptaq", "corrected", config)]
+    if getattr(config, "choose_clip", False):
+        other = dataclasses.replace(config, mse_clip=not config.mse_clip, clip_metric="weight")
+        tag = "+mse" if other.mse_clip else "+noclip"
+        out += [("gptq" + tag, "plain", other), ("gptaq" + tag, "corrected", other)]
+    return out
+
+
+def choose_solve(w0: torch.Tensor, corrected: torch.Tensor, h, n_tokens: int, config, cross, solve):
+    """Solve every :func:`choice_candidates` entry (``solve(target, config)`` -> QuantizedLayer; the targets:
+    ``w0`` the full-precision weight, ``corrected`` GPTAQ's) and keep the one with the least
+    :func:`asymmetric_error` -- the measured error against the full-precision model's output on the
+    calibration tokens. ``log.choice`` = ``{"kept": name, "errors": {name: error}}``."""
+    best, errors = None, {}
+    for name, target, cfg in choice_candidates(config):
+        ql = solve((w0 if target == "plain" else corrected).clone(), cfg)
+        errors[name] = asymmetric_error(w0, ql.weight, h, cross)
+        if best is None or errors[name] < errors[best[0]]:
+            best = (name, ql)
+    ql = best[1]
+    ql.log.choice = {"kept": best[0], "errors": errors}
+    return ql
+
+
+def choose_clip_solve(wf: torch.Tensor, h, config, solve):
+    """The choice where GPTAQ does not apply (a Linear with no cross statistic: MoE experts, whose two streams
+    route their own tokens): GPTQ with and without the weight-MSE clip (``solve(target, config)``), the one with
+    the lower measured output error ``tr((W - Q) H (W - Q)^T)`` kept (the config's own on a tie)."""
+    import time
+
+    from calibra.quant.clip_search import output_error
+
+    t0 = time.perf_counter()
+    best, errors = None, {}
+    for name, _target, cfg in choice_candidates(config):
+        if _target != "plain":
+            continue
+        ql = solve(wf.clone(), cfg)
+        errors[name] = output_error(wf, ql.weight, h)
+        if best is None or errors[name] < errors[best[0]]:
+            best = (name, ql)
+    ql = best[1]
+    ql.log.choice = {"kept": best[0], "errors": errors}
+    ql.log.seconds = time.perf_counter() - t0
+    return ql
+
+
+__all__ = ["correct_target", "asymmetric_error", "choice_candidates", "choose_solve", "choose_clip_solve"]

@@ -276,6 +276,12 @@ def gptq_quantize(
     clip_guard = output_clip(config)
     if cross is not None:
         return _gptaq_solve(w, h, n_tokens, config, cross, consume=consume and not clip_guard, **kw)
+    if getattr(config, "choose_clip", False):  # no cross statistic (plain GPTQ, MoE experts): the clip choice
+        from calibra.quant.gptaq import choose_clip_solve
+
+        kw["shared"] = shared if shared is not None else SharedFactorizations()  # one factorization for both
+        wf = w.detach().float().clone()
+        return choose_clip_solve(wf, h, config, lambda t, c: _target_solve(t, h, n_tokens, c, consume=False, **kw))
     if clip_guard:
         return guarded_solve(w.detach().float(), h, n_tokens, config, **kw)
     in_place = consume and w.dtype == torch.float32 and w.is_contiguous()
@@ -299,17 +305,20 @@ def _gptaq_solve(w, h, n_tokens, config, cross, *, consume: bool, shared, **kw) 
     )
     w0 = wf.clone() if choose else None  # the full-precision weight (dead columns zeroed), for the choice
     correct_target(wf, cross, n_tokens, fh, float(config.gptaq_alpha))
-    ql = _target_solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
     if choose:
-        from calibra.quant.gptaq import asymmetric_error
+        from calibra.quant.gptaq import choose_solve
 
-        plain = _target_solve(w0.clone(), h, n_tokens, config, consume=False, shared=shared, **kw)
-        e_asym = asymmetric_error(w0, ql.weight, h, cross)
-        e_plain = asymmetric_error(w0, plain.weight, h, cross)
-        kept = "gptaq" if e_asym < e_plain else "gptq"  # GPTQ on a tie
-        if kept == "gptq":
-            ql = plain
-        ql.log.choice = {"kept": kept, "errors": {"gptaq": e_asym, "gptq": e_plain}}
+        ql = choose_solve(
+            w0,
+            wf,
+            h,
+            n_tokens,
+            config,
+            cross,
+            lambda t, c: _target_solve(t, h, n_tokens, c, consume=False, shared=shared, **kw),
+        )
+    else:
+        ql = _target_solve(wf, h, n_tokens, config, consume=consume, shared=shared, **kw)
     ql.log.seconds = time.perf_counter() - t0
     return ql
 

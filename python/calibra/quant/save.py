@@ -45,6 +45,8 @@ def config_dict(config) -> dict:
         d.pop("gptaq")
         d.pop("gptaq_alpha", None)
         d.pop("gptaq_choose", None)
+    if not d.get("choose_clip", True):  # the same for the clip choice
+        d.pop("choose_clip")
     return {"method": config.method, **d}
 
 
