@@ -57,3 +57,28 @@ def moe_folder(request):
 
         return resolve_model("builtin:tiny-moe")
     return request.getfixturevalue("qwen3_moe")
+
+
+@pytest.fixture
+def interrupt_after_layer(monkeypatch):
+    """``interrupt_after_layer(job, layer=1)``: runs ``job()`` with a KeyboardInterrupt raised right after layer
+    ``layer``'s checkpoint is committed (as a Ctrl-C between layers), asserts the job stopped there, and puts
+    the real ``save_layer`` back for the resume that follows."""
+    from calibra.io import checkpoint
+
+    real = checkpoint.LayerCheckpoints.save_layer
+
+    def run(job, layer: int = 1) -> None:
+        def interrupted(self, i, *a, **k):
+            real(self, i, *a, **k)
+            if i == layer:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                job()
+        finally:
+            monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+
+    return run

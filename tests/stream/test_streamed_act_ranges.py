@@ -86,23 +86,12 @@ def test_ranges_file_naming_a_module_the_model_lacks_is_refused_before_any_read(
     assert not (tmp_path / "out").exists()
 
 
-def test_streamed_act_ranges_resume_is_byte_identical(tmp_path, monkeypatch):
+def test_streamed_act_ranges_resume_is_byte_identical(tmp_path, interrupt_after_layer):
     """Interrupted after layer 1's commit, the job collects the ranges again (the same factors), folds them
     into the remaining layers and writes the bytes of an uninterrupted streamed run."""
-    from calibra.io import checkpoint
 
     _quantize(tmp_path / "ref", act_ranges=True, stream=True)
-    real = checkpoint.LayerCheckpoints.save_layer
-
-    def interrupted(self, i, *a, **k):
-        real(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _quantize(tmp_path / "out", act_ranges=True, stream=True)
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    interrupt_after_layer(lambda: _quantize(tmp_path / "out", act_ranges=True, stream=True))
     _, rep = _quantize(tmp_path / "out", act_ranges=True, stream=True, resume=True)
     assert rep["resumed_from_layer"] == 2
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")

@@ -90,24 +90,13 @@ def test_streamed_sensitivity_pass_reads_one_layer_at_a_time(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_streamed_mixed_precision_resume_is_byte_identical(method, tmp_path, monkeypatch):
+def test_streamed_mixed_precision_resume_is_byte_identical(method, tmp_path, interrupt_after_layer):
     """Interrupted after layer 1's commit, the streamed job reruns the sensitivity pass (the same
     promotions), continues from its checkpoints and writes the bytes of an uninterrupted streamed run."""
-    from calibra.io import checkpoint
 
     cfg = _cfg(method)
     _, ref = _quantize("builtin:tiny-llama", tmp_path / "ref", cfg, stream=True)
-    real = checkpoint.LayerCheckpoints.save_layer
-
-    def interrupted(self, i, *a, **k):
-        real(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _quantize("builtin:tiny-llama", tmp_path / "out", cfg, stream=True)
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    interrupt_after_layer(lambda: _quantize("builtin:tiny-llama", tmp_path / "out", cfg, stream=True))
     _, rep = _quantize("builtin:tiny-llama", tmp_path / "out", cfg, stream=True, resume=True)
     assert rep["resumed_from_layer"] == 2
     assert rep["mixed_precision"] == ref["mixed_precision"]

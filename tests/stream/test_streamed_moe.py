@@ -205,27 +205,16 @@ def test_expert_tensor_truncated_mid_job_is_named_and_nothing_is_written(moe_cop
     assert not (tmp_path / "out").exists()
 
 
-def test_streamed_moe_resume_keeps_the_routing_statistics(tmp_path, monkeypatch):
+def test_streamed_moe_resume_keeps_the_routing_statistics(tmp_path, interrupt_after_layer):
     """A streamed GPTQ job on tiny-moe killed after layer 1's commit resumes byte-identical, and its report's
     MoE coverage still covers the finished layers (their routing statistics are committed with them)."""
-    from calibra.io import checkpoint
 
     from .test_streamed_quantize import _files
 
     kw = dict(evaluate=False, progress=False, echo=None, stream=True, export="compressed-tensors")
     cfg = GPTQConfig(bits=4, group_size=128)
     _, ref = calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "ref", **kw)
-    real = checkpoint.LayerCheckpoints.save_layer
-
-    def interrupted(self, i, *a, **k):
-        real(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "out", **kw)
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    interrupt_after_layer(lambda: calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "out", **kw))
     _, rep = calibra.quantize("builtin:tiny-moe", cfg, _cal(), output=tmp_path / "out", resume=True, **kw)
     assert rep["resumed_from_layer"] == 2
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")

@@ -82,24 +82,14 @@ def test_streamed_moe_prune_loads_in_transformers_as_the_whole_model_output(qwen
 
 
 @pytest.mark.parametrize("name", ["magnitude-2:4", "sparsegpt"])
-def test_streamed_moe_prune_resume_is_byte_identical(moe_folder, name, tmp_path, monkeypatch):
+def test_streamed_moe_prune_resume_is_byte_identical(moe_folder, name, tmp_path, interrupt_after_layer):
     """Interrupted after layer 1 is committed, the streamed prune resumes from the shards in its work
     folder and writes the bytes of an uninterrupted streamed run, its MoE coverage included."""
     from calibra.io import checkpoint
 
     cfg = CONFIGS[name]
     _, ref = _prune(moe_folder, tmp_path / "ref", cfg, stream=True)
-    real = checkpoint.LayerCheckpoints.save_layer
-
-    def interrupted(self, i, *a, **k):
-        real(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _prune(moe_folder, tmp_path / "out", cfg, stream=True)
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    interrupt_after_layer(lambda: _prune(moe_folder, tmp_path / "out", cfg, stream=True))
     _, rep = _prune(moe_folder, tmp_path / "out", cfg, stream=True, resume=True)
     assert rep["resumed_from_layer"] == 2
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")

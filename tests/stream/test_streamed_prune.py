@@ -94,23 +94,13 @@ def test_streamed_prune_evaluates_layer_by_layer_as_the_whole_model_does(tmp_pat
     [PruningConfig(method="magnitude", target_sparsity=0.5), PruningConfig(method="sparsegpt", target_sparsity=0.5)],
     ids=["magnitude", "sparsegpt"],
 )
-def test_streamed_prune_resume_is_byte_identical(cfg, tmp_path, monkeypatch):
+def test_streamed_prune_resume_is_byte_identical(cfg, tmp_path, interrupt_after_layer):
     """Interrupted after layer 1 is committed, the streamed prune resumes from the shards in its work folder
     and writes the bytes of an uninterrupted streamed run."""
     from calibra.io import checkpoint
 
     _prune(tmp_path / "ref", cfg, stream=True)
-    real = checkpoint.LayerCheckpoints.save_layer
-
-    def interrupted(self, i, *a, **k):
-        real(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _prune(tmp_path / "out", cfg, stream=True)
-    monkeypatch.setattr(checkpoint.LayerCheckpoints, "save_layer", real)
+    interrupt_after_layer(lambda: _prune(tmp_path / "out", cfg, stream=True))
     _, rep = _prune(tmp_path / "out", cfg, stream=True, resume=True)
     assert rep["resumed_from_layer"] == 2
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
