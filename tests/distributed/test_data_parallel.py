@@ -67,7 +67,10 @@ def test_calibrate_on_two_ranks_equals_one_process(tmp_path, model):
         assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
         if "/hist/" in name:  # the same values counted, a value at a bin edge may move one bin with rounding
             assert ta.sum() == tb.sum(), name
-            assert (ta - tb).abs().sum() <= (4 if moe else 0), name
+            # MoE: only values within the float32 noise above of a bin edge move (one bin each), a few per
+            # 10,000 (3 values of an expert on the mixed-domain default text); a wrong combine moves far more
+            moved = float((ta - tb).abs().sum()) / 2
+            assert moved <= (2e-4 * float(ta.sum()) if moe else 0), (name, moved, float(ta.sum()))
         elif name.startswith("moe/tokens"):
             assert torch.equal(ta, tb), name  # routing of every token is the same
         else:
