@@ -43,7 +43,7 @@ SAMPLE = [
 REFUSED = ["bert", "xlnet"]
 # export refused by calibra with its reason: GPT-2-style Conv1D layers load in no engine as nn.Linear
 EXPORT_REFUSED = {"gpt2", "gpt_oss"}  # and gpt-oss's quantized experts, which its checkpoint stores fused
-MOE_QUANTIZED = {"mixtral", "deepseek_v3", "olmoe"}
+MOE_QUANTIZED = {"mixtral", "deepseek_v3", "olmoe", "nemotron_h"}  # experts quantized and exported per expert
 
 
 @pytest.mark.parametrize("model_type", SAMPLE)
