@@ -45,6 +45,14 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def mean_spread(vals: list[float], fmt: str) -> str:
+    """``mean ± sample std`` of ``vals`` with ``fmt`` (the spread unsigned: a ``+`` in ``fmt`` is dropped for it);
+    one value alone as it is."""
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     def fmt(v):
         if isinstance(v, float):

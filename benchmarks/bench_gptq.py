@@ -14,7 +14,7 @@ synchronizes the device first. The default shape is then Llama-3-8B's down_proj 
 import time
 
 import torch
-from _common import machine_line, parser, print_table
+from _common import machine_line, parser, print_table, sync
 
 from calibra.ops import _registry
 from calibra.quant import GPTQConfig, gptq_quantize
@@ -28,11 +28,6 @@ def realistic_hessian(n: int, tokens: int, seed: int = 0, device: str = "cpu") -
     x = x + 0.5 * torch.randn(tokens, 1, generator=g).to(device)  # shared component: strong correlations
     x[:, torch.randperm(n, generator=g)[: max(1, n // 256)].to(device)] *= 30.0
     return x.T @ x
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class Timed:

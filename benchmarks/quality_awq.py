@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
 import torch
+from _common import mean_spread
 
 import calibra
 from calibra.assets import builtin_texts, load_model
@@ -149,12 +149,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ms(vals, fmt):
-    if len(vals) == 1:
-        return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
-
-
 def table(runs) -> str:
     """Mean ± sample std over seeds per (model, grid, method)."""
     keys = list(dict.fromkeys((r["model"], r["grid"], r["method"]) for r in runs if r["grid"] != "-"))
@@ -164,8 +158,9 @@ def table(runs) -> str:
         rs = [r for r in runs if (r["model"], r["grid"], r["method"]) == (m, g, meth)]
         ratios = [r["quant_seconds"] / gptq[m, g, r["seed"]] for r in rs if (m, g, r["seed"]) in gptq]
         lines.append(
-            f"| {m.removeprefix('builtin:')} | {g} | {meth} | {len(rs)} | {_ms([r['dppl'] for r in rs], '{:+.3f}')} "
-            f"| {_ms([r['kl'] for r in rs], '{:.5f}')} | {_ms(ratios, '{:.2f}') if ratios else '-'} |"
+            f"| {m.removeprefix('builtin:')} | {g} | {meth} | {len(rs)} "
+            f"| {mean_spread([r['dppl'] for r in rs], '{:+.3f}')} | {mean_spread([r['kl'] for r in rs], '{:.5f}')} "
+            f"| {mean_spread(ratios, '{:.2f}') if ratios else '-'} |"
         )
     return "\n".join(lines)
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
 import torch
+from _common import mean_spread
 
 import calibra
 from calibra.assets import load_model, resolve_texts
@@ -118,12 +118,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ms(vals, fmt):
-    if len(vals) == 1:
-        return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
-
-
 def table(runs) -> str:
     """One row per (model, method, calibration set); Δppl and KL per evaluation set, mean ± std over seeds."""
     evals = list(dict.fromkeys(r["eval"] for r in runs))
@@ -136,7 +130,10 @@ def table(runs) -> str:
         for e in evals:
             rs = [r for r in runs if (r["model"], r["method"], r.get("calibration"), r["eval"]) == (m, meth, cal, e)]
             n = max(n, len(rs))
-            cells += [_ms([r["dppl"] for r in rs], "{:+.3f}"), _ms([r["kl"] for r in rs], "{:.5f}")] if rs else ["", ""]
+            if rs:
+                cells += [mean_spread([r["dppl"] for r in rs], "{:+.3f}"), mean_spread([r["kl"] for r in rs], "{:.5f}")]
+            else:
+                cells += ["", ""]
         lines.append(f"| {m.removeprefix('builtin:')} | {meth} | {cal} | {n} | " + " | ".join(cells) + " |")
     fps = "; ".join(f"{m.removeprefix('builtin:')} on {e}: {p:.3f}" for (m, e), p in fp.items())
     return "\n".join(lines) + f"\n\nUnquantized perplexity: {fps}."
